@@ -1,0 +1,203 @@
+"""Options of the gear backend: one frozen, validated object.
+
+`GearConfig.from_options(dict)` is the only door from user options (the dict
+that `torch.compile(..., options=...)` hands the backend) into the package.
+Every other module reads the derived fields (`key_spec`, `value_spec`,
+`buffer_size`, ...) and never re-interprets method names.
+Neighbours: `segment` (compresses with a `QuantSpec`), `compressed_kv` (block
+and buffer sizes), `backend` (parses options).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+METHODS = ("gear", "gear_l", "kcvt", "kivi", "per_token", "none")
+BACKBONES = ("kcvt", "kivi", "per_token")
+BITS = (2, 4, 8)
+KERNELS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one of K or V is quantized.
+
+    axis="channel": statistics over tokens, one (scale, zero) per channel per
+    token group of `group` tokens (None: the whole block). axis="token": one
+    (scale, zero) per token per group of `group` channels (None: the whole head
+    dim). bits=16 means "stored exactly" (method none).
+    """
+
+    bits: int
+    axis: str
+    group: int | None
+
+
+@dataclass(frozen=True)
+class GearConfig:
+    """Every option of the backend, with the paper's defaults.
+
+    method       gear (quant + low-rank + sparse), gear_l (quant + low-rank),
+                 kcvt / kivi / per_token (a backbone alone), none (the rewrite
+                 with exact storage: the test of the rewrite itself).
+    backbone     quantizer under gear / gear_l; None picks kcvt at >= 4 bits and
+                 kivi at 2 bits, as in the paper.
+    bits         2, 4 or 8.
+    group_size   g of kivi (token groups for K, channel groups for V) and of
+                 per_token (channel groups for K and V).
+    outlier_ratio  s, the fraction of each vector kept exact as sparse outliers
+                 (s/2 largest and s/2 smallest); None: 0.02 for gear, else 0.
+    rank_prefill, rank_decode  r_p and r_g of the low-rank residual.
+    buffer_size  n_b, tokens kept exact before a block is compressed; None:
+                 20 for kcvt, group_size for kivi / per_token.
+    power_iters  iterations of the power method for the low-rank factors.
+    decode_capacity  tokens of compressed decode storage reserved at prefill
+                 (grown in steps of this size when full).
+    inductor     lower through Inductor (True) or run the rewritten graph with
+                 AOT autograd but no codegen (False: fast compiles for tests).
+    kernel       auto (Triton on CUDA, torch elsewhere), triton or torch.
+    dump_graphs  a directory: write each compiled graph's before/after diff.
+    """
+
+    method: str = "gear"
+    backbone: str | None = None
+    bits: int = 4
+    group_size: int = 64
+    outlier_ratio: float | None = None
+    rank_prefill: int = 4
+    rank_decode: int = 2
+    buffer_size: int | None = None
+    power_iters: int = 3
+    decode_capacity: int = 256
+    inductor: bool = True
+    kernel: str = "auto"
+    dump_graphs: str | None = None
+
+    def __post_init__(self):
+        _check_choice("method", self.method, METHODS)
+        if self.backbone is not None:
+            _check_choice("backbone", self.backbone, BACKBONES)
+            if self.method not in ("gear", "gear_l"):
+                raise ValueError(
+                    f"gear options: backbone is only used by method gear or gear_l, "
+                    f"got backbone={self.backbone!r} with method={self.method!r}.")
+        _check_choice("bits", self.bits, BITS)
+        _check_choice("kernel", self.kernel, KERNELS)
+        _check_int("group_size", self.group_size, 1)
+        _check_int("rank_prefill", self.rank_prefill, 0)
+        _check_int("rank_decode", self.rank_decode, 0)
+        _check_int("power_iters", self.power_iters, 1)
+        _check_int("decode_capacity", self.decode_capacity, 1)
+        if self.buffer_size is not None:
+            _check_int("buffer_size", self.buffer_size, 1)
+        if self.outlier_ratio is not None and not (
+                isinstance(self.outlier_ratio, (int, float)) and 0 <= self.outlier_ratio < 1):
+            raise ValueError(f"gear options: outlier_ratio must be a number in [0, 1), "
+                             f"got {self.outlier_ratio!r}.")
+        for name in ("inductor",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"gear options: {name} must be True or False, "
+                                 f"got {getattr(self, name)!r}.")
+        if self.quantizer == "kivi" and self.block_size % self.group_size:
+            raise ValueError(
+                f"gear options: with the kivi backbone buffer_size must be a multiple of "
+                f"group_size={self.group_size} (K is grouped by tokens), got {self.block_size}.")
+
+    # ---- construction -------------------------------------------------
+    @classmethod
+    def from_options(cls, options: dict | GearConfig | None = None, **overrides) -> GearConfig:
+        """Build from a user dict; unknown keys raise, naming the valid ones."""
+        if isinstance(options, GearConfig):
+            return dataclasses.replace(options, **overrides) if overrides else options
+        merged = dict(options or {})
+        merged.update(overrides)
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(merged) - set(valid))
+        if unknown:
+            raise ValueError(f"gear options: unknown option(s) {unknown}; valid options are {valid}.")
+        return cls(**merged)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> GearConfig:
+        return cls(**json.loads(text))
+
+    # ---- derived ------------------------------------------------------
+    @property
+    def compresses(self) -> bool:
+        return self.method != "none"
+
+    @property
+    def quantizer(self) -> str:
+        """The backbone actually used: kcvt, kivi, per_token, or none."""
+        if self.method in BACKBONES or self.method == "none":
+            return self.method
+        if self.backbone is not None:
+            return self.backbone
+        return "kcvt" if self.bits >= 4 else "kivi"
+
+    @property
+    def uses_low_rank(self) -> bool:
+        return self.method in ("gear", "gear_l")
+
+    @property
+    def outliers(self) -> float:
+        if self.outlier_ratio is not None:
+            return float(self.outlier_ratio) if self.method != "none" else 0.0
+        return 0.02 if self.method == "gear" else 0.0
+
+    @property
+    def block_size(self) -> int:
+        """n_b: decode tokens compressed together at each flush point."""
+        if self.buffer_size is not None:
+            return self.buffer_size
+        return 20 if self.quantizer in ("kcvt", "none") else self.group_size
+
+    def key_spec(self) -> QuantSpec:
+        q = self.quantizer
+        if q == "none":
+            return QuantSpec(16, "token", None)
+        if q == "kcvt":
+            return QuantSpec(self.bits, "channel", None)
+        if q == "kivi":
+            return QuantSpec(self.bits, "channel", self.group_size)
+        return QuantSpec(self.bits, "token", self.group_size)
+
+    def value_spec(self) -> QuantSpec:
+        q = self.quantizer
+        if q == "none":
+            return QuantSpec(16, "token", None)
+        if q == "kcvt":
+            return QuantSpec(self.bits, "token", None)
+        return QuantSpec(self.bits, "token", self.group_size)
+
+    def prefill_tokens(self, n: int) -> int:
+        """How many of n prefill tokens form the prefill block (the rest go to the
+        buffer): kivi needs whole token groups, the others take all."""
+        if self.quantizer == "kivi":
+            return n // self.group_size * self.group_size
+        return n
+
+    def describe(self) -> str:
+        if not self.compresses:
+            return "none (exact storage)"
+        parts = [f"{self.quantizer}-{self.bits}"]
+        if self.uses_low_rank:
+            parts.append(f"r={self.rank_prefill}/{self.rank_decode}")
+        if self.outliers:
+            parts.append(f"s={self.outliers:g}")
+        parts.append(f"n_b={self.block_size}")
+        return f"{self.method}(" + ", ".join(parts) + ")"
+
+
+def _check_choice(name, value, valid):
+    if value not in valid:
+        raise ValueError(f"gear options: {name} must be one of {list(valid)}, got {value!r}.")
+
+
+def _check_int(name, value, minimum):
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"gear options: {name} must be an integer >= {minimum}, got {value!r}.")

@@ -1,0 +1,45 @@
+"""The low-rank part L = A B^T of GEAR: rank-r power iteration on the residual.
+
+Batched over every leading dimension (batch, head, block), fp32 throughout,
+orthonormalising A by QR at each iteration (subspace iteration; Vogels et al.,
+the paper's Algorithm 2). The start matrix is a fixed pseudo-random pattern, so
+compression is deterministic and needs no RNG state on any device.
+Neighbours: `segment` (stores A token-major and B per block).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _start(d: int, r: int, device) -> torch.Tensor:
+    i = torch.arange(d * r, device=device, dtype=torch.float32).reshape(d, r)
+    return torch.sin(i * 12.9898 + 78.233) * 43758.5453 % 1.0 - 0.5
+
+
+def power_iteration(residual: torch.Tensor, rank: int, iters: int):
+    """residual [..., n, d] -> (A [..., n, rank], B [..., d, rank]), fp32, with
+    A orthonormal and A @ B^T ~ the best rank-`rank` approximation. Columns past
+    min(n, d) are zero."""
+    *lead, n, d = residual.shape
+    r = min(rank, n, d)
+    R = residual.float()
+    A = R.new_zeros(*lead, n, rank)
+    B = R.new_zeros(*lead, d, rank)
+    if r == 0 or R.numel() == 0:
+        return A, B
+    Bk = _start(d, r, R.device).expand(*lead, d, r)
+    for _ in range(iters):
+        Ak = torch.linalg.qr(R @ Bk).Q
+        Bk = R.transpose(-1, -2) @ Ak
+    A[..., :r] = Ak
+    B[..., :r] = Bk
+    return A, B
+
+
+def relative_error(x: torch.Tensor, approx: torch.Tensor) -> float:
+    """||x - approx||_F / ||x||_F."""
+    num = (x.float() - approx.float()).norm().item()
+    den = x.float().norm().item()
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)

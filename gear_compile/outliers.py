@@ -1,0 +1,49 @@
+"""The sparse part S of GEAR: the s/2 largest and s/2 smallest entries of each
+vector, kept exact (fp16 value + the narrowest integer index that fits).
+
+Vectors run along `dim`: tokens for K (one vector per channel of a block),
+channels for V (one vector per token). Neighbours: `segment` (calls `select`
+before quantizing and `scatter` to rebuild), the decode kernel (reads the same
+value/index tables).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def count_per_side(ratio: float, length: int) -> int:
+    """Outliers kept at each end of a vector of `length` entries (round half up),
+    never more than half the vector."""
+    if ratio <= 0 or length <= 1:
+        return 0
+    return min(int(ratio / 2 * length + 0.5), length // 2)
+
+
+def index_dtype(length: int) -> torch.dtype:
+    """Narrowest integer type that indexes a vector of `length` entries."""
+    if length <= 256:
+        return torch.uint8
+    if length <= 32768:
+        return torch.int16
+    return torch.int32
+
+
+def select(x: torch.Tensor, k: int, dim: int):
+    """Top-k and bottom-k of x along dim.
+
+    Returns (values fp16, indices narrow int, x with those entries set to 0);
+    values/indices have size 2k along `dim` (largest first, then smallest).
+    """
+    length = x.shape[dim]
+    hi_v, hi_i = x.topk(k, dim=dim)
+    lo_v, lo_i = x.topk(k, dim=dim, largest=False)
+    idx = torch.cat([hi_i, lo_i], dim=dim)
+    vals = torch.cat([hi_v, lo_v], dim=dim)
+    rest = x.scatter(dim, idx, 0.0)
+    return vals.to(torch.float16), idx.to(index_dtype(length)), rest
+
+
+def scatter(values: torch.Tensor, indices: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """Dense S (zeros elsewhere) shaped like `like`, fp32."""
+    out = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    return out.scatter(dim, indices.long(), values.float())

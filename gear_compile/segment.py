@@ -1,0 +1,244 @@
+"""A segment: tokens compressed in uniform blocks, GEAR's `D + L + S` per block.
+
+A layer's cache holds two segments per K/V: the prefill block (one block of
+P tokens, rank r_p) and the decode blocks (n_b tokens each, rank r_g, stored
+in a preallocated capacity). Both have the same layout, described here once:
+
+  codes    uint8 [B, H, N, W]       bit-packed along channels (`packing`)
+  scale, zero  fp16                 channel axis: [B, H, N/G, D] (G tokens a group)
+                                    token axis:   [B, H, N, D/G] (G channels a group)
+  lr_a     fp16 [B, H, N, r]        low-rank factor A, token-major
+  lr_b     fp16 [B, H, N/block, D, r]  low-rank factor B, one per block
+  out_val, out_idx                  outliers: K [B, H, N/block, 2k, D] (token
+                                    offsets in the block, per channel);
+                                    V [B, H, N, 2k] (channel per token)
+
+With bits=16 (method none) `codes` is the exact [B, H, N, D] tensor.
+Reconstruction is X = dequant(codes) + lr_a @ lr_b^T + scatter(out).
+Neighbours: `quantize`, `packing`, `outliers`, `lowrank` (the parts),
+`compressed_kv` (owns two segments and the buffer), the decode kernel (reads
+this layout directly).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from . import lowrank, outliers, packing
+from .config import QuantSpec
+from .quantize import FP16_MAX, dequantize as _dequant, quantize as _quant
+
+PART_NAMES = ("codes", "scale", "zero", "lr_a", "lr_b", "out_val", "out_idx")
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    """Static description of a segment: what is stored and how it is grouped."""
+
+    spec: QuantSpec
+    kind: str            # "k" or "v": decides the outlier axis
+    block: int           # tokens per block (low-rank and outlier unit)
+    rank: int
+    outliers_per_side: int
+    head_dim: int
+    dtype: torch.dtype   # dtype of the model's K/V (exact storage uses it)
+    power_iters: int = 3
+
+    @property
+    def exact(self) -> bool:
+        return self.spec.bits == 16
+
+    @property
+    def token_group(self) -> int:
+        """Tokens sharing one (scale, zero) on the channel axis."""
+        return self.spec.group or self.block
+
+    @property
+    def channel_group(self) -> int:
+        return self.spec.group or self.head_dim
+
+    def part_names(self) -> tuple[str, ...]:
+        if self.exact:
+            return ("codes",)
+        names = ["codes", "scale", "zero"]
+        if self.rank:
+            names += ["lr_a", "lr_b"]
+        if self.outliers_per_side:
+            names += ["out_val", "out_idx"]
+        return tuple(names)
+
+    def shapes(self, batch: int, heads: int, tokens) -> dict:
+        """name -> (shape, dtype) of each stored part for `tokens` tokens
+        (a multiple of `block`; may be a SymInt)."""
+        B, H, N, D = batch, heads, tokens, self.head_dim
+        if self.exact:
+            return {"codes": ((B, H, N, D), self.dtype)}
+        nblk = N // self.block if self.block else 0
+        k2 = 2 * self.outliers_per_side
+        if self.spec.axis == "channel":
+            sz = (B, H, N // self.token_group, D)
+        else:
+            sz = (B, H, N, D // self.channel_group)
+        out = {"codes": ((B, H, N, packing.packed_width(D, self.spec.bits)), torch.uint8),
+               "scale": (sz, torch.float16), "zero": (sz, torch.float16)}
+        if self.rank:
+            out["lr_a"] = ((B, H, N, self.rank), torch.float16)
+            out["lr_b"] = ((B, H, nblk, D, self.rank), torch.float16)
+        if k2:
+            if self.kind == "k":
+                out["out_val"] = ((B, H, nblk, k2, D), torch.float16)
+                out["out_idx"] = ((B, H, nblk, k2, D), outliers.index_dtype(self.block))
+            else:
+                out["out_val"] = ((B, H, N, k2), torch.float16)
+                out["out_idx"] = ((B, H, N, k2), outliers.index_dtype(D))
+        return out
+
+    def validate(self, x: torch.Tensor) -> None:
+        D = x.shape[-1]
+        if D != self.head_dim:
+            raise ValueError(f"segment: head_dim must be {self.head_dim}, got {D}.")
+        if not self.exact and self.spec.axis == "token" and D % self.channel_group:
+            raise ValueError(f"segment: group_size {self.channel_group} must divide head_dim {D} "
+                             f"for per-token groups; choose a divisor of {D}.")
+        if not self.exact and self.spec.axis == "channel" and self.block % self.token_group:
+            raise ValueError(f"segment: block {self.block} must be a multiple of the token "
+                             f"group {self.token_group}.")
+
+
+@dataclass
+class Segment:
+    """The stored parts of one segment (None where the layout stores nothing)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    lr_a: torch.Tensor | None = None
+    lr_b: torch.Tensor | None = None
+    out_val: torch.Tensor | None = None
+    out_idx: torch.Tensor | None = None
+
+    def parts(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts().values())
+
+    @classmethod
+    def empty(cls, layout: SegmentLayout, batch: int, heads: int, tokens: int, device) -> Segment:
+        return cls(**{name: torch.zeros(shape, dtype=dtype, device=device)
+                      for name, (shape, dtype) in layout.shapes(batch, heads, tokens).items()})
+
+    def write(self, src: Segment, layout: SegmentLayout, at_token: int) -> None:
+        """Copy `src` (whole blocks) into this segment starting at token `at_token`."""
+        n = src.codes.shape[2]
+        for name, t in src.parts().items():
+            dst = getattr(self, name)
+            if name in ("lr_b",) or (name.startswith("out_") and layout.kind == "k"):
+                b0 = at_token // layout.block
+                dst[:, :, b0:b0 + t.shape[2]].copy_(t)
+            elif name in ("scale", "zero") and layout.spec.axis == "channel":
+                g0 = at_token // layout.token_group
+                dst[:, :, g0:g0 + t.shape[2]].copy_(t)
+            else:
+                dst[:, :, at_token:at_token + n].copy_(t)
+
+
+def compress(x: torch.Tensor, layout: SegmentLayout, check_finite: bool = False) -> Segment:
+    """Compress x [B, H, N, D] (N a multiple of layout.block) block by block."""
+    layout.validate(x)
+    B, H, N, D = x.shape
+    if layout.exact:
+        return Segment(codes=x.to(layout.dtype).clone())
+    if check_finite:
+        _check_finite(x)
+    blk = layout.block
+    nblk = N // blk
+    xf = x.float()
+    k = layout.outliers_per_side
+    sparse = None
+    rest = xf
+    out_val = out_idx = None
+    if k and N:
+        if layout.kind == "k":      # per channel, over the tokens of each block
+            xb = xf.reshape(B, H, nblk, blk, D)
+            out_val, out_idx, rest_b = outliers.select(xb, k, dim=-2)
+            sparse = outliers.scatter(out_val, out_idx, xb, dim=-2).reshape(B, H, N, D)
+            rest = rest_b.reshape(B, H, N, D)
+        else:                        # per token, over channels
+            out_val, out_idx, rest = outliers.select(xf, k, dim=-1)
+            sparse = outliers.scatter(out_val, out_idx, xf, dim=-1)
+    codes, scale, zero, deq = _quantize_grouped(rest, layout)
+    seg = Segment(codes=packing.pack(codes, layout.spec.bits), scale=scale, zero=zero,
+                  out_val=out_val, out_idx=out_idx)
+    if layout.rank:
+        approx = deq if sparse is None else deq + sparse
+        residual = (xf - approx).reshape(B, H, nblk, blk, D)
+        a, b = lowrank.power_iteration(residual, layout.rank, layout.power_iters)
+        seg.lr_a = a.reshape(B, H, N, layout.rank).to(torch.float16)
+        seg.lr_b = b.to(torch.float16)
+    return seg
+
+
+def dequantize(seg: Segment, layout: SegmentLayout, tokens: int | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rebuild the first `tokens` tokens (default all) as [B, H, tokens, D]."""
+    dtype = dtype or layout.dtype
+    n_all = seg.codes.shape[2]
+    n = n_all if tokens is None else tokens
+    if layout.exact:
+        return seg.codes[:, :, :n].to(dtype)
+    B, H = seg.codes.shape[:2]
+    D, blk = layout.head_dim, layout.block
+    nblk = -(-n // blk) if blk else 0
+    m = nblk * blk                                  # whole blocks covering n
+    codes = packing.unpack(seg.codes[:, :, :m], layout.spec.bits, D)
+    if layout.spec.axis == "channel":
+        G = layout.token_group
+        x = _dequant(codes.reshape(B, H, m // G, G, D), seg.scale[:, :, :m // G, None],
+                     seg.zero[:, :, :m // G, None]).reshape(B, H, m, D)
+    else:
+        G = layout.channel_group
+        x = _dequant(codes.reshape(B, H, m, D // G, G), seg.scale[:, :, :m, :, None],
+                     seg.zero[:, :, :m, :, None]).reshape(B, H, m, D)
+    if seg.lr_a is not None:
+        a = seg.lr_a[:, :, :m].float().reshape(B, H, nblk, blk, -1)
+        x = x + (a @ seg.lr_b[:, :, :nblk].float().transpose(-1, -2)).reshape(B, H, m, D)
+    if seg.out_val is not None:
+        if layout.kind == "k":
+            xb = x.reshape(B, H, nblk, blk, D)
+            x = (xb + outliers.scatter(seg.out_val[:, :, :nblk], seg.out_idx[:, :, :nblk], xb, -2)
+                 ).reshape(B, H, m, D)
+        else:
+            x = x + outliers.scatter(seg.out_val[:, :, :m], seg.out_idx[:, :, :m], x, -1)
+    return x[:, :, :n].to(dtype)
+
+
+def _quantize_grouped(x: torch.Tensor, layout: SegmentLayout):
+    """Quantize x [B, H, N, D] with the layout's grouping.
+    Returns (codes [B,H,N,D], scale, zero, dequantized fp32 [B,H,N,D])."""
+    B, H, N, D = x.shape
+    bits = layout.spec.bits
+    if layout.spec.axis == "channel":
+        G = layout.token_group
+        xg = x.reshape(B, H, N // G, G, D)
+        codes, scale, zero = _quant(xg, bits, dim=-2)
+        deq = _dequant(codes, scale, zero).reshape(B, H, N, D)
+        return codes.reshape(B, H, N, D), scale.squeeze(-2), zero.squeeze(-2), deq
+    G = layout.channel_group
+    xg = x.reshape(B, H, N, D // G, G)
+    codes, scale, zero = _quant(xg, bits, dim=-1)
+    deq = _dequant(codes, scale, zero).reshape(B, H, N, D)
+    return codes.reshape(B, H, N, D), scale.squeeze(-1), zero.squeeze(-1), deq
+
+
+def _check_finite(x: torch.Tensor) -> None:
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"gear compress: input holds {int(bad.sum())} non-finite value(s), "
+                         f"first at index {where}; NaN/inf cannot be quantized.")
+    big = x.float().abs().max().item() if x.numel() else 0.0
+    if big > FP16_MAX:
+        raise ValueError(f"gear compress: |x| reaches {big:g}, beyond the fp16 range "
+                         f"({FP16_MAX:g}) of the stored scales and zero points.")
