@@ -160,6 +160,20 @@ class KVStore:
         return torch.cat(parts, dim=2)
 
 
+@torch.library.custom_op("gear::dequantize", mutates_args=())
+def dequantize_parts(parts: list[torch.Tensor], config: str, kind: str, length: int) -> torch.Tensor:
+    """The exact dense [B, H, length, D] reconstruction of a flattened store.
+    An opaque op, so tracing (Dynamo, AOT) never reads the lengths' values."""
+    return KVStore.from_tensors(GearConfig.from_json(config), kind, parts).dequantize()
+
+
+@dequantize_parts.register_fake
+def _dequantize_parts_fake(parts, config, kind, length):
+    buffer = parts[1]
+    B, H, _, D = buffer.shape
+    return buffer.new_empty(B, H, length, D)
+
+
 class CompressedKV(torch.Tensor):
     """A dense-looking [B, H, L, D] K or V whose storage is a `KVStore`."""
 
@@ -173,6 +187,9 @@ class CompressedKV(torch.Tensor):
 
     def __init__(self, store: KVStore, length: int | None = None):
         self.store = store
+        # the traceable-subclass protocol reads inner tensors as attributes
+        for name, tensor in zip(store.tensor_names(), store.tensors()):
+            setattr(self, name, tensor)
 
     # traceable-subclass protocol: inner tensors by name, config as metadata
     def __tensor_flatten__(self):
@@ -187,13 +204,13 @@ class CompressedKV(torch.Tensor):
         return CompressedKV(store, outer_size[2])
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.store.dequantize(dtype)
+        dense = torch.ops.gear.dequantize(self.store.tensors(), self.store.config.to_json(),
+                                          self.store.kind, self.shape[2])
+        return dense if dtype is None else dense.to(dtype)
 
     def __repr__(self):
-        p, d, b = self.store.counts()
         return (f"CompressedKV(shape={tuple(self.shape)}, dtype={self.dtype}, "
-                f"{self.store.config.describe()}, tokens: prefill={p} decode={d} buffer={b}, "
-                f"bytes={self.store.nbytes()})")
+                f"{self.store.config.describe()}, bytes={self.store.nbytes()})")
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 

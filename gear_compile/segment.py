@@ -202,7 +202,7 @@ def dequantize(seg: Segment, layout: SegmentLayout, tokens: int | None = None,
         x = _dequant(codes.reshape(B, H, m, D // G, G), seg.scale[:, :, :m, :, None],
                      seg.zero[:, :, :m, :, None]).reshape(B, H, m, D)
     if seg.lr_a is not None:
-        a = seg.lr_a[:, :, :m].float().reshape(B, H, nblk, blk, -1)
+        a = seg.lr_a[:, :, :m].float().reshape(B, H, nblk, blk, layout.rank)
         x = x + (a @ seg.lr_b[:, :, :nblk].float().transpose(-1, -2)).reshape(B, H, m, D)
     if seg.out_val is not None:
         if layout.kind == "k":

@@ -1,0 +1,47 @@
+"""gear-compile: KV-cache compression (GEAR) as a torch.compile backend.
+
+The whole user surface:
+
+    model.forward = torch.compile(model.forward, backend="gear", options={...})
+    gear_compile.compile(model, method="gear", bits=4)     # the same, one call
+    gear_compile.explain(model, input_ids, method="gear")  # what gets rewritten
+    gear_compile.kv_bytes(cache)                           # bytes actually held
+
+Options are documented on `GearConfig`. Modules: `config` (options),
+`packing`/`quantize`/`outliers`/`lowrank`/`segment` (the codec),
+`compressed_kv` (the cache tensor), `ops` (custom ops), `passes` (match and
+rewrite), `backend` (the torch.compile backend), `report` and `explain`
+(inspection), `kernels` (Triton), `cli` (`gear-compile inspect`).
+"""
+from __future__ import annotations
+
+from .backend import gear_backend
+from .compressed_kv import CompressedKV, dense_bytes, kv_bytes
+from .config import GearConfig
+from .explain import explain
+
+__all__ = ["compile", "explain", "kv_bytes", "dense_bytes", "gear_backend", "GearConfig",
+           "CompressedKV"]
+__version__ = "0.1.0"
+
+
+def compile(model, dynamic: bool | None = None, **options):
+    """Compile `model.forward` with the gear backend so that `model(...)` and
+    `model.generate(...)` use a compressed KV cache; returns the model.
+
+    (`torch.compile(model)` wraps `__call__` only: transformers' `generate`
+    calls `model.forward` through its own paths, so the forward itself must be
+    compiled, which is what this does.) Options: see `GearConfig`; they are
+    validated here, before any compile.
+    """
+    import torch
+    config = GearConfig.from_options(options)
+    forward = getattr(model.forward, "_torchdynamo_orig_callable", model.forward)
+    model.forward = torch.compile(forward, backend="gear", dynamic=dynamic,
+                                  options=_as_options(config))
+    return model
+
+
+def _as_options(config: GearConfig) -> dict:
+    import dataclasses
+    return dataclasses.asdict(config)

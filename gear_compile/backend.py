@@ -1,0 +1,94 @@
+"""The `gear` torch.compile backend.
+
+    torch.compile(model.forward, backend="gear", options={"method": "gear", "bits": 4})
+
+For each graph Dynamo captures: find attention sites (`passes.match`), rewrite
+the rewritable ones into gear ops (`passes.rewrite`), record a report with the
+before/after code and their diff, then lower the rewritten graph with Inductor
+(`compile_fx`) or, with inductor=False, with AOT autograd and no codegen. At run
+time the returned function flattens CompressedKV inputs into their inner
+tensors and wraps the stores produced or updated by the graph back into
+CompressedKV outputs, which Dynamo stores in the cache.
+Neighbours: `config` (options), `passes` (match/rewrite), `report` (what was
+done), `compressed_kv` (the cache tensors), `ops` (the custom ops).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.fx as fx
+
+from . import ops  # noqa: F401  (registers the gear ops)
+from .compressed_kv import CompressedKV, KVStore
+from .config import GearConfig
+from .passes.match import find_sites
+from .passes.rewrite import RewritePlan, rewrite
+from .report import GraphReport, record
+
+log = logging.getLogger("gear_compile")
+
+DUMP_ENV = "GEAR_COMPILE_DUMP_DIR"
+
+
+def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None,
+                 mode: str | None = None, **_ignored):
+    """Dynamo backend entry point (registered as "gear"). `mode` (as passed by
+    generate's CompileConfig) is accepted and has no effect."""
+    config = GearConfig.from_options(options)
+    sites = find_sites(gm.graph)
+    if any(s.rewritable for s in sites):
+        new_gm, plan = rewrite(gm, sites, config)
+    else:
+        new_gm, plan = gm, RewritePlan(inputs=[None] * len(example_inputs),
+                                       outputs=[("tensor",)] * _num_outputs(gm))
+    graph_report = GraphReport.build(gm, new_gm, sites, config)
+    record(graph_report)
+    log.info("gear: graph %d: %s", graph_report.index, graph_report.summary())
+    for site in sites:
+        log.debug("gear:   %s [%s] %s: %s", site.layer, site.form,
+                  "rewritten" if site.rewritable else "fallback", site.reason)
+    dump_dir = config.dump_graphs or os.environ.get(DUMP_ENV)
+    if dump_dir:
+        path = graph_report.write(dump_dir)
+        log.info("gear: graph diff written to %s", path)
+    compiled = _lower(new_gm, plan.flatten_inputs(example_inputs), config)
+    return _runtime(compiled, plan, config)
+
+
+def _num_outputs(gm: fx.GraphModule) -> int:
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    return len(output.args[0])
+
+
+def _lower(gm: fx.GraphModule, example_inputs, config: GearConfig):
+    if config.inductor:
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+    from torch._dynamo.backends.debugging import aot_eager
+    return aot_eager(gm, example_inputs)
+
+
+def _runtime(compiled, plan: RewritePlan, config: GearConfig):
+    """Adapts Dynamo's calling convention to the rewritten graph's."""
+    reserve = 2 * config.block_size      # decode room kept free after every call
+
+    def run(*args):
+        results = compiled(*plan.flatten_inputs(args))
+        out, i = [], 0
+        for spec in plan.outputs:
+            if spec[0] == "tensor":
+                out.append(results[i])
+                i += 1
+            elif spec[0] == "prefill":
+                _, kind, n = spec
+                store = KVStore.from_tensors(config, kind, list(results[i:i + n]))
+                i += n
+                out.append(CompressedKV(store.grow(reserve)))
+            else:   # decode: the input store was updated in place
+                store = args[spec[1]].store
+                out.append(CompressedKV(store.grow(reserve)))
+        return out
+
+    return run

@@ -1,0 +1,242 @@
+"""Find attention sites and the KV-appends feeding them in a Dynamo FX graph.
+
+The graph is Dynamo's torch-level graph (torch functions and tensor methods).
+Each recognised form is a small function named for the code it matches:
+
+  kv append      torch.cat([past, new], dim=-2)              (DynamicCache)
+                 past.index_copy_(2, pos, new) / index_put_   (StaticCache: reported)
+  K/V feeding    kv, or repeat_kv(kv) = kv[:, :, None].expand(...).reshape(...)
+  attention      F.scaled_dot_product_attention(q, K, V, ...)             (sdpa)
+                 matmul(softmax(matmul(q, K.transpose) * s [+ mask]), V)   (eager)
+
+`find_sites` returns every attention site found, rewritable or not, each with
+the reason; `rewrite` acts only on rewritable ones and everything else stays
+exact. Neighbours: `passes.rewrite` (consumes `AttentionSite`), `explain`
+(prints them).
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..compressed_kv import CompressedKV
+
+SDPA_SIGNATURE = inspect.signature(
+    lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+    enable_gqa=False: None)
+
+
+@dataclass
+class KVAppend:
+    """past ++ new along the sequence dim, whose result the cache keeps."""
+
+    node: fx.Node
+    past: fx.Node
+    new: fx.Node
+
+    @property
+    def compressed(self) -> bool:
+        return isinstance(_value(self.past), CompressedKV)
+
+
+@dataclass
+class AttentionSite:
+    index: int
+    form: str                       # "sdpa" or "eager"
+    output: fx.Node                 # node holding the attention output [B, Hq, T, D]
+    query: fx.Node
+    key: KVAppend | None
+    value: KVAppend | None
+    mask: fx.Node | None = None
+    scale: float | None = None
+    is_causal: bool = False
+    reason: str = ""
+    rewritable: bool = False
+    chain: list = field(default_factory=list)   # nodes between K/V and the output
+
+    @property
+    def layer(self) -> str:
+        stack = self.output.meta.get("nn_module_stack") or {}
+        if stack:
+            path = list(stack.values())[-1][0]
+            return path.replace("L['self'].", "").replace("L['self']", "model")
+        return f"site {self.index}"
+
+    @property
+    def phase(self) -> str:
+        if self.key is None:
+            return "-"
+        return "decode" if self.key.compressed else "prefill"
+
+
+def _value(node):
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
+def _is_call(node, *targets) -> bool:
+    """node calls one of `targets` (functions, or method names as strings)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function":
+        return node.target in targets
+    if node.op == "call_method":
+        return node.target in targets
+    return False
+
+
+# ---- K/V forms ------------------------------------------------------------
+def kv_append(node) -> KVAppend | None:
+    """torch.cat([past, new], dim=-2 or 2)."""
+    if not _is_call(node, torch.cat):
+        return None
+    tensors = node.args[0]
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or dim not in (-2, 2):
+        return None
+    return KVAppend(node, tensors[0], tensors[1])
+
+
+def through_repeat_kv(node, chain: list):
+    """repeat_kv(kv) = kv[:, :, None, :, :].expand(...).reshape(...) -> kv; also
+    strips .contiguous(). Nodes passed are appended to `chain`."""
+    while _is_call(node, "contiguous"):
+        chain.append(node)
+        node = node.args[0]
+    if _is_call(node, "reshape", torch.reshape):
+        expand = node.args[0]
+        if _is_call(expand, "expand"):
+            index = expand.args[0]
+            if _is_call(index, operator.getitem) and isinstance(index.args[1], tuple) \
+                    and None in index.args[1]:
+                chain += [node, expand, index]
+                return index.args[0]
+    return node
+
+
+def _static_cache_write(node):
+    """`past.index_copy_(2, pos, new)` or index_put_: a StaticCache write."""
+    return _is_call(node, "index_copy_", "index_put_", torch.Tensor.index_copy_,
+                    torch.ops.aten.index_copy_.default)
+
+
+# ---- attention forms ------------------------------------------------------
+def sdpa_site(node, index):
+    """F.scaled_dot_product_attention(q, K, V, attn_mask, dropout_p, is_causal, scale, enable_gqa)."""
+    if not _is_call(node, F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention):
+        return None
+    bound = SDPA_SIGNATURE.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    site = AttentionSite(index, "sdpa", node, a["query"], None, None, mask=a["attn_mask"],
+                         scale=a["scale"], is_causal=bool(a["is_causal"]))
+    if a["dropout_p"] not in (0, 0.0):
+        site.reason = f"dropout_p={a['dropout_p']} (training-time attention is left exact)"
+        return site
+    _attach_kv(site, a["key"], a["value"])
+    return site
+
+
+def eager_site(node, index):
+    """matmul(dropout(softmax(matmul(q, K.transpose(2, 3)) * scale + mask).to(dtype)), V)."""
+    if not _is_call(node, torch.matmul, operator.matmul):
+        return None
+    chain = []
+    probs = node.args[0]
+    while _is_call(probs, "to", "type", "type_as", F.dropout):
+        if _is_call(probs, F.dropout) and probs.kwargs.get("training", False) and \
+                probs.kwargs.get("p", probs.args[1] if len(probs.args) > 1 else 0.0):
+            return None
+        chain.append(probs)
+        probs = probs.args[0]
+    if not _is_call(probs, F.softmax, "softmax", torch.softmax):
+        return None
+    chain.append(probs)
+    scores = probs.args[0]
+    mask = None
+    if _is_call(scores, operator.add, torch.add):
+        chain.append(scores)
+        scores, mask = scores.args[0], scores.args[1]
+    scale = 1.0
+    if _is_call(scores, operator.mul, torch.mul, operator.truediv, torch.div):
+        chain.append(scores)
+        factor = scores.args[1]
+        if not isinstance(factor, (int, float)):
+            return None
+        scale = float(factor) if scores.target in (operator.mul, torch.mul) else 1.0 / float(factor)
+        scores = scores.args[0]
+    if not _is_call(scores, torch.matmul, operator.matmul):
+        return None
+    chain.append(scores)
+    q, kt = scores.args
+    if not (_is_call(kt, "transpose", torch.transpose) and
+            tuple(sorted(kt.args[1:3])) in ((2, 3), (-2, -1))):
+        return None
+    chain.append(kt)
+    site = AttentionSite(index, "eager", node, q, None, None, mask=mask, scale=scale)
+    site.chain += chain
+    for inner in chain:          # attention weights used elsewhere (output_attentions)
+        outside = [u for u in inner.users if u not in chain and u is not node]
+        if outside:
+            site.reason = f"intermediate {inner.name} is also used by {outside[0].name} (e.g. output_attentions)"
+            return site
+    _attach_kv(site, kt.args[0], node.args[1])
+    return site
+
+
+def _attach_kv(site: AttentionSite, key, value):
+    k_chain, v_chain = [], []
+    k_src = through_repeat_kv(key, k_chain)
+    v_src = through_repeat_kv(value, v_chain)
+    site.chain += k_chain + v_chain
+    site.key, site.value = kv_append(k_src), kv_append(v_src)
+    if site.key is None or site.value is None:
+        src = k_src if site.key is None else v_src
+        if _static_cache_write_feeding(src):
+            site.reason = ("K/V come from a StaticCache (index_copy_ into a cache-owned buffer): "
+                           "that buffer is not a graph output, so it stays exact")
+        else:
+            site.reason = f"K/V do not come from a KV-append (found {src.name if isinstance(src, fx.Node) else src})"
+        return
+    for append in (site.key, site.value):
+        users = [u for u in append.node.users if u.op != "output" and u not in site.chain
+                 and u is not site.output]
+        outputs = [u for u in append.node.users if u.op == "output"]
+        if users:
+            site.reason = (f"the appended cache {append.node.name} is also read by {users[0].name} "
+                           f"(e.g. a sliding-window slice); left exact")
+            return
+        if len(outputs) != 1:
+            site.reason = f"the appended cache {append.node.name} is not stored back into the cache"
+            return
+    if site.key.compressed != site.value.compressed:
+        site.reason = "K and V caches disagree (one compressed, one dense)"
+        return
+    q, k = _value(site.query), _value(site.key.node)
+    if q is not None and k is not None and q.shape[1] % k.shape[1]:
+        site.reason = f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
+        return
+    site.rewritable = True
+    site.reason = (f"{site.form} over {'compressed cache + new tokens' if site.key.compressed else 'a new block'}"
+                   f"{' via repeat_kv' if site.chain and site.form == 'sdpa' else ''}")
+
+
+def _static_cache_write_feeding(node) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    return node.op == "placeholder" and any(_static_cache_write(u) for u in node.users) \
+        or _static_cache_write(node)
+
+
+def find_sites(graph: fx.Graph) -> list[AttentionSite]:
+    """Every attention site in `graph`, in order, rewritable or with a reason."""
+    sites = []
+    for node in graph.nodes:
+        site = sdpa_site(node, len(sites)) or eager_site(node, len(sites))
+        if site is not None:
+            sites.append(site)
+    return sites

@@ -1,0 +1,102 @@
+"""What the gear backend did to each graph: sites, decisions, and the code diff.
+
+`GraphReport` holds, for one compiled graph, every attention site (layer, form,
+phase, rewritten or fallback and why) and the graph's Python code before and
+after the rewrite with a unified diff. Reports are collected by `record` into
+any active `collect()` context (used by `explain`) and kept in `history`
+(the last 64) for users who compile directly.
+Neighbours: `backend` (builds and records reports), `explain` (collects them).
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import itertools
+import os
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from .config import GearConfig
+
+_counter = itertools.count()
+_collectors: list[list] = []
+history: list = []
+
+
+@dataclass
+class SiteReport:
+    layer: str
+    form: str
+    phase: str
+    rewritten: bool
+    reason: str
+
+    def line(self) -> str:
+        status = "rewritten" if self.rewritten else "FALLBACK (exact)"
+        return f"{self.layer:<32} {self.form:<6} {self.phase:<8} {status:<17} {self.reason}"
+
+
+@dataclass
+class GraphReport:
+    index: int
+    config: GearConfig
+    sites: list[SiteReport] = field(default_factory=list)
+    before: str = ""
+    after: str = ""
+
+    @classmethod
+    def build(cls, before: fx.GraphModule, after: fx.GraphModule, sites, config: GearConfig):
+        return cls(index=next(_counter), config=config,
+                   sites=[SiteReport(s.layer, s.form, s.phase, s.rewritable, s.reason) for s in sites],
+                   before=before.code, after=after.code)
+
+    @property
+    def rewritten(self) -> int:
+        return sum(s.rewritten for s in self.sites)
+
+    @property
+    def fallbacks(self) -> list[SiteReport]:
+        return [s for s in self.sites if not s.rewritten]
+
+    def summary(self) -> str:
+        text = f"{len(self.sites)} attention site(s), {self.rewritten} rewritten with {self.config.describe()}"
+        if self.fallbacks:
+            text += f", {len(self.fallbacks)} left exact"
+        return text
+
+    def diff(self) -> str:
+        return "".join(difflib.unified_diff(
+            self.before.splitlines(keepends=True), self.after.splitlines(keepends=True),
+            fromfile=f"graph_{self.index}_before.py", tofile=f"graph_{self.index}_after.py"))
+
+    def text(self) -> str:
+        lines = [f"graph {self.index}: {self.summary()}"]
+        lines += ["  " + s.line() for s in self.sites]
+        return "\n".join(lines)
+
+    def write(self, directory: str) -> str:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"gear_graph_{self.index}.diff")
+        with open(path, "w") as f:
+            f.write("# " + self.text().replace("\n", "\n# ") + "\n")
+            f.write(self.diff())
+        return path
+
+
+def record(report: GraphReport) -> None:
+    history.append(report)
+    del history[:-64]
+    for collector in _collectors:
+        collector.append(report)
+
+
+@contextlib.contextmanager
+def collect():
+    """Collect the reports of every graph compiled inside the block."""
+    reports: list[GraphReport] = []
+    _collectors.append(reports)
+    try:
+        yield reports
+    finally:
+        _collectors.remove(reports)
