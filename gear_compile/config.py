@@ -119,7 +119,10 @@ class GearConfig:
         return cls(**merged)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """Compact JSON (non-default fields only): the form ops carry in graphs."""
+        changed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != f.default}
+        return json.dumps(changed, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> GearConfig:

@@ -1,0 +1,40 @@
+"""Tiny random-weight decoders of several architectures (no downloads).
+
+Used by the CLI's built-in model, the tests and the examples. Each config is
+small enough to compile on 2 CPU cores in seconds yet keeps its family's
+attention form: GQA (llama, mistral, qwen2), MHA with eager attention (gpt2),
+MQA (gpt_bigcode with multi_query).
+Neighbours: `cli`, `explain`, tests.
+"""
+from __future__ import annotations
+
+import torch
+
+TINY = ("llama", "mistral", "qwen2", "gpt2", "mqa")
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+    """A small eval-mode model of `arch` with deterministic random weights."""
+    import transformers as tf
+    common = dict(vocab_size=256, max_position_embeddings=1024)
+    gqa = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, **common)
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**gqa),
+        "mistral": lambda: tf.MistralConfig(**gqa, sliding_window=None),
+        "qwen2": lambda: tf.Qwen2Config(**gqa),
+        "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=1024,
+                                      vocab_size=256, attn_implementation="eager"),
+        "mqa": lambda: tf.GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, n_positions=1024,
+                                           vocab_size=256, multi_query=True),
+    }
+    if arch not in configs:
+        raise ValueError(f"tiny_model: arch must be one of {list(configs)}, got {arch!r}.")
+    config = configs[arch]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
