@@ -72,7 +72,9 @@ def _lower(gm: fx.GraphModule, example_inputs, config: GearConfig):
 
 def _runtime(compiled, plan: RewritePlan, config: GearConfig):
     """Adapts Dynamo's calling convention to the rewritten graph's."""
-    reserve = 2 * config.block_size      # decode room kept free after every call
+    # Decode room kept free after every call: one flush per decoded token, and
+    # room for multi-token appends (a second prompt into the same cache).
+    reserve = max(2 * config.block_size, config.decode_capacity // 2)
 
     def run(*args):
         results = compiled(*plan.flatten_inputs(args))
@@ -85,10 +87,21 @@ def _runtime(compiled, plan: RewritePlan, config: GearConfig):
                 _, kind, n = spec
                 store = KVStore.from_tensors(config, kind, list(results[i:i + n]))
                 i += n
-                out.append(CompressedKV(store.grow(reserve)))
+                out.append(_dynamic(CompressedKV(store.grow(reserve))))
             else:   # decode: the input store was updated in place
                 store = args[spec[1]].store
-                out.append(CompressedKV(store.grow(reserve)))
+                out.append(_dynamic(CompressedKV(store.grow(reserve))))
         return out
 
     return run
+
+
+def _dynamic(kv: CompressedKV) -> CompressedKV:
+    """Tell Dynamo that the sizes that grow (the logical length, the decode
+    capacity) are dynamic from the first decode graph on, so neither decoding
+    nor capacity growth recompiles."""
+    torch._dynamo.maybe_mark_dynamic(kv, 2)
+    for name, tensor in zip(kv.store.tensor_names(), kv.store.tensors()):
+        if name.startswith("d_") and tensor.shape[2] > 1:
+            torch._dynamo.maybe_mark_dynamic(tensor, 2)
+    return kv
