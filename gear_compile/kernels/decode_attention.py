@@ -1,0 +1,421 @@
+"""Flash-decoding over a compressed KV cache: one query token per sequence.
+
+Job: out = softmax(q K^T * scale + mask) V for q [B, Hq, 1, D], where K and V
+are a layer's `KVStore`s (layout in `segment`), without ever materialising the
+dense K/V. Neighbours: `segment` / `compressed_kv` (the layout read here),
+`packing` (planar bit fields), `ops` (routes decode attention here on CUDA).
+
+Algorithm (split-K flash decoding, two kernels):
+
+* The store is three segments: the prefill block (one block of P tokens), the
+  decode segment (blocks of n_b tokens in a reserved capacity) and the exact
+  buffer (one block of n_b tokens). `_partial_kernel` is launched once per
+  segment; each program takes one (batch, KV head) and a contiguous range of
+  "work items", an item being one tile of BT tokens inside one block. Tiles
+  never straddle a block, because the low-rank factor B and the K outliers are
+  per block: a block of n_b = 20 tokens is one 32-token tile with 12 masked
+  rows (we iterate block by block rather than gathering per-token block ids, so
+  each block's B and outlier table is read once per tile, not once per token).
+* All G = Hq / Hkv query heads of a KV head are the rows of one [GP, E] q tile
+  (GP = G padded to >= 16 rows for tl.dot), so each K/V byte is read once.
+* Codes are unpacked in registers: a [BT, W] byte tile is shifted by every
+  field at once into [BT, PB, W] and flattened, giving an "extended channel"
+  axis e = field * WP + byte (channel field * W + byte, see `packing`). q, the
+  scales and the accumulator all live on that axis, so no interleaving is done.
+* GEAR terms: low-rank K adds (q . B_blk) . A_t to the scores (r dot products of
+  length D per tile instead of a dense [BT, D] rebuild); low-rank V adds
+  (p . A) . B_blk^T to the accumulator; outliers are added into the
+  dequantized tile (K: [2k, D] token offsets per channel of the block; V: [2k]
+  channel indices per token).
+* Online softmax in base 2 (q is pre-scaled by scale * log2 e); each program
+  writes its normalised partial output and log-sum-exp, `_combine_kernel`
+  merges the partials of every segment.
+
+The grid depends only on static shapes (segment capacities); the live lengths
+(prefill, decode, buffer tokens) are read inside the kernel from a device
+tensor, so one compiled graph / CUDA graph serves every decode step.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..compressed_kv import KVStore
+from ..config import GearConfig
+from ..packing import packed_width
+
+_LOG2E = 1.4426950408889634
+
+
+def _interpreter_index_compat() -> None:
+    """Triton 3.6's interpreter turns a runtime int into a loop bound with
+    int(array of shape (1,)), which NumPy >= 2.3 refuses; index its single
+    element instead. Only under TRITON_INTERPRET=1 (CPU tests)."""
+    from triton.runtime import interpreter
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "gear_compat", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched.gear_compat = True
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_index_compat()
+
+
+@triton.jit
+def _dequant_tile(codes, scale, zero, oval, oidx, t, t_blk, blk, ok_t, ch, ok_c,
+                  group, k2,
+                  D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr,
+                  E: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, EXACT: tl.constexpr,
+                  AXIS_CHANNEL: tl.constexpr, OUT_PER_BLOCK: tl.constexpr):
+    """The [BT, E] fp32 tile of tokens t (segment-relative) on the extended
+    channel axis: codes * scale + zero + outliers (exact storage: the values)."""
+    ok = ok_t[:, None] & ok_c[None, :]
+    if EXACT:
+        x = tl.load(codes + t[:, None] * D + ch[None, :], mask=ok, other=0.0).to(tl.float32)
+    else:
+        j = tl.arange(0, WP)
+        byte = tl.load(codes + t[:, None] * W + j[None, :],
+                       mask=ok_t[:, None] & (j < W)[None, :], other=0).to(tl.int32)
+        shift = tl.arange(0, PB) * BITS
+        fields = (byte[:, None, :] >> shift[None, :, None]) & ((1 << BITS) - 1)
+        c = tl.reshape(fields, (BT, E)).to(tl.float32)
+        if AXIS_CHANNEL:   # one (scale, zero) per channel per `group` tokens
+            sidx = (t // group)[:, None] * D + ch[None, :]
+        else:              # one (scale, zero) per token per `group` channels
+            sidx = t[:, None] * (D // group) + (ch // group)[None, :]
+        s = tl.load(scale + sidx, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(zero + sidx, mask=ok, other=0.0).to(tl.float32)
+        x = c * s + z
+        if OUT_PER_BLOCK:  # K: for each channel, 2k token offsets within the block
+            for o in range(k2):
+                at = (blk * k2 + o) * D + ch
+                oi = tl.load(oidx + at, mask=ok_c, other=0).to(tl.int32)
+                ov = tl.load(oval + at, mask=ok_c, other=0.0).to(tl.float32)
+                x += tl.where(t_blk[:, None] == oi[None, :], ov[None, :], 0.0)
+        else:              # V: for each token, 2k channel indices
+            for o in range(k2):
+                oi = tl.load(oidx + t * k2 + o, mask=ok_t, other=0).to(tl.int32)
+                ov = tl.load(oval + t * k2 + o, mask=ok_t, other=0.0).to(tl.float32)
+                x += tl.where(ch[None, :] == oi[:, None], ov[:, None], 0.0)
+        x = tl.where(ok, x, 0.0)
+    return x
+
+
+@triton.jit
+def _mma(a, b, DT: tl.constexpr, FP32_DOT: tl.constexpr):
+    """a @ b with both operands rounded to DT (the query dtype), fp32 accumulate.
+    FP32_DOT runs the product in exact fp32 on the rounded values: for fp32 q,
+    and for bf16 under the interpreter, whose bf16 dot is wrong."""
+    if FP32_DOT:
+        return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), input_precision="ieee")
+    return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Voi,
+                    Lens, Mask, PO, PLSE,
+                    qk_scale, Hkv, N, NBLK, BLOCK, TPB, ITEMS, SPLIT0, S_TOTAL,
+                    k_group, v_group, k_k2, v_k2, mask_sb, mask_sh, mask_sl, mask_len,
+                    SEG: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                    W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr, E: tl.constexpr,
+                    BITS: tl.constexpr, EXACT: tl.constexpr, K_CHANNEL: tl.constexpr,
+                    V_CHANNEL: tl.constexpr, R: tl.constexpr, BT: tl.constexpr,
+                    MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // Hkv
+    kvh = pid_bh % Hkv
+    n_pre = tl.load(Lens).to(tl.int32)
+    n_dec = tl.load(Lens + 1).to(tl.int32)
+    n_buf = tl.load(Lens + 2).to(tl.int32)
+    if SEG == 0:
+        n_valid = n_pre
+        pos0 = n_pre * 0
+    elif SEG == 1:
+        n_valid = n_dec
+        pos0 = n_pre
+    else:
+        n_valid = n_buf
+        pos0 = n_pre + n_dec
+    # key position -> mask column (HF may pass a mask longer than the keys)
+    pos0 += mask_len - (n_pre + n_dec + n_buf)
+
+    # per-(batch, KV head) base pointers; all parts are contiguous [B, H, ...]
+    head = pid_bh.to(tl.int64)
+    if EXACT:
+        Kc += head * N * D
+        Vc += head * N * D
+    else:
+        Kc += head * N * W
+        Vc += head * N * W
+        if K_CHANNEL:
+            Ks += head * (N // k_group) * D
+            Kz += head * (N // k_group) * D
+        else:
+            Ks += head * N * (D // k_group)
+            Kz += head * N * (D // k_group)
+        if V_CHANNEL:
+            Vs += head * (N // v_group) * D
+            Vz += head * (N // v_group) * D
+        else:
+            Vs += head * N * (D // v_group)
+            Vz += head * N * (D // v_group)
+        Kov += head * NBLK * k_k2 * D
+        Koi += head * NBLK * k_k2 * D
+        Vov += head * N * v_k2
+        Voi += head * N * v_k2
+        if R > 0:
+            Ka += head * N * R
+            Va += head * N * R
+            Kb += head * NBLK * D * R
+            Vb += head * NBLK * D * R
+
+    g = tl.arange(0, GP)
+    ok_g = g < G
+    qrow = (b * Hkv * G + kvh * G + g).to(tl.int64)     # q heads of this KV head
+    e = tl.arange(0, E)
+    ch = (e // WP) * W + e % WP                           # extended axis -> channel
+    ok_c = (e % WP < W) & (ch < D)
+    q = tl.load(Q + qrow[:, None] * D + ch[None, :], mask=ok_g[:, None] & ok_c[None, :],
+                other=0.0).to(tl.float32) * qk_scale
+    DT: tl.constexpr = Q.dtype.element_ty
+
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, E], tl.float32)
+    # items past the live length are skipped (a bound read from memory cannot
+    # be a loop bound under the interpreter), so idle programs write an empty partial
+    start = split * ITEMS
+    end = tl.minimum(start + ITEMS, tl.cdiv(n_valid, BLOCK) * TPB)
+    for it in range(0, ITEMS):
+        item = start + it
+        if item < end:
+            blk = item // TPB
+            t_blk = (item % TPB) * BT + tl.arange(0, BT)
+            t = blk * BLOCK + t_blk
+            ok_t = (t_blk < BLOCK) & (t < n_valid)
+
+            k = _dequant_tile(Kc, Ks, Kz, Kov, Koi, t, t_blk, blk, ok_t, ch, ok_c, k_group, k_k2,
+                              D, W, WP, PB, E, BT, BITS, EXACT, K_CHANNEL, True)
+            s = _mma(q, tl.trans(k), DT, FP32_DOT)
+            if R > 0:
+                # low-rank K: q . (A_t B_blk^T) = (q . B_blk) . A_t
+                for r in tl.static_range(R):
+                    bk = tl.load(Kb + (blk * D + ch) * R + r, mask=ok_c, other=0.0).to(tl.float32)
+                    a = tl.load(Ka + t * R + r, mask=ok_t, other=0.0).to(tl.float32)
+                    s += tl.sum(q * bk[None, :], axis=1)[:, None] * a[None, :]
+            if MASK_KIND != 0:
+                pos = pos0 + t
+                ok_m = ok_g[:, None] & (ok_t & (pos >= 0))[None, :]
+                hq = kvh * G + g
+                mp = Mask + b * mask_sb + hq[:, None] * mask_sh + pos[None, :] * mask_sl
+                if MASK_KIND == 1:   # bool, True = keep
+                    keep = tl.load(mp, mask=ok_m, other=1)
+                    s = tl.where(keep != 0, s, float("-inf"))
+                else:                # additive, in natural-log units
+                    s += tl.load(mp, mask=ok_m, other=0.0).to(tl.float32) * 1.4426950408889634
+            s = tl.where(ok_t[None, :], s, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+
+            v = _dequant_tile(Vc, Vs, Vz, Vov, Voi, t, t_blk, blk, ok_t, ch, ok_c, v_group, v_k2,
+                              D, W, WP, PB, E, BT, BITS, EXACT, V_CHANNEL, False)
+            acc += _mma(p, v, DT, FP32_DOT)
+            if R > 0:
+                # low-rank V: sum_t p_t A_t B_blk^T = (p . A) . B_blk^T
+                for r in tl.static_range(R):
+                    a = tl.load(Va + t * R + r, mask=ok_t, other=0.0).to(tl.float32)
+                    bv = tl.load(Vb + (blk * D + ch) * R + r, mask=ok_c, other=0.0).to(tl.float32)
+                    acc += tl.sum(p * a[None, :], axis=1)[:, None] * bv[None, :]
+            m_i = m_new
+
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    slot = qrow * S_TOTAL + SPLIT0 + split
+    tl.store(PO + slot[:, None] * D + ch[None, :], o, mask=ok_g[:, None] & ok_c[None, :])
+    tl.store(PLSE + slot, lse, mask=ok_g)
+
+
+@triton.jit
+def _combine_kernel(PO, PLSE, Out, S_TOTAL, D: tl.constexpr, DP: tl.constexpr,
+                    SC: tl.constexpr):
+    """Merge the S_TOTAL partials of one (batch, q head) by their log-sum-exp."""
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, DP)
+    ok_d = d < D
+    m = tl.full([], float("-inf"), tl.float32)
+    l = tl.zeros([], tl.float32)
+    acc = tl.zeros([DP], tl.float32)
+    for s0 in range(0, S_TOTAL, SC):
+        s = s0 + tl.arange(0, SC)
+        ok = s < S_TOTAL
+        lse = tl.load(PLSE + row * S_TOTAL + s, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp2(lse - m_use)
+        o = tl.load(PO + (row * S_TOTAL + s)[:, None] * D + d[None, :],
+                    mask=ok[:, None] & ok_d[None, :], other=0.0)
+        alpha = tl.exp2(m - m_use)
+        acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
+        l = l * alpha + tl.sum(w, axis=0)
+        m = m_new
+    tl.store(Out + row * D + d, (acc / l).to(Out.dtype.element_ty), mask=ok_d)
+
+
+@functools.lru_cache(maxsize=64)
+def _config(text: str) -> GearConfig:
+    return GearConfig.from_json(text)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4   # interpreter: few programs run fastest
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _segments(ks: KVStore, vs: KVStore):
+    """(kernel segment id, K parts, V parts, capacity N, block, exact) per segment."""
+    n_pre = ks.prefill.codes.shape[2]
+    out = []
+    if n_pre:
+        out.append((0, ks.prefill, vs.prefill, n_pre, ks.p_layout, vs.p_layout))
+    out.append((1, ks.decode, vs.decode, ks.decode.codes.shape[2], ks.d_layout, vs.d_layout))
+    out.append((2, None, None, ks.buffer.shape[2], None, None))
+    return out
+
+
+def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
+                            v_parts: list[torch.Tensor], attn_mask: torch.Tensor | None,
+                            scale: float, config: str, wrap=None,
+                            num_splits: int | None = None) -> torch.Tensor:
+    """Run the kernels (eagerly, or through `wrap` = torch.library.wrap_triton
+    inside the triton_op). q [B, Hq, 1, D]; k_parts / v_parts in
+    `KVStore.tensors()` order; attn_mask None, bool (True = keep) or additive,
+    broadcastable to [B, Hq, 1, L_mask] with L_mask >= the key length (its last
+    L columns are used). `num_splits`: programs per (batch, KV head) over the
+    token range (default: enough to fill the GPU)."""
+    cfg = _config(config)
+    ks = KVStore.from_tensors(cfg, "k", k_parts)
+    vs = KVStore.from_tensors(cfg, "v", v_parts)
+    B, Hq, T, D = q.shape
+    if T != 1:
+        raise ValueError(f"gear decode attention: one query token per sequence, got {T}.")
+    Hkv = ks.buffer.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"gear decode attention: {Hq} query heads for {Hkv} KV heads.")
+    G = Hq // Hkv
+    launch = wrap if wrap is not None else (lambda kernel: kernel)
+    q = q.contiguous()
+    lens = ks.lengths.to(q.device)
+
+    exact = ks.d_layout.exact
+    bits = ks.d_layout.spec.bits
+    if exact:
+        W, PB = D, 1
+    else:
+        W, PB = packed_width(D, bits), 8 // bits
+    WP = max(_pow2(W), 16 // PB)
+    E = PB * WP
+    GP = max(16, _pow2(G))
+
+    if attn_mask is None:
+        mask, kind, strides, mlen = q, 0, (0, 0, 0), 0
+    else:
+        m = attn_mask
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        mlen = m.shape[-1]
+        m = m.expand(B, Hq, 1, mlen)
+        kind = 1 if m.dtype == torch.bool else 2
+        mask = m.view(torch.uint8) if kind == 1 else m
+        strides = (m.stride(0), m.stride(1), m.stride(3))
+    if kind == 0:
+        mlen = 0
+
+    fp32_dot = q.dtype == torch.float32 or (
+        q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+
+    # split the work items (tiles) evenly: every segment uses the same items
+    # per program so long segments get more programs
+    plan = []
+    for seg_id, kseg, vseg, n_cap, kl, vl in _segments(ks, vs):
+        block = n_cap if seg_id != 1 else ks.d_layout.block
+        bt = min(64, max(16, _pow2(block)))
+        tpb = -(-block // bt)
+        plan.append((seg_id, kseg, vseg, n_cap, kl, vl, block, bt, tpb, n_cap // block * tpb))
+    total_items = sum(p[-1] for p in plan)
+    if num_splits is None:
+        num_splits = max(1, -(-4 * _sm_count(q.device) // (B * Hkv)))
+    items = max(1, -(-total_items // num_splits))
+    s_total = sum(-(-p[-1] // items) for p in plan)
+
+    po = torch.empty(B, Hq, s_total, D, dtype=torch.float32, device=q.device)
+    plse = torch.empty(B, Hq, s_total, dtype=torch.float32, device=q.device)
+    split0 = 0
+    for seg_id, kseg, vseg, n_cap, kl, vl, block, bt, tpb, n_items in plan:
+        splits = -(-n_items // items)
+        if seg_id == 2:   # the buffer: an exact segment in the model's dtype
+            kt = [ks.buffer] + [q] * 6    # q stands in for absent parts
+            vt = [vs.buffer] + [q] * 6
+            seg_exact, k_group, v_group, k_k2, v_k2, nblk = True, 1, 1, 0, 0, 1
+        else:
+            kt, vt = ([t if t is not None else q for t in
+                       (sg.codes, sg.scale, sg.zero, sg.lr_a, sg.lr_b, sg.out_val, sg.out_idx)]
+                      for sg in (kseg, vseg))
+            seg_exact = kl.exact
+            k_group = kl.token_group if kl.spec.axis == "channel" else kl.channel_group
+            v_group = vl.token_group if vl.spec.axis == "channel" else vl.channel_group
+            k_k2, v_k2 = 2 * kl.outliers_per_side, 2 * vl.outliers_per_side
+            nblk = n_cap // block
+        kc, ksc, kz, ka, kb, kov, koi = (t.contiguous() for t in kt)
+        vc, vsc, vz, va, vb, vov, voi = (t.contiguous() for t in vt)
+        rank = 0 if seg_id == 2 or kl.rank == 0 else kl.rank
+        dp = max(16, _pow2(D))
+        seg_w, seg_pb, seg_wp, seg_e = (D, 1, dp, dp) if seg_exact else (W, PB, WP, E)
+        launch(_partial_kernel)[(B * Hkv, splits)](
+            q, kc, ksc, kz, ka, kb, kov, koi, vc, vsc, vz, va, vb, vov, voi,
+            lens, mask, po, plse,
+            scale * _LOG2E, Hkv, n_cap, nblk, block, tpb, items, split0, s_total,
+            k_group, v_group, k_k2, v_k2, strides[0], strides[1], strides[2], mlen,
+            SEG=seg_id, G=G, GP=GP, D=D, W=seg_w, WP=seg_wp, PB=seg_pb, E=seg_e,
+            BITS=0 if seg_exact else bits, EXACT=seg_exact,
+            K_CHANNEL=not seg_exact and kl.spec.axis == "channel",
+            V_CHANNEL=not seg_exact and vl.spec.axis == "channel",
+            R=rank, BT=bt, MASK_KIND=kind, FP32_DOT=fp32_dot)
+        split0 += splits
+
+    out = torch.empty_like(q)
+    launch(_combine_kernel)[(B * Hq,)](po, plse, out, s_total, D=D, DP=_pow2(D),
+                                       SC=min(64, max(16, _pow2(s_total))))
+    return out
+
+
+@torch.library.triton_op("gear::decode_attention_triton", mutates_args=())
+def decode_attention(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor],
+                     attn_mask: torch.Tensor | None, scale: float, config: str) -> torch.Tensor:
+    """gear::decode_attention_triton: the launcher with its kernels wrapped, so
+    Inductor sees (and emits) them in its output code."""
+    return decode_attention_launch(q, k_parts, v_parts, attn_mask, scale, config,
+                                   wrap=torch.library.wrap_triton)
