@@ -101,6 +101,23 @@ def test_many_splits_and_long_prefill():
     _check("gear", 4, 64, 2, 1, 300, 50, num_splits=5, B=1)
 
 
+def test_prefill_outliers_prescattered():
+    # 2k = 20 K outlier rows in the prefill block: the scatter pre-pass path
+    _check("gear", 4, 64, 4, 1, 1000, 3, num_splits=4, B=1)
+
+
+def test_registered_triton_op_runs_eagerly():
+    gen = torch.Generator().manual_seed(0)
+    cfg = GearConfig(method="gear", bits=4)
+    ks, vs = _stores(cfg, 1, 2, 64, 40, 3, torch.float16, gen)
+    q = torch.randn(1, 4, 1, 64, generator=gen).half()
+    out = torch.ops.gear.decode_attention_triton(q, ks.tensors(), vs.tensors(), None, 0.125,
+                                                 cfg.to_json())
+    ref = F.scaled_dot_product_attention(q.float(), ks.dequantize().float(),
+                                         vs.dequantize().float(), scale=0.125, enable_gqa=True)
+    assert (out.float() - ref).abs().max().item() < TOL[torch.float16]
+
+
 def test_decode_segment_beyond_capacity_is_ignored():
     # capacity 100 tokens (5 blocks) with 2 used: idle programs add nothing
     _check("kcvt", 4, 64, 4, 1, 8, 47, decode_capacity=100, B=1, num_splits=8)

@@ -49,6 +49,9 @@ from ..config import GearConfig
 from ..packing import packed_width
 
 _LOG2E = 1.4426950408889634
+# A prefill block with more K outlier rows than this gets them pre-scattered
+# (`_k_outlier_kernel`); fewer are cheaper to scan per tile.
+RB_OUTLIERS = 16
 
 
 def _interpreter_index_compat() -> None:
@@ -124,14 +127,14 @@ def _mma(a, b, DT: tl.constexpr, FP32_DOT: tl.constexpr):
 
 @triton.jit
 def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Voi,
-                    Lens, Mask, PO, PLSE,
+                    Lens, Mask, Corr, PO, PLSE,
                     qk_scale, Hkv, N, NBLK, BLOCK, TPB, ITEMS, SPLIT0, S_TOTAL,
                     k_group, v_group, k_k2, v_k2, mask_sb, mask_sh, mask_sl, mask_len,
                     SEG: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                     W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr, E: tl.constexpr,
                     BITS: tl.constexpr, EXACT: tl.constexpr, K_CHANNEL: tl.constexpr,
                     V_CHANNEL: tl.constexpr, R: tl.constexpr, BT: tl.constexpr,
-                    MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr):
+                    MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, K_CORR: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // Hkv
@@ -215,6 +218,9 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
                     bk = tl.load(Kb + (blk * D + ch) * R + r, mask=ok_c, other=0.0).to(tl.float32)
                     a = tl.load(Ka + t * R + r, mask=ok_t, other=0.0).to(tl.float32)
                     s += tl.sum(q * bk[None, :], axis=1)[:, None] * a[None, :]
+            if K_CORR:   # prefill K outliers, pre-scattered per token by _k_outlier_kernel
+                s += tl.load(Corr + qrow[:, None] * N + t[None, :],
+                             mask=ok_g[:, None] & ok_t[None, :], other=0.0)
             if MASK_KIND != 0:
                 pos = pos0 + t
                 ok_m = ok_g[:, None] & (ok_t & (pos >= 0))[None, :]
@@ -251,6 +257,29 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
     slot = qrow * S_TOTAL + SPLIT0 + split
     tl.store(PO + slot[:, None] * D + ch[None, :], o, mask=ok_g[:, None] & ok_c[None, :])
     tl.store(PLSE + slot, lse, mask=ok_g)
+
+
+@triton.jit
+def _k_outlier_kernel(Q, Kov, Koi, Corr, qk_scale, Hkv, P, k2,
+                      G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, RB: tl.constexpr):
+    """Score corrections of the prefill block's K outliers: Corr[b, h, t] +=
+    q[h, d] * val for each outlier (d, t). The table holds 2k token offsets per
+    channel with no order, so a tile of the main kernel cannot find its
+    entries without scanning all 2k x D of them (O(P^2) over the prefill);
+    scattering them once here costs O(P) and a [B, Hq, P] fp32 read."""
+    pid_bh = tl.program_id(0)
+    rows = tl.program_id(1) * RB + tl.arange(0, RB)
+    b = pid_bh // Hkv
+    kvh = pid_bh % Hkv
+    d = tl.arange(0, DP)
+    ok = (rows < k2)[:, None] & (d < D)[None, :]
+    at = (pid_bh.to(tl.int64) * k2 + rows)[:, None] * D + d[None, :]
+    idx = tl.load(Koi + at, mask=ok, other=0).to(tl.int32)
+    val = tl.load(Kov + at, mask=ok, other=0.0).to(tl.float32)
+    for g in tl.static_range(G):
+        row = (b * Hkv * G + kvh * G + g).to(tl.int64)
+        qg = tl.load(Q + row * D + d, mask=d < D, other=0.0).to(tl.float32) * qk_scale
+        tl.atomic_add(Corr + row * P + idx, val * qg[None, :], mask=ok)
 
 
 @triton.jit
@@ -392,18 +421,25 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
         kc, ksc, kz, ka, kb, kov, koi = (t.contiguous() for t in kt)
         vc, vsc, vz, va, vb, vov, voi = (t.contiguous() for t in vt)
         rank = 0 if seg_id == 2 or kl.rank == 0 else kl.rank
+        corr = q
+        if seg_id == 0 and k_k2 > RB_OUTLIERS:
+            corr = torch.zeros(B, Hq, n_cap, dtype=torch.float32, device=q.device)
+            launch(_k_outlier_kernel)[(B * Hkv, -(-k_k2 // RB_OUTLIERS))](
+                q, kov, koi, corr, scale * _LOG2E, Hkv, n_cap, k_k2,
+                G=G, D=D, DP=_pow2(D), RB=RB_OUTLIERS)
+            k_k2 = 0
         dp = max(16, _pow2(D))
         seg_w, seg_pb, seg_wp, seg_e = (D, 1, dp, dp) if seg_exact else (W, PB, WP, E)
         launch(_partial_kernel)[(B * Hkv, splits)](
             q, kc, ksc, kz, ka, kb, kov, koi, vc, vsc, vz, va, vb, vov, voi,
-            lens, mask, po, plse,
+            lens, mask, corr, po, plse,
             scale * _LOG2E, Hkv, n_cap, nblk, block, tpb, items, split0, s_total,
             k_group, v_group, k_k2, v_k2, strides[0], strides[1], strides[2], mlen,
             SEG=seg_id, G=G, GP=GP, D=D, W=seg_w, WP=seg_wp, PB=seg_pb, E=seg_e,
             BITS=0 if seg_exact else bits, EXACT=seg_exact,
             K_CHANNEL=not seg_exact and kl.spec.axis == "channel",
             V_CHANNEL=not seg_exact and vl.spec.axis == "channel",
-            R=rank, BT=bt, MASK_KIND=kind, FP32_DOT=fp32_dot)
+            R=rank, BT=bt, MASK_KIND=kind, FP32_DOT=fp32_dot, K_CORR=corr is not q)
         split0 += splits
 
     out = torch.empty_like(q)
