@@ -76,6 +76,19 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 
 @triton.jit
+def _codes_tile(codes, t, ok_t, W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr,
+                E: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr):
+    """Unpacked codes [BT, E] (fp32) of tokens t: every bit field of a byte
+    tile at once, flattened onto the extended channel axis."""
+    j = tl.arange(0, WP)
+    byte = tl.load(codes + t[:, None] * W + j[None, :],
+                   mask=ok_t[:, None] & (j < W)[None, :], other=0).to(tl.int32)
+    shift = tl.arange(0, PB) * BITS
+    fields = (byte[:, None, :] >> shift[None, :, None]) & ((1 << BITS) - 1)
+    return tl.reshape(fields, (BT, E)).to(tl.float32)
+
+
+@triton.jit
 def _dequant_tile(codes, scale, zero, oval, oidx, t, t_blk, blk, ok_t, ch, ok_c,
                   group, k2,
                   D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr,
@@ -87,12 +100,7 @@ def _dequant_tile(codes, scale, zero, oval, oidx, t, t_blk, blk, ok_t, ch, ok_c,
     if EXACT:
         x = tl.load(codes + t[:, None] * D + ch[None, :], mask=ok, other=0.0).to(tl.float32)
     else:
-        j = tl.arange(0, WP)
-        byte = tl.load(codes + t[:, None] * W + j[None, :],
-                       mask=ok_t[:, None] & (j < W)[None, :], other=0).to(tl.int32)
-        shift = tl.arange(0, PB) * BITS
-        fields = (byte[:, None, :] >> shift[None, :, None]) & ((1 << BITS) - 1)
-        c = tl.reshape(fields, (BT, E)).to(tl.float32)
+        c = _codes_tile(codes, t, ok_t, W, WP, PB, E, BT, BITS)
         if AXIS_CHANNEL:   # one (scale, zero) per channel per `group` tokens
             sidx = (t // group)[:, None] * D + ch[None, :]
         else:              # one (scale, zero) per token per `group` channels
@@ -134,7 +142,8 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
                     W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr, E: tl.constexpr,
                     BITS: tl.constexpr, EXACT: tl.constexpr, K_CHANNEL: tl.constexpr,
                     V_CHANNEL: tl.constexpr, R: tl.constexpr, BT: tl.constexpr,
-                    MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, K_CORR: tl.constexpr):
+                    MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, K_CORR: tl.constexpr,
+                    K_FOLD: tl.constexpr, V_FOLD: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // Hkv
@@ -209,9 +218,19 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
             t = blk * BLOCK + t_blk
             ok_t = (t_blk < BLOCK) & (t < n_valid)
 
-            k = _dequant_tile(Kc, Ks, Kz, Kov, Koi, t, t_blk, blk, ok_t, ch, ok_c, k_group, k_k2,
-                              D, W, WP, PB, E, BT, BITS, EXACT, K_CHANNEL, True)
-            s = _mma(q, tl.trans(k), DT, FP32_DOT)
+            if K_FOLD:
+                # the tile shares one (scale, zero) row: q.k_t = (q*s).c_t + q.z,
+                # so the codes go to tl.dot as they are (integers, exact in fp16)
+                c = _codes_tile(Kc, t, ok_t, W, WP, PB, E, BT, BITS)
+                row = ((blk * BLOCK + (item % TPB) * BT) // k_group) * D + ch
+                sk = tl.load(Ks + row, mask=ok_c, other=0.0).to(tl.float32)
+                zk = tl.load(Kz + row, mask=ok_c, other=0.0).to(tl.float32)
+                s = _mma(q * sk[None, :], tl.trans(c), DT, FP32_DOT) \
+                    + tl.sum(q * zk[None, :], axis=1)[:, None]
+            else:
+                k = _dequant_tile(Kc, Ks, Kz, Kov, Koi, t, t_blk, blk, ok_t, ch, ok_c, k_group,
+                                  k_k2, D, W, WP, PB, E, BT, BITS, EXACT, K_CHANNEL, True)
+                s = _mma(q, tl.trans(k), DT, FP32_DOT)
             if R > 0:
                 # low-rank K: q . (A_t B_blk^T) = (q . B_blk) . A_t
                 for r in tl.static_range(R):
@@ -240,9 +259,17 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None]
 
-            v = _dequant_tile(Vc, Vs, Vz, Vov, Voi, t, t_blk, blk, ok_t, ch, ok_c, v_group, v_k2,
-                              D, W, WP, PB, E, BT, BITS, EXACT, V_CHANNEL, False)
-            acc += _mma(p, v, DT, FP32_DOT)
+            if V_FOLD:
+                # one (scale, zero) per token: p.v = (p*s).c + (p.z) on every channel
+                c = _codes_tile(Vc, t, ok_t, W, WP, PB, E, BT, BITS)
+                sv = tl.load(Vs + t, mask=ok_t, other=0.0).to(tl.float32)
+                zv = tl.load(Vz + t, mask=ok_t, other=0.0).to(tl.float32)
+                acc += _mma(p * sv[None, :], c, DT, FP32_DOT) \
+                    + tl.sum(p * zv[None, :], axis=1)[:, None]
+            else:
+                v = _dequant_tile(Vc, Vs, Vz, Vov, Voi, t, t_blk, blk, ok_t, ch, ok_c, v_group,
+                                  v_k2, D, W, WP, PB, E, BT, BITS, EXACT, V_CHANNEL, False)
+                acc += _mma(p, v, DT, FP32_DOT)
             if R > 0:
                 # low-rank V: sum_t p_t A_t B_blk^T = (p . A) . B_blk^T
                 for r in tl.static_range(R):
@@ -428,6 +455,12 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
                 q, kov, koi, corr, scale * _LOG2E, Hkv, n_cap, k_k2,
                 G=G, D=D, DP=_pow2(D), RB=RB_OUTLIERS)
             k_k2 = 0
+        # fold scale/zero into the dot products where one (scale, zero) covers
+        # a K tile's rows (a channel-axis group spanning the tile) or a V token's
+        # whole row, and no outliers need adding into the tile
+        fold_k = (not seg_exact and kl.spec.axis == "channel" and k_k2 == 0
+                  and (k_group == block or (k_group % bt == 0 and block % bt == 0)))
+        fold_v = not seg_exact and vl.spec.axis == "token" and v_group == D and v_k2 == 0
         dp = max(16, _pow2(D))
         seg_w, seg_pb, seg_wp, seg_e = (D, 1, dp, dp) if seg_exact else (W, PB, WP, E)
         launch(_partial_kernel)[(B * Hkv, splits)](
@@ -439,7 +472,8 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
             BITS=0 if seg_exact else bits, EXACT=seg_exact,
             K_CHANNEL=not seg_exact and kl.spec.axis == "channel",
             V_CHANNEL=not seg_exact and vl.spec.axis == "channel",
-            R=rank, BT=bt, MASK_KIND=kind, FP32_DOT=fp32_dot, K_CORR=corr is not q)
+            R=rank, BT=bt, MASK_KIND=kind, FP32_DOT=fp32_dot, K_CORR=corr is not q,
+            K_FOLD=fold_k, V_FOLD=fold_v)
         split0 += splits
 
     out = torch.empty_like(q)
