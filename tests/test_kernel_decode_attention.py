@@ -41,7 +41,7 @@ def _stores(cfg, B, Hkv, D, prefill, new, dtype, gen):
 
 
 def _check(method, bits, D, Hq, Hkv, prefill, new, dtype=torch.float16, B=2,
-           mask=None, num_splits=None, **cfg_kw):
+           mask=None, num_splits=None, mask_extra=0, **cfg_kw):
     gen = torch.Generator().manual_seed(hash((method, bits, D, Hq, prefill, new)) % 2**31)
     cfg = GearConfig(method=method, bits=bits, group_size=cfg_kw.pop("group_size", 16),
                      decode_capacity=cfg_kw.pop("decode_capacity", 64), **cfg_kw)
@@ -54,12 +54,15 @@ def _check(method, bits, D, Hq, Hkv, prefill, new, dtype=torch.float16, B=2,
         pad = torch.tensor([0, min(3, L - 1)] + [1] * (B - 2))[:B]
         keep = torch.arange(L)[None, :] >= pad[:, None]             # left padding
         attn_mask = keep[:, None, None, :]
+        # a mask longer than the keys (e.g. a static cache's): its last L columns count
+        attn_mask = torch.cat([torch.zeros(B, 1, 1, mask_extra, dtype=torch.bool), attn_mask], -1)
         if mask == "additive":
-            attn_mask = torch.zeros(B, 1, 1, L, dtype=dtype).masked_fill(~attn_mask, float("-inf"))
+            attn_mask = torch.zeros(attn_mask.shape, dtype=dtype).masked_fill(~attn_mask, float("-inf"))
     out = decode_attention_launch(q, ks.tensors(), vs.tensors(), attn_mask, scale,
                                   cfg.to_json(), num_splits=num_splits)
     K, V = ks.dequantize(), vs.dequantize()
-    ref_mask = attn_mask.float() if mask == "additive" else attn_mask
+    ref_mask = None if mask is None else attn_mask[..., mask_extra:]
+    ref_mask = ref_mask.float() if mask == "additive" else ref_mask
     ref = F.scaled_dot_product_attention(q.float(), K.float(), V.float(), attn_mask=ref_mask,
                                          scale=scale, enable_gqa=True)
     assert out.shape == q.shape and out.dtype == dtype
@@ -93,6 +96,11 @@ def test_dtypes(dtype):
 @pytest.mark.parametrize("mask", ["bool", "additive"])
 def test_left_padding_mask(mask):
     _check("gear", 4, 64, 4, 2, 26, 21, B=3, mask=mask)
+
+
+def test_odd_head_dim_long_mask_fp32_mqa():
+    # D = 96: packed width 24 padded to 32 per field; a mask 5 columns too long
+    _check("gear", 2, 96, 8, 1, 27, 30, dtype=torch.float32, mask="bool", mask_extra=5)
 
 
 def test_many_splits_and_long_prefill():
