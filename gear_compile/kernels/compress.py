@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 from ..packing import packed_width
-from . import decode_attention as _da  # noqa: F401  (interpreter compatibility shim)
 
 
 @triton.jit

@@ -54,27 +54,6 @@ _LOG2E = 1.4426950408889634
 RB_OUTLIERS = 16
 
 
-def _interpreter_index_compat() -> None:
-    """Triton 3.6's interpreter turns a runtime int into a loop bound with
-    int(array of shape (1,)), which NumPy >= 2.3 refuses; index its single
-    element instead. Only under TRITON_INTERPRET=1 (CPU tests)."""
-    from triton.runtime import interpreter
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "gear_compat", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched.gear_compat = True
-    interpreter._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _interpreter_index_compat()
-
-
 @triton.jit
 def _codes_tile(codes, t, ok_t, W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr,
                 E: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr):
@@ -248,7 +227,7 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
                 if MASK_KIND == 1:   # bool, True = keep
                     keep = tl.load(mp, mask=ok_m, other=1)
                     s = tl.where(keep != 0, s, float("-inf"))
-                else:                # additive, in natural-log units
+                else:                # additive, natural log: times log2(e) for base 2
                     s += tl.load(mp, mask=ok_m, other=0.0).to(tl.float32) * 1.4426950408889634
             s = tl.where(ok_t[None, :], s, float("-inf"))
 
@@ -352,7 +331,9 @@ def _pow2(n: int) -> int:
 
 
 def _segments(ks: KVStore, vs: KVStore):
-    """(kernel segment id, K parts, V parts, capacity N, block, exact) per segment."""
+    """(kernel segment id, K segment, V segment, token capacity, K layout,
+    V layout) of the prefill block (when the prompt filled one), the decode
+    blocks and the buffer."""
     n_pre = ks.prefill.codes.shape[2]
     out = []
     if n_pre:
@@ -407,8 +388,6 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
         kind = 1 if m.dtype == torch.bool else 2
         mask = m.view(torch.uint8) if kind == 1 else m
         strides = (m.stride(0), m.stride(1), m.stride(3))
-    if kind == 0:
-        mlen = 0
 
     fp32_dot = q.dtype == torch.float32 or (
         q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
