@@ -72,9 +72,9 @@ def _lower(gm: fx.GraphModule, example_inputs, config: GearConfig):
 
 def _runtime(compiled, plan: RewritePlan, config: GearConfig):
     """Adapts Dynamo's calling convention to the rewritten graph's."""
-    # Decode room kept free after every call: a decode step flushes at most one
-    # block. Appending more tokens at once needs decode_capacity >= them.
-    reserve = 2 * config.block_size
+    # Decode room kept free after every call: a one-token step flushes at most
+    # one block. Appending more tokens at once needs decode_capacity >= them.
+    reserve = config.block_size
 
     def run(*args):
         results = compiled(*plan.flatten_inputs(args))

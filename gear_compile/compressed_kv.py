@@ -106,7 +106,7 @@ class KVStore:
             prefill = compress(x[:, :, :n_pre], p_layout, check_finite=check_finite)
         else:
             prefill = Segment.empty(p_layout, B, H, 0, x.device)
-        cap = -(-config.decode_capacity // config.block_size) * config.block_size
+        cap = config.initial_decode_capacity
         decode = Segment.empty(d_layout, B, H, cap, x.device)
         buffer = x.new_zeros(B, H, config.block_size, D)
         rem = P - n_pre
@@ -137,14 +137,16 @@ class KVStore:
         self.lengths[2] = rem
 
     def grow(self, min_free: int) -> KVStore:
-        """A store with decode capacity grown (in steps of decode_capacity) so
-        that at least `min_free` tokens fit; returns self if they already do."""
+        """A store whose decode capacity has at least `min_free` free tokens,
+        grown geometrically (by at least a quarter) in whole blocks so that
+        copies stay rare; returns self if there is room already."""
         n_pre, n_dec, n_buf = self.counts()
         free = self.capacity - n_dec
         if free >= min_free:
             return self
-        step = -(-self.config.decode_capacity // self.config.block_size) * self.config.block_size
-        new_cap = self.capacity + step * (-(-(min_free - free) // step))
+        nb = self.config.block_size
+        extra = max(min_free - free, self.capacity // 4)
+        new_cap = self.capacity + -(-extra // nb) * nb
         B, H = self.buffer.shape[:2]
         decode = Segment.empty(self.d_layout, B, H, new_cap, self.buffer.device)
         for name, t in self.decode.parts().items():

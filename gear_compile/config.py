@@ -53,7 +53,8 @@ class GearConfig:
                  20 for kcvt, group_size for kivi / per_token.
     power_iters  iterations of the power method for the low-rank factors.
     decode_capacity  tokens of compressed decode storage reserved at prefill
-                 (grown in steps of this size when full).
+                 (rounded up to whole blocks; grown by at least a quarter when
+                 fewer than n_b tokens are free). kv_bytes counts it.
     inductor     lower through Inductor (True) or run the rewritten graph with
                  AOT autograd but no codegen (False: fast compiles for tests).
     kernel       auto (Triton on CUDA, torch elsewhere), triton or torch.
@@ -69,7 +70,7 @@ class GearConfig:
     rank_decode: int = 2
     buffer_size: int | None = None
     power_iters: int = 3
-    decode_capacity: int = 256
+    decode_capacity: int = 64
     inductor: bool = True
     kernel: str = "auto"
     dump_graphs: str | None = None
@@ -158,6 +159,11 @@ class GearConfig:
         if self.buffer_size is not None:
             return self.buffer_size
         return 20 if self.quantizer in ("kcvt", "none") else self.group_size
+
+    @property
+    def initial_decode_capacity(self) -> int:
+        """decode_capacity rounded up to whole blocks."""
+        return -(-self.decode_capacity // self.block_size) * self.block_size
 
     def key_spec(self) -> QuantSpec:
         q = self.quantizer

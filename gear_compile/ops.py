@@ -41,7 +41,7 @@ def _kv_prefill_fake(x, config, kind):
     # The prefill block's outlier count depends on its length: specialise on it.
     n_pre = cfg.prefill_tokens(int(P))
     p_layout, d_layout = segment_layouts(cfg, kind, D, x.dtype, n_pre)
-    cap = -(-cfg.decode_capacity // cfg.block_size) * cfg.block_size
+    cap = cfg.initial_decode_capacity
     out = [torch.empty(3, dtype=torch.int64, device="cpu"), x.new_empty(B, H, cfg.block_size, D)]
     for layout, tokens in ((p_layout, n_pre), (d_layout, cap)):
         out += [x.new_empty(shape, dtype=dtype) for shape, dtype in layout.shapes(B, H, tokens).values()]
