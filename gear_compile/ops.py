@@ -16,6 +16,7 @@ Neighbours: `compressed_kv` (the store), `passes.rewrite` (emits these ops).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -81,10 +82,26 @@ def _attention_fake(q, k_parts, v_parts, attn_mask, scale, is_causal, config):
     return torch.empty_like(q)
 
 
+@torch.library.custom_op("gear::decode_attention_interpreted", mutates_args=())
+def decode_attention_interpreted(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor],
+                                 attn_mask: torch.Tensor | None, scale: float, config: str) -> torch.Tensor:
+    """The Triton decode kernel run eagerly (under TRITON_INTERPRET=1 on a CPU):
+    how CPU tests exercise the kernel inside compiled graphs, since a
+    triton_op's kernels only trace for a GPU."""
+    from .kernels.decode_attention import decode_attention_launch
+    return decode_attention_launch(q, k_parts, v_parts, attn_mask, scale, config)
+
+
+@decode_attention_interpreted.register_fake
+def _decode_attention_interpreted_fake(q, k_parts, v_parts, attn_mask, scale, config):
+    return torch.empty_like(q)
+
+
 def decode_attention_op(device: torch.device, config: GearConfig):
-    """The op the rewrite should emit for single-token decode attention on
-    `device`, with its name: the Triton kernel on CUDA (kernel auto/triton),
-    the torch reference otherwise."""
+    """The op the rewrite emits for single-token decode attention on `device`:
+    the Triton kernel on CUDA (kernel auto/triton) as a triton_op Inductor can
+    see into; with kernel="triton" on a CPU under TRITON_INTERPRET=1, the same
+    kernel interpreted; the torch reference otherwise."""
     if config.kernel != "torch" and device.type == "cuda":
         try:
             from .kernels import decode_attention as kernel  # noqa: F401  (registers the op)
@@ -93,6 +110,8 @@ def decode_attention_op(device: torch.device, config: GearConfig):
             if config.kernel == "triton":
                 raise
     if config.kernel == "triton" and device.type != "cuda":
-        raise ValueError(f"gear options: kernel='triton' needs a CUDA device, got {device}; "
-                         f"use kernel='auto' or 'torch'.")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"gear options: kernel='triton' needs a CUDA device (or "
+                             f"TRITON_INTERPRET=1 on a CPU), got {device}; use kernel='auto' or 'torch'.")
+        return torch.ops.gear.decode_attention_interpreted.default
     return torch.ops.gear.attention.default
