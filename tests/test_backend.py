@@ -164,6 +164,24 @@ def test_output_attentions_falls_back_on_eager_gpt2():
                for g in gear_compile.report.history[-1:] for s in g.sites)
 
 
+def test_static_cache_sites_are_reported_and_left_exact():
+    model = gear_compile.compile(tiny_model("llama"), inductor=False)
+    with torch.no_grad():
+        got = model.generate(PROMPT, max_new_tokens=6, do_sample=False, cache_implementation="static")
+        expected = tiny_model("llama").generate(PROMPT, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, expected)
+    sites = [s for g in gear_compile.report.history[-2:] for s in g.sites]
+    assert len(sites) == 4 and all(not s.rewritten and "StaticCache" in s.reason for s in sites)
+
+
+def test_dump_dir_environment_variable_writes_every_graph_diff(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEAR_COMPILE_DUMP_DIR", str(tmp_path))
+    decode_logits(gear_compile.compile(tiny_model("qwen2"), inductor=False), steps=2)
+    diffs = sorted(tmp_path.glob("gear_graph_*.diff"))
+    assert len(diffs) == 2
+    assert all("torch.ops.gear." in d.read_text() for d in diffs)
+
+
 def test_left_padded_batch_matches_eager_with_method_none():
     ids = torch.randint(1, 256, (2, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)

@@ -226,10 +226,11 @@ def _attach_kv(site: AttentionSite, key, value):
 
 
 def _static_cache_write_feeding(node) -> bool:
-    if not isinstance(node, fx.Node):
-        return False
-    return node.op == "placeholder" and any(_static_cache_write(u) for u in node.users) \
-        or _static_cache_write(node)
+    """node (or the tensor it slices) is written by index_copy_/index_put_."""
+    while _is_call(node, operator.getitem):
+        node = node.args[0]
+    return isinstance(node, fx.Node) and (
+        _static_cache_write(node) or any(_static_cache_write(u) for u in node.users))
 
 
 def find_sites(graph: fx.Graph) -> list[AttentionSite]:
