@@ -4,8 +4,9 @@ One function family for every backbone (KCVT, KIVI, per-token): the caller
 reshapes so that the statistics run over one dimension (`dim`), and this module
 computes codes, scale and zero point there. The stored fp16 zero point is
 rounded down and the fp16 scale rounded up, so every element reconstructs
-within half a step of its true value. A constant vector gets scale 0 and
-reconstructs as its value rounded to fp16. A vector holding NaN or inf gets a
+within half a step of its true value. A constant vector reconstructs exactly
+when its value is fp16-representable (scale 0), else within half a step of a
+scale spanning its fp16 rounding gap. A vector holding NaN or inf gets a
 NaN scale, so it reconstructs as NaN (as dense attention over it would
 propagate); `segment.compress` can refuse such input instead.
 Neighbours: `packing` (packs the codes), `segment` (chooses the grouping).
