@@ -1,0 +1,191 @@
+"""KV-cache methods of the quality benchmark, behind one interface.
+
+A `Method` prepares the model (`setup`), hands out a fresh cache (`new_cache`),
+undoes its setup (`teardown`) and measures the bytes its cache holds
+(`cache_bytes`). Kinds:
+
+  dense     DynamicCache: the reference.
+  compiled  our backend: `gear_compile.compile(model, **options)`, then a plain
+            DynamicCache that the compiled forward fills with CompressedKV.
+  sim       the same codec without the backend (eager): a cache layer that keeps
+            a `gear_compile.compressed_kv.KVStore` per K/V (prefill block
+            compressed, n_b-token streaming buffer, blocks compressed at each
+            flush) and hands attention the store's reconstruction. The prompt's
+            own forward attends to its exact K/V, later tokens to the
+            reconstruction: checked against the compiled path (see quality.py
+            --check-sim). Used for the long runs because it is ~10x faster here.
+  peer      transformers' QuantizedCache (optimum-quanto backend).
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+import gear_compile
+from gear_compile.compressed_kv import KVStore
+from gear_compile.config import GearConfig
+from gear_compile.segment import dequantize as seg_dequantize
+
+# (label, options); options None = dense, {"peer": bits} = QuantizedCache
+METHODS = [
+    ("dense", None),
+    ("KCVT-4", dict(method="kcvt", bits=4)),
+    ("KIVI-4", dict(method="kivi", bits=4)),
+    ("GEAR-L(KCVT-4)", dict(method="gear_l", bits=4)),
+    ("GEAR(KCVT-4)", dict(method="gear", bits=4)),
+    ("per-token-2 g64", dict(method="per_token", bits=2, group_size=64)),
+    ("KIVI-2", dict(method="kivi", bits=2)),
+    ("GEAR-L(KIVI-2)", dict(method="gear_l", bits=2)),
+    ("GEAR(KIVI-2)", dict(method="gear", bits=2)),
+    ("QuantizedCache-quanto-4", {"peer": 4}),
+    ("QuantizedCache-quanto-2", {"peer": 2}),
+]
+BACKBONE_OF = {"GEAR-L(KCVT-4)": "KCVT-4", "GEAR(KCVT-4)": "KCVT-4",
+               "GEAR-L(KIVI-2)": "KIVI-2", "GEAR(KIVI-2)": "KIVI-2"}
+
+
+def tensor_bytes(t) -> int:
+    """Bytes of a tensor, recursing into wrapper subclasses (quanto QTensors)."""
+    if t is None:
+        return 0
+    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    if isinstance(t, (tuple, list)):
+        return sum(tensor_bytes(x) for x in t)
+    if isinstance(t, dict):
+        return sum(tensor_bytes(x) for x in t.values() if isinstance(x, torch.Tensor))
+    return 0
+
+
+# ---------------------------------------------------------------- sim path
+class GearSimLayer(DynamicLayer):
+    """Eager GEAR cache layer built on the package's own KVStore."""
+
+    def __init__(self, config: GearConfig):
+        super().__init__()
+        self.config = config
+        self.stores = None
+        self.rec = None          # per K/V: (n_dec reconstructed, prefill+decode reconstruction)
+        self.length = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.stores is None:
+            self.lazy_initialization(key_states, value_states)
+            self.stores = [KVStore.from_prefill(key_states, self.config, "k"),
+                           KVStore.from_prefill(value_states, self.config, "v")]
+            self.rec = [None, None]
+            self.length = key_states.shape[2]
+            self._refresh()
+            return key_states, value_states   # the prompt attends to its exact K/V
+        out = []
+        for i, new in enumerate((key_states, value_states)):
+            self.stores[i] = self.stores[i].grow(new.shape[2])
+            self.stores[i].append(new)
+        self.length += key_states.shape[2]
+        self._refresh()
+        for i in range(2):
+            n_pre, n_dec, n_buf = self.stores[i].counts()
+            out.append(torch.cat([self.rec[i][1], self.stores[i].buffer[:, :, :n_buf]], dim=2))
+        return out[0], out[1]
+
+    def _refresh(self):
+        for i, st in enumerate(self.stores):
+            n_pre, n_dec, _ = st.counts()
+            if self.rec[i] is not None and self.rec[i][0] == n_dec:
+                continue
+            if self.rec[i] is None:
+                pre = seg_dequantize(st.prefill, st.p_layout, n_pre, st.buffer.dtype)
+                self.pre = getattr(self, "pre", [None, None])
+                self.pre[i] = pre
+            dec = seg_dequantize(st.decode, st.d_layout, n_dec, st.buffer.dtype)
+            self.rec[i] = (n_dec, torch.cat([self.pre[i], dec], dim=2))
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int):
+        return self.length + query_length, 0
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.stores) if self.stores else 0
+
+
+class GearSimCache(Cache):
+    def __init__(self, model_config, gear_config: GearConfig):
+        n = model_config.get_text_config(decoder=True).num_hidden_layers
+        super().__init__(layers=[GearSimLayer(gear_config) for _ in range(n)])
+
+
+# ---------------------------------------------------------------- methods
+class Method:
+    def __init__(self, label: str, options, path: str = "sim"):
+        self.label, self.options = label, options
+        if options is None:
+            self.kind = "dense"
+        elif "peer" in options:
+            self.kind = "peer"
+        else:
+            self.kind = path
+            self.config = GearConfig.from_options(options, inductor=False) if path == "compiled" \
+                else GearConfig.from_options(options)
+
+    @property
+    def bits(self):
+        if self.options is None:
+            return 16
+        return self.options.get("peer") or self.options["bits"]
+
+    def describe(self) -> str:
+        if self.kind == "dense":
+            return "DynamicCache"
+        if self.kind == "peer":
+            return (f"QuantizedCache(backend='quanto', nbits={self.bits}, q_group_size=64, "
+                    f"residual_length=128, axis 0)")
+        return self.config.describe()
+
+    def setup(self, model):
+        if self.kind == "compiled":
+            torch._dynamo.reset()
+            gear_compile.compile(model, **dict(self.options, inductor=False))
+
+    def teardown(self, model):
+        if self.kind == "compiled":
+            model.__dict__.pop("forward", None)   # back to the class's eager forward
+            torch._dynamo.reset()
+
+    def new_cache(self, model):
+        if self.kind in ("dense", "compiled"):
+            return DynamicCache(config=model.config)
+        if self.kind == "sim":
+            return GearSimCache(model.config, self.config)
+        from transformers import QuantizedCache
+        return QuantizedCache(backend="quanto", config=model.config, nbits=self.bits)
+
+    def cache_bytes(self, cache) -> int:
+        if self.kind == "sim":
+            return sum(layer.nbytes() for layer in cache.layers)
+        if self.kind == "peer":
+            return sum(tensor_bytes(getattr(layer, n, None)) for layer in cache.layers
+                       for n in ("_quantized_keys", "_quantized_values", "keys", "values"))
+        return gear_compile.kv_bytes(cache)
+
+    def cache_tokens(self, cache) -> int:
+        return cache.get_seq_length()
+
+
+def ensure_peer(install: bool = True) -> None:
+    import importlib.util
+    if importlib.util.find_spec("optimum") is not None and \
+            importlib.util.find_spec("optimum.quanto") is not None:
+        return
+    import subprocess
+    import sys
+    if not install:
+        raise RuntimeError("the QuantizedCache peer needs optimum-quanto: pip install optimum-quanto")
+    print("quality: installing optimum-quanto (QuantizedCache peer)", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "optimum-quanto"], check=True)
+    importlib.invalidate_caches()
