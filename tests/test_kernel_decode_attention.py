@@ -5,8 +5,8 @@ Tolerances: the kernel rounds the dequantized K/V tile and the softmax
 weights p to the query dtype before each tl.dot (fp32 accumulation), as flash
 attention does, and adds the low-rank terms at score level ((q.B).A) rather
 than to K; the reference rounds the rebuilt K/V once to the store dtype and runs
-SDPA in fp32. So fp32 agrees to ~1e-5, fp16 to a few fp16 ulps of O(1) outputs
-(1e-2), bf16 (8-bit mantissa) to ~4e-2.
+SDPA in fp32. Observed max errors on O(1) outputs: fp32 ~5e-7, fp16 ~1e-3
+(fp16 ulp at 1 is 1e-3; bound 1e-2), bf16 ~7e-3 (8-bit mantissa; bound 4e-2).
 """
 import os
 
@@ -20,7 +20,7 @@ from gear_compile.compressed_kv import KVStore  # noqa: E402
 from gear_compile.config import GearConfig  # noqa: E402
 from gear_compile.kernels.decode_attention import decode_attention_launch  # noqa: E402
 
-TOL = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 
 def _stores(cfg, B, Hkv, D, prefill, new, dtype, gen):
