@@ -173,7 +173,11 @@ def compress(x: torch.Tensor, layout: SegmentLayout, check_finite: bool = False)
                   out_val=out_val, out_idx=out_idx)
     if layout.rank:
         approx = deq if sparse is None else deq + sparse
-        residual = (xf - approx).reshape(B, H, nblk, blk, D)
+        # non-finite entries (only without check_finite) stay confined to their own
+        # vector: they must not reach the power iteration, which would spread
+        # NaN over every token and channel of the block
+        residual = torch.nan_to_num(xf - approx, nan=0.0, posinf=0.0, neginf=0.0)
+        residual = residual.reshape(B, H, nblk, blk, D)
         a, b = lowrank.power_iteration(residual, layout.rank, layout.power_iters)
         seg.lr_a = a.reshape(B, H, N, layout.rank).to(torch.float16)
         seg.lr_b = b.to(torch.float16)

@@ -1,0 +1,286 @@
+"""Specification of the GEAR codec below the cache container: the sparse
+outliers (`outliers`), the low-rank power iteration (`lowrank`), segments
+(`segment`: quantized backbone + low rank + sparse per block), and the paper's
+claim about their composition: error(GEAR) < error(GEAR-L) < error(backbone),
+on outlier-heavy synthetic data and on realistic K/V-like data.
+
+Realistic K/V (`kv_like`): keys of real LLMs carry a few fixed channels about
+ten times larger than the rest (KIVI, Liu et al. 2024, Fig. 2; the reason K is
+quantized per channel), values have no channel structure but heavy-tailed
+entries (the reason V is quantized per token and GEAR keeps sparse outliers),
+and both share a coherent low-rank component across tokens (GEAR Sec. 3: the
+quantization residual has fast-decaying singular values), which L captures.
+"""
+import math
+
+import pytest
+import torch
+
+from gear_compile import outliers
+from gear_compile.compressed_kv import KVStore, segment_layouts
+from gear_compile.config import GearConfig
+from gear_compile.lowrank import power_iteration, relative_error
+from gear_compile.segment import SegmentLayout, compress, dequantize
+
+FAMILIES = [(4, "kcvt"), (2, "kivi")]      # the paper's 4-bit and 2-bit backbones
+
+
+# ---------------------------------------------------------------- helpers
+def kv_like(heads=2, tokens=256, head_dim=64, seed=0):
+    """K, V [1, heads, tokens, head_dim] with the structure described above."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(1, heads, tokens, 3, generator=g) @ torch.randn(1, heads, 3, head_dim, generator=g)
+    k = torch.randn(1, heads, tokens, head_dim, generator=g) + 2 * shared
+    k[..., :4] *= 8                                              # outlier channels
+    torch.manual_seed(seed)
+    v = torch.distributions.StudentT(3.0).sample((1, heads, tokens, head_dim)) + shared
+    return k, v
+
+
+def outlier_heavy(tokens=128, head_dim=64, seed=1):
+    """Gaussian + 1 % spikes of size 30 + a rank-2 component: the case GEAR targets."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 2, tokens, head_dim, generator=g)
+    x += torch.randn(1, 2, tokens, 2, generator=g) @ torch.randn(1, 2, 2, head_dim, generator=g)
+    spikes = torch.rand(x.shape, generator=g) < 0.01
+    return torch.where(spikes, 30 * torch.sign(torch.randn(x.shape, generator=g)), x)
+
+
+def sqnr_db(x, y):
+    err = relative_error(x, y)
+    return math.inf if err == 0 else -20 * math.log10(err)
+
+
+def options(method, bits, backbone):
+    return dict(method=method, bits=bits, **({} if method == backbone else {"backbone": backbone}))
+
+
+def segment_roundtrip(x, kind, **opts):
+    layout = segment_layouts(GearConfig(**opts), kind, x.shape[-1], x.dtype, x.shape[2])[0]
+    return dequantize(compress(x, layout), layout)
+
+
+def store_roundtrip(x, kind, prefill, **opts):
+    store = KVStore.from_prefill(x[:, :, :prefill], GearConfig(**opts), kind)
+    for t in range(prefill, x.shape[2]):
+        store = store.grow(store.config.block_size)
+        store.append(x[:, :, t:t + 1])
+    return store.dequantize()
+
+
+def ordering_message(what, x, kind, results):
+    lines = ", ".join(f"{m}: rel err {e:.4f} (SQNR {s:.2f} dB)" for m, (e, s) in results.items())
+    return (f"{what}: expected GEAR < GEAR-L < backbone; {kind.upper()} shape {tuple(x.shape)} "
+            f"dtype {x.dtype}: {lines}")
+
+
+# ---------------------------------------------------------------- outliers
+@pytest.mark.parametrize("ratio,length,per_side", [
+    (0.02, 128, 1), (0.02, 900, 9), (0.02, 20, 0), (0.02, 64, 1), (0.1, 10, 1), (0.0, 128, 0)])
+def test_outliers_per_side_is_half_the_ratio_of_the_length_rounded_half_up(ratio, length, per_side):
+    assert outliers.count_per_side(ratio, length) == per_side
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 10])
+def test_outliers_never_take_more_than_the_vector(length):
+    assert 2 * outliers.count_per_side(0.99, length) <= length
+
+
+@pytest.mark.parametrize("length,dtype", [
+    (20, torch.uint8), (256, torch.uint8), (257, torch.int16), (900, torch.int16),
+    (32768, torch.int16), (32769, torch.int32)])
+def test_outlier_index_type_is_the_narrowest_that_indexes_the_vector(length, dtype):
+    assert outliers.index_dtype(length) == dtype
+
+
+def test_select_keeps_the_largest_then_the_smallest_and_zeroes_them_in_the_rest():
+    x = torch.tensor([[0.5, -9.0, 3.0, 7.0, -1.0, 0.0]])
+    values, idx, rest = outliers.select(x, 2, dim=-1)
+    assert values.tolist() == [[7.0, 3.0, -9.0, -1.0]] and idx.tolist() == [[3, 2, 1, 4]]
+    assert rest.tolist() == [[0.5, 0.0, 0.0, 0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("dim", [-1, -2])
+def test_scatter_of_select_plus_rest_rebuilds_the_input(dim):
+    x = torch.randn(3, 10, 12).half().float()           # fp16 values: outliers are stored in fp16
+    values, idx, rest = outliers.select(x, 2, dim=dim)
+    assert torch.equal(outliers.scatter(values, idx, x, dim) + rest, x)
+
+
+def test_sparse_part_keeps_spikes_out_of_the_quantization_range():
+    """One spike of 1000 per token: GEAR stores it in fp16 (what remains is the
+    backbone's error on a zeroed entry plus L), so the spike is rebuilt to within
+    0.1 %, and the other entries of the token keep a mean error at least 2x
+    smaller than GEAR-L's, whose quantization range the spike stretches (L then
+    recovers part of that loss, which is why the gap is not larger)."""
+    x = torch.randn(1, 1, 40, 64)
+    rows, cols = torch.arange(40), torch.arange(40) % 64
+    x[0, 0, rows, cols] = 1000.0
+    rest = torch.ones(40, 64, dtype=torch.bool)
+    rest[rows, cols] = False
+    err = {m: (segment_roundtrip(x, "v", method=m, bits=2, backbone="kivi", group_size=64) - x)[0, 0].abs()
+           for m in ("gear", "gear_l")}
+    assert err["gear"][rows, cols].max() < 1.0
+    assert err["gear"][rest].mean() * 2 < err["gear_l"][rest].mean(), \
+        {m: e[rest].mean().item() for m, e in err.items()}
+
+
+# ---------------------------------------------------------------- low rank
+def test_power_iteration_recovers_an_exactly_low_rank_matrix():
+    r = torch.randn(3, 40, 2) @ torch.randn(3, 2, 16)
+    a, b = power_iteration(r, rank=2, iters=4)
+    assert relative_error(r, a @ b.transpose(-1, -2)) < 1e-4
+
+
+def test_power_iteration_a_factor_is_orthonormal():
+    a, _ = power_iteration(torch.randn(2, 50, 16), rank=4, iters=3)
+    eye = torch.eye(4).expand(2, 4, 4)
+    assert torch.allclose(a.transpose(-1, -2) @ a, eye, atol=1e-5)
+
+
+def test_power_iteration_is_within_a_percent_of_the_best_rank_r_error():
+    u, _ = torch.linalg.qr(torch.randn(60, 60))
+    w, _ = torch.linalg.qr(torch.randn(32, 32))
+    s = 0.5 ** torch.arange(32.0)                       # fast-decaying spectrum, as GEAR's residual
+    r = u[:, :32] @ torch.diag(s) @ w.T
+    a, b = power_iteration(r, rank=3, iters=3)
+    best = s[3:].norm() / s.norm()
+    assert relative_error(r, a @ b.T) <= best * 1.01
+
+
+def test_rank_beyond_the_matrix_leaves_zero_columns():
+    a, b = power_iteration(torch.randn(3, 2), rank=4, iters=2)
+    assert a.shape == (3, 4) and b.shape == (2, 4)
+    assert (a[:, 2:] == 0).all() and (b[:, 2:] == 0).all()
+
+
+def test_power_iteration_is_deterministic_without_rng_state():
+    r = torch.randn(2, 30, 16)
+    torch.manual_seed(123)
+    first = power_iteration(r, 2, 3)
+    torch.manual_seed(456)
+    second = power_iteration(r, 2, 3)
+    assert all(torch.equal(p, q) for p, q in zip(first, second))
+
+
+# ---------------------------------------------------------------- segments
+@pytest.mark.parametrize("method", ["gear", "gear_l", "kcvt", "kivi", "per_token", "none"])
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_segment_parts_have_the_layout_shapes_and_dtypes(method, kind):
+    config = GearConfig(method=method, bits=2 if method == "kivi" else 4, group_size=16,
+                        outlier_ratio=0.1 if method == "gear" else None)
+    layout = segment_layouts(config, kind, 32, torch.float16, 0)[1]     # decode layout, n_b blocks
+    x = torch.randn(2, 3, 2 * layout.block, 32, dtype=torch.float16)
+    seg = compress(x, layout)
+    expected = layout.shapes(2, 3, 2 * layout.block)
+    assert set(seg.parts()) == set(expected) == set(layout.part_names())
+    for name, t in seg.parts().items():
+        assert (tuple(t.shape), t.dtype) == (tuple(expected[name][0]), expected[name][1]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_method_none_stores_the_input_exactly(dtype):
+    x = torch.randn(1, 2, 10, 16).to(dtype)
+    assert torch.equal(segment_roundtrip(x, "k", method="none"), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_segment_reconstructs_in_the_input_dtype_within_the_backbone_half_step(dtype, kind):
+    x = torch.randn(1, 2, 30, 16).to(dtype)
+    config = GearConfig(method="kcvt", bits=4)
+    layout = segment_layouts(config, kind, 16, dtype, 30)[0]
+    seg = compress(x, layout)
+    y = dequantize(seg, layout)
+    assert y.dtype == dtype and y.shape == x.shape
+    step = seg.scale.float()     # [1, 2, 1, 16] per channel (K) or [1, 2, 30, 1] per token (V)
+    rounding = torch.finfo(dtype).eps * x.float().abs() if dtype != torch.float32 else 0
+    assert ((y.float() - x.float()).abs() <= step / 2 + rounding + 1e-6).all(), f"{kind} {dtype}"
+
+
+def test_per_token_groups_must_divide_the_head_dim():
+    layout = segment_layouts(GearConfig(method="per_token", group_size=6), "v", 16, torch.float32, 4)[0]
+    with pytest.raises(ValueError, match="group_size 6 must divide head_dim 16"):
+        compress(torch.randn(1, 1, 4, 16), layout)
+
+
+# ---------------------------------------------------------------- non-finite input
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_check_finite_names_the_count_and_first_index_of_non_finite_values(kind):
+    x = torch.randn(1, 2, 8, 16)
+    x[0, 1, 3, 5] = torch.nan
+    x[0, 1, 6, 2] = torch.inf
+    layout = segment_layouts(GearConfig(method="gear"), kind, 16, torch.float32, 8)[0]
+    with pytest.raises(ValueError, match=r"2 non-finite value\(s\), first at index \(0, 1, 3, 5\)"):
+        compress(x, layout, check_finite=True)
+
+
+def test_check_finite_refuses_values_beyond_the_fp16_range():
+    x = torch.randn(1, 1, 4, 16)
+    x[0, 0, 0, 0] = 1e6
+    layout = segment_layouts(GearConfig(method="kcvt"), "k", 16, torch.float32, 4)[0]
+    with pytest.raises(ValueError, match="beyond the fp16 range"):
+        compress(x, layout, check_finite=True)
+
+
+@pytest.mark.parametrize("method", ["kcvt", "gear_l", "gear"])
+@pytest.mark.parametrize("kind", ["k", "v"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_without_check_finite_a_non_finite_value_stays_in_its_own_vector(method, kind, bad):
+    """The entry reconstructs non-finite; every vector that does not hold it
+    (other channels of the block for K, other tokens for V) stays finite."""
+    x = torch.randn(1, 1, 20, 16)
+    x[0, 0, 3, 5] = bad
+    y = segment_roundtrip(x, kind, method=method, bits=4, outlier_ratio=0.1 if method == "gear" else None)
+    assert not torch.isfinite(y[0, 0, 3, 5])
+    others = torch.ones(20, 16, dtype=torch.bool)
+    if kind == "k":
+        others[:, 5] = False
+    else:
+        others[3, :] = False
+    assert torch.isfinite(y[0, 0][others]).all(), f"{method} {kind}: non-finite leaked out of its vector"
+
+
+def test_without_check_finite_a_backbone_vector_holding_nan_reconstructs_as_nan():
+    x = torch.randn(1, 1, 8, 16)
+    x[0, 0, 3, 5] = torch.nan
+    y = segment_roundtrip(x, "v", method="kcvt", bits=4)
+    assert torch.isnan(y[0, 0, 3]).all()
+
+
+# ---------------------------------------------------------------- compositions
+@pytest.mark.parametrize("bits,backbone", FAMILIES)
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_gear_beats_gear_l_beats_backbone_on_outlier_heavy_data(bits, backbone, kind):
+    x = outlier_heavy()
+    results = {}
+    for method in ("gear", "gear_l", backbone):
+        y = segment_roundtrip(x, kind, **options(method, bits, backbone))
+        results[method] = (relative_error(x, y), sqnr_db(x, y))
+    e = {m: r[0] for m, r in results.items()}
+    assert e["gear"] < e["gear_l"] < e[backbone], ordering_message(
+        f"outlier-heavy, {backbone}-{bits}", x, kind, results)
+
+
+@pytest.mark.parametrize("bits,backbone", FAMILIES)
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_gear_beats_gear_l_beats_backbone_on_realistic_kv_through_the_cache(bits, backbone, kind):
+    """Prefill 192 tokens, then 64 decode tokens appended one at a time, so the
+    prefill block (r_p = 4), decode blocks (r_g = 2) and the buffer all count."""
+    k, v = kv_like()
+    x = (k if kind == "k" else v).half()
+    results = {}
+    for method in ("gear", "gear_l", backbone):
+        y = store_roundtrip(x, kind, 192, **options(method, bits, backbone))
+        results[method] = (relative_error(x, y), sqnr_db(x, y))
+    e = {m: r[0] for m, r in results.items()}
+    assert e["gear"] < e["gear_l"] < e[backbone], ordering_message(
+        f"realistic K/V, {backbone}-{bits}, n_b default", x, kind, results)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_more_bits_give_a_smaller_gear_error(bits):
+    k, _ = kv_like(tokens=64)
+    errors = {b: relative_error(k, segment_roundtrip(k, "k", method="gear", bits=b, backbone="kivi"))
+              for b in (2, 4, 8)}
+    assert errors[2] > errors[4] > errors[8], errors
