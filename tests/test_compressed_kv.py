@@ -1,0 +1,286 @@
+"""Specification of `gear_compile.compressed_kv`: the streaming store (prefill
+block, n_b-token decode blocks in a reserved capacity, exact buffer), growth,
+the `CompressedKV` tensor (logical shape, dispatch fallback to the dense
+reconstruction, flatten/unflatten), and `kv_bytes` checked against counts made
+by hand from the layout."""
+import types
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from gear_compile.compressed_kv import CompressedKV, KVStore, dense_bytes, kv_bytes
+from gear_compile.config import GearConfig
+from gear_compile.lowrank import relative_error
+from gear_compile.segment import compress
+
+METHODS = ["gear", "gear_l", "kcvt", "kivi", "per_token", "none"]
+
+
+def streamed(x, config, kind, prefill, chunk=1, grow=True):
+    """A store built from x[:, :, :prefill], the rest appended `chunk` tokens at a
+    time (growing the capacity first when `grow`, as the backend does)."""
+    store = KVStore.from_prefill(x[:, :, :prefill], config, kind)
+    for t in range(prefill, x.shape[2], chunk):
+        new = x[:, :, t:t + chunk]
+        if grow:
+            store = store.grow(new.shape[2] + config.block_size)
+        store.append(new)
+    return store
+
+
+def filled_decode_parts(store):
+    """Clones of the decode parts over the blocks filled so far."""
+    n_dec, blk = store.counts()[1], store.d_layout.block
+    out = {}
+    for name, t in store.decode.parts().items():
+        rows = t.shape[2] * n_dec // store.capacity        # every part is proportional to capacity
+        out[name] = t[:, :, :rows].clone()
+    assert n_dec % blk == 0
+    return out
+
+
+# ---------------------------------------------------------------- prefill and buffer
+def test_kivi_prefill_compresses_whole_groups_and_buffers_the_rest():
+    config = GearConfig(method="kivi", bits=2, group_size=8, buffer_size=8)
+    x = torch.randn(1, 2, 21, 16)
+    store = KVStore.from_prefill(x, config, "k")
+    assert store.counts() == (16, 0, 5)
+    assert torch.equal(store.buffer[:, :, :5], x[:, :, 16:])
+
+
+def test_kcvt_prefill_compresses_every_prefill_token():
+    store = KVStore.from_prefill(torch.randn(1, 2, 21, 16), GearConfig(method="kcvt"), "k")
+    assert store.counts() == (21, 0, 0)
+
+
+def test_append_below_the_flush_point_only_fills_the_buffer():
+    config = GearConfig(method="gear", buffer_size=8)
+    x = torch.randn(1, 2, 17, 16)
+    store = KVStore.from_prefill(x[:, :, :10], config, "v")
+    store.append(x[:, :, 10:17])
+    assert store.counts() == (10, 0, 7)
+    assert all((t == 0).all() for t in store.decode.parts().values())
+    assert torch.equal(store.buffer[:, :, :7], x[:, :, 10:17])
+
+
+def test_the_flush_point_compresses_exactly_one_block_and_keeps_the_rest_exact():
+    config = GearConfig(method="gear", buffer_size=8)
+    x = torch.randn(1, 2, 21, 16)
+    store = KVStore.from_prefill(x[:, :, :10], config, "v")
+    store.append(x[:, :, 10:21])
+    assert store.counts() == (10, 8, 3)
+    assert torch.equal(store.buffer[:, :, :3], x[:, :, 18:21])
+
+
+def test_a_flushed_block_is_the_block_compressed_on_its_own():
+    config = GearConfig(method="gear", bits=4, buffer_size=8, outlier_ratio=0.25)
+    x = torch.randn(1, 2, 26, 16)
+    store = streamed(x, config, "k", 10)
+    alone = compress(x[:, :, 10:26], store.d_layout)
+    for name, t in alone.parts().items():
+        assert torch.equal(filled_decode_parts(store)[name], t), name
+
+
+@pytest.mark.parametrize("method", ["gear", "kivi", "per_token"])
+def test_appending_in_chunks_equals_appending_one_token_at_a_time(method):
+    config = GearConfig(method=method, bits=2, group_size=8, buffer_size=8, decode_capacity=8)
+    x = torch.randn(1, 2, 60, 16)
+    one = streamed(x, config, "v", 13, chunk=1)
+    chunked = streamed(x, config, "v", 13, chunk=7)
+    assert one.counts() == chunked.counts()
+    assert torch.equal(one.dequantize(), chunked.dequantize())
+    assert all(torch.equal(a, b) for a, b in zip(filled_decode_parts(one).values(),
+                                                 filled_decode_parts(chunked).values()))
+
+
+def test_appending_never_recompresses_earlier_blocks():
+    config = GearConfig(method="gear", bits=4, buffer_size=4, decode_capacity=4, outlier_ratio=0.5)
+    x = torch.randn(1, 2, 60, 16)
+    store = streamed(x, config, "k", 10)
+    for end in range(14, 60, 3):
+        before = filled_decode_parts(store)
+        for t in range(store.counts()[0] + store.counts()[1] + store.counts()[2], end):
+            store = store.grow(config.block_size)
+            store.append(x[:, :, t:t + 1])
+        after = filled_decode_parts(store)
+        for name, old in before.items():
+            assert torch.equal(after[name][:, :, :old.shape[2]], old), f"{name} changed before token {end}"
+
+
+# ---------------------------------------------------------------- capacity
+def test_a_full_capacity_refuses_to_flush_and_says_how_to_fix_it():
+    config = GearConfig(method="kcvt", buffer_size=4, decode_capacity=8)
+    x = torch.randn(1, 1, 30, 16)
+    store = KVStore.from_prefill(x[:, :, :10], config, "k")
+    store.append(x[:, :, 10:18])
+    with pytest.raises(RuntimeError, match=r"decode capacity 8 tokens is full .*KVStore.grow.*decode_capacity"):
+        store.append(x[:, :, 18:22])
+
+
+def test_grow_returns_the_same_store_when_there_is_room():
+    store = KVStore.from_prefill(torch.randn(1, 1, 10, 16), GearConfig(method="kcvt", decode_capacity=40), "k")
+    assert store.grow(20) is store
+
+
+def test_grow_adds_at_least_a_quarter_in_whole_blocks_and_keeps_the_content():
+    config = GearConfig(method="gear", buffer_size=4, decode_capacity=40)
+    x = torch.randn(1, 2, 60, 16)
+    store = KVStore.from_prefill(x[:, :, :10], config, "k")
+    store.append(x[:, :, 10:48])
+    grown = store.grow(8)
+    assert grown.capacity == 52 and grown.capacity % 4 == 0          # 40 + max(8 - 4, 40 // 4)
+    assert torch.equal(grown.dequantize(), store.dequantize())
+    grown.append(x[:, :, 48:52])
+    assert store.counts() == (10, 36, 2), "the grown store does not share its lengths"
+
+
+def test_initial_capacity_is_rounded_up_to_whole_blocks():
+    store = KVStore.from_prefill(torch.randn(1, 1, 4, 16), GearConfig(method="kcvt", decode_capacity=30), "k")
+    assert store.capacity == 40
+
+
+def test_check_finite_on_append_refuses_nan_in_the_flushed_block():
+    config = GearConfig(method="gear", buffer_size=4)
+    x = torch.randn(1, 1, 14, 16)
+    x[0, 0, 12, 3] = torch.nan
+    store = KVStore.from_prefill(x[:, :, :10], config, "v", check_finite=True)
+    with pytest.raises(ValueError, match=r"1 non-finite value\(s\), first at index \(0, 0, 2, 3\)"):
+        store.append(x[:, :, 10:14], check_finite=True)
+
+
+# ---------------------------------------------------------------- CompressedKV
+def make_kv(method="gear", tokens=29, dtype=torch.float16):
+    config = GearConfig(method=method, buffer_size=8, decode_capacity=16)
+    x = torch.randn(2, 3, tokens, 16).to(dtype)
+    return CompressedKV(streamed(x, config, "k", 10)), x
+
+
+def test_compressed_kv_has_the_dense_logical_shape_and_dtype():
+    kv, x = make_kv(dtype=torch.bfloat16)
+    assert kv.shape == x.shape and kv.dtype == torch.bfloat16
+
+
+def test_compressed_kv_dequantize_equals_the_store_reconstruction():
+    kv, _ = make_kv()
+    assert torch.equal(kv.dequantize(), kv.store.dequantize())
+
+
+@pytest.mark.parametrize("op", [
+    lambda t: t + 1, lambda t: t.sum(dim=2), lambda t: t[:, :, -3:], lambda t: t.float(),
+    lambda t: t @ torch.ones(16, 4, dtype=t.dtype), lambda t: torch.cat([t, t], dim=2),
+    lambda t: t.index_select(0, torch.tensor([1, 0]))],
+    ids=["add", "sum", "slice", "to-float", "matmul", "cat", "beam-reorder"])
+def test_any_other_op_runs_on_the_dense_reconstruction(op):
+    kv, _ = make_kv()
+    out = op(kv)
+    assert type(out) is torch.Tensor
+    assert torch.equal(out, op(kv.dequantize()))
+
+
+def test_flatten_then_unflatten_rebuilds_the_same_cache():
+    kv, _ = make_kv()
+    names, meta = kv.__tensor_flatten__()
+    again = CompressedKV.__tensor_unflatten__({n: getattr(kv, n) for n in names}, meta, kv.shape, kv.stride())
+    assert again.shape == kv.shape and torch.equal(again.dequantize(), kv.dequantize())
+
+
+def test_repr_names_the_method_and_the_bytes_held():
+    kv, _ = make_kv()
+    assert "gear(" in repr(kv) and f"bytes={kv_bytes(kv)}" in repr(kv)
+
+
+# ---------------------------------------------------------------- kv_bytes
+def test_kv_bytes_of_a_gear_kcvt_key_store_equals_a_hand_count():
+    """GEAR over KCVT-4, K, B=1, H=2, D=16, n_b=4, capacity 8, s=20 %; prefill 10 then 5 appends."""
+    config = GearConfig(method="gear", bits=4, buffer_size=4, decode_capacity=8, outlier_ratio=0.2)
+    x = torch.randn(1, 2, 15, 16, dtype=torch.float16)
+    kv = CompressedKV(streamed(x, config, "k", 10, grow=False))
+    assert kv.store.counts() == (10, 4, 1) and kv.store.capacity == 8
+    heads = 2
+    prefill = (10 * 8            # codes: 16 channels x 4 bits = 8 bytes a token
+               + 16 * 2 * 2      # scale + zero: fp16, one per channel (one group: the 10-token block)
+               + 10 * 4 * 2      # A: rank r_p = 4, fp16, per token
+               + 16 * 4 * 2      # B: 16 x 4, fp16, one block
+               + 2 * 16 * 2      # outlier values: 1 a side (0.1 x 10) per channel, fp16
+               + 2 * 16 * 1)     # outlier indices: uint8 (a block of 10 tokens)
+    decode = (8 * 8              # codes for all 8 reserved tokens (4 used)
+              + 2 * 16 * 2 * 2   # scale + zero per channel for each of 2 blocks
+              + 8 * 2 * 2        # A: rank r_g = 2 per reserved token
+              + 2 * 16 * 2 * 2)  # B: 16 x 2 per block; no outliers (0.1 x 4 rounds to 0)
+    buffer = 4 * 16 * 2          # n_b fp16 tokens, 1 used
+    assert kv_bytes(kv) == heads * (prefill + decode + buffer) == 1856
+
+
+def test_kv_bytes_of_a_gear_kivi_value_store_equals_a_hand_count():
+    """GEAR over KIVI-2, V, B=1, H=1, D=16, g=8, n_b=8, capacity 8, s=25 %; prefill 20 then 6 appends."""
+    config = GearConfig(method="gear", bits=2, group_size=8, buffer_size=8, decode_capacity=8,
+                        outlier_ratio=0.25)
+    x = torch.randn(1, 1, 26, 16, dtype=torch.float16)
+    kv = CompressedKV(streamed(x, config, "v", 20, grow=False))
+    assert kv.store.counts() == (16, 8, 2)
+    prefill = (16 * 4            # codes: 16 channels x 2 bits = 4 bytes a token
+               + 16 * 2 * 2 * 2  # scale + zero: fp16 per token per group of 8 channels
+               + 16 * 4 * 2      # A: rank 4
+               + 16 * 4 * 2      # B: 16 x 4, one block
+               + 16 * 4 * 2      # outlier values: 2 a side (0.125 x 16) per token, fp16
+               + 16 * 4 * 1)     # outlier indices: uint8 (16 channels)
+    decode = 8 * 4 + 8 * 2 * 2 * 2 + 8 * 2 * 2 + 16 * 2 * 2 + 8 * 4 * 2 + 8 * 4
+    buffer = 8 * 16 * 2
+    assert kv_bytes(kv) == prefill + decode + buffer == 1184
+
+
+def test_kv_bytes_counts_reserved_capacity_even_before_it_is_used():
+    config = GearConfig(method="kcvt", buffer_size=4, decode_capacity=4)
+    store = KVStore.from_prefill(torch.randn(1, 1, 8, 16), config, "k")
+    grown = store.grow(8)
+    assert kv_bytes(CompressedKV(grown)) > kv_bytes(CompressedKV(store))
+
+
+def test_kv_bytes_of_dense_tensors_lists_and_caches_is_numel_times_itemsize():
+    k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
+    cache = types.SimpleNamespace(layers=[types.SimpleNamespace(keys=k, values=v),
+                                          types.SimpleNamespace(keys=None, values=None)])
+    assert kv_bytes(k) == 80 * 4 and kv_bytes([k, v]) == 80 * 4 + 80 * 2 == kv_bytes(cache)
+
+
+def test_dense_bytes_is_the_fp16_size_of_the_logical_tensor():
+    kv, x = make_kv(dtype=torch.float32)
+    assert dense_bytes(kv) == x.numel() * 2 and dense_bytes([kv, kv], torch.float32) == x.numel() * 8
+
+
+def test_kv_bytes_refuses_what_it_cannot_measure():
+    with pytest.raises(TypeError, match="expected a tensor, CompressedKV or cache, got int"):
+        kv_bytes(3)
+
+
+# ---------------------------------------------------------------- properties
+@settings(max_examples=100, deadline=None)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), P=st.integers(0, 40), T=st.integers(0, 40),
+       D=st.sampled_from([8, 16, 24]), bits=st.sampled_from([2, 4, 8]), method=st.sampled_from(METHODS),
+       kind=st.sampled_from(["k", "v"]), chunk=st.integers(1, 9),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_any_stream_round_trips_with_its_shape_an_exact_buffer_and_frozen_blocks(
+        B, H, P, T, D, bits, method, kind, chunk, dtype):
+    config = GearConfig(method=method, bits=bits, group_size=8, buffer_size=8, decode_capacity=8)
+    x = torch.randn(B, H, max(P, 1) + T, D).to(dtype)
+    P = max(P, 1)
+    store = KVStore.from_prefill(x[:, :, :P], config, kind)
+    for t in range(P, P + T, chunk):
+        before = filled_decode_parts(store)
+        new = x[:, :, t:t + chunk]
+        store = store.grow(new.shape[2] + 8)
+        store.append(new)
+        after = filled_decode_parts(store)
+        for name, old in before.items():            # flushed blocks never change
+            assert torch.equal(after[name][:, :, :old.shape[2]], old), name
+    kv = CompressedKV(store)
+    y = kv.dequantize()
+    assert kv.shape == y.shape == x.shape and y.dtype == dtype
+    assert torch.equal(y, store.dequantize())
+    n_buf = store.counts()[2]
+    assert torch.equal(y[:, :, x.shape[2] - n_buf:], x[:, :, x.shape[2] - n_buf:])   # the buffer is exact
+    if method == "none":
+        assert torch.equal(y, x)
+    else:
+        assert relative_error(x, y) < {2: 0.9, 4: 0.25, 8: 0.02}[bits], (method, bits, kind, dtype)
