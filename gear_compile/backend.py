@@ -14,8 +14,11 @@ done), `compressed_kv` (the cache tensors), `ops` (the custom ops).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
+import pathlib
 
 import torch
 import torch.fx as fx
@@ -63,11 +66,29 @@ def _num_outputs(gm: fx.GraphModule) -> int:
 
 
 def _lower(gm: fx.GraphModule, example_inputs, config: GearConfig):
-    if config.inductor:
-        from torch._inductor.compile_fx import compile_fx
-        return compile_fx(gm, example_inputs)
-    from torch._dynamo.backends.debugging import aot_eager
-    return aot_eager(gm, example_inputs)
+    # Inductor's and AOT autograd's on-disk caches key a graph by its code and
+    # input metadata, not by what our custom ops do: the shapes and count of
+    # kv_prefill's outputs come from our fake implementations. Tag the key with
+    # our sources so an edited or upgraded gear_compile never runs code that
+    # was compiled against another version of its ops.
+    tag = "-".join(t for t in (torch.compiler.config.cache_key_tag, "gear_compile:" + source_hash()) if t)
+    with torch.compiler.config.patch(cache_key_tag=tag):
+        if config.inductor:
+            from torch._inductor.compile_fx import compile_fx
+            return compile_fx(gm, example_inputs)
+        from torch._dynamo.backends.debugging import aot_eager
+        return aot_eager(gm, example_inputs)
+
+
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    """A short hash of every source file of the package."""
+    digest = hashlib.sha256()
+    root = pathlib.Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _runtime(compiled, plan: RewritePlan, config: GearConfig):

@@ -230,3 +230,22 @@ def test_inductor_lowering_keeps_the_gear_ops_in_its_output_code():
     code = "\n".join(codes)
     assert "torch.ops.gear.kv_append_.default" in code and "torch.ops.gear.attention.default" in code
     assert isinstance(cache.layers[1].values, gear_compile.CompressedKV)
+
+
+def test_compile_caches_are_keyed_on_the_package_sources(monkeypatch):
+    """Inductor's on-disk cache does not see what our custom ops do (their fake
+    implementations fix the compiled buffers): a graph compiled against other
+    gear_compile sources must miss the cache, the same sources must hit it."""
+    from gear_compile import backend
+
+    def compile_once():
+        torch._dynamo.reset()
+        counters.clear()
+        f = torch.compile(lambda x: torch.sin(x) * 3, backend="gear")
+        f(torch.ones(5))
+        return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+    compile_once()                                   # fill the cache for these sources
+    assert compile_once() == (1, 0)
+    monkeypatch.setattr(backend, "source_hash", lambda: "other-sources")
+    assert compile_once() == (0, 1)
