@@ -9,6 +9,7 @@ autograd, no codegen) for speed; test_inductor_* use full Inductor.
 """
 import subprocess
 import sys
+import uuid
 
 import pytest
 import torch
@@ -247,5 +248,6 @@ def test_compile_caches_are_keyed_on_the_package_sources(monkeypatch):
 
     compile_once()                                   # fill the cache for these sources
     assert compile_once() == (1, 0)
-    monkeypatch.setattr(backend, "source_hash", lambda: "other-sources")
+    other = f"other-sources-{uuid.uuid4().hex}"      # never compiled before, on any run
+    monkeypatch.setattr(backend, "source_hash", lambda: other)
     assert compile_once() == (0, 1)
