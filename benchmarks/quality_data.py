@@ -68,13 +68,22 @@ def ensure_python_packages(install: bool = True) -> None:
     importlib.invalidate_caches()
 
 
-def ensure_janeaustenr(install: bool = True) -> str:
-    """The janeaustenr data directory: the installed Debian package's, or the
-    same files unpacked from its .deb into `.cache/` (no R needed: installing
-    the package itself would pull R and ~700 other packages)."""
+def find_janeaustenr() -> str | None:
+    """The janeaustenr data directory already on this machine: the installed
+    Debian package's or the one unpacked into `.cache/`; None if neither."""
     for data in (JANEAUSTENR_DATA, UNPACKED_DATA):
         if os.path.exists(os.path.join(data, "Rdata.rdx")):
             return data
+    return None
+
+
+def ensure_janeaustenr(install: bool = True) -> str:
+    """The janeaustenr data directory (`find_janeaustenr`), else the package's
+    .deb fetched and unpacked into `.cache/` (no R needed: installing the
+    package itself would pull R and ~700 other packages)."""
+    found = find_janeaustenr()
+    if found:
+        return found
     msg = ("quality benchmark needs Jane Austen's novels from the Debian package r-cran-janeaustenr "
            f"(looked in {JANEAUSTENR_DATA} and {UNPACKED_DATA})")
     if not install or shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 def test_gear2_beats_kivi2_smollm2():
     import quality_data as qd
-    if not os.path.exists(os.path.join(qd.JANEAUSTENR_DATA, "Rdata.rdx")) and shutil.which("apt-get") is None:
+    if qd.find_janeaustenr() is None and shutil.which("apt-get") is None:
         pytest.skip("the text needs the Debian package r-cran-janeaustenr, and this machine has no apt-get")
     model, tok = qd.load_model(install=False)
     corpus = qd.Corpus(tok, install=True)
