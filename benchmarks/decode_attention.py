@@ -1,24 +1,40 @@
 """Decode-attention latency: the GEAR Triton kernel vs dense FP16 SDPA vs
 dequantize-then-SDPA (what Hugging Face's QuantizedCache does each step).
 
-GPU only. For each batch size, context length, method and bit width it builds
-a layer's compressed K/V (a prompt of context - DECODE tokens, then DECODE
-appended tokens, so the prefill block, several decode blocks and a partly full
-buffer are all live), times one decode query against it with CUDA events
-(warm-up, then the median of --iters timed calls), and reports
+For each batch size, context length, method and bit width it builds a layer's
+compressed K/V (a prompt of context - DECODE tokens, then DECODE appended
+tokens, so the prefill block, several decode blocks and a partly full buffer
+are all live), times one decode query against it with CUDA events (warm-up,
+then the median of --iters timed calls), and reports
 
   us        median latency of one call (one layer)
-  GB/s      bytes the method reads from HBM / time: for the kernel, the live
-            part of the store (codes, scales, zero points, low-rank factors,
-            outliers, buffer); for FP16 SDPA, dense K and V; for
+  GB/s      bytes the method moves / time: for the kernel, the live part of
+            the store (codes, scales, zero points, low-rank factors, outliers,
+            buffer) plus its scratch (the prefill K-outlier score correction,
+            zero-filled then read); for FP16 SDPA, dense K and V; for
             dequantize+SDPA, the store plus writing and re-reading dense K/V
-  % peak    GB/s / --peak-gbps (H100 SXM HBM3: 3350 GB/s)
+  % peak    GB/s / the device's peak HBM bandwidth (--peak-gbps; known for
+            H100 SXM and H200)
+  ceiling   FP16 bytes / this method's bytes: the speedup a kernel running at
+            FP16 SDPA's bandwidth would reach
   speedup   FP16 SDPA time / this method's time
+  GEAR +%   time of gear / gear_l over its plain backbone (kcvt at 4 bits,
+            kivi at 2), the cost of the low-rank and sparse terms
 
-and writes benchmarks/results/decode_attention.md and a plot of speedup vs
-context (a line per method and bit width, one panel per batch size).
+The method `none` (uncompressed fp16 store, read by the same kernel) is the
+control: it separates the kernel's efficiency from the compression's gain.
+Writes benchmarks/results/decode_attention.md, a plot of speedup vs context
+(decode_attention.png: a line per method and bit width, one panel per batch
+size) and a verdict on issue 5's targets at batch 16, context 32k.
 
-  python benchmarks/decode_attention.py --batch 1 8 64 --context 1024 16384 131072
+  python benchmarks/decode_attention.py                 # the grid, on a CUDA GPU
+  python benchmarks/decode_attention.py --bytes-only    # the byte model, any machine
+  python benchmarks/decode_attention.py --device cpu --batch 1 --context 400 \\
+      --iters 1 --warmup 0      # the interpreter: checks the script, times nothing real
+
+--bytes-only builds the stores on the CPU (at batch 1: every part scales
+linearly with the batch) and writes decode_attention_bytes.md: what each
+method must move per decode step and hence its speedup ceiling.
 
 Neighbours: gear_compile.kernels.decode_attention (the kernel),
 gear_compile.compressed_kv (builds the stores).
@@ -26,8 +42,10 @@ gear_compile.compressed_kv (builds the stores).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,52 +53,76 @@ import torch.nn.functional as F
 
 DECODE = 150  # tokens appended after the prompt: kcvt (n_b=20) 7 decode blocks + 10 buffered,
               # kivi (n_b=64) 2 blocks + 22 buffered
+PEAK_GBPS = {"H100 80GB HBM3": 3350.0, "H100 SXM": 3350.0, "H100 NVL": 3900.0,
+             "H100 PCIe": 2000.0, "H200": 4800.0}
+TARGET = dict(batch=16, context=32768, peak=0.80, speedup={4: 3.0, 2: 5.0}, gear_overhead=0.15)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
-    p.add_argument("--context", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 131072])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--context", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 131072])
     p.add_argument("--q-heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--methods", nargs="+", default=["gear", "gear_l", "kcvt", "kivi"])
+    p.add_argument("--methods", nargs="+", default=["none", "kcvt", "kivi", "gear_l", "gear"],
+                   help="gear_compile methods (none: the fp16 control)")
     p.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--peak-gbps", type=float, default=3350.0,
-                   help="peak HBM bandwidth of the device in GB/s (default: H100 SXM)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu runs the kernel under TRITON_INTERPRET=1: a check of this "
+                        "script, not a measurement")
+    p.add_argument("--bytes-only", action="store_true",
+                   help="no timing: the bytes each method moves and its speedup ceiling")
+    p.add_argument("--peak-gbps", type=float, default=None,
+                   help="peak HBM bandwidth in GB/s (default: looked up from the device name: "
+                        + ", ".join(f"{k} {v:g}" for k, v in PEAK_GBPS.items()) + ")")
     p.add_argument("--max-dense-gb", type=float, default=24.0,
                    help="skip shapes whose dense FP16 K+V exceed this many GB")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for L in args.context:
+        if L <= DECODE:
+            p.error(f"--context {L}: must exceed the {DECODE} decoded tokens")
+    return args
 
 
-def time_us(fn, iters: int, warmup: int) -> float:
-    """Median latency of fn() in microseconds, each call timed by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+def make_timer(device: str):
+    """time_us(fn, iters, warmup): median latency of fn() in microseconds, by
+    CUDA events on a GPU, by the wall clock on the CPU (the interpreter)."""
+    def time_us(fn, iters, warmup):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(max(1, iters)):
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e6)
+        return statistics.median(times)
+    return time_us
 
 
-def build_store(config, kind, B, H, L, D):
+def build_store(config, kind, B, H, L, D, device):
     """A store holding L tokens; compressed once at batch 1 and repeated over
     the batch (the kernel's cost does not depend on the values)."""
     from gear_compile.compressed_kv import KVStore
 
-    x = torch.randn(1, H, L, D, device="cuda", dtype=torch.float16)
+    x = torch.randn(1, H, L, D, device=device, dtype=torch.float16)
     store = KVStore.from_prefill(x[:, :, :L - DECODE], config, kind)
     store = store.grow(DECODE)
     store.append(x[:, :, L - DECODE:])
+    if B == 1:
+        return store
     parts = [t if i == 0 else t.repeat(B, *([1] * (t.dim() - 1)))
              for i, t in enumerate(store.tensors())]
     return KVStore.from_tensors(config, kind, parts)
@@ -96,7 +138,22 @@ def live_bytes(store) -> int:
             + buf[:, :, :n_buf].numel() * buf.element_size())
 
 
-def best_sdpa(q, k, v, scale, iters, warmup):
+def kernel_traffic(ks, vs, q_heads: int) -> dict:
+    """Bytes the kernel moves for one decode step: the live store, and the
+    scratch of the prefill K-outlier correction ([B, Hq, P] fp32, zero-filled
+    then read; its atomic adds, counted apart, mostly stay in L2). The
+    partial outputs (B x Hq x splits x D fp32) are under 1 % and left out."""
+    from gear_compile.kernels.decode_attention import prefill_k_correction
+
+    scratch, atomics = 0, 0
+    if prefill_k_correction(ks):
+        B, Hkv, P = ks.prefill.codes.shape[:3]
+        scratch = 2 * B * q_heads * P * 4
+        atomics = B * q_heads * 2 * ks.p_layout.outliers_per_side * ks.buffer.shape[-1]
+    return dict(store=live_bytes(ks) + live_bytes(vs), scratch=scratch, atomics=atomics)
+
+
+def best_sdpa(q, k, v, scale, time_us, iters, warmup):
     """Fastest SDPA backend that accepts the shapes: (us, backend name)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -114,82 +171,230 @@ def best_sdpa(q, k, v, scale, iters, warmup):
     return best
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/decode_attention.py needs a CUDA GPU (the kernel is Triton on CUDA); "
-                 "none is visible here. Kernel correctness on CPU: "
-                 "TRITON_INTERPRET=1 pytest tests/test_kernel_decode_attention.py")
-    import triton
-
+def configs(args):
+    """(label, GearConfig) for each requested method and bit width; the
+    control `none` once."""
     from gear_compile.config import GearConfig
+
+    out = []
+    for method in args.methods:
+        for bits in ([args.bits[0]] if method == "none" else args.bits):
+            cfg = GearConfig(method=method, bits=bits)
+            out.append((method, 16 if method == "none" else bits, cfg))
+    return out
+
+
+def backbone_overhead(rows, key: str) -> None:
+    """Adds `gear_over` to gear / gear_l rows: rows[key] over the row of the
+    plain backbone (same batch, context, bits) minus 1."""
+    base = {(r["batch"], r["context"], r["method"], r["bits"]): r[key] for r in rows}
+    for r in rows:
+        if r.get("backbone"):
+            ref = base.get((r["batch"], r["context"], r["backbone"], r["bits"]))
+            r["gear_over"] = r[key] / ref - 1 if ref else None
+
+
+def measure(args, time_us, device: str) -> list[dict]:
+    """The timed grid: FP16 SDPA, then the kernel and dequantize+SDPA per
+    method, for each batch and context."""
     from gear_compile.kernels.decode_attention import decode_attention_launch
 
-    torch.manual_seed(0)
-    B_list, Hq, Hkv, D = args.batch, args.q_heads, args.kv_heads, args.head_dim
+    Hq, Hkv, D = args.q_heads, args.kv_heads, args.head_dim
     scale = D ** -0.5
     rows = []
-    for B in B_list:
+    for B in args.batch:
         for L in args.context:
-            dense_bytes = 2 * B * Hkv * L * D * 2
-            if dense_bytes > args.max_dense_gb * 1e9 or L <= DECODE:
-                print(f"skip batch {B} context {L}: dense K+V {dense_bytes / 1e9:.1f} GB")
+            dense = 2 * B * Hkv * L * D * 2
+            if dense > args.max_dense_gb * 1e9:
+                print(f"skip batch {B} context {L}: dense K+V {dense / 1e9:.1f} GB "
+                      f"> --max-dense-gb {args.max_dense_gb:g}", flush=True)
                 continue
-            q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
-            k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.float16)
+            q = torch.randn(B, Hq, 1, D, device=device, dtype=torch.float16)
+            k = torch.randn(B, Hkv, L, D, device=device, dtype=torch.float16)
             v = torch.randn_like(k)
-            t_ref, backend = best_sdpa(q, k, v, scale, args.iters, args.warmup)
+            t_ref, backend = best_sdpa(q, k, v, scale, time_us, args.iters, args.warmup)
             del k, v
             rows.append(dict(batch=B, context=L, method=f"fp16 sdpa ({backend})", bits=16,
-                             us=t_ref, bytes=dense_bytes, speedup=1.0))
-            for method in args.methods:
-                for bits in args.bits:
-                    cfg = GearConfig(method=method, bits=bits)
-                    ks = build_store(cfg, "k", B, Hkv, L, D)
-                    vs = build_store(cfg, "v", B, Hkv, L, D)
-                    kp, vp, text = ks.tensors(), vs.tensors(), cfg.to_json()
-                    t_k = time_us(lambda: decode_attention_launch(q, kp, vp, None, scale, text),
-                                  args.iters, args.warmup)
-                    read = live_bytes(ks) + live_bytes(vs)
-                    rows.append(dict(batch=B, context=L, method=f"gear kernel {method}", bits=bits,
-                                     us=t_k, bytes=read, speedup=t_ref / t_k))
+                             us=t_ref, bytes=dense, ceiling=1.0, speedup=1.0))
+            for method, bits, cfg in configs(args):
+                ks = build_store(cfg, "k", B, Hkv, L, D, device)
+                vs = build_store(cfg, "v", B, Hkv, L, D, device)
+                kp, vp, text = ks.tensors(), vs.tensors(), cfg.to_json()
+                t_k = time_us(lambda: decode_attention_launch(q, kp, vp, None, scale, text),
+                              args.iters, args.warmup)
+                tr = kernel_traffic(ks, vs, Hq)
+                moved = tr["store"] + tr["scratch"]
+                rows.append(dict(batch=B, context=L, method=method, bits=bits, us=t_k,
+                                 bytes=moved, ceiling=dense / moved, speedup=t_ref / t_k,
+                                 backbone=cfg.quantizer if method in ("gear", "gear_l") else None))
 
-                    def deq_sdpa():
-                        return F.scaled_dot_product_attention(
-                            q, ks.dequantize(), vs.dequantize(), scale=scale, enable_gqa=True)
-                    t_d = time_us(deq_sdpa, max(5, args.iters // 5), 2)
-                    rows.append(dict(batch=B, context=L, method=f"dequantize+sdpa {method}",
-                                     bits=bits, us=t_d, bytes=read + 2 * dense_bytes,
-                                     speedup=t_ref / t_d))
-                    del ks, vs
+                def deq_sdpa():
+                    return F.scaled_dot_product_attention(
+                        q, ks.dequantize(), vs.dequantize(), scale=scale, enable_gqa=True)
+                t_d = time_us(deq_sdpa, max(1, args.iters // 5), min(2, args.warmup))
+                rows.append(dict(batch=B, context=L, method=f"dequantize+sdpa {method}",
+                                 bits=bits, us=t_d, bytes=tr["store"] + 2 * dense,
+                                 ceiling=dense / (tr["store"] + 2 * dense), speedup=t_ref / t_d))
+                del ks, vs, kp, vp
+                if device == "cuda":
                     torch.cuda.empty_cache()
-            for r in rows[-(1 + 2 * len(args.methods) * len(args.bits)):]:
-                print(f"B={r['batch']:3d} L={r['context']:7d} {r['method']:28s} {r['bits']:2d}b "
-                      f"{r['us']:10.1f} us  x{r['speedup']:.2f}")
+                for r in rows[-2:]:
+                    print(f"B={B:3d} L={L:7d} {r['method']:24s} {r['bits']:2d}b "
+                          f"{r['us']:10.1f} us  x{r['speedup']:.2f} (ceiling x{r['ceiling']:.2f})",
+                          flush=True)
+    backbone_overhead(rows, "us")
+    return rows
 
-    header = [f"# Decode attention, one layer: Hq={Hq}, Hkv={Hkv}, D={D}, fp16",
-              "", f"- device: {torch.cuda.get_device_name()}",
-              f"- torch {torch.__version__}, triton {triton.__version__}",
-              f"- command: `python {' '.join(sys.argv)}`",
-              f"- peak HBM bandwidth taken as {args.peak_gbps:g} GB/s; latencies are medians "
-              f"of {args.iters} CUDA-event timings after {args.warmup} warm-up calls", ""]
-    table = ["| batch | context | method | bits | us | GB/s | % peak | speedup vs FP16 SDPA |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+
+def bytes_model(args) -> list[dict]:
+    """Per method, the bytes one decode step moves (built on the CPU at batch
+    1, scaled by the batch) and the speedup ceiling they allow."""
+    Hq, Hkv, D = args.q_heads, args.kv_heads, args.head_dim
+    rows = []
+    for L in args.context:
+        for method, bits, cfg in configs(args):
+            t0 = time.perf_counter()
+            ks = build_store(cfg, "k", 1, Hkv, L, D, "cpu")
+            vs = build_store(cfg, "v", 1, Hkv, L, D, "cpu")
+            tr = kernel_traffic(ks, vs, Hq)
+            print(f"L={L:7d} {method:7s} {bits:2d}b  store {tr['store'] / 1e6:9.2f} MB/seq  "
+                  f"scratch {tr['scratch'] / 1e6:8.2f} MB/seq  ({time.perf_counter() - t0:.1f} s)",
+                  flush=True)
+            for B in args.batch:
+                dense = 2 * B * Hkv * L * D * 2
+                store, scratch = B * tr["store"], B * tr["scratch"]
+                rows.append(dict(batch=B, context=L, method=method, bits=bits, dense=dense,
+                                 store=store, scratch=scratch, atomics=B * tr["atomics"],
+                                 ceiling=dense / (store + scratch), moved=store + scratch,
+                                 backbone=cfg.quantizer if method in ("gear", "gear_l") else None))
+    backbone_overhead(rows, "moved")
+    return rows
+
+
+def machine_lines(device: str) -> list[str]:
+    """Device, versions and the command, for a results file's header."""
+    import platform
+
+    import triton
+
+    import gear_compile
+    cpu = f"CPU {platform.processor() or platform.machine()}"
+    name = {"cuda": f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+            if device == "cuda" else "",
+            "cpu": f"{cpu}, Triton interpreter: latencies are the interpreter's, NOT a "
+                   "measurement; this run checks the script",
+            "bytes": f"{cpu} (byte counts only, no timing)"}[device]
+    return [f"- device: {name}",
+            f"- torch {torch.__version__}, triton {triton.__version__}, "
+            f"gear_compile {getattr(gear_compile, '__version__', '?')}",
+            f"- command: `python benchmarks/decode_attention.py {' '.join(sys.argv[1:])}`"]
+
+
+def peak_gbps(args, device: str) -> float | None:
+    if args.peak_gbps is not None or device != "cuda":
+        return args.peak_gbps
+    name = torch.cuda.get_device_name()
+    for key, gbps in PEAK_GBPS.items():
+        if key in name:
+            return gbps
+    sys.exit(f"unknown peak HBM bandwidth for {name!r}; pass --peak-gbps "
+             f"(known: {', '.join(PEAK_GBPS)})")
+
+
+def verdict(rows, peak) -> list[str]:
+    """Issue 5's targets at batch 16, context 32k, from the measured rows."""
+    at = [r for r in rows if r["batch"] == TARGET["batch"] and r["context"] == TARGET["context"]]
+    if not at:
+        return [f"(batch {TARGET['batch']}, context {TARGET['context']} not in this run: "
+                "no verdict on the targets)"]
+    out = [f"## Targets at batch {TARGET['batch']}, context {TARGET['context']}", ""]
+    for r in at:
+        if r["method"] in ("kcvt", "kivi", "gear", "gear_l"):
+            gbps = r["bytes"] / (r["us"] * 1e-6) / 1e9
+            need = TARGET["speedup"].get(r["bits"])
+            line = f"- {r['method']} {r['bits']}-bit: x{r['speedup']:.2f} vs FP16 SDPA"
+            if need:
+                line += f" (target >= x{need:g}: {'met' if r['speedup'] >= need else 'MISSED'})"
+            if peak:
+                frac = gbps / peak
+                line += (f"; {100 * frac:.0f} % of peak HBM (target >= "
+                         f"{100 * TARGET['peak']:.0f} %: {'met' if frac >= TARGET['peak'] else 'MISSED'})")
+            if r.get("gear_over") is not None:
+                ok = r["gear_over"] <= TARGET["gear_overhead"]
+                line += (f"; GEAR terms +{100 * r['gear_over']:.0f} % over {r['backbone']} "
+                         f"(target <= {100 * TARGET['gear_overhead']:.0f} %: {'met' if ok else 'MISSED'})")
+            out.append(line)
+    return out + [""]
+
+
+def write_timed(args, rows, device):
+    peak = peak_gbps(args, device)
+    head = [f"# Decode attention, one layer: Hq={args.q_heads}, Hkv={args.kv_heads}, "
+            f"D={args.head_dim}, fp16", ""] + machine_lines(device) + [
+        f"- peak HBM bandwidth taken as {peak or 'n/a'} GB/s; latencies are medians of "
+        f"{args.iters} timings after {args.warmup} warm-up calls (dequantize+sdpa: "
+        f"{max(1, args.iters // 5)} after {min(2, args.warmup)})", ""]
+    table = ["| batch | context | method | bits | us | GB/s | % peak | ceiling | speedup | GEAR +% |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         gbps = r["bytes"] / (r["us"] * 1e-6) / 1e9
+        over = f"{100 * r['gear_over']:+.0f}" if r.get("gear_over") is not None else ""
+        pct = f"{100 * gbps / peak:.0f}%" if peak else "n/a"
         table.append(f"| {r['batch']} | {r['context']} | {r['method']} | {r['bits']} | "
-                     f"{r['us']:.1f} | {gbps:.0f} | {100 * gbps / args.peak_gbps:.0f}% | "
-                     f"{r['speedup']:.2f} |")
+                     f"{r['us']:.1f} | {gbps:.0f} | {pct} | {r['ceiling']:.2f} | "
+                     f"{r['speedup']:.2f} | {over} |")
+    stem = "decode_attention" if device == "cuda" else "decode_attention_interpreter"
+    text = "\n".join(head + verdict(rows, peak) + table) + "\n"
+    return stem, text
+
+
+def write_bytes(args, rows):
+    head = [f"# Decode attention byte model: Hq={args.q_heads}, Hkv={args.kv_heads}, "
+            f"D={args.head_dim}, fp16 inputs", "",
+            "Bytes one decode step must move per layer (stores built on the CPU at batch 1 "
+            f"from a {DECODE}-token-shorter prompt plus {DECODE} decoded tokens, scaled by the "
+            "batch; no kernel runs). `ceiling` = FP16 K+V bytes / moved bytes: the speedup "
+            "over FP16 SDPA of a kernel moving its bytes at SDPA's bandwidth. `GEAR +%`: "
+            "bytes over the plain backbone. Scratch: the prefill K-outlier score "
+            "correction, [B, Hq, P] fp32 zero-filled and read back; its atomic adds "
+            "(column `atomics`) are not in the bytes.", ""] + machine_lines("bytes") + [""]
+    table = ["| batch | context | method | bits | FP16 MB | store MB | scratch MB | atomics (M) | "
+             "% of FP16 | ceiling | GEAR +% |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["batch"], r["context"])):
+        over = f"{100 * r['gear_over']:+.0f}" if r.get("gear_over") is not None else ""
+        table.append(f"| {r['batch']} | {r['context']} | {r['method']} | {r['bits']} | "
+                     f"{r['dense'] / 1e6:.4g} | {r['store'] / 1e6:.4g} | {r['scratch'] / 1e6:.4g} | "
+                     f"{r['atomics'] / 1e6:.4g} | {100 * r['moved'] / r['dense']:.1f} | "
+                     f"{r['ceiling']:.2f} | {over} |")
+    return "decode_attention_bytes", "\n".join(head + table) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = "cpu" if args.bytes_only else args.device
+    if device == "cpu" and not args.bytes_only:
+        # the kernel module must be imported after this for triton.jit to interpret
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif device == "cuda" and not torch.cuda.is_available():
+        sys.exit("benchmarks/decode_attention.py needs a CUDA GPU for timings; none is visible "
+                 "here. Use --bytes-only for the byte model, or --device cpu to check this "
+                 "script under the Triton interpreter.")
+    torch.manual_seed(0)
+    if args.bytes_only:
+        stem, text = write_bytes(args, bytes_model(args))
+    else:
+        rows = measure(args, make_timer(device), device)
+        stem, text = write_timed(args, rows, device)
+        plot(rows, args.batch, args.out / f"{stem}.png")
     args.out.mkdir(parents=True, exist_ok=True)
-    md = args.out / "decode_attention.md"
-    md.write_text("\n".join(header + table) + "\n")
-    print("\n".join(header + table))
-    print(f"wrote {md}")
-    plot(rows, B_list, args.out / "decode_attention.png")
+    (args.out / f"{stem}.md").write_text(text)
+    print(text)
+    print(f"wrote {args.out / stem}.md")
 
 
 def plot(rows, batches, path):
-    """Speedup vs context: one panel per batch, a line per method and bit width."""
+    """Speedup vs context: one panel per batch, a line per method and bit
+    width (kernel solid, dequantize+sdpa dashed)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -197,20 +402,23 @@ def plot(rows, batches, path):
     except ImportError:
         print("matplotlib not installed: no plot written")
         return
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
     for ax, B in zip(axes[0], batches):
         lines = {}
         for r in rows:
-            if r["batch"] == B and r["bits"] != 16:
-                lines.setdefault(f"{r['method']} {r['bits']}b", []).append((r["context"], r["speedup"]))
-        for label, pts in sorted(lines.items()):
-            ax.plot(*zip(*pts), marker="o", label=label)
-        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+            if r["batch"] == B and not r["method"].startswith("fp16"):
+                lines.setdefault((r["method"], r["bits"]), []).append((r["context"], r["speedup"]))
+        for (method, bits), pts in sorted(lines.items()):
+            style = "--" if method.startswith("dequantize") else "-"
+            ax.plot(*zip(*pts), style, marker="o", label=f"{method} {bits}b")
+        ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
         ax.set(xscale="log", xlabel="context (tokens)", ylabel="speedup vs FP16 SDPA",
                title=f"batch {B}")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"wrote {path}")
 
 

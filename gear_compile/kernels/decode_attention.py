@@ -326,6 +326,13 @@ def _sm_count(device: torch.device) -> int:
     return 4   # interpreter: few programs run fastest
 
 
+def prefill_k_correction(ks: KVStore) -> bool:
+    """Whether a launch pre-scatters the prefill block's K outliers into a
+    [B, Hq, P] fp32 score correction (`_k_outlier_kernel`): when the block
+    holds more than RB_OUTLIERS outlier rows. Benchmarks count its traffic."""
+    return ks.prefill.codes.shape[2] > 0 and 2 * ks.p_layout.outliers_per_side > RB_OUTLIERS
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -430,7 +437,7 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
         vc, vsc, vz, va, vb, vov, voi = (t.contiguous() for t in vt)
         rank = 0 if seg_id == 2 or kl.rank == 0 else kl.rank
         corr = q
-        if seg_id == 0 and k_k2 > RB_OUTLIERS:
+        if seg_id == 0 and prefill_k_correction(ks):
             corr = torch.zeros(B, Hq, n_cap, dtype=torch.float32, device=q.device)
             launch(_k_outlier_kernel)[(B * Hkv, -(-k_k2 // RB_OUTLIERS))](
                 q, kov, koi, corr, scale * _LOG2E, Hkv, n_cap, k_k2,
