@@ -10,9 +10,9 @@ then the median of --iters timed calls), and reports
   us        median latency of one call (one layer)
   GB/s      bytes the method moves / time: for the kernel, the live part of
             the store (codes, scales, zero points, low-rank factors, outliers,
-            buffer) plus its scratch (the prefill K-outlier score correction,
-            zero-filled then read); for FP16 SDPA, dense K and V; for
-            dequantize+SDPA, the store plus writing and re-reading dense K/V
+            buffer; its partial outputs, under 1 %, are left out); for FP16
+            SDPA, dense K and V; for dequantize+SDPA, the store plus writing
+            and re-reading dense K/V
   % peak    GB/s / the device's peak HBM bandwidth (--peak-gbps; known for
             H100 SXM and H200)
   ceiling   FP16 bytes / this method's bytes: the speedup a kernel running at
@@ -138,21 +138,6 @@ def live_bytes(store) -> int:
             + buf[:, :, :n_buf].numel() * buf.element_size())
 
 
-def kernel_traffic(ks, vs, q_heads: int) -> dict:
-    """Bytes the kernel moves for one decode step: the live store, and the
-    scratch of the prefill K-outlier correction ([B, Hq, P] fp32, zero-filled
-    then read; its atomic adds, counted apart, mostly stay in L2). The
-    partial outputs (B x Hq x splits x D fp32) are under 1 % and left out."""
-    from gear_compile.kernels.decode_attention import prefill_k_correction
-
-    scratch, atomics = 0, 0
-    if prefill_k_correction(ks):
-        B, Hkv, P = ks.prefill.codes.shape[:3]
-        scratch = 2 * B * q_heads * P * 4
-        atomics = B * q_heads * 2 * ks.p_layout.outliers_per_side * ks.buffer.shape[-1]
-    return dict(store=live_bytes(ks) + live_bytes(vs), scratch=scratch, atomics=atomics)
-
-
 def best_sdpa(q, k, v, scale, time_us, iters, warmup):
     """Fastest SDPA backend that accepts the shapes: (us, backend name)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -222,8 +207,7 @@ def measure(args, time_us, device: str) -> list[dict]:
                 kp, vp, text = ks.tensors(), vs.tensors(), cfg.to_json()
                 t_k = time_us(lambda: decode_attention_launch(q, kp, vp, None, scale, text),
                               args.iters, args.warmup)
-                tr = kernel_traffic(ks, vs, Hq)
-                moved = tr["store"] + tr["scratch"]
+                moved = live_bytes(ks) + live_bytes(vs)
                 rows.append(dict(batch=B, context=L, method=method, bits=bits, us=t_k,
                                  bytes=moved, ceiling=dense / moved, speedup=t_ref / t_k,
                                  backbone=cfg.quantizer if method in ("gear", "gear_l") else None))
@@ -233,8 +217,8 @@ def measure(args, time_us, device: str) -> list[dict]:
                         q, ks.dequantize(), vs.dequantize(), scale=scale, enable_gqa=True)
                 t_d = time_us(deq_sdpa, max(1, args.iters // 5), min(2, args.warmup))
                 rows.append(dict(batch=B, context=L, method=f"dequantize+sdpa {method}",
-                                 bits=bits, us=t_d, bytes=tr["store"] + 2 * dense,
-                                 ceiling=dense / (tr["store"] + 2 * dense), speedup=t_ref / t_d))
+                                 bits=bits, us=t_d, bytes=moved + 2 * dense,
+                                 ceiling=dense / (moved + 2 * dense), speedup=t_ref / t_d))
                 del ks, vs, kp, vp
                 if device == "cuda":
                     torch.cuda.empty_cache()
@@ -249,23 +233,21 @@ def measure(args, time_us, device: str) -> list[dict]:
 def bytes_model(args) -> list[dict]:
     """Per method, the bytes one decode step moves (built on the CPU at batch
     1, scaled by the batch) and the speedup ceiling they allow."""
-    Hq, Hkv, D = args.q_heads, args.kv_heads, args.head_dim
+    Hkv, D = args.kv_heads, args.head_dim
     rows = []
     for L in args.context:
         for method, bits, cfg in configs(args):
             t0 = time.perf_counter()
             ks = build_store(cfg, "k", 1, Hkv, L, D, "cpu")
             vs = build_store(cfg, "v", 1, Hkv, L, D, "cpu")
-            tr = kernel_traffic(ks, vs, Hq)
-            print(f"L={L:7d} {method:7s} {bits:2d}b  store {tr['store'] / 1e6:9.2f} MB/seq  "
-                  f"scratch {tr['scratch'] / 1e6:8.2f} MB/seq  ({time.perf_counter() - t0:.1f} s)",
-                  flush=True)
+            k_bytes, v_bytes = live_bytes(ks), live_bytes(vs)
+            print(f"L={L:7d} {method:7s} {bits:2d}b  K {k_bytes / 1e6:9.2f} MB/seq  "
+                  f"V {v_bytes / 1e6:9.2f} MB/seq  ({time.perf_counter() - t0:.1f} s)", flush=True)
             for B in args.batch:
                 dense = 2 * B * Hkv * L * D * 2
-                store, scratch = B * tr["store"], B * tr["scratch"]
+                moved = B * (k_bytes + v_bytes)
                 rows.append(dict(batch=B, context=L, method=method, bits=bits, dense=dense,
-                                 store=store, scratch=scratch, atomics=B * tr["atomics"],
-                                 ceiling=dense / (store + scratch), moved=store + scratch,
+                                 k=B * k_bytes, v=B * v_bytes, moved=moved, ceiling=dense / moved,
                                  backbone=cfg.quantizer if method in ("gear", "gear_l") else None))
     backbone_overhead(rows, "moved")
     return rows
@@ -353,18 +335,17 @@ def write_bytes(args, rows):
             f"D={args.head_dim}, fp16 inputs", "",
             "Bytes one decode step must move per layer (stores built on the CPU at batch 1 "
             f"from a {DECODE}-token-shorter prompt plus {DECODE} decoded tokens, scaled by the "
-            "batch; no kernel runs). `ceiling` = FP16 K+V bytes / moved bytes: the speedup "
-            "over FP16 SDPA of a kernel moving its bytes at SDPA's bandwidth. `GEAR +%`: "
-            "bytes over the plain backbone. Scratch: the prefill K-outlier score "
-            "correction, [B, Hq, P] fp32 zero-filled and read back; its atomic adds "
-            "(column `atomics`) are not in the bytes.", ""] + machine_lines("bytes") + [""]
-    table = ["| batch | context | method | bits | FP16 MB | store MB | scratch MB | atomics (M) | "
-             "% of FP16 | ceiling | GEAR +% |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "batch; no kernel runs): the live K and V stores, which is all the kernel reads "
+            "(its partial outputs, under 1 %, aside). `ceiling` = FP16 K+V bytes / moved "
+            "bytes: the speedup over FP16 SDPA of a kernel moving its bytes at SDPA's "
+            "bandwidth. `GEAR +%`: bytes over the plain backbone.", ""] + machine_lines("bytes") + [""]
+    table = ["| batch | context | method | bits | FP16 MB | K MB | V MB | "
+             "% of FP16 | ceiling | GEAR +% |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["batch"], r["context"])):
         over = f"{100 * r['gear_over']:+.0f}" if r.get("gear_over") is not None else ""
         table.append(f"| {r['batch']} | {r['context']} | {r['method']} | {r['bits']} | "
-                     f"{r['dense'] / 1e6:.4g} | {r['store'] / 1e6:.4g} | {r['scratch'] / 1e6:.4g} | "
-                     f"{r['atomics'] / 1e6:.4g} | {100 * r['moved'] / r['dense']:.1f} | "
+                     f"{r['dense'] / 1e6:.4g} | {r['k'] / 1e6:.4g} | {r['v'] / 1e6:.4g} | "
+                     f"{100 * r['moved'] / r['dense']:.1f} | "
                      f"{r['ceiling']:.2f} | {over} |")
     return "decode_attention_bytes", "\n".join(head + table) + "\n"
 

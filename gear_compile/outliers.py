@@ -32,13 +32,15 @@ def select(x: torch.Tensor, k: int, dim: int):
     """Top-k and bottom-k of x along dim.
 
     Returns (values fp16, indices narrow int, x with those entries set to 0);
-    values/indices have size 2k along `dim` (largest first, then smallest).
+    values/indices have size 2k along `dim`, indices ascending: a K block's
+    table then lists each channel's outliers in token order, so the decode
+    kernel finds a tile's entries as one run per channel.
     """
     length = x.shape[dim]
     hi_v, hi_i = x.topk(k, dim=dim)
     lo_v, lo_i = x.topk(k, dim=dim, largest=False)
-    idx = torch.cat([hi_i, lo_i], dim=dim)
-    vals = torch.cat([hi_v, lo_v], dim=dim)
+    idx, order = torch.cat([hi_i, lo_i], dim=dim).sort(dim=dim)
+    vals = torch.cat([hi_v, lo_v], dim=dim).gather(dim, order)
     rest = x.scatter(dim, idx, 0.0)
     return vals.to(torch.float16), idx.to(index_dtype(length)), rest
 

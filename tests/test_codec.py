@@ -93,11 +93,19 @@ def test_outlier_index_type_is_the_narrowest_that_indexes_the_vector(length, dty
     assert outliers.index_dtype(length) == dtype
 
 
-def test_select_keeps_the_largest_then_the_smallest_and_zeroes_them_in_the_rest():
+def test_select_keeps_the_largest_and_the_smallest_in_index_order_and_zeroes_them_in_the_rest():
     x = torch.tensor([[0.5, -9.0, 3.0, 7.0, -1.0, 0.0]])
     values, idx, rest = outliers.select(x, 2, dim=-1)
-    assert values.tolist() == [[7.0, 3.0, -9.0, -1.0]] and idx.tolist() == [[3, 2, 1, 4]]
+    assert values.tolist() == [[-9.0, 3.0, 7.0, -1.0]] and idx.tolist() == [[1, 2, 3, 4]]
     assert rest.tolist() == [[0.5, 0.0, 0.0, 0.0, 0.0, 0.0]]
+
+
+def test_select_lists_a_k_block_tables_token_offsets_ascending_per_channel():
+    """The decode kernel reads each channel's outliers as a run in token order."""
+    x = torch.randn(2, 3, 300, 16)
+    values, idx, _ = outliers.select(x, 5, dim=-2)
+    assert idx.dtype == torch.int16 and (idx[..., 1:, :] > idx[..., :-1, :]).all()
+    assert torch.equal(values, x.gather(-2, idx.long()).half())
 
 
 @pytest.mark.parametrize("dim", [-1, -2])

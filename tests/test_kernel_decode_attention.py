@@ -109,9 +109,33 @@ def test_many_splits_and_long_prefill():
     _check("gear", 4, 64, 2, 1, 300, 50, num_splits=5, B=1)
 
 
-def test_prefill_outliers_prescattered():
-    # 2k = 20 K outlier rows in the prefill block: the scatter pre-pass path
+def test_long_prefill_programs_start_mid_block():
+    # 2k = 20 K outliers per channel in a 1000-token prefill block, 4 programs:
+    # three start mid-block and binary-search each channel's sorted table
     _check("gear", 4, 64, 4, 1, 1000, 3, num_splits=4, B=1)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_k_outliers_clustered_in_one_tile(bits):
+    """Twenty spiked tokens hold every channel's 2k = 20 prefill outliers, so
+    one tile's run is 20 entries long in every channel (the scan's longest
+    trip) while its neighbours have none; a program starts inside the run."""
+    gen = torch.Generator().manual_seed(bits)
+    cfg = GearConfig(method="gear", bits=bits, group_size=16, decode_capacity=64)
+    x = torch.randn(1, 2, 1000, 64, generator=gen)
+    x[:, :, 200:210] += 50
+    x[:, :, 210:220] -= 50
+    ks = KVStore.from_prefill(x.half(), cfg, "k")
+    vs = KVStore.from_prefill(torch.randn(1, 2, 1000, 64, generator=gen).half(), cfg, "v")
+    idx = ks.prefill.out_idx.long()
+    assert ((idx >= 200) & (idx < 220)).all()          # every outlier sits in the spike
+    q = torch.randn(1, 6, 1, 64, generator=gen).half()
+    for splits in (1, 5, 31):                          # 31: a program starts at token 192
+        out = decode_attention_launch(q, ks.tensors(), vs.tensors(), None, 0.125,
+                                      cfg.to_json(), num_splits=splits)
+        ref = F.scaled_dot_product_attention(q.float(), ks.dequantize().float(),
+                                             vs.dequantize().float(), scale=0.125, enable_gqa=True)
+        assert (out.float() - ref).abs().max().item() < TOL[torch.float16], splits
 
 
 def test_registered_triton_op_runs_eagerly():

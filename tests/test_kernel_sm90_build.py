@@ -14,12 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _partial_variants():
     """(query dtype, bits, K on channel axis, rank, tile, mask kind, fp32 dot,
-    K correction, K fold, V fold) covering every constexpr branch."""
-    return [("fp16", 4, True, 2, 32, 1, False, False, True, True),
-            ("fp16", 2, True, 4, 32, 2, False, True, False, False),
-            ("bf16", 8, False, 0, 16, 0, False, False, False, False),
-            ("fp32", 4, True, 2, 32, 0, True, False, True, False),
-            ("fp16", 16, False, 0, 32, 1, False, False, False, False)]
+    K outliers (table index type, LOGK), V outliers, K fold, V fold) covering
+    every constexpr branch."""
+    return [("fp16", 4, True, 2, 32, 1, False, ("i16", 10), True, True, True),
+            ("fp16", 2, True, 4, 32, 2, False, ("u8", 2), True, False, False),
+            ("bf16", 8, False, 0, 16, 0, False, None, False, False, False),
+            ("fp32", 4, True, 2, 32, 0, True, ("i16", 10), False, True, False),
+            ("fp16", 16, False, 0, 32, 1, False, None, False, False, False)]
 
 
 def _build_all():
@@ -36,22 +37,21 @@ def _build_all():
         triton.compile(ASTSource(fn, sig, consts), target=target, options={"num_warps": num_warps})
 
     D, G = 128, 4
-    for qdt, bits, kch, rank, bt, mask, fp32, corr, kfold, vfold in _partial_variants():
+    for qdt, bits, kch, rank, bt, mask, fp32, kout, vout, kfold, vfold in _partial_variants():
         exact = bits == 16
         pb = 1 if exact else 8 // bits
         w = D if exact else D // pb
         cdt = qdt if exact else "u8"
         ptrs = dict(Q=qdt, Kc=cdt, Vc=cdt, Lens="i64", Mask="u8" if mask == 1 else qdt,
-                    Corr="fp32", PO="fp32", PLSE="fp32", Koi="u8", Voi="u8")
-        types = {n: "*" + ptrs.get(n, "fp16") for n in da._partial_kernel.arg_names[:20]}
+                    PO="fp32", PLSE="fp32", Koi=kout[0] if kout else "u8", Voi="u8")
+        types = {n: "*" + ptrs.get(n, "fp16") for n in da._partial_kernel.arg_names[:19]}
         types["qk_scale"] = "fp32"
         build(da._partial_kernel, types,
               dict(SEG=1, G=G, GP=16, D=D, W=w, WP=w, PB=pb, E=D, BITS=0 if exact else bits,
                    EXACT=exact, K_CHANNEL=kch, V_CHANNEL=False, R=rank, BT=bt, MASK_KIND=mask,
-                   FP32_DOT=fp32, K_CORR=corr, K_FOLD=kfold, V_FOLD=vfold), num_warps=8)
+                   FP32_DOT=fp32, K_OUT=kout is not None, LOGK=kout[1] if kout else 0,
+                   V_OUT=vout, K_FOLD=kfold, V_FOLD=vfold), num_warps=8)
     build(da._combine_kernel, dict(PO="*fp32", PLSE="*fp32", Out="*fp16"), dict(D=D, DP=D, SC=64))
-    build(da._k_outlier_kernel, dict(Q="*fp16", Kov="*fp16", Koi="*i16", Corr="*fp32",
-                                     qk_scale="fp32"), dict(G=G, D=D, DP=D, RB=16))
     for axis_channel in (True, False):
         for bits in (2, 4, 8):
             pb = 8 // bits

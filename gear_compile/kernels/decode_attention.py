@@ -15,7 +15,7 @@ Algorithm (split-K flash decoding, two kernels):
   never straddle a block, because the low-rank factor B and the K outliers are
   per block: a block of n_b = 20 tokens is one 32-token tile with 12 masked
   rows (we iterate block by block rather than gathering per-token block ids, so
-  each block's B and outlier table is read once per tile, not once per token).
+  each block's B is read once per tile, not once per token).
 * All G = Hq / Hkv query heads of a KV head are the rows of one [GP, E] q tile
   (GP = G padded to >= 16 rows for tl.dot), so each K/V byte is read once.
 * Codes are unpacked in registers: a [BT, W] byte tile is shifted by every
@@ -24,9 +24,15 @@ Algorithm (split-K flash decoding, two kernels):
   scales and the accumulator all live on that axis, so no interleaving is done.
 * GEAR terms: low-rank K adds (q . B_blk) . A_t to the scores (r dot products of
   length D per tile instead of a dense [BT, D] rebuild); low-rank V adds
-  (p . A) . B_blk^T to the accumulator; outliers are added into the
-  dequantized tile (K: [2k, D] token offsets per channel of the block; V: [2k]
-  channel indices per token).
+  (p . A) . B_blk^T to the accumulator. Outliers become a sparse [BT, E] tile
+  added to the dequantized one (or, where scales are folded into the dot, a
+  dot of their own). V: 2k channel indices per token. K: per block, 2k token
+  offsets per channel, sorted, so a tile's entries are one run per channel
+  that continues where the previous tile's stopped; only a program that
+  starts mid-block binary-searches for its place. A 32k-token prefill block
+  thus costs no scratch and no atomics (an earlier version pre-scattered its
+  2 % outliers into a [B, Hq, P] fp32 score correction: 28 % more bytes for
+  GEAR-2 at batch 16, context 32k, and 43M atomic adds).
 * Online softmax in base 2 (q is pre-scaled by scale * log2 e); each program
   writes its normalised partial output and log-sum-exp, `_combine_kernel`
   merges the partials of every segment.
@@ -49,9 +55,6 @@ from ..config import GearConfig
 from ..packing import packed_width
 
 _LOG2E = 1.4426950408889634
-# A prefill block with more K outlier rows than this gets them pre-scattered
-# (`_k_outlier_kernel`); fewer are cheaper to scan per tile.
-RB_OUTLIERS = 16
 
 
 @triton.jit
@@ -68,13 +71,12 @@ def _codes_tile(codes, t, ok_t, W: tl.constexpr, WP: tl.constexpr, PB: tl.conste
 
 
 @triton.jit
-def _dequant_tile(codes, scale, zero, oval, oidx, t, t_blk, blk, ok_t, ch, ok_c,
-                  group, k2,
+def _dequant_tile(codes, scale, zero, t, ok_t, ch, ok_c, group,
                   D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr,
                   E: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, EXACT: tl.constexpr,
-                  AXIS_CHANNEL: tl.constexpr, OUT_PER_BLOCK: tl.constexpr):
+                  AXIS_CHANNEL: tl.constexpr):
     """The [BT, E] fp32 tile of tokens t (segment-relative) on the extended
-    channel axis: codes * scale + zero + outliers (exact storage: the values)."""
+    channel axis: codes * scale + zero (exact storage: the values)."""
     ok = ok_t[:, None] & ok_c[None, :]
     if EXACT:
         x = tl.load(codes + t[:, None] * D + ch[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -86,20 +88,60 @@ def _dequant_tile(codes, scale, zero, oval, oidx, t, t_blk, blk, ok_t, ch, ok_c,
             sidx = t[:, None] * (D // group) + (ch // group)[None, :]
         s = tl.load(scale + sidx, mask=ok, other=0.0).to(tl.float32)
         z = tl.load(zero + sidx, mask=ok, other=0.0).to(tl.float32)
-        x = c * s + z
-        if OUT_PER_BLOCK:  # K: for each channel, 2k token offsets within the block
-            for o in range(k2):
-                at = (blk * k2 + o) * D + ch
-                oi = tl.load(oidx + at, mask=ok_c, other=0).to(tl.int32)
-                ov = tl.load(oval + at, mask=ok_c, other=0.0).to(tl.float32)
-                x += tl.where(t_blk[:, None] == oi[None, :], ov[None, :], 0.0)
-        else:              # V: for each token, 2k channel indices
-            for o in range(k2):
-                oi = tl.load(oidx + t * k2 + o, mask=ok_t, other=0).to(tl.int32)
-                ov = tl.load(oval + t * k2 + o, mask=ok_t, other=0.0).to(tl.float32)
-                x += tl.where(ch[None, :] == oi[:, None], ov[:, None], 0.0)
-        x = tl.where(ok, x, 0.0)
+        x = tl.where(ok, c * s + z, 0.0)
     return x
+
+
+@triton.jit
+def _lower_bound(oidx, blk, k2, ch, ok_c, target, D: tl.constexpr, LOGK: tl.constexpr):
+    """Per channel, the first entry of block blk's sorted K-outlier column
+    whose token offset is >= target (k2 if none): LOGK = bit_length(k2) halvings."""
+    lo = ch * 0
+    hi = lo + k2
+    for _ in tl.static_range(LOGK):
+        mid = (lo + hi) // 2
+        live = lo < hi
+        v = tl.load(oidx + (blk * k2 + mid) * D + ch, mask=ok_c & live, other=0).to(tl.int32)
+        lo = tl.where(live & (v < target), mid + 1, lo)
+        hi = tl.where(live & (v >= target), mid, hi)
+    return lo
+
+
+@triton.jit
+def _k_outlier_tile(oval, oidx, ptr, blk, k2, t_blk, tile_end, ch, ok_c,
+                    D: tl.constexpr, BT: tl.constexpr, E: tl.constexpr):
+    """K outliers of the tile's tokens as a dense [BT, E] fp32 tile, and each
+    channel's next unread entry. Block blk's table lists, per channel, 2k token
+    offsets in ascending order (`outliers.select`); ptr is each channel's first
+    entry at or after the tile's start, so the tile's entries are the run from
+    ptr up to tile_end, read a row at a time for all channels at once (the
+    longest run sets the trip count: a few rows at s = 2 %)."""
+    sp = tl.zeros([BT, E], tl.float32)
+    at = (blk * k2 + ptr) * D + ch
+    ok = ok_c & (ptr < k2)
+    tok = tl.where(ok, tl.load(oidx + at, mask=ok, other=0).to(tl.int32), tile_end)
+    hit = tok < tile_end
+    while tl.max(hit.to(tl.int32), axis=0) > 0:
+        val = tl.load(oval + at, mask=hit, other=0.0).to(tl.float32)
+        sp += tl.where(t_blk[:, None] == tok[None, :], val[None, :], 0.0)
+        ptr += hit.to(tl.int32)
+        at = (blk * k2 + ptr) * D + ch
+        ok = ok_c & (ptr < k2)
+        tok = tl.where(ok, tl.load(oidx + at, mask=ok, other=0).to(tl.int32), tile_end)
+        hit = tok < tile_end
+    return sp, ptr
+
+
+@triton.jit
+def _v_outlier_tile(oval, oidx, t, ok_t, ch, k2, BT: tl.constexpr, E: tl.constexpr):
+    """V outliers of tokens t as a dense [BT, E] fp32 tile: each token's table
+    row holds 2k channel indices."""
+    sp = tl.zeros([BT, E], tl.float32)
+    for o in range(k2):
+        oi = tl.load(oidx + t * k2 + o, mask=ok_t, other=0).to(tl.int32)
+        ov = tl.load(oval + t * k2 + o, mask=ok_t, other=0.0).to(tl.float32)
+        sp += tl.where(ch[None, :] == oi[:, None], ov[:, None], 0.0)
+    return sp
 
 
 @triton.jit
@@ -114,15 +156,16 @@ def _mma(a, b, DT: tl.constexpr, FP32_DOT: tl.constexpr):
 
 @triton.jit
 def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Voi,
-                    Lens, Mask, Corr, PO, PLSE,
+                    Lens, Mask, PO, PLSE,
                     qk_scale, Hkv, N, NBLK, BLOCK, TPB, ITEMS, SPLIT0, S_TOTAL,
                     k_group, v_group, k_k2, v_k2, mask_sb, mask_sh, mask_sl, mask_len,
                     SEG: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                     W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr, E: tl.constexpr,
                     BITS: tl.constexpr, EXACT: tl.constexpr, K_CHANNEL: tl.constexpr,
                     V_CHANNEL: tl.constexpr, R: tl.constexpr, BT: tl.constexpr,
-                    MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, K_CORR: tl.constexpr,
-                    K_FOLD: tl.constexpr, V_FOLD: tl.constexpr):
+                    MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, K_OUT: tl.constexpr,
+                    LOGK: tl.constexpr, V_OUT: tl.constexpr, K_FOLD: tl.constexpr,
+                    V_FOLD: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // Hkv
@@ -185,6 +228,7 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, E], tl.float32)
+    kptr = ch * 0          # per channel: next unread entry of the block's K-outlier table
     # items past the live length are skipped (a bound read from memory cannot
     # be a loop bound under the interpreter), so idle programs write an empty partial
     start = split * ITEMS
@@ -197,6 +241,14 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
             t = blk * BLOCK + t_blk
             ok_t = (t_blk < BLOCK) & (t < n_valid)
 
+            if K_OUT:
+                tile0 = (item % TPB) * BT
+                if tile0 == 0:       # a block's first tile starts its table
+                    kptr = kptr * 0
+                elif it == 0:        # a program starting mid-block searches for its place
+                    kptr = _lower_bound(Koi, blk, k_k2, ch, ok_c, tile0, D, LOGK)
+                ksp, kptr = _k_outlier_tile(Kov, Koi, kptr, blk, k_k2, t_blk, tile0 + BT,
+                                            ch, ok_c, D, BT, E)
             if K_FOLD:
                 # the tile shares one (scale, zero) row: q.k_t = (q*s).c_t + q.z,
                 # so the codes go to tl.dot as they are (integers, exact in fp16)
@@ -206,9 +258,13 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
                 zk = tl.load(Kz + row, mask=ok_c, other=0.0).to(tl.float32)
                 s = _mma(q * sk[None, :], tl.trans(c), DT, FP32_DOT) \
                     + tl.sum(q * zk[None, :], axis=1)[:, None]
+                if K_OUT:
+                    s += _mma(q, tl.trans(ksp), DT, FP32_DOT)
             else:
-                k = _dequant_tile(Kc, Ks, Kz, Kov, Koi, t, t_blk, blk, ok_t, ch, ok_c, k_group,
-                                  k_k2, D, W, WP, PB, E, BT, BITS, EXACT, K_CHANNEL, True)
+                k = _dequant_tile(Kc, Ks, Kz, t, ok_t, ch, ok_c, k_group,
+                                  D, W, WP, PB, E, BT, BITS, EXACT, K_CHANNEL)
+                if K_OUT:
+                    k += ksp
                 s = _mma(q, tl.trans(k), DT, FP32_DOT)
             if R > 0:
                 # low-rank K: q . (A_t B_blk^T) = (q . B_blk) . A_t
@@ -216,9 +272,6 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
                     bk = tl.load(Kb + (blk * D + ch) * R + r, mask=ok_c, other=0.0).to(tl.float32)
                     a = tl.load(Ka + t * R + r, mask=ok_t, other=0.0).to(tl.float32)
                     s += tl.sum(q * bk[None, :], axis=1)[:, None] * a[None, :]
-            if K_CORR:   # prefill K outliers, pre-scattered per token by _k_outlier_kernel
-                s += tl.load(Corr + qrow[:, None] * N + t[None, :],
-                             mask=ok_g[:, None] & ok_t[None, :], other=0.0)
             if MASK_KIND != 0:
                 pos = pos0 + t
                 ok_m = ok_g[:, None] & (ok_t & (pos >= 0))[None, :]
@@ -238,6 +291,8 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None]
 
+            if V_OUT:
+                vsp = _v_outlier_tile(Vov, Voi, t, ok_t, ch, v_k2, BT, E)
             if V_FOLD:
                 # one (scale, zero) per token: p.v = (p*s).c + (p.z) on every channel
                 c = _codes_tile(Vc, t, ok_t, W, WP, PB, E, BT, BITS)
@@ -245,9 +300,13 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
                 zv = tl.load(Vz + t, mask=ok_t, other=0.0).to(tl.float32)
                 acc += _mma(p * sv[None, :], c, DT, FP32_DOT) \
                     + tl.sum(p * zv[None, :], axis=1)[:, None]
+                if V_OUT:
+                    acc += _mma(p, vsp, DT, FP32_DOT)
             else:
-                v = _dequant_tile(Vc, Vs, Vz, Vov, Voi, t, t_blk, blk, ok_t, ch, ok_c, v_group,
-                                  v_k2, D, W, WP, PB, E, BT, BITS, EXACT, V_CHANNEL, False)
+                v = _dequant_tile(Vc, Vs, Vz, t, ok_t, ch, ok_c, v_group,
+                                  D, W, WP, PB, E, BT, BITS, EXACT, V_CHANNEL)
+                if V_OUT:
+                    v += vsp
                 acc += _mma(p, v, DT, FP32_DOT)
             if R > 0:
                 # low-rank V: sum_t p_t A_t B_blk^T = (p . A) . B_blk^T
@@ -263,29 +322,6 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
     slot = qrow * S_TOTAL + SPLIT0 + split
     tl.store(PO + slot[:, None] * D + ch[None, :], o, mask=ok_g[:, None] & ok_c[None, :])
     tl.store(PLSE + slot, lse, mask=ok_g)
-
-
-@triton.jit
-def _k_outlier_kernel(Q, Kov, Koi, Corr, qk_scale, Hkv, P, k2,
-                      G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, RB: tl.constexpr):
-    """Score corrections of the prefill block's K outliers: Corr[b, h, t] +=
-    q[h, d] * val for each outlier (d, t). The table holds 2k token offsets per
-    channel with no order, so a tile of the main kernel cannot find its
-    entries without scanning all 2k x D of them (O(P^2) over the prefill);
-    scattering them once here costs O(P) and a [B, Hq, P] fp32 read."""
-    pid_bh = tl.program_id(0)
-    rows = tl.program_id(1) * RB + tl.arange(0, RB)
-    b = pid_bh // Hkv
-    kvh = pid_bh % Hkv
-    d = tl.arange(0, DP)
-    ok = (rows < k2)[:, None] & (d < D)[None, :]
-    at = (pid_bh.to(tl.int64) * k2 + rows)[:, None] * D + d[None, :]
-    idx = tl.load(Koi + at, mask=ok, other=0).to(tl.int32)
-    val = tl.load(Kov + at, mask=ok, other=0.0).to(tl.float32)
-    for g in tl.static_range(G):
-        row = (b * Hkv * G + kvh * G + g).to(tl.int64)
-        qg = tl.load(Q + row * D + d, mask=d < D, other=0.0).to(tl.float32) * qk_scale
-        tl.atomic_add(Corr + row * P + idx, val * qg[None, :], mask=ok)
 
 
 @triton.jit
@@ -324,13 +360,6 @@ def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4   # interpreter: few programs run fastest
-
-
-def prefill_k_correction(ks: KVStore) -> bool:
-    """Whether a launch pre-scatters the prefill block's K outliers into a
-    [B, Hq, P] fp32 score correction (`_k_outlier_kernel`): when the block
-    holds more than RB_OUTLIERS outlier rows. Benchmarks count its traffic."""
-    return ks.prefill.codes.shape[2] > 0 and 2 * ks.p_layout.outliers_per_side > RB_OUTLIERS
 
 
 def _pow2(n: int) -> int:
@@ -436,32 +465,25 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
         kc, ksc, kz, ka, kb, kov, koi = (t.contiguous() for t in kt)
         vc, vsc, vz, va, vb, vov, voi = (t.contiguous() for t in vt)
         rank = 0 if seg_id == 2 or kl.rank == 0 else kl.rank
-        corr = q
-        if seg_id == 0 and prefill_k_correction(ks):
-            corr = torch.zeros(B, Hq, n_cap, dtype=torch.float32, device=q.device)
-            launch(_k_outlier_kernel)[(B * Hkv, -(-k_k2 // RB_OUTLIERS))](
-                q, kov, koi, corr, scale * _LOG2E, Hkv, n_cap, k_k2,
-                G=G, D=D, DP=_pow2(D), RB=RB_OUTLIERS)
-            k_k2 = 0
         # fold scale/zero into the dot products where one (scale, zero) covers
         # a K tile's rows (a channel-axis group spanning the tile) or a V token's
-        # whole row, and no outliers need adding into the tile
-        fold_k = (not seg_exact and kl.spec.axis == "channel" and k_k2 == 0
+        # whole row; outliers then join as a dot of their own
+        fold_k = (not seg_exact and kl.spec.axis == "channel"
                   and (k_group == block or (k_group % bt == 0 and block % bt == 0)))
-        fold_v = not seg_exact and vl.spec.axis == "token" and v_group == D and v_k2 == 0
+        fold_v = not seg_exact and vl.spec.axis == "token" and v_group == D
         dp = max(16, _pow2(D))
         seg_w, seg_pb, seg_wp, seg_e = (D, 1, dp, dp) if seg_exact else (W, PB, WP, E)
         launch(_partial_kernel)[(B * Hkv, splits)](
             q, kc, ksc, kz, ka, kb, kov, koi, vc, vsc, vz, va, vb, vov, voi,
-            lens, mask, corr, po, plse,
+            lens, mask, po, plse,
             scale * _LOG2E, Hkv, n_cap, nblk, block, tpb, items, split0, s_total,
             k_group, v_group, k_k2, v_k2, strides[0], strides[1], strides[2], mlen,
             SEG=seg_id, G=G, GP=GP, D=D, W=seg_w, WP=seg_wp, PB=seg_pb, E=seg_e,
             BITS=0 if seg_exact else bits, EXACT=seg_exact,
             K_CHANNEL=not seg_exact and kl.spec.axis == "channel",
             V_CHANNEL=not seg_exact and vl.spec.axis == "channel",
-            R=rank, BT=bt, MASK_KIND=kind, FP32_DOT=fp32_dot, K_CORR=corr is not q,
-            K_FOLD=fold_k, V_FOLD=fold_v, num_warps=8 if bt * seg_e >= 4096 else 4)
+            R=rank, BT=bt, MASK_KIND=kind, FP32_DOT=fp32_dot, K_OUT=k_k2 > 0,
+            LOGK=k_k2.bit_length(), V_OUT=v_k2 > 0, K_FOLD=fold_k, V_FOLD=fold_v, num_warps=8 if bt * seg_e >= 4096 else 4)
         split0 += splits
 
     out = torch.empty_like(q)
