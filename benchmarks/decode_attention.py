@@ -74,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu runs the kernel under TRITON_INTERPRET=1: a check of this "
                         "script, not a measurement")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="time Python launches instead of CUDA graph replays")
     p.add_argument("--bytes-only", action="store_true",
                    help="no timing: the bytes each method moves and its speedup ceiling")
     p.add_argument("--peak-gbps", type=float, default=None,
@@ -89,26 +91,49 @@ def parse_args(argv=None):
     return args
 
 
-def make_timer(device: str):
-    """time_us(fn, iters, warmup): median latency of fn() in microseconds, by
-    CUDA events on a GPU, by the wall clock on the CPU (the interpreter)."""
-    def time_us(fn, iters, warmup):
+def capture(fn):
+    """fn recorded as a CUDA graph (warmed up on a side stream first, as
+    capture requires): replaying it costs no Python or launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def make_timer(device: str, graphs: bool):
+    """time_us(fn, iters, warmup, graph=True) -> (median us, "graph" | "eager"):
+    by CUDA events on a GPU, replaying a CUDA graph of fn where graphs are on
+    and capture works (so the time is the GPU's, not the launcher's Python),
+    by the wall clock on the CPU (the interpreter)."""
+    def time_us(fn, iters, warmup, graph=True):
         for _ in range(warmup):
             fn()
+        mode, run = "eager", fn
+        if graphs and graph and device == "cuda":
+            try:
+                mode, run = "graph", capture(fn)
+            except RuntimeError as err:
+                print(f"  CUDA graph capture failed ({str(err)[:120]}); timing eagerly")
         times = []
         for _ in range(max(1, iters)):
             if device == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                fn()
+                run()
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end) * 1e3)
             else:
                 t0 = time.perf_counter()
-                fn()
+                run()
                 times.append((time.perf_counter() - t0) * 1e6)
-        return statistics.median(times)
+        return statistics.median(times), mode
     return time_us
 
 
@@ -152,7 +177,8 @@ def best_sdpa(q, k, v, scale, time_us, iters, warmup):
             run()
         except RuntimeError:
             continue
-        best = min(best, (time_us(run, iters, warmup), backend.name))
+        us, mode = time_us(run, iters, warmup)
+        best = min(best, (us, f"{backend.name}, {mode}"))
     return best
 
 
@@ -179,9 +205,10 @@ def backbone_overhead(rows, key: str) -> None:
             r["gear_over"] = r[key] / ref - 1 if ref else None
 
 
-def measure(args, time_us, device: str) -> list[dict]:
+def measure(args, time_us, device: str, save) -> list[dict]:
     """The timed grid: FP16 SDPA, then the kernel and dequantize+SDPA per
-    method, for each batch and context."""
+    method, for each batch and context; save(rows) after each context, so a
+    run cut short keeps what it measured."""
     from gear_compile.kernels.decode_attention import decode_attention_launch
 
     Hq, Hkv, D = args.q_heads, args.kv_heads, args.head_dim
@@ -199,25 +226,32 @@ def measure(args, time_us, device: str) -> list[dict]:
             v = torch.randn_like(k)
             t_ref, backend = best_sdpa(q, k, v, scale, time_us, args.iters, args.warmup)
             del k, v
-            rows.append(dict(batch=B, context=L, method=f"fp16 sdpa ({backend})", bits=16,
-                             us=t_ref, bytes=dense, ceiling=1.0, speedup=1.0))
+            rows.append(dict(batch=B, context=L, method=f"fp16 sdpa ({backend.split(',')[0]})",
+                             bits=16, us=t_ref, mode=backend.split(", ")[1], bytes=dense,
+                             ceiling=1.0, speedup=1.0))
             for method, bits, cfg in configs(args):
                 ks = build_store(cfg, "k", B, Hkv, L, D, device)
                 vs = build_store(cfg, "v", B, Hkv, L, D, device)
-                kp, vp, text = ks.tensors(), vs.tensors(), cfg.to_json()
-                t_k = time_us(lambda: decode_attention_launch(q, kp, vp, None, scale, text),
-                              args.iters, args.warmup)
+                # live lengths on the device, as in a compiled model: nothing to copy per call
+                kp, vp = ([t.to(device) for t in s.tensors()] for s in (ks, vs))
+                text = cfg.to_json()
+
+                def kernel():
+                    return decode_attention_launch(q, kp, vp, None, scale, text)
+                t_k, mode = time_us(kernel, args.iters, args.warmup)
+                t_eager = time_us(kernel, args.iters, 0, graph=False)[0] if mode == "graph" else t_k
                 moved = live_bytes(ks) + live_bytes(vs)
-                rows.append(dict(batch=B, context=L, method=method, bits=bits, us=t_k,
-                                 bytes=moved, ceiling=dense / moved, speedup=t_ref / t_k,
+                rows.append(dict(batch=B, context=L, method=method, bits=bits, us=t_k, mode=mode,
+                                 eager_us=t_eager, bytes=moved, ceiling=dense / moved,
+                                 speedup=t_ref / t_k,
                                  backbone=cfg.quantizer if method in ("gear", "gear_l") else None))
 
                 def deq_sdpa():
                     return F.scaled_dot_product_attention(
                         q, ks.dequantize(), vs.dequantize(), scale=scale, enable_gqa=True)
-                t_d = time_us(deq_sdpa, max(1, args.iters // 5), min(2, args.warmup))
+                t_d, mode = time_us(deq_sdpa, max(1, args.iters // 5), min(2, args.warmup))
                 rows.append(dict(batch=B, context=L, method=f"dequantize+sdpa {method}",
-                                 bits=bits, us=t_d, bytes=moved + 2 * dense,
+                                 bits=bits, us=t_d, mode=mode, bytes=moved + 2 * dense,
                                  ceiling=dense / (moved + 2 * dense), speedup=t_ref / t_d))
                 del ks, vs, kp, vp
                 if device == "cuda":
@@ -226,7 +260,8 @@ def measure(args, time_us, device: str) -> list[dict]:
                     print(f"B={B:3d} L={L:7d} {r['method']:24s} {r['bits']:2d}b "
                           f"{r['us']:10.1f} us  x{r['speedup']:.2f} (ceiling x{r['ceiling']:.2f})",
                           flush=True)
-    backbone_overhead(rows, "us")
+            backbone_overhead(rows, "us")
+            save(rows)
     return rows
 
 
@@ -313,18 +348,24 @@ def write_timed(args, rows, device):
     peak = peak_gbps(args, device)
     head = [f"# Decode attention, one layer: Hq={args.q_heads}, Hkv={args.kv_heads}, "
             f"D={args.head_dim}, fp16", ""] + machine_lines(device) + [
-        f"- peak HBM bandwidth taken as {peak or 'n/a'} GB/s; latencies are medians of "
+        (f"- peak HBM bandwidth taken as {peak:g} GB/s" if peak else "- peak HBM bandwidth: n/a")
+        + f"; latencies are medians of "
         f"{args.iters} timings after {args.warmup} warm-up calls (dequantize+sdpa: "
-        f"{max(1, args.iters // 5)} after {min(2, args.warmup)})", ""]
-    table = ["| batch | context | method | bits | us | GB/s | % peak | ceiling | speedup | GEAR +% |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        f"{max(1, args.iters // 5)} after {min(2, args.warmup)})",
+        "- timing `graph`: replays of a CUDA graph of the call (GPU time only); `eager`: "
+        "Python launches timed as they come. `eager us` (kernel rows): the same call "
+        "launched from Python each time, i.e. with the launcher's host overhead", ""]
+    table = ["| batch | context | method | bits | timing | us | eager us | GB/s | % peak | "
+             "ceiling | speedup | GEAR +% |",
+             "|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         gbps = r["bytes"] / (r["us"] * 1e-6) / 1e9
         over = f"{100 * r['gear_over']:+.0f}" if r.get("gear_over") is not None else ""
         pct = f"{100 * gbps / peak:.0f}%" if peak else "n/a"
+        eager = f"{r['eager_us']:.1f}" if "eager_us" in r else ""
         table.append(f"| {r['batch']} | {r['context']} | {r['method']} | {r['bits']} | "
-                     f"{r['us']:.1f} | {gbps:.0f} | {pct} | {r['ceiling']:.2f} | "
-                     f"{r['speedup']:.2f} | {over} |")
+                     f"{r['mode']} | {r['us']:.1f} | {eager} | {gbps:.0f} | {pct} | "
+                     f"{r['ceiling']:.2f} | {r['speedup']:.2f} | {over} |")
     stem = "decode_attention" if device == "cuda" else "decode_attention_interpreter"
     text = "\n".join(head + verdict(rows, peak) + table) + "\n"
     return stem, text
@@ -361,14 +402,19 @@ def main(argv=None):
                  "here. Use --bytes-only for the byte model, or --device cpu to check this "
                  "script under the Triton interpreter.")
     torch.manual_seed(0)
-    if args.bytes_only:
-        stem, text = write_bytes(args, bytes_model(args))
-    else:
-        rows = measure(args, make_timer(device), device)
-        stem, text = write_timed(args, rows, device)
-        plot(rows, args.batch, args.out / f"{stem}.png")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.md").write_text(text)
+
+    def save(stem, text):
+        (args.out / f"{stem}.md").write_text(text)
+        return stem, text
+
+    if args.bytes_only:
+        stem, text = save(*write_bytes(args, bytes_model(args)))
+    else:
+        timer = make_timer(device, graphs=not args.no_graphs)
+        rows = measure(args, timer, device, lambda rows: save(*write_timed(args, rows, device)))
+        stem, text = save(*write_timed(args, rows, device))
+        plot(rows, args.batch, args.out / f"{stem}.png")
     print(text)
     print(f"wrote {args.out / stem}.md")
 
