@@ -38,7 +38,10 @@ def select(x: torch.Tensor, k: int, dim: int):
     """
     length = x.shape[dim]
     hi_v, hi_i = x.topk(k, dim=dim)
-    lo_v, lo_i = x.topk(k, dim=dim, largest=False)
+    # the bottom k among the rest: with ties (a constant vector) the two
+    # top-k calls could pick the same entry, which a reader that adds the
+    # table's entries (the decode kernel) would count twice
+    lo_v, lo_i = x.scatter(dim, hi_i, float("inf")).topk(k, dim=dim, largest=False)
     idx, order = torch.cat([hi_i, lo_i], dim=dim).sort(dim=dim)
     vals = torch.cat([hi_v, lo_v], dim=dim).gather(dim, order)
     rest = x.scatter(dim, idx, 0.0)

@@ -100,6 +100,13 @@ def test_select_keeps_the_largest_and_the_smallest_in_index_order_and_zeroes_the
     assert rest.tolist() == [[0.5, 0.0, 0.0, 0.0, 0.0, 0.0]]
 
 
+def test_select_picks_distinct_entries_even_when_all_are_tied():
+    x = torch.full((2, 8), 3.0)
+    values, idx, rest = outliers.select(x, 2, dim=-1)
+    assert all(len(set(row)) == 4 for row in idx.tolist())
+    assert torch.equal(outliers.scatter(values, idx, x, -1) + rest, x)
+
+
 def test_select_lists_a_k_block_tables_token_offsets_ascending_per_channel():
     """The decode kernel reads each channel's outliers as a run in token order."""
     x = torch.randn(2, 3, 300, 16)

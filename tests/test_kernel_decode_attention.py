@@ -138,6 +138,22 @@ def test_k_outliers_clustered_in_one_tile(bits):
         assert (out.float() - ref).abs().max().item() < TOL[torch.float16], splits
 
 
+def test_constant_vectors_count_each_outlier_once():
+    """A K channel and some V tokens constant (nonzero): every entry ties, and
+    the outlier tables must still hold distinct entries the kernel adds once."""
+    gen = torch.Generator().manual_seed(3)
+    cfg = GearConfig(method="gear", bits=2, group_size=16, decode_capacity=64)
+    k, v = torch.randn(2, 1, 2, 70, 64, generator=gen)
+    k[:, :, :, 5] = 1.5
+    v[:, :, 10:30] = -0.75
+    ks, vs = KVStore.from_prefill(k.half(), cfg, "k"), KVStore.from_prefill(v.half(), cfg, "v")
+    q = torch.randn(1, 4, 1, 64, generator=gen).half()
+    out = decode_attention_launch(q, ks.tensors(), vs.tensors(), None, 0.125, cfg.to_json())
+    ref = F.scaled_dot_product_attention(q.float(), ks.dequantize().float(),
+                                         vs.dequantize().float(), scale=0.125, enable_gqa=True)
+    assert (out.float() - ref).abs().max().item() < TOL[torch.float16]
+
+
 def test_registered_triton_op_runs_eagerly():
     gen = torch.Generator().manual_seed(0)
     cfg = GearConfig(method="gear", bits=4)
