@@ -42,6 +42,7 @@ gear_compile.compressed_kv (builds the stores).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -69,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=["none", "kcvt", "kivi", "gear_l", "gear"],
                    help="gear_compile methods (none: the fp16 control)")
     p.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
+                   help="override a gear / gear_l option, e.g. --option outlier_ratio=0.01 "
+                        "--option rank_prefill=2 (the backbones keep their defaults)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
@@ -84,7 +88,22 @@ def parse_args(argv=None):
     p.add_argument("--max-dense-gb", type=float, default=24.0,
                    help="skip shapes whose dense FP16 K+V exceed this many GB")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--prefix", default="", help="prepended to the output file names")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.overrides = {}
+    for o in args.option:
+        key, sep, value = o.partition("=")
+        try:
+            args.overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            sep = ""
+        if not sep:
+            p.error(f"--option {o!r}: expected KEY=JSON, e.g. outlier_ratio=0.01")
+    try:
+        configs(args)      # fail now, not after an hour of measuring
+    except (ValueError, TypeError) as err:
+        p.error(str(err))
     for L in args.context:
         if L <= DECODE:
             p.error(f"--context {L}: must exceed the {DECODE} decoded tokens")
@@ -190,7 +209,8 @@ def configs(args):
     out = []
     for method in args.methods:
         for bits in ([args.bits[0]] if method == "none" else args.bits):
-            cfg = GearConfig(method=method, bits=bits)
+            extra = args.overrides if method in ("gear", "gear_l") else {}
+            cfg = GearConfig.from_options(dict(extra, method=method, bits=bits))
             out.append((method, 16 if method == "none" else bits, cfg))
     return out
 
@@ -288,7 +308,7 @@ def bytes_model(args) -> list[dict]:
     return rows
 
 
-def machine_lines(device: str) -> list[str]:
+def machine_lines(args, device: str) -> list[str]:
     """Device, versions and the command, for a results file's header."""
     import platform
 
@@ -304,7 +324,8 @@ def machine_lines(device: str) -> list[str]:
     return [f"- device: {name}",
             f"- torch {torch.__version__}, triton {triton.__version__}, "
             f"gear_compile {getattr(gear_compile, '__version__', '?')}",
-            f"- command: `python benchmarks/decode_attention.py {' '.join(sys.argv[1:])}`"]
+            f"- command: `python benchmarks/decode_attention.py {' '.join(args.argv)}`"] + (
+                [f"- gear / gear_l option overrides: {args.overrides}"] if args.overrides else [])
 
 
 def peak_gbps(args, device: str) -> float | None:
@@ -347,7 +368,7 @@ def verdict(rows, peak) -> list[str]:
 def write_timed(args, rows, device):
     peak = peak_gbps(args, device)
     head = [f"# Decode attention, one layer: Hq={args.q_heads}, Hkv={args.kv_heads}, "
-            f"D={args.head_dim}, fp16", ""] + machine_lines(device) + [
+            f"D={args.head_dim}, fp16", ""] + machine_lines(args, device) + [
         (f"- peak HBM bandwidth taken as {peak:g} GB/s" if peak else "- peak HBM bandwidth: n/a")
         + f"; latencies are medians of "
         f"{args.iters} timings after {args.warmup} warm-up calls (dequantize+sdpa: "
@@ -379,7 +400,7 @@ def write_bytes(args, rows):
             "batch; no kernel runs): the live K and V stores, which is all the kernel reads "
             "(its partial outputs, under 1 %, aside). `ceiling` = FP16 K+V bytes / moved "
             "bytes: the speedup over FP16 SDPA of a kernel moving its bytes at SDPA's "
-            "bandwidth. `GEAR +%`: bytes over the plain backbone.", ""] + machine_lines("bytes") + [""]
+            "bandwidth. `GEAR +%`: bytes over the plain backbone.", ""] + machine_lines(args, "bytes") + [""]
     table = ["| batch | context | method | bits | FP16 MB | K MB | V MB | "
              "% of FP16 | ceiling | GEAR +% |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["batch"], r["context"])):
@@ -405,6 +426,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save(stem, text):
+        stem = args.prefix + stem
         (args.out / f"{stem}.md").write_text(text)
         return stem, text
 

@@ -53,6 +53,25 @@ def test_byte_model_scales_with_batch_and_ranks_methods(tmp_path):
     assert ceiling[("kivi", 2)] > ceiling[("gear_l", 2)] > ceiling[("gear", 2)] > 2
 
 
+def test_options_reach_the_gear_methods_only(tmp_path):
+    # no low rank and no outliers: GEAR stores exactly its backbone
+    bench.main(SHAPE + ["--bytes-only", "--batch", "1", "--methods", "kivi", "gear", "--bits", "2",
+                        "--option", "outlier_ratio=0", "--option", "rank_prefill=0",
+                        "--option", "rank_decode=0", "--prefix", "plain_", "--out", str(tmp_path)])
+    text = (tmp_path / "plain_decode_attention_bytes.md").read_text()
+    assert "option overrides: {'outlier_ratio': 0" in text
+    gear = [r for r in text.splitlines() if r.startswith("| 1 | 400 | gear | 2 |")]
+    assert gear and gear[0].rstrip(" |").endswith("+0")
+
+
+@pytest.mark.parametrize("option, message", [("rank_prefill", "KEY=JSON"),
+                                             ("outlier_ratio=2", "outlier_ratio")])
+def test_bad_options_are_refused_before_any_work(option, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(SHAPE + ["--option", option])
+    assert message in capsys.readouterr().err
+
+
 def test_context_must_exceed_the_decoded_tokens():
     with pytest.raises(SystemExit):
         bench.parse_args(["--context", str(bench.DECODE)])
