@@ -28,6 +28,8 @@ Writes benchmarks/results/decode_attention.md, a plot of speedup vs context
 size) and a verdict on issue 5's targets at batch 16, context 32k.
 
   python benchmarks/decode_attention.py                 # the grid, on a CUDA GPU
+  python benchmarks/decode_attention.py --batch 16 --context 32768   # the targets' cell
+  python benchmarks/decode_attention.py --max-seconds 500 --prefix part1_   # within 600 s
   python benchmarks/decode_attention.py --bytes-only    # the byte model, any machine
   python benchmarks/decode_attention.py --device cpu --batch 1 --context 400 \\
       --iters 1 --warmup 0      # the interpreter: checks the script, times nothing real
@@ -85,6 +87,9 @@ def parse_args(argv=None):
     p.add_argument("--peak-gbps", type=float, default=None,
                    help="peak HBM bandwidth in GB/s (default: looked up from the device name: "
                         + ", ".join(f"{k} {v:g}" for k, v in PEAK_GBPS.items()) + ")")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="after this many seconds start no new shape (the first always runs; "
+                        "the table so far is saved; the device tool allows 600 s per command)")
     p.add_argument("--max-dense-gb", type=float, default=24.0,
                    help="skip shapes whose dense FP16 K+V exceed this many GB")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -234,9 +239,15 @@ def measure(args, time_us, device: str, save) -> list[dict]:
     Hq, Hkv, D = args.q_heads, args.kv_heads, args.head_dim
     scale = D ** -0.5
     rows = []
+    t_start = time.perf_counter()
     for B in args.batch:
         for L in args.context:
             dense = 2 * B * Hkv * L * D * 2
+            if rows and args.max_seconds is not None \
+                    and time.perf_counter() - t_start > args.max_seconds:
+                print(f"stop before batch {B} context {L}: --max-seconds {args.max_seconds:g} "
+                      "reached", flush=True)
+                return rows
             if dense > args.max_dense_gb * 1e9:
                 print(f"skip batch {B} context {L}: dense K+V {dense / 1e9:.1f} GB "
                       f"> --max-dense-gb {args.max_dense_gb:g}", flush=True)

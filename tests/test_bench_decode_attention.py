@@ -72,6 +72,13 @@ def test_bad_options_are_refused_before_any_work(option, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_time_budget_stops_the_grid_between_shapes(tmp_path):
+    bench.main(SHAPE + ["--device", "cpu", "--batch", "1", "2", "--methods", "kivi", "--bits", "2",
+                        "--iters", "1", "--warmup", "0", "--max-seconds", "0", "--out", str(tmp_path)])
+    text = (tmp_path / "decode_attention_interpreter.md").read_text()
+    assert "| 1 | 400 | kivi |" in text and "| 2 | 400 |" not in text
+
+
 def test_context_must_exceed_the_decoded_tokens():
     with pytest.raises(SystemExit):
         bench.parse_args(["--context", str(bench.DECODE)])
