@@ -188,10 +188,10 @@ def live_bytes(store) -> int:
 
 
 def best_sdpa(q, k, v, scale, time_us, iters, warmup):
-    """Fastest SDPA backend that accepts the shapes: (us, backend name)."""
+    """Fastest SDPA backend that accepts the shapes: (us, backend name, timing mode)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    best = (float("inf"), "none")
+    best = (float("inf"), "none", "eager")
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                     SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
         def run():
@@ -201,9 +201,10 @@ def best_sdpa(q, k, v, scale, time_us, iters, warmup):
             run()
         except RuntimeError:
             continue
-        us, mode = time_us(run, iters, warmup)
-        best = min(best, (us, f"{backend.name}, {mode}"))
-    return best
+        best = min(best, (*time_us(run, iters, warmup), backend.name),
+                   key=lambda b: b[0])
+    us, mode, name = best
+    return us, name, mode
 
 
 def configs(args):
@@ -218,6 +219,16 @@ def configs(args):
             cfg = GearConfig.from_options(dict(extra, method=method, bits=bits))
             out.append((method, 16 if method == "none" else bits, cfg))
     return out
+
+
+def backbone_of(method: str, cfg) -> str | None:
+    """The plain method a gear / gear_l row is compared with (None for the rest)."""
+    return cfg.quantizer if method in ("gear", "gear_l") else None
+
+
+def gbps(row) -> float:
+    """A timed row's achieved bandwidth: the bytes it moves over its latency."""
+    return row["bytes"] / (row["us"] * 1e-6) / 1e9
 
 
 def backbone_overhead(rows, key: str) -> None:
@@ -255,11 +266,10 @@ def measure(args, time_us, device: str, save) -> list[dict]:
             q = torch.randn(B, Hq, 1, D, device=device, dtype=torch.float16)
             k = torch.randn(B, Hkv, L, D, device=device, dtype=torch.float16)
             v = torch.randn_like(k)
-            t_ref, backend = best_sdpa(q, k, v, scale, time_us, args.iters, args.warmup)
+            t_ref, backend, mode = best_sdpa(q, k, v, scale, time_us, args.iters, args.warmup)
             del k, v
-            rows.append(dict(batch=B, context=L, method=f"fp16 sdpa ({backend.split(',')[0]})",
-                             bits=16, us=t_ref, mode=backend.split(", ")[1], bytes=dense,
-                             ceiling=1.0, speedup=1.0))
+            rows.append(dict(batch=B, context=L, method=f"fp16 sdpa ({backend})", bits=16,
+                             us=t_ref, mode=mode, bytes=dense, ceiling=1.0, speedup=1.0))
             for method, bits, cfg in configs(args):
                 ks = build_store(cfg, "k", B, Hkv, L, D, device)
                 vs = build_store(cfg, "v", B, Hkv, L, D, device)
@@ -274,8 +284,7 @@ def measure(args, time_us, device: str, save) -> list[dict]:
                 moved = live_bytes(ks) + live_bytes(vs)
                 rows.append(dict(batch=B, context=L, method=method, bits=bits, us=t_k, mode=mode,
                                  eager_us=t_eager, bytes=moved, ceiling=dense / moved,
-                                 speedup=t_ref / t_k,
-                                 backbone=cfg.quantizer if method in ("gear", "gear_l") else None))
+                                 speedup=t_ref / t_k, backbone=backbone_of(method, cfg)))
 
                 def deq_sdpa():
                     return F.scaled_dot_product_attention(
@@ -314,7 +323,7 @@ def bytes_model(args) -> list[dict]:
                 moved = B * (k_bytes + v_bytes)
                 rows.append(dict(batch=B, context=L, method=method, bits=bits, dense=dense,
                                  k=B * k_bytes, v=B * v_bytes, moved=moved, ceiling=dense / moved,
-                                 backbone=cfg.quantizer if method in ("gear", "gear_l") else None))
+                                 backbone=backbone_of(method, cfg)))
     backbone_overhead(rows, "moved")
     return rows
 
@@ -359,13 +368,12 @@ def verdict(rows, peak) -> list[str]:
     out = [f"## Targets at batch {TARGET['batch']}, context {TARGET['context']}", ""]
     for r in at:
         if r["method"] in ("kcvt", "kivi", "gear", "gear_l"):
-            gbps = r["bytes"] / (r["us"] * 1e-6) / 1e9
             need = TARGET["speedup"].get(r["bits"])
             line = f"- {r['method']} {r['bits']}-bit: x{r['speedup']:.2f} vs FP16 SDPA"
             if need:
                 line += f" (target >= x{need:g}: {'met' if r['speedup'] >= need else 'MISSED'})"
             if peak:
-                frac = gbps / peak
+                frac = gbps(r) / peak
                 line += (f"; {100 * frac:.0f} % of peak HBM (target >= "
                          f"{100 * TARGET['peak']:.0f} %: {'met' if frac >= TARGET['peak'] else 'MISSED'})")
             if r.get("gear_over") is not None:
@@ -391,12 +399,11 @@ def write_timed(args, rows, device):
              "ceiling | speedup | GEAR +% |",
              "|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        gbps = r["bytes"] / (r["us"] * 1e-6) / 1e9
         over = f"{100 * r['gear_over']:+.0f}" if r.get("gear_over") is not None else ""
-        pct = f"{100 * gbps / peak:.0f}%" if peak else "n/a"
+        pct = f"{100 * gbps(r) / peak:.0f}%" if peak else "n/a"
         eager = f"{r['eager_us']:.1f}" if "eager_us" in r else ""
         table.append(f"| {r['batch']} | {r['context']} | {r['method']} | {r['bits']} | "
-                     f"{r['mode']} | {r['us']:.1f} | {eager} | {gbps:.0f} | {pct} | "
+                     f"{r['mode']} | {r['us']:.1f} | {eager} | {gbps(r):.0f} | {pct} | "
                      f"{r['ceiling']:.2f} | {r['speedup']:.2f} | {over} |")
     stem = "decode_attention" if device == "cuda" else "decode_attention_interpreter"
     text = "\n".join(head + verdict(rows, peak) + table) + "\n"

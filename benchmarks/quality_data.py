@@ -99,9 +99,10 @@ def ensure_janeaustenr(install: bool = True) -> str:
         _run(["dpkg-deb", "-x", os.path.join(DEB_ROOT, deb), DEB_ROOT])
     except (subprocess.CalledProcessError, StopIteration) as e:
         raise RuntimeError(f"{msg}; download failed: {e!r}") from e
-    if not os.path.exists(os.path.join(UNPACKED_DATA, "Rdata.rdx")):
+    found = find_janeaustenr()
+    if not found:
         raise RuntimeError(f"{msg}; unpacked, but {UNPACKED_DATA}/Rdata.rdx is missing")
-    return UNPACKED_DATA
+    return found
 
 
 def novel_lines(name: str = NOVEL, install: bool = True) -> list[str]:

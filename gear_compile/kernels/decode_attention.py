@@ -108,6 +108,16 @@ def _lower_bound(oidx, blk, k2, ch, ok_c, target, D: tl.constexpr, LOGK: tl.cons
 
 
 @triton.jit
+def _k_outlier_row(oidx, ptr, blk, k2, tile_end, ch, ok_c, D: tl.constexpr):
+    """Each channel's entry at ptr: (its table offset, its token offset, and
+    whether it falls before tile_end, i.e. in the tile)."""
+    at = (blk * k2 + ptr) * D + ch
+    ok = ok_c & (ptr < k2)
+    tok = tl.where(ok, tl.load(oidx + at, mask=ok, other=0).to(tl.int32), tile_end)
+    return at, tok, tok < tile_end
+
+
+@triton.jit
 def _k_outlier_tile(oval, oidx, ptr, blk, k2, t_blk, tile_end, ch, ok_c,
                     D: tl.constexpr, BT: tl.constexpr, E: tl.constexpr):
     """K outliers of the tile's tokens as a dense [BT, E] fp32 tile, and each
@@ -117,18 +127,12 @@ def _k_outlier_tile(oval, oidx, ptr, blk, k2, t_blk, tile_end, ch, ok_c,
     ptr up to tile_end, read a row at a time for all channels at once (the
     longest run sets the trip count: a few rows at s = 2 %)."""
     sp = tl.zeros([BT, E], tl.float32)
-    at = (blk * k2 + ptr) * D + ch
-    ok = ok_c & (ptr < k2)
-    tok = tl.where(ok, tl.load(oidx + at, mask=ok, other=0).to(tl.int32), tile_end)
-    hit = tok < tile_end
+    at, tok, hit = _k_outlier_row(oidx, ptr, blk, k2, tile_end, ch, ok_c, D)
     while tl.max(hit.to(tl.int32), axis=0) > 0:
         val = tl.load(oval + at, mask=hit, other=0.0).to(tl.float32)
         sp += tl.where(t_blk[:, None] == tok[None, :], val[None, :], 0.0)
         ptr += hit.to(tl.int32)
-        at = (blk * k2 + ptr) * D + ch
-        ok = ok_c & (ptr < k2)
-        tok = tl.where(ok, tl.load(oidx + at, mask=ok, other=0).to(tl.int32), tile_end)
-        hit = tok < tile_end
+        at, tok, hit = _k_outlier_row(oidx, ptr, blk, k2, tile_end, ch, ok_c, D)
     return sp, ptr
 
 
