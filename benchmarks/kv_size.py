@@ -15,9 +15,9 @@ decode capacity) is divided by the FP16 bytes of the same K/V.
 Decode capacity: `--capacity needed` (the default) reserves what the run will
 flush, floor((prefill tokens left in the buffer + generate) / n_b) * n_b, as a
 server that knows max_new_tokens can do up front; `--capacity N` reserves N
-tokens instead and, as the compiled backend does, grows after every step
-(`KVStore.grow(n_b)`: at least a quarter more, in whole blocks) so that one
-block stays free; its cost over the exact reservation stays measurable. The buffer is counted at its
+tokens instead and, as the compiled backend does, grows when a flush finds it
+full (at least a quarter more, in whole blocks); its cost over the exact
+reservation stays measurable. The buffer is counted at its
 allocated n_b tokens, split into the tokens it holds and its empty slots.
 
 Reconstruction error is measured on synthetic K/V with the structure the
@@ -43,7 +43,7 @@ import time
 
 import torch
 
-from gear_compile.compressed_kv import KVStore
+from gear_compile.store import KVStore
 from gear_compile.config import GearConfig
 from gear_compile.lowrank import relative_error
 
@@ -92,11 +92,7 @@ def build(x, options, kind, prefill, capacity):
     config = GearConfig(decode_capacity=max(1, reserve), **options)
     store = KVStore.from_prefill(x[:, :, :prefill], config, kind)
     for t in range(prefill, x.shape[2]):
-        if capacity != "needed":          # the backend's policy: keep one block free after each call
-            store = store.grow(config.block_size)
-        store.append(x[:, :, t:t + 1])
-    if capacity != "needed":
-        store = store.grow(config.block_size)
+        store.append(x[:, :, t:t + 1])    # grows at a flush that finds it full, as the backend does
     return store
 
 
@@ -172,7 +168,7 @@ def main(argv=None):
         f"tokens then {args.generate} appended one at a time; fp16 K/V; n_b = 20 (KCVT rows), "
         f"64 (KIVI / per-token rows); r_p = 4, r_g = 2, s = 2 %; decode capacity reserved: "
         + ("what the run flushes (whole blocks)" if args.capacity == "needed"
-           else f"{args.capacity} tokens, grown as the backend does (KVStore.grow(n_b) after every step)"),
+           else f"{args.capacity} tokens, grown as the backend does (at a flush that finds it full)"),
         "- KV size = kv_bytes(K) + kv_bytes(V) at the end of generation over the FP16 bytes of the "
         "same K/V; every held part counted; part columns in % of FP16 and sum to the KV size",
         "- error: relative Frobenius error on synthetic K/V (K: outlier channels; V: Student-t(3); "

@@ -109,7 +109,7 @@ def layer_errors(model, ids, prefill: int, labels, methods):
     import torch
     from transformers import DynamicCache
 
-    from gear_compile.compressed_kv import KVStore
+    from gear_compile.store import KVStore
     from gear_compile.lowrank import relative_error
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -126,7 +126,7 @@ def layer_errors(model, ids, prefill: int, labels, methods):
                 step = cfg.block_size
                 for s in range(0, rest.shape[2], step):
                     chunk = rest[:, :, s:s + step]
-                    store = store.grow(chunk.shape[2])
+                    store.grow(chunk.shape[2])
                     store.append(chunk)
                 row.append(relative_error(x, store.dequantize()))
             rows.append(row)

@@ -8,12 +8,12 @@ undoes its setup (`teardown`) and measures the bytes its cache holds
   compiled  our backend: `gear_compile.compile(model, **options)`, then a plain
             DynamicCache that the compiled forward fills with CompressedKV.
   sim       the same codec without the backend (eager): a cache layer that keeps
-            a `gear_compile.compressed_kv.KVStore` per K/V (prefill block
+            a `gear_compile.store.KVStore` per K/V (prefill block
             compressed, n_b-token streaming buffer, blocks compressed at each
-            flush) and hands attention the store's reconstruction. The prompt's
-            own forward attends to its exact K/V, later tokens to the
-            reconstruction: checked against the compiled path (see quality.py
-            --check-sim). Used for the long runs because it is ~10x faster here.
+            flush) and hands attention the store's reconstruction followed by
+            the step's own exact K/V (the block that a step fills is compressed
+            after its attention). The prompt's own forward attends to its exact
+            K/V: checked against the compiled path (see quality.py --check-sim). Used for the long runs because it is ~10x faster here.
   peer      transformers' QuantizedCache (optimum-quanto backend).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 import gear_compile
-from gear_compile.compressed_kv import KVStore
+from gear_compile.store import KVStore
 from gear_compile.config import GearConfig
 from gear_compile.segment import dequantize as seg_dequantize
 
@@ -81,15 +81,16 @@ class GearSimLayer(DynamicLayer):
             self.length = key_states.shape[2]
             self._refresh()
             return key_states, value_states   # the prompt attends to its exact K/V
+        # attention sees the store as it was before this call, then the new
+        # tokens exactly; the append (and any flush it triggers) follows, as in
+        # the compiled decode step
         out = []
         for i, new in enumerate((key_states, value_states)):
-            self.stores[i] = self.stores[i].grow(new.shape[2])
+            n_buf = self.stores[i].counts()[2]
+            out.append(torch.cat([self.rec[i][1], self.stores[i].buffer[:, :, :n_buf], new], dim=2))
             self.stores[i].append(new)
         self.length += key_states.shape[2]
         self._refresh()
-        for i in range(2):
-            n_pre, n_dec, n_buf = self.stores[i].counts()
-            out.append(torch.cat([self.rec[i][1], self.stores[i].buffer[:, :, :n_buf]], dim=2))
         return out[0], out[1]
 
     def _refresh(self):

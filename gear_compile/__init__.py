@@ -8,10 +8,12 @@ The whole user surface:
     gear_compile.kv_bytes(cache)                           # bytes actually held
 
 Options are documented on `GearConfig`. Modules: `config` (options),
-`packing`/`quantize`/`outliers`/`lowrank`/`segment` (the codec),
-`compressed_kv` (the cache tensor), `ops` (custom ops), `passes` (match and
-rewrite), `backend` (the torch.compile backend), `report` and `explain`
-(inspection), `kernels` (Triton), `cli` (`gear-compile inspect`).
+`packing`/`quantize`/`outliers`/`lowrank`/`segment` (the codec), `store`
+(a layer's K or V store and its layout), `compressed_kv` (the cache tensor),
+`ops` (custom ops), `passes` (match and rewrite), `backend` (the
+torch.compile backend), `runtime` (between graph calls: counts, flushes),
+`report` and `explain` (inspection), `kernels` (attention over packed codes:
+C++ on CPU, Triton on CUDA), `cli` (`gear-compile inspect`).
 """
 from __future__ import annotations
 

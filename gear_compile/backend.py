@@ -5,12 +5,13 @@
 For each graph Dynamo captures: find attention sites (`passes.match`), rewrite
 the rewritable ones into gear ops (`passes.rewrite`), record a report with the
 before/after code and their diff, then lower the rewritten graph with Inductor
-(`compile_fx`) or, with inductor=False, with AOT autograd and no codegen. At run
-time the returned function flattens CompressedKV inputs into their inner
-tensors and wraps the stores produced or updated by the graph back into
-CompressedKV outputs, which Dynamo stores in the cache.
+(`compile_fx`) or, with inductor=False, with AOT autograd and no codegen. The
+returned function is `runtime.wrap`'s: it flattens CompressedKV inputs into
+their inner tensors, and turns the stores the graph produced or updated back
+into CompressedKV outputs (flushing full buffers), which Dynamo stores in
+the cache.
 Neighbours: `config` (options), `passes` (match/rewrite), `report` (what was
-done), `compressed_kv` (the cache tensors), `ops` (the custom ops).
+done), `runtime` (between calls), `ops` (the custom ops).
 """
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ import torch
 import torch.fx as fx
 
 from . import ops  # noqa: F401  (registers the gear ops)
-from .compressed_kv import CompressedKV, KVStore
 from .config import GearConfig
 from .passes.match import find_sites
-from .passes.rewrite import RewritePlan, rewrite
+from .passes.rewrite import RewritePlan, TensorOut, rewrite
 from .report import GraphReport, record
+from .runtime import wrap
 
 log = logging.getLogger("gear_compile")
 
@@ -37,15 +38,16 @@ DUMP_ENV = "GEAR_COMPILE_DUMP_DIR"
 
 def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None,
                  mode: str | None = None, **_ignored):
-    """Dynamo backend entry point (registered as "gear"). `mode` (as passed by
-    generate's CompileConfig) is accepted and has no effect."""
+    """Dynamo backend entry point (registered as "gear"). `mode` (torch.compile's,
+    or generate's CompileConfig's) selects Inductor's options as it would for
+    the default backend, e.g. CUDA graphs for "reduce-overhead"."""
     config = GearConfig.from_options(options)
     sites = find_sites(gm.graph)
     if any(s.rewritable for s in sites):
         new_gm, plan = rewrite(gm, sites, config)
     else:
         new_gm, plan = gm, RewritePlan(inputs=[None] * len(example_inputs),
-                                       outputs=[("tensor",)] * _num_outputs(gm))
+                                       outputs=[TensorOut()] * _num_outputs(gm))
     graph_report = GraphReport.build(gm, new_gm, sites, config)
     record(graph_report)
     log.info("gear: graph %d: %s", graph_report.index, graph_report.summary())
@@ -56,8 +58,8 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
     if dump_dir:
         path = graph_report.write(dump_dir)
         log.info("gear: graph diff written to %s", path)
-    compiled = _lower(new_gm, plan.flatten_inputs(example_inputs), config)
-    return _runtime(compiled, plan, config)
+    compiled = _lower(new_gm, plan.flatten_inputs(example_inputs), config, mode)
+    return wrap(compiled, plan, config)
 
 
 def _num_outputs(gm: fx.GraphModule) -> int:
@@ -65,7 +67,7 @@ def _num_outputs(gm: fx.GraphModule) -> int:
     return len(output.args[0])
 
 
-def _lower(gm: fx.GraphModule, example_inputs, config: GearConfig):
+def _lower(gm: fx.GraphModule, example_inputs, config: GearConfig, mode: str | None = None):
     # Inductor's and AOT autograd's on-disk caches key a graph by its code and
     # input metadata, not by what our custom ops do: the shapes and count of
     # kv_prefill's outputs come from our fake implementations. Tag the key with
@@ -74,8 +76,9 @@ def _lower(gm: fx.GraphModule, example_inputs, config: GearConfig):
     tag = "-".join(t for t in (torch.compiler.config.cache_key_tag, "gear_compile:" + source_hash()) if t)
     with torch.compiler.config.patch(cache_key_tag=tag):
         if config.inductor:
+            from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx
-            return compile_fx(gm, example_inputs)
+            return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
         from torch._dynamo.backends.debugging import aot_eager
         return aot_eager(gm, example_inputs)
 
@@ -89,40 +92,3 @@ def source_hash() -> str:
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def _runtime(compiled, plan: RewritePlan, config: GearConfig):
-    """Adapts Dynamo's calling convention to the rewritten graph's."""
-    # Decode room kept free after every call: a one-token step flushes at most
-    # one block. Appending more tokens at once needs decode_capacity >= them.
-    reserve = config.block_size
-
-    def run(*args):
-        results = compiled(*plan.flatten_inputs(args))
-        out, i = [], 0
-        for spec in plan.outputs:
-            if spec[0] == "tensor":
-                out.append(results[i])
-                i += 1
-            elif spec[0] == "prefill":
-                _, kind, n = spec
-                store = KVStore.from_tensors(config, kind, list(results[i:i + n]))
-                i += n
-                out.append(_dynamic(CompressedKV(store.grow(reserve))))
-            else:   # decode: the input store was updated in place
-                store = args[spec[1]].store
-                out.append(_dynamic(CompressedKV(store.grow(reserve))))
-        return out
-
-    return run
-
-
-def _dynamic(kv: CompressedKV) -> CompressedKV:
-    """Tell Dynamo that the sizes that grow (the logical length, the decode
-    capacity) are dynamic from the first decode graph on, so neither decoding
-    nor capacity growth recompiles."""
-    torch._dynamo.maybe_mark_dynamic(kv, 2)
-    for name, tensor in zip(kv.store.tensor_names(), kv.store.tensors()):
-        if name.startswith("d_") and tensor.shape[2] > 1:
-            torch._dynamo.maybe_mark_dynamic(tensor, 2)
-    return kv

@@ -4,19 +4,20 @@
 that `torch.compile(..., options=...)` hands the backend) into the package.
 Every other module reads the derived fields (`key_spec`, `value_spec`,
 `buffer_size`, ...) and never re-interprets method names.
-Neighbours: `segment` (compresses with a `QuantSpec`), `compressed_kv` (block
+Neighbours: `segment` (compresses with a `QuantSpec`), `store` (block
 and buffer sizes), `backend` (parses options).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 
 METHODS = ("gear", "gear_l", "kcvt", "kivi", "per_token", "none")
 BACKBONES = ("kcvt", "kivi", "per_token")
 BITS = (2, 4, 8)
-KERNELS = ("auto", "triton", "torch")
+KERNELS = ("auto", "cpu", "triton", "torch")
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,14 @@ class GearConfig:
                  20 for kcvt, group_size for kivi / per_token.
     power_iters  iterations of the power method for the low-rank factors.
     decode_capacity  tokens of compressed decode storage reserved at prefill
-                 (rounded up to whole blocks; grown by at least a quarter when
-                 fewer than n_b tokens are free). kv_bytes counts it.
+                 (rounded up to whole blocks, at least two; grown by at least a
+                 quarter when a flush finds it full). kv_bytes counts it.
     inductor     lower through Inductor (True) or run the rewritten graph with
                  AOT autograd but no codegen (False: fast compiles for tests).
-    kernel       auto (Triton on CUDA, torch elsewhere), triton or torch.
+    kernel       attention over the compressed cache: auto (Triton on CUDA for
+                 one-token decode, the C++ kernel on CPU, else the reference),
+                 cpu (the C++ kernel, built on first use), triton, or torch (the
+                 reference: dequantize, then SDPA).
     dump_graphs  a directory: write each compiled graph's before/after diff.
     """
 
@@ -121,9 +125,7 @@ class GearConfig:
 
     def to_json(self) -> str:
         """Compact JSON (non-default fields only): the form ops carry in graphs."""
-        changed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                   if getattr(self, f.name) != f.default}
-        return json.dumps(changed, sort_keys=True)
+        return _to_json(self)
 
     @classmethod
     def from_json(cls, text: str) -> GearConfig:
@@ -162,8 +164,10 @@ class GearConfig:
 
     @property
     def initial_decode_capacity(self) -> int:
-        """decode_capacity rounded up to whole blocks."""
-        return -(-self.decode_capacity // self.block_size) * self.block_size
+        """decode_capacity rounded up to whole blocks, at least two: a part with
+        one row per block would otherwise start with a size-1 dim, which
+        Dynamo specialises, and recompile at the first growth."""
+        return max(2, -(-self.decode_capacity // self.block_size)) * self.block_size
 
     def key_spec(self) -> QuantSpec:
         q = self.quantizer
@@ -200,6 +204,13 @@ class GearConfig:
             parts.append(f"s={self.outliers:g}")
         parts.append(f"n_b={self.block_size}")
         return f"{self.method}(" + ", ".join(parts) + ")"
+
+
+@functools.lru_cache(maxsize=64)
+def _to_json(config: GearConfig) -> str:
+    changed = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+               if getattr(config, f.name) != f.default}
+    return json.dumps(changed, sort_keys=True)
 
 
 def _check_choice(name, value, valid):

@@ -1,28 +1,37 @@
 """The compressed-cache custom ops that the rewrite emits (namespace `gear`).
 
-  gear::kv_prefill(x, config, kind) -> parts      compress a whole K or V block
-  gear::kv_append_(parts!, new, config, kind)     push tokens into the buffer,
-                                                  compress each block that fills
-  gear::attention(q, k_parts, v_parts, mask, scale, is_causal, config) -> out
+  gear::kv_prefill(x, config, kind) -> parts       compress a prompt's K or V
+  gear::attention_<impl>(q, k_parts, v_parts, k_new, v_new, mask, scale,
+                         is_causal, ...) -> out     attention over a store plus
+                                                    the call's new tokens
 
-`parts` is a `KVStore` flattened (`KVStore.tensors()` order); `config` is the
-`GearConfig` as JSON, so ops are plain-tensor ops Inductor can schedule
-(kv_append_ mutates its inputs in place, as a static cache's index_copy_ does).
-Each op has a fake implementation for tracing. The implementations here are
-vectorised torch and run on any device; on CUDA, decode attention goes to the
-Triton kernel (`kernels.decode_attention`), which the rewrite emits directly.
-Neighbours: `compressed_kv` (the store), `passes.rewrite` (emits these ops).
+`parts` is a store flattened in `StoreLayout.names` order; `config` is the
+`GearConfig` as JSON. Attention sees the store as it was before the call
+and the call's new K/V (`k_new`, `v_new`, exact) as the newest keys; the
+decode graph then writes the new token into the buffer (`buffer_write`).
+Implementations of attention, one schema:
+
+  attention_cpu        C++ over the packed codes (`kernels/cpu_attention.cpp`)
+  attention_triton     Triton flash-decoding, CUDA (`kernels/decode_attention`)
+  attention_triton_interpreted   the same kernel under TRITON_INTERPRET=1 (CPU tests)
+  attention_reference  dequantize, then SDPA: the tests' reference, and the
+                       fallback where no kernel applies
+
+`attention_for` picks one for a device and the `kernel` option.
+Neighbours: `store` (the layout), `passes.rewrite` (emits these ops),
+`kernels` (the implementations).
 """
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .compressed_kv import KVStore, segment_layouts
 from .config import GearConfig
+from .store import KVStore, StoreLayout
 
 
 @functools.lru_cache(maxsize=64)
@@ -30,9 +39,10 @@ def _config(text: str) -> GearConfig:
     return GearConfig.from_json(text)
 
 
+# ---------------------------------------------------------------- prefill
 @torch.library.custom_op("gear::kv_prefill", mutates_args=())
 def kv_prefill(x: torch.Tensor, config: str, kind: str) -> list[torch.Tensor]:
-    return KVStore.from_prefill(x.contiguous(), _config(config), kind).tensors()
+    return list(KVStore.from_prefill(x.contiguous(), _config(config), kind).tensors())
 
 
 @kv_prefill.register_fake
@@ -40,78 +50,121 @@ def _kv_prefill_fake(x, config, kind):
     cfg = _config(config)
     B, H, P, D = x.shape
     # The prefill block's outlier count depends on its length: specialise on it.
-    n_pre = cfg.prefill_tokens(int(P))
-    p_layout, d_layout = segment_layouts(cfg, kind, D, x.dtype, n_pre)
-    cap = cfg.initial_decode_capacity
-    out = [torch.empty(3, dtype=torch.int64, device="cpu"), x.new_empty(B, H, cfg.block_size, D)]
-    for layout, tokens in ((p_layout, n_pre), (d_layout, cap)):
-        out += [x.new_empty(shape, dtype=dtype) for shape, dtype in layout.shapes(B, H, tokens).values()]
-    return out
+    layout = StoreLayout.build(cfg, kind, D, x.dtype, cfg.prefill_tokens(int(P)))
+    shapes = layout.shapes(B, H, cfg.initial_decode_capacity)
+    return [x.new_empty(shape, dtype=dtype) for shape, dtype in shapes]
 
 
-@torch.library.custom_op("gear::kv_append_", mutates_args=("parts",))
-def kv_append_(parts: list[torch.Tensor], new: torch.Tensor, config: str, kind: str) -> None:
-    KVStore.from_tensors(_config(config), kind, parts).append(new)
+# ---------------------------------------------------------------- the decode write
+def buffer_write(graph, lengths, buffer, new):
+    """Emit, in an FX graph, the per-token write of `new` [B, H, 1, D] into the
+    buffer at its live length, and the length's bump: an indexed write on the
+    device, as a static cache does (no host read, no branch)."""
+    aten = torch.ops.aten
+    position = graph.call_function(aten.slice.Tensor, (lengths, 0, 2, 3))
+    graph.call_function(aten.index_copy_.default, (buffer, 2, position, new))
+    graph.call_function(aten.add_.Scalar, (graph.call_function(aten.slice.Tensor, (lengths, 0, 2, 3)), 1))
 
 
+# ---------------------------------------------------------------- attention
 def _causal_bottom_right(T: int, L: int, device) -> torch.Tensor:
     """Bool mask [T, L]: query i (the i-th of the last T positions) sees keys <= L-T+i."""
     return torch.ones(T, L, dtype=torch.bool, device=device).tril(L - T)
 
 
-@torch.library.custom_op("gear::attention", mutates_args=())
-def attention(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor],
-              attn_mask: torch.Tensor | None, scale: float, is_causal: bool, config: str) -> torch.Tensor:
-    """Attention of q [B, Hq, T, D] over a compressed layer (reference path:
-    rebuild K and V exactly as stored, then SDPA)."""
+@torch.library.custom_op("gear::attention_reference", mutates_args=())
+def attention_reference(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor],
+                        k_new: torch.Tensor | None, v_new: torch.Tensor | None,
+                        attn_mask: torch.Tensor | None, scale: float, is_causal: bool,
+                        config: str) -> torch.Tensor:
+    """Attention of q [B, Hq, T, D] over a store and the new tokens: rebuild K
+    and V exactly as stored, then SDPA."""
     cfg = _config(config)
-    k = KVStore.from_tensors(cfg, "k", k_parts).dequantize(q.dtype)
-    v = KVStore.from_tensors(cfg, "v", v_parts).dequantize(q.dtype)
+    k = KVStore(cfg, "k", k_parts).dequantize(q.dtype)
+    v = KVStore(cfg, "v", v_parts).dequantize(q.dtype)
+    if k_new is not None:
+        k, v = torch.cat([k, k_new.to(q.dtype)], 2), torch.cat([v, v_new.to(q.dtype)], 2)
     T, L = q.shape[2], k.shape[2]
     mask = attn_mask
     if mask is not None:
         mask = mask[..., -L:]
     elif is_causal and T > 1:
         mask = _causal_bottom_right(T, L, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return torch.empty_like(q).copy_(out)       # laid out like q, as the fake says
 
 
-@attention.register_fake
-def _attention_fake(q, k_parts, v_parts, attn_mask, scale, is_causal, config):
+@attention_reference.register_fake
+def _attention_reference_fake(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, is_causal, config):
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("gear::decode_attention_interpreted", mutates_args=())
-def decode_attention_interpreted(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor],
-                                 attn_mask: torch.Tensor | None, scale: float, config: str) -> torch.Tensor:
+@torch.library.custom_op("gear::attention_triton_interpreted", mutates_args=())
+def attention_triton_interpreted(q: torch.Tensor, k_parts: list[torch.Tensor],
+                                 v_parts: list[torch.Tensor], k_new: torch.Tensor | None,
+                                 v_new: torch.Tensor | None, attn_mask: torch.Tensor | None,
+                                 scale: float, is_causal: bool, config: str) -> torch.Tensor:
     """The Triton decode kernel run eagerly (under TRITON_INTERPRET=1 on a CPU):
     how CPU tests exercise the kernel inside compiled graphs, since a
     triton_op's kernels only trace for a GPU."""
     from .kernels.decode_attention import decode_attention_launch
-    return decode_attention_launch(q, k_parts, v_parts, attn_mask, scale, config)
+    return decode_attention_launch(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, config)
 
 
-@decode_attention_interpreted.register_fake
-def _decode_attention_interpreted_fake(q, k_parts, v_parts, attn_mask, scale, config):
+@attention_triton_interpreted.register_fake
+def _attention_triton_interpreted_fake(q, k_parts, v_parts, k_new, v_new, attn_mask, scale,
+                                       is_causal, config):
     return torch.empty_like(q)
 
 
-def decode_attention_op(device: torch.device, config: GearConfig):
-    """The op the rewrite emits for single-token decode attention on `device`:
-    the Triton kernel on CUDA (kernel auto/triton) as a triton_op Inductor can
-    see into; with kernel="triton" on a CPU under TRITON_INTERPRET=1, the same
-    kernel interpreted; the torch reference otherwise."""
-    if config.kernel != "torch" and device.type == "cuda":
+@dataclass(frozen=True)
+class AttentionOp:
+    """An attention implementation and how the rewrite calls it."""
+
+    op: object
+    descriptors: bool = False     # takes the stores' kernel descriptors, not the config
+
+    def args(self, q, k_parts, v_parts, k_new, v_new, mask, scale, is_causal,
+             config: GearConfig, k_layout: StoreLayout, v_layout: StoreLayout) -> tuple:
+        common = (q, k_parts, v_parts, k_new, v_new, mask, float(scale), bool(is_causal))
+        if self.descriptors:
+            return common + (list(k_layout.kernel_descriptor), list(v_layout.kernel_descriptor))
+        return common + (config.to_json(),)
+
+
+def attention_for(device: torch.device, config: GearConfig, tokens: int) -> AttentionOp:
+    """The attention the rewrite emits for `tokens` query tokens on `device`.
+
+    kernel="auto": Triton on CUDA for single-token decode, the C++ kernel on
+    CPU (any number of tokens), the reference elsewhere. "triton" insists on
+    the Triton kernel (on a CPU under TRITON_INTERPRET=1: interpreted), "cpu"
+    on the C++ kernel, "torch" takes the reference.
+    """
+    kernel = config.kernel
+    if kernel == "torch":
+        return AttentionOp(torch.ops.gear.attention_reference.default)
+    if kernel in ("auto", "triton") and device.type == "cuda" and tokens == 1:
         try:
-            from .kernels import decode_attention as kernel  # noqa: F401  (registers the op)
-            return torch.ops.gear.decode_attention_triton.default
+            from .kernels import decode_attention  # noqa: F401  (registers the op)
+            return AttentionOp(torch.ops.gear.attention_triton.default)
         except (ImportError, AttributeError):
-            if config.kernel == "triton":
+            if kernel == "triton":
                 raise
-    if config.kernel == "triton" and device.type != "cuda":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"gear options: kernel='triton' needs a CUDA device (or "
-                             f"TRITON_INTERPRET=1 on a CPU), got {device}; use kernel='auto' or 'torch'.")
-        return torch.ops.gear.decode_attention_interpreted.default
-    return torch.ops.gear.attention.default
+    if kernel == "triton":
+        if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") != "1" or tokens != 1:
+            raise ValueError(f"gear options: kernel='triton' handles single-token decode on a CUDA "
+                             f"device (or on a CPU under TRITON_INTERPRET=1), got {tokens} token(s) "
+                             f"on {device}; use kernel='auto'.")
+        return AttentionOp(torch.ops.gear.attention_triton_interpreted.default)
+    if device.type == "cpu":
+        from .kernels import cpu
+        if kernel == "cpu":
+            cpu.load()
+            return AttentionOp(torch.ops.gear.attention_cpu.default, descriptors=True)
+        if cpu.available():
+            return AttentionOp(torch.ops.gear.attention_cpu.default, descriptors=True)
+    elif kernel == "cpu":
+        raise ValueError(f"gear options: kernel='cpu' needs CPU tensors, got {device}; "
+                         f"use kernel='auto'.")
+    return AttentionOp(torch.ops.gear.attention_reference.default)

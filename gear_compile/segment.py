@@ -2,7 +2,9 @@
 
 A layer's cache holds two segments per K/V: the prefill block (one block of
 P tokens, rank r_p) and the decode blocks (n_b tokens each, rank r_g, stored
-in a preallocated capacity). Both have the same layout, described here once:
+in a preallocated capacity). Both have the same layout, described once by
+`SegmentLayout.parts` (each part's token unit: per token, per token group or
+per block; shapes, writing, growing and slicing derive from it):
 
   codes    uint8 [B, H, N, W]       bit-packed along channels (`packing`)
   scale, zero  fp16                 channel axis: [B, H, N/G, D] (G tokens a group)
@@ -16,11 +18,12 @@ in a preallocated capacity). Both have the same layout, described here once:
 With bits=16 (method none) `codes` is the exact [B, H, N, D] tensor.
 Reconstruction is X = dequant(codes) + lr_a @ lr_b^T + scatter(out).
 Neighbours: `quantize`, `packing`, `outliers`, `lowrank` (the parts),
-`compressed_kv` (owns two segments and the buffer), the decode kernel (reads
+`store` (owns two segments and the buffer), the attention kernels (read
 this layout directly).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -29,7 +32,23 @@ from . import lowrank, outliers, packing
 from .config import QuantSpec
 from .quantize import FP16_MAX, dequantize as _dequant, quantize as _quant
 
-PART_NAMES = ("codes", "scale", "zero", "lr_a", "lr_b", "out_val", "out_idx")
+@dataclass(frozen=True)
+class Part:
+    """One stored tensor of a segment: [B, H, tokens // unit, *row] of `dtype`.
+
+    `unit` is the part's granularity along the token axis: 1 for per-token
+    parts, the token group for per-channel scales, the block for per-block
+    parts. Shapes, writing a block, growing and slicing all derive from it.
+    """
+
+    name: str
+    unit: int
+    row: tuple
+    dtype: torch.dtype
+
+    def rows(self, tokens: int) -> int:
+        """Rows holding the first `tokens` tokens (rounded up to whole units)."""
+        return -(-tokens // self.unit)
 
 
 @dataclass(frozen=True)
@@ -58,41 +77,39 @@ class SegmentLayout:
     def channel_group(self) -> int:
         return self.spec.group or self.head_dim
 
-    def part_names(self) -> tuple[str, ...]:
+    @functools.cached_property
+    def parts(self) -> tuple[Part, ...]:
+        """The stored tensors, in their fixed order."""
+        D, k2 = self.head_dim, 2 * self.outliers_per_side
         if self.exact:
-            return ("codes",)
-        names = ["codes", "scale", "zero"]
+            return (Part("codes", 1, (D,), self.dtype),)
+        fp16 = torch.float16
+        if self.spec.axis == "channel":
+            stats_unit, stats_row = self.token_group, (D,)
+        else:
+            stats_unit, stats_row = 1, (D // self.channel_group,)
+        parts = [Part("codes", 1, (packing.packed_width(D, self.spec.bits),), torch.uint8),
+                 Part("scale", stats_unit, stats_row, fp16),
+                 Part("zero", stats_unit, stats_row, fp16)]
         if self.rank:
-            names += ["lr_a", "lr_b"]
-        if self.outliers_per_side:
-            names += ["out_val", "out_idx"]
-        return tuple(names)
+            parts += [Part("lr_a", 1, (self.rank,), fp16),
+                      Part("lr_b", self.block, (D, self.rank), fp16)]
+        if k2:
+            if self.kind == "k":     # per block: 2k token offsets per channel
+                unit, row, index = self.block, (k2, D), outliers.index_dtype(self.block)
+            else:                    # per token: 2k channel indices
+                unit, row, index = 1, (k2,), outliers.index_dtype(D)
+            parts += [Part("out_val", unit, row, fp16), Part("out_idx", unit, row, index)]
+        return tuple(parts)
+
+    @functools.cached_property
+    def part_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.parts)
 
     def shapes(self, batch: int, heads: int, tokens) -> dict:
         """name -> (shape, dtype) of each stored part for `tokens` tokens
         (a multiple of `block`; may be a SymInt)."""
-        B, H, N, D = batch, heads, tokens, self.head_dim
-        if self.exact:
-            return {"codes": ((B, H, N, D), self.dtype)}
-        nblk = N // self.block if self.block else 0
-        k2 = 2 * self.outliers_per_side
-        if self.spec.axis == "channel":
-            sz = (B, H, N // self.token_group, D)
-        else:
-            sz = (B, H, N, D // self.channel_group)
-        out = {"codes": ((B, H, N, packing.packed_width(D, self.spec.bits)), torch.uint8),
-               "scale": (sz, torch.float16), "zero": (sz, torch.float16)}
-        if self.rank:
-            out["lr_a"] = ((B, H, N, self.rank), torch.float16)
-            out["lr_b"] = ((B, H, nblk, D, self.rank), torch.float16)
-        if k2:
-            if self.kind == "k":
-                out["out_val"] = ((B, H, nblk, k2, D), torch.float16)
-                out["out_idx"] = ((B, H, nblk, k2, D), outliers.index_dtype(self.block))
-            else:
-                out["out_val"] = ((B, H, N, k2), torch.float16)
-                out["out_idx"] = ((B, H, N, k2), outliers.index_dtype(D))
-        return out
+        return {p.name: ((batch, heads, tokens // p.unit, *p.row), p.dtype) for p in self.parts}
 
     def validate(self, x: torch.Tensor) -> None:
         D = x.shape[-1]
@@ -131,17 +148,19 @@ class Segment:
 
     def write(self, src: Segment, layout: SegmentLayout, at_token: int) -> None:
         """Copy `src` (whole blocks) into this segment starting at token `at_token`."""
-        n = src.codes.shape[2]
-        for name, t in src.parts().items():
-            dst = getattr(self, name)
-            if name in ("lr_b",) or (name.startswith("out_") and layout.kind == "k"):
-                b0 = at_token // layout.block
-                dst[:, :, b0:b0 + t.shape[2]].copy_(t)
-            elif name in ("scale", "zero") and layout.spec.axis == "channel":
-                g0 = at_token // layout.token_group
-                dst[:, :, g0:g0 + t.shape[2]].copy_(t)
-            else:
-                dst[:, :, at_token:at_token + n].copy_(t)
+        for part in layout.parts:
+            t = getattr(src, part.name)
+            row = at_token // part.unit
+            getattr(self, part.name)[:, :, row:row + t.shape[2]].copy_(t)
+
+    def resized(self, layout: SegmentLayout, tokens: int) -> Segment:
+        """A segment of capacity `tokens` holding this one's content (growth)."""
+        B, H = self.codes.shape[:2]
+        out = Segment.empty(layout, B, H, tokens, self.codes.device)
+        for part in layout.parts:
+            src = getattr(self, part.name)
+            getattr(out, part.name)[:, :, :src.shape[2]].copy_(src)
+        return out
 
 
 def compress(x: torch.Tensor, layout: SegmentLayout, check_finite: bool = False) -> Segment:

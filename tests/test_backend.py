@@ -52,7 +52,7 @@ def test_every_attention_site_is_rewritten(arch):
     for graph in report.graphs:
         assert len(graph.sites) == 2 and all(s.rewritten for s in graph.sites), report.text()
     assert "torch.ops.gear.kv_prefill" in report.diff()
-    assert "torch.ops.gear.kv_append_" in report.diff() and "torch.ops.gear.attention" in report.diff()
+    assert "torch.ops.aten.index_copy_" in report.diff() and "torch.ops.gear.attention_cpu" in report.diff()
 
 
 @pytest.mark.parametrize("arch", TINY)
@@ -229,7 +229,7 @@ def test_inductor_lowering_keeps_the_gear_ops_in_its_output_code():
         nxt = out.logits[:, -1:].argmax(-1)
         _, codes = run_and_get_code(model, input_ids=nxt, past_key_values=cache, use_cache=True)
     code = "\n".join(codes)
-    assert "torch.ops.gear.kv_append_.default" in code and "torch.ops.gear.attention.default" in code
+    assert "torch.ops.gear.attention_cpu.default" in code and "gear.kv_prefill" not in code
     assert isinstance(cache.layers[1].values, gear_compile.CompressedKV)
 
 

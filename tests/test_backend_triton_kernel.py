@@ -23,7 +23,7 @@ def test_triton_kernel_in_the_graph_matches_the_torch_path(method, bits):
     torch._dynamo.reset()
     report = gear_compile.explain(tiny_model("llama"), torch.randint(0, 256, (1, 11)),
                                   kernel="triton", **options)
-    assert "gear.decode_attention_interpreted" in report.diff()
+    assert "gear.attention_triton_interpreted" in report.diff()
     torch._dynamo.reset()
     got, _ = decode_logits(gear_compile.compile(tiny_model("llama"), kernel="triton", **options), 12)
     torch.testing.assert_close(got, reference, rtol=2e-3, atol=2e-3)

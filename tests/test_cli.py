@@ -11,7 +11,7 @@ def test_inspect_writes_the_graph_diff_for_the_builtin_model(tmp_path):
     assert "transformer.h.1.attn" in result.stdout and "rewritten" in result.stdout
     text = out.read_text()
     assert text.startswith("# graph") and "+++ graph_1_after.py" in text
-    assert "torch.ops.gear.kv_append_" in text
+    assert "torch.ops.gear.attention_cpu" in text
 
 
 def test_inspect_rejects_an_unknown_method():

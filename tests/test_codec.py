@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from gear_compile import outliers
-from gear_compile.compressed_kv import KVStore, segment_layouts
+from gear_compile.store import KVStore, StoreLayout
 from gear_compile.config import GearConfig
 from gear_compile.lowrank import power_iteration, relative_error
-from gear_compile.segment import SegmentLayout, compress, dequantize
+from gear_compile.segment import compress, dequantize
 
 FAMILIES = [(4, "kcvt"), (2, "kivi")]      # the paper's 4-bit and 2-bit backbones
 
@@ -56,14 +56,14 @@ def options(method, bits, backbone):
 
 
 def segment_roundtrip(x, kind, **opts):
-    layout = segment_layouts(GearConfig(**opts), kind, x.shape[-1], x.dtype, x.shape[2])[0]
+    layout = StoreLayout.build(GearConfig(**opts), kind, x.shape[-1], x.dtype, x.shape[2]).prefill
     return dequantize(compress(x, layout), layout)
 
 
 def store_roundtrip(x, kind, prefill, **opts):
     store = KVStore.from_prefill(x[:, :, :prefill], GearConfig(**opts), kind)
     for t in range(prefill, x.shape[2]):
-        store = store.grow(store.config.block_size)
+        store.grow(store.config.block_size)
         store.append(x[:, :, t:t + 1])
     return store.dequantize()
 
@@ -184,11 +184,11 @@ def test_power_iteration_is_deterministic_without_rng_state():
 def test_segment_parts_have_the_layout_shapes_and_dtypes(method, kind):
     config = GearConfig(method=method, bits=2 if method == "kivi" else 4, group_size=16,
                         outlier_ratio=0.1 if method == "gear" else None)
-    layout = segment_layouts(config, kind, 32, torch.float16, 0)[1]     # decode layout, n_b blocks
+    layout = StoreLayout.build(config, kind, 32, torch.float16, 0).decode     # decode layout, n_b blocks
     x = torch.randn(2, 3, 2 * layout.block, 32, dtype=torch.float16)
     seg = compress(x, layout)
     expected = layout.shapes(2, 3, 2 * layout.block)
-    assert set(seg.parts()) == set(expected) == set(layout.part_names())
+    assert set(seg.parts()) == set(expected) == set(layout.part_names)
     for name, t in seg.parts().items():
         assert (tuple(t.shape), t.dtype) == (tuple(expected[name][0]), expected[name][1]), name
 
@@ -204,7 +204,7 @@ def test_method_none_stores_the_input_exactly(dtype):
 def test_segment_reconstructs_in_the_input_dtype_within_the_backbone_half_step(dtype, kind):
     x = torch.randn(1, 2, 30, 16).to(dtype)
     config = GearConfig(method="kcvt", bits=4)
-    layout = segment_layouts(config, kind, 16, dtype, 30)[0]
+    layout = StoreLayout.build(config, kind, 16, dtype, 30).prefill
     seg = compress(x, layout)
     y = dequantize(seg, layout)
     assert y.dtype == dtype and y.shape == x.shape
@@ -214,7 +214,7 @@ def test_segment_reconstructs_in_the_input_dtype_within_the_backbone_half_step(d
 
 
 def test_per_token_groups_must_divide_the_head_dim():
-    layout = segment_layouts(GearConfig(method="per_token", group_size=6), "v", 16, torch.float32, 4)[0]
+    layout = StoreLayout.build(GearConfig(method="per_token", group_size=6), "v", 16, torch.float32, 4).prefill
     with pytest.raises(ValueError, match="group_size 6 must divide head_dim 16"):
         compress(torch.randn(1, 1, 4, 16), layout)
 
@@ -225,7 +225,7 @@ def test_check_finite_names_the_count_and_first_index_of_non_finite_values(kind)
     x = torch.randn(1, 2, 8, 16)
     x[0, 1, 3, 5] = torch.nan
     x[0, 1, 6, 2] = torch.inf
-    layout = segment_layouts(GearConfig(method="gear"), kind, 16, torch.float32, 8)[0]
+    layout = StoreLayout.build(GearConfig(method="gear"), kind, 16, torch.float32, 8).prefill
     with pytest.raises(ValueError, match=r"2 non-finite value\(s\), first at index \(0, 1, 3, 5\)"):
         compress(x, layout, check_finite=True)
 
@@ -233,7 +233,7 @@ def test_check_finite_names_the_count_and_first_index_of_non_finite_values(kind)
 def test_check_finite_refuses_values_beyond_the_fp16_range():
     x = torch.randn(1, 1, 4, 16)
     x[0, 0, 0, 0] = 1e6
-    layout = segment_layouts(GearConfig(method="kcvt"), "k", 16, torch.float32, 4)[0]
+    layout = StoreLayout.build(GearConfig(method="kcvt"), "k", 16, torch.float32, 4).prefill
     with pytest.raises(ValueError, match="beyond the fp16 range"):
         compress(x, layout, check_finite=True)
 

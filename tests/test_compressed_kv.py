@@ -1,155 +1,24 @@
-"""Specification of `gear_compile.compressed_kv`: the streaming store (prefill
-block, n_b-token decode blocks in a reserved capacity, exact buffer), growth,
-the `CompressedKV` tensor (logical shape, dispatch fallback to the dense
-reconstruction, flatten/unflatten), and `kv_bytes` checked against counts made
-by hand from the layout."""
+"""Specification of `gear_compile.compressed_kv`: the `CompressedKV` tensor
+(logical shape, dispatch fallback to the dense reconstruction,
+flatten/unflatten), `kv_bytes` checked against counts made by hand from the
+layout, and any stream round-tripping through it. The store itself is
+specified in test_store.py."""
 import types
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from gear_compile.compressed_kv import CompressedKV, KVStore, dense_bytes, kv_bytes
+from gear_compile.compressed_kv import CompressedKV, dense_bytes, kv_bytes
 from gear_compile.config import GearConfig
 from gear_compile.lowrank import relative_error
-from gear_compile.segment import compress
+from gear_compile.store import KVStore
+
+from streams import filled_decode_parts, streamed
 
 METHODS = ["gear", "gear_l", "kcvt", "kivi", "per_token", "none"]
 
 
-def streamed(x, config, kind, prefill, chunk=1, grow=True):
-    """A store built from x[:, :, :prefill], the rest appended `chunk` tokens at a
-    time (growing the capacity first when `grow`, as the backend does)."""
-    store = KVStore.from_prefill(x[:, :, :prefill], config, kind)
-    for t in range(prefill, x.shape[2], chunk):
-        new = x[:, :, t:t + chunk]
-        if grow:
-            store = store.grow(new.shape[2] + config.block_size)
-        store.append(new)
-    return store
-
-
-def filled_decode_parts(store):
-    """Clones of the decode parts over the blocks filled so far."""
-    n_dec, blk = store.counts()[1], store.d_layout.block
-    out = {}
-    for name, t in store.decode.parts().items():
-        rows = t.shape[2] * n_dec // store.capacity        # every part is proportional to capacity
-        out[name] = t[:, :, :rows].clone()
-    assert n_dec % blk == 0
-    return out
-
-
-# ---------------------------------------------------------------- prefill and buffer
-def test_kivi_prefill_compresses_whole_groups_and_buffers_the_rest():
-    config = GearConfig(method="kivi", bits=2, group_size=8, buffer_size=8)
-    x = torch.randn(1, 2, 21, 16)
-    store = KVStore.from_prefill(x, config, "k")
-    assert store.counts() == (16, 0, 5)
-    assert torch.equal(store.buffer[:, :, :5], x[:, :, 16:])
-
-
-def test_kcvt_prefill_compresses_every_prefill_token():
-    store = KVStore.from_prefill(torch.randn(1, 2, 21, 16), GearConfig(method="kcvt"), "k")
-    assert store.counts() == (21, 0, 0)
-
-
-def test_append_below_the_flush_point_only_fills_the_buffer():
-    config = GearConfig(method="gear", buffer_size=8)
-    x = torch.randn(1, 2, 17, 16)
-    store = KVStore.from_prefill(x[:, :, :10], config, "v")
-    store.append(x[:, :, 10:17])
-    assert store.counts() == (10, 0, 7)
-    assert all((t == 0).all() for t in store.decode.parts().values())
-    assert torch.equal(store.buffer[:, :, :7], x[:, :, 10:17])
-
-
-def test_the_flush_point_compresses_exactly_one_block_and_keeps_the_rest_exact():
-    config = GearConfig(method="gear", buffer_size=8)
-    x = torch.randn(1, 2, 21, 16)
-    store = KVStore.from_prefill(x[:, :, :10], config, "v")
-    store.append(x[:, :, 10:21])
-    assert store.counts() == (10, 8, 3)
-    assert torch.equal(store.buffer[:, :, :3], x[:, :, 18:21])
-
-
-def test_a_flushed_block_is_the_block_compressed_on_its_own():
-    config = GearConfig(method="gear", bits=4, buffer_size=8, outlier_ratio=0.25)
-    x = torch.randn(1, 2, 26, 16)
-    store = streamed(x, config, "k", 10)
-    alone = compress(x[:, :, 10:26], store.d_layout)
-    for name, t in alone.parts().items():
-        assert torch.equal(filled_decode_parts(store)[name], t), name
-
-
-@pytest.mark.parametrize("method", ["gear", "kivi", "per_token"])
-def test_appending_in_chunks_equals_appending_one_token_at_a_time(method):
-    config = GearConfig(method=method, bits=2, group_size=8, buffer_size=8, decode_capacity=8)
-    x = torch.randn(1, 2, 60, 16)
-    one = streamed(x, config, "v", 13, chunk=1)
-    chunked = streamed(x, config, "v", 13, chunk=7)
-    assert one.counts() == chunked.counts()
-    assert torch.equal(one.dequantize(), chunked.dequantize())
-    assert all(torch.equal(a, b) for a, b in zip(filled_decode_parts(one).values(),
-                                                 filled_decode_parts(chunked).values()))
-
-
-def test_appending_never_recompresses_earlier_blocks():
-    config = GearConfig(method="gear", bits=4, buffer_size=4, decode_capacity=4, outlier_ratio=0.5)
-    x = torch.randn(1, 2, 60, 16)
-    store = streamed(x, config, "k", 10)
-    for end in range(14, 60, 3):
-        before = filled_decode_parts(store)
-        for t in range(store.counts()[0] + store.counts()[1] + store.counts()[2], end):
-            store = store.grow(config.block_size)
-            store.append(x[:, :, t:t + 1])
-        after = filled_decode_parts(store)
-        for name, old in before.items():
-            assert torch.equal(after[name][:, :, :old.shape[2]], old), f"{name} changed before token {end}"
-
-
-# ---------------------------------------------------------------- capacity
-def test_a_full_capacity_refuses_to_flush_and_says_how_to_fix_it():
-    config = GearConfig(method="kcvt", buffer_size=4, decode_capacity=8)
-    x = torch.randn(1, 1, 30, 16)
-    store = KVStore.from_prefill(x[:, :, :10], config, "k")
-    store.append(x[:, :, 10:18])
-    with pytest.raises(RuntimeError, match=r"decode capacity 8 tokens is full .*KVStore.grow.*decode_capacity"):
-        store.append(x[:, :, 18:22])
-
-
-def test_grow_returns_the_same_store_when_there_is_room():
-    store = KVStore.from_prefill(torch.randn(1, 1, 10, 16), GearConfig(method="kcvt", decode_capacity=40), "k")
-    assert store.grow(20) is store
-
-
-def test_grow_adds_at_least_a_quarter_in_whole_blocks_and_keeps_the_content():
-    config = GearConfig(method="gear", buffer_size=4, decode_capacity=40)
-    x = torch.randn(1, 2, 60, 16)
-    store = KVStore.from_prefill(x[:, :, :10], config, "k")
-    store.append(x[:, :, 10:48])
-    grown = store.grow(8)
-    assert grown.capacity == 52 and grown.capacity % 4 == 0          # 40 + max(8 - 4, 40 // 4)
-    assert torch.equal(grown.dequantize(), store.dequantize())
-    grown.append(x[:, :, 48:52])
-    assert store.counts() == (10, 36, 2), "the grown store does not share its lengths"
-
-
-def test_initial_capacity_is_rounded_up_to_whole_blocks():
-    store = KVStore.from_prefill(torch.randn(1, 1, 4, 16), GearConfig(method="kcvt", decode_capacity=30), "k")
-    assert store.capacity == 40
-
-
-def test_check_finite_on_append_refuses_nan_in_the_flushed_block():
-    config = GearConfig(method="gear", buffer_size=4)
-    x = torch.randn(1, 1, 14, 16)
-    x[0, 0, 12, 3] = torch.nan
-    store = KVStore.from_prefill(x[:, :, :10], config, "v", check_finite=True)
-    with pytest.raises(ValueError, match=r"1 non-finite value\(s\), first at index \(0, 0, 2, 3\)"):
-        store.append(x[:, :, 10:14], check_finite=True)
-
-
-# ---------------------------------------------------------------- CompressedKV
 def make_kv(method="gear", tokens=29, dtype=torch.float16):
     config = GearConfig(method=method, buffer_size=8, decode_capacity=16)
     x = torch.randn(2, 3, tokens, 16).to(dtype)
@@ -209,11 +78,13 @@ def test_kv_bytes_of_a_gear_kcvt_key_store_equals_a_hand_count():
               + 8 * 2 * 2        # A: rank r_g = 2 per reserved token
               + 2 * 16 * 2 * 2)  # B: 16 x 2 per block; no outliers (0.1 x 4 rounds to 0)
     buffer = 4 * 16 * 2          # n_b fp16 tokens, 1 used
-    assert kv_bytes(kv) == heads * (prefill + decode + buffer) == 1856
+    lengths = 3 * 8              # int64 token counts of the three segments
+    assert kv_bytes(kv) == heads * (prefill + decode + buffer) + lengths == 1880
 
 
 def test_kv_bytes_of_a_gear_kivi_value_store_equals_a_hand_count():
-    """GEAR over KIVI-2, V, B=1, H=1, D=16, g=8, n_b=8, capacity 8, s=25 %; prefill 20 then 6 appends."""
+    """GEAR over KIVI-2, V, B=1, H=1, D=16, g=8, n_b=8, capacity 16 (the two-block
+    minimum), s=25 %; prefill 20 then 6 appends."""
     config = GearConfig(method="gear", bits=2, group_size=8, buffer_size=8, decode_capacity=8,
                         outlier_ratio=0.25)
     x = torch.randn(1, 1, 26, 16, dtype=torch.float16)
@@ -225,16 +96,18 @@ def test_kv_bytes_of_a_gear_kivi_value_store_equals_a_hand_count():
                + 16 * 4 * 2      # B: 16 x 4, one block
                + 16 * 4 * 2      # outlier values: 2 a side (0.125 x 16) per token, fp16
                + 16 * 4 * 1)     # outlier indices: uint8 (16 channels)
-    decode = 8 * 4 + 8 * 2 * 2 * 2 + 8 * 2 * 2 + 16 * 2 * 2 + 8 * 4 * 2 + 8 * 4
+    decode = 2 * (8 * 4 + 8 * 2 * 2 * 2 + 8 * 2 * 2 + 16 * 2 * 2 + 8 * 4 * 2 + 8 * 4)  # 2 blocks
     buffer = 8 * 16 * 2
-    assert kv_bytes(kv) == prefill + decode + buffer == 1184
+    lengths = 3 * 8
+    assert kv_bytes(kv) == prefill + decode + buffer + lengths == 1496
 
 
 def test_kv_bytes_counts_reserved_capacity_even_before_it_is_used():
     config = GearConfig(method="kcvt", buffer_size=4, decode_capacity=4)
     store = KVStore.from_prefill(torch.randn(1, 1, 8, 16), config, "k")
-    grown = store.grow(8)
-    assert kv_bytes(CompressedKV(grown)) > kv_bytes(CompressedKV(store))
+    before = kv_bytes(CompressedKV(store))
+    store.grow(store.capacity + 4)
+    assert kv_bytes(CompressedKV(store)) > before
 
 
 def test_kv_bytes_of_dense_tensors_lists_and_caches_is_numel_times_itemsize():
@@ -269,7 +142,6 @@ def test_any_stream_round_trips_with_its_shape_an_exact_buffer_and_frozen_blocks
     for t in range(P, P + T, chunk):
         before = filled_decode_parts(store)
         new = x[:, :, t:t + chunk]
-        store = store.grow(new.shape[2] + 8)
         store.append(new)
         after = filled_decode_parts(store)
         for name, old in before.items():            # flushed blocks never change

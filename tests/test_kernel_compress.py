@@ -8,7 +8,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from gear_compile.compressed_kv import segment_layouts  # noqa: E402
+from gear_compile.store import StoreLayout  # noqa: E402
 from gear_compile.config import GearConfig  # noqa: E402
 from gear_compile.kernels.compress import quantize_pack  # noqa: E402
 from gear_compile.segment import compress  # noqa: E402
@@ -32,7 +32,7 @@ def _compare(x, layout):
 @pytest.mark.parametrize("D", [64, 96])
 def test_matches_segment_compress(method, bits, kind, D):
     cfg = GearConfig(method=method, bits=bits, group_size=16 if D == 64 else 32)
-    _, layout = segment_layouts(cfg, kind, D, torch.float16, 0)
+    layout = StoreLayout.build(cfg, kind, D, torch.float16, 0).decode
     gen = torch.Generator().manual_seed(bits * 7 + D)
     x = (torch.randn(2, 2, 2 * layout.block, D, generator=gen) * 3).half()
     x[0, 0, : layout.block] = 1.5                       # constant groups: scale 0
@@ -43,7 +43,7 @@ def test_matches_segment_compress(method, bits, kind, D):
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # inf / inf, as in torch
 def test_non_finite_group_gets_nan_scale():
     cfg = GearConfig(method="kcvt", bits=4)
-    _, layout = segment_layouts(cfg, "v", 64, torch.float32, 0)
+    layout = StoreLayout.build(cfg, "v", 64, torch.float32, 0).decode
     x = torch.randn(1, 1, layout.block, 64)
     x[0, 0, 2, 7] = float("nan")
     x[0, 0, 5, 1] = float("inf")

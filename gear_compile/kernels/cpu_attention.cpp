@@ -1,0 +1,569 @@
+// Attention over a compressed KV cache on the CPU, reading the packed codes.
+//
+// Job: out = softmax(q K^T * scale + mask) V for q [B, Hq, T, D], where K and
+// V are a layer's stores (layout: gear_compile/store.py), without building
+// the dense K/V. Built and loaded by kernels/cpu.py, which also passes the
+// store descriptor (`Seg` fields below) that says where each part sits in
+// the flattened part lists.
+//
+// Algorithm (flash-decoding on the cores):
+// * Work items are (batch, KV head, split of the live tokens); the G query
+//   heads of a KV head and the T query tokens are the R = G*T rows of one
+//   item, so every packed byte is read and unpacked once for all of them.
+// * An item walks its tokens in chunks of CHUNK: scores for the chunk, an
+//   online-softmax update, then the weighted V rows. Each item keeps
+//   (max, sum, acc[R][D]); items of one (batch, KV head) are merged by their
+//   log-sum-exp at the end.
+// * K quantized per channel (scale s_d, zero z_d per token group):
+//   q.k_t = sum_d (q_d s_d) c_td + sum_d q_d z_d, so q' = q*s and q.z are
+//   computed once per group and the per-token work is unpack + dot.
+// * Low-rank terms take the small side first: q.(A_t B^T) = (q.B).A_t for K,
+//   sum_t p_t A_t B^T = (sum_t p_t A_t) B^T for V (B is per block).
+// * K outliers are per block and channel, sorted by token: a chunk finds its
+//   entries by a binary search per channel. V outliers (per token) are added
+//   to the dequantized row.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu_simd.h"
+
+namespace gear_cpu {
+
+constexpr int CHUNK = 64;          // tokens scored per softmax update
+constexpr int MIN_SPLIT = 256;     // fewest tokens worth a work item of their own
+
+// Fields of one segment's descriptor (store.py: KERNEL_FIELDS): how it is
+// quantized (GROUP 0: the whole block; BLOCK 0: the whole segment), then the
+// index of each part in the flat list (-1: absent). Ranks and outlier counts
+// are read from the parts' shapes.
+enum Field { EXACT, BITS, CHANNEL_AXIS, GROUP, BLOCK,
+             CODES, SCALE, ZERO, LR_A, LR_B, OUT_VAL, OUT_IDX, NFIELDS };
+constexpr int NSTORE = 3;          // segments of a store: prefill block, decode blocks, buffer
+constexpr int NSEG = 4;            // and the call's new tokens (exact, not yet in the store)
+
+// ---------------------------------------------------------------- scalars
+template <typename T> inline float to_f(T x) { return static_cast<float>(x); }
+
+inline int read_index(const void* p, at::ScalarType t, int64_t i) {
+  switch (t) {
+    case at::kByte: return static_cast<const uint8_t*>(p)[i];
+    case at::kShort: return static_cast<const int16_t*>(p)[i];
+    default: return static_cast<const int32_t*>(p)[i];
+  }
+}
+
+template <typename T>
+inline void convert_row(const T* x, int n, float* out) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) out[i] = to_f(x[i]);
+}
+
+// ---------------------------------------------------------------- segments
+// One segment of one store, with pointers already offset to a (batch, head).
+struct Seg {
+  bool exact = true, channel = false;
+  int bits = 0, group = 1, block = 1, rank = 0, k2 = 0, W = 0;
+  int64_t cap = 0;                             // token capacity
+  const void* data = nullptr;                  // exact values, or packed codes
+  at::ScalarType dtype = at::kFloat;           // of exact values
+  const at::Half *scale = nullptr, *zero = nullptr, *lr_a = nullptr, *lr_b = nullptr,
+                 *out_val = nullptr;
+  const void* out_idx = nullptr;
+  at::ScalarType idx_type = at::kByte;
+};
+
+// Where one segment's parts start, and their per-(batch, head) strides.
+struct SegBase {
+  Seg seg;
+  int64_t data_hs = 0, scale_hs = 0, a_hs = 0, b_hs = 0, ov_hs = 0;
+
+  Seg at(int64_t head) const {
+    Seg s = seg;
+    size_t el = s.exact ? c10::elementSize(s.dtype) : 1;
+    s.data = static_cast<const char*>(s.data) + head * data_hs * el;
+    if (s.scale) { s.scale += head * scale_hs; s.zero += head * scale_hs; }
+    if (s.lr_a) { s.lr_a += head * a_hs; s.lr_b += head * b_hs; }
+    if (s.out_val) {
+      s.out_val += head * ov_hs;
+      s.out_idx = static_cast<const char*>(s.out_idx) + head * ov_hs * c10::elementSize(s.idx_type);
+    }
+    return s;
+  }
+};
+
+int64_t head_stride(const at::Tensor& t) { return t.numel() / (t.size(0) * t.size(1)); }
+
+// An exact segment: values [B, H, N, D] in the model's dtype.
+SegBase exact_seg(const at::Tensor& data) {
+  SegBase b;
+  Seg& s = b.seg;
+  s.cap = data.size(2);
+  s.block = static_cast<int>(std::max<int64_t>(s.cap, 1));
+  s.W = static_cast<int>(data.size(3));
+  s.data = data.data_ptr();
+  s.dtype = data.scalar_type();
+  TORCH_CHECK(s.dtype == at::kFloat || s.dtype == at::kHalf || s.dtype == at::kBFloat16,
+              "gear attention_cpu: exact storage must be fp32, fp16 or bf16, got ", s.dtype);
+  b.data_hs = head_stride(data);
+  return b;
+}
+
+SegBase make_seg(const std::vector<at::Tensor>& parts, const int64_t* f) {
+  if (f[EXACT]) return exact_seg(parts[f[CODES]]);
+  SegBase b;
+  Seg& s = b.seg;
+  const at::Tensor& codes = parts[f[CODES]];
+  TORCH_CHECK(codes.scalar_type() == at::kByte, "gear attention_cpu: codes must be uint8");
+  s.exact = false;
+  s.cap = codes.size(2);
+  s.W = static_cast<int>(codes.size(3));
+  s.data = codes.data_ptr();
+  b.data_hs = head_stride(codes);
+  s.bits = static_cast<int>(f[BITS]);
+  s.channel = f[CHANNEL_AXIS] != 0;
+  s.block = f[BLOCK] ? static_cast<int>(f[BLOCK]) : static_cast<int>(std::max<int64_t>(s.cap, 1));
+  s.group = f[GROUP] ? static_cast<int>(f[GROUP]) : s.block;
+  const at::Tensor& sc = parts[f[SCALE]];
+  TORCH_CHECK(sc.scalar_type() == at::kHalf, "gear attention_cpu: scales must be fp16");
+  s.scale = sc.data_ptr<at::Half>();
+  s.zero = parts[f[ZERO]].data_ptr<at::Half>();
+  b.scale_hs = head_stride(sc);
+  if (f[LR_A] >= 0) {
+    s.rank = static_cast<int>(parts[f[LR_A]].size(3));
+    s.lr_a = parts[f[LR_A]].data_ptr<at::Half>();
+    s.lr_b = parts[f[LR_B]].data_ptr<at::Half>();
+    b.a_hs = head_stride(parts[f[LR_A]]);
+    b.b_hs = head_stride(parts[f[LR_B]]);
+  }
+  if (f[OUT_VAL] >= 0) {
+    s.k2 = static_cast<int>(parts[f[OUT_IDX]].size(3));
+    s.out_val = parts[f[OUT_VAL]].data_ptr<at::Half>();
+    s.out_idx = parts[f[OUT_IDX]].data_ptr();
+    s.idx_type = parts[f[OUT_IDX]].scalar_type();
+    b.ov_hs = head_stride(parts[f[OUT_VAL]]);
+  }
+  return b;
+}
+
+// Row t of an exact segment, as floats (the padding past D is left as it is).
+inline void exact_row(const Seg& s, int64_t t, int D, float* out) {
+  switch (s.dtype) {
+    case at::kFloat: std::memcpy(out, static_cast<const float*>(s.data) + t * D, D * sizeof(float)); break;
+    case at::kHalf: convert_row(static_cast<const at::Half*>(s.data) + t * D, D, out); break;
+    default: convert_row(static_cast<const at::BFloat16*>(s.data) + t * D, D, out); break;
+  }
+}
+
+// First entry of block blk's sorted K-outlier column `ch` with offset >= target.
+inline int lower_bound_column(const Seg& s, int64_t blk, int ch, int D, int target) {
+  int lo = 0, hi = s.k2;
+  int64_t base = blk * s.k2 * D + ch;
+  while (lo < hi) {
+    int mid = (lo + hi) / 2;
+    if (read_index(s.out_idx, s.idx_type, base + static_cast<int64_t>(mid) * D) < target) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// ---------------------------------------------------------------- one work item
+struct Problem {
+  int B, Hq, Hkv, G, T, D, DP, R;
+  bool causal;
+  const float* q;                 // [B, Hq, T, D] fp32, pre-scaled
+  // mask: element (b, hq, i, col) at mask + b*ms[0] + hq*ms[1] + i*ms[2] + col*ms[3]
+  const void* mask = nullptr;
+  at::ScalarType mask_type = at::kBool;
+  int64_t ms[4] = {0, 0, 0, 0};
+  int64_t mask_len = 0;
+};
+
+// Per-thread buffers; rows of DP floats (zero padding keeps dot products exact).
+struct Scratch {
+  int ts;                         // tile row stride: room for DP floats or PB*W codes
+  std::vector<float> q, qs, qz, qb, pa, w, score, row, tile, at, sa, za;
+  std::vector<int> kptr;          // per channel: next unread K-outlier entry
+  struct Entry { int j, d; float v; };
+  std::vector<Entry> late;        // K outliers added after the dot
+  int64_t kptr_block = -1, kptr_next = -1;
+  Scratch(const Problem& P, int maxrank, int maxrow)
+      : ts((std::max(P.DP, maxrow) + 7) / 8 * 8),
+        q(P.R * P.DP, 0.0f), qs(P.R * P.DP, 0.0f), qz(P.R), qb(P.R * std::max(maxrank, 1)),
+        pa(P.R * std::max(maxrank, 1)), w(P.R * CHUNK), score(P.R * CHUNK),
+        row(ts, 0.0f), tile(CHUNK * ts, 0.0f), at(std::max(maxrank, 1) * CHUNK),
+        sa(CHUNK), za(CHUNK), kptr(P.D) {}
+  // The low-rank A rows of tokens [t0, t0+n), transposed: at[k * CHUNK + j].
+  void load_a(const at::Half* lr_a, int rk, int64_t t0, int n) {
+    for (int j = 0; j < n; ++j)
+      for (int k = 0; k < rk; ++k) at[k * CHUNK + j] = to_f(lr_a[(t0 + j) * rk + k]);
+  }
+  float* tile_row(int j) { return tile.data() + j * ts; }
+};
+
+// Softmax state of the R rows of one item.
+struct State {
+  std::vector<float> m, l, acc;
+  State(int R, int DP) : m(R, -INFINITY), l(R, 0.0f), acc(R * DP, 0.0f) {}
+};
+
+inline float mask_value(const Problem& P, int b, int hq, int i, int64_t col) {
+  if (col < 0) return 0.0f;
+  int64_t off = b * P.ms[0] + hq * P.ms[1] + i * P.ms[2] + col * P.ms[3];
+  switch (P.mask_type) {
+    case at::kBool: return static_cast<const bool*>(P.mask)[off] ? 0.0f : -INFINITY;
+    case at::kFloat: return static_cast<const float*>(P.mask)[off];
+    case at::kHalf: return to_f(static_cast<const at::Half*>(P.mask)[off]);
+    default: return to_f(static_cast<const at::BFloat16*>(P.mask)[off]);
+  }
+}
+
+// K outliers of tokens [t0, t0+n), added to the tile (in code units where
+// the scales fold into q: value / s, which the dot multiplies back by s).
+// Each block lists, per channel, 2k token offsets in ascending order; the
+// per-channel read position carries over from the previous chunk, and is
+// searched for only where a split starts inside a block. An entry whose
+// scale is 0 (a constant column) cannot ride in code units: it goes to
+// sc.late, added to the scores after the dot.
+void k_outliers(const Problem& P, const Seg& K, int64_t t0, int n, bool fold, Scratch& sc) {
+  const int D = P.D;
+  for (int64_t t = t0; t < t0 + n;) {
+    int64_t blk = t / K.block;
+    int lo = static_cast<int>(t - blk * K.block);
+    int hi = static_cast<int>(std::min<int64_t>(t0 + n, (blk + 1) * K.block) - blk * K.block);
+    if (blk != sc.kptr_block || lo != sc.kptr_next)
+      for (int d = 0; d < D; ++d) sc.kptr[d] = lo ? lower_bound_column(K, blk, d, D, lo) : 0;
+    for (int d = 0; d < D; ++d) {
+      int e = sc.kptr[d];
+      for (; e < K.k2; ++e) {
+        int64_t at = (blk * K.k2 + e) * D + d;
+        int tok = read_index(K.out_idx, K.idx_type, at);
+        if (tok >= hi) break;
+        float v = to_f(K.out_val[at]);
+        int j = static_cast<int>(blk * K.block + tok - t0);
+        int64_t group = K.group == K.block ? blk : (t0 + j) / K.group;
+        float s = fold ? to_f(K.scale[group * D + d]) : 1.0f;
+        if (s != 0.0f) sc.tile_row(j)[d] += v / s;
+        else sc.late.push_back({j, d, v});
+      }
+      sc.kptr[d] = e;
+    }
+    sc.kptr_block = blk;
+    sc.kptr_next = hi;
+    t = blk * K.block + hi;
+  }
+}
+
+// Tokens [t0, t0+n) of segment `s` into the tile, one row per token: the
+// exact values, or the codes as floats (`rebuild`: codes * scale + zero).
+void load_tile(const Seg& s, int64_t t0, int n, int D, bool rebuild, Scratch& sc) {
+  for (int j = 0; j < n; ++j) {
+    int64_t t = t0 + j;
+    float* row = sc.tile_row(j);
+    if (s.exact) { exact_row(s, t, D, row); continue; }
+    unpack_any(s.bits, static_cast<const uint8_t*>(s.data) + t * s.W, s.W, row);
+    if (!rebuild) continue;
+    if (s.channel) {                       // per-channel stats of the token group
+      const at::Half* sc_ = s.scale + (t / s.group) * D;
+      const at::Half* z = s.zero + (t / s.group) * D;
+      for (int d = 0; d < D; ++d) row[d] = row[d] * to_f(sc_[d]) + to_f(z[d]);
+    } else {                               // per-token stats of each channel group
+      const int ng = D / s.group;
+      for (int g = 0; g < ng; ++g) {
+        float a = to_f(s.scale[t * ng + g]), z = to_f(s.zero[t * ng + g]);
+        for (int d = g * s.group; d < (g + 1) * s.group; ++d) row[d] = row[d] * a + z;
+      }
+    }
+  }
+}
+
+// Scores of tokens [t0, t0+n) of a K segment into sc.score[r * CHUNK + j].
+void score_chunk(const Problem& P, const Seg& K, int64_t t0, int n, Scratch& sc) {
+  const int R = P.R, D = P.D, DP = P.DP;
+  float* score = sc.score.data();
+  const bool fold = !K.exact && K.channel;   // per-channel stats fold into q
+  load_tile(K, t0, n, D, !fold, sc);
+  sc.late.clear();
+  if (K.k2) k_outliers(P, K, t0, n, fold, sc);
+  if (!fold) {
+    score_tile(sc.q.data(), R, DP, sc.tile.data(), sc.ts, n, score, CHUNK);
+  } else {                                 // q.k_t = (q*s).c_t + q.z, per token group
+    for (int j0 = 0; j0 < n;) {
+      int64_t group = (t0 + j0) / K.group;
+      int j1 = static_cast<int>(std::min<int64_t>(n, (group + 1) * K.group - t0));
+      convert_row(K.scale + group * D, D, sc.row.data());
+      for (int r = 0; r < R; ++r)
+        for (int d = 0; d < D; ++d) sc.qs[r * DP + d] = sc.q[r * DP + d] * sc.row[d];
+      convert_row(K.zero + group * D, D, sc.row.data());
+      score_tile(sc.q.data(), R, DP, sc.row.data(), 0, 1, sc.qz.data(), 1);
+      score_tile(sc.qs.data(), R, DP, sc.tile_row(j0), sc.ts, j1 - j0, score + j0, CHUNK);
+      for (int r = 0; r < R; ++r)
+        for (int j = j0; j < j1; ++j) score[r * CHUNK + j] += sc.qz[r];
+      j0 = j1;
+    }
+  }
+  if (K.exact) return;
+  if (K.rank) {                            // (q . B_blk) . A_t, a run of tokens per block
+    const int rk = K.rank;
+    sc.load_a(K.lr_a, rk, t0, n);
+    for (int j0 = 0; j0 < n;) {
+      int64_t blk = (t0 + j0) / K.block;
+      int j1 = static_cast<int>(std::min<int64_t>(n, (blk + 1) * K.block - t0));
+      const at::Half* Bm = K.lr_b + blk * D * rk;
+      for (int k = 0; k < rk; ++k) {
+        for (int d = 0; d < D; ++d) sc.row[d] = to_f(Bm[d * rk + k]);
+        score_tile(sc.q.data(), R, DP, sc.row.data(), 0, 1, sc.qb.data() + k, rk);
+      }
+      for (int r = 0; r < R; ++r)
+        for (int k = 0; k < rk; ++k)
+          axpy(sc.qb[r * rk + k], sc.at.data() + k * CHUNK + j0, score + r * CHUNK + j0, j1 - j0);
+      j0 = j1;
+    }
+  }
+  for (const auto& e : sc.late)
+    for (int r = 0; r < R; ++r) score[r * CHUNK + e.j] += sc.q[r * DP + e.d] * e.v;
+}
+
+// acc_r += sum_j p[r][j] V_{t0+j}. Per-token V stats fold into the weights,
+// (p*s) . c + (p.z), the zero-point sums joining acc once per chunk; the
+// low-rank V term goes through (sum_t p_t A_t) B_blk^T once per block.
+void value_chunk(const Problem& P, const Seg& V, int64_t t0, int n, Scratch& sc, State& st) {
+  const int R = P.R, D = P.D, DP = P.DP;
+  const float* p = sc.score.data();
+  float* acc = st.acc.data();
+  const bool fold = !V.exact && !V.channel;
+  load_tile(V, t0, n, D, !fold, sc);
+  for (int j = 0; j < n && V.k2; ++j)      // sparse V: 2k channels per token, into the tile
+    for (int e = 0; e < V.k2; ++e) {       // (in code units where per-token scales fold)
+      int64_t at = (t0 + j) * V.k2 + e;
+      int ch = read_index(V.out_idx, V.idx_type, at);
+      float v = to_f(V.out_val[at]);
+      float s = fold ? to_f(V.scale[(t0 + j) * (D / V.group) + ch / V.group]) : 1.0f;
+      if (s != 0.0f) sc.tile_row(j)[ch] += v / s;
+      else for (int r = 0; r < R; ++r) acc[r * DP + ch] += p[r * CHUNK + j] * v;
+    }
+  if (!fold) {
+    accumulate_tile(p, CHUNK, R, n, sc.tile.data(), sc.ts, acc, DP, 0, DP);
+  } else {
+    const int ng = D / V.group;
+    for (int g = 0; g < ng; ++g) {
+      for (int j = 0; j < n; ++j) {
+        sc.sa[j] = to_f(V.scale[(t0 + j) * ng + g]);
+        sc.za[j] = to_f(V.zero[(t0 + j) * ng + g]);
+      }
+      for (int r = 0; r < R; ++r) {
+        const float* pr = p + r * CHUNK;
+        float* wr = sc.w.data() + r * CHUNK;
+        for (int j = 0; j < n; ++j) wr[j] = pr[j] * sc.sa[j];
+        float z = dot(pr, sc.za.data(), n);
+        const int d1 = ng == 1 ? D : (g + 1) * V.group;
+        for (int d = g * V.group; d < d1; ++d) acc[r * DP + d] += z;
+      }
+      accumulate_tile(sc.w.data(), CHUNK, R, n, sc.tile.data(), sc.ts, acc, DP,
+                      g * V.group, ng == 1 ? DP : (g + 1) * V.group);
+    }
+  }
+  if (V.exact) return;
+  if (V.rank) {                            // acc += (sum_t p_t A_t) B_blk^T per block
+    const int rk = V.rank;
+    sc.load_a(V.lr_a, rk, t0, n);
+    for (int j0 = 0; j0 < n;) {
+      int64_t blk = (t0 + j0) / V.block;
+      int j1 = static_cast<int>(std::min<int64_t>(n, (blk + 1) * V.block - t0));
+      for (int r = 0; r < R; ++r)
+        for (int k = 0; k < rk; ++k)
+          sc.pa[r * rk + k] = dot(p + r * CHUNK + j0, sc.at.data() + k * CHUNK + j0, j1 - j0);
+      const at::Half* Bm = V.lr_b + blk * D * rk;
+      for (int k = 0; k < rk; ++k) {
+        for (int d = 0; d < D; ++d) sc.row[d] = to_f(Bm[d * rk + k]);
+        accumulate_tile(sc.pa.data() + k, rk, R, 1, sc.row.data(), 0, acc, DP, 0, DP);
+      }
+      j0 = j1;
+    }
+  }
+}
+
+// Tokens [t0, t0+n) of one segment: scores, mask, online softmax, values.
+void attend_chunk(const Problem& P, const Seg& K, const Seg& V, int64_t t0, int n,
+                  int64_t pos0, int64_t total, int b, int kvh, Scratch& sc, State& st) {
+  const int R = P.R, DP = P.DP;
+  score_chunk(P, K, t0, n, sc);
+  for (int r = 0; r < R; ++r) {
+    int g = r / P.T, i = r % P.T;
+    float* s = sc.score.data() + r * CHUNK;
+    if (P.causal) {                         // query i sees keys < total - T + i + 1
+      int64_t limit = total - P.T + i + 1;
+      for (int j = 0; j < n; ++j) if (pos0 + t0 + j >= limit) s[j] = -INFINITY;
+    }
+    if (P.mask) {
+      int64_t shift = P.mask_len - total;   // a mask may be longer than the keys
+      for (int j = 0; j < n; ++j) s[j] += mask_value(P, b, kvh * P.G + g, i, pos0 + t0 + j + shift);
+    }
+    float mx = -INFINITY;
+    for (int j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+    float m_new = std::max(st.m[r], mx);
+    float m_use = m_new == -INFINITY ? 0.0f : m_new;
+    float alpha = st.m[r] == -INFINITY ? 0.0f : exp_neg(st.m[r] - m_use);
+    st.l[r] = st.l[r] * alpha + exp_shifted(s, n, m_use);
+    st.m[r] = m_new;
+    if (alpha != 1.0f) {
+      float* acc = st.acc.data() + r * DP;
+      for (int d = 0; d < DP; ++d) acc[d] *= alpha;
+    }
+  }
+  value_chunk(P, V, t0, n, sc, st);
+}
+
+// ---------------------------------------------------------------- the op
+at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::TensorList v_parts,
+                         const c10::optional<at::Tensor>& k_new, const c10::optional<at::Tensor>& v_new,
+                         const c10::optional<at::Tensor>& attn_mask, double scale, bool is_causal,
+                         at::IntArrayRef k_desc, at::IntArrayRef v_desc) {
+  TORCH_CHECK(q_in.dim() == 4, "gear attention_cpu: q must be [B, Hq, T, D]");
+  TORCH_CHECK(k_desc.size() == 2 + NSTORE * NFIELDS && v_desc.size() == k_desc.size(),
+              "gear attention_cpu: descriptor size mismatch");
+  TORCH_CHECK(k_new.has_value() == v_new.has_value(), "gear attention_cpu: k_new without v_new");
+  std::vector<at::Tensor> kp(k_parts.begin(), k_parts.end()), vp(v_parts.begin(), v_parts.end());
+  for (auto& t : kp) t = t.contiguous();
+  for (auto& t : vp) t = t.contiguous();
+  const at::Tensor& lengths = kp[k_desc[0]];
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.numel() == NSTORE,
+              "gear attention_cpu: lengths must be int64 [3]");
+  const int64_t* lens_ptr = lengths.data_ptr<int64_t>();
+  at::Tensor kn = k_new.has_value() ? k_new->contiguous() : at::Tensor();
+  at::Tensor vn = v_new.has_value() ? v_new->contiguous() : at::Tensor();
+  int64_t lens[NSEG] = {lens_ptr[0], lens_ptr[1], lens_ptr[2], kn.defined() ? kn.size(2) : 0};
+
+  Problem P;
+  P.B = q_in.size(0); P.Hq = q_in.size(1); P.T = q_in.size(2); P.D = q_in.size(3);
+  P.DP = (P.D + 7) / 8 * 8;
+  P.Hkv = kp[k_desc[1]].size(1);
+  TORCH_CHECK(P.Hq % P.Hkv == 0, "gear attention_cpu: query heads ", P.Hq,
+              " are not a multiple of KV heads ", P.Hkv);
+  P.G = P.Hq / P.Hkv;
+  P.R = P.G * P.T;
+  P.causal = is_causal && P.T > 1;
+  at::Tensor q = q_in.to(at::kFloat).mul(scale).contiguous();
+  P.q = q.data_ptr<float>();
+  at::Tensor mask;
+  if (attn_mask.has_value()) {
+    mask = *attn_mask;
+    while (mask.dim() < 4) mask = mask.unsqueeze(0);
+    mask = mask.expand({P.B, P.Hq, P.T, mask.size(3)});
+    P.mask = mask.data_ptr();
+    P.mask_type = mask.scalar_type();
+    TORCH_CHECK(P.mask_type == at::kBool || P.mask_type == at::kFloat || P.mask_type == at::kHalf ||
+                P.mask_type == at::kBFloat16, "gear attention_cpu: mask must be bool or float");
+    for (int i = 0; i < 4; ++i) P.ms[i] = mask.stride(i);
+    P.mask_len = mask.size(3);
+  }
+
+  SegBase ks[NSEG], vs[NSEG];
+  int maxrank = 1, maxrow = P.D;           // longest tile row: D values or PB*W codes
+  for (int i = 0; i < NSEG; ++i) {
+    if (i < NSTORE) {
+      ks[i] = make_seg(kp, k_desc.data() + 2 + i * NFIELDS);
+      vs[i] = make_seg(vp, v_desc.data() + 2 + i * NFIELDS);
+    } else if (kn.defined()) {
+      ks[i] = exact_seg(kn);
+      vs[i] = exact_seg(vn);
+    }
+    maxrank = std::max({maxrank, ks[i].seg.rank, vs[i].seg.rank});
+    for (const Seg& g : {ks[i].seg, vs[i].seg})
+      maxrow = std::max(maxrow, g.exact ? g.W : (8 / std::max(g.bits, 1)) * g.W);
+    TORCH_CHECK(lens[i] <= ks[i].seg.cap, "gear attention_cpu: segment ", i, " holds ", lens[i],
+                " tokens, capacity ", ks[i].seg.cap);
+  }
+  const int64_t total = lens[0] + lens[1] + lens[2] + lens[3];
+  const int64_t pos0[NSEG] = {0, lens[0], lens[0] + lens[1], lens[0] + lens[1] + lens[2]};
+
+  // split each (batch, KV head)'s tokens so that every core has work
+  const int64_t heads = static_cast<int64_t>(P.B) * P.Hkv;
+  const int64_t threads = at::get_num_threads();
+  int64_t splits = std::max<int64_t>(1, (4 * threads + heads - 1) / heads);
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, total / MIN_SPLIT));
+  const int64_t per_split = (total + splits - 1) / splits;
+  const int R = P.R, D = P.D, DP = P.DP;
+  // partials: per item and row, (m, l, acc[DP])
+  const int64_t stride = DP + 2;
+  std::vector<float> part(heads * splits * R * stride);
+
+  at::parallel_for(0, heads * splits, 1, [&](int64_t begin, int64_t end) {
+    Scratch sc(P, maxrank, maxrow);
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t head = item / splits, split = item % splits;
+      int b = static_cast<int>(head / P.Hkv), kvh = static_cast<int>(head % P.Hkv);
+      for (int g = 0; g < P.G; ++g)
+        for (int i = 0; i < P.T; ++i)
+          std::memcpy(sc.q.data() + (g * P.T + i) * DP,
+                      P.q + ((static_cast<int64_t>(b) * P.Hq + kvh * P.G + g) * P.T + i) * D,
+                      D * sizeof(float));
+      State st(R, DP);
+      sc.kptr_block = -1;
+      int64_t lo = split * per_split, hi = std::min(total, lo + per_split);
+      for (int s = 0; s < NSEG; ++s) {
+        int64_t a = std::max(lo, pos0[s]) - pos0[s];
+        int64_t z = std::min(hi, pos0[s] + lens[s]) - pos0[s];
+        if (a >= z) continue;
+        Seg K = ks[s].at(head), V = vs[s].at(head);
+        sc.kptr_block = -1;
+        for (int64_t t = a; t < z; t += CHUNK)
+          attend_chunk(P, K, V, t, static_cast<int>(std::min<int64_t>(CHUNK, z - t)),
+                       pos0[s], total, b, kvh, sc, st);
+      }
+      float* out = part.data() + item * R * stride;
+      for (int r = 0; r < R; ++r) {
+        out[r * stride] = st.m[r];
+        out[r * stride + 1] = st.l[r];
+        std::memcpy(out + r * stride + 2, st.acc.data() + r * DP, DP * sizeof(float));
+      }
+    }
+  });
+
+  // merge the splits of each (batch, KV head) by their log-sum-exp, into an
+  // output laid out like q (as the fake implementation promises: empty_like)
+  at::Tensor out = at::empty_like(q_in, q_in.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
+  std::vector<float> merged(DP);
+  for (int64_t head = 0; head < heads; ++head) {
+    int b = static_cast<int>(head / P.Hkv), kvh = static_cast<int>(head % P.Hkv);
+    for (int r = 0; r < R; ++r) {
+      int g = r / P.T, i = r % P.T;
+      float m = -INFINITY;
+      for (int64_t s = 0; s < splits; ++s) m = std::max(m, part[((head * splits + s) * R + r) * stride]);
+      float m_use = m == -INFINITY ? 0.0f : m;
+      float l = 0.0f;
+      std::fill(merged.begin(), merged.end(), 0.0f);
+      for (int64_t s = 0; s < splits; ++s) {
+        const float* src = part.data() + ((head * splits + s) * R + r) * stride;
+        float w = src[0] == -INFINITY ? 0.0f : std::exp(src[0] - m_use);
+        l += w * src[1];
+        for (int d = 0; d < DP; ++d) merged[d] += w * src[2 + d];
+      }
+      float inv = 1.0f / l;                  // l = 0 (every key masked): NaN, as SDPA gives
+      float* dst = o + b * os[0] + (kvh * P.G + g) * os[1] + i * os[2];
+      for (int d = 0; d < D; ++d) dst[d * os[3]] = merged[d] * inv;
+    }
+  }
+  return out.to(q_in.scalar_type());
+}
+
+}  // namespace gear_cpu
+
+TORCH_LIBRARY_FRAGMENT(gear, m) {
+  m.def("attention_cpu(Tensor q, Tensor[] k_parts, Tensor[] v_parts, Tensor? k_new, Tensor? v_new, "
+        "Tensor? attn_mask, float scale, bool is_causal, int[] k_desc, int[] v_desc) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gear, CPU, m) { m.impl("attention_cpu", &gear_cpu::attention_cpu); }

@@ -1,0 +1,72 @@
+"""What runs between compiled graph calls: the host side of the decode step.
+
+`wrap(compiled, plan, config)` adapts Dynamo's calling convention to the
+rewritten graph's: CompressedKV inputs go in as their inner tensors, and the
+stores a call created or updated come back out as CompressedKV tensors for
+the cache to keep. For each updated store it advances the host copy of the
+lengths by the tokens the graph wrote (the graph itself updated the device
+copy), so it knows without a device sync when a buffer holds n_b tokens, and
+then compresses every full buffer of the call in one batched flush
+(`store.flush_stores`): once every n_b tokens, after the attention of the
+step that filled the block, outside the per-token graph (which thus stays
+one static graph: no `torch.cond`, no host reads; the flush's own cost is
+amortised over n_b steps). Capacity grows there too, never in the graph.
+Neighbours: `passes.rewrite` (the plan), `store` (counts, flush, append),
+`compressed_kv` (the output tensors), `backend` (calls `wrap`).
+"""
+from __future__ import annotations
+
+import torch
+
+from .compressed_kv import CompressedKV
+from .config import GearConfig
+from .passes.rewrite import PrefillOut, RewritePlan, TensorOut
+from .store import KVStore, flush_stores
+
+
+def wrap(compiled, plan: RewritePlan, config: GearConfig):
+    """The function Dynamo calls in place of the compiled graph."""
+
+    def run(*args):
+        results = compiled(*plan.flatten_inputs(args))
+        outputs, stores, full, i = [], [], [], 0
+        for spec in plan.outputs:
+            if isinstance(spec, TensorOut):
+                outputs.append(results[i])
+                i += 1
+                continue
+            if isinstance(spec, PrefillOut):
+                store = KVStore(config, spec.kind, list(results[i:i + spec.parts]))
+                i += spec.parts
+            else:
+                store = args[spec.input].store
+                if spec.written:
+                    if store.wrote(spec.written):
+                        full.append(store)
+                else:
+                    store.append(results[i])
+                    i += 1
+            stores.append(len(outputs))
+            outputs.append(store)
+        if full:
+            flush_stores(full)
+        for j in stores:
+            outputs[j] = _as_tensor(outputs[j])
+        return outputs
+
+    return run
+
+
+def _as_tensor(store: KVStore) -> CompressedKV:
+    """The store as the cache's K or V, with the sizes that grow (the logical
+    length, the decode capacity) marked dynamic so that neither decoding nor
+    growth recompiles. (On the outer tensor only: `maybe_mark_dynamic` would
+    also mark every inner tensor's dim 2, the buffer's and the prefill
+    block's included, which never change between steps.)"""
+    kv = CompressedKV(store)
+    kv._dynamo_weak_dynamic_indices = {2}
+    for name, tensor in zip(store.tensor_names(), store.tensors()):
+        if store.layout.grows(name) and tensor.shape[2] > 1 and \
+                not hasattr(tensor, "_dynamo_weak_dynamic_indices"):
+            torch._dynamo.maybe_mark_dynamic(tensor, 2)
+    return kv

@@ -1,0 +1,275 @@
+"""The compressed K or V of one cache layer: its inner tensors, described once.
+
+A store holds
+
+  lengths   int64 [3] on the store's device: tokens in the prefill block, in
+            the decode blocks and in the buffer (read by attention kernels)
+  buffer    [B, H, n_b, D] exact, in the model's dtype: the newest tokens
+  p_<part>  the prefill block (one block of P tokens, rank r_p), `segment`
+  d_<part>  n_b-token decode blocks (rank r_g) in a reserved capacity
+
+`StoreLayout` is the one description of that list: its order, each tensor's
+shape and dtype, which ones grow (the decode parts, along dim 2), and the
+descriptor the CPU kernel reads. The fake implementations (`ops`), the
+rewrite (one graph input per inner tensor), the runtime (flatten, rebuild)
+and the kernel launchers all read it.
+
+`KVStore` is the tensors plus a host copy of the lengths (`counts`), which
+the runtime keeps in step without reading the device: the decode graph
+writes each new token into the buffer and bumps `lengths` itself, and the
+runtime, which knows how many tokens each call appended, compresses the
+buffer into the decode segment once it holds n_b tokens (`flush_stores`:
+every full store of a call in one batched compression). Old blocks are never
+touched again.
+Neighbours: `segment` (the codec and layout of a segment), `compressed_kv`
+(the tensor subclass that carries a store), `runtime` (calls `flush_stores`),
+`ops` and `kernels` (read stores).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from . import outliers
+from .config import GearConfig
+from .segment import Segment, SegmentLayout, compress, dequantize
+
+HEAD = ("lengths", "buffer")
+# Fields of a segment in the CPU kernel's descriptor (kernels/cpu_attention.cpp, enum Field):
+# how it is quantized, then the index of each part in the flat list (-1: absent).
+KERNEL_FIELDS = ("exact", "bits", "channel_axis", "group", "block",
+                 "codes", "scale", "zero", "lr_a", "lr_b", "out_val", "out_idx")
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """The ordered inner tensors of a K ("k") or V ("v") store."""
+
+    kind: str
+    prefill: SegmentLayout
+    decode: SegmentLayout
+    buffer_tokens: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def build(cls, config: GearConfig, kind: str, head_dim: int, dtype: torch.dtype,
+              prefill_tokens: int) -> StoreLayout:
+        if isinstance(head_dim, int) and isinstance(prefill_tokens, int):
+            return _layout(config, kind, head_dim, dtype, prefill_tokens)
+        return _layout.__wrapped__(config, kind, head_dim, dtype, prefill_tokens)   # tracing: SymInts
+
+    @functools.cached_property
+    def names(self) -> tuple[str, ...]:
+        return (HEAD + tuple(f"p_{n}" for n in self.prefill.part_names)
+                + tuple(f"d_{n}" for n in self.decode.part_names))
+
+    def shapes(self, batch: int, heads: int, capacity) -> list[tuple[tuple, torch.dtype]]:
+        """(shape, dtype) of every inner tensor, in order, for a decode capacity
+        of `capacity` tokens."""
+        out = [((3,), torch.int64), ((batch, heads, self.buffer_tokens, self.head_dim), self.dtype)]
+        for seg, tokens in ((self.prefill, self.prefill.block), (self.decode, capacity)):
+            out += list(seg.shapes(batch, heads, tokens).values())
+        return out
+
+    def grows(self, name: str) -> bool:
+        """Whether dim 2 of the named tensor grows with the decode capacity."""
+        return name.startswith("d_")
+
+    @functools.cached_property
+    def kernel_descriptor(self) -> tuple[int, ...]:
+        """What the CPU kernel needs beyond the tensors: [index of lengths,
+        index of buffer] then KERNEL_FIELDS for the prefill block, the decode
+        blocks and the buffer (group 0: the whole block; block 0: the whole
+        segment; rank and outlier counts are read from the shapes)."""
+        names = self.names
+        out = [names.index("lengths"), names.index("buffer")]
+        for prefix, seg in (("p_", self.prefill), ("d_", self.decode)):
+            whole = seg is self.prefill
+            group = 0 if seg.spec.axis == "channel" and seg.spec.group is None else \
+                (seg.spec.group or seg.head_dim)
+            out += [int(seg.exact), seg.spec.bits, int(seg.spec.axis == "channel"), group,
+                    0 if whole else seg.block]
+            out += [names.index(prefix + f) if prefix + f in names else -1
+                    for f in KERNEL_FIELDS[5:]]
+        out += [1, 16, 0, 1, 0, names.index("buffer")] + [-1] * 6
+        return tuple(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(config: GearConfig, kind: str, head_dim: int, dtype: torch.dtype,
+            prefill_tokens: int) -> StoreLayout:
+    spec = config.key_spec() if kind == "k" else config.value_spec()
+    s = config.outliers
+
+    def segment(block, rank):
+        length = block if kind == "k" else head_dim
+        return SegmentLayout(spec=spec, kind=kind, block=block,
+                             rank=rank if config.uses_low_rank else 0,
+                             outliers_per_side=outliers.count_per_side(s, length) if spec.bits != 16 else 0,
+                             head_dim=head_dim, dtype=dtype, power_iters=config.power_iters)
+
+    prefill_block = prefill_tokens if prefill_tokens > 0 else (spec.group or 1)
+    return StoreLayout(kind, segment(prefill_block, config.rank_prefill),
+                       segment(config.block_size, config.rank_decode),
+                       config.block_size, head_dim, dtype)
+
+
+class KVStore:
+    """The inner tensors of a K or V store (in `layout.names` order) and the
+    host copy of its lengths."""
+
+    def __init__(self, config: GearConfig, kind: str, tensors: list[torch.Tensor],
+                 counts: list[int] | None = None):
+        buffer, p_codes = tensors[1], tensors[2]
+        self.config, self.kind = config, kind
+        self.layout = StoreLayout.build(config, kind, buffer.shape[-1], buffer.dtype, p_codes.shape[2])
+        self._tensors = list(tensors)
+        self._counts = list(counts) if counts is not None else None
+        n_pre = len(self.layout.prefill.part_names)
+        self.prefill = Segment(**dict(zip(self.layout.prefill.part_names, tensors[2:2 + n_pre])))
+        self.decode = Segment(**dict(zip(self.layout.decode.part_names, tensors[2 + n_pre:])))
+
+    # -- the flat list ----------------------------------------------------
+    def tensor_names(self) -> tuple[str, ...]:
+        return self.layout.names
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self._tensors
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self._tensors[0]
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        return self._tensors[1]
+
+    @property
+    def p_layout(self) -> SegmentLayout:
+        return self.layout.prefill
+
+    @property
+    def d_layout(self) -> SegmentLayout:
+        return self.layout.decode
+
+    # -- sizes ------------------------------------------------------------
+    def counts(self) -> tuple[int, int, int]:
+        """(prefill, decode, buffer) tokens, from the host copy; a store rebuilt
+        from bare tensors reads its device lengths once (a sync on a GPU)."""
+        if self._counts is None:
+            self._counts = [int(v) for v in self.lengths.tolist()]
+        return tuple(self._counts)
+
+    def __len__(self) -> int:
+        return sum(self.counts())
+
+    @property
+    def capacity(self) -> int:
+        return self.decode.codes.shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors)
+
+    # -- building (eager; `ops.kv_prefill` wraps it) ----------------------
+    @classmethod
+    def from_prefill(cls, x: torch.Tensor, config: GearConfig, kind: str,
+                     check_finite: bool = False) -> KVStore:
+        """Compress x [B, H, P, D]: whole groups form the prefill block, the rest
+        goes to the buffer."""
+        B, H, P, D = x.shape
+        n_pre = config.prefill_tokens(P)
+        layout = StoreLayout.build(config, kind, D, x.dtype, n_pre)
+        if n_pre:
+            prefill = compress(x[:, :, :n_pre], layout.prefill, check_finite=check_finite)
+        else:
+            prefill = Segment.empty(layout.prefill, B, H, 0, x.device)
+        decode = Segment.empty(layout.decode, B, H, config.initial_decode_capacity, x.device)
+        buffer = x.new_zeros(B, H, layout.buffer_tokens, D)
+        rem = P - n_pre
+        buffer[:, :, :rem] = x[:, :, n_pre:]
+        lengths = torch.tensor([n_pre, 0, rem], dtype=torch.int64, device=x.device)
+        tensors = [lengths, buffer] + list(prefill.parts().values()) + list(decode.parts().values())
+        return cls(config, kind, tensors, [n_pre, 0, rem])
+
+    # -- appending --------------------------------------------------------
+    def wrote(self, tokens: int) -> bool:
+        """Record that `tokens` were written into the buffer on the device (by
+        the decode graph, which also bumped `lengths`); True when the buffer
+        is full and must be flushed."""
+        counts = list(self.counts())
+        counts[2] += tokens
+        self._counts = counts
+        return counts[2] >= self.layout.buffer_tokens
+
+    def append(self, new: torch.Tensor, check_finite: bool = False) -> None:
+        """Push new [B, H, T, D] (any T) through the buffer, compressing each
+        block that fills: the eager path of multi-token appends."""
+        new = new.to(self.buffer.dtype)
+        nb, done, T = self.layout.buffer_tokens, 0, new.shape[2]
+        while done < T:
+            n_buf = self.counts()[2]
+            take = min(nb - n_buf, T - done)
+            self.buffer[:, :, n_buf:n_buf + take] = new[:, :, done:done + take]
+            self.lengths[2] += take
+            done += take
+            if self.wrote(take):
+                flush_stores([self], check_finite=check_finite)
+
+    def grow(self, min_free: int) -> None:
+        """Make room for at least `min_free` more decode tokens, growing the
+        capacity geometrically (by at least a quarter) in whole blocks so that
+        copies stay rare; the decode tensors are replaced."""
+        n_dec = self.counts()[1]
+        free = self.capacity - n_dec
+        if free >= min_free:
+            return
+        nb = self.layout.decode.block
+        extra = max(min_free - free, self.capacity // 4)
+        self.decode = self.decode.resized(self.layout.decode, self.capacity + -(-extra // nb) * nb)
+        self._tensors[2 + len(self.layout.prefill.part_names):] = list(self.decode.parts().values())
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        n_pre, n_dec, n_buf = self.counts()
+        dtype = dtype or self.buffer.dtype
+        parts = [dequantize(self.prefill, self.layout.prefill, n_pre, dtype),
+                 dequantize(self.decode, self.layout.decode, n_dec, dtype),
+                 self.buffer[:, :, :n_buf].to(dtype)]
+        return torch.cat(parts, dim=2)
+
+
+def flush_stores(stores: list[KVStore], check_finite: bool = False) -> None:
+    """Compress the full buffer of every store into its decode segment.
+
+    Stores with the same layout and shapes (a model's layers) are compressed
+    together in one batched call: the codec works per (sequence, head) and
+    block, so this is the per-store result at a fraction of the Python and
+    op-dispatch cost. The decode segments grow first where full.
+    """
+    groups: dict[tuple, list[KVStore]] = {}
+    for store in stores:
+        store.grow(store.layout.decode.block)
+        key = (store.layout, tuple(store.buffer.shape), store.buffer.device)
+        groups.setdefault(key, []).append(store)
+    for (layout, _, device), group in groups.items():
+        nb = layout.decode.block
+        block = torch.cat([s.buffer[:, :, :nb] for s in group], dim=0)
+        packed = compress(block, layout.decode, check_finite=check_finite)
+        batch = group[0].buffer.shape[0]
+        delta = _flush_delta(nb, device)
+        for i, store in enumerate(group):
+            part = Segment(**{name: t[i * batch:(i + 1) * batch]
+                              for name, t in packed.parts().items()})
+            n_pre, n_dec, n_buf = store.counts()
+            store.decode.write(part, layout.decode, n_dec)
+            store.lengths.add_(delta)
+            store._counts = [n_pre, n_dec + nb, n_buf - nb]
+
+
+@functools.lru_cache(maxsize=16)
+def _flush_delta(block: int, device: torch.device) -> torch.Tensor:
+    """What a flush adds to `lengths`: a block moves from the buffer to the
+    decode segment (kept on the device, so the update needs no host copy)."""
+    return torch.tensor([0, block, -block], dtype=torch.int64, device=device)

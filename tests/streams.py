@@ -1,0 +1,30 @@
+"""Helpers shared by the store and cache-tensor tests: build a store the way
+the backend does, and read back the decode blocks flushed so far."""
+
+from gear_compile.store import KVStore
+
+
+def streamed(x, config, kind, prefill, chunk=1, grow=True):
+    """A store built from x[:, :, :prefill], the rest appended `chunk` tokens at a
+    time (growing the capacity first when `grow`, as the backend does)."""
+    store = KVStore.from_prefill(x[:, :, :prefill], config, kind)
+    for t in range(prefill, x.shape[2], chunk):
+        new = x[:, :, t:t + chunk]
+        if grow:
+            store.grow(new.shape[2] + config.block_size)
+        store.append(new)
+    return store
+
+
+def filled_decode_parts(store):
+    """Clones of the decode parts over the blocks filled so far."""
+    n_dec, blk = store.counts()[1], store.d_layout.block
+    out = {}
+    for name, t in store.decode.parts().items():
+        rows = t.shape[2] * n_dec // store.capacity        # every part is proportional to capacity
+        out[name] = t[:, :, :rows].clone()
+    assert n_dec % blk == 0
+    return out
+
+
+# ---------------------------------------------------------------- CompressedKV

@@ -1,0 +1,247 @@
+"""The attention kernels against the reference: the C++ CPU kernel
+(`kernels/cpu_attention.cpp`) and the Triton decode kernel (run by the Triton
+interpreter on CPU), each compared with dequantizing the SAME store, then
+SDPA over it and the call's new tokens.
+
+Tolerances: the Triton kernel rounds the dequantized K/V tile and the softmax
+weights p to the query dtype before each tl.dot (fp32 accumulation), as flash
+attention does, and adds the low-rank terms at score level ((q.B).A) rather
+than to K; the C++ kernel computes in fp32 throughout and rounds once, at the
+output. The reference rounds the rebuilt K/V once to the store dtype and runs
+SDPA in fp32. Observed max errors on O(1) outputs: fp32 ~5e-7, fp16 ~1e-3
+(fp16 ulp at 1 is 1e-3; bound 1e-2), bf16 ~7e-3 (8-bit mantissa; bound 4e-2).
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from gear_compile.config import GearConfig  # noqa: E402
+from gear_compile.kernels.decode_attention import decode_attention_launch  # noqa: E402
+from gear_compile.store import KVStore  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+IMPLS = ["cpu", "triton"]
+
+
+def _stores(cfg, B, Hkv, D, prefill, new, dtype, gen):
+    """K and V stores from a `prefill`-token prompt then `new` appended tokens
+    (appended in uneven chunks, so flushes happen mid-chunk)."""
+    x = lambda n: torch.randn(B, Hkv, n, D, generator=gen).to(dtype)  # noqa: E731
+    ks = KVStore.from_prefill(x(prefill), cfg, "k")
+    vs = KVStore.from_prefill(x(prefill), cfg, "v")
+    left = new
+    step = 1
+    while left:
+        n = min(step, left)
+        ks.append(x(n))
+        vs.append(x(n))
+        left -= n
+        step = step % 7 + 2
+    return ks, vs
+
+
+def attend(impl, q, ks, vs, k_new, v_new, mask, scale, causal=False, num_splits=None):
+    """One implementation's attention of q over the stores plus the new tokens."""
+    if impl == "triton":
+        return decode_attention_launch(q, ks.tensors(), vs.tensors(), k_new, v_new, mask, scale,
+                                       ks.config.to_json(), num_splits=num_splits)
+    from gear_compile.kernels import cpu
+    cpu.load()
+    return torch.ops.gear.attention_cpu(q, ks.tensors(), vs.tensors(), k_new, v_new, mask, scale,
+                                        causal, list(ks.layout.kernel_descriptor),
+                                        list(vs.layout.kernel_descriptor))
+
+
+def reference(q, ks, vs, k_new, v_new, mask, scale, causal=False):
+    K, V = ks.dequantize().float(), vs.dequantize().float()
+    if k_new is not None:
+        K, V = torch.cat([K, k_new.float()], 2), torch.cat([V, v_new.float()], 2)
+    T, L = q.shape[2], K.shape[2]
+    if mask is not None:
+        mask = mask[..., -L:]
+        mask = mask.float() if mask.dtype != torch.bool else mask
+    elif causal:
+        mask = torch.ones(T, L, dtype=torch.bool).tril(L - T)
+    return F.scaled_dot_product_attention(q.float(), K, V, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def _check(impl, method, bits, D, Hq, Hkv, prefill, new, dtype=torch.float16, B=2,
+           mask=None, num_splits=None, mask_extra=0, T=1, causal=False, **cfg_kw):
+    gen = torch.Generator().manual_seed(hash((method, bits, D, Hq, prefill, new)) % 2**31)
+    cfg = GearConfig(method=method, bits=bits, group_size=cfg_kw.pop("group_size", 16),
+                     decode_capacity=cfg_kw.pop("decode_capacity", 64), **cfg_kw)
+    ks, vs = _stores(cfg, B, Hkv, D, prefill, new, dtype, gen)
+    k_new, v_new = (torch.randn(B, Hkv, T, D, generator=gen).to(dtype) for _ in range(2))
+    L = len(ks) + T
+    q = torch.randn(B, Hq, T, D, generator=gen).to(dtype)
+    scale = D ** -0.5
+    attn_mask = None
+    if mask is not None:
+        pad = torch.tensor([0, min(3, L - 1)] + [1] * (B - 2))[:B]
+        keep = torch.arange(L)[None, :] >= pad[:, None]             # left padding
+        keep = keep[:, None, None, :] & torch.ones(T, L, dtype=torch.bool).tril(L - T)
+        # a mask longer than the keys (e.g. a static cache's): its last L columns count
+        attn_mask = torch.cat([torch.zeros(B, 1, T, mask_extra, dtype=torch.bool), keep], -1)
+        if mask == "additive":
+            attn_mask = torch.zeros(attn_mask.shape, dtype=dtype).masked_fill(~attn_mask, float("-inf"))
+    out = attend(impl, q, ks, vs, k_new, v_new, attn_mask, scale, causal, num_splits)
+    ref = reference(q, ks, vs, k_new, v_new, attn_mask, scale, causal)
+    assert out.shape == q.shape and out.dtype == dtype
+    err = (out.float() - ref).abs().max().item()
+    assert err < TOL[dtype], f"{impl}: max abs error {err:.3g} (L={L}, counts={ks.counts()})"
+
+
+# (method, bits, D, Hq, Hkv, prefill, new): each row covers several axes at once
+FAST = [
+    ("gear", 4, 64, 4, 1, 37, 5),          # MQA-ish ratio 4, odd prompt, buffer only
+    ("gear", 2, 128, 8, 1, 33, 45),        # kivi backbone at 2 bits, 2 decode blocks
+    ("gear_l", 4, 64, 3, 1, 50, 40),       # GQA 3, kcvt n_b=20: 2 full blocks, empty buffer
+    ("kcvt", 8, 128, 2, 2, 21, 19),        # ratio 1, full buffer minus one
+    ("kivi", 2, 64, 8, 1, 40, 30),         # prefill split: 32 tokens + buffer
+    ("per_token", 4, 64, 4, 2, 16, 16),    # prefill only + one block, empty buffer
+    ("none", 4, 64, 4, 1, 9, 25),          # exact storage
+    ("gear", 4, 64, 4, 4, 1, 0),           # a single token
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", FAST, ids=lambda c: "-".join(map(str, c)))
+def test_matches_reference(impl, case):
+    _check(impl, *case)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dtypes(impl, dtype):
+    _check(impl, "gear", 4, 64, 4, 1, 30, 23, dtype=dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mask", ["bool", "additive"])
+def test_left_padding_mask(impl, mask):
+    _check(impl, "gear", 4, 64, 4, 2, 26, 21, B=3, mask=mask)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_odd_head_dim_long_mask_fp32_mqa(impl):
+    # D = 96: packed width 24 padded to 32 per field; a mask 5 columns too long
+    _check(impl, "gear", 2, 96, 8, 1, 27, 30, dtype=torch.float32, mask="bool", mask_extra=5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_many_splits_and_long_prefill(impl):
+    # several programs per segment (split-K) plus a prefill block of many tiles
+    # with its own (larger) outlier count
+    _check(impl, "gear", 4, 64, 2, 1, 300, 50, num_splits=5, B=1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_long_prefill_splits_start_mid_block(impl):
+    # 2k = 20 K outliers per channel in a 1000-token prefill block, 4 programs
+    # (Triton) / 3 splits (C++, 2 threads): those starting mid-block
+    # binary-search each channel's sorted table
+    with _threads(2):
+        _check(impl, "gear", 4, 64, 4, 1, 1000, 3, num_splits=4, B=1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("mask", [None, "bool", "additive"])
+def test_cpu_kernel_attends_several_new_tokens(causal, mask):
+    """Several query tokens at once (chunked prefill, speculative decoding):
+    causal among the new tokens, by flag or by the model's mask."""
+    _check("cpu", "gear", 4, 64, 6, 2, 45, 27, T=5, causal=causal, mask=mask, B=3)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_kernel_does_not_depend_on_the_thread_count(threads):
+    """Splits follow the thread count; their merge must not change the result."""
+    with _threads(threads):
+        _check("cpu", "gear", 2, 64, 9, 3, 700, 45, dtype=torch.float32, B=1)
+
+
+class _threads:
+    def __init__(self, n):
+        self.n, self.old = n, torch.get_num_threads()
+
+    def __enter__(self):
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_k_outliers_clustered_in_one_tile(impl, bits):
+    """Twenty spiked tokens hold every channel's 2k = 20 prefill outliers, so
+    one tile's run is 20 entries long in every channel (the scan's longest
+    trip) while its neighbours have none; a program starts inside the run."""
+    gen = torch.Generator().manual_seed(bits)
+    cfg = GearConfig(method="gear", bits=bits, group_size=16, decode_capacity=64)
+    x = torch.randn(1, 2, 1000, 64, generator=gen)
+    x[:, :, 200:210] += 50
+    x[:, :, 210:220] -= 50
+    ks = KVStore.from_prefill(x.half(), cfg, "k")
+    vs = KVStore.from_prefill(torch.randn(1, 2, 1000, 64, generator=gen).half(), cfg, "v")
+    idx = ks.prefill.out_idx.long()
+    assert ((idx >= 200) & (idx < 220)).all()          # every outlier sits in the spike
+    q = torch.randn(1, 6, 1, 64, generator=gen).half()
+    for splits in (1, 5, 31):                          # 31: a program starts at token 192
+        with _threads(1 + splits % 3):                 # C++: 1-3 splits
+            out = attend(impl, q, ks, vs, None, None, None, 0.125, num_splits=splits)
+        ref = reference(q, ks, vs, None, None, None, 0.125)
+        assert (out.float() - ref).abs().max().item() < TOL[torch.float16], splits
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_constant_vectors_count_each_outlier_once(impl):
+    """A K channel and some V tokens constant (nonzero): every entry ties, and
+    the outlier tables must still hold distinct entries the kernel adds once."""
+    gen = torch.Generator().manual_seed(3)
+    cfg = GearConfig(method="gear", bits=2, group_size=16, decode_capacity=64)
+    k, v = torch.randn(2, 1, 2, 70, 64, generator=gen)
+    k[:, :, :, 5] = 1.5
+    v[:, :, 10:30] = -0.75
+    ks, vs = KVStore.from_prefill(k.half(), cfg, "k"), KVStore.from_prefill(v.half(), cfg, "v")
+    q = torch.randn(1, 4, 1, 64, generator=gen).half()
+    out = attend(impl, q, ks, vs, None, None, None, 0.125)
+    ref = reference(q, ks, vs, None, None, None, 0.125)
+    assert (out.float() - ref).abs().max().item() < TOL[torch.float16]
+
+
+def test_registered_triton_op_runs_eagerly():
+    gen = torch.Generator().manual_seed(0)
+    cfg = GearConfig(method="gear", bits=4)
+    ks, vs = _stores(cfg, 1, 2, 64, 40, 3, torch.float16, gen)
+    q = torch.randn(1, 4, 1, 64, generator=gen).half()
+    kn, vn = (torch.randn(1, 2, 1, 64, generator=gen).half() for _ in range(2))
+    out = torch.ops.gear.attention_triton(q, ks.tensors(), vs.tensors(), kn, vn, None, 0.125,
+                                          False, cfg.to_json())
+    ref = reference(q, ks, vs, kn, vn, None, 0.125)
+    assert (out.float() - ref).abs().max().item() < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decode_segment_beyond_capacity_is_ignored(impl):
+    # capacity 100 tokens (5 blocks) with 2 used: idle programs add nothing
+    _check(impl, "kcvt", 4, 64, 4, 1, 8, 47, decode_capacity=100, B=1, num_splits=8)
+
+
+SLOW = [(m, b, D, Hq, Hkv, P, n)
+        for m in ("gear", "gear_l", "kcvt", "kivi", "per_token", "none")
+        for b in (2, 4, 8)
+        for D in (64, 128)
+        for (Hq, Hkv) in ((4, 4), (6, 2), (8, 2), (8, 1))
+        for (P, n) in ((1, 0), (23, 41), (64, 20))
+        if not (m == "none" and b != 4)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", SLOW, ids=lambda c: "-".join(map(str, c)))
+def test_grid(impl, case):
+    _check(impl, *case, dtype=torch.float16)
