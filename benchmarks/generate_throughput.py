@@ -19,17 +19,23 @@ method). Methods:
   kivi2           gear_compile.compile(model, method="kivi", bits=2)
   quanto4         transformers' QuantizedCache (optimum-quanto, 4 bits), no compile
 
-Every (method, P, B) runs in a fresh process, so compiles, caches and peak
-memory are its own. Reported per run:
+Two measurements per (P, B) cell:
 
-  decode tok/s    B / median step time over the last half of the steps
-  prefill s       the first call (the prompt), compiles included
-  first step s    the first decode call, its compile included
-  start-up s      wall time minus steps x steady step time (what a user waits
-                  for beyond steady decoding: compiles, prefill, warm-up)
-  RSS +MiB        peak resident memory above the process after loading weights
-  KV MiB          bytes the cache holds at the end (`gear_compile.kv_bytes`; the
-                  peer's quantized tensors and residual)
+  alone           every method in a fresh process with empty compile caches,
+                  so compiles and peak memory are its own: prefill s (the first call, compiles
+                  included), first step s (the first decode call and its
+                  compile), start-up s (wall time minus steps x steady step
+                  time: what a user waits for beyond steady decoding), RSS
+                  +MiB (peak resident memory above the process after loading
+                  the weights), KV MiB (`gear_compile.kv_bytes`; the peer's
+                  quantized tensors and residual), graphs compiled, and the
+                  tok/s of that run ("alone tok/s")
+  side by side    all methods in one process, each with its own copy of the
+                  model, its own compiled code and cache, their decode steps
+                  taken in turn, one each, round after round: "decode tok/s" =
+                  B / median step time. This machine's speed drifts by tens of
+                  percent between minutes (a shared VM); only steps measured
+                  side by side give ratios that mean anything
 
 Results: benchmarks/results/generate_throughput_cpu.{md,json,png} with the
 machine, versions and command, a verdict on issue 10's targets, and a plot of
@@ -192,6 +198,45 @@ def cpu_worker(spec: dict) -> dict:
                 graphs=counters["stats"]["unique_graphs"], threads=torch.get_num_threads())
 
 
+def own_forward(model):
+    """Give `model` a forward whose code object is its own, so that Dynamo
+    keeps its compiled code apart from other models' (side-by-side runs
+    would otherwise walk each other's cache entries and guards)."""
+    import types
+    fn = model.forward.__func__
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                              fn.__defaults__, fn.__closure__)
+    copy.__dict__.update(fn.__dict__)
+    model.forward = types.MethodType(copy, model)
+
+
+def side_by_side_worker(spec: dict) -> dict:
+    """All methods in one process, decode steps interleaved."""
+    import torch
+
+    from gear_compile.models import load_smollm2
+    batch, prompt = spec["batch"], spec["prompt"]
+    ids = torch.randint(100, 40000, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    with torch.no_grad():
+        for method in spec["methods"]:
+            model, _ = load_smollm2()
+            own_forward(model)
+            cache = setup(model, method, "cpu")()
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            for _ in range(3):                          # compile and warm the decode step
+                nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            runs[method] = [model, cache, nxt, []]
+        for _ in range(spec["new_tokens"]):
+            for run in runs.values():
+                model, cache, nxt, times = run
+                t = time.perf_counter()
+                run[2] = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                times.append(time.perf_counter() - t)
+    return dict(spec, tok_s={m: batch / statistics.median(r[3]) for m, r in runs.items()})
+
+
 def gpu_worker(spec: dict) -> dict:
     """One (model, method, batch) on the GPU; {"oom": True} when it does not fit."""
     import torch
@@ -214,11 +259,20 @@ def gpu_worker(spec: dict) -> dict:
     return dict(spec, **run, peak_gib=peak, kv_mib=cache_bytes(cache, spec["method"]) / 2**20, oom=False)
 
 
-def spawn(spec: dict, timeout: float) -> dict:
-    """Run one measurement in a fresh process; its last stdout line is the result."""
+def spawn(spec: dict, timeout: float, cold: bool = False) -> dict:
+    """Run one measurement in a fresh process; its last stdout line is the
+    result. `cold`: with empty Inductor / Triton caches, so that start-up
+    counts every compile as a first run does (our CPU kernel, built once per
+    machine, stays cached)."""
+    import tempfile
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    env = dict(os.environ)
+    if cold:
+        fresh = tempfile.mkdtemp(prefix="gear_bench_cache_")
+        env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(fresh, "inductor"),
+                   TRITON_CACHE_DIR=os.path.join(fresh, "triton"))
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return dict(spec, error=f"timed out after {timeout:g} s")
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -246,19 +300,38 @@ def machine_lines(args) -> list[str]:
 
 
 def cpu_grid(args) -> list[dict]:
+    """Per cell: each method alone, then all side by side; one row per method
+    with the side-by-side tok/s as `tok_s` and the lone run's as `alone_tok_s`."""
     rows, path = [], args.out / f"{args.prefix}generate_throughput_cpu.json"
     for batch in args.batch:
         for prompt in args.prompts:
+            cell = []
             for method in args.methods:
                 spec = dict(method=method, batch=batch, prompt=prompt, new_tokens=args.new_tokens)
-                print(f"run {method:15s} batch {batch} prompt {prompt} ...", end=" ", flush=True)
+                print(f"alone  {method:15s} batch {batch} prompt {prompt} ...", end=" ", flush=True)
                 t0 = time.perf_counter()
-                row = spawn(spec, args.timeout)
-                rows.append(row)
+                row = spawn(spec, args.timeout, cold=True)
                 print(f"{time.perf_counter() - t0:.0f} s: " + (row.get("error") or
                       f"{row['tok_s']:.2f} tok/s, start-up {row['startup_s']:.0f} s, "
                       f"RSS +{row['rss_mib']:.0f} MiB, KV {row['kv_mib']:.1f} MiB"), flush=True)
-                path.write_text(json.dumps(rows, indent=1))
+                if "error" not in row:
+                    row["alone_tok_s"] = row.pop("tok_s")
+                cell.append(row)
+            ok = [r["method"] for r in cell if "error" not in r]
+            print(f"side by side {' '.join(ok)} batch {batch} prompt {prompt} ...", end=" ", flush=True)
+            t0 = time.perf_counter()
+            both = spawn(dict(methods=ok, batch=batch, prompt=prompt, new_tokens=args.new_tokens),
+                         args.timeout * len(ok))
+            print(f"{time.perf_counter() - t0:.0f} s: " + (both.get("error") or ", ".join(
+                f"{m} {v:.2f}" for m, v in both["tok_s"].items())), flush=True)
+            for row in cell:
+                if "error" not in row:
+                    if "error" in both:
+                        row["error"] = f"side by side: {both['error']}"
+                    else:
+                        row["tok_s"] = both["tok_s"][row["method"]]
+            rows += cell
+            path.write_text(json.dumps(rows, indent=1))
     return rows
 
 
@@ -321,20 +394,23 @@ def verdict_cpu(rows) -> list[str]:
 
 def write_cpu(args, rows):
     head = ["# End-to-end decoding on the CPU: SmolLM2-135M-Instruct (fp32)", ""] + machine_lines(args) + [
-        f"- {args.new_tokens} greedy decode steps after a random prompt; tok/s = batch / median "
-        "step time of the last half; every run in a fresh process", ""]
-    table = ["| batch | prompt | method | decode tok/s | vs dense-eager | prefill s | first step s | "
-             "start-up s | RSS +MiB | KV MiB | graphs |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        f"- {args.new_tokens} greedy decode steps after a random prompt. decode tok/s: the "
+        "methods side by side in one process, steps interleaved, batch / median step time; "
+        "alone: each method in a fresh process (start-up, memory, KV bytes, its own tok/s: "
+        "median of the last half of its steps)", ""]
+    table = ["| batch | prompt | method | decode tok/s | vs dense-eager | alone tok/s | prefill s | "
+             "first step s | start-up s | RSS +MiB | KV MiB | graphs |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     eager = {(r["batch"], r["prompt"]): r.get("tok_s") for r in rows if r["method"] == "dense-eager"}
     for r in rows:
         if "error" in r:
             table.append(f"| {r['batch']} | {r['prompt']} | {r['method']} | error: {r['error']} |"
-                         " | | | | | | |")
+                         " | | | | | | | |")
             continue
         rel = _ratio(r["tok_s"], eager.get((r["batch"], r["prompt"])))
         table.append(f"| {r['batch']} | {r['prompt']} | {r['method']} | {r['tok_s']:.2f} | "
-                     f"{f'{rel:.2f}x' if rel else ''} | {r['prefill_s']:.1f} | {r['first_step_s']:.1f} | "
+                     f"{f'{rel:.2f}x' if rel else ''} | {r['alone_tok_s']:.2f} | {r['prefill_s']:.1f} | "
+                     f"{r['first_step_s']:.1f} | "
                      f"{r['startup_s']:.1f} | {r['rss_mib']:.0f} | {r['kv_mib']:.1f} | {r['graphs']} |")
     text = "\n".join(head + verdict_cpu(rows) + table) + "\n"
     (args.out / f"{args.prefix}generate_throughput_cpu.md").write_text(text)
@@ -396,7 +472,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
-        print(json.dumps(gpu_worker(spec) if "model" in spec else cpu_worker(spec)), flush=True)
+        worker = gpu_worker if "model" in spec else side_by_side_worker if "methods" in spec else cpu_worker
+        print(json.dumps(worker(spec)), flush=True)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     if args.gpu:
