@@ -80,8 +80,8 @@ def _lower(gm: fx.GraphModule, example_inputs, config: GearConfig, mode: str | N
             from torch._inductor.compile_fx import compile_fx
             # No size asserts: a decode graph takes every inner tensor of every
             # layer's store as an input (~900 for a 30-layer model), which
-            # Dynamo's guards have already checked; re-asserting each one in
-            # the Python wrapper cost 5.3 ms a step (30-layer tiny Llama, CPU).
+            # Dynamo's guards have already checked; Inductor's wrapper would
+            # re-assert each one with a Python call at every step.
             patches = dict(list_mode_options(mode) if mode else {}, size_asserts=False)
             return compile_fx(gm, example_inputs, config_patches=patches)
         from torch._dynamo.backends.debugging import aot_eager

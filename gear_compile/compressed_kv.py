@@ -6,18 +6,37 @@ a `store.KVStore` (prefill block, decode blocks, exact buffer, lengths),
 flattened into the store's inner tensors for Dynamo. Inner shapes only
 change when the decode capacity grows, so compiled graphs see static shapes
 (as with a static cache) and do not recompile per step.
-Any op this class does not implement dequantizes and runs exactly
-(`__torch_dispatch__`), so no reader ever sees raw codes.
-Neighbours: `store` (the layout and the streaming logic), `ops` (custom ops
-on the inner tensors), `runtime` (wraps stores after every call).
+What generation itself does to a cache acts on the compressed store directly
+(`NATIVE`, torchao's `implements` table): beam-search reorders and batch
+selects (`index_select` / indexing on the batch dim), batch expansion
+(`repeat_interleave`), and cropping (a slice of the sequence dim). Any other
+op dequantizes and runs exactly (`__torch_dispatch__`, logged at debug
+level), so no reader ever sees raw codes.
+Neighbours: `store` (the layout, the streaming logic, the native operations),
+`ops` (custom ops on the inner tensors), `runtime` (wraps stores after every call).
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.utils._pytree as pytree
 
 from .config import GearConfig
 from .store import KVStore
+
+log = logging.getLogger("gear_compile")
+aten = torch.ops.aten
+NATIVE: dict = {}     # aten op -> handler(kv, *args, **kwargs): a CompressedKV, or NotImplemented
+
+
+def implements(*ops):
+    """Register a handler that runs `ops` on the compressed store itself."""
+    def register(handler):
+        for op in ops:
+            NATIVE[op] = handler
+        return handler
+    return register
 
 
 @torch.library.custom_op("gear::dequantize", mutates_args=())
@@ -50,6 +69,21 @@ class CompressedKV(torch.Tensor):
         for name, tensor in zip(store.tensor_names(), store.tensors()):
             setattr(self, name, tensor)
 
+    @classmethod
+    def of(cls, store: KVStore) -> CompressedKV:
+        """The store as a cache's K or V, with the sizes that grow (the logical
+        length, the decode capacity) marked dynamic so that neither decoding
+        nor growth recompiles. (On the outer tensor only by attribute:
+        `maybe_mark_dynamic` would also mark every inner tensor's dim 2, the
+        buffer's and the prefill block's included, which never change.)"""
+        kv = cls(store)
+        kv._dynamo_weak_dynamic_indices = {2}
+        for name, tensor in zip(store.tensor_names(), store.tensors()):
+            if store.layout.grows(name) and tensor.shape[2] > 1 and \
+                    not hasattr(tensor, "_dynamo_weak_dynamic_indices"):
+                torch._dynamo.maybe_mark_dynamic(tensor, 2)
+        return kv
+
     # traceable-subclass protocol: inner tensors by name, config as metadata
     def __tensor_flatten__(self):
         return list(self.store.tensor_names()), (self.store.config.to_json(), self.store.kind)
@@ -69,13 +103,74 @@ class CompressedKV(torch.Tensor):
         return (f"CompressedKV(shape={tuple(self.shape)}, dtype={self.dtype}, "
                 f"{self.store.config.describe()}, bytes={self.store.nbytes()})")
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # `repeat_interleave` decomposes before `__torch_dispatch__` sees it
+        # (unsqueeze, expand, clone, view), so batch expansion is caught here.
+        if func in _REPEAT_INTERLEAVE and isinstance(args[0], CompressedKV):
+            out = _repeat_interleave(*args, **(kwargs or {}))
+            if out is not NotImplemented:
+                return out
+        return torch._C._disabled_torch_function_impl(func, types, args, kwargs or {})
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        # Every op we do not implement sees the exact dense reconstruction.
-        args, kwargs = pytree.tree_map_only(CompressedKV, lambda t: t.dequantize(), (args, kwargs or {}))
+        kwargs = kwargs or {}
+        handler = NATIVE.get(func)
+        if handler is not None and isinstance(args[0], CompressedKV):
+            out = handler(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        # every other op sees the exact dense reconstruction
+        log.debug("gear: %s on a CompressedKV runs on its dense reconstruction", func)
+        args, kwargs = pytree.tree_map_only(CompressedKV, lambda t: t.dequantize(), (args, kwargs))
         return func(*args, **kwargs)
+
+
+def _batch_dim(dim: int) -> bool:
+    return dim in (0, -4)
+
+
+@implements(aten.index_select.default)
+def _index_select(kv: CompressedKV, dim: int, index: torch.Tensor):
+    """Beam search's reorder: `keys.index_select(0, beam_idx)`."""
+    return CompressedKV.of(kv.store.batch_select(index)) if _batch_dim(dim) else NotImplemented
+
+
+@implements(aten.index.Tensor)
+def _index(kv: CompressedKV, indices):
+    """`keys[indices, ...]` (batch_select_indices): one index tensor, on the batch dim."""
+    if len(indices) != 1 or indices[0] is None:
+        return NotImplemented
+    index = indices[0]
+    if index.dtype == torch.bool:
+        index = index.nonzero().squeeze(1)
+    return CompressedKV.of(kv.store.batch_select(index.long()))
+
+
+def _repeat_interleave(kv: CompressedKV, repeats, dim=None, output_size=None):
+    """`keys.repeat_interleave(n, dim=0)` (batch_repeat_interleave)."""
+    if dim is None or not _batch_dim(dim) or not isinstance(repeats, int):
+        return NotImplemented
+    return CompressedKV.of(kv.store.batch_repeat(repeats))
+
+
+_REPEAT_INTERLEAVE = (torch.Tensor.repeat_interleave, torch.repeat_interleave)
+
+
+@implements(aten.slice.Tensor)
+def _slice(kv: CompressedKV, dim: int = 0, start=None, end=None, step: int = 1):
+    """`keys[..., :-n, :]` (crop); whole-range slices of any dim are the tensor itself."""
+    size = kv.shape[dim]
+    lo = 0 if start is None else (start + size if start < 0 else start)
+    hi = size if end is None else min(size, end + size if end < 0 else end)
+    if step != 1 or lo != 0:
+        return NotImplemented
+    if hi >= size:
+        return kv
+    if dim not in (2, -2):
+        return NotImplemented
+    return CompressedKV.of(kv.store.cropped(max(0, hi)))
 
 
 def kv_bytes(obj) -> int:

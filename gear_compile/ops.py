@@ -8,7 +8,8 @@
 `parts` is a store flattened in `StoreLayout.names` order; `config` is the
 `GearConfig` as JSON. Attention sees the store as it was before the call
 and the call's new K/V (`k_new`, `v_new`, exact) as the newest keys; the
-decode graph then writes the new token into the buffer (`buffer_write`).
+decode graph then writes the new token into the buffer (aten ops the rewrite
+emits, not a custom op: Inductor sees the write).
 Implementations of attention, one schema:
 
   attention_cpu        C++ over the packed codes (`kernels/cpu_attention.cpp`)
@@ -53,17 +54,6 @@ def _kv_prefill_fake(x, config, kind):
     layout = StoreLayout.build(cfg, kind, D, x.dtype, cfg.prefill_tokens(int(P)))
     shapes = layout.shapes(B, H, cfg.initial_decode_capacity)
     return [x.new_empty(shape, dtype=dtype) for shape, dtype in shapes]
-
-
-# ---------------------------------------------------------------- the decode write
-def buffer_write(graph, lengths, buffer, new):
-    """Emit, in an FX graph, the per-token write of `new` [B, H, 1, D] into the
-    buffer at its live length, and the length's bump: an indexed write on the
-    device, as a static cache does (no host read, no branch)."""
-    aten = torch.ops.aten
-    position = graph.call_function(aten.slice.Tensor, (lengths, 0, 2, 3))
-    graph.call_function(aten.index_copy_.default, (buffer, 2, position, new))
-    graph.call_function(aten.add_.Scalar, (graph.call_function(aten.slice.Tensor, (lengths, 0, 2, 3)), 1))
 
 
 # ---------------------------------------------------------------- attention

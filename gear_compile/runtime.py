@@ -16,8 +16,6 @@ Neighbours: `passes.rewrite` (the plan), `store` (counts, flush, append),
 """
 from __future__ import annotations
 
-import torch
-
 from .compressed_kv import CompressedKV
 from .config import GearConfig
 from .passes.rewrite import PrefillOut, RewritePlan, TensorOut
@@ -51,22 +49,7 @@ def wrap(compiled, plan: RewritePlan, config: GearConfig):
         if full:
             flush_stores(full)
         for j in stores:
-            outputs[j] = _as_tensor(outputs[j])
+            outputs[j] = CompressedKV.of(outputs[j])
         return outputs
 
     return run
-
-
-def _as_tensor(store: KVStore) -> CompressedKV:
-    """The store as the cache's K or V, with the sizes that grow (the logical
-    length, the decode capacity) marked dynamic so that neither decoding nor
-    growth recompiles. (On the outer tensor only: `maybe_mark_dynamic` would
-    also mark every inner tensor's dim 2, the buffer's and the prefill
-    block's included, which never change between steps.)"""
-    kv = CompressedKV(store)
-    kv._dynamo_weak_dynamic_indices = {2}
-    for name, tensor in zip(store.tensor_names(), store.tensors()):
-        if store.layout.grows(name) and tensor.shape[2] > 1 and \
-                not hasattr(tensor, "_dynamo_weak_dynamic_indices"):
-            torch._dynamo.maybe_mark_dynamic(tensor, 2)
-    return kv

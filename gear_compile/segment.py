@@ -153,6 +153,12 @@ class Segment:
             row = at_token // part.unit
             getattr(self, part.name)[:, :, row:row + t.shape[2]].copy_(t)
 
+    def blocks(self, layout: SegmentLayout, first: int, count: int) -> Segment:
+        """Views of blocks [first, first + count) as a segment of their own."""
+        rows = {p.name: (first * layout.block // p.unit, count * layout.block // p.unit)
+                for p in layout.parts}
+        return Segment(**{name: getattr(self, name)[:, :, r0:r0 + n] for name, (r0, n) in rows.items()})
+
     def resized(self, layout: SegmentLayout, tokens: int) -> Segment:
         """A segment of capacity `tokens` holding this one's content (growth)."""
         B, H = self.codes.shape[:2]

@@ -231,6 +231,52 @@ class KVStore:
         self.decode = self.decode.resized(self.layout.decode, self.capacity + -(-extra // nb) * nb)
         self._tensors[2 + len(self.layout.prefill.part_names):] = list(self.decode.parts().values())
 
+    # -- what generation does to a cache (beam search, speculative decoding) --
+    def batch_select(self, index: torch.Tensor) -> KVStore:
+        """The store of sequences `index` (with repeats, in that order): each
+        inner tensor's batch rows, compressed blocks as they are. All
+        sequences of a store share its lengths."""
+        index = index.to(self.buffer.device)
+        tensors = [self.lengths.clone()] + [t.index_select(0, index) for t in self._tensors[1:]]
+        return KVStore(self.config, self.kind, tensors, self.counts())
+
+    def batch_repeat(self, repeats: int) -> KVStore:
+        """Every sequence `repeats` times in a row (beam and sample expansion)."""
+        tensors = [self.lengths.clone()] + [t.repeat_interleave(repeats, dim=0)
+                                             for t in self._tensors[1:]]
+        return KVStore(self.config, self.kind, tensors, self.counts())
+
+    def cropped(self, length: int) -> KVStore:
+        """The first `length` tokens, as speculative decoding's rollback needs.
+
+        In the prefill block or the buffer the crop is exact: only the counts
+        shrink (the prefill block is never written again, so a shorter valid
+        length is all it takes). In the decode blocks, the blocks before the
+        crop point stay as they are and the cut block is re-opened: its kept
+        tokens (fewer than n_b) are rebuilt into the buffer, to be compressed
+        again when the buffer next fills; no other token is ever
+        recompressed. The result shares its compressed parts with this store
+        (as a slice shares storage), and owns its buffer and lengths.
+        """
+        n_pre, n_dec, n_buf = self.counts()
+        if length >= n_pre + n_dec + n_buf:
+            return self
+        buffer = self.buffer.clone()
+        if length <= n_pre:
+            counts = [length, 0, 0]
+        elif length <= n_pre + n_dec:
+            nb = self.layout.decode.block
+            kept = length - n_pre
+            whole, part = kept // nb * nb, kept % nb
+            if part:
+                block = self.decode.blocks(self.layout.decode, whole // nb, 1)
+                buffer[:, :, :part] = dequantize(block, self.layout.decode, part, buffer.dtype)
+            counts = [n_pre, whole, part]
+        else:
+            counts = [n_pre, n_dec, length - n_pre - n_dec]
+        lengths = torch.tensor(counts, dtype=torch.int64, device=self.lengths.device)
+        return KVStore(self.config, self.kind, [lengths, buffer] + self._tensors[2:], counts)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         n_pre, n_dec, n_buf = self.counts()
         dtype = dtype or self.buffer.dtype

@@ -10,7 +10,7 @@ For each rewritable site (see `passes.match`):
       gear attention op over the store plus the new tokens, and the cat
       disappears. With one new token (the per-token graph) the graph then
       writes it into the store's buffer and bumps the device lengths
-      (`ops.buffer_write`): no host work, no branch. With several, the graph
+      (`buffer_write`): no host work, no branch. With several, the graph
       returns the new tokens and the runtime appends them.
 
 The result says how to flatten inputs and rebuild outputs at run time
@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from ..config import GearConfig
-from ..ops import attention_for, buffer_write
+from ..ops import attention_for
 from ..store import StoreLayout
 from .match import AttentionSite, _value
 
@@ -132,8 +132,10 @@ class _Rewriter:
                 self.node(site.query), k_parts, v_parts, k_new, v_new, self.node(site.mask),
                 scale, site.is_causal, self.config, k_store.layout, v_store.layout))
             if tokens == 1:
-                buffer_write(self.graph, k_parts[0], k_parts[1], k_new)
-                buffer_write(self.graph, v_parts[0], v_parts[1], v_new)
+                for parts, store, new in ((k_parts, k_store, k_new), (v_parts, v_store, v_new)):
+                    names = store.layout.names
+                    buffer_write(self.graph, parts[names.index("lengths")],
+                                 parts[names.index("buffer")], new)
         attn.meta["example_value"] = _value(site.output)
         out.replace_all_uses_with(attn)
         written = 1 if tokens == 1 else 0
@@ -186,6 +188,16 @@ def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], config: GearConfig):
         else:
             rewriter.prefill(site)
     return rewriter.finish(gm)
+
+
+def buffer_write(graph: fx.Graph, lengths: fx.Node, buffer: fx.Node, new: fx.Node) -> None:
+    """Emit the per-token write of `new` [B, H, 1, D] into the buffer at its
+    live length, and the length's bump: an indexed write on the device, as a
+    static cache does (no host read, no branch)."""
+    aten = torch.ops.aten
+    position = graph.call_function(aten.slice.Tensor, (lengths, 0, 2, 3))
+    graph.call_function(aten.index_copy_.default, (buffer, 2, position, new))
+    graph.call_function(aten.add_.Scalar, (graph.call_function(aten.slice.Tensor, (lengths, 0, 2, 3)), 1))
 
 
 def _attr_source(ph: fx.Node, name: str):
