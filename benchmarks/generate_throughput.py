@@ -64,6 +64,8 @@ import sys
 import time
 from pathlib import Path
 
+from gear_compile.hf_compat import cache_kwarg
+
 HERE = Path(__file__).parent
 METHODS = {
     "dense-eager": None,
@@ -167,13 +169,13 @@ def decode_run(model, make_cache, batch: int, prompt: int, new_tokens: int, devi
     with torch.no_grad():
         sync()
         t0 = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         sync()
         prefill = time.perf_counter() - t0
         for _ in range(new_tokens):
             t = time.perf_counter()
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, **cache_kwarg(model, cache), use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
             sync()
             steps.append(time.perf_counter() - t)
@@ -223,16 +225,16 @@ def side_by_side_worker(spec: dict) -> dict:
             model, _ = load_smollm2()
             own_forward(model)
             cache = setup(model, method, "cpu")()
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
             for _ in range(3):                          # compile and warm the decode step
-                nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                nxt = model(input_ids=nxt, **cache_kwarg(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
             runs[method] = [model, cache, nxt, []]
         for _ in range(spec["new_tokens"]):
             for run in runs.values():
                 model, cache, nxt, times = run
                 t = time.perf_counter()
-                run[2] = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                run[2] = model(input_ids=nxt, **cache_kwarg(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
                 times.append(time.perf_counter() - t)
     return dict(spec, tok_s={m: batch / statistics.median(r[3]) for m, r in runs.items()})
 
@@ -318,6 +320,9 @@ def cpu_grid(args) -> list[dict]:
                     row["alone_tok_s"] = row.pop("tok_s")
                 cell.append(row)
             ok = [r["method"] for r in cell if "error" not in r]
+            if not ok:
+                rows += cell
+                continue
             print(f"side by side {' '.join(ok)} batch {batch} prompt {prompt} ...", end=" ", flush=True)
             t0 = time.perf_counter()
             both = spawn(dict(methods=ok, batch=batch, prompt=prompt, new_tokens=args.new_tokens),

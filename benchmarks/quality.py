@@ -40,6 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import quality_data as qd  # noqa: E402
+from gear_compile.hf_compat import cache_kwarg  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 
@@ -74,14 +75,14 @@ def streaming_ppl(model, method, ids, prefill: int, progress: str = ""):
     n = ids.shape[1]
     t0 = time.time()
     with torch.no_grad():
-        out = model(input_ids=ids[:, :prefill], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, :prefill], **cache_kwarg(model, cache), use_cache=True)
         logits = out.logits[0, -1]
         t1 = time.time()
         for t in range(prefill, n):
             nll.append(torch.nn.functional.cross_entropy(logits[None].float(), ids[0, t:t + 1]).item())
             if t == n - 1:
                 break
-            out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[:, t:t + 1], **cache_kwarg(model, cache), use_cache=True)
             logits = out.logits[0, -1]
             done = t - prefill + 1
             if done % 128 == 0:
@@ -98,7 +99,7 @@ def generate(model, method, prompts, new_tokens: int):
     ids = torch.cat(prompts, dim=0)
     cache = method.new_cache(model)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwarg(model, cache),
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              pad_token_id=model.config.eos_token_id)
     return out[:, ids.shape[1]:]
@@ -113,7 +114,7 @@ def layer_errors(model, ids, prefill: int, labels, methods):
     from gear_compile.lowrank import relative_error
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True)
     res = {}
     for label in labels:
         cfg = methods[label].config

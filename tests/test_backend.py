@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 from transformers import DynamicCache
 
 import gear_compile
+from gear_compile.hf_compat import cache_kwarg, cache_of
 from gear_compile.models import TINY, tiny_model
 
 PROMPT = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1))
@@ -27,11 +28,11 @@ def decode_logits(model, steps, ids=PROMPT):
     cache = DynamicCache(config=model.config)
     logits = []
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True)
         logits.append(out.logits[:, -1])
         for _ in range(steps):
             nxt = out.logits[:, -1:].argmax(-1)
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, **cache_kwarg(model, cache), use_cache=True)
             logits.append(out.logits[:, -1])
     return torch.stack(logits, 1), cache
 
@@ -85,7 +86,7 @@ def test_low_bit_generation_runs_and_shrinks_the_cache(method, bits, max_ratio):
     ids = torch.randint(0, 256, (1, 512), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=100, do_sample=False, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = cache_of(out)
     assert out.sequences.shape[1] == 612
     assert all(isinstance(layer.keys, gear_compile.CompressedKV) for layer in cache.layers)
     ratio = gear_compile.kv_bytes(cache) / gear_compile.dense_bytes(cache)
@@ -224,10 +225,10 @@ def test_inductor_lowering_keeps_the_gear_ops_in_its_output_code():
     model = gear_compile.compile(tiny_model("llama"), method="gear", bits=4)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out, codes = run_and_get_code(model, input_ids=PROMPT, past_key_values=cache, use_cache=True)
+        out, codes = run_and_get_code(model, input_ids=PROMPT, **cache_kwarg(model, cache), use_cache=True)
         assert any("torch.ops.gear.kv_prefill" in c for c in codes)
         nxt = out.logits[:, -1:].argmax(-1)
-        _, codes = run_and_get_code(model, input_ids=nxt, past_key_values=cache, use_cache=True)
+        _, codes = run_and_get_code(model, input_ids=nxt, **cache_kwarg(model, cache), use_cache=True)
     code = "\n".join(codes)
     assert "torch.ops.gear.attention_cpu.default" in code and "gear.kv_prefill" not in code
     assert isinstance(cache.layers[1].values, gear_compile.CompressedKV)

@@ -18,6 +18,7 @@ from transformers import DynamicCache
 import gear_compile
 from gear_compile.compressed_kv import CompressedKV
 from gear_compile.config import GearConfig
+from gear_compile.hf_compat import cache_kwarg, cache_of
 from gear_compile.models import tiny_model
 
 from streams import filled_decode_parts, streamed
@@ -96,7 +97,7 @@ def test_beam_search_keeps_a_lossy_cache_compressed_within_three_graphs():
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), torch.no_grad():
         out = model.generate(PROMPT, num_beams=3, max_new_tokens=20, do_sample=False,
                              return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = cache_of(out)
     assert all(isinstance(layer.keys, CompressedKV) and isinstance(layer.values, CompressedKV)
                for layer in cache.layers)
     assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
@@ -122,11 +123,11 @@ def test_speculative_style_crops_keep_decoding_compressed(method):
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(9))
     counters.clear()
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), torch.no_grad():
-        outs = [m(input_ids=ids[:, :11], past_key_values=c, use_cache=True).logits
+        outs = [m(input_ids=ids[:, :11], **cache_kwarg(m, c), use_cache=True).logits
                 for m, c in zip((model, reference), caches)]
         for r in range(8):
             draft = ids[:, 11 + r:15 + r]
-            outs = [m(input_ids=draft, past_key_values=c, use_cache=True).logits
+            outs = [m(input_ids=draft, **cache_kwarg(m, c), use_cache=True).logits
                     for m, c in zip((model, reference), caches)]
             for c in caches:
                 c.crop(-3)

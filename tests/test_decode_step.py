@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicLayer
 import gear_compile
 from gear_compile import runtime
 from gear_compile.config import GearConfig
+from gear_compile.hf_compat import cache_kwarg
 from gear_compile.models import tiny_model
 from gear_compile.store import KVStore
 
@@ -101,10 +102,10 @@ def _reference_logits(config, steps, compress_first=False):
     cache.layers = [_ReferenceLayer(config, compress_first) for _ in cache.layers]
     logits = []
     with torch.no_grad():
-        out = model(input_ids=PROMPT, past_key_values=cache, use_cache=True)
+        out = model(input_ids=PROMPT, **cache_kwarg(model, cache), use_cache=True)
         logits.append(out.logits[:, -1])
         for _ in range(steps):
-            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), **cache_kwarg(model, cache), use_cache=True)
             logits.append(out.logits[:, -1])
     return torch.stack(logits, 1)
 
@@ -145,8 +146,8 @@ def test_several_new_tokens_are_attended_then_appended(method):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         for start, end in ((0, 11), (11, 16), (16, 21), (21, 26), (26, 31), (31, 36)):
-            got = model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True).logits
-            want = reference(input_ids=ids[:, start:end], past_key_values=ref_cache, use_cache=True).logits
+            got = model(input_ids=ids[:, start:end], **cache_kwarg(model, cache), use_cache=True).logits
+            want = reference(input_ids=ids[:, start:end], **cache_kwarg(reference, ref_cache), use_cache=True).logits
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     store = cache.layers[0].keys.store
     assert isinstance(cache.layers[0].keys, gear_compile.CompressedKV) and len(store) == 36

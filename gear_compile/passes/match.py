@@ -11,7 +11,10 @@ Each recognised form is a small function named for the code it matches:
 
 `find_sites` returns every attention site found, rewritable or not, each with
 the reason; `rewrite` acts only on rewritable ones and everything else stays
-exact. Neighbours: `passes.rewrite` (consumes `AttentionSite`), `explain`
+exact. A softmax or a KV-append that no recognised form covers is returned
+too, as an `unknown` site with what makes it different (soft-capped scores,
+ALiBi through baddbmm, ...), so an attention the matcher cannot read is
+reported, never silently skipped. Neighbours: `passes.rewrite` (consumes `AttentionSite`), `explain`
 (prints them).
 """
 from __future__ import annotations
@@ -47,7 +50,7 @@ class KVAppend:
 @dataclass
 class AttentionSite:
     index: int
-    form: str                       # "sdpa" or "eager"
+    form: str                       # "sdpa", "eager", or "unknown" (reported, never rewritten)
     output: fx.Node                 # node holding the attention output [B, Hq, T, D]
     query: fx.Node
     key: KVAppend | None
@@ -66,6 +69,10 @@ class AttentionSite:
             path = list(stack.values())[-1][0]
             return path.replace("L['self'].", "").replace("L['self']", "model")
         return f"site {self.index}"
+
+    @property
+    def head_dim(self) -> int:
+        return _value(self.key.new).shape[-1]
 
     @property
     def phase(self) -> str:
@@ -234,10 +241,56 @@ def _static_cache_write_feeding(node) -> bool:
 
 
 def find_sites(graph: fx.Graph) -> list[AttentionSite]:
-    """Every attention site in `graph`, in order, rewritable or with a reason."""
+    """Every attention site in `graph`, in order, rewritable or with a reason,
+    and every softmax or KV-append no site covers (`unknown_sites`)."""
     sites = []
     for node in graph.nodes:
         site = sdpa_site(node, len(sites)) or eager_site(node, len(sites))
         if site is not None:
             sites.append(site)
-    return sites
+    return sites + unknown_sites(graph, sites, len(sites))
+
+
+# ---- what no form covers --------------------------------------------------
+# score transforms that set an attention apart from the forms above
+_SCORE_FEATURES = (
+    (("tanh", torch.tanh), "soft-capped scores (tanh)"),
+    (("baddbmm", torch.baddbmm), "scores through baddbmm (e.g. ALiBi)"),
+    (("bmm", torch.bmm), "scores through bmm (heads flattened into the batch)"),
+    ((torch.einsum,), "scores through einsum"),
+    (("float", "to", "type"), "scores upcast to another dtype"),
+)
+
+
+def unknown_sites(graph: fx.Graph, sites: list[AttentionSite], first: int) -> list[AttentionSite]:
+    """A site for each softmax outside every recognised site's chain (the
+    attention forms the matcher does not read) and each KV-append no site
+    consumes, with the reason found on the way to its scores."""
+    covered = {n for site in sites for n in site.chain} | {site.output for site in sites}
+    appends = {a.node for site in sites for a in (site.key, site.value) if a is not None}
+    unknown = []
+    for node in graph.nodes:
+        if _is_call(node, F.softmax, "softmax", torch.softmax) and node not in covered:
+            reason = f"attention form not recognised ({_score_features(node)}); left exact"
+        elif kv_append(node) is not None and node not in appends and \
+                any(u.op == "output" for u in node.users):
+            reason = "a KV-append whose attention was not recognised; left exact"
+        else:
+            continue
+        site = AttentionSite(first + len(unknown), "unknown", node, None, None, None, reason=reason)
+        unknown.append(site)
+    return unknown
+
+
+def _score_features(softmax: fx.Node, depth: int = 8) -> str:
+    """What, among `_SCORE_FEATURES`, lies on the way from `softmax` back
+    along its first operands (the scores' path) for `depth` nodes."""
+    found, node = [], softmax.args[0]
+    for _ in range(depth):
+        if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+            break
+        for targets, text in _SCORE_FEATURES:
+            if _is_call(node, *targets) and text not in found:
+                found.append(text)
+        node = node.args[0] if node.args else None
+    return ", ".join(found) or f"scores from {softmax.args[0]}"

@@ -1,0 +1,63 @@
+"""What the matcher cannot rewrite is reported, never skipped and never wrong.
+
+Specification: an attention form the matcher does not read (soft-capped
+scores, ALiBi through baddbmm) appears in the report as an `unknown` site
+with what sets it apart, as does the KV-append feeding it, and the compiled
+function still equals eager; heads whose dim the group size does not divide
+fall back with a reason naming both and a group size that fits, and
+generation runs exactly instead of crashing.
+"""
+import torch
+
+import gear_compile
+from gear_compile.models import tiny_model
+
+
+def _cat(past, new):
+    return torch.cat([past, new], dim=-2)
+
+
+def softcapped(q, past_k, new_k, past_v, new_v):
+    k, v = _cat(past_k, new_k), _cat(past_v, new_v)
+    scores = torch.tanh(q @ k.transpose(2, 3) * 0.125 / 30.0) * 30.0
+    return torch.softmax(scores, dim=-1) @ v, k, v
+
+
+def alibi(q, past_k, new_k, past_v, new_v):
+    k, v = _cat(past_k, new_k), _cat(past_v, new_v)
+    B, H, T, D = q.shape
+    bias = torch.linspace(0, 1, k.shape[2]).expand(B * H, T, -1)
+    scores = torch.baddbmm(bias, q.reshape(B * H, T, D), k.reshape(B * H, -1, D).transpose(1, 2))
+    probs = torch.softmax(scores.view(B, H, T, -1), dim=-1)
+    return probs @ v, k, v
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, 2, *shape, generator=g) for shape in ((1, 16), (9, 16), (1, 16), (9, 16), (1, 16))]
+
+
+def test_an_unrecognised_attention_is_reported_with_what_sets_it_apart():
+    for fn, feature in ((softcapped, "soft-capped scores (tanh)"), (alibi, "baddbmm")):
+        inputs = _inputs()
+        report = gear_compile.explain(fn, *inputs, method="gear", bits=4)
+        forms = [(s.form, s.rewritten) for s in report.sites]
+        assert ("unknown", False) in forms and not any(rewritten for _, rewritten in forms), forms
+        reasons = " ".join(s.reason for s in report.sites)
+        assert feature in reasons and "KV-append whose attention was not recognised" in reasons
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend="gear", options=dict(method="gear", inductor=False))
+        for got, want in zip(compiled(*inputs), fn(*inputs)):
+            torch.testing.assert_close(got, want)
+
+
+def test_heads_the_group_size_does_not_divide_fall_back_instead_of_crashing():
+    model = tiny_model("llama", head_dim=32)
+    prompt = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))
+    want = model.generate(prompt, max_new_tokens=40, do_sample=False)     # crosses a flush
+    report = gear_compile.explain(model, prompt, method="kivi", bits=2)
+    assert report.sites and not any(s.rewritten for s in report.sites)
+    assert all("group_size 64 does not divide head_dim 32" in s.reason and "group_size=32 fits" in s.reason
+               for s in report.sites), [s.reason for s in report.sites]
+    gear_compile.compile(model, method="kivi", bits=2, inductor=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=40, do_sample=False), want)
