@@ -337,6 +337,7 @@ def cpu_grid(args) -> list[dict]:
                         row["tok_s"] = both["tok_s"][row["method"]]
             rows += cell
             path.write_text(json.dumps(rows, indent=1))
+            write_cpu(args, rows)          # the table so far: a long grid stopped early still has one
     return rows
 
 

@@ -4,6 +4,7 @@
     gear-compile inspect --model gpt2         # another tiny architecture
     gear-compile inspect --model /path/to/model [--gguf-file F.gguf]
     gear-compile inspect --method kivi --bits 2 --out gear.diff
+    gear-compile inspect --model gpt2 --method kivi --group-size 16   # head dim 16
 
 Prints each attention site (rewritten or fallback and why) and writes the
 before/after graph diff to --out. Neighbours: `explain`, `models`.
@@ -28,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model's directory")
     p.add_argument("--method", default="gear", choices=METHODS)
     p.add_argument("--bits", type=int, default=4, choices=BITS)
+    p.add_argument("--group-size", type=int, default=None,
+                   help="group_size (default: GearConfig's); must divide the head dim under kivi")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--inductor", action="store_true", help="lower through Inductor (slower)")
     p.add_argument("--out", default="gear_graphs.diff", help="where to write the diff")
@@ -39,7 +42,8 @@ def main(argv=None) -> int:
     ids = torch.randint(0, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     print(f"gear-compile inspect: {args.model} ({type(model).__name__}), method={args.method}, "
           f"bits={args.bits}, prompt {args.prompt_len} tokens + 1 decode step", flush=True)
-    report = explain(model, ids, method=args.method, bits=args.bits, inductor=args.inductor)
+    options = {} if args.group_size is None else {"group_size": args.group_size}
+    report = explain(model, ids, method=args.method, bits=args.bits, inductor=args.inductor, **options)
     print(report.text())
     path = report.write(args.out)
     print(f"diff written to {path}")

@@ -5,7 +5,7 @@ import subprocess
 def test_inspect_writes_the_graph_diff_for_the_builtin_model(tmp_path):
     out = tmp_path / "gear.diff"
     result = subprocess.run(["gear-compile", "inspect", "--model", "gpt2", "--method", "kivi",
-                             "--bits", "2", "--out", str(out)],
+                             "--bits", "2", "--group-size", "16", "--out", str(out)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "transformer.h.1.attn" in result.stdout and "rewritten" in result.stdout
