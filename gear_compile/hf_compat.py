@@ -22,8 +22,8 @@ def _cache_name(forward) -> str:
 def cache_kwarg(model, cache) -> dict:
     """{'cache': cache} where the model's forward takes that keyword, else
     {'past_key_values': cache}."""
-    forward = getattr(model.forward, "__func__", model.forward)
-    forward = getattr(forward, "_torchdynamo_orig_callable", forward)
+    # a compiled forward keeps the model's bound method; key the cache on its function
+    forward = getattr(model.forward, "_torchdynamo_orig_callable", model.forward)
     return {_cache_name(getattr(forward, "__func__", forward)): cache}
 
 
