@@ -64,7 +64,7 @@ SIZES = {
     "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "vocab_size": 512, "max_position_embeddings": 512, "n_positions": 512,
-    "sliding_window": 16,
+    "sliding_window": 128,
 }
 PROMPT, NEW_TOKENS = 200, 12
 

@@ -3,7 +3,10 @@
 `CompressedKV` is a traceable wrapper tensor subclass (the torchao pattern):
 its logical shape and dtype are the dense K/V's [B, H, L, D]; its storage is
 a `store.KVStore` (prefill block, decode blocks, exact buffer, lengths),
-flattened into the store's inner tensors for Dynamo. Inner shapes only
+flattened into the store's inner tensors for Dynamo. Its logical tokens are
+the store's newest L: all of them, except in a sliding-window layer, whose
+store may still hold whole blocks older than the window (they are dropped a
+batch at a time, `KVStore.forget`). Inner shapes only
 change when the decode capacity grows, so compiled graphs see static shapes
 (as with a static cache) and do not recompile per step.
 What generation itself does to a cache acts on the compressed store directly
@@ -41,9 +44,11 @@ def implements(*ops):
 
 @torch.library.custom_op("gear::dequantize", mutates_args=())
 def dequantize_parts(parts: list[torch.Tensor], config: str, kind: str, length: int) -> torch.Tensor:
-    """The exact dense [B, H, length, D] reconstruction of a flattened store.
-    An opaque op, so tracing (Dynamo, AOT) never reads the lengths' values."""
-    return KVStore(GearConfig.from_json(config), kind, parts).dequantize()
+    """The exact dense [B, H, length, D] reconstruction of a flattened store's
+    newest `length` tokens. An opaque op, so tracing (Dynamo, AOT) never
+    reads the lengths' values."""
+    dense = KVStore(GearConfig.from_json(config), kind, parts).dequantize()
+    return dense[:, :, dense.shape[2] - length:]
 
 
 @dequantize_parts.register_fake
@@ -70,13 +75,14 @@ class CompressedKV(torch.Tensor):
             setattr(self, name, tensor)
 
     @classmethod
-    def of(cls, store: KVStore) -> CompressedKV:
-        """The store as a cache's K or V, with the sizes that grow (the logical
-        length, the decode capacity) marked dynamic so that neither decoding
-        nor growth recompiles. (On the outer tensor only by attribute:
+    def of(cls, store: KVStore, length: int | None = None) -> CompressedKV:
+        """The store (its newest `length` tokens; default all) as a cache's K
+        or V, with the sizes that grow (the logical length, the decode
+        capacity) marked dynamic so that neither decoding nor growth
+        recompiles. (On the outer tensor only by attribute:
         `maybe_mark_dynamic` would also mark every inner tensor's dim 2, the
         buffer's and the prefill block's included, which never change.)"""
-        kv = cls(store)
+        kv = cls(store, length)
         kv._dynamo_weak_dynamic_indices = {2}
         for name, tensor in zip(store.tensor_names(), store.tensors()):
             if store.layout.grows(name) and tensor.shape[2] > 1 and \
@@ -134,7 +140,7 @@ def _batch_dim(dim: int) -> bool:
 @implements(aten.index_select.default)
 def _index_select(kv: CompressedKV, dim: int, index: torch.Tensor):
     """Beam search's reorder: `keys.index_select(0, beam_idx)`."""
-    return CompressedKV.of(kv.store.batch_select(index)) if _batch_dim(dim) else NotImplemented
+    return CompressedKV.of(kv.store.batch_select(index), kv.shape[2]) if _batch_dim(dim) else NotImplemented
 
 
 @implements(aten.index.Tensor)
@@ -145,14 +151,14 @@ def _index(kv: CompressedKV, indices):
     index = indices[0]
     if index.dtype == torch.bool:
         index = index.nonzero().squeeze(1)
-    return CompressedKV.of(kv.store.batch_select(index.long()))
+    return CompressedKV.of(kv.store.batch_select(index.long()), kv.shape[2])
 
 
 def _repeat_interleave(kv: CompressedKV, repeats, dim=None, output_size=None):
     """`keys.repeat_interleave(n, dim=0)` (batch_repeat_interleave)."""
     if dim is None or not _batch_dim(dim) or not isinstance(repeats, int):
         return NotImplemented
-    return CompressedKV.of(kv.store.batch_repeat(repeats))
+    return CompressedKV.of(kv.store.batch_repeat(repeats), kv.shape[2])
 
 
 _REPEAT_INTERLEAVE = (torch.Tensor.repeat_interleave, torch.repeat_interleave)
@@ -160,7 +166,8 @@ _REPEAT_INTERLEAVE = (torch.Tensor.repeat_interleave, torch.repeat_interleave)
 
 @implements(aten.slice.Tensor)
 def _slice(kv: CompressedKV, dim: int = 0, start=None, end=None, step: int = 1):
-    """`keys[..., :-n, :]` (crop); whole-range slices of any dim are the tensor itself."""
+    """`keys[..., :-n, :]` (crop, counted from the logical start); whole-range
+    slices of any dim are the tensor itself."""
     size = kv.shape[dim]
     lo = 0 if start is None else (start + size if start < 0 else start)
     hi = size if end is None else min(size, end + size if end < 0 else end)
@@ -170,7 +177,8 @@ def _slice(kv: CompressedKV, dim: int = 0, start=None, end=None, step: int = 1):
         return kv
     if dim not in (2, -2):
         return NotImplemented
-    return CompressedKV.of(kv.store.cropped(max(0, hi)))
+    hidden = len(kv.store) - size                # older tokens of a sliding window
+    return CompressedKV.of(kv.store.cropped(hidden + max(0, hi)), max(0, hi))
 
 
 def kv_bytes(obj) -> int:

@@ -169,6 +169,16 @@ class GearConfig:
         Dynamo specialises, and recompile at the first growth."""
         return max(2, -(-self.decode_capacity // self.block_size)) * self.block_size
 
+    def decode_capacity_for(self, tokens: int) -> int:
+        """The decode capacity of a store whose prefill put `tokens` (whole
+        blocks) into decode blocks: the initial one, or room for one more block."""
+        return max(self.initial_decode_capacity, tokens + self.block_size)
+
+    def streamed_tokens(self, n: int) -> int:
+        """How many of n prefill tokens a streamed prefill (a sliding-window
+        layer's: no prefill block) compresses at once: its whole n_b blocks."""
+        return n // self.block_size * self.block_size
+
     def key_spec(self) -> QuantSpec:
         q = self.quantizer
         if q == "none":

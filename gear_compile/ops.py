@@ -1,13 +1,16 @@
 """The compressed-cache custom ops that the rewrite emits (namespace `gear`).
 
-  gear::kv_prefill(x, config, kind) -> parts       compress a prompt's K or V
+  gear::kv_prefill(x, config, kind, streamed) -> parts   compress a prompt's K or V
   gear::attention_<impl>(q, k_parts, v_parts, k_new, v_new, mask, scale,
-                         is_causal, ...) -> out     attention over a store plus
-                                                    the call's new tokens
+                         is_causal, ..., softcap) -> out   attention over a
+                                                    store plus the call's new tokens
 
 `parts` is a store flattened in `StoreLayout.names` order; `config` is the
 `GearConfig` as JSON. Attention sees the store as it was before the call
 and the call's new K/V (`k_new`, `v_new`, exact) as the newest keys; the
+mask's last column is the newest key, and keys before its first column are
+hidden (a sliding-window layer's older blocks); softcap > 0 caps the scaled
+scores at softcap * tanh(s / softcap) before the mask (Gemma 2); the
 decode graph then writes the new token into the buffer (aten ops the rewrite
 emits, not a custom op: Inductor sees the write).
 Implementations of attention, one schema:
@@ -42,17 +45,17 @@ def _config(text: str) -> GearConfig:
 
 # ---------------------------------------------------------------- prefill
 @torch.library.custom_op("gear::kv_prefill", mutates_args=())
-def kv_prefill(x: torch.Tensor, config: str, kind: str) -> list[torch.Tensor]:
-    return list(KVStore.from_prefill(x.contiguous(), _config(config), kind).tensors())
+def kv_prefill(x: torch.Tensor, config: str, kind: str, streamed: bool = False) -> list[torch.Tensor]:
+    return list(KVStore.from_prefill(x.contiguous(), _config(config), kind, streamed=streamed).tensors())
 
 
 @kv_prefill.register_fake
-def _kv_prefill_fake(x, config, kind):
+def _kv_prefill_fake(x, config, kind, streamed=False):
     cfg = _config(config)
     B, H, P, D = x.shape
     # The prefill block's outlier count depends on its length: specialise on it.
-    layout = StoreLayout.build(cfg, kind, D, x.dtype, cfg.prefill_tokens(int(P)))
-    shapes = layout.shapes(B, H, cfg.initial_decode_capacity)
+    layout = StoreLayout.build(cfg, kind, D, x.dtype, 0 if streamed else cfg.prefill_tokens(int(P)))
+    shapes = layout.shapes(B, H, cfg.decode_capacity_for(cfg.streamed_tokens(int(P)) if streamed else 0))
     return [x.new_empty(shape, dtype=dtype) for shape, dtype in shapes]
 
 
@@ -66,9 +69,9 @@ def _causal_bottom_right(T: int, L: int, device) -> torch.Tensor:
 def attention_reference(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor],
                         k_new: torch.Tensor | None, v_new: torch.Tensor | None,
                         attn_mask: torch.Tensor | None, scale: float, is_causal: bool,
-                        config: str) -> torch.Tensor:
+                        config: str, softcap: float = 0.0) -> torch.Tensor:
     """Attention of q [B, Hq, T, D] over a store and the new tokens: rebuild K
-    and V exactly as stored, then SDPA."""
+    and V exactly as stored, then SDPA (or, soft-capped, its steps written out)."""
     cfg = _config(config)
     k = KVStore(cfg, "k", k_parts).dequantize(q.dtype)
     v = KVStore(cfg, "v", v_parts).dequantize(q.dtype)
@@ -76,17 +79,33 @@ def attention_reference(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: l
         k, v = torch.cat([k, k_new.to(q.dtype)], 2), torch.cat([v, v_new.to(q.dtype)], 2)
     T, L = q.shape[2], k.shape[2]
     mask = attn_mask
-    if mask is not None:
+    if mask is not None:          # aligned to the newest key; keys before a short mask are hidden
         mask = mask[..., -L:]
+        if mask.shape[-1] < L:
+            hidden = False if mask.dtype == torch.bool else float("-inf")
+            mask = F.pad(mask, (L - mask.shape[-1], 0), value=hidden)
     elif is_causal and T > 1:
         mask = _causal_bottom_right(T, L, q.device)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                         enable_gqa=q.shape[1] != k.shape[1])
+    if softcap > 0:
+        out = _softcapped_attention(q, k, v, mask, scale, softcap)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
     return torch.empty_like(q).copy_(out)       # laid out like q, as the fake says
 
 
+def _softcapped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.tanh(q.float() @ k.float().transpose(-1, -2) * (scale / softcap)) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
 @attention_reference.register_fake
-def _attention_reference_fake(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, is_causal, config):
+def _attention_reference_fake(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, is_causal, config,
+                              softcap=0.0):
     return torch.empty_like(q)
 
 
@@ -94,17 +113,19 @@ def _attention_reference_fake(q, k_parts, v_parts, k_new, v_new, attn_mask, scal
 def attention_triton_interpreted(q: torch.Tensor, k_parts: list[torch.Tensor],
                                  v_parts: list[torch.Tensor], k_new: torch.Tensor | None,
                                  v_new: torch.Tensor | None, attn_mask: torch.Tensor | None,
-                                 scale: float, is_causal: bool, config: str) -> torch.Tensor:
+                                 scale: float, is_causal: bool, config: str,
+                                 softcap: float = 0.0) -> torch.Tensor:
     """The Triton decode kernel run eagerly (under TRITON_INTERPRET=1 on a CPU):
     how CPU tests exercise the kernel inside compiled graphs, since a
     triton_op's kernels only trace for a GPU."""
     from .kernels.decode_attention import decode_attention_launch
-    return decode_attention_launch(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, config)
+    return decode_attention_launch(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, config,
+                                   softcap=softcap)
 
 
 @attention_triton_interpreted.register_fake
 def _attention_triton_interpreted_fake(q, k_parts, v_parts, k_new, v_new, attn_mask, scale,
-                                       is_causal, config):
+                                       is_causal, config, softcap=0.0):
     return torch.empty_like(q)
 
 
@@ -116,11 +137,14 @@ class AttentionOp:
     descriptors: bool = False     # takes the stores' kernel descriptors, not the config
 
     def args(self, q, k_parts, v_parts, k_new, v_new, mask, scale, is_causal,
-             config: GearConfig, k_layout: StoreLayout, v_layout: StoreLayout) -> tuple:
+             config: GearConfig, k_layout: StoreLayout, v_layout: StoreLayout,
+             softcap: float | None = None) -> tuple:
         common = (q, k_parts, v_parts, k_new, v_new, mask, float(scale), bool(is_causal))
         if self.descriptors:
-            return common + (list(k_layout.kernel_descriptor), list(v_layout.kernel_descriptor))
-        return common + (config.to_json(),)
+            common += (list(k_layout.kernel_descriptor), list(v_layout.kernel_descriptor))
+        else:
+            common += (config.to_json(),)
+        return common + (float(softcap or 0.0),)
 
 
 def attention_for(device: torch.device, config: GearConfig, tokens: int) -> AttentionOp:

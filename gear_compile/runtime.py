@@ -10,7 +10,9 @@ then compresses every full buffer of the call in one batched flush
 (`store.flush_stores`): once every n_b tokens, after the attention of the
 step that filled the block, outside the per-token graph (which thus stays
 one static graph: no `torch.cond`, no host reads; the flush's own cost is
-amortised over n_b steps). Capacity grows there too, never in the graph.
+amortised over n_b steps). Capacity grows there too, never in the graph,
+and a sliding-window layer's store drops the whole blocks that have left
+its window (`KVStore.forget`).
 Neighbours: `passes.rewrite` (the plan), `store` (counts, flush, append),
 `compressed_kv` (the output tensors), `backend` (calls `wrap`).
 """
@@ -27,7 +29,7 @@ def wrap(compiled, plan: RewritePlan, config: GearConfig):
 
     def run(*args):
         results = compiled(*plan.flatten_inputs(args))
-        outputs, stores, full, i = [], [], [], 0
+        outputs, stores, full, windowed, i = [], [], [], [], 0
         for spec in plan.outputs:
             if isinstance(spec, TensorOut):
                 outputs.append(results[i])
@@ -44,12 +46,18 @@ def wrap(compiled, plan: RewritePlan, config: GearConfig):
                 else:
                     store.append(results[i])
                     i += 1
+            if spec.keep is not None:
+                windowed.append((store, spec.keep))
             stores.append(len(outputs))
             outputs.append(store)
         if full:
             flush_stores(full)
+        keeps = {}
+        for store, keep in windowed:
+            store.forget(keep)
+            keeps[id(store)] = min(len(store), keep)
         for j in stores:
-            outputs[j] = CompressedKV.of(outputs[j])
+            outputs[j] = CompressedKV.of(outputs[j], keeps.get(id(outputs[j])))
         return outputs
 
     return run

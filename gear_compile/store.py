@@ -176,23 +176,30 @@ class KVStore:
     # -- building (eager; `ops.kv_prefill` wraps it) ----------------------
     @classmethod
     def from_prefill(cls, x: torch.Tensor, config: GearConfig, kind: str,
-                     check_finite: bool = False) -> KVStore:
+                     check_finite: bool = False, streamed: bool = False) -> KVStore:
         """Compress x [B, H, P, D]: whole groups form the prefill block, the rest
-        goes to the buffer."""
+        goes to the buffer. streamed: no prefill block; whole n_b blocks go to
+        the decode segment, as if the prompt had been decoded token by token
+        (a sliding-window layer, whose oldest blocks then leave the window one
+        at a time: `forget`)."""
         B, H, P, D = x.shape
-        n_pre = config.prefill_tokens(P)
+        n_pre = 0 if streamed else config.prefill_tokens(P)
+        n_dec = config.streamed_tokens(P) if streamed else 0
         layout = StoreLayout.build(config, kind, D, x.dtype, n_pre)
         if n_pre:
             prefill = compress(x[:, :, :n_pre], layout.prefill, check_finite=check_finite)
         else:
             prefill = Segment.empty(layout.prefill, B, H, 0, x.device)
-        decode = Segment.empty(layout.decode, B, H, config.initial_decode_capacity, x.device)
+        decode = Segment.empty(layout.decode, B, H, config.decode_capacity_for(n_dec), x.device)
+        if n_dec:
+            decode.write(compress(x[:, :, :n_dec], layout.decode, check_finite=check_finite),
+                         layout.decode, 0)
         buffer = x.new_zeros(B, H, layout.buffer_tokens, D)
-        rem = P - n_pre
-        buffer[:, :, :rem] = x[:, :, n_pre:]
-        lengths = torch.tensor([n_pre, 0, rem], dtype=torch.int64, device=x.device)
+        rem = P - n_pre - n_dec
+        buffer[:, :, :rem] = x[:, :, n_pre + n_dec:]
+        lengths = torch.tensor([n_pre, n_dec, rem], dtype=torch.int64, device=x.device)
         tensors = [lengths, buffer] + list(prefill.parts().values()) + list(decode.parts().values())
-        return cls(config, kind, tensors, [n_pre, 0, rem])
+        return cls(config, kind, tensors, [n_pre, n_dec, rem])
 
     # -- appending --------------------------------------------------------
     def wrote(self, tokens: int) -> bool:
@@ -230,6 +237,27 @@ class KVStore:
         extra = max(min_free - free, self.capacity // 4)
         self.decode = self.decode.resized(self.layout.decode, self.capacity + -(-extra // nb) * nb)
         self._tensors[2 + len(self.layout.prefill.part_names):] = list(self.decode.parts().values())
+
+    def forget(self, keep: int) -> None:
+        """Drop compressed tokens no query will see again: a sliding-window
+        layer's tokens before its newest `keep`. The store is a streamed one
+        (no prefill block), so only whole decode blocks go, and nothing is
+        recompressed: the blocks that stay move to the front of the segment,
+        in batches of at least a quarter of the blocks held, so that the copy
+        is amortised (the store holds at most about 1.25 keep + 2 n_b
+        tokens). Attention hides what stays stale in the meantime: the
+        layer's mask does not reach it."""
+        _, n_dec, n_buf = self.counts()
+        nb = self.layout.decode.block
+        held = n_dec // nb
+        drop = min(max(0, n_dec + n_buf - keep) // nb, held)
+        if not drop or drop < max(1, held // 4):
+            return
+        kept = self.decode.blocks(self.layout.decode, drop, held - drop)
+        self.decode.write(Segment(**{name: t.clone() for name, t in kept.parts().items()}),
+                          self.layout.decode, 0)
+        self.lengths[1].sub_(drop * nb)
+        self._counts = [0, n_dec - drop * nb, n_buf]
 
     # -- what generation does to a cache (beam search, speculative decoding) --
     def batch_select(self, index: torch.Tensor) -> KVStore:

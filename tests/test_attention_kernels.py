@@ -44,19 +44,19 @@ def _stores(cfg, B, Hkv, D, prefill, new, dtype, gen):
     return ks, vs
 
 
-def attend(impl, q, ks, vs, k_new, v_new, mask, scale, causal=False, num_splits=None):
+def attend(impl, q, ks, vs, k_new, v_new, mask, scale, causal=False, num_splits=None, softcap=0.0):
     """One implementation's attention of q over the stores plus the new tokens."""
     if impl == "triton":
         return decode_attention_launch(q, ks.tensors(), vs.tensors(), k_new, v_new, mask, scale,
-                                       ks.config.to_json(), num_splits=num_splits)
+                                       ks.config.to_json(), num_splits=num_splits, softcap=softcap)
     from gear_compile.kernels import cpu
     cpu.load()
     return torch.ops.gear.attention_cpu(q, ks.tensors(), vs.tensors(), k_new, v_new, mask, scale,
                                         causal, list(ks.layout.kernel_descriptor),
-                                        list(vs.layout.kernel_descriptor))
+                                        list(vs.layout.kernel_descriptor), softcap)
 
 
-def reference(q, ks, vs, k_new, v_new, mask, scale, causal=False):
+def reference(q, ks, vs, k_new, v_new, mask, scale, causal=False, softcap=0.0):
     K, V = ks.dequantize().float(), vs.dequantize().float()
     if k_new is not None:
         K, V = torch.cat([K, k_new.float()], 2), torch.cat([V, v_new.float()], 2)
@@ -64,13 +64,22 @@ def reference(q, ks, vs, k_new, v_new, mask, scale, causal=False):
     if mask is not None:
         mask = mask[..., -L:]
         mask = mask.float() if mask.dtype != torch.bool else mask
+        # a short mask (a sliding window's) hides the keys before its first column
+        mask = F.pad(mask, (L - mask.shape[-1], 0), value=False if mask.dtype == torch.bool else -float("inf"))
     elif causal:
         mask = torch.ones(T, L, dtype=torch.bool).tril(L - T)
+    if softcap:                 # Gemma 2's soft-capped scores, written out
+        G = q.shape[1] // K.shape[1]
+        K, V = K.repeat_interleave(G, 1), V.repeat_interleave(G, 1)
+        scores = torch.tanh(q.float() @ K.transpose(-1, -2) * scale / softcap) * softcap
+        if mask is not None:
+            scores = scores.masked_fill(~mask, -float("inf")) if mask.dtype == torch.bool else scores + mask
+        return scores.softmax(-1) @ V
     return F.scaled_dot_product_attention(q.float(), K, V, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 def _check(impl, method, bits, D, Hq, Hkv, prefill, new, dtype=torch.float16, B=2,
-           mask=None, num_splits=None, mask_extra=0, T=1, causal=False, **cfg_kw):
+           mask=None, num_splits=None, mask_extra=0, T=1, causal=False, softcap=0.0, **cfg_kw):
     gen = torch.Generator().manual_seed(hash((method, bits, D, Hq, prefill, new)) % 2**31)
     cfg = GearConfig(method=method, bits=bits, group_size=cfg_kw.pop("group_size", 16),
                      decode_capacity=cfg_kw.pop("decode_capacity", 64), **cfg_kw)
@@ -78,18 +87,22 @@ def _check(impl, method, bits, D, Hq, Hkv, prefill, new, dtype=torch.float16, B=
     k_new, v_new = (torch.randn(B, Hkv, T, D, generator=gen).to(dtype) for _ in range(2))
     L = len(ks) + T
     q = torch.randn(B, Hq, T, D, generator=gen).to(dtype)
-    scale = D ** -0.5
+    scale = D ** -0.5 * (8 if softcap else 1)         # scores large enough for the cap to bite
     attn_mask = None
     if mask is not None:
         pad = torch.tensor([0, min(3, L - 1)] + [1] * (B - 2))[:B]
         keep = torch.arange(L)[None, :] >= pad[:, None]             # left padding
         keep = keep[:, None, None, :] & torch.ones(T, L, dtype=torch.bool).tril(L - T)
-        # a mask longer than the keys (e.g. a static cache's): its last L columns count
-        attn_mask = torch.cat([torch.zeros(B, 1, T, mask_extra, dtype=torch.bool), keep], -1)
+        # a mask longer than the keys (e.g. a static cache's): its last L columns
+        # count; a shorter one (a sliding window's): the keys before it are hidden
+        attn_mask = torch.cat([torch.zeros(B, 1, T, max(mask_extra, 0), dtype=torch.bool),
+                               keep[..., max(-mask_extra, 0):]], -1)
         if mask == "additive":
             attn_mask = torch.zeros(attn_mask.shape, dtype=dtype).masked_fill(~attn_mask, float("-inf"))
-    out = attend(impl, q, ks, vs, k_new, v_new, attn_mask, scale, causal, num_splits)
-    ref = reference(q, ks, vs, k_new, v_new, attn_mask, scale, causal)
+    out = attend(impl, q, ks, vs, k_new, v_new, attn_mask, scale, causal, num_splits, softcap)
+    ref = reference(q, ks, vs, k_new, v_new, attn_mask, scale, causal, softcap)
+    if softcap:                 # the cap changes the result: it is not ignored
+        assert (ref - reference(q, ks, vs, k_new, v_new, attn_mask, scale, causal)).abs().max() > 0.05
     assert out.shape == q.shape and out.dtype == dtype
     err = (out.float() - ref).abs().max().item()
     assert err < TOL[dtype], f"{impl}: max abs error {err:.3g} (L={L}, counts={ks.counts()})"
@@ -130,6 +143,20 @@ def test_left_padding_mask(impl, mask):
 def test_odd_head_dim_long_mask_fp32_mqa(impl):
     # D = 96: packed width 24 padded to 32 per field; a mask 5 columns too long
     _check(impl, "gear", 2, 96, 8, 1, 27, 30, dtype=torch.float32, mask="bool", mask_extra=5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mask", ["bool", "additive"])
+def test_a_short_mask_hides_the_oldest_keys(impl, mask):
+    # a sliding-window layer's store holding 23 tokens older than its mask:
+    # the whole prefill block, two decode blocks and part of a third
+    _check(impl, "gear", 4, 64, 4, 2, 12, 60, B=3, mask=mask, mask_extra=-23)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_soft_capped_scores(impl, dtype):
+    _check(impl, "gear", 4, 64, 4, 2, 30, 23, B=2, mask="additive", dtype=dtype, softcap=2.0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

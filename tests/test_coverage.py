@@ -1,7 +1,7 @@
 """What the matcher cannot rewrite is reported, never skipped and never wrong.
 
-Specification: an attention form the matcher does not read (soft-capped
-scores, ALiBi through baddbmm) appears in the report as an `unknown` site
+Specification: an attention form the matcher does not read (scores through
+einsum, ALiBi through baddbmm) appears in the report as an `unknown` site
 with what sets it apart, as does the KV-append feeding it, and the compiled
 function still equals eager; heads whose dim the group size does not divide
 fall back with a reason naming both and a group size that fits, and
@@ -17,9 +17,9 @@ def _cat(past, new):
     return torch.cat([past, new], dim=-2)
 
 
-def softcapped(q, past_k, new_k, past_v, new_v):
+def einsum_scores(q, past_k, new_k, past_v, new_v):
     k, v = _cat(past_k, new_k), _cat(past_v, new_v)
-    scores = torch.tanh(q @ k.transpose(2, 3) * 0.125 / 30.0) * 30.0
+    scores = torch.einsum("bhtd,bhsd->bhts", q, k) * 0.25
     return torch.softmax(scores, dim=-1) @ v, k, v
 
 
@@ -38,7 +38,7 @@ def _inputs():
 
 
 def test_an_unrecognised_attention_is_reported_with_what_sets_it_apart():
-    for fn, feature in ((softcapped, "soft-capped scores (tanh)"), (alibi, "baddbmm")):
+    for fn, feature in ((einsum_scores, "scores through einsum"), (alibi, "baddbmm")):
         inputs = _inputs()
         report = gear_compile.explain(fn, *inputs, method="gear", bits=4)
         forms = [(s.form, s.rewritten) for s in report.sites]

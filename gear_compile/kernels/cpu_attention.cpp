@@ -1,6 +1,7 @@
 // Attention over a compressed KV cache on the CPU, reading the packed codes.
 //
-// Job: out = softmax(q K^T * scale + mask) V for q [B, Hq, T, D], where K and
+// Job: out = softmax(cap(q K^T * scale) + mask) V for q [B, Hq, T, D] (cap: x,
+// or softcap * tanh(x / softcap); keys before a short mask hidden), where K and
 // V are a layer's stores (layout: gear_compile/store.py), without building
 // the dense K/V. Built and loaded by kernels/cpu.py, which also passes the
 // store descriptor (`Seg` fields below) that says where each part sits in
@@ -187,6 +188,7 @@ struct Problem {
   at::ScalarType mask_type = at::kBool;
   int64_t ms[4] = {0, 0, 0, 0};
   int64_t mask_len = 0;
+  float softcap = 0.0f;           // > 0: scores -> softcap * tanh(scores / softcap)
 };
 
 // Per-thread buffers; rows of DP floats (zero padding keeps dot products exact).
@@ -401,13 +403,22 @@ void attend_chunk(const Problem& P, const Seg& K, const Seg& V, int64_t t0, int 
   for (int r = 0; r < R; ++r) {
     int g = r / P.T, i = r % P.T;
     float* s = sc.score.data() + r * CHUNK;
+    if (P.softcap > 0) {                    // Gemma 2's logit soft-capping, before the mask
+      for (int j = 0; j < n; ++j) s[j] = P.softcap * std::tanh(s[j] / P.softcap);
+    }
     if (P.causal) {                         // query i sees keys < total - T + i + 1
       int64_t limit = total - P.T + i + 1;
       for (int j = 0; j < n; ++j) if (pos0 + t0 + j >= limit) s[j] = -INFINITY;
     }
     if (P.mask) {
-      int64_t shift = P.mask_len - total;   // a mask may be longer than the keys
-      for (int j = 0; j < n; ++j) s[j] += mask_value(P, b, kvh * P.G + g, i, pos0 + t0 + j + shift);
+      // The mask's last column is the newest key. A longer mask starts
+      // before the keys; a shorter one (a sliding-window layer, whose store
+      // still holds blocks older than its window) hides the keys before it.
+      int64_t shift = P.mask_len - total;
+      for (int j = 0; j < n; ++j) {
+        int64_t col = pos0 + t0 + j + shift;
+        s[j] = col < 0 ? -INFINITY : s[j] + mask_value(P, b, kvh * P.G + g, i, col);
+      }
     }
     float mx = -INFINITY;
     for (int j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
@@ -428,7 +439,7 @@ void attend_chunk(const Problem& P, const Seg& K, const Seg& V, int64_t t0, int 
 at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::TensorList v_parts,
                          const c10::optional<at::Tensor>& k_new, const c10::optional<at::Tensor>& v_new,
                          const c10::optional<at::Tensor>& attn_mask, double scale, bool is_causal,
-                         at::IntArrayRef k_desc, at::IntArrayRef v_desc) {
+                         at::IntArrayRef k_desc, at::IntArrayRef v_desc, double softcap) {
   TORCH_CHECK(q_in.dim() == 4, "gear attention_cpu: q must be [B, Hq, T, D]");
   TORCH_CHECK(k_desc.size() == 2 + NSTORE * NFIELDS && v_desc.size() == k_desc.size(),
               "gear attention_cpu: descriptor size mismatch");
@@ -453,6 +464,7 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
   P.G = P.Hq / P.Hkv;
   P.R = P.G * P.T;
   P.causal = is_causal && P.T > 1;
+  P.softcap = static_cast<float>(softcap);
   at::Tensor q = q_in.to(at::kFloat).mul(scale).contiguous();
   P.q = q.data_ptr<float>();
   at::Tensor mask;
@@ -568,7 +580,8 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
 
 TORCH_LIBRARY_FRAGMENT(gear, m) {
   m.def("attention_cpu(Tensor q, Tensor[] k_parts, Tensor[] v_parts, Tensor? k_new, Tensor? v_new, "
-        "Tensor? attn_mask, float scale, bool is_causal, int[] k_desc, int[] v_desc) -> Tensor");
+        "Tensor? attn_mask, float scale, bool is_causal, int[] k_desc, int[] v_desc, "
+        "float softcap=0.) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gear, CPU, m) { m.impl("attention_cpu", &gear_cpu::attention_cpu); }

@@ -1,6 +1,7 @@
 """Flash-decoding over a compressed KV cache: one query token per sequence.
 
-Job: out = softmax(q K^T * scale + mask) V for q [B, Hq, 1, D], where K and V
+Job: out = softmax(cap(q K^T * scale) + mask) V for q [B, Hq, 1, D] (cap: x, or
+softcap * tanh(x / softcap), Gemma 2), where K and V
 are a layer's `KVStore`s (layout in `segment`), without ever materialising the
 dense K/V. Neighbours: `segment` / `store` (the layout read here),
 `packing` (planar bit fields), `ops` (routes decode attention here on CUDA).
@@ -161,7 +162,7 @@ def _mma(a, b, DT: tl.constexpr, FP32_DOT: tl.constexpr):
 @triton.jit
 def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Voi,
                     Lens, Mask, PO, PLSE,
-                    qk_scale, Hkv, N, NBLK, BLOCK, TPB, ITEMS, SPLIT0, S_TOTAL, T_NEW,
+                    qk_scale, cap, Hkv, N, NBLK, BLOCK, TPB, ITEMS, SPLIT0, S_TOTAL, T_NEW,
                     k_group, v_group, k_k2, v_k2, mask_sb, mask_sh, mask_sl, mask_len,
                     SEG: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                     W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr, E: tl.constexpr,
@@ -169,7 +170,7 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
                     V_CHANNEL: tl.constexpr, R: tl.constexpr, BT: tl.constexpr,
                     MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, K_OUT: tl.constexpr,
                     LOGK: tl.constexpr, V_OUT: tl.constexpr, K_FOLD: tl.constexpr,
-                    V_FOLD: tl.constexpr):
+                    V_FOLD: tl.constexpr, SOFTCAP: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // Hkv
@@ -189,7 +190,8 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
     else:                # the call's new token, not yet in the store
         n_valid = n_pre * 0 + T_NEW
         pos0 = n_pre + n_dec + n_buf
-    # key position -> mask column (HF may pass a mask longer than the keys)
+    # key position -> mask column: the mask's last column is the newest key (a
+    # longer mask starts earlier; a shorter one, a sliding window's, hides the keys before it)
     pos0 += mask_len - (n_pre + n_dec + n_buf + T_NEW)
 
     # per-(batch, KV head) base pointers; all parts are contiguous [B, H, ...]
@@ -279,6 +281,9 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
                     bk = tl.load(Kb + (blk * D + ch) * R + r, mask=ok_c, other=0.0).to(tl.float32)
                     a = tl.load(Ka + t * R + r, mask=ok_t, other=0.0).to(tl.float32)
                     s += tl.sum(q * bk[None, :], axis=1)[:, None] * a[None, :]
+            if SOFTCAP:
+                # s is in base-2 units (q carries log2 e); so is cap: cap tanh(s / cap)
+                s = cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
             if MASK_KIND != 0:
                 pos = pos0 + t
                 ok_m = ok_g[:, None] & (ok_t & (pos >= 0))[None, :]
@@ -289,6 +294,7 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
                     s = tl.where(keep != 0, s, float("-inf"))
                 else:                # additive, natural log: times log2(e) for base 2
                     s += tl.load(mp, mask=ok_m, other=0.0).to(tl.float32) * 1.4426950408889634
+                s = tl.where((pos >= 0)[None, :], s, float("-inf"))   # keys before a short mask
             s = tl.where(ok_t[None, :], s, float("-inf"))
 
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -392,13 +398,13 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
                             v_parts: list[torch.Tensor], k_new: torch.Tensor | None,
                             v_new: torch.Tensor | None, attn_mask: torch.Tensor | None,
                             scale: float, config: str, wrap=None,
-                            num_splits: int | None = None) -> torch.Tensor:
+                            num_splits: int | None = None, softcap: float = 0.0) -> torch.Tensor:
     """Run the kernels (eagerly, or through `wrap` = torch.library.wrap_triton
     inside the triton_op). q [B, Hq, 1, D]; k_parts / v_parts in
     `StoreLayout.names` order; k_new / v_new [B, Hkv, 1, D] (or None): the
     call's new token, attended after the store; attn_mask None, bool (True =
-    keep) or additive, broadcastable to [B, Hq, 1, L_mask] with L_mask >= the
-    key length (its last L columns are used). `num_splits`: programs per
+    keep) or additive, broadcastable to [B, Hq, 1, L_mask], its last column
+    the newest key (keys before its first column are hidden: a sliding window). `num_splits`: programs per
     (batch, KV head) over the token range (default: enough to fill the GPU)."""
     cfg = _config(config)
     ks = KVStore(cfg, "k", k_parts)
@@ -488,14 +494,15 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
         launch(_partial_kernel)[(B * Hkv, splits)](
             q, kc, ksc, kz, ka, kb, kov, koi, vc, vsc, vz, va, vb, vov, voi,
             lens, mask, po, plse,
-            scale * _LOG2E, Hkv, n_cap, nblk, block, tpb, items, split0, s_total, t_new,
+            scale * _LOG2E, softcap * _LOG2E, Hkv, n_cap, nblk, block, tpb, items, split0, s_total, t_new,
             k_group, v_group, k_k2, v_k2, strides[0], strides[1], strides[2], mlen,
             SEG=seg_id, G=G, GP=GP, D=D, W=seg_w, WP=seg_wp, PB=seg_pb, E=seg_e,
             BITS=0 if seg_exact else bits, EXACT=seg_exact,
             K_CHANNEL=not seg_exact and kl.spec.axis == "channel",
             V_CHANNEL=not seg_exact and vl.spec.axis == "channel",
             R=rank, BT=bt, MASK_KIND=kind, FP32_DOT=fp32_dot, K_OUT=k_k2 > 0,
-            LOGK=k_k2.bit_length(), V_OUT=v_k2 > 0, K_FOLD=fold_k, V_FOLD=fold_v, num_warps=8 if bt * seg_e >= 4096 else 4)
+            LOGK=k_k2.bit_length(), V_OUT=v_k2 > 0, K_FOLD=fold_k, V_FOLD=fold_v,
+            SOFTCAP=softcap > 0, num_warps=8 if bt * seg_e >= 4096 else 4)
         split0 += splits
 
     out = torch.empty_like(q)
@@ -508,9 +515,9 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
 def attention_triton(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor],
                      k_new: torch.Tensor | None, v_new: torch.Tensor | None,
                      attn_mask: torch.Tensor | None, scale: float, is_causal: bool,
-                     config: str) -> torch.Tensor:
+                     config: str, softcap: float = 0.0) -> torch.Tensor:
     """gear::attention_triton: the launcher with its kernels wrapped, so
     Inductor sees (and emits) them in its output code. One query token: a
     single row needs no causal mask, so is_causal has no effect."""
     return decode_attention_launch(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, config,
-                                   wrap=torch.library.wrap_triton)
+                                   wrap=torch.library.wrap_triton, softcap=softcap)

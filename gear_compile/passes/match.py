@@ -4,10 +4,12 @@ The graph is Dynamo's torch-level graph (torch functions and tensor methods).
 Each recognised form is a small function named for the code it matches:
 
   kv append      torch.cat([past, new], dim=-2)              (DynamicCache)
+                 cat(...)[:, :, -(W - 1):]  kept, cat attended   (sliding window W)
                  past.index_copy_(2, pos, new) / index_put_   (StaticCache: reported)
   K/V feeding    kv, or repeat_kv(kv) = kv[:, :, None].expand(...).reshape(...)
   attention      F.scaled_dot_product_attention(q, K, V, ...)             (sdpa)
                  matmul(softmax(matmul(q, K.transpose) * s [+ mask]), V)   (eager)
+                 ... with scores soft-capped: c * tanh(scores / c)    (Gemma 2)
 
 `find_sites` returns every attention site found, rewritable or not, each with
 the reason; `rewrite` acts only on rewritable ones and everything else stays
@@ -36,11 +38,14 @@ SDPA_SIGNATURE = inspect.signature(
 
 @dataclass
 class KVAppend:
-    """past ++ new along the sequence dim, whose result the cache keeps."""
+    """past ++ new along the sequence dim. The cache keeps `stored`: the
+    append itself, or (a sliding-window layer) its last `keep` tokens."""
 
     node: fx.Node
     past: fx.Node
     new: fx.Node
+    stored: fx.Node | None = None
+    keep: int | None = None
 
     @property
     def compressed(self) -> bool:
@@ -58,6 +63,7 @@ class AttentionSite:
     mask: fx.Node | None = None
     scale: float | None = None
     is_causal: bool = False
+    softcap: float | None = None    # scores -> softcap * tanh(scores / softcap), before the mask
     reason: str = ""
     rewritable: bool = False
     chain: list = field(default_factory=list)   # nodes between K/V and the output
@@ -105,7 +111,25 @@ def kv_append(node) -> KVAppend | None:
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
     if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or dim not in (-2, 2):
         return None
-    return KVAppend(node, tensors[0], tensors[1])
+    return KVAppend(node, tensors[0], tensors[1], stored=node)
+
+
+def window_slice(node) -> int | None:
+    """`kv[:, :, -keep:]` (a sliding-window layer keeping its last `keep`
+    tokens, as DynamicSlidingWindowLayer does): keep, else None."""
+    if not _is_call(node, operator.getitem) or not isinstance(node.args[1], tuple):
+        return None
+    index = node.args[1]
+    if index and index[0] is Ellipsis:
+        index = (slice(None),) * (4 - len(index) + 1) + index[1:]
+    index = index + (slice(None),) * (4 - len(index))
+    if len(index) != 4 or not all(isinstance(i, slice) for i in index):
+        return None
+    whole = slice(None)
+    seq = index[2]
+    if index[:2] != (whole, whole) or index[3] != whole or seq.stop is not None or seq.step not in (None, 1):
+        return None
+    return -seq.start if isinstance(seq.start, int) and seq.start < 0 else None
 
 
 def through_repeat_kv(node, chain: list):
@@ -149,7 +173,8 @@ def sdpa_site(node, index):
 
 
 def eager_site(node, index):
-    """matmul(dropout(softmax(matmul(q, K.transpose(2, 3)) * scale + mask).to(dtype)), V)."""
+    """matmul(dropout(softmax(cap(matmul(q, K.transpose(2, 3)) * scale) + mask).to(dtype)), V),
+    where cap(x) is x, or softcap * tanh(x / softcap)."""
     if not _is_call(node, torch.matmul, operator.matmul):
         return None
     chain = []
@@ -168,6 +193,11 @@ def eager_site(node, index):
     if _is_call(scores, operator.add, torch.add):
         chain.append(scores)
         scores, mask = scores.args[0], scores.args[1]
+    softcap = soft_cap(scores)
+    if softcap is not None:
+        tanh = scores.args[0]
+        chain += [scores, tanh, tanh.args[0]]
+        scores = tanh.args[0].args[0]
     scale = 1.0
     if _is_call(scores, operator.mul, torch.mul, operator.truediv, torch.div):
         chain.append(scores)
@@ -184,7 +214,7 @@ def eager_site(node, index):
             tuple(sorted(kt.args[1:3])) in ((2, 3), (-2, -1))):
         return None
     chain.append(kt)
-    site = AttentionSite(index, "eager", node, q, None, None, mask=mask, scale=scale)
+    site = AttentionSite(index, "eager", node, q, None, None, mask=mask, scale=scale, softcap=softcap)
     site.chain += chain
     for inner in chain:          # attention weights used elsewhere (output_attentions)
         outside = [u for u in inner.users if u not in chain and u is not node]
@@ -193,6 +223,19 @@ def eager_site(node, index):
             return site
     _attach_kv(site, kt.args[0], node.args[1])
     return site
+
+
+def soft_cap(node) -> float | None:
+    """`tanh(x / c) * c` (logit soft-capping, Gemma 2): c, else None."""
+    if not _is_call(node, operator.mul, torch.mul):
+        return None
+    tanh, cap = node.args[0], node.args[1]
+    if not isinstance(cap, (int, float)) or not _is_call(tanh, "tanh", torch.tanh):
+        return None
+    inner = tanh.args[0]
+    if not _is_call(inner, operator.truediv, torch.div) or inner.args[1] != cap:
+        return None
+    return float(cap)
 
 
 def _attach_kv(site: AttentionSite, key, value):
@@ -211,8 +254,11 @@ def _attach_kv(site: AttentionSite, key, value):
         return
     for append in (site.key, site.value):
         users = [u for u in append.node.users if u.op != "output" and u not in site.chain
-                 and u is not site.output]
-        outputs = [u for u in append.node.users if u.op == "output"]
+                 and u is not site.output and not _sizes_for(u, site.chain)]
+        if len(users) == 1 and (keep := window_slice(users[0])) is not None:
+            append.stored, append.keep = users[0], keep
+            users = [u for u in append.stored.users if u.op != "output"]
+        outputs = [u for u in append.stored.users if u.op == "output"]
         if users:
             site.reason = (f"the appended cache {append.node.name} is also read by {users[0].name} "
                            f"(e.g. a sliding-window slice); left exact")
@@ -227,9 +273,24 @@ def _attach_kv(site: AttentionSite, key, value):
     if q is not None and k is not None and q.shape[1] % k.shape[1]:
         site.reason = f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
         return
+    if site.key.keep != site.value.keep:
+        site.reason = f"K and V keep different windows ({site.key.keep} and {site.value.keep} tokens)"
+        return
     site.rewritable = True
     site.reason = (f"{site.form} over {'compressed cache + new tokens' if site.key.compressed else 'a new block'}"
-                   f"{' via repeat_kv' if site.chain and site.form == 'sdpa' else ''}")
+                   f"{' via repeat_kv' if site.chain and site.form == 'sdpa' else ''}"
+                   f"{f', sliding window keeping {site.key.keep} tokens' if site.key.keep else ''}"
+                   f"{f', scores soft-capped at {site.softcap:g}' if site.softcap else ''}")
+
+
+def _sizes_for(node: fx.Node, chain: list) -> bool:
+    """node is a size query (`x.size()`, `x.size(d)`, its items) read only
+    by nodes of `chain` (e.g. repeat_kv's expand, with symbolic lengths):
+    it goes away with them."""
+    if not _is_call(node, "size", operator.getitem) or \
+            (_is_call(node, operator.getitem) and not _is_call(node.args[0], "size", operator.getitem)):
+        return False
+    return all(u in chain or _sizes_for(u, chain) for u in node.users)
 
 
 def _static_cache_write_feeding(node) -> bool:

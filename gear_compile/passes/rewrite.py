@@ -12,6 +12,11 @@ For each rewritable site (see `passes.match`):
       writes it into the store's buffer and bumps the device lengths
       (`buffer_write`): no host work, no branch. With several, the graph
       returns the new tokens and the runtime appends them.
+  sliding window (the cache keeps cat[:, :, -keep:]): prefill compresses
+      the kept tokens into n_b blocks (streamed: no prefill block); decode
+      attends the whole store, whose tokens older than the layer's mask are
+      hidden (the mask is aligned to the newest key), and the runtime drops
+      whole blocks once they leave the window.
 
 The result says how to flatten inputs and rebuild outputs at run time
 (`RewritePlan`). Neighbours: `passes.match` (sites), `ops` (what is emitted),
@@ -38,10 +43,13 @@ class TensorOut:
 
 @dataclass(frozen=True)
 class PrefillOut:
-    """A new store: the next `parts` graph outputs are its inner tensors."""
+    """A new store: the next `parts` graph outputs are its inner tensors.
+    keep: a sliding-window layer's window (tokens a future query may see),
+    None for full attention."""
 
     kind: str
     parts: int
+    keep: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,7 @@ class DecodeOut:
 
     input: int
     written: int
+    keep: int | None = None
 
 
 @dataclass
@@ -130,7 +139,7 @@ class _Rewriter:
         with self.graph.inserting_before(out):
             attn = self.graph.call_function(op.op, op.args(
                 self.node(site.query), k_parts, v_parts, k_new, v_new, self.node(site.mask),
-                scale, site.is_causal, self.config, k_store.layout, v_store.layout))
+                scale, site.is_causal, self.config, k_store.layout, v_store.layout, site.softcap))
             if tokens == 1:
                 for parts, store, new in ((k_parts, k_store, k_new), (v_parts, v_store, v_new)):
                     names = store.layout.names
@@ -140,19 +149,19 @@ class _Rewriter:
         out.replace_all_uses_with(attn)
         written = 1 if tokens == 1 else 0
         for append, past, new in ((site.key, k_past, k_new), (site.value, v_past, v_new)):
-            self.replaced[self.node(append.node)] = (DecodeOut(self.placeholders.index(past), written),
-                                                     None if written else new)
+            self.replaced[self.node(append.stored)] = (
+                DecodeOut(self.placeholders.index(past), written, append.keep), None if written else new)
 
     def prefill(self, site: AttentionSite) -> None:
         for append, kind in ((site.key, "k"), (site.value, "v")):
-            cat = self.node(append.node)
-            with self.graph.inserting_after(cat):
+            stored, windowed = self.node(append.stored), append.keep is not None
+            with self.graph.inserting_after(stored):
                 parts = self.graph.call_function(torch.ops.gear.kv_prefill.default,
-                                                 (cat, self.config.to_json(), kind))
-            x = _value(append.node)
-            n = len(StoreLayout.build(self.config, kind, x.shape[-1], x.dtype,
-                                      self.config.prefill_tokens(int(x.shape[2]))).names)
-            self.replaced[cat] = (PrefillOut(kind, n), parts)
+                                                 (stored, self.config.to_json(), kind, windowed))
+            x = _value(append.stored)
+            n_pre = 0 if windowed else self.config.prefill_tokens(int(x.shape[2]))
+            n = len(StoreLayout.build(self.config, kind, x.shape[-1], x.dtype, n_pre).names)
+            self.replaced[stored] = (PrefillOut(kind, n, append.keep), parts)
 
     def finish(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, RewritePlan]:
         graph, plan = self.graph, RewritePlan()
