@@ -34,7 +34,9 @@ def compile(model, dynamic: bool | None = None, **options):
     (`torch.compile(model)` wraps `__call__` only: transformers' `generate`
     calls `model.forward` through its own paths, so the forward itself must be
     compiled, which is what this does.) Options: see `GearConfig`; they are
-    validated here, before any compile.
+    validated here, before any compile. `generate(cache_implementation=
+    "static")` then runs with a compressed cache reserved for the whole
+    generation (fixed shapes: see `static`).
 
     Calls run with Dynamo's C++ symbolic-shape guards: a decode graph takes
     every layer's store as inputs whose capacity is dynamic, and checking
@@ -57,6 +59,9 @@ def compile(model, dynamic: bool | None = None, **options):
 
     forward._torchdynamo_orig_callable = original     # compile() again starts from it
     model.forward = forward
+    if hasattr(model, "generate"):
+        from .static import static_generate
+        model.generate = static_generate(model, getattr(model.generate, "_gear_original", model.generate))
     return model
 
 

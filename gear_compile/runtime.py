@@ -12,16 +12,35 @@ step that filled the block, outside the per-token graph (which thus stays
 one static graph: no `torch.cond`, no host reads; the flush's own cost is
 amortised over n_b steps). Capacity grows there too, never in the graph,
 and a sliding-window layer's store drops the whole blocks that have left
-its window (`KVStore.forget`).
+its window (`KVStore.forget`). Within `reserving(n)`, a new store is sized
+for n tokens at once, so it never grows (`static`).
 Neighbours: `passes.rewrite` (the plan), `store` (counts, flush, append),
 `compressed_kv` (the output tensors), `backend` (calls `wrap`).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 from .compressed_kv import CompressedKV
 from .config import GearConfig
 from .passes.rewrite import PrefillOut, RewritePlan, TensorOut
 from .store import KVStore, flush_stores
+
+
+# tokens each store a prefill creates must hold without growing (`reserving`)
+_RESERVE: contextvars.ContextVar[int | None] = contextvars.ContextVar("gear_reserve", default=None)
+
+
+@contextlib.contextmanager
+def reserving(tokens: int):
+    """Within the block, stores created by a prefill are sized at once for
+    `tokens` tokens in all, so none grows (its shapes stay fixed) until then."""
+    token = _RESERVE.set(tokens)
+    try:
+        yield
+    finally:
+        _RESERVE.reset(token)
 
 
 def wrap(compiled, plan: RewritePlan, config: GearConfig):
@@ -38,6 +57,8 @@ def wrap(compiled, plan: RewritePlan, config: GearConfig):
             if isinstance(spec, PrefillOut):
                 store = KVStore(config, spec.kind, list(results[i:i + spec.parts]))
                 i += spec.parts
+                if (reserve := _RESERVE.get()) is not None:
+                    store.grow(reserve - len(store) + store.layout.decode.block)
             else:
                 store = args[spec.input].store
                 if spec.written:

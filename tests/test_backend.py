@@ -166,10 +166,14 @@ def test_output_attentions_falls_back_on_eager_gpt2():
                for g in gear_compile.report.history[-1:] for s in g.sites)
 
 
-def test_static_cache_sites_are_reported_and_left_exact():
+def test_a_static_cache_object_is_reported_and_left_exact():
+    """A StaticCache passed in (not cache_implementation="static", which
+    `gear_compile.static` maps to a reserved compressed cache)."""
+    from transformers import StaticCache
     model = gear_compile.compile(tiny_model("llama"), inductor=False)
+    cache = StaticCache(config=model.config, max_cache_len=32)
     with torch.no_grad():
-        got = model.generate(PROMPT, max_new_tokens=6, do_sample=False, cache_implementation="static")
+        got = model.generate(PROMPT, max_new_tokens=6, do_sample=False, **cache_kwarg(model, cache))
         expected = tiny_model("llama").generate(PROMPT, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, expected)
     sites = [s for g in gear_compile.report.history[-2:] for s in g.sites]
