@@ -177,7 +177,7 @@ class _Rewriter:
             elif extra is not None:
                 new_outputs.append(extra)
         output.args = (tuple(new_outputs),)
-        graph.eliminate_dead_code()
+        graph.eliminate_dead_code(is_impure_node=_mutates)
         for ph in self.flattened:
             if ph.users:
                 raise RuntimeError(f"gear rewrite: {ph.name} still has users {list(ph.users)} after rewriting")
@@ -207,6 +207,18 @@ def buffer_write(graph: fx.Graph, lengths: fx.Node, buffer: fx.Node, new: fx.Nod
     position = graph.call_function(aten.slice.Tensor, (lengths, 0, 2, 3))
     graph.call_function(aten.index_copy_.default, (buffer, 2, position, new))
     graph.call_function(aten.add_.Scalar, (graph.call_function(aten.slice.Tensor, (lengths, 0, 2, 3)), 1))
+
+
+def _mutates(node: fx.Node) -> bool:
+    """Kept by dead-code elimination although nothing reads its result: what
+    fx calls impure, and in-place tensor methods and functions (`x.copy_(y)`,
+    which fx does not: e.g. the copy back of a tensor-parallel all-reduce's
+    result into its input, whose loss changed every rank's activations)."""
+    if node.is_impure():
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and isinstance(name, str) \
+        and name.endswith("_") and not name.endswith("__")
 
 
 def _attr_source(ph: fx.Node, name: str):
