@@ -207,13 +207,13 @@ def headline(rows: list[dict]) -> str:
             f"(target 100 %: {wrong} wrong, {errors} errors)")
 
 
-def write(rows: list[dict], args, path: Path) -> None:
+def write(rows: list[dict], args, path: Path, command: str | None = None) -> None:
     import transformers
     lines = [
         "# Architecture coverage: unmodified decoders through the gear backend", "",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
         f"transformers {transformers.__version__}",
-        f"- command: `python benchmarks/arch_coverage.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"- command: `{command or 'python benchmarks/arch_coverage.py ' + ' '.join(sys.argv[1:])}`",
         f"- tiny random configs (see `SIZES`), prompt {PROMPT} tokens, exact check over {NEW_TOKENS} "
         f"greedy tokens, GEAR 4-bit over {args.steps} decode steps; "
         "kv %: bytes held vs the same cache dense in the model's dtype; "
@@ -249,10 +249,19 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50, help="GEAR-4 decode steps per architecture")
     p.add_argument("--timeout", type=float, default=600, help="seconds per architecture")
     p.add_argument("--out", type=Path, default=HERE / "results" / "arch_coverage")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="write one table from the rows of several runs (e.g. halves run with --only on "
+                        "separate cores), in architecture order")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(sweep_one(args.worker, args.steps)))
+        return
+    if args.merge:
+        rows = sorted((r for f in args.merge for r in json.loads(f.read_text())), key=lambda r: r["arch"])
+        write(rows, args, args.out, command=f"python benchmarks/arch_coverage.py --steps {args.steps}, "
+                                            f"run in {len(args.merge)} parts with --only and merged")
+        print(headline(rows))
         return
     known = architectures()
     chosen = CI_ARCHS if args.ci else args.only or known

