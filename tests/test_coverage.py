@@ -61,3 +61,13 @@ def test_heads_the_group_size_does_not_divide_fall_back_instead_of_crashing():
                for s in report.sites), [s.reason for s in report.sites]
     gear_compile.compile(model, method="kivi", bits=2, inductor=False)
     assert torch.equal(model.generate(prompt, max_new_tokens=40, do_sample=False), want)
+
+
+def test_a_softmax_over_a_linear_layer_is_not_reported_as_an_attention():
+    """A MoE router's softmax (over a linear layer's logits, not a product of
+    two tensors) is no attention: nothing to report."""
+    def router(x, w):
+        return torch.softmax(torch.nn.functional.linear(x, w).float(), dim=-1)
+    g = torch.Generator().manual_seed(0)
+    report = gear_compile.explain(router, torch.randn(3, 16, generator=g), torch.randn(4, 16, generator=g))
+    assert report.sites == []

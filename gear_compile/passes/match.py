@@ -14,9 +14,11 @@ Each recognised form is a small function named for the code it matches:
 `find_sites` returns every attention site found, rewritable or not, each with
 the reason; `rewrite` acts only on rewritable ones and everything else stays
 exact. A softmax or a KV-append that no recognised form covers is returned
-too, as an `unknown` site with what makes it different (soft-capped scores,
-ALiBi through baddbmm, ...), so an attention the matcher cannot read is
-reported, never silently skipped. Neighbours: `passes.rewrite` (consumes `AttentionSite`), `explain`
+too, as an `unknown` site with what makes it different (scores through
+einsum, ALiBi through baddbmm, ...), so an attention the matcher cannot read
+is reported, never silently skipped (a softmax counts as an attention's when
+its scores are a product of two tensors: a MoE router's, over a linear
+layer's output, does not). Neighbours: `passes.rewrite` (consumes `AttentionSite`), `explain`
 (prints them).
 """
 from __future__ import annotations
@@ -331,7 +333,8 @@ def unknown_sites(graph: fx.Graph, sites: list[AttentionSite], first: int) -> li
     appends = {a.node for site in sites for a in (site.key, site.value) if a is not None}
     unknown = []
     for node in graph.nodes:
-        if _is_call(node, F.softmax, "softmax", torch.softmax) and node not in covered:
+        if _is_call(node, F.softmax, "softmax", torch.softmax) and node not in covered \
+                and _scores_of_a_product(node):
             reason = f"attention form not recognised ({_score_features(node)}); left exact"
         elif kv_append(node) is not None and node not in appends and \
                 any(u.op == "output" for u in node.users):
@@ -341,6 +344,25 @@ def unknown_sites(graph: fx.Graph, sites: list[AttentionSite], first: int) -> li
         site = AttentionSite(first + len(unknown), "unknown", node, None, None, None, reason=reason)
         unknown.append(site)
     return unknown
+
+
+# what makes a softmax an attention's: its scores are a product of two
+# activations (q and K), not a linear layer's output (a MoE router's logits)
+_PRODUCTS = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm", torch.baddbmm, "baddbmm",
+             torch.einsum)
+
+
+def _scores_of_a_product(softmax: fx.Node, depth: int = 8) -> bool:
+    """A product of two tensors lies on the way back from `softmax` along
+    first operands within `depth` nodes."""
+    node = softmax.args[0]
+    for _ in range(depth):
+        if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+            return False
+        if _is_call(node, *_PRODUCTS):
+            return True
+        node = node.args[0] if node.args else None
+    return False
 
 
 def _score_features(softmax: fx.Node, depth: int = 8) -> str:
