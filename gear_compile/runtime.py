@@ -48,7 +48,7 @@ def wrap(compiled, plan: RewritePlan, config: GearConfig):
 
     def run(*args):
         results = compiled(*plan.flatten_inputs(args))
-        outputs, stores, full, windowed, i = [], [], [], [], 0
+        outputs, stores, full, i = [], [], [], 0
         for spec in plan.outputs:
             if isinstance(spec, TensorOut):
                 outputs.append(results[i])
@@ -67,18 +67,16 @@ def wrap(compiled, plan: RewritePlan, config: GearConfig):
                 else:
                     store.append(results[i])
                     i += 1
-            if spec.keep is not None:
-                windowed.append((store, spec.keep))
-            stores.append(len(outputs))
+            stores.append((len(outputs), spec.keep))
             outputs.append(store)
         if full:
             flush_stores(full)
-        keeps = {}
-        for store, keep in windowed:
-            store.forget(keep)
-            keeps[id(store)] = min(len(store), keep)
-        for j in stores:
-            outputs[j] = CompressedKV.of(outputs[j], keeps.get(id(outputs[j])))
+        for j, keep in stores:
+            store, length = outputs[j], None
+            if keep is not None:           # a sliding window: its logical tokens are the newest `keep`
+                store.forget(keep)
+                length = min(len(store), keep)
+            outputs[j] = CompressedKV.of(store, length)
         return outputs
 
     return run

@@ -37,10 +37,11 @@ def static_generate(model, generate):
     @functools.wraps(generate)
     def run(*args, **kwargs):
         config = kwargs.get("generation_config") or model.generation_config
-        requested = kwargs.pop("cache_implementation", None) or config.cache_implementation
+        requested = kwargs.get("cache_implementation") or config.cache_implementation
         if requested != "static":
-            return generate(*args, **kwargs)
+            return generate(*args, **kwargs)       # any other cache_implementation is passed on as given
         from transformers import DynamicCache
+        kwargs.pop("cache_implementation", None)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             raise ValueError("gear: cache_implementation='static' sizes the cache from the prompt; "

@@ -15,6 +15,7 @@ from gear_compile.compressed_kv import CompressedKV
 from gear_compile.hf_compat import cache_of
 from gear_compile.models import tiny_model
 from gear_compile.segment import Segment
+from gear_compile.static import static_generate
 
 from test_backend import PROMPT
 
@@ -59,3 +60,11 @@ def test_without_static_the_store_grows_as_it_decodes(monkeypatch):
     with torch.no_grad():
         model.generate(PROMPT, max_new_tokens=STEPS, do_sample=False)
     assert len(resizes) > 0
+
+
+def test_another_cache_implementation_is_passed_on_as_given():
+    seen = []
+    model = gear_compile.compile(tiny_model("llama"), method="none", inductor=False)
+    model.generate = static_generate(model, lambda *a, **kw: seen.append(kw))
+    model.generate(PROMPT, max_new_tokens=3, cache_implementation="dynamic")
+    assert seen == [dict(max_new_tokens=3, cache_implementation="dynamic")]
