@@ -67,6 +67,7 @@ SIZES = {
     "sliding_window": 128,
 }
 PROMPT, NEW_TOKENS = 200, 12
+MAX_PARAMETERS = 50_000_000      # a "tiny" model past this would take the machine's memory
 
 
 def tiny_config(model_type: str):
@@ -82,15 +83,40 @@ def tiny_config(model_type: str):
         raise ValueError("encoder-decoder")
     if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         raise ValueError("an encoder family (masked LM; a decoder only as is_decoder=True)")
-    kwargs = {k: v for k, v in SIZES.items()        # derived properties (e.g. falcon's head_dim) are not set
+    config = cls(**_tiny_kwargs(cls, default))
+    for key, value in _in_vocabulary(config.to_dict()).items():
+        if key.endswith("token_id"):
+            setattr(config, key, value)
+    return config
+
+
+def _tiny_kwargs(cls, default) -> dict:
+    """SIZES for the attributes `default` has (derived properties, e.g.
+    falcon's head_dim, are not set), and the same for each nested sub-config
+    (a composite model's text_config, ...: left at its defaults it would
+    build a full-size model)."""
+    kwargs = {k: v for k, v in SIZES.items()
               if hasattr(default, k) and not isinstance(getattr(cls, k, None), property)}
     if getattr(default, "sliding_window", None) is None:
         kwargs.pop("sliding_window", None)
-    config = cls(**kwargs)
-    for key, value in config.to_dict().items():       # special tokens inside the vocabulary
-        if key.endswith("token_id") and isinstance(value, int) and value >= 256:
-            setattr(config, key, 1)
-    return config
+    for name in getattr(cls, "sub_configs", {}):
+        sub = getattr(default, name, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            kwargs[name] = _in_vocabulary(dict(sub.to_dict(), **_tiny_kwargs(type(sub), sub)))
+    return kwargs
+
+
+def _in_vocabulary(options: dict) -> dict:
+    """Special token ids moved inside the tiny vocabulary."""
+    return {k: 1 if k.endswith("token_id") and isinstance(v, int) and v >= 256 else v
+            for k, v in options.items()}
+
+
+def _parameters(config) -> int:
+    """Parameters the model of `config` would have (built on the meta device)."""
+    import transformers as tf
+    with torch.device("meta"):
+        return sum(p.numel() for p in tf.AutoModelForCausalLM.from_config(config).parameters())
 
 
 def _generate(model, prompt, new_tokens):
@@ -125,8 +151,12 @@ def sweep_one(model_type: str, steps: int = 50) -> dict:
     row = dict(arch=model_type)
     try:
         config = tiny_config(model_type)
+        params = _parameters(config)
     except Exception as e:       # noqa: BLE001 - any reason a config cannot be built is reported
         return dict(row, status="not built", reason=f"{type(e).__name__}: {e}"[:200])
+    if params > MAX_PARAMETERS:
+        return dict(row, status="not built", reason=f"the tiny config still builds {params / 1e6:.0f} M "
+                                                      f"parameters (sizes SIZES does not reach)")
     try:
         torch.manual_seed(0)
         model = tf.AutoModelForCausalLM.from_config(config).eval()
@@ -166,7 +196,11 @@ def sweep_one(model_type: str, steps: int = 50) -> dict:
     row["compressed_layers"] = compressed
     row["kv_ratio"] = gear_compile.kv_bytes(cache) / max(1, gear_compile.dense_bytes(cache, model.dtype))
     decode = [s for g in reports for s in g.sites if s.phase == "decode"]
-    reported = len({s.layer for s in decode if s.rewritten})
+    # layers the report says are compressed: by module path, or (a model that
+    # runs one attention module for several cache layers, e.g. HRM's
+    # recurrence) by rewritten decode sites in one graph
+    per_graph = [sum(s.rewritten for s in g.sites if s.phase == "decode") for g in reports]
+    reported = max([len({s.layer for s in decode if s.rewritten})] + per_graph)
     row["agree"] = compressed == reported or (not decode and compressed == 0)
     if not row["attention_layers"] and not sites:
         row["status"] = "n/a"
@@ -195,7 +229,9 @@ def spawn(model_type: str, steps: int, timeout: float) -> dict:
         return dict(arch=model_type, status="error", reason=f"timed out after {timeout:g} s")
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        died = f"the worker died with exit code {done.returncode}" + (
+            " (killed: out of memory?)" if done.returncode in (-9, 137) else "")
+        tail = (done.stderr.strip().splitlines() or [died])[-1]
         return dict(arch=model_type, status="error", reason=tail[:300])
     return json.loads(lines[-1])
 
