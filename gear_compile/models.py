@@ -27,6 +27,10 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
                                       vocab_size=256, attn_implementation="eager"),
         "mqa": lambda: tf.GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, n_positions=1024,
                                            vocab_size=256, multi_query=True),
+        # attention sinks (a softmax column; a rescaled output), sliding-window layers
+        "gpt_oss": lambda: tf.GptOssConfig(**gqa, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                           sliding_window=64, attn_implementation="eager"),
+        "granite_swa": lambda: tf.GraniteSWAConfig(**gqa, sliding_window=64, attn_implementation="eager"),
     }
     if arch not in configs:
         raise ValueError(f"tiny_model: arch must be one of {list(configs)}, got {arch!r}.")

@@ -2,7 +2,7 @@
 
   gear::kv_prefill(x, config, kind, streamed) -> parts   compress a prompt's K or V
   gear::attention_<impl>(q, k_parts, v_parts, k_new, v_new, mask, scale,
-                         is_causal, ..., softcap) -> out   attention over a
+                         is_causal, ..., softcap, sinks) -> out   attention over a
                                                     store plus the call's new tokens
 
 `parts` is a store flattened in `StoreLayout.names` order; `config` is the
@@ -10,7 +10,9 @@
 and the call's new K/V (`k_new`, `v_new`, exact) as the newest keys; the
 mask's last column is the newest key, and keys before its first column are
 hidden (a sliding-window layer's older blocks); softcap > 0 caps the scaled
-scores at softcap * tanh(s / softcap) before the mask (Gemma 2); the
+scores at softcap * tanh(s / softcap) before the mask (Gemma 2); sinks
+[Hq] (or None) adds one logit per query head to the softmax's denominator,
+a key whose value is zero (gpt-oss, Granite SWA); the
 decode graph then writes the new token into the buffer (aten ops the rewrite
 emits, not a custom op: Inductor sees the write).
 Implementations of attention, one schema:
@@ -69,9 +71,11 @@ def _causal_bottom_right(T: int, L: int, device) -> torch.Tensor:
 def attention_reference(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor],
                         k_new: torch.Tensor | None, v_new: torch.Tensor | None,
                         attn_mask: torch.Tensor | None, scale: float, is_causal: bool,
-                        config: str, softcap: float = 0.0) -> torch.Tensor:
+                        config: str, softcap: float = 0.0,
+                        sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q [B, Hq, T, D] over a store and the new tokens: rebuild K
-    and V exactly as stored, then SDPA (or, soft-capped, its steps written out)."""
+    and V exactly as stored, then SDPA (or, soft-capped or with sinks, its
+    steps written out)."""
     cfg = _config(config)
     k = KVStore(cfg, "k", k_parts).dequantize(q.dtype)
     v = KVStore(cfg, "v", v_parts).dequantize(q.dtype)
@@ -86,26 +90,35 @@ def attention_reference(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: l
             mask = F.pad(mask, (L - mask.shape[-1], 0), value=hidden)
     elif is_causal and T > 1:
         mask = _causal_bottom_right(T, L, q.device)
-    if softcap > 0:
-        out = _softcapped_attention(q, k, v, mask, scale, softcap)
+    if softcap > 0 or sinks is not None:
+        out = _explicit_attention(q, k, v, mask, scale, softcap, sinks)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
     return torch.empty_like(q).copy_(out)       # laid out like q, as the fake says
 
 
-def _softcapped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
+def _explicit_attention(q, k, v, mask, scale: float, softcap: float, sinks) -> torch.Tensor:
+    """Attention step by step in fp32: scores, soft-capped (softcap > 0),
+    masked, softmax with each head's sink as one more column (then dropped)."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    scores = torch.tanh(q.float() @ k.float().transpose(-1, -2) * (scale / softcap)) * softcap
+    scores = q.float() @ k.float().transpose(-1, -2) * scale
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+    if sinks is not None:
+        column = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        probs = torch.cat([scores, column], -1).softmax(-1)[..., :-1]
+    else:
+        probs = scores.softmax(-1)
+    return (probs @ v.float()).to(q.dtype)
 
 
 @attention_reference.register_fake
 def _attention_reference_fake(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, is_causal, config,
-                              softcap=0.0):
+                              softcap=0.0, sinks=None):
     return torch.empty_like(q)
 
 
@@ -114,18 +127,18 @@ def attention_triton_interpreted(q: torch.Tensor, k_parts: list[torch.Tensor],
                                  v_parts: list[torch.Tensor], k_new: torch.Tensor | None,
                                  v_new: torch.Tensor | None, attn_mask: torch.Tensor | None,
                                  scale: float, is_causal: bool, config: str,
-                                 softcap: float = 0.0) -> torch.Tensor:
+                                 softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton decode kernel run eagerly (under TRITON_INTERPRET=1 on a CPU):
     how CPU tests exercise the kernel inside compiled graphs, since a
     triton_op's kernels only trace for a GPU."""
     from .kernels.decode_attention import decode_attention_launch
     return decode_attention_launch(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, config,
-                                   softcap=softcap)
+                                   softcap=softcap, sinks=sinks)
 
 
 @attention_triton_interpreted.register_fake
 def _attention_triton_interpreted_fake(q, k_parts, v_parts, k_new, v_new, attn_mask, scale,
-                                       is_causal, config, softcap=0.0):
+                                       is_causal, config, softcap=0.0, sinks=None):
     return torch.empty_like(q)
 
 
@@ -138,13 +151,13 @@ class AttentionOp:
 
     def args(self, q, k_parts, v_parts, k_new, v_new, mask, scale, is_causal,
              config: GearConfig, k_layout: StoreLayout, v_layout: StoreLayout,
-             softcap: float | None = None) -> tuple:
+             softcap: float | None = None, sinks=None) -> tuple:
         common = (q, k_parts, v_parts, k_new, v_new, mask, float(scale), bool(is_causal))
         if self.descriptors:
             common += (list(k_layout.kernel_descriptor), list(v_layout.kernel_descriptor))
         else:
             common += (config.to_json(),)
-        return common + (float(softcap or 0.0),)
+        return common + (float(softcap or 0.0), sinks)
 
 
 def attention_for(device: torch.device, config: GearConfig, tokens: int) -> AttentionOp:

@@ -44,19 +44,21 @@ def _stores(cfg, B, Hkv, D, prefill, new, dtype, gen):
     return ks, vs
 
 
-def attend(impl, q, ks, vs, k_new, v_new, mask, scale, causal=False, num_splits=None, softcap=0.0):
+def attend(impl, q, ks, vs, k_new, v_new, mask, scale, causal=False, num_splits=None, softcap=0.0,
+           sinks=None):
     """One implementation's attention of q over the stores plus the new tokens."""
     if impl == "triton":
         return decode_attention_launch(q, ks.tensors(), vs.tensors(), k_new, v_new, mask, scale,
-                                       ks.config.to_json(), num_splits=num_splits, softcap=softcap)
+                                       ks.config.to_json(), num_splits=num_splits, softcap=softcap,
+                                       sinks=sinks)
     from gear_compile.kernels import cpu
     cpu.load()
     return torch.ops.gear.attention_cpu(q, ks.tensors(), vs.tensors(), k_new, v_new, mask, scale,
                                         causal, list(ks.layout.kernel_descriptor),
-                                        list(vs.layout.kernel_descriptor), softcap)
+                                        list(vs.layout.kernel_descriptor), softcap, sinks)
 
 
-def reference(q, ks, vs, k_new, v_new, mask, scale, causal=False, softcap=0.0):
+def reference(q, ks, vs, k_new, v_new, mask, scale, causal=False, softcap=0.0, sinks=None):
     K, V = ks.dequantize().float(), vs.dequantize().float()
     if k_new is not None:
         K, V = torch.cat([K, k_new.float()], 2), torch.cat([V, v_new.float()], 2)
@@ -68,18 +70,24 @@ def reference(q, ks, vs, k_new, v_new, mask, scale, causal=False, softcap=0.0):
         mask = F.pad(mask, (L - mask.shape[-1], 0), value=False if mask.dtype == torch.bool else -float("inf"))
     elif causal:
         mask = torch.ones(T, L, dtype=torch.bool).tril(L - T)
-    if softcap:                 # Gemma 2's soft-capped scores, written out
+    if softcap or sinks is not None:    # Gemma 2's soft-capped scores, gpt-oss's sinks: written out
         G = q.shape[1] // K.shape[1]
         K, V = K.repeat_interleave(G, 1), V.repeat_interleave(G, 1)
-        scores = torch.tanh(q.float() @ K.transpose(-1, -2) * scale / softcap) * softcap
+        scores = q.float() @ K.transpose(-1, -2) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         if mask is not None:
             scores = scores.masked_fill(~mask, -float("inf")) if mask.dtype == torch.bool else scores + mask
-        return scores.softmax(-1) @ V
+        if sinks is None:
+            return scores.softmax(-1) @ V
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        return torch.cat([scores, sink], -1).softmax(-1)[..., :-1] @ V
     return F.scaled_dot_product_attention(q.float(), K, V, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 def _check(impl, method, bits, D, Hq, Hkv, prefill, new, dtype=torch.float16, B=2,
-           mask=None, num_splits=None, mask_extra=0, T=1, causal=False, softcap=0.0, **cfg_kw):
+           mask=None, num_splits=None, mask_extra=0, T=1, causal=False, softcap=0.0, sinks=False,
+           **cfg_kw):
     gen = torch.Generator().manual_seed(hash((method, bits, D, Hq, prefill, new)) % 2**31)
     cfg = GearConfig(method=method, bits=bits, group_size=cfg_kw.pop("group_size", 16),
                      decode_capacity=cfg_kw.pop("decode_capacity", 64), **cfg_kw)
@@ -99,9 +107,11 @@ def _check(impl, method, bits, D, Hq, Hkv, prefill, new, dtype=torch.float16, B=
                                keep[..., max(-mask_extra, 0):]], -1)
         if mask == "additive":
             attn_mask = torch.zeros(attn_mask.shape, dtype=dtype).masked_fill(~attn_mask, float("-inf"))
-    out = attend(impl, q, ks, vs, k_new, v_new, attn_mask, scale, causal, num_splits, softcap)
-    ref = reference(q, ks, vs, k_new, v_new, attn_mask, scale, causal, softcap)
-    if softcap:                 # the cap changes the result: it is not ignored
+    # sinks: one logit per query head, from far below the scores to far above
+    sinks = torch.linspace(-4, 4, Hq).to(dtype) if sinks else None
+    out = attend(impl, q, ks, vs, k_new, v_new, attn_mask, scale, causal, num_splits, softcap, sinks)
+    ref = reference(q, ks, vs, k_new, v_new, attn_mask, scale, causal, softcap, sinks)
+    if softcap or sinks is not None:    # the cap or the sinks change the result: not ignored
         assert (ref - reference(q, ks, vs, k_new, v_new, attn_mask, scale, causal)).abs().max() > 0.05
     assert out.shape == q.shape and out.dtype == dtype
     err = (out.float() - ref).abs().max().item()
@@ -157,6 +167,13 @@ def test_a_short_mask_hides_the_oldest_keys(impl, mask):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_soft_capped_scores(impl, dtype):
     _check(impl, "gear", 4, 64, 4, 2, 30, 23, B=2, mask="additive", dtype=dtype, softcap=2.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_attention_sinks(impl, dtype):
+    _check(impl, "gear", 4, 64, 4, 2, 30, 23, B=2, mask="bool", dtype=dtype, sinks=True)
+    _check(impl, "kivi", 2, 64, 8, 1, 40, 30, B=1, dtype=dtype, sinks=True, num_splits=3)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

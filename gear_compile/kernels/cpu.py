@@ -89,7 +89,7 @@ def load() -> None:
 
 
 def _attention_cpu_fake(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, is_causal,
-                        k_desc, v_desc, softcap=0.0):
+                        k_desc, v_desc, softcap=0.0, sinks=None):
     return torch.empty_like(q)
 
 

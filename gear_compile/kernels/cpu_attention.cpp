@@ -1,7 +1,8 @@
 // Attention over a compressed KV cache on the CPU, reading the packed codes.
 //
 // Job: out = softmax(cap(q K^T * scale) + mask) V for q [B, Hq, T, D] (cap: x,
-// or softcap * tanh(x / softcap); keys before a short mask hidden), where K and
+// or softcap * tanh(x / softcap); keys before a short mask hidden; a per-head
+// sink logit, if given, joins the softmax's denominator), where K and
 // V are a layer's stores (layout: gear_compile/store.py), without building
 // the dense K/V. Built and loaded by kernels/cpu.py, which also passes the
 // store descriptor (`Seg` fields below) that says where each part sits in
@@ -189,6 +190,7 @@ struct Problem {
   int64_t ms[4] = {0, 0, 0, 0};
   int64_t mask_len = 0;
   float softcap = 0.0f;           // > 0: scores -> softcap * tanh(scores / softcap)
+  const float* sinks = nullptr;   // [Hq] or null: one more logit per query head, value 0
 };
 
 // Per-thread buffers; rows of DP floats (zero padding keeps dot products exact).
@@ -439,7 +441,8 @@ void attend_chunk(const Problem& P, const Seg& K, const Seg& V, int64_t t0, int 
 at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::TensorList v_parts,
                          const c10::optional<at::Tensor>& k_new, const c10::optional<at::Tensor>& v_new,
                          const c10::optional<at::Tensor>& attn_mask, double scale, bool is_causal,
-                         at::IntArrayRef k_desc, at::IntArrayRef v_desc, double softcap) {
+                         at::IntArrayRef k_desc, at::IntArrayRef v_desc, double softcap,
+                         const c10::optional<at::Tensor>& sinks_in) {
   TORCH_CHECK(q_in.dim() == 4, "gear attention_cpu: q must be [B, Hq, T, D]");
   TORCH_CHECK(k_desc.size() == 2 + NSTORE * NFIELDS && v_desc.size() == k_desc.size(),
               "gear attention_cpu: descriptor size mismatch");
@@ -465,6 +468,13 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
   P.R = P.G * P.T;
   P.causal = is_causal && P.T > 1;
   P.softcap = static_cast<float>(softcap);
+  at::Tensor sinks;
+  if (sinks_in.has_value()) {
+    sinks = sinks_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(sinks.numel() == P.Hq, "gear attention_cpu: sinks must hold one logit per query head (",
+                P.Hq, "), got ", sinks.numel());
+    P.sinks = sinks.data_ptr<float>();
+  }
   at::Tensor q = q_in.to(at::kFloat).mul(scale).contiguous();
   P.q = q.data_ptr<float>();
   at::Tensor mask;
@@ -557,10 +567,12 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
     int b = static_cast<int>(head / P.Hkv), kvh = static_cast<int>(head % P.Hkv);
     for (int r = 0; r < R; ++r) {
       int g = r / P.T, i = r % P.T;
-      float m = -INFINITY;
+      // a sink is one more logit in the denominator, with a zero value
+      float sink = P.sinks ? P.sinks[kvh * P.G + g] : -INFINITY;
+      float m = sink;
       for (int64_t s = 0; s < splits; ++s) m = std::max(m, part[((head * splits + s) * R + r) * stride]);
       float m_use = m == -INFINITY ? 0.0f : m;
-      float l = 0.0f;
+      float l = sink == -INFINITY ? 0.0f : std::exp(sink - m_use);
       std::fill(merged.begin(), merged.end(), 0.0f);
       for (int64_t s = 0; s < splits; ++s) {
         const float* src = part.data() + ((head * splits + s) * R + r) * stride;
@@ -581,7 +593,7 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
 TORCH_LIBRARY_FRAGMENT(gear, m) {
   m.def("attention_cpu(Tensor q, Tensor[] k_parts, Tensor[] v_parts, Tensor? k_new, Tensor? v_new, "
         "Tensor? attn_mask, float scale, bool is_causal, int[] k_desc, int[] v_desc, "
-        "float softcap=0.) -> Tensor");
+        "float softcap=0., Tensor? sinks=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gear, CPU, m) { m.impl("attention_cpu", &gear_cpu::attention_cpu); }

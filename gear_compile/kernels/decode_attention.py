@@ -1,7 +1,8 @@
 """Flash-decoding over a compressed KV cache: one query token per sequence.
 
 Job: out = softmax(cap(q K^T * scale) + mask) V for q [B, Hq, 1, D] (cap: x, or
-softcap * tanh(x / softcap), Gemma 2), where K and V
+softcap * tanh(x / softcap), Gemma 2; a per-head sink logit, gpt-oss, joins
+the softmax's denominator in the combine step), where K and V
 are a layer's `KVStore`s (layout in `segment`), without ever materialising the
 dense K/V. Neighbours: `segment` / `store` (the layout read here),
 `packing` (planar bit fields), `ops` (routes decode attention here on CUDA).
@@ -338,14 +339,19 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
 
 
 @triton.jit
-def _combine_kernel(PO, PLSE, Out, S_TOTAL, D: tl.constexpr, DP: tl.constexpr,
-                    SC: tl.constexpr):
-    """Merge the S_TOTAL partials of one (batch, q head) by their log-sum-exp."""
+def _combine_kernel(PO, PLSE, Out, Sinks, S_TOTAL, Hq, D: tl.constexpr, DP: tl.constexpr,
+                    SC: tl.constexpr, SINKS: tl.constexpr):
+    """Merge the S_TOTAL partials of one (batch, q head) by their log-sum-exp;
+    with SINKS, the head's sink logit (natural base) starts the denominator."""
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, DP)
     ok_d = d < D
-    m = tl.full([], float("-inf"), tl.float32)
-    l = tl.zeros([], tl.float32)
+    if SINKS:
+        m = tl.load(Sinks + row % Hq).to(tl.float32) * 1.4426950408889634    # to base 2
+        l = tl.full([], 1.0, tl.float32)
+    else:
+        m = tl.full([], float("-inf"), tl.float32)
+        l = tl.zeros([], tl.float32)
     acc = tl.zeros([DP], tl.float32)
     for s0 in range(0, S_TOTAL, SC):
         s = s0 + tl.arange(0, SC)
@@ -398,7 +404,8 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
                             v_parts: list[torch.Tensor], k_new: torch.Tensor | None,
                             v_new: torch.Tensor | None, attn_mask: torch.Tensor | None,
                             scale: float, config: str, wrap=None,
-                            num_splits: int | None = None, softcap: float = 0.0) -> torch.Tensor:
+                            num_splits: int | None = None, softcap: float = 0.0,
+                            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Run the kernels (eagerly, or through `wrap` = torch.library.wrap_triton
     inside the triton_op). q [B, Hq, 1, D]; k_parts / v_parts in
     `StoreLayout.names` order; k_new / v_new [B, Hkv, 1, D] (or None): the
@@ -506,8 +513,12 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
         split0 += splits
 
     out = torch.empty_like(q)
-    launch(_combine_kernel)[(B * Hq,)](po, plse, out, s_total, D=D, DP=_pow2(D),
-                                       SC=min(64, max(16, _pow2(s_total))))
+    if sinks is not None and sinks.numel() != Hq:
+        raise ValueError(f"gear decode attention: sinks must hold one logit per query head ({Hq}), "
+                         f"got {sinks.numel()}.")
+    launch(_combine_kernel)[(B * Hq,)](po, plse, out, q if sinks is None else sinks.contiguous(),
+                                       s_total, Hq, D=D, DP=_pow2(D),
+                                       SC=min(64, max(16, _pow2(s_total))), SINKS=sinks is not None)
     return out if q_layout.is_contiguous() else torch.empty_like(q_layout).copy_(out)
 
 
@@ -515,9 +526,10 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
 def attention_triton(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list[torch.Tensor],
                      k_new: torch.Tensor | None, v_new: torch.Tensor | None,
                      attn_mask: torch.Tensor | None, scale: float, is_causal: bool,
-                     config: str, softcap: float = 0.0) -> torch.Tensor:
+                     config: str, softcap: float = 0.0,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """gear::attention_triton: the launcher with its kernels wrapped, so
     Inductor sees (and emits) them in its output code. One query token: a
     single row needs no causal mask, so is_causal has no effect."""
     return decode_attention_launch(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, config,
-                                   wrap=torch.library.wrap_triton, softcap=softcap)
+                                   wrap=torch.library.wrap_triton, softcap=softcap, sinks=sinks)

@@ -10,6 +10,8 @@ Each recognised form is a small function named for the code it matches:
   attention      F.scaled_dot_product_attention(q, K, V, ...)             (sdpa)
                  matmul(softmax(matmul(q, K.transpose) * s [+ mask]), V)   (eager)
                  ... with scores soft-capped: c * tanh(scores / c)    (Gemma 2)
+                 ... with attention sinks: a softmax column    (gpt-oss)
+                     or the output times sigmoid(lse - sink)   (Granite SWA)
 
 `find_sites` returns every attention site found, rewritable or not, each with
 the reason; `rewrite` acts only on rewritable ones and everything else stays
@@ -66,6 +68,7 @@ class AttentionSite:
     scale: float | None = None
     is_causal: bool = False
     softcap: float | None = None    # scores -> softcap * tanh(scores / softcap), before the mask
+    sinks: fx.Node | None = None    # per query head sink logits [Hq]: an extra softmax column, no value
     reason: str = ""
     rewritable: bool = False
     chain: list = field(default_factory=list)   # nodes between K/V and the output
@@ -176,7 +179,8 @@ def sdpa_site(node, index):
 
 def eager_site(node, index):
     """matmul(dropout(softmax(cap(matmul(q, K.transpose(2, 3)) * scale) + mask).to(dtype)), V),
-    where cap(x) is x, or softcap * tanh(x / softcap)."""
+    where cap(x) is x, or softcap * tanh(x / softcap); with attention sinks
+    as an extra softmax column (`sink_column`) or a rescaled output (`sink_scale`)."""
     if not _is_call(node, torch.matmul, operator.matmul):
         return None
     chain = []
@@ -187,10 +191,20 @@ def eager_site(node, index):
             return None
         chain.append(probs)
         probs = probs.args[0]
+    sliced = _is_call(probs, operator.getitem) and probs.args[1] == (Ellipsis, slice(None, -1, None))
+    if sliced:                   # probs[..., :-1]: the sink column dropped
+        chain.append(probs)
+        probs = probs.args[0]
     if not _is_call(probs, F.softmax, "softmax", torch.softmax):
         return None
     chain.append(probs)
     scores = probs.args[0]
+    sinks = None
+    if sliced:
+        if (found := sink_column(scores)) is None:
+            return None
+        scores, sinks, nodes = found
+        chain += nodes
     mask = None
     if _is_call(scores, operator.add, torch.add):
         chain.append(scores)
@@ -216,10 +230,15 @@ def eager_site(node, index):
             tuple(sorted(kt.args[1:3])) in ((2, 3), (-2, -1))):
         return None
     chain.append(kt)
-    site = AttentionSite(index, "eager", node, q, None, None, mask=mask, scale=scale, softcap=softcap)
+    site = AttentionSite(index, "eager", node, q, None, None, mask=mask, scale=scale, softcap=softcap,
+                         sinks=sinks)
+    if sinks is None and len(node.users) == 1 and \
+            (found := sink_scale(next(iter(node.users)), node, probs.args[0])) is not None:
+        site.output, site.sinks, nodes = found
+        chain += [node] + nodes
     site.chain += chain
     for inner in chain:          # attention weights used elsewhere (output_attentions)
-        outside = [u for u in inner.users if u not in chain and u is not node]
+        outside = [u for u in inner.users if u not in chain and u is not site.output]
         if outside:
             site.reason = f"intermediate {inner.name} is also used by {outside[0].name} (e.g. output_attentions)"
             return site
@@ -238,6 +257,67 @@ def soft_cap(node) -> float | None:
     if not _is_call(inner, operator.truediv, torch.div) or inner.args[1] != cap:
         return None
     return float(cap)
+
+
+def sink_column(combined):
+    """`cat([scores, sinks.reshape(1, -1, 1, 1).expand(...)], dim=-1)`, maybe
+    less its row max (gpt-oss: the sinks are a softmax column dropped after
+    it): (scores, the [Hq] sink tensor, the nodes passed), else None."""
+    nodes = []
+    if _is_call(combined, operator.sub, torch.sub):
+        row_max = combined.args[1]
+        if not (_is_call(row_max, operator.getitem) and row_max.args[1] == 0 and
+                _is_call(row_max.args[0], "max", torch.max) and row_max.args[0].args[0] is combined.args[0]):
+            return None
+        nodes += [combined, row_max, row_max.args[0]]
+        combined = combined.args[0]
+    if not _is_call(combined, torch.cat) or \
+            combined.kwargs.get("dim", combined.args[1] if len(combined.args) > 1 else 0) not in (-1, 3):
+        return None
+    tensors = combined.args[0]
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2:
+        return None
+    sinks = _per_head(tensors[1], nodes)
+    return None if sinks is None else (tensors[0], sinks, nodes + [combined])
+
+
+def sink_scale(mul, attention, scores):
+    """`attention * sigmoid(logsumexp(scores, -1) - sinks.view(1, -1, 1)).unsqueeze(-1)`
+    (Granite SWA: the sink as a rescaled output, which equals an extra softmax
+    column): (the output node, the [Hq] sink tensor, the nodes passed), else None."""
+    if not _is_call(mul, operator.mul, torch.mul) or attention not in mul.args[:2]:
+        return None
+    nodes = []
+    node = mul.args[1] if mul.args[0] is attention else mul.args[0]
+    while _is_call(node, "to", "unsqueeze", torch.unsqueeze):
+        nodes.append(node)
+        node = node.args[0]
+    if not _is_call(node, "sigmoid", torch.sigmoid):
+        return None
+    nodes.append(node)
+    node = node.args[0]
+    while _is_call(node, "to", "float"):
+        nodes.append(node)
+        node = node.args[0]
+    if not _is_call(node, operator.sub, torch.sub):
+        return None
+    nodes.append(node)
+    lse, sinks = node.args[:2]
+    if not (_is_call(lse, torch.logsumexp, "logsumexp") and lse.args[0] is scores):
+        return None
+    nodes.append(lse)
+    sinks = _per_head(sinks, nodes)
+    return None if sinks is None else (mul, sinks, nodes)
+
+
+def _per_head(node, nodes: list):
+    """The tensor under reshapes / views / expands (the sinks of each query
+    head, broadcast to the scores): appended to `nodes` on the way."""
+    while _is_call(node, "reshape", "view", "expand", torch.reshape):
+        nodes.append(node)
+        node = node.args[0]
+    value = _value(node)
+    return node if isinstance(node, fx.Node) and value is not None and value.dim() == 1 else None
 
 
 def _attach_kv(site: AttentionSite, key, value):
@@ -282,7 +362,8 @@ def _attach_kv(site: AttentionSite, key, value):
     site.reason = (f"{site.form} over {'compressed cache + new tokens' if site.key.compressed else 'a new block'}"
                    f"{' via repeat_kv' if site.chain and site.form == 'sdpa' else ''}"
                    f"{f', sliding window keeping {site.key.keep} tokens' if site.key.keep else ''}"
-                   f"{f', scores soft-capped at {site.softcap:g}' if site.softcap else ''}")
+                   f"{f', scores soft-capped at {site.softcap:g}' if site.softcap else ''}"
+                   f"{', attention sinks' if site.sinks is not None else ''}")
 
 
 def _sizes_for(node: fx.Node, chain: list) -> bool:

@@ -139,7 +139,8 @@ class _Rewriter:
         with self.graph.inserting_before(out):
             attn = self.graph.call_function(op.op, op.args(
                 self.node(site.query), k_parts, v_parts, k_new, v_new, self.node(site.mask),
-                scale, site.is_causal, self.config, k_store.layout, v_store.layout, site.softcap))
+                scale, site.is_causal, self.config, k_store.layout, v_store.layout, site.softcap,
+                self.node(site.sinks)))
             if tokens == 1:
                 for parts, store, new in ((k_parts, k_store, k_new), (v_parts, v_store, v_new)):
                     names = store.layout.names
