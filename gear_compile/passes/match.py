@@ -335,6 +335,11 @@ def _attach_kv(site: AttentionSite, key, value):
             site.reason = f"K/V do not come from a KV-append (found {src.name if isinstance(src, fx.Node) else src})"
         return
     for append in (site.key, site.value):
+        readers = [u for u in append.past.users if u is not append.node and not _sizes_for(u, site.chain)]
+        if readers:        # e.g. `past.numel() > 0` (Mllama): the past is not only appended to
+            site.reason = (f"the cached {append.past.name} is also read by {readers[0].name}, not only "
+                           f"appended to; left exact")
+            return
         users = [u for u in append.node.users if u.op != "output" and u not in site.chain
                  and u is not site.output and not _sizes_for(u, site.chain)]
         if len(users) == 1 and (keep := window_slice(users[0])) is not None:
