@@ -43,7 +43,7 @@ import time
 
 import torch
 
-from gear_compile.store import KVStore
+from gear_compile.store import BYTE_KINDS, KVStore
 from gear_compile.config import GearConfig
 from gear_compile.lowrank import relative_error
 
@@ -58,9 +58,7 @@ ROWS = [
     ("GEAR-L(KIVI-2)", dict(method="gear_l", bits=2, backbone="kivi"), 23.6),
     ("GEAR(KIVI-2)", dict(method="gear", bits=2, backbone="kivi"), 27.6),
 ]
-PART_GROUPS = {"codes": ("codes",), "scale/zero": ("scale", "zero"), "low-rank": ("lr_a", "lr_b"),
-               "outliers": ("out_val", "out_idx")}
-COLUMNS = ("codes", "scale/zero", "low-rank", "outliers", "buffer held", "buffer empty", "unused capacity")
+COLUMNS = BYTE_KINDS      # KVStore.breakdown: what each held byte holds
 # the paper's claim, checked on the synthetic data: error(GEAR) < error(GEAR-L) < error(backbone)
 ORDERINGS = [("GEAR(KCVT-4, s2%, r4)", "GEAR-L(KCVT-4, r4)", "KCVT-4"),
              ("GEAR(KIVI-2)", "GEAR-L(KIVI-2)", "KIVI-2")]
@@ -94,27 +92,6 @@ def build(x, options, kind, prefill, capacity):
     for t in range(prefill, x.shape[2]):
         store.append(x[:, :, t:t + 1])    # grows at a flush that finds it full, as the backend does
     return store
-
-
-def breakdown(store) -> dict:
-    """Bytes per part (COLUMNS); decode parts are split into the filled blocks
-    (counted under their part) and the reserved room not yet filled."""
-    out = dict.fromkeys(COLUMNS, 0)
-    n_dec = store.counts()[1]
-    for seg, used in ((store.prefill, None), (store.decode, n_dec)):
-        for name, t in seg.parts().items():
-            group = next(g for g, names in PART_GROUPS.items() if name in names)
-            nbytes = t.numel() * t.element_size()
-            if used is not None:
-                filled = nbytes * used // store.capacity if store.capacity else 0
-                out["unused capacity"] += nbytes - filled
-                nbytes = filled
-            out[group] += nbytes
-    per_token = store.buffer[:, :, :1].numel() * store.buffer.element_size()
-    n_buf = store.counts()[2]
-    out["buffer held"] = n_buf * per_token
-    out["buffer empty"] = (store.buffer.shape[2] - n_buf) * per_token
-    return out
 
 
 def per_tensor(stores) -> dict:
@@ -185,7 +162,7 @@ def main(argv=None):
         held = sum(s.nbytes() for s in stores)
         parts = dict.fromkeys(COLUMNS, 0)
         for s in stores:
-            for name, b in breakdown(s).items():
+            for name, b in s.breakdown().items():
                 parts[name] += b
         assert sum(parts.values()) == held, (parts, held)
         ek = relative_error(k, stores[0].dequantize())
@@ -218,7 +195,9 @@ def main(argv=None):
         "= 2/n_b of those tokens' FP16 bytes (10 % of K at n_b = 20; 3.1 % at 64).",
         "- d_lr_b: Algorithm 1 fits a rank-r_g L = A B^T to each n_b-token block, so each block stores "
         "its own fp16 B (D x r_g): r_g/n_b of the block's FP16 bytes (10 % at n_b = 20, r_g = 2); "
-        "p_lr_a / d_lr_a: r fp16 values per token = r/D (3.1 % at r_p = 4, D = 128).",
+        "p_lr_a / d_lr_a: r int8 values per token (each column of A scaled to [-127, 127], the "
+        "scale folded into B) = r/(2D) (1.6 % at r_p = 4, D = 128; fp16 A took twice that at the "
+        "same errors to 4 decimals).",
         "- p_out_idx: K outliers of a prefill block longer than 256 tokens need int16 token indices "
         "(the index type is the narrowest that spans the block).",
         "- buffer: allocated at n_b tokens; held tokens are exact FP16, empty slots are still held.",

@@ -6,6 +6,7 @@ The whole user surface:
     gear_compile.compile(model, method="gear", bits=4)     # the same, one call
     gear_compile.explain(model, input_ids, method="gear")  # what gets rewritten
     gear_compile.kv_bytes(cache)                           # bytes actually held
+    gear_compile.kv_breakdown(cache)                       # ... used vs reserved, by kind
 
 Options are documented on `GearConfig`. Modules: `config` (options),
 `packing`/`quantize`/`outliers`/`lowrank`/`segment` (the codec), `store`
@@ -18,12 +19,12 @@ C++ on CPU, Triton on CUDA), `cli` (`gear-compile inspect`).
 from __future__ import annotations
 
 from .backend import gear_backend
-from .compressed_kv import CompressedKV, dense_bytes, kv_bytes
+from .compressed_kv import CompressedKV, KVBytes, dense_bytes, kv_breakdown, kv_bytes
 from .config import GearConfig
 from .explain import explain
 
-__all__ = ["compile", "explain", "kv_bytes", "dense_bytes", "gear_backend", "GearConfig",
-           "CompressedKV"]
+__all__ = ["compile", "explain", "kv_bytes", "kv_breakdown", "KVBytes", "dense_bytes", "gear_backend",
+           "GearConfig", "CompressedKV"]
 __version__ = "0.1.0"
 
 

@@ -21,12 +21,13 @@ Neighbours: `store` (the layout, the streaming logic, the native operations),
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.utils._pytree as pytree
 
 from .config import GearConfig
-from .store import KVStore
+from .store import RESERVED_KINDS, KVStore
 
 log = logging.getLogger("gear_compile")
 aten = torch.ops.aten
@@ -200,6 +201,51 @@ def kv_bytes(obj) -> int:
     if isinstance(obj, (tuple, list)):
         return sum(kv_bytes(o) for o in obj)
     raise TypeError(f"kv_bytes: expected a tensor, CompressedKV or cache, got {type(obj).__name__}.")
+
+
+@dataclass(frozen=True)
+class KVBytes:
+    """What a cache's bytes hold (`kv_breakdown`): `kinds` maps each kind of
+    `store.BYTE_KINDS` (plus "dense" for K/V stored densely) to bytes.
+
+    held      every byte allocated (= kv_bytes)
+    reserved  room allocated ahead of need: decode capacity not yet filled
+              and the exact buffer's empty slots
+    used      held - reserved: what the tokens in the cache take
+    """
+
+    kinds: dict
+
+    @property
+    def held(self) -> int:
+        return sum(self.kinds.values())
+
+    @property
+    def reserved(self) -> int:
+        return sum(self.kinds.get(k, 0) for k in RESERVED_KINDS)
+
+    @property
+    def used(self) -> int:
+        return self.held - self.reserved
+
+    def __add__(self, other: KVBytes) -> KVBytes:
+        return KVBytes({k: self.kinds.get(k, 0) + other.kinds.get(k, 0)
+                        for k in dict.fromkeys([*self.kinds, *other.kinds])})
+
+
+def kv_breakdown(obj) -> KVBytes:
+    """`kv_bytes`, split by what the bytes hold (see `KVBytes`): a K/V
+    tensor, a `CompressedKV`, or a whole cache (walked like `kv_bytes`)."""
+    if isinstance(obj, CompressedKV):
+        return KVBytes(obj.store.breakdown())
+    if isinstance(obj, torch.Tensor):
+        return KVBytes({"dense": obj.numel() * obj.element_size()})
+    if hasattr(obj, "layers"):
+        obj = [getattr(layer, name) for layer in obj.layers for name in ("keys", "values")
+               if getattr(layer, name, None) is not None]
+    if isinstance(obj, (tuple, list)):
+        return sum((kv_breakdown(o) for o in obj), KVBytes({}))
+    raise TypeError(f"kv_breakdown: expected a tensor, CompressedKV or cache, got {type(obj).__name__}.")
 
 
 def dense_bytes(obj, dtype: torch.dtype = torch.float16) -> int:

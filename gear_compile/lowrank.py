@@ -4,7 +4,7 @@ Batched over every leading dimension (batch, head, block), fp32 throughout,
 orthonormalising A by QR at each iteration (subspace iteration; Vogels et al.,
 the paper's Algorithm 2). The start matrix is a fixed pseudo-random pattern, so
 compression is deterministic and needs no RNG state on any device.
-Neighbours: `segment` (stores A token-major and B per block).
+Neighbours: `segment` (stores A token-major in int8 and B per block, `pack`).
 """
 from __future__ import annotations
 
@@ -36,6 +36,17 @@ def power_iteration(residual: torch.Tensor, rank: int, iters: int):
     A[..., :r] = Ak
     B[..., :r] = Bk
     return A, B
+
+
+def pack(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [..., n, r] as int8 and B [..., d, r] as fp16 with the same product:
+    each column of A is scaled to [-127, 127] and B's column takes the
+    inverse scale, so A costs one byte per entry and no stored scale. A's
+    columns are orthonormal, so the rounding (at most 1/254 of the column's
+    largest entry) is far below the residual the factors leave."""
+    top = a.abs().amax(dim=-2, keepdim=True).clamp_min(1e-30)          # [..., 1, r]
+    a8 = torch.round(a * (127.0 / top)).to(torch.int8)
+    return a8, (b * (top / 127.0)).to(torch.float16)
 
 
 def relative_error(x: torch.Tensor, approx: torch.Tensor) -> float:

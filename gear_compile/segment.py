@@ -9,8 +9,10 @@ per block; shapes, writing, growing and slicing derive from it):
   codes    uint8 [B, H, N, W]       bit-packed along channels (`packing`)
   scale, zero  fp16                 channel axis: [B, H, N/G, D] (G tokens a group)
                                     token axis:   [B, H, N, D/G] (G channels a group)
-  lr_a     fp16 [B, H, N, r]        low-rank factor A, token-major
-  lr_b     fp16 [B, H, N/block, D, r]  low-rank factor B, one per block
+  lr_a     int8 [B, H, N, r]        low-rank factor A, token-major, each
+                                    column scaled to [-127, 127] (`lowrank.pack`)
+  lr_b     fp16 [B, H, N/block, D, r]  low-rank factor B, one per block, times
+                                    the column scales of its block's A
   out_val, out_idx                  outliers: K [B, H, N/block, 2k, D] (token
                                     offsets in the block, per channel);
                                     V [B, H, N, 2k] (channel per token)
@@ -92,7 +94,7 @@ class SegmentLayout:
                  Part("scale", stats_unit, stats_row, fp16),
                  Part("zero", stats_unit, stats_row, fp16)]
         if self.rank:
-            parts += [Part("lr_a", 1, (self.rank,), fp16),
+            parts += [Part("lr_a", 1, (self.rank,), torch.int8),
                       Part("lr_b", self.block, (D, self.rank), fp16)]
         if k2:
             if self.kind == "k":     # per block: 2k token offsets per channel
@@ -203,9 +205,9 @@ def compress(x: torch.Tensor, layout: SegmentLayout, check_finite: bool = False)
         # NaN over every token and channel of the block
         residual = torch.nan_to_num(xf - approx, nan=0.0, posinf=0.0, neginf=0.0)
         residual = residual.reshape(B, H, nblk, blk, D)
-        a, b = lowrank.power_iteration(residual, layout.rank, layout.power_iters)
-        seg.lr_a = a.reshape(B, H, N, layout.rank).to(torch.float16)
-        seg.lr_b = b.to(torch.float16)
+        a, b = lowrank.pack(*lowrank.power_iteration(residual, layout.rank, layout.power_iters))
+        seg.lr_a = a.reshape(B, H, N, layout.rank)
+        seg.lr_b = b
     return seg
 
 

@@ -37,6 +37,13 @@ from .config import GearConfig
 from .segment import Segment, SegmentLayout, compress, dequantize
 
 HEAD = ("lengths", "buffer")
+# What a store's bytes hold (`KVStore.breakdown`); the last two kinds before
+# the lengths are reserved room, the rest is in use.
+BYTE_KINDS = ("codes", "scale/zero", "low-rank", "outliers", "buffer held", "unused capacity",
+              "buffer empty", "lengths")
+RESERVED_KINDS = ("unused capacity", "buffer empty")
+_KIND_OF_PART = {"codes": "codes", "scale": "scale/zero", "zero": "scale/zero", "lr_a": "low-rank",
+                 "lr_b": "low-rank", "out_val": "outliers", "out_idx": "outliers"}
 # Fields of a segment in the CPU kernel's descriptor (kernels/cpu_attention.cpp, enum Field):
 # how it is quantized, then the index of each part in the flat list (-1: absent).
 KERNEL_FIELDS = ("exact", "bits", "channel_axis", "group", "block",
@@ -172,6 +179,27 @@ class KVStore:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors)
+
+    def breakdown(self) -> dict[str, int]:
+        """The bytes held (`nbytes`), by what they hold (`BYTE_KINDS`): each
+        segment part's rows in use under its kind, the decode rows reserved
+        but not yet filled under "unused capacity", the buffer's held and
+        empty token slots, and the lengths. The values sum to `nbytes`."""
+        out = dict.fromkeys(BYTE_KINDS, 0)
+        _, n_dec, n_buf = self.counts()
+        for seg, layout, tokens in ((self.prefill, self.layout.prefill, None),
+                                    (self.decode, self.layout.decode, n_dec)):
+            for part in layout.parts:
+                t = getattr(seg, part.name)
+                held = t.numel() * t.element_size()
+                used = held if tokens is None else part.rows(tokens) * (held // max(1, t.shape[2]))
+                out[_KIND_OF_PART[part.name]] += used
+                out["unused capacity"] += held - used
+        per_token = self.buffer[:, :, :1].numel() * self.buffer.element_size()
+        out["buffer held"] = n_buf * per_token
+        out["buffer empty"] = (self.buffer.shape[2] - n_buf) * per_token
+        out["lengths"] = self.lengths.numel() * self.lengths.element_size()
+        return out
 
     # -- building (eager; `ops.kv_prefill` wraps it) ----------------------
     @classmethod

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from gear_compile.compressed_kv import CompressedKV, dense_bytes, kv_bytes
+from gear_compile.compressed_kv import CompressedKV, dense_bytes, kv_breakdown, kv_bytes
 from gear_compile.config import GearConfig
 from gear_compile.lowrank import relative_error
 from gear_compile.store import KVStore
@@ -68,17 +68,23 @@ def test_kv_bytes_of_a_gear_kcvt_key_store_equals_a_hand_count():
     heads = 2
     prefill = (10 * 8            # codes: 16 channels x 4 bits = 8 bytes a token
                + 16 * 2 * 2      # scale + zero: fp16, one per channel (one group: the 10-token block)
-               + 10 * 4 * 2      # A: rank r_p = 4, fp16, per token
+               + 10 * 4 * 1      # A: rank r_p = 4, int8, per token
                + 16 * 4 * 2      # B: 16 x 4, fp16, one block
                + 2 * 16 * 2      # outlier values: 1 a side (0.1 x 10) per channel, fp16
                + 2 * 16 * 1)     # outlier indices: uint8 (a block of 10 tokens)
     decode = (8 * 8              # codes for all 8 reserved tokens (4 used)
               + 2 * 16 * 2 * 2   # scale + zero per channel for each of 2 blocks
-              + 8 * 2 * 2        # A: rank r_g = 2 per reserved token
+              + 8 * 2 * 1        # A: rank r_g = 2 per reserved token, int8
               + 2 * 16 * 2 * 2)  # B: 16 x 2 per block; no outliers (0.1 x 4 rounds to 0)
     buffer = 4 * 16 * 2          # n_b fp16 tokens, 1 used
     lengths = 3 * 8              # int64 token counts of the three segments
-    assert kv_bytes(kv) == heads * (prefill + decode + buffer) + lengths == 1880
+    assert kv_bytes(kv) == heads * (prefill + decode + buffer) + lengths == 1768
+    # reserved: the second decode block (codes, scale/zero, A, B) and 3 empty buffer slots
+    split = kv_breakdown(kv)
+    assert split.held == 1768 and split.reserved == heads * ((4 * 8 + 16 * 2 * 2 + 4 * 2 + 16 * 2 * 2)
+                                                             + 3 * 16 * 2) == 528
+    assert split.used == 1768 - 528 and split.kinds["lengths"] == 24
+    assert split.kinds["low-rank"] == heads * (10 * 4 + 16 * 4 * 2 + 4 * 2 + 16 * 2 * 2)
 
 
 def test_kv_bytes_of_a_gear_kivi_value_store_equals_a_hand_count():
@@ -91,14 +97,14 @@ def test_kv_bytes_of_a_gear_kivi_value_store_equals_a_hand_count():
     assert kv.store.counts() == (16, 8, 2)
     prefill = (16 * 4            # codes: 16 channels x 2 bits = 4 bytes a token
                + 16 * 2 * 2 * 2  # scale + zero: fp16 per token per group of 8 channels
-               + 16 * 4 * 2      # A: rank 4
+               + 16 * 4 * 1      # A: rank 4, int8
                + 16 * 4 * 2      # B: 16 x 4, one block
                + 16 * 4 * 2      # outlier values: 2 a side (0.125 x 16) per token, fp16
                + 16 * 4 * 1)     # outlier indices: uint8 (16 channels)
-    decode = 2 * (8 * 4 + 8 * 2 * 2 * 2 + 8 * 2 * 2 + 16 * 2 * 2 + 8 * 4 * 2 + 8 * 4)  # 2 blocks
+    decode = 2 * (8 * 4 + 8 * 2 * 2 * 2 + 8 * 2 * 1 + 16 * 2 * 2 + 8 * 4 * 2 + 8 * 4)  # 2 blocks
     buffer = 8 * 16 * 2
     lengths = 3 * 8
-    assert kv_bytes(kv) == prefill + decode + buffer + lengths == 1496
+    assert kv_bytes(kv) == prefill + decode + buffer + lengths == 1400
 
 
 def test_kv_bytes_counts_reserved_capacity_even_before_it_is_used():
@@ -155,3 +161,15 @@ def test_any_stream_round_trips_with_its_shape_an_exact_buffer_and_frozen_blocks
         assert torch.equal(y, x)
     else:
         assert relative_error(x, y) < {2: 0.9, 4: 0.25, 8: 0.02}[bits], (method, bits, kind, dtype)
+
+
+def test_kv_breakdown_of_a_cache_sums_its_layers_and_counts_dense_tensors():
+    config = GearConfig(method="gear", bits=2, group_size=8, buffer_size=8, decode_capacity=32)
+    k, v = (CompressedKV(KVStore.from_prefill(torch.randn(1, 2, 30, 16), config, kind))
+            for kind in ("k", "v"))
+    dense = torch.randn(1, 2, 30, 16)
+    cache = types.SimpleNamespace(layers=[types.SimpleNamespace(keys=k, values=v),
+                                          types.SimpleNamespace(keys=dense, values=dense)])
+    split = kv_breakdown(cache)
+    assert split.held == kv_bytes(cache) and split.kinds["dense"] == 2 * dense.numel() * 4
+    assert split.reserved == sum(kv_breakdown(t).reserved for t in (k, v)) > 0

@@ -79,8 +79,8 @@ struct Seg {
   int64_t cap = 0;                             // token capacity
   const void* data = nullptr;                  // exact values, or packed codes
   at::ScalarType dtype = at::kFloat;           // of exact values
-  const at::Half *scale = nullptr, *zero = nullptr, *lr_a = nullptr, *lr_b = nullptr,
-                 *out_val = nullptr;
+  const at::Half *scale = nullptr, *zero = nullptr, *lr_b = nullptr, *out_val = nullptr;
+  const int8_t* lr_a = nullptr;                // int8; its column scales are folded into lr_b
   const void* out_idx = nullptr;
   at::ScalarType idx_type = at::kByte;
 };
@@ -143,7 +143,8 @@ SegBase make_seg(const std::vector<at::Tensor>& parts, const int64_t* f) {
   b.scale_hs = head_stride(sc);
   if (f[LR_A] >= 0) {
     s.rank = static_cast<int>(parts[f[LR_A]].size(3));
-    s.lr_a = parts[f[LR_A]].data_ptr<at::Half>();
+    TORCH_CHECK(parts[f[LR_A]].scalar_type() == at::kChar, "gear attention_cpu: lr_a must be int8");
+    s.lr_a = parts[f[LR_A]].data_ptr<int8_t>();
     s.lr_b = parts[f[LR_B]].data_ptr<at::Half>();
     b.a_hs = head_stride(parts[f[LR_A]]);
     b.b_hs = head_stride(parts[f[LR_B]]);
@@ -208,9 +209,9 @@ struct Scratch {
         row(ts, 0.0f), tile(CHUNK * ts, 0.0f), at(std::max(maxrank, 1) * CHUNK),
         sa(CHUNK), za(CHUNK), kptr(P.D) {}
   // The low-rank A rows of tokens [t0, t0+n), transposed: at[k * CHUNK + j].
-  void load_a(const at::Half* lr_a, int rk, int64_t t0, int n) {
+  void load_a(const int8_t* lr_a, int rk, int64_t t0, int n) {
     for (int j = 0; j < n; ++j)
-      for (int k = 0; k < rk; ++k) at[k * CHUNK + j] = to_f(lr_a[(t0 + j) * rk + k]);
+      for (int k = 0; k < rk; ++k) at[k * CHUNK + j] = static_cast<float>(lr_a[(t0 + j) * rk + k]);
   }
   float* tile_row(int j) { return tile.data() + j * ts; }
 };
