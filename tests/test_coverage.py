@@ -71,3 +71,21 @@ def test_a_softmax_over_a_linear_layer_is_not_reported_as_an_attention():
     g = torch.Generator().manual_seed(0)
     report = gear_compile.explain(router, torch.randn(3, 16, generator=g), torch.randn(4, 16, generator=g))
     assert report.sites == []
+
+
+def past_also_read(q, past_k, new_k, past_v, new_v):
+    k, v = _cat(past_k, new_k), _cat(past_v, new_v)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return out + past_k.mean(), k, v
+
+
+def test_a_past_read_by_more_than_its_append_is_left_exact_and_reported():
+    inputs = _inputs()
+    report = gear_compile.explain(past_also_read, *inputs, method="gear", bits=4)
+    assert report.sites and not any(s.rewritten for s in report.sites)
+    assert any("is also read by" in s.reason and "not only appended to" in s.reason for s in report.sites), \
+        [s.reason for s in report.sites]
+    torch._dynamo.reset()
+    compiled = torch.compile(past_also_read, backend="gear", options=dict(method="gear", inductor=False))
+    for got, want in zip(compiled(*inputs), past_also_read(*inputs)):
+        torch.testing.assert_close(got, want)

@@ -335,7 +335,8 @@ def _attach_kv(site: AttentionSite, key, value):
             site.reason = f"K/V do not come from a KV-append (found {src.name if isinstance(src, fx.Node) else src})"
         return
     for append in (site.key, site.value):
-        readers = [u for u in append.past.users if u is not append.node and not _sizes_for(u, site.chain)]
+        readers = [u for u in append.past.users
+                   if u is not append.node and not _sizes_for(u, site.chain) and not _dead(u)]
         if readers:        # e.g. `past.numel() > 0` (Mllama): the past is not only appended to
             site.reason = (f"the cached {append.past.name} is also read by {readers[0].name}, not only "
                            f"appended to; left exact")
@@ -379,6 +380,15 @@ def _sizes_for(node: fx.Node, chain: list) -> bool:
             (_is_call(node, operator.getitem) and not _is_call(node.args[0], "size", operator.getitem)):
         return False
     return all(u in chain or _sizes_for(u, chain) for u in node.users)
+
+
+def _dead(node: fx.Node) -> bool:
+    """Nothing in the graph needs node: it and every node reading it are pure
+    and end unread (e.g. `past.numel()` whose value only fed a guard),
+    so dead-code elimination drops them."""
+    if node.op == "output" or node.is_impure():
+        return False
+    return all(_dead(u) for u in node.users)
 
 
 def _static_cache_write_feeding(node) -> bool:

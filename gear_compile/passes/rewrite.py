@@ -217,6 +217,8 @@ def _mutates(node: fx.Node) -> bool:
     result into its input, whose loss changed every rank's activations)."""
     if node.is_impure():
         return True
+    if node.op == "call_function" and getattr(node.target, "__module__", None) == "_operator":
+        return False             # operator.not_, and_, or_: pure, whatever their names say
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     return node.op in ("call_method", "call_function") and isinstance(name, str) \
         and name.endswith("_") and not name.endswith("__")
