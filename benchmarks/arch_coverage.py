@@ -64,7 +64,7 @@ SIZES = {
     "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "vocab_size": 512, "max_position_embeddings": 512, "n_positions": 512,
-    "sliding_window": 128,
+    "sliding_window": 128, "rotary_dim": 16,
 }
 PROMPT, NEW_TOKENS = 200, 12
 MAX_PARAMETERS = 50_000_000      # a "tiny" model past this would take the machine's memory
@@ -194,7 +194,8 @@ def sweep_one(model_type: str, steps: int = 50) -> dict:
         logits_error=_logits_error(tokens, logits, eager_tokens, eager_logits))
     layers, compressed = _attention_layers(cache)
     row["compressed_layers"] = compressed
-    row["kv_ratio"] = gear_compile.kv_bytes(cache) / max(1, gear_compile.dense_bytes(cache, model.dtype))
+    row["kv_ratio"] = 0.0 if cache is None else \
+        gear_compile.kv_bytes(cache) / max(1, gear_compile.dense_bytes(cache, model.dtype))
     decode = [s for g in reports for s in g.sites if s.phase == "decode"]
     # layers the report says are compressed: by module path, or (a model that
     # runs one attention module for several cache layers, e.g. HRM's

@@ -98,6 +98,9 @@ def main():
         print(f"KV cache: {split.held / 2**20:.2f} MiB held = {split.held / dense_same_dtype:.1%} of the "
               f"dense {str(model.dtype).replace('torch.', '')} cache ({dense_same_dtype / 2**20:.2f} MiB); "
               f"{split.used / 2**20:.2f} MiB in use, {split.reserved / 2**20:.2f} MiB reserved ahead")
+        if options is not None:
+            print("  of which " + ", ".join(f"{kind} {100 * b / dense_same_dtype:.1f} %"
+                                           for kind, b in split.kinds.items() if b))
         line = f"decode: {tok_s:.1f} tokens/s"
         if dense is None:
             dense = answer
