@@ -194,7 +194,9 @@ def sweep_one(model_type: str, steps: int = 50) -> dict:
         logits_error=_logits_error(tokens, logits, eager_tokens, eager_logits))
     layers, compressed = _attention_layers(cache)
     row["compressed_layers"] = compressed
-    row["kv_ratio"] = 0.0 if cache is None else \
+    # a generate() that returns no cache (mpt) or one without attention layers (xLSTM's)
+    attention_cache = cache is not None and hasattr(cache, "layers")
+    row["kv_ratio"] = 0.0 if not attention_cache else \
         gear_compile.kv_bytes(cache) / max(1, gear_compile.dense_bytes(cache, model.dtype))
     decode = [s for g in reports for s in g.sites if s.phase == "decode"]
     # layers the report says are compressed: by module path, or (a model that

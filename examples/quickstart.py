@@ -11,7 +11,8 @@ then through `backend="gear"` at 4 bits (GEAR over KCVT) and 2 bits (GEAR
 over KIVI). For each it prints the answer, the KV cache held against the
 dense cache of the same model and dtype (with the bytes in use and the room
 reserved ahead of need, `gear_compile.kv_breakdown`), decode tokens/s
-measured after a warm-up run (the first run compiles), and how many answer
+(after the first answer token, in a run after a warm-up run that
+compiles), and how many answer
 tokens equal the dense answer's before the first difference. The graph
 diffs of the rewrite are written under --dump-dir. On CUDA the rewritten
 graphs are lowered with Inductor; on CPU by default through AOT autograd
@@ -41,19 +42,29 @@ def document(tokenizer, tokens: int) -> str:
     return tokenizer.decode(ids)
 
 
+class _Clock:
+    """A generate() streamer that only notes when each token arrives."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
 def generate(model, ids, new_tokens: int):
-    """(answer tokens, cache, decode tokens/s): one run for the prompt and the
-    first token, one for all of them; the difference is the decode."""
-    with torch.no_grad():
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, do_sample=False)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             return_dict_in_generate=True)
-        total = time.perf_counter() - start
+    """(answer tokens, cache, decode tokens/s): tokens/s over the steps after
+    the first answer token (the prompt's prefill excluded)."""
     from gear_compile.hf_compat import cache_of
-    return out.sequences[0, ids.shape[1]:], cache_of(out), (new_tokens - 1) / max(total - first, 1e-9)
+    clock = _Clock()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             return_dict_in_generate=True, streamer=clock)
+    first, last = clock.times[1], clock.times[-1]     # times[0]: the prompt itself
+    return out.sequences[0, ids.shape[1]:], cache_of(out), (len(clock.times) - 2) / (last - first)
 
 
 def main():
@@ -87,8 +98,9 @@ def main():
             dump = os.path.join(args.dump_dir, options["method"] + str(options["bits"]))
             gear_compile.compile(model, inductor=args.inductor or torch.cuda.is_available(),
                                  dump_graphs=dump, **options)
-            with torch.no_grad():          # warm-up: compiles the prefill and decode graphs
-                model.generate(ids, max_new_tokens=3, do_sample=False)
+            with torch.no_grad():          # warm-up: compiles every graph the timed run takes
+                model.generate(ids, max_new_tokens=args.max_new_tokens,
+                               min_new_tokens=args.max_new_tokens, do_sample=False)
         warm = time.time() - start
         answer, cache, tok_s = generate(model, ids, args.max_new_tokens)
         split = gear_compile.kv_breakdown(cache)

@@ -67,3 +67,28 @@ def test_sinks_are_rewritten_and_exact(arch):
         steps = slice(1, same + 1)                # decode steps whose inputs agree with eager's
         err = (lossy[steps, 0] - want[steps, 0]).norm(dim=-1) / want[steps, 0].norm(dim=-1)
         assert same >= 1 and err.max() < 0.02, (same, err)
+
+
+def test_fp32_attention_of_a_bf16_model_is_rewritten_and_cast_back():
+    """Flint upcasts q and K to fp32 for its scores and has sinks (no row-max
+    shift): in bf16 the rewritten decode attention runs on the stored bf16
+    K/V and its fp32 output is cast back to the model's dtype, as eager does."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import transformers as tf
+    from arch_coverage import tiny_config
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tiny_config("flint")).eval().to(torch.bfloat16)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    prompt = torch.randint(3, 256, (1, 60), generator=torch.Generator().manual_seed(0))
+    report = gear_compile.explain(model, prompt, method="none")
+    assert report.sites and all(s.rewritten for s in report.sites), [s.reason for s in report.sites]
+    with torch.no_grad():
+        want_seq, want, _ = _logits(model, prompt, steps=25)
+        gear_compile.compile(model, method="none", inductor=False)
+        got_seq, got, cache = _logits(model, prompt, steps=25)
+    assert got.dtype == want.dtype
+    assert torch.equal(got_seq, want_seq)
+    assert (got.float() - want.float()).abs().max() < 0.05     # bf16 logits: reduction order
+    assert all(isinstance(layer.keys, CompressedKV) for layer in cache.layers)

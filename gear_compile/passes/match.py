@@ -6,10 +6,12 @@ Each recognised form is a small function named for the code it matches:
   kv append      torch.cat([past, new], dim=-2)              (DynamicCache)
                  cat(...)[:, :, -(W - 1):]  kept, cat attended   (sliding window W)
                  past.index_copy_(2, pos, new) / index_put_   (StaticCache: reported)
-  K/V feeding    kv, or repeat_kv(kv) = kv[:, :, None].expand(...).reshape(...)
+  K/V feeding    kv, or repeat_kv(kv) = kv[:, :, None].expand(...).reshape(...),
+                 maybe upcast to fp32 (.float())
   attention      F.scaled_dot_product_attention(q, K, V, ...)             (sdpa)
                  matmul(softmax(matmul(q, K.transpose) * s [+ mask]), V)   (eager)
                  ... with scores soft-capped: c * tanh(scores / c)    (Gemma 2)
+                 ... with scores less their row max (a softmax ignores the shift)
                  ... with attention sinks: a softmax column    (gpt-oss)
                      or the output times sigmoid(lse - sink)   (Granite SWA)
 
@@ -139,8 +141,10 @@ def window_slice(node) -> int | None:
 
 def through_repeat_kv(node, chain: list):
     """repeat_kv(kv) = kv[:, :, None, :, :].expand(...).reshape(...) -> kv; also
-    strips .contiguous(). Nodes passed are appended to `chain`."""
-    while _is_call(node, "contiguous"):
+    strips .contiguous() and upcasts to fp32 (`.float()`, attention computed
+    in fp32: every kernel computes in fp32 from the stored values, so the
+    upcast changes nothing). Nodes passed are appended to `chain`."""
+    while _is_call(node, "contiguous") or _upcast(node):
         chain.append(node)
         node = node.args[0]
     if _is_call(node, "reshape", torch.reshape):
@@ -152,6 +156,16 @@ def through_repeat_kv(node, chain: list):
                 chain += [node, expand, index]
                 return index.args[0]
     return node
+
+
+def _upcast(node) -> bool:
+    """`x.float()` or `x.to(torch.float32)`."""
+    if _is_call(node, "float"):
+        return len(node.args) == 1 and not node.kwargs
+    if _is_call(node, "to"):
+        dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) == 2 else None)
+        return dtype is torch.float32 and len(node.args) <= 2 and set(node.kwargs) <= {"dtype"}
+    return False
 
 
 def _static_cache_write(node):
@@ -198,7 +212,7 @@ def eager_site(node, index):
     if not _is_call(probs, F.softmax, "softmax", torch.softmax):
         return None
     chain.append(probs)
-    scores = probs.args[0]
+    scores = without_row_max(probs.args[0], chain)
     sinks = None
     if sliced:
         if (found := sink_column(scores)) is None:
@@ -259,18 +273,24 @@ def soft_cap(node) -> float | None:
     return float(cap)
 
 
+def without_row_max(scores, chain: list):
+    """`x - x.max(dim=-1, keepdim=True).values` -> x (a softmax does not see
+    the shift); the nodes passed are appended to `chain`."""
+    if not _is_call(scores, operator.sub, torch.sub):
+        return scores
+    row_max = scores.args[1]
+    if not (_is_call(row_max, operator.getitem) and row_max.args[1] == 0 and
+            _is_call(row_max.args[0], "max", torch.max) and row_max.args[0].args[0] is scores.args[0]):
+        return scores
+    chain += [scores, row_max, row_max.args[0]]
+    return scores.args[0]
+
+
 def sink_column(combined):
-    """`cat([scores, sinks.reshape(1, -1, 1, 1).expand(...)], dim=-1)`, maybe
-    less its row max (gpt-oss: the sinks are a softmax column dropped after
-    it): (scores, the [Hq] sink tensor, the nodes passed), else None."""
+    """`cat([scores, sinks.reshape(1, -1, 1, 1).expand(...)], dim=-1)` (gpt-oss:
+    the sinks are a softmax column dropped after it): (scores, the [Hq] sink
+    tensor, the nodes passed), else None."""
     nodes = []
-    if _is_call(combined, operator.sub, torch.sub):
-        row_max = combined.args[1]
-        if not (_is_call(row_max, operator.getitem) and row_max.args[1] == 0 and
-                _is_call(row_max.args[0], "max", torch.max) and row_max.args[0].args[0] is combined.args[0]):
-            return None
-        nodes += [combined, row_max, row_max.args[0]]
-        combined = combined.args[0]
     if not _is_call(combined, torch.cat) or \
             combined.kwargs.get("dim", combined.args[1] if len(combined.args) > 1 else 0) not in (-1, 3):
         return None
@@ -357,9 +377,12 @@ def _attach_kv(site: AttentionSite, key, value):
     if site.key.compressed != site.value.compressed:
         site.reason = "K and V caches disagree (one compressed, one dense)"
         return
-    q, k = _value(site.query), _value(site.key.node)
+    q, k, v = _value(site.query), _value(site.key.node), _value(site.value.node)
     if q is not None and k is not None and q.shape[1] % k.shape[1]:
         site.reason = f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
+        return
+    if k is not None and v is not None and k.shape[-1] != v.shape[-1]:
+        site.reason = f"V's head dim {v.shape[-1]} differs from K's {k.shape[-1]} (e.g. MiMo's v_head_dim)"
         return
     if site.key.keep != site.value.keep:
         site.reason = f"K and V keep different windows ({site.key.keep} and {site.value.keep} tokens)"

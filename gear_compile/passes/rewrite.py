@@ -146,7 +146,14 @@ class _Rewriter:
                     names = store.layout.names
                     buffer_write(self.graph, parts[names.index("lengths")],
                                  parts[names.index("buffer")], new)
-        attn.meta["example_value"] = _value(site.output)
+        want = _value(site.output)
+        if want.dtype != q_val.dtype:        # q upcast for fp32 attention: the output is cast back
+            with self.graph.inserting_after(attn):
+                cast = self.graph.call_method("to", (attn, want.dtype))
+            attn.meta["example_value"] = q_val.new_empty(want.shape)
+            attn, cast.meta["example_value"] = cast, want
+        else:
+            attn.meta["example_value"] = want
         out.replace_all_uses_with(attn)
         written = 1 if tokens == 1 else 0
         for append, past, new in ((site.key, k_past, k_new), (site.value, v_past, v_new)):
