@@ -246,7 +246,7 @@ def headline(rows: list[dict]) -> str:
     wrong = sum(r["status"] == "WRONG" for r in swept)
     errors = sum(r["status"] == "error" for r in swept)
     return (f"{len(swept)} architectures with an attention KV cache swept: {full} fully rewritten "
-            f"({100 * full / n:.0f} %, target >= 90 %), {100 * (n - wrong - errors) / n:.0f} % correct "
+            f"({100 * full / n:.1f} %, target >= 90 %), {100 * (n - wrong - errors) / n:.1f} % correct "
             f"(target 100 %: {wrong} wrong, {errors} errors)")
 
 
@@ -303,7 +303,7 @@ def main(argv=None):
     if args.merge:
         rows = sorted((r for f in args.merge for r in json.loads(f.read_text())), key=lambda r: r["arch"])
         write(rows, args, args.out, command=f"python benchmarks/arch_coverage.py --steps {args.steps}, "
-                                            f"run in {len(args.merge)} parts with --only and merged")
+                                            f"rows of {len(args.merge)} run(s) with --only, merged")
         print(headline(rows))
         return
     known = architectures()

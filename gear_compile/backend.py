@@ -86,6 +86,12 @@ def _lower(gm: fx.GraphModule, example_inputs, config: GearConfig, mode: str | N
             # Dynamo's guards have already checked; Inductor's wrapper would
             # re-assert each one with a Python call at every step.
             patches = dict(list_mode_options(mode) if mode else {}, size_asserts=False)
+            if torch.__version__ < "2.13":
+                # torch 2.11's vectorised C++ bounds check of the decode graph's
+                # buffer write names a temporary it never declares (the compile
+                # fails); 2.13 is fine, 2.12 untested. The write's position is
+                # the store's own length, kept below the buffer's size by the runtime.
+                patches["assert_indirect_indexing"] = False
             return compile_fx(gm, example_inputs, config_patches=patches)
         from torch._dynamo.backends.debugging import aot_eager
         return aot_eager(gm, example_inputs)

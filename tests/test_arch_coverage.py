@@ -40,8 +40,8 @@ def test_the_table_and_the_headline_count_what_was_swept(tmp_path):
             dict(arch="c", status="error", reason="RuntimeError: boom"),
             dict(arch="d", status="not built", reason="encoder-decoder")]
     assert sweep.headline(rows).startswith("3 architectures with an attention KV cache swept: "
-                                           "1 fully rewritten (33 %")
-    assert "33 % correct (target 100 %: 1 wrong, 1 errors)" in sweep.headline(rows)
+                                           "1 fully rewritten (33.3 %")
+    assert "33.3 % correct (target 100 %: 1 wrong, 1 errors)" in sweep.headline(rows)
     sweep.write(rows, type("Args", (), {"steps": 20})(), tmp_path / "cov")
     text = (tmp_path / "cov.md").read_text()
     assert "| b | WRONG | 4 / 4 | yes | 0 / 2 | 100 |" in text and "report and run disagree" in text
