@@ -563,7 +563,7 @@ def write_timed(args, rows, device):
         pct = f"{100 * gbps(r) / peak:.0f}%" if peak else "n/a"
         eager = f"{r['eager_us']:.1f}" if "eager_us" in r else ""
         table.append(f"| {r['shape']} | {r['batch']} | {r['context']} | {r['method']} | {r['bits']} | "
-                     f"{r['layers']} | {r['mode']} | {r['us']:.1f} | {eager} | {gbps(r):.1f} | {pct} | "
+                     f"{r['layers']} | {r['mode']} | {r['us']:.1f} | {eager} | {gbps(r):.3g} | {pct} | "
                      f"{r['ceiling']:.2f} | {r['speedup']:.2f} | {over} |")
     stem = {"cuda": "decode_attention", "cpu": "decode_attention_cpu",
             "interpret": "decode_attention_interpreter"}[device]

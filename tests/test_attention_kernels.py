@@ -257,6 +257,8 @@ def test_constant_vectors_count_each_outlier_once(impl):
     assert (out.float() - ref).abs().max().item() < TOL[torch.float16]
 
 
+@pytest.mark.skipif(torch.__version__ < "2.13" and os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="torch < 2.13: wrap_triton refuses the interpreter's kernels")
 def test_registered_triton_op_runs_eagerly():
     gen = torch.Generator().manual_seed(0)
     cfg = GearConfig(method="gear", bits=4)

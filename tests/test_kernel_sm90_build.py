@@ -43,7 +43,7 @@ def _build_all():
         w = D if exact else D // pb
         cdt = qdt if exact else "u8"
         ptrs = dict(Q=qdt, Kc=cdt, Vc=cdt, Lens="i64", Mask="u8" if mask == 1 else qdt,
-                    PO="fp32", PLSE="fp32", Koi=kout[0] if kout else "u8", Voi="u8")
+                    PO="fp32", PLSE="fp32", Koi=kout[0] if kout else "u8", Voi="u8", Ka="i8", Va="i8")
         types = {n: "*" + ptrs.get(n, "fp16") for n in da._partial_kernel.arg_names[:19]}
         types["qk_scale"] = "fp32"
         build(da._partial_kernel, types,
@@ -51,7 +51,9 @@ def _build_all():
                    EXACT=exact, K_CHANNEL=kch, V_CHANNEL=False, R=rank, BT=bt, MASK_KIND=mask,
                    FP32_DOT=fp32, K_OUT=kout is not None, LOGK=kout[1] if kout else 0,
                    V_OUT=vout, K_FOLD=kfold, V_FOLD=vfold), num_warps=8)
-    build(da._combine_kernel, dict(PO="*fp32", PLSE="*fp32", Out="*fp16"), dict(D=D, DP=D, SC=64))
+    for sinks in (False, True):
+        build(da._combine_kernel, dict(PO="*fp32", PLSE="*fp32", Out="*fp16", Sinks="*fp32"),
+              dict(D=D, DP=D, SC=64, SINKS=sinks))
     for axis_channel in (True, False):
         for bits in (2, 4, 8):
             pb = 8 // bits

@@ -69,6 +69,8 @@ def test_sinks_are_rewritten_and_exact(arch):
         assert same >= 1 and err.max() < 0.02, (same, err)
 
 
+@pytest.mark.skipif(not hasattr(__import__("transformers"), "FlintConfig"),
+                    reason="this transformers has no Flint model")
 def test_fp32_attention_of_a_bf16_model_is_rewritten_and_cast_back():
     """Flint upcasts q and K to fp32 for its scores and has sinks (no row-max
     shift): in bf16 the rewritten decode attention runs on the stored bf16
