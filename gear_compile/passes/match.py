@@ -280,7 +280,8 @@ def without_row_max(scores, chain: list):
         return scores
     row_max = scores.args[1]
     if not (_is_call(row_max, operator.getitem) and row_max.args[1] == 0 and
-            _is_call(row_max.args[0], "max", torch.max) and row_max.args[0].args[0] is scores.args[0]):
+            _is_call(row_max.args[0], "max", torch.max) and row_max.args[0].args[0] is scores.args[0]
+            and _last_dim(row_max.args[0])):
         return scores
     chain += [scores, row_max, row_max.args[0]]
     return scores.args[0]
@@ -323,11 +324,17 @@ def sink_scale(mul, attention, scores):
         return None
     nodes.append(node)
     lse, sinks = node.args[:2]
-    if not (_is_call(lse, torch.logsumexp, "logsumexp") and lse.args[0] is scores):
+    if not (_is_call(lse, torch.logsumexp, "logsumexp") and lse.args[0] is scores and _last_dim(lse)):
         return None
     nodes.append(lse)
     sinks = _per_head(sinks, nodes)
     return None if sinks is None else (mul, sinks, nodes)
+
+
+def _last_dim(reduction: fx.Node) -> bool:
+    """A reduction (max, logsumexp) over the keys: dim -1 (or 3, of 4 dims)."""
+    dim = reduction.kwargs.get("dim", reduction.args[1] if len(reduction.args) > 1 else None)
+    return dim in (-1, 3)
 
 
 def _per_head(node, nodes: list):
