@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from . import ops  # noqa: F401  (registers the gear ops)
 from .config import GearConfig
+from .passes import lorc as lorc_pass
 from .passes.match import find_sites
 from .passes.rewrite import RewritePlan, TensorOut, rewrite
 from .report import GraphReport, record
@@ -46,8 +47,9 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
     for site in sites:
         if site.rewritable and (reason := config.unfit(site.head_dim)):
             site.rewritable, site.reason = False, reason
+    lorc_sites = _lorc_sites(gm, sites, example_inputs, config) if config.lorc else {}
     if any(s.rewritable for s in sites):
-        new_gm, plan = rewrite(gm, sites, config)
+        new_gm, plan = rewrite(gm, sites, config, lorc_sites)
     else:
         new_gm, plan = gm, RewritePlan(inputs=[None] * len(example_inputs),
                                        outputs=[TensorOut()] * _num_outputs(gm))
@@ -63,6 +65,25 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
         log.info("gear: graph diff written to %s", path)
     compiled = _lower(new_gm, plan.flatten_inputs(example_inputs), config, mode)
     return wrap(compiled, plan, config)
+
+
+def _lorc_sites(gm: fx.GraphModule, sites, example_inputs, config: GearConfig) -> dict:
+    """{site index: LoRCSite} for the rewritable sites LoRC applies to, with
+    ranks and bases planned from the weights; the others say why not."""
+    found = []
+    for site in (s for s in sites if s.rewritable):
+        lo = lorc_pass.find(site)
+        if isinstance(lo, str):
+            site.reason += f"; LoRC not applied: {lo}"
+        else:
+            found.append((site, lo))
+    if found:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        lorc_pass.plan(found, dict(zip(placeholders, example_inputs)), config)
+        full = found[0][1].heads * found[0][1].head_dim
+        for site, lo in found:
+            site.reason += f"; LoRC ranks K {lo.key.rank} / V {lo.value.rank} of {full}"
+    return {site.index: lo for site, lo in found}
 
 
 def _num_outputs(gm: fx.GraphModule) -> int:

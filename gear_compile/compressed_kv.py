@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .config import GearConfig
 from .store import RESERVED_KINDS, KVStore
@@ -64,6 +65,7 @@ class CompressedKV(torch.Tensor):
     @staticmethod
     def __new__(cls, store: KVStore, length: int | None = None):
         B, H, _, D = store.buffer.shape
+        H, D = store.logical or (H, D)
         if length is None:
             length = len(store)
         return torch.Tensor._make_wrapper_subclass(
@@ -93,15 +95,23 @@ class CompressedKV(torch.Tensor):
 
     # traceable-subclass protocol: inner tensors by name, config as metadata
     def __tensor_flatten__(self):
-        return list(self.store.tensor_names()), (self.store.config.to_json(), self.store.kind)
+        return list(self.store.tensor_names()), (self.store.config.to_json(), self.store.kind,
+                                                 self.store.logical)
 
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
-        config_json, kind = meta
-        store = KVStore(GearConfig.from_json(config_json), kind, list(inner.values()))
+        config_json, kind, logical = meta
+        store = KVStore(GearConfig.from_json(config_json), kind, list(inner.values()), logical=logical)
         return CompressedKV(store, outer_size[2])
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.store.logical is not None:
+            if isinstance(self.store.buffer, FakeTensor):   # tracing: the shape is all Dynamo reads
+                return self.store.buffer.new_empty(self.shape, dtype=dtype or self.dtype)
+            raise NotImplementedError(
+                f"gear: this {self.store.kind.upper()} cache layer holds LoRC latents, which only the "
+                f"compiled graph turns back into K/V (K needs its RoPE at the cached positions); an op "
+                f"outside the graph asked for the dense tensor. Run without lorc for this use.")
         dense = torch.ops.gear.dequantize(self.store.tensors(), self.store.config.to_json(),
                                           self.store.kind, self.shape[2])
         return dense if dtype is None else dense.to(dtype)

@@ -18,6 +18,7 @@ METHODS = ("gear", "gear_l", "kcvt", "kivi", "per_token", "none")
 BACKBONES = ("kcvt", "kivi", "per_token")
 BITS = (2, 4, 8)
 KERNELS = ("auto", "cpu", "triton", "torch")
+LORC_SCHEDULES = ("progressive", "uniform")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,13 @@ class GearConfig:
                  cpu (the C++ kernel, built on first use), triton, or torch (the
                  reference: dequantize, then SDPA).
     dump_graphs  a directory: write each compiled graph's before/after diff.
+    lorc         LoRC: the fraction of the K and of the V cache removed by
+                 projecting each layer's K / V onto a low-rank basis of its
+                 projection (`gear_compile.lorc`; 0: off). The cache holds the
+                 latents (under the codec of `method`), the graph rebuilds K
+                 (then its RoPE) and V from them for attention.
+    lorc_schedule  ranks per layer: progressive (shallow layers keep more, by
+                 cumulative condition number) or uniform.
     """
 
     method: str = "gear"
@@ -78,6 +86,8 @@ class GearConfig:
     inductor: bool = True
     kernel: str = "auto"
     dump_graphs: str | None = None
+    lorc: float = 0.0
+    lorc_schedule: str = "progressive"
 
     def __post_init__(self):
         _check_choice("method", self.method, METHODS)
@@ -89,6 +99,10 @@ class GearConfig:
                     f"got backbone={self.backbone!r} with method={self.method!r}.")
         _check_choice("bits", self.bits, BITS)
         _check_choice("kernel", self.kernel, KERNELS)
+        _check_choice("lorc_schedule", self.lorc_schedule, LORC_SCHEDULES)
+        if isinstance(self.lorc, bool) or not isinstance(self.lorc, (int, float)) or not 0 <= self.lorc < 1:
+            raise ValueError(f"gear options: lorc must be a number in [0, 1) (the fraction of the K/V "
+                             f"cache removed; 0 = off), got {self.lorc!r}.")
         _check_int("group_size", self.group_size, 1)
         _check_int("rank_prefill", self.rank_prefill, 0)
         _check_int("rank_decode", self.rank_decode, 0)
@@ -217,14 +231,22 @@ class GearConfig:
 
     def describe(self) -> str:
         if not self.compresses:
-            return "none (exact storage)"
+            return "none (exact storage)" + (f" + lorc={self.lorc:g} {self.lorc_schedule}" if self.lorc else "")
         parts = [f"{self.quantizer}-{self.bits}"]
         if self.uses_low_rank:
             parts.append(f"r={self.rank_prefill}/{self.rank_decode}")
         if self.outliers:
             parts.append(f"s={self.outliers:g}")
         parts.append(f"n_b={self.block_size}")
-        return f"{self.method}(" + ", ".join(parts) + ")"
+        lorc = f" + lorc={self.lorc:g} {self.lorc_schedule}" if self.lorc else ""
+        return f"{self.method}(" + ", ".join(parts) + ")" + lorc
+
+    @property
+    def rank_unit(self) -> int:
+        """LoRC ranks are multiples of this: 8, or the channel group of a
+        codec that groups channels (the latent is its head dim)."""
+        groups = [s.group for s in (self.key_spec(), self.value_spec()) if s.axis == "token" and s.group]
+        return max([8] + groups)
 
 
 @functools.lru_cache(maxsize=64)

@@ -126,12 +126,14 @@ def _layout(config: GearConfig, kind: str, head_dim: int, dtype: torch.dtype,
 
 class KVStore:
     """The inner tensors of a K or V store (in `layout.names` order) and the
-    host copy of its lengths."""
+    host copy of its lengths. logical: (heads, head_dim) of the dense K/V
+    the store stands for when it holds something else (LoRC latents, one
+    "head" of the layer's rank: `passes.lorc`); None: its own."""
 
     def __init__(self, config: GearConfig, kind: str, tensors: list[torch.Tensor],
-                 counts: list[int] | None = None):
+                 counts: list[int] | None = None, logical: tuple[int, int] | None = None):
         buffer, p_codes = tensors[1], tensors[2]
-        self.config, self.kind = config, kind
+        self.config, self.kind, self.logical = config, kind, logical
         self.layout = StoreLayout.build(config, kind, buffer.shape[-1], buffer.dtype, p_codes.shape[2])
         self._tensors = list(tensors)
         self._counts = list(counts) if counts is not None else None
@@ -294,13 +296,13 @@ class KVStore:
         sequences of a store share its lengths."""
         index = index.to(self.buffer.device)
         tensors = [self.lengths.clone()] + [t.index_select(0, index) for t in self._tensors[1:]]
-        return KVStore(self.config, self.kind, tensors, self.counts())
+        return KVStore(self.config, self.kind, tensors, self.counts(), self.logical)
 
     def batch_repeat(self, repeats: int) -> KVStore:
         """Every sequence `repeats` times in a row (beam and sample expansion)."""
         tensors = [self.lengths.clone()] + [t.repeat_interleave(repeats, dim=0)
                                              for t in self._tensors[1:]]
-        return KVStore(self.config, self.kind, tensors, self.counts())
+        return KVStore(self.config, self.kind, tensors, self.counts(), self.logical)
 
     def cropped(self, length: int) -> KVStore:
         """The first `length` tokens, as speculative decoding's rollback needs.
@@ -331,7 +333,7 @@ class KVStore:
         else:
             counts = [n_pre, n_dec, length - n_pre - n_dec]
         lengths = torch.tensor(counts, dtype=torch.int64, device=self.lengths.device)
-        return KVStore(self.config, self.kind, [lengths, buffer] + self._tensors[2:], counts)
+        return KVStore(self.config, self.kind, [lengths, buffer] + self._tensors[2:], counts, self.logical)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         n_pre, n_dec, n_buf = self.counts()

@@ -12,6 +12,9 @@ For each rewritable site (see `passes.match`):
       writes it into the store's buffer and bumps the device lengths
       (`buffer_write`): no host work, no branch. With several, the graph
       returns the new tokens and the runtime appends them.
+  LoRC (`passes.lorc`): prefill stores each K/V's latent instead of the
+      K/V; decode rebuilds the past from its latents in front of the cat and
+      leaves the attention as it is, then writes the new token's latent.
   sliding window (the cache keeps cat[:, :, -keep:]): prefill compresses
       the kept tokens into n_b blocks (streamed: no prefill block); decode
       attends the whole store, whose tokens older than the layer's mask are
@@ -33,6 +36,7 @@ import torch.fx as fx
 from ..config import GearConfig
 from ..ops import attention_for
 from ..store import StoreLayout
+from . import lorc as lorc_pass
 from .match import AttentionSite, _value
 
 
@@ -45,11 +49,13 @@ class TensorOut:
 class PrefillOut:
     """A new store: the next `parts` graph outputs are its inner tensors.
     keep: a sliding-window layer's window (tokens a future query may see),
-    None for full attention."""
+    None for full attention. logical: the (heads, head_dim) a LoRC latent
+    store stands for (`KVStore.logical`)."""
 
     kind: str
     parts: int
     keep: int | None = None
+    logical: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class _Rewriter:
     """The state of one rewrite: the graph copy and what replaced what."""
 
     def __init__(self, gm: fx.GraphModule, config: GearConfig):
+        self.gm = gm
         self.graph = copy_graph(gm)
         self.config = config
         self.by_name = {n.name: n for n in self.graph.nodes}
@@ -124,6 +131,54 @@ class _Rewriter:
                 anchor = node
             self.flattened[ph] = nodes
         return self.flattened[ph]
+
+    def constant(self, tensor: torch.Tensor) -> fx.Node:
+        """A get_attr node for `tensor`, kept on the module as `_gear_const_<i>`."""
+        name = f"_gear_const_{sum(1 for n in self.graph.nodes if n.op == 'get_attr')}"
+        setattr(self.gm, name, tensor)
+        return self.graph.get_attr(name)
+
+    def size(self, value):
+        """A node (or int) for the size `value`: a SymInt placeholder of the graph."""
+        if isinstance(value, int):
+            return value
+        for ph in self.placeholders:
+            if isinstance(_value(ph), torch.SymInt) and str(_value(ph)) == str(value):
+                return self.node(ph)
+        raise LookupError(f"no placeholder holds the size {value}")
+
+    def lorc_prefill(self, site: AttentionSite, lo: lorc_pass.LoRCSite) -> None:
+        for append, proj, kind in ((site.key, lo.key, "k"), (site.value, lo.value, "v")):
+            stored = self.node(append.stored)
+            with self.graph.inserting_before(stored.next):     # in order, after the cat
+                x = lorc_pass.latent(self.graph, self.node(proj.pre), self.constant(proj.basis))
+                parts = self.graph.call_function(torch.ops.gear.kv_prefill.default,
+                                                 (x, self.config.to_json(), kind, False))
+            pre = _value(proj.pre)
+            n_pre = self.config.prefill_tokens(int(pre.shape[2]))
+            n = len(StoreLayout.build(self.config, kind, proj.rank, pre.dtype, n_pre).names)
+            self.replaced[stored] = (PrefillOut(kind, n, None, (lo.heads, lo.head_dim)), parts)
+
+    def lorc_decode(self, site: AttentionSite, lo: lorc_pass.LoRCSite) -> None:
+        tokens = _value(site.key.new).shape[2]
+        written = 1 if tokens == 1 else 0
+        length = self.size(_value(site.key.past).shape[2])
+        for append, proj, kind in ((site.key, lo.key, "k"), (site.value, lo.value, "v")):
+            past, cat = self.node(append.past), self.node(append.node)
+            parts = self.inner_placeholders(past)
+            with self.graph.inserting_before(cat):
+                basis = self.constant(proj.basis)
+                rebuilt = lorc_pass.rebuild_past(self.graph, lo, parts, self.config, kind, length, basis,
+                                                 self.node(append.new), self.node(proj.pre),
+                                                 self.node(proj.positions))
+                new = lorc_pass.latent(self.graph, self.node(proj.pre), basis)
+            cat.replace_input_with(past, rebuilt)
+            with self.graph.inserting_before(cat.next):
+                if written:
+                    names = StoreLayout.build(self.config, kind, proj.rank, _value(proj.pre).dtype, 0).names
+                    buffer_write(self.graph, parts[names.index("lengths")], parts[names.index("buffer")], new)
+            self.replaced[self.node(append.stored)] = (
+                DecodeOut(self.placeholders.index(past), written), None if written else new)
 
     def decode(self, site: AttentionSite) -> None:
         out = self.node(site.output)
@@ -196,11 +251,16 @@ class _Rewriter:
         return fx.GraphModule(gm, graph), plan
 
 
-def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], config: GearConfig):
-    """Returns (new GraphModule, RewritePlan). `sites` were found on gm.graph."""
+def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], config: GearConfig, lorc_sites=None):
+    """Returns (new GraphModule, RewritePlan). `sites` were found on gm.graph;
+    lorc_sites maps those that take LoRC to their `passes.lorc.LoRCSite`."""
     rewriter = _Rewriter(gm, config)
+    lorc_sites = lorc_sites or {}
     for site in (s for s in sites if s.rewritable):
-        if site.key.compressed:
+        if site.index in lorc_sites:
+            lo = lorc_sites[site.index]
+            rewriter.lorc_decode(site, lo) if site.key.compressed else rewriter.lorc_prefill(site, lo)
+        elif site.key.compressed:
             rewriter.decode(site)
         else:
             rewriter.prefill(site)

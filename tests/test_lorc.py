@@ -1,0 +1,318 @@
+"""LoRC: the factorisation and rank schedules (`gear_compile.lorc`), the
+compiled latent cache (`passes.lorc`: against eager generation at full rank,
+with left padding and beam search; bytes and reported ranks below it; a
+model it cannot read), and the benchmark's eager latent cache
+(benchmarks/lorc.py) against the compiled one."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from gear_compile import lorc
+from gear_compile.models import tiny_model
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+
+def test_projection_basis_gives_the_best_rank_r_map():
+    torch.manual_seed(0)
+    w, b = torch.randn(32, 48, dtype=torch.float64), torch.randn(32, dtype=torch.float64)
+    x = torch.randn(100, 48, dtype=torch.float64)
+    k = x @ w.T + b
+    for rank in (4, 16):
+        u = lorc.projection_basis(w, b, rank)
+        assert u.shape == (32, rank)
+        assert torch.allclose(u.T @ u, torch.eye(rank, dtype=torch.float64), atol=1e-10)
+        approx = lorc.rebuild(lorc.project(k, u), u)
+        # Eckart-Young: the error of the affine map equals its tail singular values
+        m = torch.cat([w, b[:, None]], dim=1)
+        s = torch.linalg.svdvals(m)
+        map_error = torch.linalg.matrix_norm(m - u @ u.T @ m)
+        assert math.isclose(float(map_error), float(s[rank:].square().sum().sqrt()), rel_tol=1e-9)
+        assert (approx - k).norm() < (k.norm() * 0.99)
+    full = lorc.projection_basis(w, b, 32)
+    assert torch.allclose(lorc.rebuild(lorc.project(k, full), full), k, atol=1e-9)
+
+
+def test_per_head_basis_projects_each_head_alone():
+    torch.manual_seed(0)
+    w = torch.randn(3 * 16, 40, dtype=torch.float64)
+    u = lorc.projection_basis(w, None, 24, heads=3, per="head")
+    assert u.shape == (3, 16, 8)
+    k = torch.randn(5, 40, dtype=torch.float64) @ w.T
+    latent = lorc.project(k, u)
+    assert latent.shape == (5, 3, 8)
+    for h in range(3):
+        uh = lorc.projection_basis(w[16 * h:16 * (h + 1)], None, 8)
+        assert torch.allclose(latent[:, h].abs(), (k[:, 16 * h:16 * (h + 1)] @ uh).abs(), atol=1e-9)
+    assert lorc.rebuild(latent, u).shape == k.shape
+    # at equal rank the per-layer basis is never worse on the weight
+    m = w
+    per_layer = lorc.projection_basis(w, None, 24)
+    err_layer = (m - per_layer @ per_layer.T @ m).norm()
+    blocks = torch.cat([(u[h] @ u[h].T @ m[16 * h:16 * (h + 1)]) for h in range(3)])
+    assert err_layer <= (m - blocks).norm() + 1e-9
+
+
+def test_bad_values_are_named():
+    w = torch.randn(8, 8)
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 8\], got 9"):
+        lorc.projection_basis(w, None, 9)
+    with pytest.raises(ValueError, match="per must be one of"):
+        lorc.projection_basis(w, None, 4, per="row")
+    with pytest.raises(ValueError, match="does not divide by 3"):
+        lorc.projection_basis(torch.randn(12, 8), None, 4, heads=3, per="head")
+    with pytest.raises(ValueError, match=r"lorc_schedule must be one of \['progressive', 'uniform'\]"):
+        lorc.layer_ranks([2.0, 3.0], 0.5, 64, "linear")
+    with pytest.raises(ValueError, match=r"kept fraction must be in \(0, 1\], got 0"):
+        lorc.layer_ranks([2.0, 3.0], 0.0, 64)
+
+
+def test_uniform_ranks_split_the_budget_evenly():
+    assert lorc.layer_ranks([5.0, 2.0, 9.0, 3.0], 0.5, 64, "uniform") == [32, 32, 32, 32]
+    ranks = lorc.layer_ranks([5.0] * 3, 0.4, 64, "uniform", multiple=8)
+    assert sum(ranks) == 80 and all(r % 8 == 0 for r in ranks)      # 0.4 * 64 * 3 = 76.8 -> 80
+
+
+def test_progressive_ranks_follow_the_cumulative_condition_number():
+    kappas = [4.0, 3.0, 5.0, 2.0, 8.0, 1.5]
+    keep, full = 0.5, 128
+    ranks = lorc.layer_ranks(kappas, keep, full, "progressive", multiple=8)
+    assert sum(ranks) == keep * full * len(kappas)
+    # cumulative condition numbers fall with depth, so ranks never rise with depth
+    assert ranks == sorted(ranks, reverse=True) and ranks[0] > ranks[-1]
+    # the documented rule: f_l = keep + a (u_l - mean u), a the largest slope in [keep/2, 1]
+    fractions = lorc.progressive_fractions(kappas, keep)
+    logs = [math.log(k) for k in kappas]
+    cum = [sum(logs[i:]) for i in range(len(logs))]
+    u = [(c - min(cum)) / (max(cum) - min(cum)) for c in cum]
+    slope = (fractions[0] - fractions[-1]) / (u[0] - u[-1])
+    assert all(math.isclose(f, keep + slope * (x - sum(u) / len(u)), abs_tol=1e-12) for f, x in zip(fractions, u))
+    assert min(fractions) >= keep / 2 - 1e-12 and max(fractions) <= 1 + 1e-12
+    assert math.isclose(min(fractions), keep / 2) or math.isclose(max(fractions), 1.0)
+    assert all(abs(r - f * full) <= 8 for r, f in zip(ranks, fractions))
+    # equal condition numbers: ranks fall linearly with depth; kappa = 1: the uniform schedule
+    assert lorc.layer_ranks([3.0] * 4, keep, full) == [96, 72, 56, 32]
+    assert lorc.layer_ranks([1.0] * 4, keep, full) == lorc.layer_ranks([1.0] * 4, keep, full, "uniform")
+
+
+# ---------------------------------------------------------------- the benchmark's latent cache
+def _logits(model, method, ids, prefill=24):
+    """Logits of a prefill then one-token decode steps through `method`'s cache."""
+    from gear_compile.hf_compat import cache_kwarg
+    cache = method.new_cache(model) if method is not None else None
+    kw = cache_kwarg(model, cache) if cache is not None else {}
+    out = []
+    with torch.no_grad():
+        r = model(input_ids=ids[:, :prefill], use_cache=True, **kw)
+        kw = cache_kwarg(model, r.past_key_values)
+        out.append(r.logits[:, -1])
+        for t in range(prefill, ids.shape[1]):
+            r = model(input_ids=ids[:, t:t + 1], use_cache=True, **kw)
+            out.append(r.logits[:, -1])
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("per", ["layer", "head"])
+def test_latent_cache_at_full_rank_is_the_dense_model(per):
+    import lorc as bench
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (2, 40))
+    dense = _logits(model, None, ids)
+    method = bench.LoRCMethod("full", 0.0, per=per)
+    method.setup(model)
+    try:
+        assert torch.allclose(_logits(model, method, ids), dense, atol=1e-4)
+    finally:
+        method.teardown(model)
+
+
+def test_latent_cache_under_gear_holds_fewer_bytes_than_gear_alone():
+    import lorc as bench
+    import quality_methods as qm
+    model = tiny_model("llama", hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(0, 256, (1, 120))
+    method = bench.LoRCMethod("lorc+gear", 0.5, gear="GEAR-4")
+    method.setup(model)
+    try:
+        from gear_compile.hf_compat import cache_kwarg
+        cache = method.new_cache(model)
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=True, **cache_kwarg(model, cache))
+        lorc_bytes = method.cache_bytes(cache)
+    finally:
+        method.teardown(model)
+    gear = qm.Method("GEAR-4", dict(method="gear", bits=4))
+    cache = gear.new_cache(model)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **cache_kwarg(model, cache))
+    assert lorc_bytes < 0.7 * gear.cache_bytes(cache)
+
+
+def test_calibrated_basis_follows_the_inputs_and_is_the_svd_for_isotropic_inputs():
+    torch.manual_seed(0)
+    w, b = torch.randn(24, 32, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
+    identity = torch.eye(33, dtype=torch.float64)
+    svd = lorc.projection_basis(w, b, 6)
+    iso = lorc.projection_basis(w, b, 6, moment=identity)
+    assert torch.allclose(svd @ svd.T, iso @ iso.T, atol=1e-9)        # the same span
+    # inputs large along a few directions the weights scale down
+    scales = torch.ones(32, dtype=torch.float64)
+    scales[:3] = 50.0
+    x = torch.randn(2000, 32, dtype=torch.float64) * scales
+    k = x @ w.T + b
+    moment = lorc.second_moment(x, bias=True)
+    assert moment.shape == (33, 33)
+    cal = lorc.projection_basis(w, b, 6, moment=moment)
+    err = {name: float((lorc.rebuild(lorc.project(k, u), u) - k).norm()) for name, u in (("svd", svd), ("cal", cal))}
+    assert err["cal"] < 0.5 * err["svd"]
+    # PCA of k: the calibrated span is the top eigenvectors of k's second moment
+    top = torch.linalg.eigh(k.T @ k).eigenvectors[:, -6:]
+    assert torch.allclose(cal @ cal.T, top @ top.T, atol=1e-6)
+    with pytest.raises(ValueError, match=r"input moment must be 33 x 33 \(d_model \+ 1 for the bias\), got \(32, 32\)"):
+        lorc.projection_basis(w, b, 6, moment=torch.eye(32))
+
+
+# ---------------------------------------------------------------- the compiled path
+class _Dense:
+    """streaming through whatever forward the model has (compiled or not)."""
+
+    def new_cache(self, model):
+        from transformers import DynamicCache
+        return DynamicCache(config=model.config)
+
+
+def _compiled(model, **options):
+    import gear_compile
+    gear_compile.compile(model, inductor=False, **options)
+    return model
+
+
+def _uncompile(model):
+    model.__dict__.pop("forward", None)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_full_rank_lorc_reproduces_eager_generation(kv_heads):
+    model = tiny_model("llama", num_key_value_heads=kv_heads)
+    ids = torch.randint(0, 256, (2, 30))
+    dense = model.generate(ids, max_new_tokens=12, do_sample=False)
+    _compiled(model, method="none", lorc=1e-4)        # every rank full: the basis is a rotation
+    try:
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, dense)
+        keys = out.past_key_values.layers[0].keys
+        assert type(keys).__name__ == "CompressedKV" and keys.store.logical == (kv_heads, 16)
+        assert keys.store.buffer.shape[1:] == (1, keys.store.buffer.shape[2], 16 * kv_heads)
+    finally:
+        _uncompile(model)
+
+
+def test_left_padded_batch_keeps_each_rows_positions():
+    """Rows of a left-padded batch start at different cache indices; the
+    rebuilt K is rotated at each row's own positions."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, 256, (2, 24))
+    mask = torch.ones_like(ids)
+    ids[0, :5], mask[0, :5] = 0, 0
+    dense = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    _compiled(model, method="none", lorc=1e-4)
+    try:
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False), dense)
+    finally:
+        _uncompile(model)
+
+
+@pytest.mark.parametrize("codec", [{"method": "none"}, {"method": "gear", "bits": 4}], ids=["exact", "gear4"])
+def test_compiled_lorc_is_the_benchmarks_latent_cache(codec):
+    """benchmarks/lorc.py's eager latent cache and the compiled graph agree,
+    so the benchmark's figures are the backend's."""
+    import lorc as bench
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (2, 50))
+    method = bench.LoRCMethod("x", 0.5, gear=None if codec["method"] == "none" else "GEAR-4")
+    method.setup(model)
+    try:
+        sim = _logits(model, method, ids)
+    finally:
+        method.teardown(model)
+    dense = _logits(model, None, ids)
+    _compiled(model, lorc=0.5, **codec)
+    try:
+        compiled = _logits(model, _Dense(), ids)
+    finally:
+        _uncompile(model)
+    assert torch.allclose(compiled, sim, atol=1e-5)
+    assert not torch.allclose(compiled, dense, atol=1e-3)
+
+
+def test_lorc_cuts_kv_bytes_by_the_ranks_and_explain_reports_them():
+    import gear_compile
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids = torch.randint(0, 256, (1, 40))
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    _compiled(model, method="none")
+    try:
+        exact = gear_compile.kv_bytes(model.generate(ids, max_new_tokens=3, do_sample=False,
+                                                     return_dict_in_generate=True).past_key_values)
+    finally:
+        _uncompile(model)
+    _compiled(model, method="none", lorc=0.5)
+    try:
+        cache = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True).past_key_values
+    finally:
+        _uncompile(model)
+    kappas = {kind: [lorc.condition_number(getattr(layer.self_attn, f"{kind}_proj").weight)
+                     for layer in model.model.layers] for kind in "kv"}
+    ranks = {kind: lorc.layer_ranks(kappas[kind], 0.5, 32) for kind in "kv"}
+    assert ranks["k"][0] > ranks["k"][-1]                    # progressive
+    held = [cache.layers[i].keys.store.buffer.shape[-1] for i in range(4)]
+    assert held == ranks["k"]
+    lengths_bytes = 4 * 2 * 3 * 8
+    expected = (sum(ranks["k"]) + sum(ranks["v"])) / (2 * 4 * 32)
+    assert abs((gear_compile.kv_bytes(cache) - lengths_bytes) / (exact - lengths_bytes) - expected) < 0.01
+    assert gear_compile.kv_bytes(out.past_key_values) > 0
+    report = gear_compile.explain(model, ids, method="none", lorc=0.5)
+    decode = [s for s in report.sites if s.phase == "decode"]
+    for site, rk, rv in zip(decode, ranks["k"], ranks["v"]):
+        assert f"LoRC ranks K {rk} / V {rv} of 32" in site.reason
+
+
+def test_a_model_lorc_cannot_read_is_reported_and_left_exact():
+    """gpt2 projects q, k and v with one Conv1D (addmm): no K/V linear to factor."""
+    import gear_compile
+    model = tiny_model("gpt2")
+    ids = torch.randint(0, 256, (1, 20))
+    dense = model.generate(ids, max_new_tokens=8, do_sample=False)
+    report = gear_compile.explain(model, ids, method="none", lorc=0.5)
+    assert report.sites and all("LoRC not applied: " in s.reason for s in report.sites if s.rewritten)
+    _compiled(model, method="none", lorc=0.5)
+    try:
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), dense)
+    finally:
+        _uncompile(model)
+
+
+def test_beam_search_keeps_the_latent_cache():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 24))
+    dense = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False)
+    _compiled(model, method="none", lorc=1e-4)
+    try:
+        out = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, dense)
+        assert type(out.past_key_values.layers[0].keys).__name__ == "CompressedKV"
+    finally:
+        _uncompile(model)
+
+
+def test_lorc_options_are_validated():
+    from gear_compile import GearConfig
+    with pytest.raises(ValueError, match=r"lorc must be a number in \[0, 1\).*got 1.5"):
+        GearConfig(lorc=1.5)
+    with pytest.raises(ValueError, match=r"lorc_schedule must be one of \['progressive', 'uniform'\], got 'linear'"):
+        GearConfig(lorc_schedule="linear")
+    assert GearConfig(method="kivi", bits=2, group_size=32, lorc=0.3).rank_unit == 32
