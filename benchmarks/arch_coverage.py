@@ -49,9 +49,10 @@ HERE = Path(__file__).resolve().parent
 
 # What CI runs: the families most used, one of each attention form the
 # matcher knows (SDPA with GQA, eager, MQA, fused QKV, partial rotary,
-# sliding window, soft-capping), and one it reports (ALiBi through baddbmm).
+# sliding window, soft-capping, heads flattened into bmm), and one it reports
+# (ALiBi through baddbmm).
 CI_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2",
-            "gpt_neox", "gpt_bigcode", "falcon", "starcoder2", "bloom"]
+            "gpt_neox", "gpt_bigcode", "falcon", "starcoder2", "xglm", "bloom"]
 
 # tiny sizes, set on each config that has the attribute
 SIZES = {

@@ -19,6 +19,9 @@ method). Methods:
   gear4, gear2    gear_compile.compile(model, method="gear", bits=4 / 2) (Inductor)
   kivi2           gear_compile.compile(model, method="kivi", bits=2)
   quanto4         transformers' QuantizedCache (optimum-quanto, 4 bits), no compile
+  lorc50          gear_compile.compile(model, method="none", lorc=0.5): LoRC alone
+                  (half the K/V dims; the past rebuilt from latents every step)
+  gear4-lorc50    gear_compile.compile(model, method="gear", bits=4, lorc=0.5)
 
 Two measurements per (P, B) cell:
 
@@ -75,6 +78,8 @@ METHODS = {
     "gear2": dict(method="gear", bits=2),
     "kivi2": dict(method="kivi", bits=2),
     "quanto4": {"peer": 4},
+    "lorc50": dict(method="none", lorc=0.5),
+    "gear4-lorc50": dict(method="gear", bits=4, lorc=0.5),
 }
 GPU_MODELS = {   # LlamaConfig fields
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -114,7 +119,7 @@ def parse_args(argv=None):
     if args.quick:
         args.prompts, args.batch, args.new_tokens = [256], [1], 12
     if args.methods is None:
-        args.methods = ["dense-inductor", "gear4", "gear2"] if args.gpu else list(METHODS)
+        args.methods = ["dense-inductor", "gear4", "gear2"] if args.gpu else [m for m in METHODS if "lorc" not in m]
     if args.new_tokens < 2:
         p.error(f"--new-tokens must be at least 2, got {args.new_tokens}")
     return args

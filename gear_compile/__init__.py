@@ -11,7 +11,7 @@ The whole user surface:
 Options are documented on `GearConfig`. Modules: `config` (options),
 `packing`/`quantize`/`outliers`/`lowrank`/`segment` (the codec), `store`
 (a layer's K or V store and its layout), `compressed_kv` (the cache tensor),
-`ops` (custom ops), `passes` (match and rewrite), `backend` (the
+`ops` (custom ops), `lorc` (low-rank K/V projections), `passes` (match, rewrite, LoRC), `backend` (the
 torch.compile backend), `runtime` (between graph calls: counts, flushes),
 `report` and `explain` (inspection), `kernels` (attention over packed codes:
 C++ on CPU, Triton on CUDA), `cli` (`gear-compile inspect`).

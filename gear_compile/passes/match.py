@@ -10,6 +10,8 @@ Each recognised form is a small function named for the code it matches:
                  maybe upcast to fp32 (.float())
   attention      F.scaled_dot_product_attention(q, K, V, ...)             (sdpa)
                  matmul(softmax(matmul(q, K.transpose) * s [+ mask]), V)   (eager)
+                 bmm(softmax(bmm(q3, K3.transpose) [+ mask]), V3), heads
+                     flattened into the batch                            (bmm)
                  ... with scores soft-capped: c * tanh(scores / c)    (Gemma 2)
                  ... with scores less their row max (a softmax ignores the shift)
                  ... with attention sinks: a softmax column    (gpt-oss)
@@ -61,7 +63,7 @@ class KVAppend:
 @dataclass
 class AttentionSite:
     index: int
-    form: str                       # "sdpa", "eager", or "unknown" (reported, never rewritten)
+    form: str                       # "sdpa", "eager", "bmm", or "unknown" (reported, never rewritten)
     output: fx.Node                 # node holding the attention output [B, Hq, T, D]
     query: fx.Node
     key: KVAppend | None
@@ -260,6 +262,82 @@ def eager_site(node, index):
     return site
 
 
+def bmm_site(node, index):
+    """Heads flattened into the batch (XGLM, TrOCR):
+
+        q3, K3, V3 = (x.reshape(B * H, -1, d) for x in (q, K, V))      # q, K, V [B, H, T, d]
+        s = bmm(q3, K3.transpose(1, 2)).view(B, H, T, S) + mask
+        s = max(s, full((), finfo.min)).view(B * H, T, S)                (a no-op clamp)
+        out = bmm(dropout(softmax(s, -1).view(...).view(...)), V3).view(B, H, T, d)
+
+    The site's output is the last view, the attention of the 4-D q, K, V."""
+    if not _is_call(node, "view", "reshape") or not _is_call(node.args[0], torch.bmm):
+        return None
+    out4, pv = _value(node), node.args[0]
+    if out4 is None or out4.dim() != 4:
+        return None
+    chain = [pv]
+    probs = pv.args[0]
+    while _is_call(probs, F.dropout, "view", "reshape", "to"):
+        if _is_call(probs, F.dropout) and probs.kwargs.get("training", False):
+            return None
+        chain.append(probs)
+        probs = probs.args[0]
+    if not _is_call(probs, F.softmax, "softmax", torch.softmax) or not _last_dim(probs):
+        return None
+    chain.append(probs)
+    scores = probs.args[0]
+    while _is_call(scores, "view", "reshape") or _min_clamp(scores):
+        chain.append(scores)
+        scores = scores.args[0]
+    mask = None
+    if _is_call(scores, operator.add, torch.add):
+        chain.append(scores)
+        scores, mask = scores.args
+        while _is_call(scores, "view", "reshape"):
+            chain.append(scores)
+            scores = scores.args[0]
+    if not _is_call(scores, torch.bmm):
+        return None
+    chain.append(scores)
+    q3, kt = scores.args
+    if not (_is_call(kt, "transpose", torch.transpose) and tuple(sorted(kt.args[1:3])) == (1, 2)):
+        return None
+    chain.append(kt)
+    q, k, v = (_unflattened(x, chain) for x in (q3, kt.args[0], pv.args[1]))
+    if q is None or k is None or v is None:
+        return None
+    site = AttentionSite(index, "bmm", node, q, None, None, mask=mask, scale=1.0)
+    site.chain += chain
+    for inner in chain:
+        outside = [u for u in inner.users if u not in chain and u is not site.output]
+        if outside:
+            site.reason = f"intermediate {inner.name} is also used by {outside[0].name} (e.g. output_attentions)"
+            return site
+    _attach_kv(site, k, v)
+    return site
+
+
+def _unflattened(node, chain: list):
+    """x.reshape(B * H, -1, d) of a 4-D x [B, H, T, d] -> x, else None."""
+    if not _is_call(node, "reshape", "view", torch.reshape):
+        return None
+    x = _value(node.args[0])
+    flat = _value(node)
+    if x is None or flat is None or x.dim() != 4 or flat.dim() != 3 or flat.shape[-1] != x.shape[-1]:
+        return None
+    chain.append(node)
+    return node.args[0]
+
+
+def _min_clamp(node) -> bool:
+    """`torch.max(x, torch.full((), finfo.min))`: nothing a softmax sees."""
+    if not _is_call(node, torch.max, torch.maximum) or len(node.args) != 2:
+        return False
+    full = node.args[1]
+    return _is_call(full, torch.full) and isinstance(full.args[1], float) and full.args[1] <= -1e30
+
+
 def soft_cap(node) -> float | None:
     """`tanh(x / c) * c` (logit soft-capping, Gemma 2): c, else None."""
     if not _is_call(node, operator.mul, torch.mul):
@@ -434,7 +512,7 @@ def find_sites(graph: fx.Graph) -> list[AttentionSite]:
     and every softmax or KV-append no site covers (`unknown_sites`)."""
     sites = []
     for node in graph.nodes:
-        site = sdpa_site(node, len(sites)) or eager_site(node, len(sites))
+        site = sdpa_site(node, len(sites)) or eager_site(node, len(sites)) or bmm_site(node, len(sites))
         if site is not None:
             sites.append(site)
     return sites + unknown_sites(graph, sites, len(sites))
