@@ -16,9 +16,10 @@ faster than compiling per configuration. Each layer's k_proj / v_proj output
 (`gear_compile.lorc.projection_basis`) by a forward hook: that latent is what
 the cache holds, exactly or in a GEAR `KVStore` with the quality benchmark's
 streaming protocol (prefill block compressed, n_b-token exact buffer). The
-prompt attends its exact K/V; each decode step attends the past rebuilt from
-the latents (times the basis, then RoPE at the cached positions) and its own
-exact K/V. With every rank full this is the dense model.
+prompt attends its exact K/V; each decode step attends the past K rebuilt
+from the latents (times the basis, then RoPE at the cached positions) and
+its own exact K, and the V of every latent. With every rank full this is the
+dense model.
 
 KV bytes, % of the same K/V in fp16: LoRC alone counts the latent in fp16
 (sum of ranks over the dense widths); with GEAR, and for GEAR alone, the
@@ -158,8 +159,9 @@ class LoRCMethod:
 class LoRCLayer(qm.GearSimLayer):
     """Holds one layer's K and V latents in KVStores (method none: exactly).
     As in the compiled graph (`gear_compile.passes.lorc`), the prompt attends
-    its exact K/V and each decode step attends the past rebuilt from its
-    latents followed by the step's own exact K/V."""
+    its exact K/V; each decode step attends K rebuilt from the past's latents
+    followed by the step's own exact K, and V from every latent, its own
+    included (the graph attends the latents and up-projects the output)."""
 
     def __init__(self, method: LoRCMethod, index: int, config):
         super().__init__(config)
@@ -172,13 +174,12 @@ class LoRCLayer(qm.GearSimLayer):
         k_seen, v_seen = super().update(k_lat, v_lat)
         if prefill:
             return key_states, value_states
-        new = key_states.shape[2]
-        return tuple(torch.cat([self.method.rebuild(seen[:, :, :-new], self.index, i), exact], dim=2)
-                     for i, (seen, exact) in enumerate(((k_seen, key_states), (v_seen, value_states))))
+        k_past = self.method.rebuild(k_seen[:, :, :-key_states.shape[2]], self.index, 0)
+        return torch.cat([k_past, key_states], dim=2), self.method.rebuild(v_seen, self.index, 1)
 
 
 # ---------------------------------------------------------------- the run
-def methods_for(reductions, gear_labels, moments, weight_reductions=(0.3, 0.6)):
+def methods_for(reductions, gear_labels, moments, weight_reductions=(0.6,)):
     """(label, method) in run order: dense, GEAR alone, LoRC with the paper's
     weight-SVD basis, then with the calibrated basis: both schedules per
     layer, progressive per head (the per-head / per-layer choice), and under

@@ -13,18 +13,25 @@ What the rewrite makes of it (`rewrite` calls `prefill_latent`, `rebuild_past`):
   prefill: the prompt attends its exact K/V, as without LoRC; the cache holds
       the latents [B, 1, T, r] = k_lin U_r (`lorc.project`), compressed by the
       codec of `method` (`gear::kv_prefill`).
-  decode: the past is a latent store. Its dequantized latents are rebuilt
-      (times U_r^T, back to [B, H, L, d]); K's RoPE is replayed on them: the
+  decode: the past is a latent store. K's dequantized latents are rebuilt
+      (times U_r^T, back to [B, H, L, d]) and its RoPE is replayed on them: the
       nodes between (k_pre, the positions) and k_new are copied with the
       rebuilt K and the past's positions (the query's position less the
       past length, plus 0..L-1, per row: left padding is kept), so whatever
       rotary form the model uses runs unchanged. The rebuilt past takes the
-      past's place in the cat; the attention itself is not touched. The new
-      token's latent is what the graph writes into the buffer.
+      past's place in K's cat. V is never rebuilt (`attend_latent_values`):
+      softmax(q K^T) (C U^T) = (softmax(q K^T) C) U^T, so attention runs
+      over the latents C (past and new, as one head every KV head shares)
+      and each query head's output is then multiplied by its rows of U^T.
+      Where the attention is not plain (soft cap, sinks, fp32 upcast) V is
+      rebuilt like K and the model's attention runs as it is. The new
+      tokens' latents are what the graph writes into the buffer.
 
-So the cache holds r numbers per token and layer instead of H * d, and each
-decode step pays for the rebuild: L * r * H * d multiply-adds per layer for
-each of K and V, plus the RoPE (measured in benchmarks/results/lorc.md).
+So the cache holds r numbers per token and layer instead of H * d; each
+decode step pays for K's rebuild, L * r * H * d multiply-adds per layer,
+plus its RoPE, while V's attention reads r instead of d numbers per key and
+query head and its up-projection costs T * Hq * r * d (decode speed in
+benchmarks/results/lorc_speed.md).
 
 A site takes LoRC only when each of K and V comes from one linear layer
 through that view/transpose chain, K's RoPE (if any) is a function of k_pre
@@ -222,6 +229,36 @@ def rebuild_past(graph: fx.Graph, site: LoRCSite, parts: list, config: GearConfi
     offsets = graph.call_function(torch.arange, (length,), {"device": _value(positions).device})
     past = graph.call_function(operator.add, (graph.call_function(operator.sub, (first, length)), offsets))
     return replay(graph, new, {pre: rebuilt, positions: past})
+
+
+def folds_values(site: AttentionSite, tokens) -> bool:
+    """V's up-projection can move past the attention (`attend_latent_values`)
+    when the attention is plain scaled-dot-product: no soft cap, no sinks,
+    no top-left causal flag over a past."""
+    q, out = _value(site.query), _value(site.output)
+    return site.softcap is None and site.sinks is None and q.dtype == out.dtype and \
+        (tokens == 1 or not site.is_causal)
+
+
+def up_projection(basis: torch.Tensor, site: LoRCSite, query_heads: int) -> torch.Tensor:
+    """[Hq, r, d]: for each query head, the rows of U_r^T of its KV head."""
+    per_kv = basis.T.reshape(-1, site.heads, site.head_dim).transpose(0, 1)     # [H, r, d]
+    return per_kv.repeat_interleave(query_heads // site.heads, dim=0).contiguous()
+
+
+def attend_latent_values(graph: fx.Graph, site: AttentionSite, lo: LoRCSite, q: fx.Node, keys: fx.Node,
+                         mask: fx.Node | None, parts: list, new: fx.Node, config: GearConfig, length,
+                         up: fx.Node) -> fx.Node:
+    """softmax(q K^T) (C U^T) = (softmax(q K^T) C) U^T: attention over the
+    latents C (the past's, dequantized, then the new tokens'), one head
+    shared by every KV head, then each query head's rows of U^T. V itself is
+    never rebuilt. Returns the [B, Hq, T, d] output."""
+    past = graph.call_function(torch.ops.gear.dequantize.default, (parts, config.to_json(), "v", length))
+    latents = graph.call_function(torch.cat, ([past, new],), {"dim": 2})
+    values = graph.call_method("expand", (latents, -1, lo.heads, -1, -1))
+    out = graph.call_function(torch.nn.functional.scaled_dot_product_attention, (q, keys, values), {
+        "attn_mask": mask, "scale": site.scale, "is_causal": bool(site.is_causal), "enable_gqa": True})
+    return graph.call_function(torch.matmul, (out, up))
 
 
 def replay(graph: fx.Graph, target: fx.Node, substitutes: dict) -> fx.Node:

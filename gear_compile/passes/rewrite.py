@@ -163,9 +163,25 @@ class _Rewriter:
         tokens = _value(site.key.new).shape[2]
         written = 1 if tokens == 1 else 0
         length = self.size(_value(site.key.past).shape[2])
+        fold = lorc_pass.folds_values(site, tokens)
         for append, proj, kind in ((site.key, lo.key, "k"), (site.value, lo.value, "v")):
             past, cat = self.node(append.past), self.node(append.node)
             parts = self.inner_placeholders(past)
+            if kind == "v" and fold:
+                out = self.node(site.output)
+                with self.graph.inserting_before(out):
+                    basis = self.constant(proj.basis)
+                    new = lorc_pass.latent(self.graph, self.node(proj.pre), basis)
+                    attn = lorc_pass.attend_latent_values(
+                        self.graph, site, lo, self.node(site.query), self.node(site.key.node),
+                        self.node(site.mask), parts, new, self.config, length,
+                        self.constant(lorc_pass.up_projection(proj.basis, lo, _value(site.query).shape[1])))
+                    if written:
+                        self.write_latent(proj, kind, parts, new)
+                out.replace_all_uses_with(attn)
+                self.replaced[self.node(append.stored)] = (
+                    DecodeOut(self.placeholders.index(past), written), None if written else new)
+                continue
             with self.graph.inserting_before(cat):
                 basis = self.constant(proj.basis)
                 rebuilt = lorc_pass.rebuild_past(self.graph, lo, parts, self.config, kind, length, basis,
@@ -175,10 +191,13 @@ class _Rewriter:
             cat.replace_input_with(past, rebuilt)
             with self.graph.inserting_before(cat.next):
                 if written:
-                    names = StoreLayout.build(self.config, kind, proj.rank, _value(proj.pre).dtype, 0).names
-                    buffer_write(self.graph, parts[names.index("lengths")], parts[names.index("buffer")], new)
+                    self.write_latent(proj, kind, parts, new)
             self.replaced[self.node(append.stored)] = (
                 DecodeOut(self.placeholders.index(past), written), None if written else new)
+
+    def write_latent(self, proj, kind: str, parts: list, new: fx.Node) -> None:
+        names = StoreLayout.build(self.config, kind, proj.rank, _value(proj.pre).dtype, 0).names
+        buffer_write(self.graph, parts[names.index("lengths")], parts[names.index("buffer")], new)
 
     def decode(self, site: AttentionSite) -> None:
         out = self.node(site.output)
