@@ -27,7 +27,7 @@ import torch.fx as fx
 from . import ops  # noqa: F401  (registers the gear ops)
 from .config import GearConfig
 from .passes import lorc as lorc_pass
-from .passes.match import find_sites
+from .passes.match import _value, find_sites
 from .passes.rewrite import RewritePlan, TensorOut, rewrite
 from .report import GraphReport, record
 from .runtime import wrap
@@ -48,6 +48,12 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
         if site.rewritable and (reason := config.unfit(site.head_dim)):
             site.rewritable, site.reason = False, reason
     lorc_sites = _lorc_sites(gm, sites, example_inputs, config) if config.lorc else {}
+    for site in sites:
+        if site.key is not None and site.key.compressed and site.index not in lorc_sites and \
+                any(_value(a.past).store.logical is not None for a in (site.key, site.value)):
+            raise RuntimeError(
+                f"gear: {site.layer}'s cache holds LoRC latents but this graph cannot rebuild them "
+                f"({site.reason or 'options without lorc'}); generate with the options the cache was made with")
     if any(s.rewritable for s in sites):
         new_gm, plan = rewrite(gm, sites, config, lorc_sites)
     else:

@@ -87,6 +87,9 @@ class LoRCSite:
 
 def find(site: AttentionSite) -> LoRCSite | str:
     """The site's LoRC form, or why it has none."""
+    if site.key.compressed and (_value(site.key.past).store.logical is None or
+                                _value(site.value.past).store.logical is None):
+        return "its cache was stored without LoRC"
     if site.key.keep is not None or site.value.keep is not None:
         return "a sliding-window layer"
     if not site.key.compressed and _value(site.key.past).numel() != 0:
