@@ -10,14 +10,13 @@ Neighbours: `backend` (does the work), `report` (GraphReport, collect), `cli`.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from .config import GearConfig
 from .hf_compat import cache_kwarg
-from .report import GraphReport, collect
+from .report import GraphReport, collect, write_diff
 
 
 @dataclass
@@ -36,11 +35,7 @@ class Explanation:
         return "\n".join(g.diff() for g in self.graphs)
 
     def write(self, path: str) -> str:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            f.write("# " + self.text().replace("\n", "\n# ") + "\n")
-            f.write(self.diff())
-        return path
+        return write_diff(path, self.text(), self.diff())
 
     def __str__(self) -> str:
         return self.text()

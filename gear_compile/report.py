@@ -76,12 +76,16 @@ class GraphReport:
         return "\n".join(lines)
 
     def write(self, directory: str) -> str:
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"gear_graph_{self.index}.diff")
-        with open(path, "w") as f:
-            f.write("# " + self.text().replace("\n", "\n# ") + "\n")
-            f.write(self.diff())
-        return path
+        return write_diff(os.path.join(directory, f"gear_graph_{self.index}.diff"), self.text(), self.diff())
+
+
+def write_diff(path: str, text: str, diff: str) -> str:
+    """A report file: `text` as # comments, then the unified diff."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("# " + text.replace("\n", "\n# ") + "\n")
+        f.write(diff)
+    return path
 
 
 def record(report: GraphReport) -> None:

@@ -56,7 +56,8 @@ from ..compressed_kv import KVStore
 from ..config import GearConfig
 from ..packing import packed_width
 
-_LOG2E = 1.4426950408889634
+_LOG2E = 1.4426950408889634           # the kernels compute exp2: natural-log quantities are scaled by it
+LOG2E: tl.constexpr = tl.constexpr(_LOG2E)     # the same, inside the kernels
 
 
 @triton.jit
@@ -294,7 +295,7 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
                     keep = tl.load(mp, mask=ok_m, other=1)
                     s = tl.where(keep != 0, s, float("-inf"))
                 else:                # additive, natural log: times log2(e) for base 2
-                    s += tl.load(mp, mask=ok_m, other=0.0).to(tl.float32) * 1.4426950408889634
+                    s += tl.load(mp, mask=ok_m, other=0.0).to(tl.float32) * LOG2E
                 s = tl.where((pos >= 0)[None, :], s, float("-inf"))   # keys before a short mask
             s = tl.where(ok_t[None, :], s, float("-inf"))
 
@@ -347,7 +348,7 @@ def _combine_kernel(PO, PLSE, Out, Sinks, S_TOTAL, Hq, D: tl.constexpr, DP: tl.c
     d = tl.arange(0, DP)
     ok_d = d < D
     if SINKS:
-        m = tl.load(Sinks + row % Hq).to(tl.float32) * 1.4426950408889634    # to base 2
+        m = tl.load(Sinks + row % Hq).to(tl.float32) * LOG2E    # to base 2
         l = tl.full([], 1.0, tl.float32)
     else:
         m = tl.full([], float("-inf"), tl.float32)
