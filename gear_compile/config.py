@@ -143,7 +143,8 @@ class GearConfig:
 
     @classmethod
     def from_json(cls, text: str) -> GearConfig:
-        return cls(**json.loads(text))
+        """The config `to_json` wrote; cached, as ops parse theirs at every call."""
+        return _from_json(text)
 
     # ---- derived ------------------------------------------------------
     @property
@@ -254,6 +255,11 @@ def _to_json(config: GearConfig) -> str:
     changed = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
                if getattr(config, f.name) != f.default}
     return json.dumps(changed, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _from_json(text: str) -> GearConfig:
+    return GearConfig(**json.loads(text))
 
 
 def _check_choice(name, value, valid):

@@ -29,7 +29,6 @@ Neighbours: `store` (the layout), `passes.rewrite` (emits these ops),
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -40,20 +39,15 @@ from .config import GearConfig
 from .store import KVStore, StoreLayout
 
 
-@functools.lru_cache(maxsize=64)
-def _config(text: str) -> GearConfig:
-    return GearConfig.from_json(text)
-
-
 # ---------------------------------------------------------------- prefill
 @torch.library.custom_op("gear::kv_prefill", mutates_args=())
 def kv_prefill(x: torch.Tensor, config: str, kind: str, streamed: bool = False) -> list[torch.Tensor]:
-    return list(KVStore.from_prefill(x.contiguous(), _config(config), kind, streamed=streamed).tensors())
+    return list(KVStore.from_prefill(x.contiguous(), GearConfig.from_json(config), kind, streamed=streamed).tensors())
 
 
 @kv_prefill.register_fake
 def _kv_prefill_fake(x, config, kind, streamed=False):
-    cfg = _config(config)
+    cfg = GearConfig.from_json(config)
     B, H, P, D = x.shape
     # The prefill block's outlier count depends on its length: specialise on it.
     layout = StoreLayout.build(cfg, kind, D, x.dtype, 0 if streamed else cfg.prefill_tokens(int(P)))
@@ -76,7 +70,7 @@ def attention_reference(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: l
     """Attention of q [B, Hq, T, D] over a store and the new tokens: rebuild K
     and V exactly as stored, then SDPA (or, soft-capped or with sinks, its
     steps written out)."""
-    cfg = _config(config)
+    cfg = GearConfig.from_json(config)
     k = KVStore(cfg, "k", k_parts).dequantize(q.dtype)
     v = KVStore(cfg, "v", v_parts).dequantize(q.dtype)
     if k_new is not None:

@@ -370,11 +370,6 @@ def _combine_kernel(PO, PLSE, Out, Sinks, S_TOTAL, Hq, D: tl.constexpr, DP: tl.c
     tl.store(Out + row * D + d, (acc / l).to(Out.dtype.element_ty), mask=ok_d)
 
 
-@functools.lru_cache(maxsize=64)
-def _config(text: str) -> GearConfig:
-    return GearConfig.from_json(text)
-
-
 @functools.lru_cache(maxsize=8)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
@@ -414,7 +409,7 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
     keep) or additive, broadcastable to [B, Hq, 1, L_mask], its last column
     the newest key (keys before its first column are hidden: a sliding window). `num_splits`: programs per
     (batch, KV head) over the token range (default: enough to fill the GPU)."""
-    cfg = _config(config)
+    cfg = GearConfig.from_json(config)
     ks = KVStore(cfg, "k", k_parts)
     vs = KVStore(cfg, "v", v_parts)
     B, Hq, T, D = q.shape
