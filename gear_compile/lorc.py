@@ -57,9 +57,9 @@ caches the latent is not built yet).
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 SCHEDULES = ("progressive", "uniform")
 PER = ("layer", "head")
@@ -73,8 +73,8 @@ def affine(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([w, bias.detach().to(torch.float64)[:, None]], dim=1)
 
 
-# projection weight -> the second moment of its input, from `calibrate`
-MOMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# projection weight (by identity) -> the second moment of its input, from `calibrate`
+MOMENTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def calibrate(model: torch.nn.Module, input_ids: torch.Tensor, names=("k_proj", "v_proj"),

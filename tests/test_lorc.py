@@ -316,3 +316,34 @@ def test_lorc_options_are_validated():
     with pytest.raises(ValueError, match=r"lorc_schedule must be one of \['progressive', 'uniform'\], got 'linear'"):
         GearConfig(lorc_schedule="linear")
     assert GearConfig(method="kivi", bits=2, group_size=32, lorc=0.3).rank_unit == 32
+
+
+def test_calibration_reaches_the_compiled_basis():
+    """`lorc.calibrate` records the K/V projections' input moments; the pass
+    then factors on them (the benchmark's calibrated rows are the backend's)."""
+    import lorc as bench
+    model = tiny_model("llama")
+    text, ids = torch.randint(0, 256, (1, 300)), torch.randint(0, 256, (2, 50))
+    assert lorc.calibrate(model, text) == 4                       # 2 layers x (k_proj, v_proj)
+    assert all(proj.weight in lorc.MOMENTS for pair in bench.kv_projections(model) for proj in pair)
+    moments = [lorc.MOMENTS[k.weight] for k, _ in bench.kv_projections(model)]
+    method = bench.LoRCMethod("x", 0.5, moments=moments)
+    method.setup(model)
+    try:
+        sim = _logits(model, method, ids)
+    finally:
+        method.teardown(model)
+    _compiled(model, method="none", lorc=0.5)
+    try:
+        compiled = _logits(model, _Dense(), ids)
+    finally:
+        _uncompile(model)
+    assert torch.allclose(compiled, sim, atol=1e-5)
+    lorc.MOMENTS.clear()
+    _compiled(model, method="none", lorc=0.5)                     # the weights' basis: different
+    try:
+        assert not torch.allclose(_logits(model, _Dense(), ids), sim, atol=1e-4)
+    finally:
+        _uncompile(model)
+    with pytest.raises(ValueError, match=r"no torch.nn.Linear named \['qkv'\]"):
+        lorc.calibrate(model, text, names=("qkv",))
