@@ -503,7 +503,7 @@ def main(argv=None):
                 text = tp_decode.write(args, results, machine_lines(args))
         print(text)
         return
-    args.device = args.device or "cuda"
+    args.device = args.device or ("cuda" if args.gpu else "cpu")
     if args.gpu:
         if args.device == "cuda":
             import torch

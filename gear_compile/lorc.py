@@ -13,11 +13,11 @@ projection basis U_r is all a rewrite needs (`projection_basis`).
 
 Calibrated basis (beyond the paper). The SVD of [W | b] is the basis that
 minimises the error of k over inputs spread evenly in every direction.
-Real inputs are not: on SmolLM2-135M, dropping the single weakest of 192
-directions of every layer's V projection took perplexity from 44.5 to 198,
-and dropping 10 % of K and V to 4,556 (benchmarks/results/lorc.md), since
-the normalised hidden states carry large components along directions the
-weights scale down. Given the input's second moment C = E[x_aug x_aug^T]
+Real inputs are not: on SmolLM2-135M, removing 60 % of K and V with the
+weights' basis took perplexity from 34.9 to 27,411 (benchmarks/results/
+lorc.md), and in a short check (160 tokens) dropping only the weakest of
+192 directions of every V projection took it from 44.5 to 198: the
+normalised hidden states are large along directions the weights scale down. Given the input's second moment C = E[x_aug x_aug^T]
 (`second_moment`, from calibration text), the basis is the leading left
 singular vectors of [W | b] C^(1/2): the principal directions of k itself,
 which minimise E|k - U U^T k|^2 for those inputs. C = I is the paper's SVD.
