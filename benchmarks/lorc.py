@@ -41,7 +41,7 @@ sys.path.insert(0, HERE)
 import quality_data as qd  # noqa: E402
 import quality_methods as qm  # noqa: E402
 import torch  # noqa: E402
-from quality import cpu_name, log, streaming_ppl, top1_agreement  # noqa: E402
+from quality import cpu_name, log, score, top1_agreement  # noqa: E402
 
 from gear_compile.config import GearConfig  # noqa: E402
 
@@ -262,12 +262,7 @@ def main(argv=None):
         try:
             if isinstance(m, LoRCMethod):
                 plans[label] = m.ranks
-            for P in args.prompt_lengths:
-                r = streaming_ppl(model, m, ids, P, progress=f"{label} P={P}")
-                r["config"] = m.describe()
-                results.setdefault(P, {})[label] = r
-                log(f"lorc: {label} P={P}: ppl {r['ppl']:.4f}, KV {100 * r['kv_bytes'] / r['dense_bytes']:.1f} %"
-                    f", {r['decode_tok_s']:.1f} tok/s")
+            score(model, m, ids, args.prompt_lengths, label, results, "lorc")
         finally:
             m.teardown(model)
         write_outputs(args, header, results, plans, model)

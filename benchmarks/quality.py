@@ -96,6 +96,16 @@ def streaming_ppl(model, method, ids, prefill: int, progress: str = ""):
                 seconds=time.time() - t0, decode_tok_s=(n - prefill - 1) / max(time.time() - t1, 1e-9))
 
 
+def score(model, method, ids, prompt_lengths, label: str, results: dict, tag: str = "quality") -> None:
+    """streaming_ppl at each prompt length P into results[P][label], logged."""
+    for P in prompt_lengths:
+        r = streaming_ppl(model, method, ids, P, progress=f"{label} P={P}")
+        r["config"] = method.describe()
+        results.setdefault(P, {})[label] = r
+        log(f"{tag}: {label} P={P}: ppl {r['ppl']:.4f}, KV {100 * r['kv_bytes'] / r['dense_bytes']:.1f} %"
+            f", {r['seconds']:.0f} s ({r['decode_tok_s']:.1f} tok/s)")
+
+
 def top1_agreement(r: dict, dense: dict) -> float:
     """Teacher-forced top-1 agreement: the fraction of scored positions where
     the method's most likely next token is dense's (both read the same text)."""
@@ -324,12 +334,7 @@ def main(argv=None):
             log(f"quality: {label}: {m.describe()}")
             m.setup(model)
             try:
-                for P in args.prompt_lengths:
-                    r = streaming_ppl(model, m, ids, P, progress=f"{label} P={P}")
-                    r["config"] = m.describe()
-                    results.setdefault(P, {})[label] = r
-                    log(f"quality: {label} P={P}: ppl {r['ppl']:.4f}, KV {100 * r['kv_bytes'] / r['dense_bytes']:.1f} %"
-                        f", {r['seconds']:.0f} s ({r['decode_tok_s']:.1f} tok/s)")
+                score(model, m, ids, args.prompt_lengths, label, results)
                 if prompts:
                     t0 = time.time()
                     gen = generate(model, m, prompts, args.gen_tokens)
