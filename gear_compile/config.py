@@ -35,6 +35,14 @@ class QuantSpec:
     axis: str
     group: int | None
 
+    def unfit(self, head_dim: int) -> str | None:
+        """Why heads of `head_dim` cannot be stored with this spec (None: they
+        can). The one rule: per-token statistics over groups of `group`
+        channels need the group to divide the head dim."""
+        if self.axis == "token" and self.group and head_dim % self.group:
+            return f"group_size {self.group} does not divide head_dim {head_dim}"
+        return None
+
 
 @dataclass(frozen=True)
 class GearConfig:
@@ -67,8 +75,8 @@ class GearConfig:
     lorc         LoRC: the fraction of the K and of the V cache removed by
                  projecting each layer's K / V onto a low-rank basis of its
                  projection (`gear_compile.lorc`; 0: off). The cache holds the
-                 latents (under the codec of `method`), the graph rebuilds K
-                 (then its RoPE) and V from them for attention.
+                 latents (under the codec of `method`); the graph rebuilds K
+                 (then its RoPE) from them and attends V's latents directly.
     lorc_schedule  ranks per layer: progressive (shallow layers keep more, by
                  cumulative condition number) or uniform.
     """
@@ -216,11 +224,10 @@ class GearConfig:
         """Why these options cannot store heads of `head_dim` (None: they can).
         A site whose heads do not fit is left exact and reported with this."""
         for kind, spec in (("K", self.key_spec()), ("V", self.value_spec())):
-            if spec.axis == "token" and spec.group and head_dim % spec.group:
+            if why := spec.unfit(head_dim):
                 divisors = [g for g in (64, 32, 16, 8) if head_dim % g == 0]
                 hint = f"; group_size={divisors[0]} fits" if divisors else ""
-                return (f"group_size {spec.group} does not divide head_dim {head_dim} "
-                        f"({self.quantizer} groups {kind}'s channels){hint}; left exact")
+                return f"{why} ({self.quantizer} groups {kind}'s channels){hint}; left exact"
         return None
 
     def prefill_tokens(self, n: int) -> int:

@@ -117,9 +117,8 @@ class SegmentLayout:
         D = x.shape[-1]
         if D != self.head_dim:
             raise ValueError(f"segment: head_dim must be {self.head_dim}, got {D}.")
-        if not self.exact and self.spec.axis == "token" and D % self.channel_group:
-            raise ValueError(f"segment: group_size {self.channel_group} must divide head_dim {D} "
-                             f"for per-token groups; choose a divisor of {D}.")
+        if not self.exact and (why := self.spec.unfit(D)):
+            raise ValueError(f"segment: {why} (per-token groups); choose a divisor of {D}.")
         if not self.exact and self.spec.axis == "channel" and self.block % self.token_group:
             raise ValueError(f"segment: block {self.block} must be a multiple of the token "
                              f"group {self.token_group}.")

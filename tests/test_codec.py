@@ -215,7 +215,7 @@ def test_segment_reconstructs_in_the_input_dtype_within_the_backbone_half_step(d
 
 def test_per_token_groups_must_divide_the_head_dim():
     layout = StoreLayout.build(GearConfig(method="per_token", group_size=6), "v", 16, torch.float32, 4).prefill
-    with pytest.raises(ValueError, match="group_size 6 must divide head_dim 16"):
+    with pytest.raises(ValueError, match="group_size 6 does not divide head_dim 16"):
         compress(torch.randn(1, 1, 4, 16), layout)
 
 
