@@ -83,6 +83,11 @@ def _lorc_sites(gm: fx.GraphModule, sites, example_inputs, config: GearConfig) -
             site.reason += f"; LoRC not applied: {lo}"
         else:
             found.append((site, lo))
+    widths = {(lo.heads, lo.head_dim) for _, lo in found}
+    if len(widths) > 1:          # the rank schedule shares one budget over layers of one K/V width
+        for site, _ in found:
+            site.reason += f"; LoRC not applied: layers of this graph differ in K/V width {sorted(widths)}"
+        return {}
     if found:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         lorc_pass.plan(found, dict(zip(placeholders, example_inputs)), config)

@@ -178,30 +178,40 @@ def _positions(cos: fx.Node, tokens):
 
 
 # ---------------------------------------------------------------- planning
-_PLANS: dict = {}
+_RANKS: dict = {}       # (weights, options) -> the schedule's (K ranks, V ranks)
+_BASES: dict = {}       # (weight, bias, rank, calibration) -> U_r
 
 
 def plan(sites: list[tuple[AttentionSite, LoRCSite]], weights: dict, config: GearConfig) -> None:
-    """Set each LoRC site's ranks and bases (real `weights` by placeholder)."""
+    """Set each LoRC site's ranks and bases (real `weights` by placeholder).
+
+    A prefill site takes the schedule's ranks over this graph's layers; a
+    decode site takes the rank its store already holds, so the two agree
+    however Dynamo splits the model into graphs (the basis depends on the
+    weights and the rank alone)."""
     pairs = [(weights[s.key.weight], _maybe(weights, s.key.bias), weights[s.value.weight],
               _maybe(weights, s.value.bias)) for _, s in sites]
     key = (tuple(t.data_ptr() if t is not None else 0 for p in pairs for t in p),
-           tuple(id(lorc.MOMENTS.get(p[i])) for p in pairs for i in (0, 2)),
            config.lorc, config.lorc_schedule, config.rank_unit)
-    if key not in _PLANS:
+    if key not in _RANKS:
         full = sites[0][1].heads * sites[0][1].head_dim
-        keep = 1.0 - config.lorc
-        result = []
+        _RANKS[key] = [lorc.layer_ranks([lorc.condition_number(p[i]) for p in pairs], 1.0 - config.lorc,
+                                        full, config.lorc_schedule, config.rank_unit) for i in (0, 2)]
+    for (site, s), (wk, bk, wv, bv), rk, rv in zip(sites, pairs, *_RANKS[key]):
+        if site.key.compressed:
+            rk = _value(site.key.past).store.buffer.shape[-1]
+            rv = _value(site.value.past).store.buffer.shape[-1]
+        s.key.rank, s.key.basis = rk, _basis(wk, bk, rk)
+        s.value.rank, s.value.basis = rv, _basis(wv, bv, rv)
+
+
+def _basis(weight: torch.Tensor, bias: torch.Tensor | None, rank: int) -> torch.Tensor:
+    moment = lorc.MOMENTS.get(weight)
+    key = (weight.data_ptr(), bias.data_ptr() if bias is not None else 0, rank, id(moment))
+    if key not in _BASES:
         with torch.no_grad():
-            ranks = [lorc.layer_ranks([lorc.condition_number(p[i]) for p in pairs], keep, full,
-                                      config.lorc_schedule, config.rank_unit) for i in (0, 2)]
-            for (wk, bk, wv, bv), rk, rv in zip(pairs, *ranks):
-                result.append(((rk, lorc.projection_basis(wk, bk, rk, moment=lorc.MOMENTS.get(wk))),
-                               (rv, lorc.projection_basis(wv, bv, rv, moment=lorc.MOMENTS.get(wv)))))
-        _PLANS[key] = result
-    for (_, s), ((rk, uk), (rv, uv)) in zip(sites, _PLANS[key]):
-        s.key.rank, s.key.basis = rk, uk
-        s.value.rank, s.value.basis = rv, uv
+            _BASES[key] = lorc.projection_basis(weight, bias, rank, moment=moment)
+    return _BASES[key]
 
 
 def _maybe(weights, node):
