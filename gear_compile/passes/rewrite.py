@@ -13,8 +13,10 @@ For each rewritable site (see `passes.match`):
       (`buffer_write`): no host work, no branch. With several, the graph
       returns the new tokens and the runtime appends them.
   LoRC (`passes.lorc`): prefill stores each K/V's latent instead of the
-      K/V; decode rebuilds the past from its latents in front of the cat and
-      leaves the attention as it is, then writes the new token's latent.
+      K/V; decode rebuilds the past K from its latents in front of its cat,
+      attends V's latents and up-projects the output (or, where attention
+      is not plain, rebuilds V too and leaves the attention as it is), then
+      writes the new tokens' latents.
   sliding window (the cache keeps cat[:, :, -keep:]): prefill compresses
       the kept tokens into n_b blocks (streamed: no prefill block); decode
       attends the whole store, whose tokens older than the layer's mask are
@@ -179,19 +181,17 @@ class _Rewriter:
                     if written:
                         self.write_latent(proj, kind, parts, new)
                 out.replace_all_uses_with(attn)
-                self.replaced[self.node(append.stored)] = (
-                    DecodeOut(self.placeholders.index(past), written), None if written else new)
-                continue
-            with self.graph.inserting_before(cat):
-                basis = self.constant(proj.basis)
-                rebuilt = lorc_pass.rebuild_past(self.graph, lo, parts, self.config, kind, length, basis,
-                                                 self.node(append.new), self.node(proj.pre),
-                                                 self.node(proj.positions))
-                new = lorc_pass.latent(self.graph, self.node(proj.pre), basis)
-            cat.replace_input_with(past, rebuilt)
-            with self.graph.inserting_before(cat.next):
-                if written:
-                    self.write_latent(proj, kind, parts, new)
+            else:
+                with self.graph.inserting_before(cat):
+                    basis = self.constant(proj.basis)
+                    rebuilt = lorc_pass.rebuild_past(self.graph, lo, parts, self.config, kind, length, basis,
+                                                     self.node(append.new), self.node(proj.pre),
+                                                     self.node(proj.positions))
+                    new = lorc_pass.latent(self.graph, self.node(proj.pre), basis)
+                cat.replace_input_with(past, rebuilt)
+                with self.graph.inserting_before(cat.next):
+                    if written:
+                        self.write_latent(proj, kind, parts, new)
             self.replaced[self.node(append.stored)] = (
                 DecodeOut(self.placeholders.index(past), written), None if written else new)
 
