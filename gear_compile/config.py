@@ -238,15 +238,15 @@ class GearConfig:
         return n
 
     def describe(self) -> str:
+        lorc = f" + lorc={self.lorc:g} {self.lorc_schedule}" if self.lorc else ""
         if not self.compresses:
-            return "none (exact storage)" + (f" + lorc={self.lorc:g} {self.lorc_schedule}" if self.lorc else "")
+            return "none (exact storage)" + lorc
         parts = [f"{self.quantizer}-{self.bits}"]
         if self.uses_low_rank:
             parts.append(f"r={self.rank_prefill}/{self.rank_decode}")
         if self.outliers:
             parts.append(f"s={self.outliers:g}")
         parts.append(f"n_b={self.block_size}")
-        lorc = f" + lorc={self.lorc:g} {self.lorc_schedule}" if self.lorc else ""
         return f"{self.method}(" + ", ".join(parts) + ")" + lorc
 
     @property

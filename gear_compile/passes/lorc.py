@@ -112,9 +112,7 @@ def find(site: AttentionSite) -> LoRCSite | str:
 def _projection(pre: fx.Node) -> Projection | str:
     """pre = linear(x, W, b).view(B, T, H, d).transpose(1, 2) (contiguous /
     reshape allowed): its weight and bias, checked against the shapes."""
-    node = pre
-    while _is_call(node, *_LAYOUT_OPS):
-        node = node.args[0]
+    node = _through_layout(pre)
     if not _is_call(node, *_LINEAR):
         return "K or V is not a linear layer's output (a fused or custom projection)"
     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
@@ -129,10 +127,15 @@ def _projection(pre: fx.Node) -> Projection | str:
     return Projection(weight, bias, pre)
 
 
-def _from_linear(node) -> bool:
+def _through_layout(node):
+    """The node under view / reshape / transpose / contiguous calls."""
     while _is_call(node, *_LAYOUT_OPS):
         node = node.args[0]
-    return _is_call(node, *_LINEAR)
+    return node
+
+
+def _from_linear(node) -> bool:
+    return _is_call(_through_layout(node), *_LINEAR)
 
 
 def _rope(k_new):
@@ -231,7 +234,7 @@ def rebuild_past(graph: fx.Graph, site: LoRCSite, parts: list, config: GearConfi
     """The past's K or V [B, H, length, d] from the latent store's inner
     tensors `parts`; with `positions` (K under RoPE), the nodes from (pre,
     positions) to `new` replayed on it at the past's positions."""
-    latents = graph.call_function(torch.ops.gear.dequantize.default, (parts, config.to_json(), kind, length))
+    latents = _past_latents(graph, parts, config, kind, length)
     lin = graph.call_function(torch.matmul, (graph.call_method("squeeze", (latents, 1)),
                                              graph.call_method("t", (basis,))))
     rebuilt = graph.call_method("transpose", (graph.call_method(
@@ -242,6 +245,11 @@ def rebuild_past(graph: fx.Graph, site: LoRCSite, parts: list, config: GearConfi
     offsets = graph.call_function(torch.arange, (length,), {"device": _value(positions).device})
     past = graph.call_function(operator.add, (graph.call_function(operator.sub, (first, length)), offsets))
     return replay(graph, new, {pre: rebuilt, positions: past})
+
+
+def _past_latents(graph: fx.Graph, parts: list, config: GearConfig, kind: str, length) -> fx.Node:
+    """The latent store's `length` tokens, dequantized: [B, 1, length, r]."""
+    return graph.call_function(torch.ops.gear.dequantize.default, (parts, config.to_json(), kind, length))
 
 
 def folds_values(site: AttentionSite, tokens) -> bool:
@@ -266,8 +274,8 @@ def attend_latent_values(graph: fx.Graph, site: AttentionSite, lo: LoRCSite, q: 
     latents C (the past's, dequantized, then the new tokens'), one head
     shared by every KV head, then each query head's rows of U^T. V itself is
     never rebuilt. Returns the [B, Hq, T, d] output."""
-    past = graph.call_function(torch.ops.gear.dequantize.default, (parts, config.to_json(), "v", length))
-    latents = graph.call_function(torch.cat, ([past, new],), {"dim": 2})
+    latents = graph.call_function(torch.cat, ([_past_latents(graph, parts, config, "v", length), new],),
+                                  {"dim": 2})
     values = graph.call_method("expand", (latents, -1, lo.heads, -1, -1))
     out = graph.call_function(torch.nn.functional.scaled_dot_product_attention, (q, keys, values), {
         "attn_mask": mask, "scale": site.scale, "is_causal": bool(site.is_causal), "enable_gqa": True})

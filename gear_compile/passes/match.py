@@ -253,11 +253,8 @@ def eager_site(node, index):
         site.output, site.sinks, nodes = found
         chain += [node] + nodes
     site.chain += chain
-    for inner in chain:          # attention weights used elsewhere (output_attentions)
-        outside = [u for u in inner.users if u not in chain and u is not site.output]
-        if outside:
-            site.reason = f"intermediate {inner.name} is also used by {outside[0].name} (e.g. output_attentions)"
-            return site
+    if _escapes(site, chain):
+        return site
     _attach_kv(site, kt.args[0], node.args[1])
     return site
 
@@ -309,13 +306,21 @@ def bmm_site(node, index):
         return None
     site = AttentionSite(index, "bmm", node, q, None, None, mask=mask, scale=1.0)
     site.chain += chain
+    if _escapes(site, chain):
+        return site
+    _attach_kv(site, k, v)
+    return site
+
+
+def _escapes(site: AttentionSite, chain: list) -> bool:
+    """An intermediate of the attention is read outside it (attention weights
+    returned with output_attentions): the site's reason says so."""
     for inner in chain:
         outside = [u for u in inner.users if u not in chain and u is not site.output]
         if outside:
             site.reason = f"intermediate {inner.name} is also used by {outside[0].name} (e.g. output_attentions)"
-            return site
-    _attach_kv(site, k, v)
-    return site
+            return True
+    return False
 
 
 def _unflattened(node, chain: list):
