@@ -87,7 +87,8 @@ class GearSimLayer(DynamicLayer):
         out = []
         for i, new in enumerate((key_states, value_states)):
             n_buf = self.stores[i].counts()[2]
-            out.append(torch.cat([self.rec[i][1], self.stores[i].buffer[:, :, :n_buf], new], dim=2))
+            held = self.stores[i].buffer[:, :, :n_buf].to(new.dtype)
+            out.append(torch.cat([self.rec[i][1], held, new], dim=2))
             self.stores[i].append(new)
         self.length += key_states.shape[2]
         self._refresh()
@@ -99,10 +100,10 @@ class GearSimLayer(DynamicLayer):
             if self.rec[i] is not None and self.rec[i][0] == n_dec:
                 continue
             if self.rec[i] is None:
-                pre = seg_dequantize(st.prefill, st.p_layout, n_pre, st.buffer.dtype)
+                pre = seg_dequantize(st.prefill, st.p_layout, n_pre, st.dtype)
                 self.pre = getattr(self, "pre", [None, None])
                 self.pre[i] = pre
-            dec = seg_dequantize(st.decode, st.d_layout, n_dec, st.buffer.dtype)
+            dec = seg_dequantize(st.decode, st.d_layout, n_dec, st.dtype)
             self.rec[i] = (n_dec, torch.cat([self.pre[i], dec], dim=2))
 
     def get_seq_length(self) -> int:

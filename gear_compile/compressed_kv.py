@@ -45,18 +45,19 @@ def implements(*ops):
 
 
 @torch.library.custom_op("gear::dequantize", mutates_args=())
-def dequantize_parts(parts: list[torch.Tensor], config: str, kind: str, length: int) -> torch.Tensor:
-    """The exact dense [B, H, length, D] reconstruction of a flattened store's
-    newest `length` tokens. An opaque op, so tracing (Dynamo, AOT) never
-    reads the lengths' values."""
-    dense = KVStore(GearConfig.from_json(config), kind, parts).dequantize()
+def dequantize_parts(parts: list[torch.Tensor], config: str, kind: str, length: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The exact dense [B, H, length, D] reconstruction, in `dtype`, of a
+    flattened store's newest `length` tokens. An opaque op, so tracing
+    (Dynamo, AOT) never reads the lengths' values."""
+    dense = KVStore(GearConfig.from_json(config), kind, parts).dequantize(dtype)
     return dense[:, :, dense.shape[2] - length:]
 
 
 @dequantize_parts.register_fake
-def _dequantize_parts_fake(parts, config, kind, length):
+def _dequantize_parts_fake(parts, config, kind, length, dtype):
     B, H, _, D = parts[1].shape       # the buffer
-    return parts[1].new_empty(B, H, length, D)
+    return parts[1].new_empty(B, H, length, D, dtype=dtype)
 
 
 class CompressedKV(torch.Tensor):
@@ -69,7 +70,7 @@ class CompressedKV(torch.Tensor):
         if length is None:
             length = len(store)
         return torch.Tensor._make_wrapper_subclass(
-            cls, (B, H, length, D), dtype=store.buffer.dtype, device=store.buffer.device)
+            cls, (B, H, length, D), dtype=store.dtype, device=store.buffer.device)
 
     def __init__(self, store: KVStore, length: int | None = None):
         self.store = store
@@ -96,12 +97,13 @@ class CompressedKV(torch.Tensor):
     # traceable-subclass protocol: inner tensors by name, config as metadata
     def __tensor_flatten__(self):
         return list(self.store.tensor_names()), (self.store.config.to_json(), self.store.kind,
-                                                 self.store.logical)
+                                                 self.store.logical, self.store.dtype)
 
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
-        config_json, kind, logical = meta
-        store = KVStore(GearConfig.from_json(config_json), kind, list(inner.values()), logical=logical)
+        config_json, kind, logical, dtype = meta
+        store = KVStore(GearConfig.from_json(config_json), kind, list(inner.values()), logical=logical,
+                        dtype=dtype)
         return CompressedKV(store, outer_size[2])
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -113,7 +115,7 @@ class CompressedKV(torch.Tensor):
                 f"compiled graph turns back into K/V (K needs its RoPE at the cached positions); an op "
                 f"outside the graph asked for the dense tensor. Run without lorc for this use.")
         dense = torch.ops.gear.dequantize(self.store.tensors(), self.store.config.to_json(),
-                                          self.store.kind, self.shape[2])
+                                          self.store.kind, self.shape[2], self.dtype)
         return dense if dtype is None else dense.to(dtype)
 
     def __repr__(self):

@@ -14,6 +14,8 @@ import functools
 import json
 from dataclasses import dataclass
 
+import torch
+
 METHODS = ("gear", "gear_l", "kcvt", "kivi", "per_token", "none")
 BACKBONES = ("kcvt", "kivi", "per_token")
 BITS = (2, 4, 8)
@@ -229,6 +231,17 @@ class GearConfig:
                 hint = f"; group_size={divisors[0]} fits" if divisors else ""
                 return f"{why} ({self.quantizer} groups {kind}'s channels){hint}; left exact"
         return None
+
+    def held_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a store holds exact values in (the streaming buffer) for
+        K/V of `dtype`: fp32 K/V in fp16 when compressing, since the codec's
+        scales and zeros are fp16, so a store's range is fp16's anyway, and an
+        fp32 buffer doubles the bytes of up to n_b tokens (measured on
+        SmolLM2: benchmarks/results/quality.md, "exact buffer"); fp16 and bf16
+        as they are; method none stores exactly what it is given."""
+        if dtype == torch.float32 and self.compresses:
+            return torch.float16
+        return dtype
 
     def prefill_tokens(self, n: int) -> int:
         """How many of n prefill tokens form the prefill block (the rest go to the

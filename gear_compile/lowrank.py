@@ -4,7 +4,8 @@ Batched over every leading dimension (batch, head, block), fp32 throughout,
 orthonormalising A by QR at each iteration (subspace iteration; Vogels et al.,
 the paper's Algorithm 2). The start matrix is a fixed pseudo-random pattern, so
 compression is deterministic and needs no RNG state on any device.
-Neighbours: `segment` (stores A token-major in int8 and B per block, `pack`).
+Neighbours: `segment` (stores A token-major and B per block, both int8, with
+the columns' scales per block: `pack`).
 """
 from __future__ import annotations
 
@@ -38,15 +39,24 @@ def power_iteration(residual: torch.Tensor, rank: int, iters: int):
     return A, B
 
 
-def pack(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [..., n, r] as int8 and B [..., d, r] as fp16 with the same product:
-    each column of A is scaled to [-127, 127] and B's column takes the
-    inverse scale, so A costs one byte per entry and no stored scale. A's
-    columns are orthonormal, so the rounding (at most 1/254 of the column's
-    largest entry) is far below the residual the factors leave."""
-    top = a.abs().amax(dim=-2, keepdim=True).clamp_min(1e-30)          # [..., 1, r]
-    a8 = torch.round(a * (127.0 / top)).to(torch.int8)
-    return a8, (b * (top / 127.0)).to(torch.float16)
+def pack(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A [..., n, r] and B [..., d, r] as int8 with one fp32 scale per column
+    pair: A B^T = A8 diag(s) B8^T. Each column of A and of B is scaled to
+    [-127, 127]; s [..., r] is the product of the two columns' steps. A costs
+    one byte per token and rank, B one byte per channel and rank (fp16 B was
+    10 % of an n_b = 20 block's bytes at r = 2), and the rounding (at most
+    1/254 of a column's largest entry) is far below the residual the factors
+    leave (benchmarks/results/kv_size.md: errors unchanged to 4 decimals)."""
+    top_a = a.abs().amax(dim=-2).clamp_min(1e-30)           # [..., r]
+    top_b = b.abs().amax(dim=-2).clamp_min(1e-30)
+    a8 = torch.round(a * (127.0 / top_a)[..., None, :]).to(torch.int8)
+    b8 = torch.round(b * (127.0 / top_b)[..., None, :]).to(torch.int8)
+    return a8, b8, top_a * top_b / (127.0 * 127.0)
+
+
+def unpack(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A8 diag(s) B8^T in fp32: [..., n, d] from `pack`'s factors."""
+    return (a8.float() * scale[..., None, :]) @ b8.float().transpose(-1, -2)
 
 
 def relative_error(x: torch.Tensor, approx: torch.Tensor) -> float:

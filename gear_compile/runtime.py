@@ -55,7 +55,8 @@ def wrap(compiled, plan: RewritePlan, config: GearConfig):
                 i += 1
                 continue
             if isinstance(spec, PrefillOut):
-                store = KVStore(config, spec.kind, list(results[i:i + spec.parts]), logical=spec.logical)
+                store = KVStore(config, spec.kind, list(results[i:i + spec.parts]), logical=spec.logical,
+                                dtype=spec.dtype)
                 i += spec.parts
                 if (reserve := _RESERVE.get()) is not None:
                     store.grow(reserve - len(store) + store.layout.decode.block)

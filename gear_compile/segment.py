@@ -9,16 +9,16 @@ per block; shapes, writing, growing and slicing derive from it):
   codes    uint8 [B, H, N, W]       bit-packed along channels (`packing`)
   scale, zero  fp16                 channel axis: [B, H, N/G, D] (G tokens a group)
                                     token axis:   [B, H, N, D/G] (G channels a group)
-  lr_a     int8 [B, H, N, r]        low-rank factor A, token-major, each
-                                    column scaled to [-127, 127] (`lowrank.pack`)
-  lr_b     fp16 [B, H, N/block, D, r]  low-rank factor B, one per block, times
-                                    the column scales of its block's A
+  lr_a     int8 [B, H, N, r]        low-rank factor A, token-major
+  lr_b     int8 [B, H, N/block, D, r]  low-rank factor B, one per block
+  lr_s     fp32 [B, H, N/block, r]  per block, the scale of each column pair:
+                                    L = lr_a diag(lr_s) lr_b^T (`lowrank.pack`)
   out_val, out_idx                  outliers: K [B, H, N/block, 2k, D] (token
                                     offsets in the block, per channel);
                                     V [B, H, N, 2k] (channel per token)
 
 With bits=16 (method none) `codes` is the exact [B, H, N, D] tensor.
-Reconstruction is X = dequant(codes) + lr_a @ lr_b^T + scatter(out).
+Reconstruction is X = dequant(codes) + lr_a diag(lr_s) lr_b^T + scatter(out).
 Neighbours: `quantize`, `packing`, `outliers`, `lowrank` (the parts),
 `store` (owns two segments and the buffer), the attention kernels (read
 this layout directly).
@@ -63,7 +63,7 @@ class SegmentLayout:
     rank: int
     outliers_per_side: int
     head_dim: int
-    dtype: torch.dtype   # dtype of the model's K/V (exact storage uses it)
+    dtype: torch.dtype   # of exact values: the store's held dtype (`GearConfig.held_dtype`)
     power_iters: int = 3
 
     @property
@@ -95,7 +95,8 @@ class SegmentLayout:
                  Part("zero", stats_unit, stats_row, fp16)]
         if self.rank:
             parts += [Part("lr_a", 1, (self.rank,), torch.int8),
-                      Part("lr_b", self.block, (D, self.rank), fp16)]
+                      Part("lr_b", self.block, (D, self.rank), torch.int8),
+                      Part("lr_s", self.block, (self.rank,), torch.float32)]
         if k2:
             if self.kind == "k":     # per block: 2k token offsets per channel
                 unit, row, index = self.block, (k2, D), outliers.index_dtype(self.block)
@@ -133,6 +134,7 @@ class Segment:
     zero: torch.Tensor | None = None
     lr_a: torch.Tensor | None = None
     lr_b: torch.Tensor | None = None
+    lr_s: torch.Tensor | None = None
     out_val: torch.Tensor | None = None
     out_idx: torch.Tensor | None = None
 
@@ -204,16 +206,15 @@ def compress(x: torch.Tensor, layout: SegmentLayout, check_finite: bool = False)
         # NaN over every token and channel of the block
         residual = torch.nan_to_num(xf - approx, nan=0.0, posinf=0.0, neginf=0.0)
         residual = residual.reshape(B, H, nblk, blk, D)
-        a, b = lowrank.pack(*lowrank.power_iteration(residual, layout.rank, layout.power_iters))
+        a, seg.lr_b, seg.lr_s = lowrank.pack(*lowrank.power_iteration(residual, layout.rank,
+                                                                       layout.power_iters))
         seg.lr_a = a.reshape(B, H, N, layout.rank)
-        seg.lr_b = b
     return seg
 
 
-def dequantize(seg: Segment, layout: SegmentLayout, tokens: int | None = None,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Rebuild the first `tokens` tokens (default all) as [B, H, tokens, D]."""
-    dtype = dtype or layout.dtype
+def dequantize(seg: Segment, layout: SegmentLayout, tokens: int | None,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Rebuild the first `tokens` tokens (None: all) as [B, H, tokens, D] of `dtype`."""
     n_all = seg.codes.shape[2]
     n = n_all if tokens is None else tokens
     if layout.exact:
@@ -232,8 +233,8 @@ def dequantize(seg: Segment, layout: SegmentLayout, tokens: int | None = None,
         x = _dequant(codes.reshape(B, H, m, D // G, G), seg.scale[:, :, :m, :, None],
                      seg.zero[:, :, :m, :, None]).reshape(B, H, m, D)
     if seg.lr_a is not None:
-        a = seg.lr_a[:, :, :m].float().reshape(B, H, nblk, blk, layout.rank)
-        x = x + (a @ seg.lr_b[:, :, :nblk].float().transpose(-1, -2)).reshape(B, H, m, D)
+        a = seg.lr_a[:, :, :m].reshape(B, H, nblk, blk, layout.rank)
+        x = x + lowrank.unpack(a, seg.lr_b[:, :, :nblk], seg.lr_s[:, :, :nblk]).reshape(B, H, m, D)
     if seg.out_val is not None:
         if layout.kind == "k":
             xb = x.reshape(B, H, nblk, blk, D)

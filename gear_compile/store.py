@@ -4,7 +4,8 @@ A store holds
 
   lengths   int64 [3] on the store's device: tokens in the prefill block, in
             the decode blocks and in the buffer (read by attention kernels)
-  buffer    [B, H, n_b, D] exact, in the model's dtype: the newest tokens
+  buffer    [B, H, n_b, D] exact: the newest tokens, in `GearConfig.held_dtype`
+            of the model's (fp16 for an fp32 model)
   p_<part>  the prefill block (one block of P tokens, rank r_p), `segment`
   d_<part>  n_b-token decode blocks (rank r_g) in a reserved capacity
 
@@ -43,11 +44,11 @@ BYTE_KINDS = ("codes", "scale/zero", "low-rank", "outliers", "buffer held", "unu
               "buffer empty", "lengths")
 RESERVED_KINDS = ("unused capacity", "buffer empty")
 _KIND_OF_PART = {"codes": "codes", "scale": "scale/zero", "zero": "scale/zero", "lr_a": "low-rank",
-                 "lr_b": "low-rank", "out_val": "outliers", "out_idx": "outliers"}
+                 "lr_b": "low-rank", "lr_s": "low-rank", "out_val": "outliers", "out_idx": "outliers"}
 # Fields of a segment in the CPU kernel's descriptor (kernels/cpu_attention.cpp, enum Field):
 # how it is quantized, then the index of each part in the flat list (-1: absent).
 KERNEL_FIELDS = ("exact", "bits", "channel_axis", "group", "block",
-                 "codes", "scale", "zero", "lr_a", "lr_b", "out_val", "out_idx")
+                 "codes", "scale", "zero", "lr_a", "lr_b", "lr_s", "out_val", "out_idx")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class StoreLayout:
     @classmethod
     def build(cls, config: GearConfig, kind: str, head_dim: int, dtype: torch.dtype,
               prefill_tokens: int) -> StoreLayout:
+        """The layout of a store of K/V of `dtype` (held in `config.held_dtype(dtype)`)."""
+        dtype = config.held_dtype(dtype)
         if isinstance(head_dim, int) and isinstance(prefill_tokens, int):
             return _layout(config, kind, head_dim, dtype, prefill_tokens)
         return _layout.__wrapped__(config, kind, head_dim, dtype, prefill_tokens)   # tracing: SymInts
@@ -101,7 +104,7 @@ class StoreLayout:
                     0 if whole else seg.block]
             out += [names.index(prefix + f) if prefix + f in names else -1
                     for f in KERNEL_FIELDS[5:]]
-        out += [1, 16, 0, 1, 0, names.index("buffer")] + [-1] * 6
+        out += [1, 16, 0, 1, 0, names.index("buffer")] + [-1] * (len(KERNEL_FIELDS) - 6)
         return tuple(out)
 
 
@@ -128,12 +131,15 @@ class KVStore:
     """The inner tensors of a K or V store (in `layout.names` order) and the
     host copy of its lengths. logical: (heads, head_dim) of the dense K/V
     the store stands for when it holds something else (LoRC latents, one
-    "head" of the layer's rank: `passes.lorc`); None: its own."""
+    "head" of the layer's rank: `passes.lorc`); None: its own. dtype: the
+    dense K/V's (None: the buffer's; it holds fp32 K/V in fp16)."""
 
     def __init__(self, config: GearConfig, kind: str, tensors: list[torch.Tensor],
-                 counts: list[int] | None = None, logical: tuple[int, int] | None = None):
+                 counts: list[int] | None = None, logical: tuple[int, int] | None = None,
+                 dtype: torch.dtype | None = None):
         buffer, p_codes = tensors[1], tensors[2]
         self.config, self.kind, self.logical = config, kind, logical
+        self.dtype = dtype or buffer.dtype
         self.layout = StoreLayout.build(config, kind, buffer.shape[-1], buffer.dtype, p_codes.shape[2])
         self._tensors = list(tensors)
         self._counts = list(counts) if counts is not None else None
@@ -224,12 +230,12 @@ class KVStore:
         if n_dec:
             decode.write(compress(x[:, :, :n_dec], layout.decode, check_finite=check_finite),
                          layout.decode, 0)
-        buffer = x.new_zeros(B, H, layout.buffer_tokens, D)
+        buffer = x.new_zeros(B, H, layout.buffer_tokens, D, dtype=layout.dtype)
         rem = P - n_pre - n_dec
         buffer[:, :, :rem] = x[:, :, n_pre + n_dec:]
         lengths = torch.tensor([n_pre, n_dec, rem], dtype=torch.int64, device=x.device)
         tensors = [lengths, buffer] + list(prefill.parts().values()) + list(decode.parts().values())
-        return cls(config, kind, tensors, [n_pre, n_dec, rem])
+        return cls(config, kind, tensors, [n_pre, n_dec, rem], dtype=x.dtype)
 
     # -- appending --------------------------------------------------------
     def wrote(self, tokens: int) -> bool:
@@ -296,13 +302,13 @@ class KVStore:
         sequences of a store share its lengths."""
         index = index.to(self.buffer.device)
         tensors = [self.lengths.clone()] + [t.index_select(0, index) for t in self._tensors[1:]]
-        return KVStore(self.config, self.kind, tensors, self.counts(), self.logical)
+        return self._with(tensors, self.counts())
 
     def batch_repeat(self, repeats: int) -> KVStore:
         """Every sequence `repeats` times in a row (beam and sample expansion)."""
         tensors = [self.lengths.clone()] + [t.repeat_interleave(repeats, dim=0)
                                              for t in self._tensors[1:]]
-        return KVStore(self.config, self.kind, tensors, self.counts(), self.logical)
+        return self._with(tensors, self.counts())
 
     def cropped(self, length: int) -> KVStore:
         """The first `length` tokens, as speculative decoding's rollback needs.
@@ -333,11 +339,16 @@ class KVStore:
         else:
             counts = [n_pre, n_dec, length - n_pre - n_dec]
         lengths = torch.tensor(counts, dtype=torch.int64, device=self.lengths.device)
-        return KVStore(self.config, self.kind, [lengths, buffer] + self._tensors[2:], counts, self.logical)
+        return self._with([lengths, buffer] + self._tensors[2:], counts)
+
+    def _with(self, tensors: list[torch.Tensor], counts) -> KVStore:
+        """A store like this one holding `tensors`."""
+        return KVStore(self.config, self.kind, tensors, counts, self.logical, self.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense [B, H, L, D] K or V, in `dtype` (default: the dense K/V's)."""
         n_pre, n_dec, n_buf = self.counts()
-        dtype = dtype or self.buffer.dtype
+        dtype = dtype or self.dtype
         parts = [dequantize(self.prefill, self.layout.prefill, n_pre, dtype),
                  dequantize(self.decode, self.layout.decode, n_dec, dtype),
                  self.buffer[:, :, :n_buf].to(dtype)]

@@ -57,7 +57,7 @@ def options(method, bits, backbone):
 
 def segment_roundtrip(x, kind, **opts):
     layout = StoreLayout.build(GearConfig(**opts), kind, x.shape[-1], x.dtype, x.shape[2]).prefill
-    return dequantize(compress(x, layout), layout)
+    return dequantize(compress(x, layout), layout, None, x.dtype)
 
 
 def store_roundtrip(x, kind, prefill, **opts):
@@ -206,7 +206,7 @@ def test_segment_reconstructs_in_the_input_dtype_within_the_backbone_half_step(d
     config = GearConfig(method="kcvt", bits=4)
     layout = StoreLayout.build(config, kind, 16, dtype, 30).prefill
     seg = compress(x, layout)
-    y = dequantize(seg, layout)
+    y = dequantize(seg, layout, None, dtype)
     assert y.dtype == dtype and y.shape == x.shape
     step = seg.scale.float()     # [1, 2, 1, 16] per channel (K) or [1, 2, 30, 1] per token (V)
     rounding = torch.finfo(dtype).eps * x.float().abs() if dtype != torch.float32 else 0

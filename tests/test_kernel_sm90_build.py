@@ -43,8 +43,9 @@ def _build_all():
         w = D if exact else D // pb
         cdt = qdt if exact else "u8"
         ptrs = dict(Q=qdt, Kc=cdt, Vc=cdt, Lens="i64", Mask="u8" if mask == 1 else qdt,
-                    PO="fp32", PLSE="fp32", Koi=kout[0] if kout else "u8", Voi="u8", Ka="i8", Va="i8")
-        types = {n: "*" + ptrs.get(n, "fp16") for n in da._partial_kernel.arg_names[:19]}
+                    PO="fp32", PLSE="fp32", Koi=kout[0] if kout else "u8", Voi="u8", Ka="i8", Va="i8",
+                    Kb="i8", Vb="i8", Kls="fp32", Vls="fp32")
+        types = {n: "*" + ptrs.get(n, "fp16") for n in da._partial_kernel.arg_names[:21]}
         types["qk_scale"] = "fp32"
         build(da._partial_kernel, types,
               dict(SEG=1, G=G, GP=16, D=D, W=w, WP=w, PB=pb, E=D, BITS=0 if exact else bits,

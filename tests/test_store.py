@@ -6,6 +6,7 @@ device lengths, flushing (batched across stores, bit-exact) and growth."""
 import pytest
 import torch
 
+from gear_compile.compressed_kv import CompressedKV
 from gear_compile.config import GearConfig
 from gear_compile.segment import compress
 from gear_compile.store import KERNEL_FIELDS, KVStore, StoreLayout, flush_stores
@@ -51,9 +52,35 @@ def test_the_kernel_descriptor_points_at_the_named_parts(method):
 
 
 # ---------------------------------------------------------------- prefill and buffer
+def fp16_values(*shape) -> torch.Tensor:
+    """fp32 values an fp16 buffer holds exactly, so "exact" can mean equal."""
+    return torch.randn(*shape).half().float()
+
+
+@pytest.mark.parametrize("dtype, method, held", [
+    (torch.float32, "gear", torch.float16), (torch.float32, "kivi", torch.float16),
+    (torch.float32, "none", torch.float32), (torch.bfloat16, "gear", torch.bfloat16),
+    (torch.float16, "kcvt", torch.float16)])
+def test_the_buffer_holds_fp32_tokens_in_fp16_and_the_store_stays_the_models_dtype(dtype, method, held):
+    config = GearConfig(method=method, bits=4, group_size=8, buffer_size=8)
+    x = torch.randn(1, 2, 21, 16).to(dtype)
+    store = KVStore.from_prefill(x[:, :, :20], config, "v")
+    store.append(x[:, :, 20:])
+    n_buf = store.counts()[2]
+    assert store.buffer.dtype == held and store.dtype == dtype and n_buf > 0
+    assert torch.equal(store.buffer[:, :, :n_buf], x[:, :, 21 - n_buf:].to(held))
+    assert store.dequantize().dtype == dtype
+    kv = CompressedKV(store)
+    assert kv.dtype == dtype and kv.dequantize().dtype == dtype
+    names, meta = kv.__tensor_flatten__()
+    again = CompressedKV.__tensor_unflatten__({n: getattr(kv, n) for n in names}, meta, kv.shape, kv.stride())
+    assert again.dtype == dtype
+    assert store.batch_select(torch.tensor([0, 0])).dtype == dtype and store.cropped(3).dtype == dtype
+
+
 def test_kivi_prefill_compresses_whole_groups_and_buffers_the_rest():
     config = GearConfig(method="kivi", bits=2, group_size=8, buffer_size=8)
-    x = torch.randn(1, 2, 21, 16)
+    x = fp16_values(1, 2, 21, 16)
     store = KVStore.from_prefill(x, config, "k")
     assert store.counts() == (16, 0, 5)
     assert torch.equal(store.buffer[:, :, :5], x[:, :, 16:])
@@ -78,7 +105,7 @@ def test_a_store_rebuilt_from_bare_tensors_reads_its_counts_from_the_device():
 
 def test_append_below_the_flush_point_only_fills_the_buffer():
     config = GearConfig(method="gear", buffer_size=8)
-    x = torch.randn(1, 2, 17, 16)
+    x = fp16_values(1, 2, 17, 16)
     store = KVStore.from_prefill(x[:, :, :10], config, "v")
     store.append(x[:, :, 10:17])
     assert store.counts() == (10, 0, 7)
@@ -88,7 +115,7 @@ def test_append_below_the_flush_point_only_fills_the_buffer():
 
 def test_the_flush_point_compresses_exactly_one_block_and_keeps_the_rest_exact():
     config = GearConfig(method="gear", buffer_size=8)
-    x = torch.randn(1, 2, 21, 16)
+    x = fp16_values(1, 2, 21, 16)
     store = KVStore.from_prefill(x[:, :, :10], config, "v")
     store.append(x[:, :, 10:21])
     assert store.counts() == (10, 8, 3)
@@ -97,7 +124,7 @@ def test_the_flush_point_compresses_exactly_one_block_and_keeps_the_rest_exact()
 
 def test_a_flushed_block_is_the_block_compressed_on_its_own():
     config = GearConfig(method="gear", bits=4, buffer_size=8, outlier_ratio=0.25)
-    x = torch.randn(1, 2, 26, 16)
+    x = fp16_values(1, 2, 26, 16)
     store = streamed(x, config, "k", 10)
     alone = compress(x[:, :, 10:26], store.d_layout)
     for name, t in alone.parts().items():
@@ -108,7 +135,7 @@ def test_a_token_written_by_the_graph_is_counted_and_flushes_when_the_buffer_fil
     """The decode graph writes the token and bumps the device lengths; the
     runtime only records it (`wrote`) and flushes when told to."""
     config = GearConfig(method="gear", buffer_size=4)
-    x = torch.randn(1, 2, 14, 16)
+    x = fp16_values(1, 2, 14, 16)
     store = KVStore.from_prefill(x[:, :, :10], config, "k")
     for t in range(10, 14):
         store.buffer[:, :, t - 10] = x[:, :, t]           # what the graph does

@@ -50,7 +50,7 @@ constexpr int MIN_SPLIT = 256;     // fewest tokens worth a work item of their o
 // index of each part in the flat list (-1: absent). Ranks and outlier counts
 // are read from the parts' shapes.
 enum Field { EXACT, BITS, CHANNEL_AXIS, GROUP, BLOCK,
-             CODES, SCALE, ZERO, LR_A, LR_B, OUT_VAL, OUT_IDX, NFIELDS };
+             CODES, SCALE, ZERO, LR_A, LR_B, LR_S, OUT_VAL, OUT_IDX, NFIELDS };
 constexpr int NSTORE = 3;          // segments of a store: prefill block, decode blocks, buffer
 constexpr int NSEG = 4;            // and the call's new tokens (exact, not yet in the store)
 
@@ -79,23 +79,31 @@ struct Seg {
   int64_t cap = 0;                             // token capacity
   const void* data = nullptr;                  // exact values, or packed codes
   at::ScalarType dtype = at::kFloat;           // of exact values
-  const at::Half *scale = nullptr, *zero = nullptr, *lr_b = nullptr, *out_val = nullptr;
-  const int8_t* lr_a = nullptr;                // int8; its column scales are folded into lr_b
+  const at::Half *scale = nullptr, *zero = nullptr, *out_val = nullptr;
+  const int8_t *lr_a = nullptr, *lr_b = nullptr;   // L = A diag(lr_s) B^T, A and B in int8
+  const float* lr_s = nullptr;                     // per block, one scale per rank
   const void* out_idx = nullptr;
   at::ScalarType idx_type = at::kByte;
+
+  // Column k of block blk's B, times its scale: B_blk[:, k] lr_s[blk, k].
+  void lr_b_column(int64_t blk, int k, int D, float* out) const {
+    const int8_t* Bm = lr_b + blk * D * rank;
+    const float s = lr_s[blk * rank + k];
+    for (int d = 0; d < D; ++d) out[d] = static_cast<float>(Bm[d * rank + k]) * s;
+  }
 };
 
 // Where one segment's parts start, and their per-(batch, head) strides.
 struct SegBase {
   Seg seg;
-  int64_t data_hs = 0, scale_hs = 0, a_hs = 0, b_hs = 0, ov_hs = 0;
+  int64_t data_hs = 0, scale_hs = 0, a_hs = 0, b_hs = 0, s_hs = 0, ov_hs = 0;
 
   Seg at(int64_t head) const {
     Seg s = seg;
     size_t el = s.exact ? c10::elementSize(s.dtype) : 1;
     s.data = static_cast<const char*>(s.data) + head * data_hs * el;
     if (s.scale) { s.scale += head * scale_hs; s.zero += head * scale_hs; }
-    if (s.lr_a) { s.lr_a += head * a_hs; s.lr_b += head * b_hs; }
+    if (s.lr_a) { s.lr_a += head * a_hs; s.lr_b += head * b_hs; s.lr_s += head * s_hs; }
     if (s.out_val) {
       s.out_val += head * ov_hs;
       s.out_idx = static_cast<const char*>(s.out_idx) + head * ov_hs * c10::elementSize(s.idx_type);
@@ -143,11 +151,15 @@ SegBase make_seg(const std::vector<at::Tensor>& parts, const int64_t* f) {
   b.scale_hs = head_stride(sc);
   if (f[LR_A] >= 0) {
     s.rank = static_cast<int>(parts[f[LR_A]].size(3));
-    TORCH_CHECK(parts[f[LR_A]].scalar_type() == at::kChar, "gear attention_cpu: lr_a must be int8");
+    TORCH_CHECK(parts[f[LR_A]].scalar_type() == at::kChar && parts[f[LR_B]].scalar_type() == at::kChar &&
+                parts[f[LR_S]].scalar_type() == at::kFloat,
+                "gear attention_cpu: lr_a and lr_b must be int8, lr_s fp32");
     s.lr_a = parts[f[LR_A]].data_ptr<int8_t>();
-    s.lr_b = parts[f[LR_B]].data_ptr<at::Half>();
+    s.lr_b = parts[f[LR_B]].data_ptr<int8_t>();
+    s.lr_s = parts[f[LR_S]].data_ptr<float>();
     b.a_hs = head_stride(parts[f[LR_A]]);
     b.b_hs = head_stride(parts[f[LR_B]]);
+    b.s_hs = head_stride(parts[f[LR_S]]);
   }
   if (f[OUT_VAL] >= 0) {
     s.k2 = static_cast<int>(parts[f[OUT_IDX]].size(3));
@@ -324,9 +336,8 @@ void score_chunk(const Problem& P, const Seg& K, int64_t t0, int n, Scratch& sc)
     for (int j0 = 0; j0 < n;) {
       int64_t blk = (t0 + j0) / K.block;
       int j1 = static_cast<int>(std::min<int64_t>(n, (blk + 1) * K.block - t0));
-      const at::Half* Bm = K.lr_b + blk * D * rk;
       for (int k = 0; k < rk; ++k) {
-        for (int d = 0; d < D; ++d) sc.row[d] = to_f(Bm[d * rk + k]);
+        K.lr_b_column(blk, k, D, sc.row.data());
         score_tile(sc.q.data(), R, DP, sc.row.data(), 0, 1, sc.qb.data() + k, rk);
       }
       for (int r = 0; r < R; ++r)
@@ -388,9 +399,8 @@ void value_chunk(const Problem& P, const Seg& V, int64_t t0, int n, Scratch& sc,
       for (int r = 0; r < R; ++r)
         for (int k = 0; k < rk; ++k)
           sc.pa[r * rk + k] = dot(p + r * CHUNK + j0, sc.at.data() + k * CHUNK + j0, j1 - j0);
-      const at::Half* Bm = V.lr_b + blk * D * rk;
       for (int k = 0; k < rk; ++k) {
-        for (int d = 0; d < D; ++d) sc.row[d] = to_f(Bm[d * rk + k]);
+        V.lr_b_column(blk, k, D, sc.row.data());
         accumulate_tile(sc.pa.data() + k, rk, R, 1, sc.row.data(), 0, acc, DP, 0, DP);
       }
       j0 = j1;

@@ -24,9 +24,10 @@ Algorithm (split-K flash decoding, two kernels):
   field at once into [BT, PB, W] and flattened, giving an "extended channel"
   axis e = field * WP + byte (channel field * W + byte, see `packing`). q, the
   scales and the accumulator all live on that axis, so no interleaving is done.
-* GEAR terms: low-rank K adds (q . B_blk) . A_t to the scores (r dot products of
-  length D per tile instead of a dense [BT, D] rebuild); low-rank V adds
-  (p . A) . B_blk^T to the accumulator. Outliers become a sparse [BT, E] tile
+* GEAR terms: low-rank K adds (q . B_blk) s . A_t to the scores (r dot products
+  of length D per tile instead of a dense [BT, D] rebuild; A and B int8, s the
+  block's fp32 scale per rank); low-rank V adds (p . A) s . B_blk^T to the
+  accumulator. Outliers become a sparse [BT, E] tile
   added to the dequantized one (or, where scales are folded into the dot, a
   dot of their own). V: 2k channel indices per token. K: per block, 2k token
   offsets per channel, sorted, so a tile's entries are one run per channel
@@ -162,7 +163,7 @@ def _mma(a, b, DT: tl.constexpr, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Voi,
+def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
                     Lens, Mask, PO, PLSE,
                     qk_scale, cap, Hkv, N, NBLK, BLOCK, TPB, ITEMS, SPLIT0, S_TOTAL, T_NEW,
                     k_group, v_group, k_k2, v_k2, mask_sb, mask_sh, mask_sl, mask_len,
@@ -225,6 +226,8 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
             Va += head * N * R
             Kb += head * NBLK * D * R
             Vb += head * NBLK * D * R
+            Kls += head * NBLK * R
+            Vls += head * NBLK * R
 
     g = tl.arange(0, GP)
     ok_g = g < G
@@ -278,11 +281,12 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
                     k += ksp
                 s = _mma(q, tl.trans(k), DT, FP32_DOT)
             if R > 0:
-                # low-rank K: q . (A_t B_blk^T) = (q . B_blk) . A_t
+                # low-rank K: q . (A_t diag(s) B_blk^T) = (q . B_blk) s . A_t
                 for r in tl.static_range(R):
-                    bk = tl.load(Kb + (blk * D + ch) * R + r, mask=ok_c, other=0.0).to(tl.float32)
-                    a = tl.load(Ka + t * R + r, mask=ok_t, other=0.0).to(tl.float32)
-                    s += tl.sum(q * bk[None, :], axis=1)[:, None] * a[None, :]
+                    bk = tl.load(Kb + (blk * D + ch) * R + r, mask=ok_c, other=0).to(tl.float32)
+                    a = tl.load(Ka + t * R + r, mask=ok_t, other=0).to(tl.float32)
+                    sr = tl.load(Kls + blk * R + r)
+                    s += (tl.sum(q * bk[None, :], axis=1) * sr)[:, None] * a[None, :]
             if SOFTCAP:
                 # s is in base-2 units (q carries log2 e); so is cap: cap tanh(s / cap)
                 s = cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
@@ -324,11 +328,12 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vov, Vo
                     v += vsp
                 acc += _mma(p, v, DT, FP32_DOT)
             if R > 0:
-                # low-rank V: sum_t p_t A_t B_blk^T = (p . A) . B_blk^T
+                # low-rank V: sum_t p_t A_t diag(s) B_blk^T = (p . A) s . B_blk^T
                 for r in tl.static_range(R):
-                    a = tl.load(Va + t * R + r, mask=ok_t, other=0.0).to(tl.float32)
-                    bv = tl.load(Vb + (blk * D + ch) * R + r, mask=ok_c, other=0.0).to(tl.float32)
-                    acc += tl.sum(p * a[None, :], axis=1)[:, None] * bv[None, :]
+                    a = tl.load(Va + t * R + r, mask=ok_t, other=0).to(tl.float32)
+                    bv = tl.load(Vb + (blk * D + ch) * R + r, mask=ok_c, other=0).to(tl.float32)
+                    sr = tl.load(Vls + blk * R + r)
+                    acc += (tl.sum(p * a[None, :], axis=1) * sr)[:, None] * bv[None, :]
             m_i = m_new
 
     has = l_i > 0
@@ -471,20 +476,20 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
     for seg_id, kseg, vseg, n_cap, kl, vl, block, bt, tpb, n_items in plan:
         splits = -(-n_items // items)
         if seg_id >= 2:   # the buffer or the new token: exact, in the model's dtype
-            kt = [ks.buffer if seg_id == 2 else k_new] + [q] * 6    # q stands in for absent parts
-            vt = [vs.buffer if seg_id == 2 else v_new] + [q] * 6
+            kt = [ks.buffer if seg_id == 2 else k_new] + [q] * 7    # q stands in for absent parts
+            vt = [vs.buffer if seg_id == 2 else v_new] + [q] * 7
             seg_exact, k_group, v_group, k_k2, v_k2, nblk = True, 1, 1, 0, 0, 1
         else:
             kt, vt = ([t if t is not None else q for t in
-                       (sg.codes, sg.scale, sg.zero, sg.lr_a, sg.lr_b, sg.out_val, sg.out_idx)]
+                       (sg.codes, sg.scale, sg.zero, sg.lr_a, sg.lr_b, sg.lr_s, sg.out_val, sg.out_idx)]
                       for sg in (kseg, vseg))
             seg_exact = kl.exact
             k_group = kl.token_group if kl.spec.axis == "channel" else kl.channel_group
             v_group = vl.token_group if vl.spec.axis == "channel" else vl.channel_group
             k_k2, v_k2 = 2 * kl.outliers_per_side, 2 * vl.outliers_per_side
             nblk = n_cap // block
-        kc, ksc, kz, ka, kb, kov, koi = (t.contiguous() for t in kt)
-        vc, vsc, vz, va, vb, vov, voi = (t.contiguous() for t in vt)
+        kc, ksc, kz, ka, kb, kls, kov, koi = (t.contiguous() for t in kt)
+        vc, vsc, vz, va, vb, vls, vov, voi = (t.contiguous() for t in vt)
         rank = 0 if seg_id >= 2 or kl.rank == 0 else kl.rank
         # fold scale/zero into the dot products where one (scale, zero) covers
         # a K tile's rows (a channel-axis group spanning the tile) or a V token's
@@ -495,7 +500,7 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
         dp = max(16, _pow2(D))
         seg_w, seg_pb, seg_wp, seg_e = (D, 1, dp, dp) if seg_exact else (W, PB, WP, E)
         launch(_partial_kernel)[(B * Hkv, splits)](
-            q, kc, ksc, kz, ka, kb, kov, koi, vc, vsc, vz, va, vb, vov, voi,
+            q, kc, ksc, kz, ka, kb, kls, kov, koi, vc, vsc, vz, va, vb, vls, vov, voi,
             lens, mask, po, plse,
             scale * _LOG2E, softcap * _LOG2E, Hkv, n_cap, nblk, block, tpb, items, split0, s_total, t_new,
             k_group, v_group, k_k2, v_k2, strides[0], strides[1], strides[2], mlen,

@@ -234,7 +234,7 @@ def rebuild_past(graph: fx.Graph, site: LoRCSite, parts: list, config: GearConfi
     """The past's K or V [B, H, length, d] from the latent store's inner
     tensors `parts`; with `positions` (K under RoPE), the nodes from (pre,
     positions) to `new` replayed on it at the past's positions."""
-    latents = _past_latents(graph, parts, config, kind, length)
+    latents = _past_latents(graph, parts, config, kind, length, _value(pre).dtype)
     lin = graph.call_function(torch.matmul, (graph.call_method("squeeze", (latents, 1)),
                                              graph.call_method("t", (basis,))))
     rebuilt = graph.call_method("transpose", (graph.call_method(
@@ -247,9 +247,10 @@ def rebuild_past(graph: fx.Graph, site: LoRCSite, parts: list, config: GearConfi
     return replay(graph, new, {pre: rebuilt, positions: past})
 
 
-def _past_latents(graph: fx.Graph, parts: list, config: GearConfig, kind: str, length) -> fx.Node:
-    """The latent store's `length` tokens, dequantized: [B, 1, length, r]."""
-    return graph.call_function(torch.ops.gear.dequantize.default, (parts, config.to_json(), kind, length))
+def _past_latents(graph: fx.Graph, parts: list, config: GearConfig, kind: str, length,
+                  dtype: torch.dtype) -> fx.Node:
+    """The latent store's `length` tokens, dequantized: [B, 1, length, r] of `dtype`."""
+    return graph.call_function(torch.ops.gear.dequantize.default, (parts, config.to_json(), kind, length, dtype))
 
 
 def folds_values(site: AttentionSite, tokens) -> bool:
@@ -274,7 +275,8 @@ def attend_latent_values(graph: fx.Graph, site: AttentionSite, lo: LoRCSite, q: 
     latents C (the past's, dequantized, then the new tokens'), one head
     shared by every KV head, then each query head's rows of U^T. V itself is
     never rebuilt. Returns the [B, Hq, T, d] output."""
-    latents = graph.call_function(torch.cat, ([_past_latents(graph, parts, config, "v", length), new],),
+    past = _past_latents(graph, parts, config, "v", length, _value(site.query).dtype)
+    latents = graph.call_function(torch.cat, ([past, new],),
                                   {"dim": 2})
     values = graph.call_method("expand", (latents, -1, lo.heads, -1, -1))
     out = graph.call_function(torch.nn.functional.scaled_dot_product_attention, (q, keys, values), {

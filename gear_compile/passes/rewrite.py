@@ -52,10 +52,11 @@ class PrefillOut:
     """A new store: the next `parts` graph outputs are its inner tensors.
     keep: a sliding-window layer's window (tokens a future query may see),
     None for full attention. logical: the (heads, head_dim) a LoRC latent
-    store stands for (`KVStore.logical`)."""
+    store stands for (`KVStore.logical`); dtype: the dense K/V's."""
 
     kind: str
     parts: int
+    dtype: torch.dtype
     keep: int | None = None
     logical: tuple[int, int] | None = None
 
@@ -159,7 +160,7 @@ class _Rewriter:
             pre = _value(proj.pre)
             n_pre = self.config.prefill_tokens(int(pre.shape[2]))
             n = len(StoreLayout.build(self.config, kind, proj.rank, pre.dtype, n_pre).names)
-            self.replaced[stored] = (PrefillOut(kind, n, None, (lo.heads, lo.head_dim)), parts)
+            self.replaced[stored] = (PrefillOut(kind, n, pre.dtype, None, (lo.heads, lo.head_dim)), parts)
 
     def lorc_decode(self, site: AttentionSite, lo: lorc_pass.LoRCSite) -> None:
         tokens = _value(site.key.new).shape[2]
@@ -196,8 +197,8 @@ class _Rewriter:
                 DecodeOut(self.placeholders.index(past), written), None if written else new)
 
     def write_latent(self, proj, kind: str, parts: list, new: fx.Node) -> None:
-        names = StoreLayout.build(self.config, kind, proj.rank, _value(proj.pre).dtype, 0).names
-        buffer_write(self.graph, parts[names.index("lengths")], parts[names.index("buffer")], new)
+        dtype = _value(proj.pre).dtype
+        buffer_write(self.graph, StoreLayout.build(self.config, kind, proj.rank, dtype, 0), parts, new, dtype)
 
     def decode(self, site: AttentionSite) -> None:
         out = self.node(site.output)
@@ -217,9 +218,7 @@ class _Rewriter:
                 self.node(site.sinks)))
             if tokens == 1:
                 for parts, store, new in ((k_parts, k_store, k_new), (v_parts, v_store, v_new)):
-                    names = store.layout.names
-                    buffer_write(self.graph, parts[names.index("lengths")],
-                                 parts[names.index("buffer")], new)
+                    buffer_write(self.graph, store.layout, parts, new, _value(new).dtype)
         want = _value(site.output)
         if want.dtype != q_val.dtype:        # q upcast for fp32 attention: the output is cast back
             with self.graph.inserting_after(attn):
@@ -243,7 +242,7 @@ class _Rewriter:
             x = _value(append.stored)
             n_pre = 0 if windowed else self.config.prefill_tokens(int(x.shape[2]))
             n = len(StoreLayout.build(self.config, kind, x.shape[-1], x.dtype, n_pre).names)
-            self.replaced[stored] = (PrefillOut(kind, n, append.keep), parts)
+            self.replaced[stored] = (PrefillOut(kind, n, x.dtype, append.keep), parts)
 
     def finish(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, RewritePlan]:
         graph, plan = self.graph, RewritePlan()
@@ -286,11 +285,16 @@ def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], config: GearConfig, 
     return rewriter.finish(gm)
 
 
-def buffer_write(graph: fx.Graph, lengths: fx.Node, buffer: fx.Node, new: fx.Node) -> None:
-    """Emit the per-token write of `new` [B, H, 1, D] into the buffer at its
-    live length, and the length's bump: an indexed write on the device, as a
-    static cache does (no host read, no branch)."""
+def buffer_write(graph: fx.Graph, layout: StoreLayout, parts: list, new: fx.Node,
+                 dtype: torch.dtype) -> None:
+    """Emit the per-token write of `new` [B, H, 1, D] (of `dtype`) into the buffer of the store `parts` at its live length, and the
+    length's bump: an indexed write on the device, as a static cache does (no
+    host read, no branch). The buffer may hold a narrower dtype
+    (`GearConfig.held_dtype`): the token is cast on the way in."""
     aten = torch.ops.aten
+    lengths, buffer = parts[layout.names.index("lengths")], parts[layout.names.index("buffer")]
+    if dtype != layout.dtype:
+        new = graph.call_function(aten._to_copy.default, (new,), {"dtype": layout.dtype})
     position = graph.call_function(aten.slice.Tensor, (lengths, 0, 2, 3))
     graph.call_function(aten.index_copy_.default, (buffer, 2, position, new))
     graph.call_function(aten.add_.Scalar, (graph.call_function(aten.slice.Tensor, (lengths, 0, 2, 3)), 1))
