@@ -13,7 +13,7 @@ Options are documented on `GearConfig`. Modules: `config` (options),
 (a layer's K or V store and its layout), `compressed_kv` (the cache tensor),
 `ops` (custom ops), `lorc` (low-rank K/V projections), `passes` (match, rewrite, LoRC), `backend` (the
 torch.compile backend), `runtime` (between graph calls: counts, flushes),
-`report` and `explain` (inspection), `kernels` (attention over packed codes:
+`report`, `graph_diff` and `explain` (inspection), `kernels` (attention over packed codes:
 C++ on CPU, Triton on CUDA), `cli` (`gear-compile inspect`).
 """
 from __future__ import annotations

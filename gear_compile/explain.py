@@ -1,6 +1,7 @@
 """`explain`: compile a model or function with the gear backend and return what
 it did: each attention site (layer, form, phase, rewritten or fallback and
-why) and each graph before/after as code, with a unified diff.
+why) and each graph before/after as code, with a unified diff (readable by
+default: one layer's rewrite in full, the layers with the same one named).
 
 For a Hugging Face model, a prefill call and one decode step are run with a
 fresh DynamicCache, so both the prefill graph (compress the block) and the
@@ -31,8 +32,9 @@ class Explanation:
     def text(self) -> str:
         return "\n".join(g.text() for g in self.graphs)
 
-    def diff(self) -> str:
-        return "\n".join(g.diff() for g in self.graphs)
+    def diff(self, full: bool = False) -> str:
+        """Every graph's diff; abridged unless `full` (see GraphReport.diff)."""
+        return "\n".join(g.diff(full) for g in self.graphs)
 
     def write(self, path: str) -> str:
         return write_diff(path, self.text(), self.diff())

@@ -2,21 +2,23 @@
 
 `GraphReport` holds, for one compiled graph, every attention site (layer, form,
 phase, rewritten or fallback and why) and the graph's Python code before and
-after the rewrite with a unified diff. Reports are collected by `record` into
-any active `collect()` context (used by `explain`) and kept in `history`
-(the last 64) for users who compile directly.
-Neighbours: `backend` (builds and records reports), `explain` (collects them).
+after the rewrite; `diff()` is the readable unified diff (one layer's rewrite
+in full, the layers with the same rewrite named), `diff(full=True)` every line.
+Reports are collected by `record` into any active `collect()` context (used by
+`explain`) and kept in `history` (the last 64) for users who compile directly.
+Neighbours: `backend` (builds and records reports), `explain` (collects them),
+`graph_diff` (shapes the diff), `passes.match` (names each site's layer).
 """
 from __future__ import annotations
 
 import contextlib
-import difflib
 import itertools
 import os
 from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from . import graph_diff
 from .config import GearConfig
 
 _counter = itertools.count()
@@ -65,10 +67,11 @@ class GraphReport:
             text += f", {len(self.fallbacks)} left exact"
         return text
 
-    def diff(self) -> str:
-        return "".join(difflib.unified_diff(
-            self.before.splitlines(keepends=True), self.after.splitlines(keepends=True),
-            fromfile=f"graph_{self.index}_before.py", tofile=f"graph_{self.index}_after.py"))
+    def diff(self, full: bool = False) -> str:
+        """The unified diff of the code before and after, signatures one
+        parameter a line; abridged (graph_diff.readable_diff) unless `full`."""
+        shape = graph_diff.full_diff if full else graph_diff.readable_diff
+        return shape(self.before, self.after, f"graph_{self.index}_before.py", f"graph_{self.index}_after.py")
 
     def text(self) -> str:
         lines = [f"graph {self.index}: {self.summary()}"]
@@ -80,11 +83,14 @@ class GraphReport:
 
 
 def write_diff(path: str, text: str, diff: str) -> str:
-    """A report file: `text` as # comments, then the unified diff."""
+    """A report file: `text` as # comments, then the unified diff; an abridged
+    diff's note (how to get every line) moves to the file's first line."""
+    note = graph_diff.NOTE + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
+        f.write(note if note in diff else "")
         f.write("# " + text.replace("\n", "\n# ") + "\n")
-        f.write(diff)
+        f.write(diff.replace(note, ""))
     return path
 
 

@@ -1,6 +1,8 @@
 """`gear-compile inspect`: the console script reports every site and writes the diff."""
 import subprocess
 
+from gear_compile.graph_diff import NOTE
+
 
 def test_inspect_writes_the_graph_diff_for_the_builtin_model(tmp_path):
     out = tmp_path / "gear.diff"
@@ -10,7 +12,8 @@ def test_inspect_writes_the_graph_diff_for_the_builtin_model(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "transformer.h.1.attn" in result.stdout and "rewritten" in result.stdout
     text = out.read_text()
-    assert text.startswith("# graph") and "+++ graph_1_after.py" in text
+    lines = text.splitlines()      # layer 1's rewrite is layer 0's: abridged, and says so first
+    assert lines[0] == NOTE and lines[1].startswith("# graph") and "+++ graph_1_after.py" in lines
     assert "torch.ops.gear.attention_cpu" in text
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..compressed_kv import CompressedKV
+
+_ROOT = re.compile(r"^L\['self'\]|^L\['args'\]\[0\]")   # Dynamo's name for the compiled model
 
 SDPA_SIGNATURE = inspect.signature(
     lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -81,8 +84,7 @@ class AttentionSite:
     def layer(self) -> str:
         stack = self.output.meta.get("nn_module_stack") or {}
         if stack:
-            path = list(stack.values())[-1][0]
-            return path.replace("L['self'].", "").replace("L['self']", "model")
+            return module_path(list(stack.values())[-1][0])
         return f"site {self.index}"
 
     @property
@@ -94,6 +96,13 @@ class AttentionSite:
         if self.key is None:
             return "-"
         return "decode" if self.key.compressed else "prefill"
+
+
+def module_path(source: str) -> str:
+    """A module's path as the model names it, without Dynamo's name for the
+    model: "L['args'][0].model.layers.0.self_attn" -> "model.layers.0.self_attn",
+    "L['self']" -> "model"."""
+    return _ROOT.sub("", source).lstrip(".") or "model"
 
 
 def _value(node):
