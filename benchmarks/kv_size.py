@@ -193,11 +193,12 @@ def main(argv=None):
         "which this benchmark does not change):", "",
         "- K scale/zero of decode blocks: one fp16 (scale, zero) per channel per n_b-token block "
         "= 2/n_b of those tokens' FP16 bytes (10 % of K at n_b = 20; 3.1 % at 64).",
-        "- d_lr_b: Algorithm 1 fits a rank-r_g L = A B^T to each n_b-token block, so each block stores "
-        "its own fp16 B (D x r_g): r_g/n_b of the block's FP16 bytes (10 % at n_b = 20, r_g = 2); "
-        "p_lr_a / d_lr_a: r int8 values per token (each column of A scaled to [-127, 127], the "
-        "scale folded into B) = r/(2D) (1.6 % at r_p = 4, D = 128; fp16 A took twice that at the "
-        "same errors to 4 decimals).",
+        "- d_lr_b / d_lr_s: Algorithm 1 fits a rank-r_g L = A B^T to each n_b-token block, so each "
+        "block stores its own B (D x r_g, int8) and one fp32 scale per rank: r_g/(2 n_b) of the "
+        "block's FP16 bytes (5 % at n_b = 20, r_g = 2; fp16 B was 10 %); "
+        "p_lr_a / d_lr_a: r int8 values per token = r/(2D) (1.6 % at r_p = 4, D = 128). Each "
+        "column of A and of B is scaled to [-127, 127]; fp16 A and B took 1.2 pt more of the "
+        "GEAR(KCVT-4) row at the same errors to 3 decimals.",
         "- p_out_idx: K outliers of a prefill block longer than 256 tokens need int16 token indices "
         "(the index type is the narrowest that spans the block).",
         "- buffer: allocated at n_b tokens; held tokens are exact FP16, empty slots are still held.",
