@@ -321,7 +321,7 @@ def main(argv=None):
               "fraction of positions whose most likely next token is dense's",
               "KV bytes: bytes the cache holds at the end of the pass (ours: gear_compile's KVStore.nbytes = "
               "kv_bytes, codes + scales + low-rank + outliers + reserved decode capacity + the exact streaming "
-              "buffer in the model's fp32; peer: quanto tensors' data + scales + its fp32 residual), over the "
+              "buffer, in fp16 for this fp32 model (GearConfig.held_dtype); peer: quanto tensors' data + scales + its fp32 residual), over the "
               "same K/V stored in fp16",
               ] + ([f"option overrides: {overrides}"] if overrides else [])
 

@@ -42,8 +42,8 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
     """Dynamo backend entry point (registered as "gear"). `mode` (torch.compile's,
     or generate's CompileConfig's) selects Inductor's options as it would for
     the default backend, e.g. CUDA graphs for "reduce-overhead"."""
-    config = GearConfig.from_options(options)
     sites = find_sites(gm.graph)
+    config = _for_sites(GearConfig.from_options(options), sites)
     for site in sites:
         if site.rewritable and (reason := config.unfit(site.head_dim)):
             site.rewritable, site.reason = False, reason
@@ -71,6 +71,14 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
         log.info("gear: graph diff written to %s", path)
     compiled = _lower(new_gm, plan.flatten_inputs(example_inputs), config, mode)
     return wrap(compiled, plan, config)
+
+
+def _for_sites(config: GearConfig, sites) -> GearConfig:
+    """The options for this graph's heads (`GearConfig.for_head_dim`, by the
+    smallest head dim: one choice for every store of the graph, as a decode
+    graph reading them makes it again)."""
+    dims = [site.head_dim for site in sites if site.rewritable and site.head_dim]
+    return config.for_head_dim(min(dims)) if dims else config
 
 
 def _lorc_sites(gm: fx.GraphModule, sites, example_inputs, config: GearConfig) -> dict:

@@ -57,7 +57,9 @@ class GearConfig:
                  kivi at 2 bits, as in the paper.
     bits         2, 4 or 8.
     group_size   g of kivi (token groups for K, channel groups for V) and of
-                 per_token (channel groups for K and V).
+                 per_token (channel groups for K and V); None: chosen by head
+                 dim (`for_head_dim`): 32 up to head dim 64, else 64 (the
+                 paper's, whose models have head dim 128).
     outlier_ratio  s, the fraction of each vector kept exact as sparse outliers
                  (s/2 largest and s/2 smallest); None: 0.02 for gear, else 0.
     rank_prefill, rank_decode  r_p and r_g of the low-rank residual.
@@ -86,7 +88,7 @@ class GearConfig:
     method: str = "gear"
     backbone: str | None = None
     bits: int = 4
-    group_size: int = 64
+    group_size: int | None = None
     outlier_ratio: float | None = None
     rank_prefill: int = 4
     rank_decode: int = 2
@@ -113,7 +115,8 @@ class GearConfig:
         if isinstance(self.lorc, bool) or not isinstance(self.lorc, (int, float)) or not 0 <= self.lorc < 1:
             raise ValueError(f"gear options: lorc must be a number in [0, 1) (the fraction of the K/V "
                              f"cache removed; 0 = off), got {self.lorc!r}.")
-        _check_int("group_size", self.group_size, 1)
+        if self.group_size is not None:
+            _check_int("group_size", self.group_size, 1)
         _check_int("rank_prefill", self.rank_prefill, 0)
         _check_int("rank_decode", self.rank_decode, 0)
         _check_int("power_iters", self.power_iters, 1)
@@ -128,7 +131,7 @@ class GearConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"gear options: {name} must be True or False, "
                                  f"got {getattr(self, name)!r}.")
-        if self.quantizer == "kivi" and self.block_size % self.group_size:
+        if self.quantizer == "kivi" and self.group_size and self.block_size % self.group_size:
             raise ValueError(
                 f"gear options: with the kivi backbone buffer_size must be a multiple of "
                 f"group_size={self.group_size} (K is grouped by tokens), got {self.block_size}.")
@@ -156,7 +159,30 @@ class GearConfig:
         """The config `to_json` wrote; cached, as ops parse theirs at every call."""
         return _from_json(text)
 
+    def for_head_dim(self, head_dim: int) -> GearConfig:
+        """These options for heads of `head_dim`: group_size chosen where
+        unset. At head dim 64 the paper's g = 64 makes every V token a single
+        group and spans 64 tokens of K per (scale, zero); g = 32 took GEAR(KIVI-2)
+        on SmolLM2 from +12.5 / +15.8 % perplexity to +10.2 / +7.6 %
+        (benchmarks/results/quality_g32.md) for 1 more bit of scales per 32 values."""
+        if self.group_size is not None:
+            return self
+        group = 32 if head_dim <= 64 else 64
+        try:
+            return dataclasses.replace(self, group_size=group)
+        except ValueError as err:
+            raise ValueError(f"{err} (group_size={group} is the default for head dim {head_dim}; "
+                             f"set group_size to choose another)") from None
+
     # ---- derived ------------------------------------------------------
+    @property
+    def group(self) -> int:
+        """g, once chosen (`for_head_dim`)."""
+        if self.group_size is None:
+            raise RuntimeError("gear: group_size is chosen per head dim; "
+                               "use GearConfig.for_head_dim(head_dim) first.")
+        return self.group_size
+
     @property
     def compresses(self) -> bool:
         return self.method != "none"
@@ -185,7 +211,7 @@ class GearConfig:
         """n_b: decode tokens compressed together at each flush point."""
         if self.buffer_size is not None:
             return self.buffer_size
-        return 20 if self.quantizer in ("kcvt", "none") else self.group_size
+        return 20 if self.quantizer in ("kcvt", "none") else self.group
 
     @property
     def initial_decode_capacity(self) -> int:
@@ -211,8 +237,8 @@ class GearConfig:
         if q == "kcvt":
             return QuantSpec(self.bits, "channel", None)
         if q == "kivi":
-            return QuantSpec(self.bits, "channel", self.group_size)
-        return QuantSpec(self.bits, "token", self.group_size)
+            return QuantSpec(self.bits, "channel", self.group)
+        return QuantSpec(self.bits, "token", self.group)
 
     def value_spec(self) -> QuantSpec:
         q = self.quantizer
@@ -220,12 +246,13 @@ class GearConfig:
             return QuantSpec(16, "token", None)
         if q == "kcvt":
             return QuantSpec(self.bits, "token", None)
-        return QuantSpec(self.bits, "token", self.group_size)
+        return QuantSpec(self.bits, "token", self.group)
 
     def unfit(self, head_dim: int) -> str | None:
         """Why these options cannot store heads of `head_dim` (None: they can).
         A site whose heads do not fit is left exact and reported with this."""
-        for kind, spec in (("K", self.key_spec()), ("V", self.value_spec())):
+        config = self.for_head_dim(head_dim)
+        for kind, spec in (("K", config.key_spec()), ("V", config.value_spec())):
             if why := spec.unfit(head_dim):
                 divisors = [g for g in (64, 32, 16, 8) if head_dim % g == 0]
                 hint = f"; group_size={divisors[0]} fits" if divisors else ""
@@ -247,7 +274,7 @@ class GearConfig:
         """How many of n prefill tokens form the prefill block (the rest go to the
         buffer): kivi needs whole token groups, the others take all."""
         if self.quantizer == "kivi":
-            return n // self.group_size * self.group_size
+            return n // self.group * self.group
         return n
 
     def describe(self) -> str:
@@ -259,7 +286,11 @@ class GearConfig:
             parts.append(f"r={self.rank_prefill}/{self.rank_decode}")
         if self.outliers:
             parts.append(f"s={self.outliers:g}")
-        parts.append(f"n_b={self.block_size}")
+        grouped = self.quantizer in ("kivi", "per_token")
+        if grouped:
+            parts.append(f"g={self.group_size}" if self.group_size else "g by head dim")
+        if self.group_size or self.buffer_size or not grouped:
+            parts.append(f"n_b={self.block_size}")
         return f"{self.method}(" + ", ".join(parts) + ")" + lorc
 
     @property

@@ -47,8 +47,8 @@ def kv_prefill(x: torch.Tensor, config: str, kind: str, streamed: bool = False) 
 
 @kv_prefill.register_fake
 def _kv_prefill_fake(x, config, kind, streamed=False):
-    cfg = GearConfig.from_json(config)
     B, H, P, D = x.shape
+    cfg = GearConfig.from_json(config).for_head_dim(D)
     # The prefill block's outlier count depends on its length: specialise on it.
     layout = StoreLayout.build(cfg, kind, D, x.dtype, 0 if streamed else cfg.prefill_tokens(int(P)))
     shapes = layout.shapes(B, H, cfg.decode_capacity_for(cfg.streamed_tokens(int(P)) if streamed else 0))

@@ -66,7 +66,7 @@ class StoreLayout:
     def build(cls, config: GearConfig, kind: str, head_dim: int, dtype: torch.dtype,
               prefill_tokens: int) -> StoreLayout:
         """The layout of a store of K/V of `dtype` (held in `config.held_dtype(dtype)`)."""
-        dtype = config.held_dtype(dtype)
+        dtype, config = config.held_dtype(dtype), config.for_head_dim(head_dim)
         if isinstance(head_dim, int) and isinstance(prefill_tokens, int):
             return _layout(config, kind, head_dim, dtype, prefill_tokens)
         return _layout.__wrapped__(config, kind, head_dim, dtype, prefill_tokens)   # tracing: SymInts
@@ -138,7 +138,7 @@ class KVStore:
                  counts: list[int] | None = None, logical: tuple[int, int] | None = None,
                  dtype: torch.dtype | None = None):
         buffer, p_codes = tensors[1], tensors[2]
-        self.config, self.kind, self.logical = config, kind, logical
+        self.config, self.kind, self.logical = config.for_head_dim(buffer.shape[-1]), kind, logical
         self.dtype = dtype or buffer.dtype
         self.layout = StoreLayout.build(config, kind, buffer.shape[-1], buffer.dtype, p_codes.shape[2])
         self._tensors = list(tensors)
@@ -219,6 +219,7 @@ class KVStore:
         (a sliding-window layer, whose oldest blocks then leave the window one
         at a time: `forget`)."""
         B, H, P, D = x.shape
+        config = config.for_head_dim(D)
         n_pre = 0 if streamed else config.prefill_tokens(P)
         n_dec = config.streamed_tokens(P) if streamed else 0
         layout = StoreLayout.build(config, kind, D, x.dtype, n_pre)

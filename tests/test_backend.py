@@ -108,7 +108,7 @@ def test_decoding_200_tokens_compiles_at_most_3_times():
     ({"method": "gearz"}, "method must be one of ['gear', 'gear_l', 'kcvt', 'kivi', 'per_token', 'none'], got 'gearz'"),
     ({"rank": 4}, "unknown option(s) ['rank']; valid options are"),
     ({"outlier_ratio": 1.5}, "outlier_ratio must be a number in [0, 1), got 1.5"),
-    ({"method": "kivi", "buffer_size": 20}, "buffer_size must be a multiple of group_size=64"),
+    ({"method": "kivi", "group_size": 64, "buffer_size": 20}, "buffer_size must be a multiple of group_size=64"),
 ])
 def test_bad_options_raise_naming_the_value_and_the_valid_ones(options, message):
     with pytest.raises(ValueError) as err:

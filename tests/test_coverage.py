@@ -7,9 +7,11 @@ function still equals eager; heads whose dim the group size does not divide
 fall back with a reason naming both and a group size that fits, and
 generation runs exactly instead of crashing.
 """
+import pytest
 import torch
 
 import gear_compile
+from gear_compile.config import GearConfig
 from gear_compile.models import tiny_model
 
 
@@ -55,12 +57,27 @@ def test_heads_the_group_size_does_not_divide_fall_back_instead_of_crashing():
     model = tiny_model("llama", head_dim=32)
     prompt = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))
     want = model.generate(prompt, max_new_tokens=40, do_sample=False)     # crosses a flush
-    report = gear_compile.explain(model, prompt, method="kivi", bits=2)
+    report = gear_compile.explain(model, prompt, method="kivi", bits=2, group_size=64)   # set: never overridden
     assert report.sites and not any(s.rewritten for s in report.sites)
     assert all("group_size 64 does not divide head_dim 32" in s.reason and "group_size=32 fits" in s.reason
                for s in report.sites), [s.reason for s in report.sites]
-    gear_compile.compile(model, method="kivi", bits=2, inductor=False)
+    gear_compile.compile(model, method="kivi", bits=2, group_size=64, inductor=False)
     assert torch.equal(model.generate(prompt, max_new_tokens=40, do_sample=False), want)
+
+
+def test_the_default_group_size_follows_the_head_dim_and_a_set_one_is_kept():
+    config = GearConfig(method="kivi", bits=2)
+    assert [config.for_head_dim(d).group_size for d in (32, 64, 128, 256)] == [32, 32, 64, 64]
+    assert GearConfig(method="kivi", bits=2, group_size=64).for_head_dim(32).group_size == 64
+    assert "g by head dim" in config.describe() and "g=32, n_b=32" in config.for_head_dim(64).describe()
+    model = tiny_model("llama", head_dim=32)
+    prompt = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))
+    report = gear_compile.explain(model, prompt, method="kivi", bits=2, inductor=False)
+    assert report.sites and all(s.rewritten for s in report.sites), report.text()
+    assert all(g.config.group_size == 32 for g in report.graphs) and "g=32" in report.text()
+    with pytest.raises(ValueError, match=r"multiple of group_size=32 .*\(group_size=32 is the default for "
+                                         r"head dim 32; set group_size to choose another\)"):
+        GearConfig(method="kivi", buffer_size=20).for_head_dim(32)
 
 
 def test_a_softmax_over_a_linear_layer_is_not_reported_as_an_attention():
