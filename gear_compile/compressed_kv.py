@@ -27,7 +27,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .config import GearConfig
+from .config import CodecConfig
 from .store import RESERVED_KINDS, KVStore
 
 log = logging.getLogger("gear_compile")
@@ -50,7 +50,7 @@ def dequantize_parts(parts: list[torch.Tensor], config: str, kind: str, length: 
     """The exact dense [B, H, length, D] reconstruction, in `dtype`, of a
     flattened store's newest `length` tokens. An opaque op, so tracing
     (Dynamo, AOT) never reads the lengths' values."""
-    dense = KVStore(GearConfig.from_json(config), kind, parts).dequantize(dtype)
+    dense = KVStore(CodecConfig.from_json(config), kind, parts).dequantize(dtype)
     return dense[:, :, dense.shape[2] - length:]
 
 
@@ -102,7 +102,7 @@ class CompressedKV(torch.Tensor):
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
         config_json, kind, logical, dtype = meta
-        store = KVStore(GearConfig.from_json(config_json), kind, list(inner.values()), logical=logical,
+        store = KVStore(CodecConfig.from_json(config_json), kind, list(inner.values()), logical=logical,
                         dtype=dtype)
         return CompressedKV(store, outer_size[2])
 

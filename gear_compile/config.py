@@ -1,9 +1,28 @@
-"""Options of the gear backend: one frozen, validated object.
+"""Options of the gear backend: two frozen, validated objects.
 
+`CodecConfig` is what a compressed store is: method, bits, groups, ranks,
+outliers, block and buffer sizes. Stores, the custom ops and the cache tensor
+carry it (as JSON), and every layout derives from it. `GearConfig` adds the
+options that only shape compilation (`inductor`, `kernel`, `dump_graphs`,
+`lorc`, `lorc_schedule`); `GearConfig.codec` drops them, so changing one of
+them never changes what a graph's ops or guards see.
 `GearConfig.from_options(dict)` is the only door from user options (the dict
 that `torch.compile(..., options=...)` hands the backend) into the package.
 Every other module reads the derived fields (`key_spec`, `value_spec`,
-`buffer_size`, ...) and never re-interprets method names.
+`block_size`, ...) and never re-interprets method names.
+
+Glossary (one name each):
+  block      n_b tokens compressed together (`block_size`; the option is
+             `buffer_size`, as the paper's streaming buffer holds one block)
+  buffer     the exact newest tokens of a store, at most one block
+  backbone   the quantizer under GEAR (`quantizer`: kcvt, kivi, per_token)
+  group      g tokens (channel-axis stats) or channels (token-axis stats)
+             sharing one (scale, zero)
+  outliers   the sparse part: `outlier_ratio` s of each vector, s/2 a side
+  low rank   L = A B^T of a block's residual, rank r_p (prefill) / r_g (decode)
+  segment    uniformly compressed blocks (`segment`): the prefill block, or
+             the decode blocks; a store is two segments, a buffer and lengths
+  parts      the stored tensors of a segment (codes, scale, zero, lr_*, out_*)
 Neighbours: `segment` (compresses with a `QuantSpec`), `store` (block
 and buffer sizes), `backend` (parses options).
 """
@@ -47,8 +66,8 @@ class QuantSpec:
 
 
 @dataclass(frozen=True)
-class GearConfig:
-    """Every option of the backend, with the paper's defaults.
+class CodecConfig:
+    """How a store compresses K/V, with the paper's defaults.
 
     method       gear (quant + low-rank + sparse), gear_l (quant + low-rank),
                  kcvt / kivi / per_token (a backbone alone), none (the rewrite
@@ -69,20 +88,6 @@ class GearConfig:
     decode_capacity  tokens of compressed decode storage reserved at prefill
                  (rounded up to whole blocks, at least two; grown by at least a
                  quarter when a flush finds it full). kv_bytes counts it.
-    inductor     lower through Inductor (True) or run the rewritten graph with
-                 AOT autograd but no codegen (False: fast compiles for tests).
-    kernel       attention over the compressed cache: auto (Triton on CUDA for
-                 one-token decode, the C++ kernel on CPU, else the reference),
-                 cpu (the C++ kernel, built on first use), triton, or torch (the
-                 reference: dequantize, then SDPA).
-    dump_graphs  a directory: write each compiled graph's before/after diff.
-    lorc         LoRC: the fraction of the K and of the V cache removed by
-                 projecting each layer's K / V onto a low-rank basis of its
-                 projection (`gear_compile.lorc`; 0: off). The cache holds the
-                 latents (under the codec of `method`); the graph rebuilds K
-                 (then its RoPE) from them and attends V's latents directly.
-    lorc_schedule  ranks per layer: progressive (shallow layers keep more, by
-                 cumulative condition number) or uniform.
     """
 
     method: str = "gear"
@@ -95,11 +100,6 @@ class GearConfig:
     buffer_size: int | None = None
     power_iters: int = 3
     decode_capacity: int = 64
-    inductor: bool = True
-    kernel: str = "auto"
-    dump_graphs: str | None = None
-    lorc: float = 0.0
-    lorc_schedule: str = "progressive"
 
     def __post_init__(self):
         _check_choice("method", self.method, METHODS)
@@ -110,11 +110,6 @@ class GearConfig:
                     f"gear options: backbone is only used by method gear or gear_l, "
                     f"got backbone={self.backbone!r} with method={self.method!r}.")
         _check_choice("bits", self.bits, BITS)
-        _check_choice("kernel", self.kernel, KERNELS)
-        _check_choice("lorc_schedule", self.lorc_schedule, LORC_SCHEDULES)
-        if isinstance(self.lorc, bool) or not isinstance(self.lorc, (int, float)) or not 0 <= self.lorc < 1:
-            raise ValueError(f"gear options: lorc must be a number in [0, 1) (the fraction of the K/V "
-                             f"cache removed; 0 = off), got {self.lorc!r}.")
         if self.group_size is not None:
             _check_int("group_size", self.group_size, 1)
         _check_int("rank_prefill", self.rank_prefill, 0)
@@ -127,39 +122,22 @@ class GearConfig:
                 isinstance(self.outlier_ratio, (int, float)) and 0 <= self.outlier_ratio < 1):
             raise ValueError(f"gear options: outlier_ratio must be a number in [0, 1), "
                              f"got {self.outlier_ratio!r}.")
-        for name in ("inductor",):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"gear options: {name} must be True or False, "
-                                 f"got {getattr(self, name)!r}.")
         if self.quantizer == "kivi" and self.group_size and self.block_size % self.group_size:
             raise ValueError(
                 f"gear options: with the kivi backbone buffer_size must be a multiple of "
                 f"group_size={self.group_size} (K is grouped by tokens), got {self.block_size}.")
 
     # ---- construction -------------------------------------------------
-    @classmethod
-    def from_options(cls, options: dict | GearConfig | None = None, **overrides) -> GearConfig:
-        """Build from a user dict; unknown keys raise, naming the valid ones."""
-        if isinstance(options, GearConfig):
-            return dataclasses.replace(options, **overrides) if overrides else options
-        merged = dict(options or {})
-        merged.update(overrides)
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(merged) - set(valid))
-        if unknown:
-            raise ValueError(f"gear options: unknown option(s) {unknown}; valid options are {valid}.")
-        return cls(**merged)
-
     def to_json(self) -> str:
         """Compact JSON (non-default fields only): the form ops carry in graphs."""
         return _to_json(self)
 
     @classmethod
-    def from_json(cls, text: str) -> GearConfig:
+    def from_json(cls, text: str) -> CodecConfig:
         """The config `to_json` wrote; cached, as ops parse theirs at every call."""
-        return _from_json(text)
+        return _from_json(cls, text)
 
-    def for_head_dim(self, head_dim: int) -> GearConfig:
+    def for_head_dim(self, head_dim: int) -> CodecConfig:
         """These options for heads of `head_dim`: group_size chosen where
         unset. At head dim 64 the paper's g = 64 makes every V token a single
         group and spans 64 tokens of K per (scale, zero); g = 32 took GEAR(KIVI-2)
@@ -180,7 +158,7 @@ class GearConfig:
         """g, once chosen (`for_head_dim`)."""
         if self.group_size is None:
             raise RuntimeError("gear: group_size is chosen per head dim; "
-                               "use GearConfig.for_head_dim(head_dim) first.")
+                               "use for_head_dim(head_dim) first.")
         return self.group_size
 
     @property
@@ -278,9 +256,8 @@ class GearConfig:
         return n
 
     def describe(self) -> str:
-        lorc = f" + lorc={self.lorc:g} {self.lorc_schedule}" if self.lorc else ""
         if not self.compresses:
-            return "none (exact storage)" + lorc
+            return "none (exact storage)"
         parts = [f"{self.quantizer}-{self.bits}"]
         if self.uses_low_rank:
             parts.append(f"r={self.rank_prefill}/{self.rank_decode}")
@@ -291,7 +268,7 @@ class GearConfig:
             parts.append(f"g={self.group_size}" if self.group_size else "g by head dim")
         if self.group_size or self.buffer_size or not grouped:
             parts.append(f"n_b={self.block_size}")
-        return f"{self.method}(" + ", ".join(parts) + ")" + lorc
+        return f"{self.method}(" + ", ".join(parts) + ")"
 
     @property
     def rank_unit(self) -> int:
@@ -301,16 +278,91 @@ class GearConfig:
         return max([8] + groups)
 
 
+COMPILE_OPTIONS = ("inductor", "kernel", "dump_graphs", "lorc", "lorc_schedule")
+
+
+@dataclass(frozen=True)
+class GearConfig(CodecConfig):
+    """Every option of the backend: the codec's (`CodecConfig`) and these,
+    which shape compilation only.
+
+    inductor     lower through Inductor (True) or run the rewritten graph with
+                 AOT autograd but no codegen (False: fast compiles for tests).
+    kernel       attention over the compressed cache: auto (Triton on CUDA for
+                 one-token decode, the C++ kernel on CPU, else the reference),
+                 cpu (the C++ kernel, built on first use), triton, or torch (the
+                 reference: dequantize, then SDPA).
+    dump_graphs  a directory: write each compiled graph's before/after diff.
+    lorc         LoRC: the fraction of the K and of the V cache removed by
+                 projecting each layer's K / V onto a low-rank basis of its
+                 projection (`gear_compile.lorc`; 0: off). The cache holds the
+                 latents (under the codec of `method`); the graph rebuilds K
+                 (then its RoPE) from them and attends V's latents directly.
+    lorc_schedule  ranks per layer: progressive (shallow layers keep more, by
+                 cumulative condition number) or uniform.
+    """
+
+    inductor: bool = True
+    kernel: str = "auto"
+    dump_graphs: str | None = None
+    lorc: float = 0.0
+    lorc_schedule: str = "progressive"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("kernel", self.kernel, KERNELS)
+        _check_choice("lorc_schedule", self.lorc_schedule, LORC_SCHEDULES)
+        if isinstance(self.lorc, bool) or not isinstance(self.lorc, (int, float)) or not 0 <= self.lorc < 1:
+            raise ValueError(f"gear options: lorc must be a number in [0, 1) (the fraction of the K/V "
+                             f"cache removed; 0 = off), got {self.lorc!r}.")
+        if not isinstance(self.inductor, bool):
+            raise ValueError(f"gear options: inductor must be True or False, got {self.inductor!r}.")
+
+    @classmethod
+    def from_options(cls, options: dict | GearConfig | None = None, **overrides) -> GearConfig:
+        """Build from a user dict; unknown keys raise, naming the valid ones."""
+        if isinstance(options, GearConfig):
+            return dataclasses.replace(options, **overrides) if overrides else options
+        merged = dict(options or {})
+        merged.update(overrides)
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(merged) - set(valid))
+        if unknown:
+            raise ValueError(f"gear options: unknown option(s) {unknown}; valid options are {valid}.")
+        return cls(**merged)
+
+    @property
+    def codec(self) -> CodecConfig:
+        """What stores and ops see: these options less the compile-only ones."""
+        return codec_of(self)
+
+    def describe(self) -> str:
+        lorc = f" + lorc={self.lorc:g} {self.lorc_schedule}" if self.lorc else ""
+        return super().describe() + lorc
+
+
+def codec_of(config: CodecConfig) -> CodecConfig:
+    """The `CodecConfig` of any config (itself when it is one)."""
+    if type(config) is CodecConfig:
+        return config
+    return _codec(config)
+
+
 @functools.lru_cache(maxsize=64)
-def _to_json(config: GearConfig) -> str:
+def _codec(config: GearConfig) -> CodecConfig:
+    return CodecConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(CodecConfig)})
+
+
+@functools.lru_cache(maxsize=64)
+def _to_json(config: CodecConfig) -> str:
     changed = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
                if getattr(config, f.name) != f.default}
     return json.dumps(changed, sort_keys=True)
 
 
 @functools.lru_cache(maxsize=64)
-def _from_json(text: str) -> GearConfig:
-    return GearConfig(**json.loads(text))
+def _from_json(cls: type, text: str) -> CodecConfig:
+    return cls(**json.loads(text))
 
 
 def _check_choice(name, value, valid):

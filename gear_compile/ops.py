@@ -6,7 +6,7 @@
                                                     store plus the call's new tokens
 
 `parts` is a store flattened in `StoreLayout.names` order; `config` is the
-`GearConfig` as JSON. Attention sees the store as it was before the call
+`CodecConfig` as JSON. Attention sees the store as it was before the call
 and the call's new K/V (`k_new`, `v_new`, exact) as the newest keys; the
 mask's last column is the newest key, and keys before its first column are
 hidden (a sliding-window layer's older blocks); softcap > 0 caps the scaled
@@ -35,20 +35,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import GearConfig
+from .config import CodecConfig, GearConfig, codec_of
 from .store import KVStore, StoreLayout
 
 
 # ---------------------------------------------------------------- prefill
 @torch.library.custom_op("gear::kv_prefill", mutates_args=())
 def kv_prefill(x: torch.Tensor, config: str, kind: str, streamed: bool = False) -> list[torch.Tensor]:
-    return list(KVStore.from_prefill(x.contiguous(), GearConfig.from_json(config), kind, streamed=streamed).tensors())
+    return list(KVStore.from_prefill(x.contiguous(), CodecConfig.from_json(config), kind, streamed=streamed).tensors())
 
 
 @kv_prefill.register_fake
 def _kv_prefill_fake(x, config, kind, streamed=False):
     B, H, P, D = x.shape
-    cfg = GearConfig.from_json(config).for_head_dim(D)
+    cfg = CodecConfig.from_json(config).for_head_dim(D)
     # The prefill block's outlier count depends on its length: specialise on it.
     layout = StoreLayout.build(cfg, kind, D, x.dtype, 0 if streamed else cfg.prefill_tokens(int(P)))
     shapes = layout.shapes(B, H, cfg.decode_capacity_for(cfg.streamed_tokens(int(P)) if streamed else 0))
@@ -70,7 +70,7 @@ def attention_reference(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: l
     """Attention of q [B, Hq, T, D] over a store and the new tokens: rebuild K
     and V exactly as stored, then SDPA (or, soft-capped or with sinks, its
     steps written out)."""
-    cfg = GearConfig.from_json(config)
+    cfg = CodecConfig.from_json(config)
     k = KVStore(cfg, "k", k_parts).dequantize(q.dtype)
     v = KVStore(cfg, "v", v_parts).dequantize(q.dtype)
     if k_new is not None:
@@ -144,13 +144,13 @@ class AttentionOp:
     descriptors: bool = False     # takes the stores' kernel descriptors, not the config
 
     def args(self, q, k_parts, v_parts, k_new, v_new, mask, scale, is_causal,
-             config: GearConfig, k_layout: StoreLayout, v_layout: StoreLayout,
+             config: CodecConfig, k_layout: StoreLayout, v_layout: StoreLayout,
              softcap: float | None = None, sinks=None) -> tuple:
         common = (q, k_parts, v_parts, k_new, v_new, mask, float(scale), bool(is_causal))
         if self.descriptors:
             common += (list(k_layout.kernel_descriptor), list(v_layout.kernel_descriptor))
         else:
-            common += (config.to_json(),)
+            common += (codec_of(config).to_json(),)
         return common + (float(softcap or 0.0), sinks)
 
 

@@ -4,7 +4,7 @@ A store holds
 
   lengths   int64 [3] on the store's device: tokens in the prefill block, in
             the decode blocks and in the buffer (read by attention kernels)
-  buffer    [B, H, n_b, D] exact: the newest tokens, in `GearConfig.held_dtype`
+  buffer    [B, H, n_b, D] exact: the newest tokens, in `CodecConfig.held_dtype`
             of the model's (fp16 for an fp32 model)
   p_<part>  the prefill block (one block of P tokens, rank r_p), `segment`
   d_<part>  n_b-token decode blocks (rank r_g) in a reserved capacity
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from . import outliers
-from .config import GearConfig
+from .config import CodecConfig, codec_of
 from .segment import Segment, SegmentLayout, compress, dequantize
 
 HEAD = ("lengths", "buffer")
@@ -63,10 +63,11 @@ class StoreLayout:
     dtype: torch.dtype
 
     @classmethod
-    def build(cls, config: GearConfig, kind: str, head_dim: int, dtype: torch.dtype,
+    def build(cls, config: CodecConfig, kind: str, head_dim: int, dtype: torch.dtype,
               prefill_tokens: int) -> StoreLayout:
         """The layout of a store of K/V of `dtype` (held in `config.held_dtype(dtype)`)."""
-        dtype, config = config.held_dtype(dtype), config.for_head_dim(head_dim)
+        config = codec_of(config).for_head_dim(head_dim)
+        dtype = config.held_dtype(dtype)
         if isinstance(head_dim, int) and isinstance(prefill_tokens, int):
             return _layout(config, kind, head_dim, dtype, prefill_tokens)
         return _layout.__wrapped__(config, kind, head_dim, dtype, prefill_tokens)   # tracing: SymInts
@@ -109,7 +110,7 @@ class StoreLayout:
 
 
 @functools.lru_cache(maxsize=256)
-def _layout(config: GearConfig, kind: str, head_dim: int, dtype: torch.dtype,
+def _layout(config: CodecConfig, kind: str, head_dim: int, dtype: torch.dtype,
             prefill_tokens: int) -> StoreLayout:
     spec = config.key_spec() if kind == "k" else config.value_spec()
     s = config.outliers
@@ -134,11 +135,11 @@ class KVStore:
     "head" of the layer's rank: `passes.lorc`); None: its own. dtype: the
     dense K/V's (None: the buffer's; it holds fp32 K/V in fp16)."""
 
-    def __init__(self, config: GearConfig, kind: str, tensors: list[torch.Tensor],
+    def __init__(self, config: CodecConfig, kind: str, tensors: list[torch.Tensor],
                  counts: list[int] | None = None, logical: tuple[int, int] | None = None,
                  dtype: torch.dtype | None = None):
         buffer, p_codes = tensors[1], tensors[2]
-        self.config, self.kind, self.logical = config.for_head_dim(buffer.shape[-1]), kind, logical
+        self.config, self.kind, self.logical = codec_of(config).for_head_dim(buffer.shape[-1]), kind, logical
         self.dtype = dtype or buffer.dtype
         self.layout = StoreLayout.build(config, kind, buffer.shape[-1], buffer.dtype, p_codes.shape[2])
         self._tensors = list(tensors)
@@ -211,7 +212,7 @@ class KVStore:
 
     # -- building (eager; `ops.kv_prefill` wraps it) ----------------------
     @classmethod
-    def from_prefill(cls, x: torch.Tensor, config: GearConfig, kind: str,
+    def from_prefill(cls, x: torch.Tensor, config: CodecConfig, kind: str,
                      check_finite: bool = False, streamed: bool = False) -> KVStore:
         """Compress x [B, H, P, D]: whole groups form the prefill block, the rest
         goes to the buffer. streamed: no prefill block; whole n_b blocks go to
@@ -219,7 +220,7 @@ class KVStore:
         (a sliding-window layer, whose oldest blocks then leave the window one
         at a time: `forget`)."""
         B, H, P, D = x.shape
-        config = config.for_head_dim(D)
+        config = codec_of(config).for_head_dim(D)
         n_pre = 0 if streamed else config.prefill_tokens(P)
         n_dec = config.streamed_tokens(P) if streamed else 0
         layout = StoreLayout.build(config, kind, D, x.dtype, n_pre)

@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from ..compressed_kv import KVStore
-from ..config import GearConfig
+from ..config import CodecConfig
 from ..packing import packed_width
 
 _LOG2E = 1.4426950408889634           # the kernels compute exp2: natural-log quantities are scaled by it
@@ -414,7 +414,7 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
     keep) or additive, broadcastable to [B, Hq, 1, L_mask], its last column
     the newest key (keys before its first column are hidden: a sliding window). `num_splits`: programs per
     (batch, KV head) over the token range (default: enough to fill the GPU)."""
-    cfg = GearConfig.from_json(config)
+    cfg = CodecConfig.from_json(config)
     ks = KVStore(cfg, "k", k_parts)
     vs = KVStore(cfg, "v", v_parts)
     B, Hq, T, D = q.shape

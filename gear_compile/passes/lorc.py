@@ -56,7 +56,7 @@ import torch
 import torch.fx as fx
 
 from .. import lorc
-from ..config import GearConfig
+from ..config import GearConfig, codec_of
 from .match import AttentionSite, _is_call, _value
 
 _LAYOUT_OPS = ("view", "reshape", "transpose", "contiguous", torch.reshape, torch.transpose)
@@ -250,7 +250,7 @@ def rebuild_past(graph: fx.Graph, site: LoRCSite, parts: list, config: GearConfi
 def _past_latents(graph: fx.Graph, parts: list, config: GearConfig, kind: str, length,
                   dtype: torch.dtype) -> fx.Node:
     """The latent store's `length` tokens, dequantized: [B, 1, length, r] of `dtype`."""
-    return graph.call_function(torch.ops.gear.dequantize.default, (parts, config.to_json(), kind, length, dtype))
+    return graph.call_function(torch.ops.gear.dequantize.default, (parts, codec_of(config).to_json(), kind, length, dtype))
 
 
 def folds_values(site: AttentionSite, tokens) -> bool:

@@ -156,7 +156,7 @@ class _Rewriter:
             with self.graph.inserting_before(stored.next):     # in order, after the cat
                 x = lorc_pass.latent(self.graph, self.node(proj.pre), self.constant(proj.basis))
                 parts = self.graph.call_function(torch.ops.gear.kv_prefill.default,
-                                                 (x, self.config.to_json(), kind, False))
+                                                 (x, self.config.codec.to_json(), kind, False))
             pre = _value(proj.pre)
             n_pre = self.config.prefill_tokens(int(pre.shape[2]))
             n = len(StoreLayout.build(self.config, kind, proj.rank, pre.dtype, n_pre).names)
@@ -238,7 +238,7 @@ class _Rewriter:
             stored, windowed = self.node(append.stored), append.keep is not None
             with self.graph.inserting_after(stored):
                 parts = self.graph.call_function(torch.ops.gear.kv_prefill.default,
-                                                 (stored, self.config.to_json(), kind, windowed))
+                                                 (stored, self.config.codec.to_json(), kind, windowed))
             x = _value(append.stored)
             n_pre = 0 if windowed else self.config.prefill_tokens(int(x.shape[2]))
             n = len(StoreLayout.build(self.config, kind, x.shape[-1], x.dtype, n_pre).names)
