@@ -267,6 +267,12 @@ def main(argv=None):
                    help="compare the sim path with the compiled path on a short run and exit")
     p.add_argument("--option", action="append", default=[],
                    help="override an option of our methods, e.g. --option rank_prefill=8 (tuning on dev)")
+    p.add_argument("--rotate", choices=("k", "v", "kv"), default="",
+                   help="study (sim path): rotate each head of K and/or V by a randomised Hadamard "
+                        "matrix before the codec (undone after it)")
+    p.add_argument("--dither", type=int, default=0, metavar="SEED",
+                   help="study (sim path): a seeded 1e-3 relative dither on K/V, to measure how far "
+                        "perplexity moves between equally good codecs")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--prefix", default="quality", help="output file prefix under benchmarks/results/")
     p.add_argument("--no-install", action="store_true", help="fail instead of installing missing pieces")
@@ -293,10 +299,14 @@ def main(argv=None):
     if any(table[lab] and "peer" in table[lab] for lab in labels):
         qm.ensure_peer(not args.no_install)
 
+    variant = qm.SimVariant(args.rotate, args.dither)
+    if variant != qm.SimVariant() and args.path != "sim":
+        p.error("--rotate and --dither are studies of the sim path; drop --path compiled")
+
     def make(label, path=args.path):
         opts = table[label]
         if opts is not None and "peer" not in opts:
-            opts = dict(opts, **overrides)
+            return qm.Method(label, dict(opts, **overrides), path, variant)
         return qm.Method(label, opts, path)
 
     methods = {lab: make(lab) for lab in labels}
@@ -323,7 +333,8 @@ def main(argv=None):
               "kv_bytes, codes + scales + low-rank + outliers + reserved decode capacity + the exact streaming "
               "buffer, in fp16 for this fp32 model (GearConfig.held_dtype); peer: quanto tensors' data + scales + its fp32 residual), over the "
               "same K/V stored in fp16",
-              ] + ([f"option overrides: {overrides}"] if overrides else [])
+              ] + ([f"option overrides: {overrides}"] if overrides else []) \
+        + ([f"sim variant (a study, not a shipped option): {variant}"] if variant != qm.SimVariant() else [])
 
     results, agree, layer_err = {}, {}, {}
     if not args.layer_errors_only:

@@ -15,8 +15,18 @@ undoes its setup (`teardown`) and measures the bytes its cache holds
             after its attention). The prompt's own forward attends to its exact
             K/V: checked against the compiled path (see quality.py --check-sim). Used for the long runs because it is ~10x faster here.
   peer      transformers' QuantizedCache (optimum-quanto backend).
+
+`SimVariant` changes what the sim's codec sees, for studies the package does
+not ship: an orthogonal rotation of K and / or V per head before the codec
+(undone after it, so attention is unchanged but for the codec's error), or a
+relative dither of 1e-3 on K/V (seeded), which moves values across
+quantization boundaries and so measures how much perplexity moves between
+equally good codecs (the noise floor of a comparison).
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -62,17 +72,58 @@ def tensor_bytes(t) -> int:
 
 
 # ---------------------------------------------------------------- sim path
+@dataclass(frozen=True)
+class SimVariant:
+    """rotate: "k", "v" or "kv" (a randomised Hadamard rotation of each head
+    before the codec, undone after it); dither: a seed (0: none)."""
+
+    rotate: str = ""
+    dither: int = 0
+
+    def describe(self) -> str:
+        return "".join([f", {self.rotate.upper()} rotated" if self.rotate else "",
+                        f", dither seed {self.dither}" if self.dither else ""])
+
+
+def hadamard(d: int, seed: int = 0) -> torch.Tensor:
+    """An orthogonal [d, d] matrix: Sylvester's Hadamard with random row
+    signs, over sqrt(d) (d a power of two)."""
+    if d & (d - 1):
+        raise ValueError(f"rotation: head dim {d} is not a power of two")
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    signs = torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return h * signs[:, None] / math.sqrt(d)
+
+
 class GearSimLayer(DynamicLayer):
     """Eager GEAR cache layer built on the package's own KVStore."""
 
-    def __init__(self, config: GearConfig):
+    def __init__(self, config: GearConfig, variant: SimVariant = SimVariant(), index: int = 0):
         super().__init__()
-        self.config = config
+        self.config, self.variant, self.index = config, variant, index
         self.stores = None
         self.rec = None          # per K/V: (n_dec reconstructed, prefill+decode reconstruction)
         self.length = 0
+        self.calls = 0
 
     def update(self, key_states, value_states, *args, **kwargs):
+        v = self.variant
+        if not (v.rotate or v.dither):
+            return self._update(key_states, value_states)
+        self.calls += 1
+        noise = torch.Generator().manual_seed(v.dither * 1000003 + self.calls * 7919 + self.index)
+        rot = hadamard(key_states.shape[-1]).to(key_states.dtype)
+        seen = []
+        for kind, x in (("k", key_states), ("v", value_states)):
+            if v.dither:
+                x = x * (1 + 1e-3 * torch.randn(x.shape, generator=noise, dtype=x.dtype))
+            seen.append(x @ rot if kind in v.rotate else x)
+        out = self._update(*seen)
+        return tuple(o @ rot.T if kind in v.rotate else o for kind, o in zip("kv", out))
+
+    def _update(self, key_states, value_states):
         if self.stores is None:
             self.lazy_initialization(key_states, value_states)
             self.stores = [KVStore.from_prefill(key_states, self.config, "k"),
@@ -117,15 +168,15 @@ class GearSimLayer(DynamicLayer):
 
 
 class GearSimCache(Cache):
-    def __init__(self, model_config, gear_config: GearConfig):
+    def __init__(self, model_config, gear_config: GearConfig, variant: SimVariant = SimVariant()):
         n = model_config.get_text_config(decoder=True).num_hidden_layers
-        super().__init__(layers=[GearSimLayer(gear_config) for _ in range(n)])
+        super().__init__(layers=[GearSimLayer(gear_config, variant, i) for i in range(n)])
 
 
 # ---------------------------------------------------------------- methods
 class Method:
-    def __init__(self, label: str, options, path: str = "sim"):
-        self.label, self.options = label, options
+    def __init__(self, label: str, options, path: str = "sim", variant: SimVariant = SimVariant()):
+        self.label, self.options, self.variant = label, options, variant
         if options is None:
             self.kind = "dense"
         elif "peer" in options:
@@ -147,7 +198,7 @@ class Method:
         if self.kind == "peer":
             return (f"QuantizedCache(backend='quanto', nbits={self.bits}, q_group_size=64, "
                     f"residual_length=128, axis 0)")
-        return self.config.describe()
+        return self.config.describe() + self.variant.describe()
 
     def setup(self, model):
         if self.kind == "compiled":
@@ -163,7 +214,7 @@ class Method:
         if self.kind in ("dense", "compiled"):
             return DynamicCache(config=model.config)
         if self.kind == "sim":
-            return GearSimCache(model.config, self.config)
+            return GearSimCache(model.config, self.config, self.variant)
         from transformers import QuantizedCache
         return QuantizedCache(backend="quanto", config=model.config, nbits=self.bits)
 
