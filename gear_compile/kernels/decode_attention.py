@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -56,6 +57,7 @@ import triton.language as tl
 from ..compressed_kv import KVStore
 from ..config import CodecConfig
 from ..packing import packed_width
+from ..segment import Segment, SegmentLayout
 
 _LOG2E = 1.4426950408889634           # the kernels compute exp2: natural-log quantities are scaled by it
 LOG2E: tl.constexpr = tl.constexpr(_LOG2E)     # the same, inside the kernels
@@ -375,6 +377,19 @@ def _combine_kernel(PO, PLSE, Out, Sinks, S_TOTAL, Hq, D: tl.constexpr, DP: tl.c
     tl.store(Out + row * D + d, (acc / l).to(Out.dtype.element_ty), mask=ok_d)
 
 
+# Launch heuristics. Programs per (batch, KV head): enough for about four per
+# SM, so that each SM has programs to switch between while one waits on
+# memory (decode attention is bandwidth-bound: ~all of a program's time is
+# loads). Tokens per tile: <= 32 keeps sm_90 builds free of register spills
+# (checked with ptxas for D = 128, 2-8 bits, rank 4, masks); >= 16 for
+# tl.dot. Warps: 8 once a tile holds >= 4096 values (enough independent
+# loads for 256 threads), else 4.
+PROGRAMS_PER_SM = 4
+TILE_MIN, TILE_MAX = 16, 32
+WIDE_TILE = 4096
+COMBINE_CHUNK = 64     # partials the combine kernel merges per iteration (registers: SC x DP)
+
+
 @functools.lru_cache(maxsize=8)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
@@ -386,19 +401,80 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _segments(ks: KVStore, vs: KVStore, k_new: torch.Tensor | None):
-    """(kernel segment id, K segment, V segment, token capacity, K layout,
-    V layout) of the prefill block (when the prompt filled one), the decode
-    blocks, the buffer and the call's new token."""
-    n_pre = ks.prefill.codes.shape[2]
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class _SegmentLaunch:
+    """One `_partial_kernel` launch: a segment of the store (or the call's
+    new token) and how its tokens split into tiles and work items."""
+
+    seg_id: int                  # 0 prefill block, 1 decode blocks, 2 buffer, 3 the new token
+    k: Segment | None            # compressed parts (None: exact values, `exact_k`)
+    v: Segment | None
+    k_layout: SegmentLayout | None
+    v_layout: SegmentLayout | None
+    capacity: int                # token slots
+    block: int                   # tokens per block: the low-rank / K-outlier unit
+
+    @property
+    def exact(self) -> bool:
+        return self.k_layout is None or self.k_layout.exact
+
+    @property
+    def tile(self) -> int:
+        return min(TILE_MAX, max(TILE_MIN, _pow2(self.block)))
+
+    @property
+    def tiles_per_block(self) -> int:
+        return _cdiv(self.block, self.tile)
+
+    @property
+    def items(self) -> int:
+        return self.capacity // self.block * self.tiles_per_block
+
+
+def _segment_launches(ks: KVStore, vs: KVStore, k_new: torch.Tensor | None) -> list[_SegmentLaunch]:
+    """The prefill block (when the prompt filled one), the decode blocks, the
+    buffer and the call's new token."""
     out = []
-    if n_pre:
-        out.append((0, ks.prefill, vs.prefill, n_pre, ks.p_layout, vs.p_layout))
-    out.append((1, ks.decode, vs.decode, ks.decode.codes.shape[2], ks.d_layout, vs.d_layout))
-    out.append((2, None, None, ks.buffer.shape[2], None, None))
+    if n_pre := ks.prefill.codes.shape[2]:
+        out.append(_SegmentLaunch(0, ks.prefill, vs.prefill, ks.p_layout, vs.p_layout, n_pre, n_pre))
+    out.append(_SegmentLaunch(1, ks.decode, vs.decode, ks.d_layout, vs.d_layout,
+                              ks.decode.codes.shape[2], ks.d_layout.block))
+    n_buf = ks.buffer.shape[2]
+    out.append(_SegmentLaunch(2, None, None, None, None, n_buf, max(1, n_buf)))
     if k_new is not None:
-        out.append((3, None, None, k_new.shape[2], None, None))
+        out.append(_SegmentLaunch(3, None, None, None, None, k_new.shape[2], max(1, k_new.shape[2])))
     return out
+
+
+_PARTS = ("codes", "scale", "zero", "lr_a", "lr_b", "lr_s", "out_val", "out_idx")
+
+
+def _pointers(seg: Segment | None, exact: torch.Tensor | None, q: torch.Tensor) -> list[torch.Tensor]:
+    """The kernel's eight part pointers of one segment in `_PARTS` order
+    (exact values in the codes' place; q stands in for absent parts)."""
+    parts = [exact] + [None] * 7 if seg is None else [getattr(seg, name) for name in _PARTS]
+    return [(t if t is not None else q).contiguous() for t in parts]
+
+
+def _stats_group(layout: SegmentLayout) -> int:
+    return layout.token_group if layout.spec.axis == "channel" else layout.channel_group
+
+
+def _mask_args(attn_mask: torch.Tensor | None, q: torch.Tensor, B: int, Hq: int):
+    """(mask tensor, kind 0 none / 1 bool / 2 additive, strides (b, h, l), length)."""
+    if attn_mask is None:
+        return q, 0, (0, 0, 0), 0
+    m = attn_mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    mlen = m.shape[-1]
+    m = m.expand(B, Hq, 1, mlen)
+    kind = 1 if m.dtype == torch.bool else 2
+    return (m.view(torch.uint8) if kind == 1 else m), kind, (m.stride(0), m.stride(1), m.stride(3)), mlen
 
 
 def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
@@ -412,115 +488,112 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
     `StoreLayout.names` order; k_new / v_new [B, Hkv, 1, D] (or None): the
     call's new token, attended after the store; attn_mask None, bool (True =
     keep) or additive, broadcastable to [B, Hq, 1, L_mask], its last column
-    the newest key (keys before its first column are hidden: a sliding window). `num_splits`: programs per
-    (batch, KV head) over the token range (default: enough to fill the GPU)."""
+    the newest key (keys before its first column are hidden: a sliding
+    window). `num_splits`: programs per (batch, KV head) over the token range
+    (default: about PROGRAMS_PER_SM per SM)."""
     cfg = CodecConfig.from_json(config)
-    ks = KVStore(cfg, "k", k_parts)
-    vs = KVStore(cfg, "v", v_parts)
+    ks, vs = KVStore(cfg, "k", k_parts), KVStore(cfg, "v", v_parts)
     B, Hq, T, D = q.shape
     if T != 1:
         raise ValueError(f"gear decode attention: one query token per sequence, got {T}.")
     Hkv = ks.buffer.shape[1]
     if Hq % Hkv:
         raise ValueError(f"gear decode attention: {Hq} query heads for {Hkv} KV heads.")
-    G = Hq // Hkv
-    launch = wrap if wrap is not None else (lambda kernel: kernel)
-    q_layout, q = q, q.contiguous()
-    lens = ks.lengths.to(q.device)
-
-    exact = ks.d_layout.exact
-    bits = ks.d_layout.spec.bits
-    if exact:
-        W, PB = D, 1
-    else:
-        W, PB = packed_width(D, bits), 8 // bits
-    WP = max(_pow2(W), 16 // PB)
-    E = PB * WP
-    GP = max(16, _pow2(G))
-
-    if attn_mask is None:
-        mask, kind, strides, mlen = q, 0, (0, 0, 0), 0
-    else:
-        m = attn_mask
-        while m.dim() < 4:
-            m = m.unsqueeze(0)
-        mlen = m.shape[-1]
-        m = m.expand(B, Hq, 1, mlen)
-        kind = 1 if m.dtype == torch.bool else 2
-        mask = m.view(torch.uint8) if kind == 1 else m
-        strides = (m.stride(0), m.stride(1), m.stride(3))
-
-    fp32_dot = q.dtype == torch.float32 or (
-        q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
-
-    # split the work items (tiles) evenly: every segment uses the same items
-    # per program so long segments get more programs
-    plan = []
-    t_new = 0 if k_new is None else k_new.shape[2]
-    for seg_id, kseg, vseg, n_cap, kl, vl in _segments(ks, vs, k_new):
-        block = max(1, n_cap) if seg_id != 1 else ks.d_layout.block
-        # tokens per tile: <= 32 keeps sm_90 builds free of register spills
-        # (checked with ptxas for D = 128, 2-8 bits, rank 4, masks)
-        bt = min(32, max(16, _pow2(block)))
-        tpb = -(-block // bt)
-        plan.append((seg_id, kseg, vseg, n_cap, kl, vl, block, bt, tpb, n_cap // block * tpb))
-    total_items = sum(p[-1] for p in plan)
-    if num_splits is None:
-        num_splits = max(1, -(-4 * _sm_count(q.device) // (B * Hkv)))
-    items = max(1, -(-total_items // num_splits))
-    s_total = sum(-(-p[-1] // items) for p in plan)
-
-    po = torch.empty(B, Hq, s_total, D, dtype=torch.float32, device=q.device)
-    plse = torch.empty(B, Hq, s_total, dtype=torch.float32, device=q.device)
-    split0 = 0
-    for seg_id, kseg, vseg, n_cap, kl, vl, block, bt, tpb, n_items in plan:
-        splits = -(-n_items // items)
-        if seg_id >= 2:   # the buffer or the new token: exact, in the model's dtype
-            kt = [ks.buffer if seg_id == 2 else k_new] + [q] * 7    # q stands in for absent parts
-            vt = [vs.buffer if seg_id == 2 else v_new] + [q] * 7
-            seg_exact, k_group, v_group, k_k2, v_k2, nblk = True, 1, 1, 0, 0, 1
-        else:
-            kt, vt = ([t if t is not None else q for t in
-                       (sg.codes, sg.scale, sg.zero, sg.lr_a, sg.lr_b, sg.lr_s, sg.out_val, sg.out_idx)]
-                      for sg in (kseg, vseg))
-            seg_exact = kl.exact
-            k_group = kl.token_group if kl.spec.axis == "channel" else kl.channel_group
-            v_group = vl.token_group if vl.spec.axis == "channel" else vl.channel_group
-            k_k2, v_k2 = 2 * kl.outliers_per_side, 2 * vl.outliers_per_side
-            nblk = n_cap // block
-        kc, ksc, kz, ka, kb, kls, kov, koi = (t.contiguous() for t in kt)
-        vc, vsc, vz, va, vb, vls, vov, voi = (t.contiguous() for t in vt)
-        rank = 0 if seg_id >= 2 or kl.rank == 0 else kl.rank
-        # fold scale/zero into the dot products where one (scale, zero) covers
-        # a K tile's rows (a channel-axis group spanning the tile) or a V token's
-        # whole row; outliers then join as a dot of their own
-        fold_k = (not seg_exact and kl.spec.axis == "channel"
-                  and (k_group == block or (k_group % bt == 0 and block % bt == 0)))
-        fold_v = not seg_exact and vl.spec.axis == "token" and v_group == D
-        dp = max(16, _pow2(D))
-        seg_w, seg_pb, seg_wp, seg_e = (D, 1, dp, dp) if seg_exact else (W, PB, WP, E)
-        launch(_partial_kernel)[(B * Hkv, splits)](
-            q, kc, ksc, kz, ka, kb, kls, kov, koi, vc, vsc, vz, va, vb, vls, vov, voi,
-            lens, mask, po, plse,
-            scale * _LOG2E, softcap * _LOG2E, Hkv, n_cap, nblk, block, tpb, items, split0, s_total, t_new,
-            k_group, v_group, k_k2, v_k2, strides[0], strides[1], strides[2], mlen,
-            SEG=seg_id, G=G, GP=GP, D=D, W=seg_w, WP=seg_wp, PB=seg_pb, E=seg_e,
-            BITS=0 if seg_exact else bits, EXACT=seg_exact,
-            K_CHANNEL=not seg_exact and kl.spec.axis == "channel",
-            V_CHANNEL=not seg_exact and vl.spec.axis == "channel",
-            R=rank, BT=bt, MASK_KIND=kind, FP32_DOT=fp32_dot, K_OUT=k_k2 > 0,
-            LOGK=k_k2.bit_length(), V_OUT=v_k2 > 0, K_FOLD=fold_k, V_FOLD=fold_v,
-            SOFTCAP=softcap > 0, num_warps=8 if bt * seg_e >= 4096 else 4)
-        split0 += splits
-
-    out = torch.empty_like(q)
     if sinks is not None and sinks.numel() != Hq:
         raise ValueError(f"gear decode attention: sinks must hold one logit per query head ({Hq}), "
                          f"got {sinks.numel()}.")
+    launch = wrap if wrap is not None else (lambda kernel: kernel)
+    q_layout, q = q, q.contiguous()
+
+    # every segment takes the same work items (tiles) per program, so long
+    # segments get more programs
+    segments = _segment_launches(ks, vs, k_new)
+    if num_splits is None:
+        num_splits = max(1, _cdiv(PROGRAMS_PER_SM * _sm_count(q.device), B * Hkv))
+    items = max(1, _cdiv(sum(s.items for s in segments), num_splits))
+    s_total = sum(_cdiv(s.items, items) for s in segments)
+    po = torch.empty(B, Hq, s_total, D, dtype=torch.float32, device=q.device)
+    plse = torch.empty(B, Hq, s_total, dtype=torch.float32, device=q.device)
+    shared = _SharedArgs(q, ks.lengths.to(q.device), *_mask_args(attn_mask, q, B, Hq), po, plse,
+                         scale, softcap, Hkv, items, s_total, 0 if k_new is None else k_new.shape[2],
+                         ks.d_layout.spec.bits)
+    split0 = 0
+    for seg in segments:
+        exact_k, exact_v = (ks.buffer, vs.buffer) if seg.seg_id == 2 else (k_new, v_new)
+        splits = _cdiv(seg.items, items)
+        _launch_partial(launch, shared, seg, _pointers(seg.k, exact_k, q), _pointers(seg.v, exact_v, q),
+                        (B * Hkv, splits), split0)
+        split0 += splits
+
+    out = torch.empty_like(q)
     launch(_combine_kernel)[(B * Hq,)](po, plse, out, q if sinks is None else sinks.contiguous(),
                                        s_total, Hq, D=D, DP=_pow2(D),
-                                       SC=min(64, max(16, _pow2(s_total))), SINKS=sinks is not None)
+                                       SC=min(COMBINE_CHUNK, max(16, _pow2(s_total))), SINKS=sinks is not None)
     return out if q_layout.is_contiguous() else torch.empty_like(q_layout).copy_(out)
+
+
+@dataclass(frozen=True)
+class _SharedArgs:
+    """What every segment's launch shares."""
+
+    q: torch.Tensor
+    lengths: torch.Tensor
+    mask: torch.Tensor
+    mask_kind: int
+    mask_strides: tuple
+    mask_len: int
+    partial_out: torch.Tensor
+    partial_lse: torch.Tensor
+    scale: float
+    softcap: float
+    kv_heads: int
+    items: int
+    s_total: int
+    new_tokens: int
+    bits: int
+
+
+def _launch_partial(launch, a: _SharedArgs, seg: _SegmentLaunch, k_ptrs: list, v_ptrs: list,
+                    grid: tuple, split0: int) -> None:
+    """One `_partial_kernel` launch over `seg`'s tiles."""
+    q = a.q
+    B, Hq, _, D = q.shape
+    G = Hq // a.kv_heads
+    kl, vl, exact, block, bt = seg.k_layout, seg.v_layout, seg.exact, seg.block, seg.tile
+    if exact:       # the buffer or the new token (or method none): values of any float dtype
+        k_group = v_group = 1
+        k_k2 = v_k2 = rank = 0
+        nblk = 1
+        w, pb, wp = D, 1, max(16, _pow2(D))
+        e = wp
+    else:
+        k_group, v_group = _stats_group(kl), _stats_group(vl)
+        k_k2, v_k2 = 2 * kl.outliers_per_side, 2 * vl.outliers_per_side
+        rank, nblk = kl.rank, seg.capacity // block
+        w, pb = packed_width(D, a.bits), 8 // a.bits
+        wp = max(_pow2(w), 16 // pb)
+        e = pb * wp
+    # fold scale/zero into the dot products where one (scale, zero) covers a K
+    # tile's rows (a channel-axis group spanning the tile) or a V token's whole
+    # row; outliers then join as a dot of their own
+    fold_k = (not exact and kl.spec.axis == "channel"
+              and (k_group == block or (k_group % bt == 0 and block % bt == 0)))
+    fold_v = not exact and vl.spec.axis == "token" and v_group == D
+    fp32_dot = q.dtype == torch.float32 or (
+        q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+    ms = a.mask_strides
+    launch(_partial_kernel)[grid](
+        q, *k_ptrs, *v_ptrs, a.lengths, a.mask, a.partial_out, a.partial_lse,
+        a.scale * _LOG2E, a.softcap * _LOG2E, a.kv_heads, seg.capacity, nblk, block, seg.tiles_per_block,
+        a.items, split0, a.s_total, a.new_tokens, k_group, v_group, k_k2, v_k2, ms[0], ms[1], ms[2],
+        a.mask_len,
+        SEG=seg.seg_id, G=G, GP=max(16, _pow2(G)), D=D, W=w, WP=wp, PB=pb, E=e,
+        BITS=0 if exact else a.bits, EXACT=exact,
+        K_CHANNEL=not exact and kl.spec.axis == "channel",
+        V_CHANNEL=not exact and vl.spec.axis == "channel",
+        R=rank, BT=bt, MASK_KIND=a.mask_kind, FP32_DOT=fp32_dot, K_OUT=k_k2 > 0,
+        LOGK=k_k2.bit_length(), V_OUT=v_k2 > 0, K_FOLD=fold_k, V_FOLD=fold_v,
+        SOFTCAP=a.softcap > 0, num_warps=8 if bt * e >= WIDE_TILE else 4)
 
 
 @torch.library.triton_op("gear::attention_triton", mutates_args=())
