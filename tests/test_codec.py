@@ -17,10 +17,12 @@ import pytest
 import torch
 
 from gear_compile import outliers
-from gear_compile.store import KVStore, StoreLayout
+from gear_compile.store import StoreLayout
 from gear_compile.config import GearConfig
 from gear_compile.lowrank import power_iteration, relative_error
 from gear_compile.segment import compress, dequantize
+
+from streams import streamed
 
 FAMILIES = [(4, "kcvt"), (2, "kivi")]      # the paper's 4-bit and 2-bit backbones
 
@@ -61,11 +63,7 @@ def segment_roundtrip(x, kind, **opts):
 
 
 def store_roundtrip(x, kind, prefill, **opts):
-    store = KVStore.from_prefill(x[:, :, :prefill], GearConfig(**opts), kind)
-    for t in range(prefill, x.shape[2]):
-        store.grow(store.config.block_size)
-        store.append(x[:, :, t:t + 1])
-    return store.dequantize()
+    return streamed(x, GearConfig(**opts), kind, prefill).dequantize()
 
 
 def ordering_message(what, x, kind, results):
