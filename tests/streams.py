@@ -1,18 +1,25 @@
 """Helpers shared by the store and cache-tensor tests: build a store the way
 the backend does, and read back the decode blocks flushed so far."""
+import itertools
 
 from gear_compile.store import KVStore
 
 
-def streamed(x, config, kind, prefill, chunk=1, grow=True):
+def streamed(x, config, kind, prefill, chunk=1, grow=True, **from_prefill):
     """A store built from x[:, :, :prefill], the rest appended `chunk` tokens at a
-    time (growing the capacity first when `grow`, as the backend does)."""
-    store = KVStore.from_prefill(x[:, :, :prefill], config, kind)
-    for t in range(prefill, x.shape[2], chunk):
-        new = x[:, :, t:t + chunk]
+    time (an int, or an iterable of chunk sizes for uneven chunks), growing the
+    capacity first when `grow`, as the backend does (without it, a flush that
+    finds the capacity full grows it). `from_prefill`: KVStore.from_prefill's
+    options (check_finite, streamed)."""
+    store = KVStore.from_prefill(x[:, :, :prefill], config, kind, **from_prefill)
+    sizes = itertools.repeat(chunk) if isinstance(chunk, int) else iter(chunk)
+    t = prefill
+    while t < x.shape[2]:
+        new = x[:, :, t:t + next(sizes)]
         if grow:
             store.grow(new.shape[2] + config.block_size)
         store.append(new)
+        t += new.shape[2]
     return store
 
 
@@ -25,6 +32,3 @@ def filled_decode_parts(store):
         out[name] = t[:, :, :rows].clone()
     assert n_dec % blk == 0
     return out
-
-
-# ---------------------------------------------------------------- CompressedKV

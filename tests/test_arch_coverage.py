@@ -7,13 +7,10 @@ no other does), and a lossy 4-bit cache stays close to eager; the families
 whose attention the matcher reads are fully rewritten and their cache shrinks;
 the others are reported, with their reasons. The full sweep is the benchmark.
 """
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import arch_coverage as sweep  # noqa: E402
+import arch_coverage as sweep
+from rendered import row, table
 
 # what the matcher does not read yet, and says so (see the README's table)
 PARTIAL = {"bloom": "baddbmm"}          # ALiBi scores through baddbmm
@@ -44,5 +41,12 @@ def test_the_table_and_the_headline_count_what_was_swept(tmp_path):
     assert "33.3 % correct (target 100 %: 1 wrong, 1 errors)" in sweep.headline(rows)
     sweep.write(rows, type("Args", (), {"steps": 20})(), tmp_path / "cov")
     text = (tmp_path / "cov.md").read_text()
-    assert "| b | WRONG | 4 / 4 | yes | 0 / 2 | 100 |" in text and "report and run disagree" in text
-    assert "| c | error |" in text and "- d: encoder-decoder" in text
+    shown = table(text)
+    assert [r["arch"] for r in shown] == ["a", "b", "c"]            # d was not built: listed below
+    assert row(shown, arch="b") == {
+        "arch": "b", "status": "WRONG", "sites rewritten / found": "4 / 4", "none == eager": "yes",
+        "compressed layers": "0 / 2", "kv %": "100", "logits err": "0.000", "graphs": "2",
+        "fallbacks / reason": "report and run disagree"}
+    assert row(shown, arch="c")["status"] == "error"
+    assert row(shown, arch="c")["fallbacks / reason"] == "RuntimeError: boom"
+    assert "- d: encoder-decoder" in text

@@ -13,35 +13,35 @@ SDPA in fp32. Observed max errors on O(1) outputs: fp32 ~5e-7, fp16 ~1e-3
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+import torch.nn.functional as F
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from gear_compile.config import GearConfig
+from gear_compile.kernels.decode_attention import decode_attention_launch
+from gear_compile.store import KVStore
 
-from gear_compile.config import GearConfig  # noqa: E402
-from gear_compile.kernels.decode_attention import decode_attention_launch  # noqa: E402
-from gear_compile.store import KVStore  # noqa: E402
+from streams import streamed
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 IMPLS = ["cpu", "triton"]
 
 
-def _stores(cfg, B, Hkv, D, prefill, new, dtype, gen):
-    """K and V stores from a `prefill`-token prompt then `new` appended tokens
-    (appended in uneven chunks, so flushes happen mid-chunk)."""
-    x = lambda n: torch.randn(B, Hkv, n, D, generator=gen).to(dtype)  # noqa: E731
-    ks = KVStore.from_prefill(x(prefill), cfg, "k")
-    vs = KVStore.from_prefill(x(prefill), cfg, "v")
-    left = new
+def _uneven():
+    """Chunk sizes 1, 3, 5, 7, 2, 4, 6, 8, 3, 5, ...: flushes happen mid-chunk."""
     step = 1
-    while left:
-        n = min(step, left)
-        ks.append(x(n))
-        vs.append(x(n))
-        left -= n
+    while True:
+        yield step
         step = step % 7 + 2
-    return ks, vs
+
+
+def _stores(cfg, B, Hkv, D, prefill, new, dtype, gen):
+    """K and V stores from a `prefill`-token prompt then `new` appended tokens,
+    in uneven chunks, without growing first (a flush that finds the capacity
+    full grows it)."""
+    k, v = (torch.randn(B, Hkv, prefill + new, D, generator=gen).to(dtype) for _ in range(2))
+    return (streamed(k, cfg, "k", prefill, chunk=_uneven(), grow=False),
+            streamed(v, cfg, "v", prefill, chunk=_uneven(), grow=False))
 
 
 def attend(impl, q, ks, vs, k_new, v_new, mask, scale, causal=False, num_splits=None, softcap=0.0,

@@ -20,21 +20,7 @@ import gear_compile
 from gear_compile.hf_compat import cache_kwarg, cache_of
 from gear_compile.models import TINY, tiny_model
 
-PROMPT = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1))
-
-
-def decode_logits(model, steps, ids=PROMPT):
-    """Prefill `ids`, then feed the greedy token `steps` times; all logits."""
-    cache = DynamicCache(config=model.config)
-    logits = []
-    with torch.no_grad():
-        out = model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True)
-        logits.append(out.logits[:, -1])
-        for _ in range(steps):
-            nxt = out.logits[:, -1:].argmax(-1)
-            out = model(input_ids=nxt, **cache_kwarg(model, cache), use_cache=True)
-            logits.append(out.logits[:, -1])
-    return torch.stack(logits, 1), cache
+from decoding import PROMPT, decode_logits
 
 
 def test_backend_is_found_by_name_without_importing_the_package():

@@ -3,15 +3,13 @@ interpreter: the backend routes single-token decode attention to it with
 kernel="triton", and the logits match the torch reference path."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import gear_compile
+from gear_compile.models import tiny_model
 
-import gear_compile  # noqa: E402
-from gear_compile.models import tiny_model  # noqa: E402
-
-from test_backend import decode_logits  # noqa: E402
+from decoding import decode_logits
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",

@@ -22,7 +22,7 @@ from gear_compile.hf_compat import cache_kwarg, cache_of
 from gear_compile.models import tiny_model
 
 from streams import filled_decode_parts, streamed
-from test_backend import PROMPT
+from decoding import PROMPT
 
 CONFIG = GearConfig(method="gear", bits=2, group_size=8, buffer_size=8, outlier_ratio=0.25)
 

@@ -17,10 +17,12 @@ import pytest
 import torch
 
 from gear_compile import outliers
-from gear_compile.store import KVStore, StoreLayout
+from gear_compile.store import StoreLayout
 from gear_compile.config import GearConfig
 from gear_compile.lowrank import power_iteration, relative_error
 from gear_compile.segment import compress, dequantize
+
+from streams import streamed
 
 FAMILIES = [(4, "kcvt"), (2, "kivi")]      # the paper's 4-bit and 2-bit backbones
 
@@ -61,11 +63,7 @@ def segment_roundtrip(x, kind, **opts):
 
 
 def store_roundtrip(x, kind, prefill, **opts):
-    store = KVStore.from_prefill(x[:, :, :prefill], GearConfig(**opts), kind)
-    for t in range(prefill, x.shape[2]):
-        store.grow(store.config.block_size)
-        store.append(x[:, :, t:t + 1])
-    return store.dequantize()
+    return streamed(x, GearConfig(**opts), kind, prefill).dequantize()
 
 
 def ordering_message(what, x, kind, results):
@@ -279,11 +277,13 @@ def test_gear_beats_gear_l_beats_backbone_on_outlier_heavy_data(bits, backbone, 
 
 @pytest.mark.parametrize("bits,backbone", FAMILIES)
 @pytest.mark.parametrize("kind", ["k", "v"])
-def test_gear_beats_gear_l_beats_backbone_on_realistic_kv_through_the_cache(bits, backbone, kind):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gear_beats_gear_l_beats_backbone_on_realistic_kv_through_the_cache(bits, backbone, kind, dtype):
     """Prefill 192 tokens, then 64 decode tokens appended one at a time, so the
-    prefill block (r_p = 4), decode blocks (r_g = 2) and the buffer all count."""
+    prefill block (r_p = 4), decode blocks (r_g = 2) and the buffer all count;
+    an fp16 model's K/V and an fp32 model's (whose buffer is held in fp16)."""
     k, v = kv_like()
-    x = (k if kind == "k" else v).half()
+    x = (k if kind == "k" else v).to(dtype)
     results = {}
     for method in ("gear", "gear_l", backbone):
         y = store_roundtrip(x, kind, 192, **options(method, bits, backbone))

@@ -21,7 +21,7 @@ from gear_compile.hf_compat import cache_kwarg
 from gear_compile.models import tiny_model
 from gear_compile.store import KVStore
 
-from test_backend import PROMPT, decode_logits
+from decoding import PROMPT, decode_logits
 
 
 def test_a_thousand_decode_steps_use_one_decode_graph():
@@ -100,14 +100,7 @@ def _reference_logits(config, steps, compress_first=False):
     model = tiny_model("llama")
     cache = DynamicCache(config=model.config)
     cache.layers = [_ReferenceLayer(config, compress_first) for _ in cache.layers]
-    logits = []
-    with torch.no_grad():
-        out = model(input_ids=PROMPT, **cache_kwarg(model, cache), use_cache=True)
-        logits.append(out.logits[:, -1])
-        for _ in range(steps):
-            out = model(input_ids=out.logits[:, -1:].argmax(-1), **cache_kwarg(model, cache), use_cache=True)
-            logits.append(out.logits[:, -1])
-    return torch.stack(logits, 1)
+    return decode_logits(model, steps, cache=cache)[0]
 
 
 def test_the_block_a_step_fills_is_compressed_after_its_attention():

@@ -1,17 +1,13 @@
 """The Triton quantize+pack kernel (Triton interpreter on CPU) against the
 torch codec: codes, scales and zero points must match `segment.compress` bit
 for bit, for every backbone's K and V grouping."""
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from gear_compile.store import StoreLayout  # noqa: E402
-from gear_compile.config import GearConfig  # noqa: E402
-from gear_compile.kernels.compress import quantize_pack  # noqa: E402
-from gear_compile.segment import compress  # noqa: E402
+from gear_compile.store import StoreLayout
+from gear_compile.config import GearConfig
+from gear_compile.kernels.compress import quantize_pack
+from gear_compile.segment import compress
 
 
 def _compare(x, layout):

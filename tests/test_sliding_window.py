@@ -20,7 +20,8 @@ from gear_compile.config import GearConfig
 from gear_compile.hf_compat import cache_of
 from gear_compile.store import KVStore
 
-from test_backend import decode_logits
+from decoding import decode_logits
+from streams import streamed
 
 WINDOW = 16
 
@@ -87,11 +88,9 @@ def test_gear_8bit_logits_stay_close_to_eager_past_the_window():
 def test_forget_drops_whole_blocks_and_keeps_the_newest_tokens_exactly():
     config = GearConfig(method="gear", bits=4, group_size=16, buffer_size=4)
     x = torch.randn(1, 2, 70, 16, generator=torch.Generator().manual_seed(1))
-    store = KVStore.from_prefill(x[:, :, :10], config, "k", streamed=True)
-    assert store.counts() == (0, 8, 2)                         # two whole blocks, two buffered
-    for t in range(10, 70):
-        store.grow(5)
-        store.append(x[:, :, t:t + 1])
+    prompt = KVStore.from_prefill(x[:, :, :10], config, "k", streamed=True)
+    assert prompt.counts() == (0, 8, 2)                        # two whole blocks, two buffered
+    store = streamed(x, config, "k", 10, streamed=True)
     before, codes, (_, held, _) = store.dequantize(), store.decode.codes.clone(), store.counts()
     store.forget(15)
     n_pre, n_dec, n_buf = store.counts()

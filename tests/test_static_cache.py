@@ -17,7 +17,7 @@ from gear_compile.models import tiny_model
 from gear_compile.segment import Segment
 from gear_compile.static import static_generate
 
-from test_backend import PROMPT
+from decoding import PROMPT
 
 STEPS = 130         # beyond the default reservation (80 decode tokens at n_b 20): a dynamic run grows
 

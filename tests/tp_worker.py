@@ -12,10 +12,11 @@ import sys
 import torch
 import torch.distributed as dist
 import transformers as tf
-from transformers import DynamicCache
 
 import gear_compile
-from gear_compile.hf_compat import cache_kwarg, cache_of
+from gear_compile.hf_compat import cache_of
+
+from decoding import decode_logits  # tests/, the script's directory, is on sys.path
 
 
 def generate(model, ids, steps, **kwargs):
@@ -23,21 +24,6 @@ def generate(model, ids, steps, **kwargs):
         out = model.generate(ids, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
                              output_logits=True, **kwargs)
     return out.sequences[0, ids.shape[1]:].tolist(), torch.stack(out.logits, 1), cache_of(out)
-
-
-def teacher_forced(model, ids, tokens):
-    """Logits of each step when the prompt, then `tokens`, are fed one call per
-    token (the first from the prefill): a lossy cache's error without its
-    greedy choices drifting apart."""
-    cache = DynamicCache(config=model.config)
-    logits = []
-    with torch.no_grad():
-        out = model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True)
-        logits.append(out.logits[0, -1])
-        for token in tokens[:-1]:
-            out = model(input_ids=torch.tensor([[token]]), **cache_kwarg(model, cache), use_cache=True)
-            logits.append(out.logits[0, -1])
-    return logits, cache
 
 
 def main(path, out_path, prompt, steps):
@@ -51,8 +37,9 @@ def main(path, out_path, prompt, steps):
     none_compressed = all(isinstance(layer.keys, gear_compile.CompressedKV) for layer in cache.layers)
     beams_none = generate(model, ids, 12, num_beams=3)[0]
     gear_compile.compile(model, method="gear", bits=4, inductor=False)
-    gear_logits, cache = teacher_forced(model, ids, eager)
-    errors = [((g - e).norm() / e.norm()).item() for g, e in zip(gear_logits, eager_logits[0])]
+    # fed the eager tokens (teacher forcing): the cache's error without greedy choices drifting apart
+    gear_logits, cache = decode_logits(model, ids=ids, tokens=torch.tensor([eager[:-1]]))
+    errors = [((g - e).norm() / e.norm()).item() for g, e in zip(gear_logits[0], eager_logits[0])]
     kv = torch.tensor([gear_compile.kv_bytes(cache)], dtype=torch.int64)
     every = [torch.zeros_like(kv) for _ in range(dist.get_world_size())]
     dist.all_gather(every, kv)

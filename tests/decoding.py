@@ -1,0 +1,29 @@
+"""Helpers shared by the model-level tests: the tiny models' prompt, and a
+prefill followed by one call per token, the way decoding feeds a cache."""
+import torch
+from transformers import DynamicCache
+
+from gear_compile.hf_compat import cache_kwarg
+
+PROMPT = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1))
+
+
+def decode_logits(model, steps=0, ids=PROMPT, *, tokens=None, cache=None):
+    """Prefill `ids`, then one call per token: the greedy token `steps` times,
+    or each column of `tokens` [B, n] (teacher forcing). Returns the last
+    position's logits of every call, stacked [B, 1 + n, vocab], and the cache
+    (a fresh DynamicCache unless one is given)."""
+    cache = DynamicCache(config=model.config) if cache is None else cache
+    n = steps if tokens is None else tokens.shape[1]
+    logits = []
+    with torch.no_grad():
+        out = model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True)
+        logits.append(out.logits[:, -1])
+        for i in range(n):
+            # a fresh [B, 1] tensor, as the greedy token is: a column view keeps the row stride
+            # of `tokens`, on which Dynamo fails under tensor parallelism (DTensor embedding)
+            nxt = (out.logits[:, -1:].argmax(-1) if tokens is None
+                   else tokens[:, i:i + 1].clone(memory_format=torch.contiguous_format))
+            out = model(input_ids=nxt, **cache_kwarg(model, cache), use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1), cache
