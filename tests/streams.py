@@ -17,7 +17,7 @@ def streamed(x, config, kind, prefill, chunk=1, grow=True, **from_prefill):
     while t < x.shape[2]:
         new = x[:, :, t:t + next(sizes)]
         if grow:
-            store.grow(new.shape[2] + config.block_size)
+            store.grow(new.shape[2] + store.config.block_size)
         store.append(new)
         t += new.shape[2]
     return store
