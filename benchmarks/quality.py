@@ -142,7 +142,7 @@ def layer_errors(model, ids, prefill: int, labels, methods):
         model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True)
     res = {}
     for label in labels:
-        cfg = methods[label].config
+        cfg = methods[label].config.for_head_dim(cache.layers[0].keys.shape[-1])
         rows = []
         for layer in cache.layers:
             row = []
@@ -333,6 +333,8 @@ def main(argv=None):
               "kv_bytes, codes + scales + low-rank + outliers + reserved decode capacity + the exact streaming "
               "buffer, in fp16 for this fp32 model (GearConfig.held_dtype); peer: quanto tensors' data + scales + its fp32 residual), over the "
               "same K/V stored in fp16",
+              "g by head dim: our methods' group size where the options leave it unset "
+              "(GearConfig.for_head_dim): 32 at SmolLM2's head dim 64",
               ] + ([f"option overrides: {overrides}"] if overrides else []) \
         + ([f"sim variant (a study, not a shipped option): {variant}"] if variant != qm.SimVariant() else [])
 
