@@ -63,7 +63,7 @@ class SegmentLayout:
     rank: int
     outliers_per_side: int
     head_dim: int
-    dtype: torch.dtype   # of exact values: the store's held dtype (`GearConfig.held_dtype`)
+    dtype: torch.dtype   # of exact values: the store's held dtype (`CodecConfig.held_dtype`)
     power_iters: int = 3
 
     @property

@@ -250,7 +250,8 @@ def rebuild_past(graph: fx.Graph, site: LoRCSite, parts: list, config: GearConfi
 def _past_latents(graph: fx.Graph, parts: list, config: GearConfig, kind: str, length,
                   dtype: torch.dtype) -> fx.Node:
     """The latent store's `length` tokens, dequantized: [B, 1, length, r] of `dtype`."""
-    return graph.call_function(torch.ops.gear.dequantize.default, (parts, codec_of(config).to_json(), kind, length, dtype))
+    return graph.call_function(torch.ops.gear.dequantize.default,
+                               (parts, codec_of(config).to_json(), kind, length, dtype))
 
 
 def folds_values(site: AttentionSite, tokens) -> bool:

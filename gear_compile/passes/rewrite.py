@@ -287,10 +287,11 @@ def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], config: GearConfig, 
 
 def buffer_write(graph: fx.Graph, layout: StoreLayout, parts: list, new: fx.Node,
                  dtype: torch.dtype) -> None:
-    """Emit the per-token write of `new` [B, H, 1, D] (of `dtype`) into the buffer of the store `parts` at its live length, and the
-    length's bump: an indexed write on the device, as a static cache does (no
-    host read, no branch). The buffer may hold a narrower dtype
-    (`GearConfig.held_dtype`): the token is cast on the way in."""
+    """Emit the per-token write of `new` [B, H, 1, D] (of `dtype`) into the
+    buffer of the store `parts` at its live length, and the length's bump: an
+    indexed write on the device, as a static cache does (no host read, no
+    branch). The buffer may hold a narrower dtype (`CodecConfig.held_dtype`):
+    the token is cast on the way in."""
     aten = torch.ops.aten
     lengths, buffer = parts[layout.names.index("lengths")], parts[layout.names.index("buffer")]
     if dtype != layout.dtype:
