@@ -51,8 +51,6 @@ METHODS = [
     ("QuantizedCache-quanto-4", {"peer": 4}),
     ("QuantizedCache-quanto-2", {"peer": 2}),
 ]
-BACKBONE_OF = {"GEAR-L(KCVT-4)": "KCVT-4", "GEAR(KCVT-4)": "KCVT-4",
-               "GEAR-L(KIVI-2)": "KIVI-2", "GEAR(KIVI-2)": "KIVI-2"}
 
 
 def tensor_bytes(t) -> int:
