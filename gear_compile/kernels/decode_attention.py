@@ -58,6 +58,7 @@ from ..compressed_kv import KVStore
 from ..config import CodecConfig
 from ..packing import packed_width
 from ..segment import Segment, SegmentLayout
+from ..store import KERNEL_FIELDS
 
 _LOG2E = 1.4426950408889634           # the kernels compute exp2: natural-log quantities are scaled by it
 LOG2E: tl.constexpr = tl.constexpr(_LOG2E)     # the same, inside the kernels
@@ -450,13 +451,13 @@ def _segment_launches(ks: KVStore, vs: KVStore, k_new: torch.Tensor | None) -> l
     return out
 
 
-_PARTS = ("codes", "scale", "zero", "lr_a", "lr_b", "lr_s", "out_val", "out_idx")
+_PARTS = KERNEL_FIELDS[5:]     # the parts both kernels read, in the one order store.py declares
 
 
 def _pointers(seg: Segment | None, exact: torch.Tensor | None, q: torch.Tensor) -> list[torch.Tensor]:
-    """The kernel's eight part pointers of one segment in `_PARTS` order
-    (exact values in the codes' place; q stands in for absent parts)."""
-    parts = [exact] + [None] * 7 if seg is None else [getattr(seg, name) for name in _PARTS]
+    """The kernel's part pointers of one segment in `_PARTS` order (exact
+    values in the codes' place; q stands in for absent parts)."""
+    parts = [exact] + [None] * (len(_PARTS) - 1) if seg is None else [getattr(seg, name) for name in _PARTS]
     return [(t if t is not None else q).contiguous() for t in parts]
 
 
