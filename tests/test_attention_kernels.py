@@ -1,6 +1,7 @@
 """The attention kernels against the reference: the C++ CPU kernel
 (`kernels/cpu_attention.cpp`) and the Triton decode kernel (run by the Triton
-interpreter on CPU), each compared with dequantizing the SAME store, then
+interpreter on CPU, or compiled for the GPU where one is visible and
+TRITON_INTERPRET=0), each compared with dequantizing the SAME store, then
 SDPA over it and the call's new tokens.
 
 Tolerances: the Triton kernel rounds the dequantized K/V tile and the softmax
@@ -24,7 +25,9 @@ from gear_compile.store import KVStore
 from streams import streamed
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
-IMPLS = ["cpu", "triton"]
+# where the Triton kernel runs: interpreted on the CPU (conftest's default), or on the GPU
+TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+IMPLS = ["cpu"] + (["triton"] if TRITON_DEVICE == "cpu" or torch.cuda.is_available() else [])
 
 
 def _uneven():
@@ -48,9 +51,12 @@ def attend(impl, q, ks, vs, k_new, v_new, mask, scale, causal=False, num_splits=
            sinks=None):
     """One implementation's attention of q over the stores plus the new tokens."""
     if impl == "triton":
-        return decode_attention_launch(q, ks.tensors(), vs.tensors(), k_new, v_new, mask, scale,
-                                       ks.config.to_json(), num_splits=num_splits, softcap=softcap,
-                                       sinks=sinks)
+        def on(t):
+            return None if t is None else t.to(TRITON_DEVICE)
+        out = decode_attention_launch(on(q), [on(t) for t in ks.tensors()], [on(t) for t in vs.tensors()],
+                                      on(k_new), on(v_new), on(mask), scale, ks.config.to_json(),
+                                      num_splits=num_splits, softcap=softcap, sinks=on(sinks))
+        return out.cpu()
     from gear_compile.kernels import cpu
     cpu.load()
     return torch.ops.gear.attention_cpu(q, ks.tensors(), vs.tensors(), k_new, v_new, mask, scale,

@@ -46,9 +46,13 @@ def _build_all():
                     PO="fp32", PLSE="fp32", Koi=kout[0] if kout else "u8", Voi="u8", Ka="i8", Va="i8",
                     Kb="i8", Vb="i8", Kls="fp32", Vls="fp32")
         types = {n: "*" + ptrs.get(n, "fp16") for n in da._partial_kernel.arg_names[:21]}
-        types["qk_scale"] = "fp32"
+        # the float arguments as Triton's launcher types them (fp32), as Inductor's does (fp64,
+        # the fp16 variants) and as torch's mutation analysis traces them (constants, bf16)
+        floats = dict(fp16="fp64", fp32="fp32", bf16="constexpr")[qdt]
+        types["qk_scale"] = types["cap"] = floats
         build(da._partial_kernel, types,
-              dict(SEG=1, G=G, GP=16, D=D, W=w, WP=w, PB=pb, E=D, BITS=0 if exact else bits,
+              dict(dict(qk_scale=0.125, cap=0.0) if floats == "constexpr" else {},
+                   SEG=1, G=G, GP=16, D=D, W=w, WP=w, PB=pb, E=D, BITS=0 if exact else bits,
                    EXACT=exact, K_CHANNEL=kch, V_CHANNEL=False, R=rank, BT=bt, MASK_KIND=mask,
                    FP32_DOT=fp32, K_OUT=kout is not None, LOGK=kout[1] if kout else 0,
                    V_OUT=vout, K_FOLD=kfold, V_FOLD=vfold), num_warps=8)

@@ -238,6 +238,10 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vl
     e = tl.arange(0, E)
     ch = (e // WP) * W + e % WP                           # extended axis -> channel
     ok_c = (e % WP < W) & (ch < D)
+    # the scores in fp32 whatever the floats arrive as: Triton's launcher passes fp32, Inductor's
+    # fp64, and torch's mutation analysis traces them as Python floats
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    cap = tl.cast(cap, tl.float32)
     q = tl.load(Q + qrow[:, None] * D + ch[None, :], mask=ok_g[:, None] & ok_c[None, :],
                 other=0.0).to(tl.float32) * qk_scale
     DT: tl.constexpr = Q.dtype.element_ty
@@ -473,9 +477,11 @@ def _mask_args(attn_mask: torch.Tensor | None, q: torch.Tensor, B: int, Hq: int)
     while m.dim() < 4:
         m = m.unsqueeze(0)
     mlen = m.shape[-1]
-    m = m.expand(B, Hq, 1, mlen)
     kind = 1 if m.dtype == torch.bool else 2
-    return (m.view(torch.uint8) if kind == 1 else m), kind, (m.stride(0), m.stride(1), m.stride(3)), mlen
+    if kind == 1:   # Triton reads bytes; Inductor cannot lower a view of bool as uint8, a cast it fuses
+        m = m.to(torch.uint8)
+    m = m.expand(B, Hq, 1, mlen)
+    return m, kind, (m.stride(0), m.stride(1), m.stride(3)), mlen
 
 
 def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
