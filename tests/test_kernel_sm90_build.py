@@ -20,7 +20,8 @@ def _partial_variants():
             ("fp16", 2, True, 4, 32, 2, False, ("u8", 2), True, False, False),
             ("bf16", 8, False, 0, 16, 0, False, None, False, False, False),
             ("fp32", 4, True, 2, 32, 0, True, ("i16", 10), False, True, False),
-            ("fp16", 16, False, 0, 32, 1, False, None, False, False, False)]
+            ("fp16", 16, False, 0, 32, 1, False, None, False, False, False),
+            ("fp16", 4, True, 4, 64, 1, False, ("i16", 10), True, True, True)]
 
 
 def _build_all():

@@ -384,13 +384,15 @@ def _combine_kernel(PO, PLSE, Out, Sinks, S_TOTAL, Hq, D: tl.constexpr, DP: tl.c
 
 # Launch heuristics. Programs per (batch, KV head): enough for about four per
 # SM, so that each SM has programs to switch between while one waits on
-# memory (decode attention is bandwidth-bound: ~all of a program's time is
-# loads). Tokens per tile: <= 32 keeps sm_90 builds free of register spills
-# (checked with ptxas for D = 128, 2-8 bits, rank 4, masks); >= 16 for
-# tl.dot. Warps: 8 once a tile holds >= 4096 values (enough independent
-# loads for 256 threads), else 4.
+# memory. Tokens per tile: >= 16 for tl.dot; up to 64, since on an H100 the
+# kernel is latency-bound, not bandwidth-bound, and moving more bytes per
+# iteration pays (benchmarks/results/decode_attention_sweep_h100.md, batch 16,
+# context 32k: 32 -> 64 tokens took none 1171 -> 961 us, kcvt-4 2063 -> 1284,
+# kivi-2 2174 -> 2114, gear-4 11468 -> 8890; 128 was slower for gear-4).
+# Warps: 8 once a tile holds >= 4096 values (enough independent loads for 256
+# threads), else 4.
 PROGRAMS_PER_SM = 4
-TILE_MIN, TILE_MAX = 16, 32
+TILE_MIN, TILE_MAX = 16, 64
 WIDE_TILE = 4096
 COMBINE_CHUNK = 64     # partials the combine kernel merges per iteration (registers: SC x DP)
 
