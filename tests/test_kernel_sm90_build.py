@@ -29,7 +29,7 @@ def _build_all():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from gear_compile.kernels import compress, decode_attention as da
+    from gear_compile.kernels import decode_attention as da
 
     target = GPUTarget("cuda", 90, 32)
 
@@ -60,13 +60,6 @@ def _build_all():
     for sinks in (False, True):
         build(da._combine_kernel, dict(PO="*fp32", PLSE="*fp32", Out="*fp16", Sinks="*fp32"),
               dict(D=D, DP=D, SC=64, SINKS=sinks))
-    for axis_channel in (True, False):
-        for bits in (2, 4, 8):
-            pb = 8 // bits
-            build(compress._quant_pack_kernel,
-                  dict(X="*fp16", Codes="*u8", Scale="*fp16", Zero="*fp16"),
-                  dict(D=D, W=D // pb, WP=D // pb, PB=pb, E=D, TT=16, BITS=bits,
-                       AXIS_CHANNEL=axis_channel))
 
 
 def test_kernels_build_for_sm90():

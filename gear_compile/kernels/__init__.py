@@ -5,7 +5,6 @@ CPU (C++, built once per machine at first use).
 `decode_attention`: Triton flash-decoding of one query token per sequence
 against a layer's compressed K and V (dequantization, low-rank and outlier
 terms fused), for CUDA.
-`compress`: Triton quantize + pack of a block.
 Importing a Triton kernel module needs triton but not CUDA; on a machine
 without a GPU run them under TRITON_INTERPRET=1 (set before importing
 triton), for which this package patches one interpreter incompatibility with
