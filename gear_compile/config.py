@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .packing import ceil_div
+
 METHODS = ("gear", "gear_l", "kcvt", "kivi", "per_token", "none")
 BACKBONES = ("kcvt", "kivi", "per_token")
 BITS = (2, 4, 8)
@@ -196,7 +198,7 @@ class CodecConfig:
         """decode_capacity rounded up to whole blocks, at least two: a part with
         one row per block would otherwise start with a size-1 dim, which
         Dynamo specialises, and recompile at the first growth."""
-        return max(2, -(-self.decode_capacity // self.block_size)) * self.block_size
+        return max(2, ceil_div(self.decode_capacity, self.block_size)) * self.block_size
 
     def decode_capacity_for(self, tokens: int) -> int:
         """The decode capacity of a store whose prefill put `tokens` (whole

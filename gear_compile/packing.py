@@ -12,10 +12,14 @@ from __future__ import annotations
 import torch
 
 
+def ceil_div(a: int, b: int) -> int:
+    """Whole units of size b holding a items (the package's one rounding-up rule)."""
+    return -(-a // b)
+
+
 def packed_width(head_dim: int, bits: int) -> int:
     """Bytes per row of `head_dim` codes at `bits` bits."""
-    per_byte = 8 // bits
-    return -(-head_dim // per_byte)
+    return ceil_div(head_dim, 8 // bits)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ class Part:
 
     def rows(self, tokens: int) -> int:
         """Rows holding the first `tokens` tokens (rounded up to whole units)."""
-        return -(-tokens // self.unit)
+        return packing.ceil_div(tokens, self.unit)
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ def dequantize(seg: Segment, layout: SegmentLayout, tokens: int | None,
         return seg.codes[:, :, :n].to(dtype)
     B, H = seg.codes.shape[:2]
     D, blk = layout.head_dim, layout.block
-    nblk = -(-n // blk) if blk else 0
+    nblk = packing.ceil_div(n, blk) if blk else 0
     m = nblk * blk                                  # whole blocks covering n
     codes = packing.unpack(seg.codes[:, :, :m], layout.spec.bits, D)
     if layout.spec.axis == "channel":

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from . import outliers
+from .packing import ceil_div
 from .config import CodecConfig, codec_of
 from .segment import Segment, SegmentLayout, compress, dequantize
 
@@ -273,7 +274,7 @@ class KVStore:
             return
         nb = self.layout.decode.block
         extra = max(min_free - free, self.capacity // 4)
-        self.decode = self.decode.resized(self.layout.decode, self.capacity + -(-extra // nb) * nb)
+        self.decode = self.decode.resized(self.layout.decode, self.capacity + ceil_div(extra, nb) * nb)
         self._tensors[2 + len(self.layout.prefill.part_names):] = list(self.decode.parts().values())
 
     def forget(self, keep: int) -> None:

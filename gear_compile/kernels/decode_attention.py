@@ -408,10 +408,6 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @dataclass(frozen=True)
 class _SegmentLaunch:
     """One `_partial_kernel` launch: a segment of the store (or the call's
@@ -435,7 +431,7 @@ class _SegmentLaunch:
 
     @property
     def tiles_per_block(self) -> int:
-        return _cdiv(self.block, self.tile)
+        return triton.cdiv(self.block, self.tile)
 
     @property
     def items(self) -> int:
@@ -518,9 +514,9 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
     # segments get more programs
     segments = _segment_launches(ks, vs, k_new)
     if num_splits is None:
-        num_splits = max(1, _cdiv(PROGRAMS_PER_SM * _sm_count(q.device), B * Hkv))
-    items = max(1, _cdiv(sum(s.items for s in segments), num_splits))
-    s_total = sum(_cdiv(s.items, items) for s in segments)
+        num_splits = max(1, triton.cdiv(PROGRAMS_PER_SM * _sm_count(q.device), B * Hkv))
+    items = max(1, triton.cdiv(sum(s.items for s in segments), num_splits))
+    s_total = sum(triton.cdiv(s.items, items) for s in segments)
     po = torch.empty(B, Hq, s_total, D, dtype=torch.float32, device=q.device)
     plse = torch.empty(B, Hq, s_total, dtype=torch.float32, device=q.device)
     shared = _SharedArgs(q, ks.lengths.to(q.device), *_mask_args(attn_mask, q, B, Hq), po, plse,
@@ -529,7 +525,7 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
     split0 = 0
     for seg in segments:
         exact_k, exact_v = (ks.buffer, vs.buffer) if seg.seg_id == 2 else (k_new, v_new)
-        splits = _cdiv(seg.items, items)
+        splits = triton.cdiv(seg.items, items)
         _launch_partial(launch, shared, seg, _pointers(seg.k, exact_k, q), _pointers(seg.v, exact_v, q),
                         (B * Hkv, splits), split0)
         split0 += splits
