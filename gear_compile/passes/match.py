@@ -209,13 +209,7 @@ def eager_site(node, index):
     if not _is_call(node, torch.matmul, operator.matmul):
         return None
     chain = []
-    probs = node.args[0]
-    while _is_call(probs, "to", "type", "type_as", F.dropout):
-        if _is_call(probs, F.dropout) and probs.kwargs.get("training", False) and \
-                probs.kwargs.get("p", probs.args[1] if len(probs.args) > 1 else 0.0):
-            return None
-        chain.append(probs)
-        probs = probs.args[0]
+    probs = _before(node.args[0], chain, "to", "type", "type_as", F.dropout)
     sliced = _is_call(probs, operator.getitem) and probs.args[1] == (Ellipsis, slice(None, -1, None))
     if sliced:                   # probs[..., :-1]: the sink column dropped
         chain.append(probs)
@@ -230,6 +224,38 @@ def eager_site(node, index):
             return None
         scores, sinks, nodes = found
         chain += nodes
+    if (found := _eager_scores(scores, chain)) is None:
+        return None
+    q, kt, mask, scale, softcap = found
+    site = AttentionSite(index, "eager", node, q, None, None, mask=mask, scale=scale, softcap=softcap,
+                         sinks=sinks)
+    if sinks is None and len(node.users) == 1 and \
+            (found := sink_scale(next(iter(node.users)), node, probs.args[0])) is not None:
+        site.output, site.sinks, nodes = found
+        chain += [node] + nodes
+    site.chain += chain
+    if _escapes(site, chain):
+        return site
+    _attach_kv(site, kt.args[0], node.args[1])
+    return site
+
+
+def _before(node, chain: list, *targets):
+    """The first node up args[0] that is not a call to one of `targets` (casts,
+    views, inference-mode dropout), each passed node added to chain; None at
+    a dropout active in training (left exact)."""
+    while _is_call(node, *targets):
+        if _is_call(node, F.dropout) and node.kwargs.get("training", False) and \
+                node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.0):
+            return None
+        chain.append(node)
+        node = node.args[0]
+    return node
+
+
+def _eager_scores(scores, chain: list):
+    """cap(matmul(q, K.transpose(2, 3)) * scale) + mask, its nodes added to
+    chain: (q, the transpose, mask, scale, softcap), or None."""
     mask = None
     if _is_call(scores, operator.add, torch.add):
         chain.append(scores)
@@ -255,17 +281,7 @@ def eager_site(node, index):
             tuple(sorted(kt.args[1:3])) in ((2, 3), (-2, -1))):
         return None
     chain.append(kt)
-    site = AttentionSite(index, "eager", node, q, None, None, mask=mask, scale=scale, softcap=softcap,
-                         sinks=sinks)
-    if sinks is None and len(node.users) == 1 and \
-            (found := sink_scale(next(iter(node.users)), node, probs.args[0])) is not None:
-        site.output, site.sinks, nodes = found
-        chain += [node] + nodes
-    site.chain += chain
-    if _escapes(site, chain):
-        return site
-    _attach_kv(site, kt.args[0], node.args[1])
-    return site
+    return q, kt, mask, scale, softcap
 
 
 def bmm_site(node, index):
@@ -283,12 +299,7 @@ def bmm_site(node, index):
     if out4 is None or out4.dim() != 4:
         return None
     chain = [pv]
-    probs = pv.args[0]
-    while _is_call(probs, F.dropout, "view", "reshape", "to"):
-        if _is_call(probs, F.dropout) and probs.kwargs.get("training", False):
-            return None
-        chain.append(probs)
-        probs = probs.args[0]
+    probs = _before(pv.args[0], chain, F.dropout, "view", "reshape", "to")
     if not _is_call(probs, F.softmax, "softmax", torch.softmax) or not _last_dim(probs):
         return None
     chain.append(probs)
