@@ -125,9 +125,11 @@ class CompressedKV(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         # `repeat_interleave` decomposes before `__torch_dispatch__` sees it
-        # (unsqueeze, expand, clone, view), so batch expansion is caught here.
-        if func in _REPEAT_INTERLEAVE and isinstance(args[0], CompressedKV):
-            out = _repeat_interleave(*args, **(kwargs or {}))
+        # (unsqueeze, expand, clone, view), so batch expansion is caught here;
+        # so is a crop, whose slice would otherwise return a view (`_crop`).
+        handler = _BEFORE_DISPATCH.get(func)
+        if handler is not None and isinstance(args[0], CompressedKV):
+            out = handler(*args, **(kwargs or {}))
             if out is not NotImplemented:
                 return out
         return torch._C._disabled_torch_function_impl(func, types, args, kwargs or {})
@@ -174,7 +176,6 @@ def _repeat_interleave(kv: CompressedKV, repeats, dim=None, output_size=None):
     return CompressedKV.of(kv.store.batch_repeat(repeats), kv.shape[2])
 
 
-_REPEAT_INTERLEAVE = (torch.Tensor.repeat_interleave, torch.repeat_interleave)
 
 
 @implements(aten.slice.Tensor)
@@ -192,6 +193,21 @@ def _slice(kv: CompressedKV, dim: int = 0, start=None, end=None, step: int = 1):
         return NotImplemented
     hidden = len(kv.store) - size                # older tokens of a sliding window
     return CompressedKV.of(kv.store.cropped(hidden + max(0, hi)), max(0, hi))
+
+
+def _crop(kv: CompressedKV, index):
+    """`keys[..., :n, :]` (DynamicLayer.crop), caught before dispatch: there
+    the slice's result would be a view of kv, and Dynamo rebuilds a view input
+    by replaying the slice on a fake kv, whose lengths it cannot read."""
+    crop = isinstance(index, tuple) and len(index) == 3 and index[0] is Ellipsis \
+        and index[2] == slice(None) and isinstance(index[1], slice) \
+        and index[1].start is None and index[1].step is None
+    return _slice(kv, 2, None, index[1].stop) if crop else NotImplemented
+
+
+_BEFORE_DISPATCH = {torch.Tensor.repeat_interleave: _repeat_interleave,
+                    torch.repeat_interleave: _repeat_interleave,
+                    torch.Tensor.__getitem__: _crop}
 
 
 def kv_bytes(obj) -> int:

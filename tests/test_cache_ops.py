@@ -141,6 +141,25 @@ def test_speculative_style_crops_keep_decoding_compressed(method):
     assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
 
 
+def test_a_cache_cropped_before_its_first_multi_token_call_compiles():
+    """A crop into the prefill block, then the first several-token call: its
+    graph is traced with the cropped cache as input (a slice's view would be
+    rebuilt by Dynamo from a fake store and fail)."""
+    model = gear_compile.compile(tiny_model("llama"), method="none", buffer_size=8, inductor=False)
+    reference = tiny_model("llama")
+    caches = DynamicCache(config=model.config), DynamicCache(config=reference.config)
+    ids = torch.randint(0, 256, (1, 19), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for chunk in (ids[:, :11], ids[:, 11:15], ids[:, 15:19]):
+            outs = [m(input_ids=chunk, **cache_kwarg(m, c), use_cache=True).logits
+                    for m, c in zip((model, reference), caches)]
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+            for c in caches:
+                c.crop(-2)
+    keys = caches[0].layers[0].keys
+    assert isinstance(keys, CompressedKV) and keys._base is None and len(keys.store) == 13
+
+
 def test_one_model_serves_many_generate_calls_padded_batches_and_batch_changes():
     """One compiled model, a lossy method: generate on a left-padded batch of 2
     (attention mask), then a batch of 3, then 1, then the padded batch again.
