@@ -267,9 +267,9 @@ def main(argv=None):
                    help="compare the sim path with the compiled path on a short run and exit")
     p.add_argument("--option", action="append", default=[],
                    help="override an option of our methods, e.g. --option rank_prefill=8 (tuning on dev)")
-    p.add_argument("--rotate", choices=("k", "v", "kv"), default="",
-                   help="study (sim path): rotate each head of K and/or V by a randomised Hadamard "
-                        "matrix before the codec (undone after it)")
+    p.add_argument("--rotate", choices=("none", "k", "v", "kv"), default=None,
+                   help="the rotate option for every method of ours (a randomised Hadamard rotation "
+                        "of each K and/or V head before the codec; default: each method's own)")
     p.add_argument("--dither", type=int, default=0, metavar="SEED",
                    help="study (sim path): a seeded 1e-3 relative dither on K/V, to measure how far "
                         "perplexity moves between equally good codecs")
@@ -290,6 +290,8 @@ def main(argv=None):
     for o in args.option:
         k, v = o.split("=", 1)
         overrides[k] = json.loads(v)
+    if args.rotate is not None:
+        overrides["rotate"] = args.rotate
 
     labels = args.methods or [m[0] for m in qm.METHODS]
     table = dict(qm.METHODS)
@@ -299,9 +301,9 @@ def main(argv=None):
     if any(table[lab] and "peer" in table[lab] for lab in labels):
         qm.ensure_peer(not args.no_install)
 
-    variant = qm.SimVariant(args.rotate, args.dither)
+    variant = qm.SimVariant(args.dither)
     if variant != qm.SimVariant() and args.path != "sim":
-        p.error("--rotate and --dither are studies of the sim path; drop --path compiled")
+        p.error("--dither is a study of the sim path; drop --path compiled")
 
     def make(label, path=args.path):
         opts = table[label]

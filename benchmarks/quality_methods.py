@@ -16,16 +16,16 @@ undoes its setup (`teardown`) and measures the bytes its cache holds
             K/V: checked against the compiled path (see quality.py --check-sim). Used for the long runs because it is ~10x faster here.
   peer      transformers' QuantizedCache (optimum-quanto backend).
 
-`SimVariant` changes what the sim's codec sees, for studies the package does
-not ship: an orthogonal rotation of K and / or V per head before the codec
-(undone after it, so attention is unchanged but for the codec's error), or a
-relative dither of 1e-3 on K/V (seeded), which moves values across
-quantization boundaries and so measures how much perplexity moves between
-equally good codecs (the noise floor of a comparison).
+The sim rotates K / V heads where the options say so (`rotate`, the
+package's `rotation`), before the store and back after it, as the compiled
+graph does around attention. `SimVariant` changes what the sim's codec sees
+for a study the package does not ship: a relative dither of 1e-3 on K/V
+(seeded), which moves values across quantization boundaries and so measures
+how much perplexity moves between equally good codecs (the noise floor of a
+comparison).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 import gear_compile
 from gear_compile.store import KVStore
 from gear_compile.config import GearConfig
+from gear_compile.rotation import rotation
 from gear_compile.segment import dequantize as seg_dequantize
 
 # (label, options); options None = dense, {"peer": bits} = QuantizedCache
@@ -48,6 +49,9 @@ METHODS = [
     ("KIVI-2", dict(method="kivi", bits=2)),
     ("GEAR-L(KIVI-2)", dict(method="gear_l", bits=2)),
     ("GEAR(KIVI-2)", dict(method="gear", bits=2)),
+    ("KCVT-4 rotated", dict(method="kcvt", bits=4, rotate="kv")),
+    ("KIVI-2 rotated", dict(method="kivi", bits=2, rotate="kv")),
+    ("GEAR(KIVI-2) rotated", dict(method="gear", bits=2, rotate="kv")),
     ("QuantizedCache-quanto-4", {"peer": 4}),
     ("QuantizedCache-quanto-2", {"peer": 2}),
 ]
@@ -72,27 +76,12 @@ def tensor_bytes(t) -> int:
 # ---------------------------------------------------------------- sim path
 @dataclass(frozen=True)
 class SimVariant:
-    """rotate: "k", "v" or "kv" (a randomised Hadamard rotation of each head
-    before the codec, undone after it); dither: a seed (0: none)."""
+    """dither: a seed (0: none)."""
 
-    rotate: str = ""
     dither: int = 0
 
     def describe(self) -> str:
-        return "".join([f", {self.rotate.upper()} rotated" if self.rotate else "",
-                        f", dither seed {self.dither}" if self.dither else ""])
-
-
-def hadamard(d: int, seed: int = 0) -> torch.Tensor:
-    """An orthogonal [d, d] matrix: Sylvester's Hadamard with random row
-    signs, over sqrt(d) (d a power of two)."""
-    if d & (d - 1):
-        raise ValueError(f"rotation: head dim {d} is not a power of two")
-    h = torch.ones(1, 1)
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    signs = torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    return h * signs[:, None] / math.sqrt(d)
+        return f", dither seed {self.dither}" if self.dither else ""
 
 
 class GearSimLayer(DynamicLayer):
@@ -107,19 +96,20 @@ class GearSimLayer(DynamicLayer):
         self.calls = 0
 
     def update(self, key_states, value_states, *args, **kwargs):
-        v = self.variant
-        if not (v.rotate or v.dither):
+        v, cfg = self.variant, self.config
+        if not (cfg.rotate != "none" or v.dither):
             return self._update(key_states, value_states)
         self.calls += 1
         noise = torch.Generator().manual_seed(v.dither * 1000003 + self.calls * 7919 + self.index)
-        rot = hadamard(key_states.shape[-1]).to(key_states.dtype)
+        D, dtype, device = key_states.shape[-1], key_states.dtype, key_states.device
         seen = []
         for kind, x in (("k", key_states), ("v", value_states)):
             if v.dither:
                 x = x * (1 + 1e-3 * torch.randn(x.shape, generator=noise, dtype=x.dtype))
-            seen.append(x @ rot if kind in v.rotate else x)
+            seen.append(x @ rotation(D, dtype, device) if cfg.rotates(kind) else x)
         out = self._update(*seen)
-        return tuple(o @ rot.T if kind in v.rotate else o for kind, o in zip("kv", out))
+        back = rotation(D, dtype, device, inverse=True)
+        return tuple(o @ back if cfg.rotates(kind) else o for kind, o in zip("kv", out))
 
     def _update(self, key_states, value_states):
         if self.stores is None:

@@ -9,7 +9,8 @@ The whole user surface:
     gear_compile.kv_breakdown(cache)                       # ... used vs reserved, by kind
 
 Options are documented on `GearConfig`. Modules: `config` (options),
-`packing`/`quantize`/`outliers`/`lowrank`/`segment` (the codec), `store`
+`packing`/`quantize`/`outliers`/`lowrank`/`segment` (the codec), `rotation` (the
+`rotate` option), `store`
 (a layer's K or V store and its layout), `compressed_kv` (the cache tensor),
 `ops` (custom ops), `lorc` (low-rank K/V projections), `passes` (match, rewrite, LoRC), `backend` (the
 torch.compile backend), `runtime` (between graph calls: counts, flushes),

@@ -27,6 +27,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor
 
+from . import rotation
 from .config import CodecConfig
 from .store import RESERVED_KINDS, KVStore
 
@@ -48,10 +49,13 @@ def implements(*ops):
 def dequantize_parts(parts: list[torch.Tensor], config: str, kind: str, length: int,
                      dtype: torch.dtype) -> torch.Tensor:
     """The exact dense [B, H, length, D] reconstruction, in `dtype`, of a
-    flattened store's newest `length` tokens. An opaque op, so tracing
-    (Dynamo, AOT) never reads the lengths' values."""
-    dense = KVStore(CodecConfig.from_json(config), kind, parts).dequantize(dtype)
-    return dense[:, :, dense.shape[2] - length:]
+    flattened store's newest `length` tokens, unrotated where the store is
+    rotated (`rotation`). An opaque op, so tracing (Dynamo, AOT) never reads
+    the lengths' values."""
+    cfg = CodecConfig.from_json(config)
+    dense = KVStore(cfg, kind, parts).dequantize(dtype)
+    dense = dense[:, :, dense.shape[2] - length:]
+    return rotation.unrotate(dense) if cfg.rotates(kind) else dense
 
 
 @dequantize_parts.register_fake

@@ -23,6 +23,7 @@ Glossary (one name each):
   segment    uniformly compressed blocks (`segment`): the prefill block, or
              the decode blocks; a store is two segments, a buffer and lengths
   parts      the stored tensors of a segment (codes, scale, zero, lr_*, out_*)
+  rotated    a store holding x R, R an orthogonal per-head rotation (`rotate`)
 Neighbours: `segment` (compresses with a `QuantSpec`), `store` (block
 and buffer sizes), `backend` (parses options).
 """
@@ -41,6 +42,7 @@ METHODS = ("gear", "gear_l", "kcvt", "kivi", "per_token", "none")
 BACKBONES = ("kcvt", "kivi", "per_token")
 BITS = (2, 4, 8)
 KERNELS = ("auto", "cpu", "triton", "torch")
+ROTATIONS = ("none", "k", "v", "kv")
 LORC_SCHEDULES = ("progressive", "uniform")
 
 
@@ -90,6 +92,10 @@ class CodecConfig:
     decode_capacity  tokens of compressed decode storage reserved at prefill
                  (rounded up to whole blocks, at least two; grown by at least a
                  quarter when a flush finds it full). kv_bytes counts it.
+    rotate       none, k, v or kv: store those heads rotated by a randomised
+                 Hadamard transform (`rotation`), folded into q and the output
+                 so attention is unchanged. It helps 2-bit codecs and hurts
+                 KCVT at 4 bits (benchmarks/results/quality_rotated.md).
     """
 
     method: str = "gear"
@@ -102,9 +108,11 @@ class CodecConfig:
     buffer_size: int | None = None
     power_iters: int = 3
     decode_capacity: int = 64
+    rotate: str = "none"
 
     def __post_init__(self):
         _check_choice("method", self.method, METHODS)
+        _check_choice("rotate", self.rotate, ROTATIONS)
         if self.backbone is not None:
             _check_choice("backbone", self.backbone, BACKBONES)
             if self.method not in ("gear", "gear_l"):
@@ -166,6 +174,10 @@ class CodecConfig:
     @property
     def compresses(self) -> bool:
         return self.method != "none"
+
+    def rotates(self, kind: str) -> bool:
+        """Whether the `kind` ("k" or "v") store holds rotated heads."""
+        return self.rotate != "none" and kind in self.rotate
 
     @property
     def quantizer(self) -> str:
@@ -259,8 +271,9 @@ class CodecConfig:
         return n
 
     def describe(self) -> str:
+        rotated = f", {self.rotate.upper()} rotated" if self.rotate != "none" else ""
         if not self.compresses:
-            return "none (exact storage)"
+            return f"none (exact storage{rotated})"
         parts = [f"{self.quantizer}-{self.bits}"]
         if self.uses_low_rank:
             parts.append(f"r={self.rank_prefill}/{self.rank_decode}")
@@ -271,7 +284,7 @@ class CodecConfig:
             parts.append(f"g={self.group_size}" if self.group_size else "g by head dim")
         if self.group_size or self.buffer_size or not grouped:
             parts.append(f"n_b={self.block_size}")
-        return f"{self.method}(" + ", ".join(parts) + ")"
+        return f"{self.method}(" + ", ".join(parts) + ")" + rotated
 
     @property
     def rank_unit(self) -> int:
@@ -318,6 +331,9 @@ class GearConfig(CodecConfig):
         if isinstance(self.lorc, bool) or not isinstance(self.lorc, (int, float)) or not 0 <= self.lorc < 1:
             raise ValueError(f"gear options: lorc must be a number in [0, 1) (the fraction of the K/V "
                              f"cache removed; 0 = off), got {self.lorc!r}.")
+        if self.lorc and self.rotate != "none":
+            raise ValueError(f"gear options: rotate={self.rotate!r} does not combine with lorc "
+                             f"(LoRC's latents are not heads); use one of them.")
         if not isinstance(self.inductor, bool):
             raise ValueError(f"gear options: inductor must be True or False, got {self.inductor!r}.")
 

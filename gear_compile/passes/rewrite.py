@@ -22,6 +22,9 @@ For each rewritable site (see `passes.match`):
       attends the whole store, whose tokens older than the layer's mask are
       hidden (the mask is aligned to the newest key), and the runtime drops
       whole blocks once they leave the window.
+  rotated K / V (option `rotate`, `rotation`): prefill compresses cat R;
+      decode attends q R and the new K R over the rotated store, the new V R,
+      and multiplies the output by R^T.
 
 The result says how to flatten inputs and rebuild outputs at run time
 (`RewritePlan`). Neighbours: `passes.match` (sites), `ops` (what is emitted),
@@ -37,6 +40,7 @@ import torch.fx as fx
 
 from ..config import GearConfig
 from ..ops import attention_for
+from ..rotation import rotation
 from ..store import StoreLayout
 from . import lorc as lorc_pass
 from .match import AttentionSite, _value
@@ -141,6 +145,13 @@ class _Rewriter:
         setattr(self.gm, name, tensor)
         return self.graph.get_attr(name)
 
+    def rotated(self, node: fx.Node, value: torch.Tensor, inverse: bool = False) -> fx.Node:
+        """node R (or node R^T) for `value`'s head dim, dtype and device."""
+        r = rotation(value.shape[-1], value.dtype, value.device, inverse)
+        out = self.graph.call_function(torch.matmul, (node, self.constant(r)))
+        out.meta["example_value"] = value
+        return out
+
     def size(self, value):
         """A node (or int) for the size `value`: a SymInt placeholder of the graph."""
         if isinstance(value, int):
@@ -211,21 +222,26 @@ class _Rewriter:
         tokens = tokens if isinstance(tokens, int) else -1          # symbolic: several
         op = attention_for(q_val.device, self.config, tokens)
         k_store, v_store = _value(site.key.past).store, _value(site.value.past).store
+        rot_k, rot_v = self.config.rotates("k"), self.config.rotates("v")
+        want = _value(site.output)
         with self.graph.inserting_before(out):
+            q = self.node(site.query)
+            if rot_k:
+                q, k_new = self.rotated(q, q_val), self.rotated(k_new, _value(site.key.new))
+            if rot_v:
+                v_new = self.rotated(v_new, _value(site.value.new))
             attn = self.graph.call_function(op.op, op.args(
-                self.node(site.query), k_parts, v_parts, k_new, v_new, self.node(site.mask),
+                q, k_parts, v_parts, k_new, v_new, self.node(site.mask),
                 scale, site.is_causal, self.config, k_store.layout, v_store.layout, site.softcap,
                 self.node(site.sinks)))
+            attn.meta["example_value"] = q_val.new_empty(want.shape)
             if tokens == 1:
                 for parts, store, new in ((k_parts, k_store, k_new), (v_parts, v_store, v_new)):
                     buffer_write(self.graph, store.layout, parts, new, _value(new).dtype)
-        want = _value(site.output)
-        if want.dtype != q_val.dtype:        # q upcast for fp32 attention: the output is cast back
-            with self.graph.inserting_after(attn):
-                cast = self.graph.call_method("to", (attn, want.dtype))
-            attn.meta["example_value"] = q_val.new_empty(want.shape)
-            attn, cast.meta["example_value"] = cast, want
-        else:
+            if rot_v:
+                attn = self.rotated(attn, attn.meta["example_value"], inverse=True)
+            if want.dtype != q_val.dtype:        # q upcast for fp32 attention: the output is cast back
+                attn = self.graph.call_method("to", (attn, want.dtype))
             attn.meta["example_value"] = want
         out.replace_all_uses_with(attn)
         written = 1 if tokens == 1 else 0
@@ -236,10 +252,11 @@ class _Rewriter:
     def prefill(self, site: AttentionSite) -> None:
         for append, kind in ((site.key, "k"), (site.value, "v")):
             stored, windowed = self.node(append.stored), append.keep is not None
-            with self.graph.inserting_after(stored):
-                parts = self.graph.call_function(torch.ops.gear.kv_prefill.default,
-                                                 (stored, self.config.codec.to_json(), kind, windowed))
             x = _value(append.stored)
+            with self.graph.inserting_before(stored.next):
+                kept = self.rotated(stored, x) if self.config.rotates(kind) else stored
+                parts = self.graph.call_function(torch.ops.gear.kv_prefill.default,
+                                                 (kept, self.config.codec.to_json(), kind, windowed))
             n_pre = 0 if windowed else self.config.prefill_tokens(int(x.shape[2]))
             n = len(StoreLayout.build(self.config, kind, x.shape[-1], x.dtype, n_pre).names)
             self.replaced[stored] = (PrefillOut(kind, n, x.dtype, append.keep), parts)
