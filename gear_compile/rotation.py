@@ -6,9 +6,9 @@ Hadamard matrix with random row signs over sqrt(n), block-diagonal over
 n-channel blocks (n the largest power of two dividing the head dim, at most
 the head dim). It spreads an outlier channel's energy over its block, so a
 2-bit codec's per-token ranges shrink (llama.cpp's KV rotation;
-benchmarks/results/quality_study.md: KIVI-2 on SmolLM2 from +23.6 % to
-+10.6 % perplexity). Per-channel K statistics at 4 bits lose by it: they
-isolate outlier channels already.
+benchmarks/results/quality_rotated.md: KIVI-2 on SmolLM2 from +23.6 / +22.1 %
+to +10.6 / +8.0 % perplexity). KCVT's per-channel K statistics at 4 bits
+isolate outlier channels already: it moved them both ways there.
 
 Attention is unchanged by it: scores (q R)(k R)^T = q k^T, and softmax(.)
 (V R) R^T = softmax(.) V. So the rewrite (`passes.rewrite`) multiplies q and
