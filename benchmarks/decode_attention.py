@@ -278,9 +278,10 @@ def configs(args):
     return out
 
 
-def backbone_of(method: str, cfg) -> str | None:
-    """The plain method a gear / gear_l row is compared with (None for the rest)."""
-    return cfg.quantizer if method in ("gear", "gear_l") else None
+def backbone_of(method: str, cfg, head_dim: int) -> str | None:
+    """The plain method a gear / gear_l row is compared with (None for the rest):
+    its backbone at this head dim."""
+    return cfg.for_head_dim(head_dim).quantizer if method in ("gear", "gear_l") else None
 
 
 def gbps(row) -> float:
@@ -383,7 +384,7 @@ def measure_cell(args, time_us, device, dtype, shape, Hq, Hkv, D, B, L, scale) -
         calls[("deq", method, bits)] = rotating(lambda kp, vp, text=text: torch.ops.gear.attention_reference(
             q, kp, vp, k_new, v_new, None, scale, False, text), copies)
         meta[(method, bits)] = dict(method=method, bits=bits, bytes=moved, ceiling=dense / moved,
-                                    backbone=backbone_of(method, cfg))
+                                    backbone=backbone_of(method, cfg, D))
         meta[("deq", method, bits)] = dict(method=f"dequantize+sdpa {method}", bits=bits,
                                            bytes=moved + 2 * dense,
                                            ceiling=dense / (moved + 2 * dense))
@@ -435,7 +436,7 @@ def bytes_model(args) -> list[dict]:
                     moved = B * (k_bytes + v_bytes)
                     rows.append(dict(shape=shape, batch=B, context=L, method=method, bits=bits,
                                      dense=dense, k=B * k_bytes, v=B * v_bytes, moved=moved,
-                                     ceiling=dense / moved, backbone=backbone_of(method, cfg)))
+                                     ceiling=dense / moved, backbone=backbone_of(method, cfg, D)))
     backbone_overhead(rows, "moved")
     return rows
 

@@ -76,8 +76,10 @@ class CodecConfig:
     method       gear (quant + low-rank + sparse), gear_l (quant + low-rank),
                  kcvt / kivi / per_token (a backbone alone), none (the rewrite
                  with exact storage: the test of the rewrite itself).
-    backbone     quantizer under gear / gear_l; None picks kcvt at >= 4 bits and
-                 kivi at 2 bits, as in the paper.
+    backbone     quantizer under gear / gear_l; None: chosen by head dim
+                 (`for_head_dim`): kivi at 2 bits, as in the paper; at 4 bits
+                 kivi up to head dim 64 where its groups fit, else kcvt (the
+                 paper's, whose models have head dim 128); kcvt at 8 bits.
     bits         2, 4 or 8.
     group_size   g of kivi (token groups for K, channel groups for V) and of
                  per_token (channel groups for K and V); None: chosen by head
@@ -94,8 +96,10 @@ class CodecConfig:
                  quarter when a flush finds it full). kv_bytes counts it.
     rotate       none, k, v or kv: store those heads rotated by a randomised
                  Hadamard transform (`rotation`), folded into q and the output
-                 so attention is unchanged. It helps 2-bit codecs and hurts
-                 KCVT at 4 bits (benchmarks/results/quality_rotated.md).
+                 so attention is unchanged. On SmolLM2 it took KIVI-2 from
+                 +23.6 / +22.1 % perplexity to +10.6 / +8.0 % and GEAR(KIVI-2)
+                 from +8.8 / +8.7 % to +8.2 / +6.8 %; KCVT-4 moved both ways
+                 (benchmarks/results/quality_rotated.md).
     """
 
     method: str = "gear"
@@ -132,7 +136,8 @@ class CodecConfig:
                 isinstance(self.outlier_ratio, (int, float)) and 0 <= self.outlier_ratio < 1):
             raise ValueError(f"gear options: outlier_ratio must be a number in [0, 1), "
                              f"got {self.outlier_ratio!r}.")
-        if self.quantizer == "kivi" and self.group_size and self.block_size % self.group_size:
+        chosen = not (self.uses_low_rank and self.backbone is None and self.bits == 4)
+        if chosen and self.quantizer == "kivi" and self.group_size and self.block_size % self.group_size:
             raise ValueError(
                 f"gear options: with the kivi backbone buffer_size must be a multiple of "
                 f"group_size={self.group_size} (K is grouped by tokens), got {self.block_size}.")
@@ -148,19 +153,36 @@ class CodecConfig:
         return _from_json(cls, text)
 
     def for_head_dim(self, head_dim: int) -> CodecConfig:
-        """These options for heads of `head_dim`: group_size chosen where
-        unset. At head dim 64 the paper's g = 64 makes every V token a single
-        group and spans 64 tokens of K per (scale, zero); g = 32 took GEAR(KIVI-2)
-        on SmolLM2 from +12.5 / +15.8 % perplexity to +10.2 / +7.6 %
-        (benchmarks/results/quality_g32.md) for 1 more bit of scales per 32 values."""
-        if self.group_size is not None:
+        """These options for heads of `head_dim`: group_size and the backbone
+        chosen where unset (an option the user sets is kept).
+
+        group_size: 32 up to head dim 64, else 64. At head dim 64 the paper's
+        g = 64 makes every V token a single group and spans 64 tokens of K per
+        (scale, zero); g = 32 took GEAR(KIVI-2) on SmolLM2 from +12.5 / +15.8 %
+        perplexity to +10.2 / +7.6 % (benchmarks/results/quality_g32.md) for 1
+        more bit of scales per 32 values.
+        backbone at 4 bits: kivi up to head dim 64 where its groups fit (g
+        divides the head dim and a buffer_size the user set), else kcvt. KCVT's one
+        (scale, zero) per channel per block spans all of a block's tokens;
+        on SmolLM2 (head dim 64) KIVI's 32-token groups took GEAR-L 4-bit from
+        +0.78 / +1.35 % to -0.08 / -0.15 % and GEAR 4-bit from +0.37 / +0.50 %
+        to +0.31 / +0.05 %, in fewer bytes (benchmarks/results/quality.md)."""
+        chosen = {}
+        if self.group_size is None:
+            chosen["group_size"] = 32 if head_dim <= 64 else 64
+        if self.backbone is None and self.uses_low_rank:
+            group = chosen.get("group_size", self.group_size)
+            kivi_fits = head_dim <= 64 and head_dim % group == 0 and \
+                (self.buffer_size is None or self.buffer_size % group == 0)
+            chosen["backbone"] = "kivi" if self.bits == 2 or (self.bits == 4 and kivi_fits) else "kcvt"
+        if not chosen:
             return self
-        group = 32 if head_dim <= 64 else 64
         try:
-            return dataclasses.replace(self, group_size=group)
+            return dataclasses.replace(self, **chosen)
         except ValueError as err:
-            raise ValueError(f"{err} (group_size={group} is the default for head dim {head_dim}; "
-                             f"set group_size to choose another)") from None
+            said = ", ".join(f"{k}={v!r}" for k, v in chosen.items())
+            raise ValueError(f"{err} ({said}: the defaults for head dim {head_dim}; set them to "
+                             f"choose others)") from None
 
     # ---- derived ------------------------------------------------------
     @property
@@ -181,12 +203,16 @@ class CodecConfig:
 
     @property
     def quantizer(self) -> str:
-        """The backbone actually used: kcvt, kivi, per_token, or none."""
+        """The backbone actually used: kcvt, kivi, per_token, or none (gear and
+        gear_l at 4 bits: once chosen, `for_head_dim`)."""
         if self.method in BACKBONES or self.method == "none":
             return self.method
         if self.backbone is not None:
             return self.backbone
-        return "kcvt" if self.bits >= 4 else "kivi"
+        if self.bits == 4:
+            raise RuntimeError("gear: the 4-bit backbone is chosen per head dim; "
+                               "use for_head_dim(head_dim) first.")
+        return "kcvt" if self.bits > 4 else "kivi"
 
     @property
     def uses_low_rank(self) -> bool:
@@ -274,6 +300,8 @@ class CodecConfig:
         rotated = f", {self.rotate.upper()} rotated" if self.rotate != "none" else ""
         if not self.compresses:
             return f"none (exact storage{rotated})"
+        if self.uses_low_rank and self.backbone is None and self.bits == 4:
+            return self._describe_unchosen() + rotated
         parts = [f"{self.quantizer}-{self.bits}"]
         if self.uses_low_rank:
             parts.append(f"r={self.rank_prefill}/{self.rank_decode}")
@@ -285,6 +313,12 @@ class CodecConfig:
         if self.group_size or self.buffer_size or not grouped:
             parts.append(f"n_b={self.block_size}")
         return f"{self.method}(" + ", ".join(parts) + ")" + rotated
+
+    def _describe_unchosen(self) -> str:
+        parts = ["4 bits, backbone by head dim", f"r={self.rank_prefill}/{self.rank_decode}"]
+        if self.outliers:
+            parts.append(f"s={self.outliers:g}")
+        return f"{self.method}(" + ", ".join(parts) + ")"
 
     @property
     def rank_unit(self) -> int:

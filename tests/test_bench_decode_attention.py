@@ -13,12 +13,12 @@ SHAPE = ["--shapes", "4/2/64", "--context", "400"]
 def test_cpu_run_times_the_kernel_against_sdpa_and_gives_a_verdict(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "CPU_TARGETS", [(4, 400, 1.0), (2, 400, 1.5)])
     bench.main(SHAPE + ["--shapes", "4/2/64", "6/3/32", "--device", "cpu", "--batch", "1",
-                        "--methods", "kcvt", "gear", "--bits", "4", "--iters", "2", "--warmup", "0",
+                        "--methods", "kivi", "gear", "--bits", "4", "--iters", "2", "--warmup", "0",
                         "--cold-mb", "1", "--out", str(tmp_path)])
     text = (tmp_path / "decode_attention_cpu.md").read_text()
     rows = table(text)
     assert [r["method"] for r in rows if r["shape"] == "6/3/32"] == [
-        "fp32 sdpa (default)", "kcvt", "dequantize+sdpa kcvt", "gear", "dequantize+sdpa gear"]
+        "fp32 sdpa (default)", "kivi", "dequantize+sdpa kivi", "gear", "dequantize+sdpa gear"]
     assert {r["timing"] for r in rows} == {"eager"}
     # 2 MB of dense K/V per layer at most: cold runs cycle through several layers
     assert all(int(r["layers"]) >= 2 for r in rows)
