@@ -1,5 +1,6 @@
-"""Helpers shared by the model-level tests: the tiny models' prompt, and a
-prefill followed by one call per token, the way decoding feeds a cache."""
+"""Helpers shared by the model-level tests: the tiny models' prompt, a
+prefill followed by one call per token, the way decoding feeds a cache, and
+several-token calls with a crop after each, checked against eager."""
 import torch
 from transformers import DynamicCache
 
@@ -27,3 +28,19 @@ def decode_logits(model, steps=0, ids=PROMPT, *, tokens=None, cache=None):
             out = model(input_ids=nxt, **cache_kwarg(model, cache), use_cache=True)
             logits.append(out.logits[:, -1])
     return torch.stack(logits, 1), cache
+
+
+def chunks_and_crops_match(model, reference, ids, bounds=(11, 15, 19), crop=2):
+    """Feed ids[:, a:b] for consecutive bounds to `model` and to `reference`,
+    each with its own cache, cropping `crop` tokens after every call (a
+    speculative decoder's rollback); every call's logits must match. Returns
+    the model's cache."""
+    caches = DynamicCache(config=model.config), DynamicCache(config=reference.config)
+    with torch.no_grad():
+        for a, b in zip((0,) + tuple(bounds), bounds):
+            outs = [m(input_ids=ids[:, a:b], **cache_kwarg(m, c), use_cache=True).logits
+                    for m, c in zip((model, reference), caches)]
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+            for c in caches:
+                c.crop(-crop)
+    return caches[0]

@@ -22,7 +22,7 @@ from gear_compile.hf_compat import cache_kwarg, cache_of
 from gear_compile.models import tiny_model
 
 from streams import filled_decode_parts, streamed
-from decoding import PROMPT
+from decoding import PROMPT, chunks_and_crops_match
 
 CONFIG = GearConfig(method="gear", bits=2, group_size=8, buffer_size=8, outlier_ratio=0.25)
 
@@ -146,17 +146,8 @@ def test_a_cache_cropped_before_its_first_multi_token_call_compiles():
     graph is traced with the cropped cache as input (a slice's view would be
     rebuilt by Dynamo from a fake store and fail)."""
     model = gear_compile.compile(tiny_model("llama"), method="none", buffer_size=8, inductor=False)
-    reference = tiny_model("llama")
-    caches = DynamicCache(config=model.config), DynamicCache(config=reference.config)
     ids = torch.randint(0, 256, (1, 19), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        for chunk in (ids[:, :11], ids[:, 11:15], ids[:, 15:19]):
-            outs = [m(input_ids=chunk, **cache_kwarg(m, c), use_cache=True).logits
-                    for m, c in zip((model, reference), caches)]
-            torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
-            for c in caches:
-                c.crop(-2)
-    keys = caches[0].layers[0].keys
+    keys = chunks_and_crops_match(model, tiny_model("llama"), ids).layers[0].keys
     assert isinstance(keys, CompressedKV) and keys._base is None and len(keys.store) == 13
 
 
