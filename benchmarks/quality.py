@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 
@@ -323,7 +324,7 @@ def main(argv=None):
 
     header = [f"machine: {cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
               f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
-              "command: `python " + " ".join([os.path.relpath(__file__, qd.REPO)] + (argv or sys.argv[1:])) + "`",
+              "command: `python " + shlex.join([os.path.relpath(__file__, qd.REPO)] + (argv or sys.argv[1:])) + "`",
               f"text: Emma, {args.split} passage ({'VOLUME III' if args.split == 'test' else 'VOLUME I'}, "
               f"CHAPTER I onward), first {args.tokens} tokens; model fp32 on CPU",
               f"our methods run through the {'compiled backend (gear_compile.compile, inductor=False)' if args.path == 'compiled' else 'eager KVStore simulation of the same codec (see quality_methods.py; --check-sim compares it with the compiled path)'}",
