@@ -17,6 +17,7 @@ method). Methods:
   dense-eager     DynamicCache, no compile
   dense-inductor  DynamicCache, torch.compile(model.forward) (Inductor)
   gear4, gear2    gear_compile.compile(model, method="gear", bits=4 / 2) (Inductor)
+  gear4-kcvt      gear4 over the KCVT backbone (the 4-bit default above head dim 64)
   kivi2           gear_compile.compile(model, method="kivi", bits=2)
   quanto4         transformers' QuantizedCache (optimum-quanto, 4 bits), no compile
   lorc50          gear_compile.compile(model, method="none", lorc=0.5): LoRC alone
@@ -75,6 +76,7 @@ METHODS = {
     "dense-eager": None,
     "dense-inductor": "inductor",
     "gear4": dict(method="gear", bits=4),
+    "gear4-kcvt": dict(method="gear", bits=4, backbone="kcvt"),
     "gear2": dict(method="gear", bits=2),
     "kivi2": dict(method="kivi", bits=2),
     "quanto4": {"peer": 4},
