@@ -166,7 +166,9 @@ class CodecConfig:
         (scale, zero) per channel per block spans all of a block's tokens;
         on SmolLM2 (head dim 64) KIVI's 32-token groups took GEAR-L 4-bit from
         +0.78 / +1.35 % to -0.08 / -0.15 % and GEAR 4-bit from +0.37 / +0.50 %
-        to +0.31 / +0.05 %, in fewer bytes (benchmarks/results/quality.md)."""
+        to +0.31 / +0.05 % (benchmarks/results/quality.md), in fewer bytes on that
+        1k-token passage but 14 % more at an 8k prompt, where KCVT's per-block
+        scales amortise (benchmarks/results/generate_throughput_cpu_kivi4.md)."""
         chosen = {}
         if self.group_size is None:
             chosen["group_size"] = 32 if head_dim <= 64 else 64
