@@ -36,6 +36,7 @@ GEAR < GEAR-L < its backbone in K+V error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import platform
 import sys
@@ -85,9 +86,9 @@ def needed_capacity(config: GearConfig, prefill: int, generate: int) -> int:
 def build(x, options, kind, prefill, capacity):
     """Prefill then append the rest one token at a time, as decoding does."""
     generate = x.shape[2] - prefill
-    config = GearConfig(**options)
+    config = GearConfig(**options).for_head_dim(x.shape[-1])      # the defaults the backend would choose
     reserve = needed_capacity(config, prefill, generate) if capacity == "needed" else int(capacity)
-    config = GearConfig(decode_capacity=max(1, reserve), **options)
+    config = dataclasses.replace(config, decode_capacity=max(1, reserve))
     store = KVStore.from_prefill(x[:, :, :prefill], config, kind)
     for t in range(prefill, x.shape[2]):
         store.append(x[:, :, t:t + 1])    # grows at a flush that finds it full, as the backend does

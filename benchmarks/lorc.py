@@ -94,7 +94,7 @@ def lorc_plan(model, reduction: float, schedule: str, per: str, multiple: int, m
 class LoRCMethod:
     """A LoRC cache (latents exact, or under a GEAR codec) for streaming_ppl."""
 
-    def __init__(self, label, reduction, schedule="progressive", per="layer", gear=None, multiple=8,
+    def __init__(self, label, reduction, schedule="progressive", per="layer", gear=None, multiple=None,
                  moments=None):
         self.label, self.reduction, self.schedule, self.per = label, reduction, schedule, per
         self.gear, self.multiple, self.moments = gear, multiple, moments
@@ -105,11 +105,20 @@ class LoRCMethod:
         basis = "calibrated" if self.moments else "weights"
         return f"lorc={self.reduction:g} {self.schedule} per {self.per}, {basis} basis{codec}"
 
+    def codec(self, model):
+        """The codec of the latents, its defaults chosen by the model's head dim
+        as the backend chooses them (`GearConfig.for_head_dim`)."""
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return GearConfig.from_options(GEAR_OPTIONS[self.gear] if self.gear else {"method": "none"}) \
+            .for_head_dim(head_dim)
+
     def setup(self, model):
         from gear_compile import lorc
         moments = self.moments() if callable(self.moments) else self.moments
+        multiple = self.multiple or (self.codec(model).rank_unit if self.gear else 8)
         self.bases, self.ranks, self.full = lorc_plan(model, self.reduction, self.schedule, self.per,
-                                                      self.multiple, moments)
+                                                      multiple, moments)
         self.pending = {}
         for l, (k_proj, v_proj) in enumerate(kv_projections(model)):
             for i, proj in enumerate((k_proj, v_proj)):
@@ -127,8 +136,7 @@ class LoRCMethod:
     def new_cache(self, model):
         from transformers.cache_utils import Cache
 
-        from gear_compile.config import GearConfig
-        config = GearConfig.from_options(GEAR_OPTIONS[self.gear] if self.gear else {"method": "none"})
+        config = self.codec(model)
         return Cache(layers=[LoRCLayer(self, l, config) for l in range(len(self.bases))])
 
     def rebuild(self, latent, l: int, i: int):
@@ -196,8 +204,7 @@ def methods_for(reductions, gear_labels, moments, weight_reductions=(0.6,)):
                  (f"LoRC-{pct} uniform", LoRCMethod(f"LoRC-{pct} uniform", r, "uniform", moments=moments)),
                  (f"LoRC-{pct} progressive per head",
                   LoRCMethod(f"LoRC-{pct} progressive per head", r, per="head", moments=moments))]
-        rows += [(f"LoRC-{pct} + {g}", LoRCMethod(f"LoRC-{pct} + {g}", r, gear=g, moments=moments,
-                                                  multiple=GearConfig(**GEAR_OPTIONS[g]).rank_unit))
+        rows += [(f"LoRC-{pct} + {g}", LoRCMethod(f"LoRC-{pct} + {g}", r, gear=g, moments=moments))
                  for g in gear_labels]
     return rows
 
@@ -254,7 +261,7 @@ def main(argv=None):
               "KV % of fp16: LoRC alone: the latents in fp16 over the dense K/V in fp16; GEAR and LoRC + GEAR: "
               "bytes the stores hold at the end (exact fp32 buffer and reserved decode capacity included)",
               f"GEAR codecs: {', '.join(f'{g} = {GEAR_OPTIONS[g]}' for g in args.gear)}; under LoRC the "
-              "latent is one 'head' per layer, its ranks in multiples of GearConfig.rank_unit (8; 32 for GEAR-2's channel groups)"]
+              "latent is one 'head' per layer, its ranks in multiples of the codec's rank_unit at the model's head dim (8; 32 where KIVI groups 32 channels)"]
     results, plans = {}, {}
     for label, m in rows:
         log(f"lorc: {label}")
