@@ -136,8 +136,8 @@ class CodecConfig:
                 isinstance(self.outlier_ratio, (int, float)) and 0 <= self.outlier_ratio < 1):
             raise ValueError(f"gear options: outlier_ratio must be a number in [0, 1), "
                              f"got {self.outlier_ratio!r}.")
-        chosen = not (self.uses_low_rank and self.backbone is None and self.bits == 4)
-        if chosen and self.quantizer == "kivi" and self.group_size and self.block_size % self.group_size:
+        if not self.backbone_unchosen and self.quantizer == "kivi" and self.group_size and \
+                self.block_size % self.group_size:
             raise ValueError(
                 f"gear options: with the kivi backbone buffer_size must be a multiple of "
                 f"group_size={self.group_size} (K is grouped by tokens), got {self.block_size}.")
@@ -211,10 +211,15 @@ class CodecConfig:
             return self.method
         if self.backbone is not None:
             return self.backbone
-        if self.bits == 4:
+        if self.backbone_unchosen:
             raise RuntimeError("gear: the 4-bit backbone is chosen per head dim; "
                                "use for_head_dim(head_dim) first.")
         return "kcvt" if self.bits > 4 else "kivi"
+
+    @property
+    def backbone_unchosen(self) -> bool:
+        """gear / gear_l at 4 bits before `for_head_dim` picks the backbone."""
+        return self.uses_low_rank and self.backbone is None and self.bits == 4
 
     @property
     def uses_low_rank(self) -> bool:
@@ -302,7 +307,7 @@ class CodecConfig:
         rotated = f", {self.rotate.upper()} rotated" if self.rotate != "none" else ""
         if not self.compresses:
             return f"none (exact storage{rotated})"
-        if self.uses_low_rank and self.backbone is None and self.bits == 4:
+        if self.backbone_unchosen:
             return self._describe_unchosen() + rotated
         parts = [f"{self.quantizer}-{self.bits}"]
         if self.uses_low_rank:
