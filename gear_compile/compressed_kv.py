@@ -180,8 +180,6 @@ def _repeat_interleave(kv: CompressedKV, repeats, dim=None, output_size=None):
     return CompressedKV.of(kv.store.batch_repeat(repeats), kv.shape[2])
 
 
-
-
 @implements(aten.slice.Tensor)
 def _slice(kv: CompressedKV, dim: int = 0, start=None, end=None, step: int = 1):
     """`keys[..., :-n, :]` (crop, counted from the logical start); whole-range
