@@ -44,8 +44,10 @@ def hadamard(head_dim: int, seed: int = SEED) -> torch.Tensor:
     return torch.block_diag(*[_signed_hadamard(n, seed)] * (head_dim // n))
 
 
+@functools.lru_cache(maxsize=32)
 def rotation(head_dim: int, dtype: torch.dtype, device, inverse: bool = False) -> torch.Tensor:
-    """R (or R^T = R^-1) in `dtype` on `device`."""
+    """R (or R^T = R^-1) in `dtype` on `device`; one tensor per argument set,
+    shared by its callers (read only): the quality sim asks for it every step."""
     r = hadamard(head_dim)
     return (r.T if inverse else r).contiguous().to(device=device, dtype=dtype)
 
