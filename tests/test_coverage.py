@@ -9,6 +9,7 @@ generation runs exactly instead of crashing.
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gear_compile
 from gear_compile.config import GearConfig
@@ -119,3 +120,18 @@ def test_a_past_read_by_more_than_its_append_is_left_exact_and_reported():
     compiled = torch.compile(past_also_read, backend="gear", options=dict(method="gear", inductor=False))
     for got, want in zip(compiled(*inputs), past_also_read(*inputs)):
         torch.testing.assert_close(got, want)
+
+
+
+@pytest.mark.parametrize("args,kwargs,active", [
+    ((), {"training": True}, True),             # p left out: F.dropout's default, 0.5
+    ((0.1,), {"training": True}, True),
+    ((), {"p": 0.0, "training": True}, False),
+    ((), {"p": 0.1, "training": False}, False)])
+def test_attention_weights_through_a_training_dropout_are_not_matched(args, kwargs, active):
+    """A dropout node as Dynamo records it: the arguments as the model wrote them."""
+    from gear_compile.passes.match import _before
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    dropout = graph.call_function(F.dropout, (x, *args), kwargs)
+    assert _before(dropout, [], F.dropout) is (None if active else x)

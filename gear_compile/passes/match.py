@@ -243,10 +243,10 @@ def eager_site(node, index):
 def _before(node, chain: list, *targets):
     """The first node up args[0] that is not a call to one of `targets` (casts,
     views, inference-mode dropout), each passed node added to chain; None at
-    a dropout active in training (left exact)."""
+    a dropout active in training (left exact; F.dropout's p defaults to 0.5)."""
     while _is_call(node, *targets):
         if _is_call(node, F.dropout) and node.kwargs.get("training", False) and \
-                node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.0):
+                node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5):
             return None
         chain.append(node)
         node = node.args[0]
