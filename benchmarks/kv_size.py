@@ -200,8 +200,10 @@ def main(argv=None):
         "p_lr_a / d_lr_a: r int8 values per token = r/(2D) (1.6 % at r_p = 4, D = 128). Each "
         "column of A and of B is scaled to [-127, 127]; fp16 A and B took 1.2 pt more of the "
         "GEAR(KCVT-4) row at the same errors to 3 decimals.",
-        "- p_out_idx: K outliers of a prefill block longer than 256 tokens need int16 token indices "
-        "(the index type is the narrowest that spans the block).",
+        "- p_out_idx / p_out_end: a K block longer than 256 tokens (the prefill block) stores each "
+        "outlier's offset within its 256-token span in one byte, plus per channel the count of "
+        "entries up to each span's end (`outliers.spans`): 0.39 + 0.09 % of FP16 in the GEAR rows "
+        "where int16 offsets took 0.78 %, the same table losslessly. Outlier values stay fp16.",
         "- buffer: allocated at n_b tokens; held tokens are exact FP16, empty slots are still held.",
     ]
     text = "\n".join(lines) + "\n"

@@ -2,9 +2,13 @@
 vector, kept exact (fp16 value + the narrowest integer index that fits).
 
 Vectors run along `dim`: tokens for K (one vector per channel of a block),
-channels for V (one vector per token). Neighbours: `segment` (calls `select`
-before quantizing and `scatter` to rebuild), the decode kernel (reads the same
-value/index tables).
+channels for V (one vector per token). A K block longer than `SPAN` tokens
+(a long prompt's prefill block) stores each entry's offset within its
+SPAN-token span as one byte, plus per channel the count of entries up to the
+end of each span (`spans`, `join_spans`): the same table, losslessly, in
+half the index bytes of int16 offsets. Neighbours: `segment` (calls `select`
+before quantizing and `scatter` to rebuild), the decode kernels (read the
+same value/index/span tables).
 """
 from __future__ import annotations
 
@@ -26,6 +30,26 @@ def index_dtype(length: int) -> torch.dtype:
     if length <= 32768:
         return torch.int16
     return torch.int32
+
+
+SPAN = 256      # tokens a one-byte offset spans
+
+
+def spans(idx: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token offsets idx [..., 2k, D] (ascending along 2k) of a `length`-token
+    block as (offsets within their SPAN-token span, uint8; per channel the
+    number of entries before the end of each span [..., ceil(length / SPAN), D])."""
+    bounds = torch.arange(1, -(-length // SPAN) + 1, device=idx.device) * SPAN
+    ends = (idx.long().unsqueeze(-2) < bounds[:, None]).sum(-3)
+    return (idx % SPAN).to(torch.uint8), ends.to(index_dtype(idx.shape[-2] + 1))
+
+
+def join_spans(low: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """The block offsets (int64) that `spans` split: entry e of a channel lies
+    in the span whose end count first exceeds e."""
+    entry = torch.arange(low.shape[-2], device=low.device)[:, None, None]
+    span = (ends.long().unsqueeze(-3) <= entry).sum(-2)
+    return low.long() + span * SPAN
 
 
 def select(x: torch.Tensor, k: int, dim: int):

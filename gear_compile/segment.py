@@ -16,6 +16,9 @@ per block; shapes, writing, growing and slicing derive from it):
   out_val, out_idx                  outliers: K [B, H, N/block, 2k, D] (token
                                     offsets in the block, per channel);
                                     V [B, H, N, 2k] (channel per token)
+  out_end  [B, H, N/block, S, D]    K blocks over 256 tokens: out_idx holds
+                                    offsets within 256-token spans, out_end
+                                    each span's end in the table (`outliers`)
 
 With bits=16 (method none) `codes` is the exact [B, H, N, D] tensor.
 Reconstruction is X = dequant(codes) + lr_a diag(lr_s) lr_b^T + scatter(out).
@@ -97,13 +100,23 @@ class SegmentLayout:
             parts += [Part("lr_a", 1, (self.rank,), torch.int8),
                       Part("lr_b", self.block, (D, self.rank), torch.int8),
                       Part("lr_s", self.block, (self.rank,), torch.float32)]
-        if k2:
-            if self.kind == "k":     # per block: 2k token offsets per channel
-                unit, row, index = self.block, (k2, D), outliers.index_dtype(self.block)
-            else:                    # per token: 2k channel indices
-                unit, row, index = 1, (k2,), outliers.index_dtype(D)
-            parts += [Part("out_val", unit, row, fp16), Part("out_idx", unit, row, index)]
+        if k2 and self.kind == "k":  # per block: 2k token offsets per channel
+            index = torch.uint8 if self.spans else outliers.index_dtype(self.block)
+            parts += [Part("out_val", self.block, (k2, D), fp16),
+                      Part("out_idx", self.block, (k2, D), index)]
+            if self.spans:
+                parts.append(Part("out_end", self.block, (self.spans, D), outliers.index_dtype(k2 + 1)))
+        elif k2:                     # per token: 2k channel indices
+            parts += [Part("out_val", 1, (k2,), fp16), Part("out_idx", 1, (k2,), outliers.index_dtype(D))]
         return tuple(parts)
+
+    @property
+    def spans(self) -> int:
+        """SPAN-token spans of a K block whose outlier offsets are stored one
+        byte each with per-span end counts (`outliers.spans`); 0: plain offsets."""
+        if self.kind != "k" or not self.outliers_per_side or self.block <= outliers.SPAN:
+            return 0
+        return packing.ceil_div(self.block, outliers.SPAN)
 
     @functools.cached_property
     def part_names(self) -> tuple[str, ...]:
@@ -137,6 +150,7 @@ class Segment:
     lr_s: torch.Tensor | None = None
     out_val: torch.Tensor | None = None
     out_idx: torch.Tensor | None = None
+    out_end: torch.Tensor | None = None
 
     def parts(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -186,19 +200,21 @@ def compress(x: torch.Tensor, layout: SegmentLayout, check_finite: bool = False)
     k = layout.outliers_per_side
     sparse = None
     rest = xf
-    out_val = out_idx = None
+    out_val = out_idx = out_end = None
     if k and N:
         if layout.kind == "k":      # per channel, over the tokens of each block
             xb = xf.reshape(B, H, nblk, blk, D)
             out_val, out_idx, rest_b = outliers.select(xb, k, dim=-2)
             sparse = outliers.scatter(out_val, out_idx, xb, dim=-2).reshape(B, H, N, D)
             rest = rest_b.reshape(B, H, N, D)
+            if layout.spans:
+                out_idx, out_end = outliers.spans(out_idx, blk)
         else:                        # per token, over channels
             out_val, out_idx, rest = outliers.select(xf, k, dim=-1)
             sparse = outliers.scatter(out_val, out_idx, xf, dim=-1)
     codes, scale, zero, deq = _quantize_grouped(rest, layout)
     seg = Segment(codes=packing.pack(codes, layout.spec.bits), scale=scale, zero=zero,
-                  out_val=out_val, out_idx=out_idx)
+                  out_val=out_val, out_idx=out_idx, out_end=out_end)
     if layout.rank:
         approx = deq if sparse is None else deq + sparse
         # non-finite entries (only without check_finite) stay confined to their own
@@ -238,8 +254,10 @@ def dequantize(seg: Segment, layout: SegmentLayout, tokens: int | None,
     if seg.out_val is not None:
         if layout.kind == "k":
             xb = x.reshape(B, H, nblk, blk, D)
-            x = (xb + outliers.scatter(seg.out_val[:, :, :nblk], seg.out_idx[:, :, :nblk], xb, -2)
-                 ).reshape(B, H, m, D)
+            idx = seg.out_idx[:, :, :nblk]
+            if layout.spans:
+                idx = outliers.join_spans(idx, seg.out_end[:, :, :nblk])
+            x = (xb + outliers.scatter(seg.out_val[:, :, :nblk], idx, xb, -2)).reshape(B, H, m, D)
         else:
             x = x + outliers.scatter(seg.out_val[:, :, :m], seg.out_idx[:, :, :m], x, -1)
     return x[:, :, :n].to(dtype)

@@ -45,11 +45,12 @@ BYTE_KINDS = ("codes", "scale/zero", "low-rank", "outliers", "buffer held", "unu
               "buffer empty", "lengths")
 RESERVED_KINDS = ("unused capacity", "buffer empty")
 _KIND_OF_PART = {"codes": "codes", "scale": "scale/zero", "zero": "scale/zero", "lr_a": "low-rank",
-                 "lr_b": "low-rank", "lr_s": "low-rank", "out_val": "outliers", "out_idx": "outliers"}
+                 "lr_b": "low-rank", "lr_s": "low-rank", "out_val": "outliers", "out_idx": "outliers",
+                 "out_end": "outliers"}
 # Fields of a segment in the CPU kernel's descriptor (kernels/cpu_attention.cpp, enum Field):
 # how it is quantized, then the index of each part in the flat list (-1: absent).
 KERNEL_FIELDS = ("exact", "bits", "channel_axis", "group", "block",
-                 "codes", "scale", "zero", "lr_a", "lr_b", "lr_s", "out_val", "out_idx")
+                 "codes", "scale", "zero", "lr_a", "lr_b", "lr_s", "out_val", "out_idx", "out_end")
 
 
 @dataclass(frozen=True)

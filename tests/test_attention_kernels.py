@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gear_compile import outliers
 from gear_compile.config import GearConfig
 from gear_compile.kernels.decode_attention import decode_attention_launch
 from gear_compile.store import KVStore
@@ -237,13 +238,38 @@ def test_k_outliers_clustered_in_one_tile(impl, bits):
     x[:, :, 210:220] -= 50
     ks = KVStore.from_prefill(x.half(), cfg, "k")
     vs = KVStore.from_prefill(torch.randn(1, 2, 1000, 64, generator=gen).half(), cfg, "v")
-    idx = ks.prefill.out_idx.long()
+    idx = outliers.join_spans(ks.prefill.out_idx, ks.prefill.out_end)
     assert ((idx >= 200) & (idx < 220)).all()          # every outlier sits in the spike
     q = torch.randn(1, 6, 1, 64, generator=gen).half()
     for splits in (1, 5, 31):                          # 31: a program starts at token 192
         with _threads(1 + splits % 3):                 # C++: 1-3 splits
             out = attend(impl, q, ks, vs, None, None, None, 0.125, num_splits=splits)
         ref = reference(q, ks, vs, None, None, None, 0.125)
+        assert (out.float() - ref).abs().max().item() < TOL[torch.float16], splits
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_k_outliers_of_a_long_block_are_read_span_by_span(impl):
+    """A 1000-token prefill block keeps its K-outlier offsets as one byte within
+    256-token spans plus each span's end entry. Spikes straddling the span
+    ends at 256 and 512 hold every channel's 2k = 20 outliers; they must add
+    at their own tokens whichever span a program starts in."""
+    gen = torch.Generator().manual_seed(5)
+    cfg = GearConfig(method="gear", bits=4, backbone="kivi", group_size=16, decode_capacity=64)
+    x = torch.randn(1, 2, 1000, 64, generator=gen)
+    x[:, :, 250:260] += 30
+    x[:, :, 508:518] -= 30
+    ks = KVStore.from_prefill(x.half(), cfg, "k")
+    vs = KVStore.from_prefill(torch.randn(1, 2, 1000, 64, generator=gen).half(), cfg, "v")
+    assert ks.prefill.out_idx.dtype == torch.uint8 and ks.prefill.out_end.shape[-2] == 4
+    idx = outliers.join_spans(ks.prefill.out_idx, ks.prefill.out_end)
+    assert (((idx >= 250) & (idx < 260)) | ((idx >= 508) & (idx < 518))).all()
+    assert ks.prefill.out_end[..., 0, :].eq(6).all() and ks.prefill.out_end[..., 1, :].eq(14).all()
+    q = torch.randn(1, 6, 1, 64, generator=gen).half()
+    ref = reference(q, ks, vs, None, None, None, 0.125)
+    for splits in (1, 4, 9, 31):                       # programs start in spans 0-3, mid-span
+        with _threads(1 + splits % 3):
+            out = attend(impl, q, ks, vs, None, None, None, 0.125, num_splits=splits)
         assert (out.float() - ref).abs().max().item() < TOL[torch.float16], splits
 
 

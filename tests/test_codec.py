@@ -91,6 +91,16 @@ def test_outlier_index_type_is_the_narrowest_that_indexes_the_vector(length, dty
     assert outliers.index_dtype(length) == dtype
 
 
+def test_long_k_blocks_keep_one_byte_offsets_and_span_ends_that_rebuild_the_offsets():
+    x = torch.randn(2, 3, 900, 8)
+    x[:, :, 250:262] *= 20                              # entries crowd at the first span's end
+    _, idx, _ = outliers.select(x, 9, dim=-2)
+    low, ends = outliers.spans(idx, 900)
+    assert low.dtype == torch.uint8 and ends.dtype == torch.uint8 and ends.shape[-2] == 4
+    assert torch.equal(outliers.join_spans(low, ends), idx.long())
+    assert ends[..., -1, :].eq(18).all()
+
+
 def test_select_keeps_the_largest_and_the_smallest_in_index_order_and_zeroes_them_in_the_rest():
     x = torch.tensor([[0.5, -9.0, 3.0, 7.0, -1.0, 0.0]])
     values, idx, rest = outliers.select(x, 2, dim=-1)

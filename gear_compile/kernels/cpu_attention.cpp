@@ -22,7 +22,8 @@
 // * Low-rank terms take the small side first: q.(A_t B^T) = (q.B).A_t for K,
 //   sum_t p_t A_t B^T = (sum_t p_t A_t) B^T for V (B is per block).
 // * K outliers are per block and channel, sorted by token: a chunk finds its
-//   entries by a binary search per channel. V outliers (per token) are added
+//   entries by a binary search per channel (in a block over SPAN tokens,
+//   among its span's entries: offsets are then one byte within the span). V outliers (per token) are added
 //   to the dequantized row.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -44,13 +45,14 @@ namespace gear_cpu {
 
 constexpr int CHUNK = 64;          // tokens scored per softmax update
 constexpr int MIN_SPLIT = 256;     // fewest tokens worth a work item of their own
+constexpr int SPAN = 256;          // tokens a one-byte K-outlier offset spans (outliers.py: SPAN)
 
 // Fields of one segment's descriptor (store.py: KERNEL_FIELDS): how it is
 // quantized (GROUP 0: the whole block; BLOCK 0: the whole segment), then the
 // index of each part in the flat list (-1: absent). Ranks and outlier counts
 // are read from the parts' shapes.
 enum Field { EXACT, BITS, CHANNEL_AXIS, GROUP, BLOCK,
-             CODES, SCALE, ZERO, LR_A, LR_B, LR_S, OUT_VAL, OUT_IDX, NFIELDS };
+             CODES, SCALE, ZERO, LR_A, LR_B, LR_S, OUT_VAL, OUT_IDX, OUT_END, NFIELDS };
 constexpr int NSTORE = 3;          // segments of a store: prefill block, decode blocks, buffer
 constexpr int NSEG = 4;            // and the call's new tokens (exact, not yet in the store)
 
@@ -84,6 +86,10 @@ struct Seg {
   const float* lr_s = nullptr;                     // per block, one scale per rank
   const void* out_idx = nullptr;
   at::ScalarType idx_type = at::kByte;
+  // K blocks over SPAN tokens: per channel, the end of each span's entries
+  const void* out_end = nullptr;
+  at::ScalarType end_type = at::kByte;
+  int spans = 0;
 
   // Column k of block blk's B, times its scale: B_blk[:, k] lr_s[blk, k].
   void lr_b_column(int64_t blk, int k, int D, float* out) const {
@@ -96,7 +102,7 @@ struct Seg {
 // Where one segment's parts start, and their per-(batch, head) strides.
 struct SegBase {
   Seg seg;
-  int64_t data_hs = 0, scale_hs = 0, a_hs = 0, b_hs = 0, s_hs = 0, ov_hs = 0;
+  int64_t data_hs = 0, scale_hs = 0, a_hs = 0, b_hs = 0, s_hs = 0, ov_hs = 0, oe_hs = 0;
 
   Seg at(int64_t head) const {
     Seg s = seg;
@@ -108,6 +114,7 @@ struct SegBase {
       s.out_val += head * ov_hs;
       s.out_idx = static_cast<const char*>(s.out_idx) + head * ov_hs * c10::elementSize(s.idx_type);
     }
+    if (s.out_end) s.out_end = static_cast<const char*>(s.out_end) + head * oe_hs * c10::elementSize(s.end_type);
     return s;
   }
 };
@@ -168,6 +175,12 @@ SegBase make_seg(const std::vector<at::Tensor>& parts, const int64_t* f) {
     s.idx_type = parts[f[OUT_IDX]].scalar_type();
     b.ov_hs = head_stride(parts[f[OUT_VAL]]);
   }
+  if (f[OUT_END] >= 0) {
+    s.spans = static_cast<int>(parts[f[OUT_END]].size(3));
+    s.out_end = parts[f[OUT_END]].data_ptr();
+    s.end_type = parts[f[OUT_END]].scalar_type();
+    b.oe_hs = head_stride(parts[f[OUT_END]]);
+  }
   return b;
 }
 
@@ -180,13 +193,26 @@ inline void exact_row(const Seg& s, int64_t t, int D, float* out) {
   }
 }
 
+// The entries of block blk's K-outlier column `ch` whose offsets lie in the
+// span holding token offset `at`: [first, end) and the span's first offset.
+// Without span ends (blocks up to SPAN tokens) that is the whole column.
+struct Run { int first, end, base; };
+inline Run span_run(const Seg& s, int64_t blk, int ch, int D, int at) {
+  if (!s.spans) return {0, s.k2, 0};
+  int span = at / SPAN;
+  int64_t row = (blk * s.spans + span) * D + ch;
+  int first = span ? read_index(s.out_end, s.end_type, row - D) : 0;
+  return {first, read_index(s.out_end, s.end_type, row), span * SPAN};
+}
+
 // First entry of block blk's sorted K-outlier column `ch` with offset >= target.
 inline int lower_bound_column(const Seg& s, int64_t blk, int ch, int D, int target) {
-  int lo = 0, hi = s.k2;
+  Run run = span_run(s, blk, ch, D, target);
+  int lo = run.first, hi = run.end;
   int64_t base = blk * s.k2 * D + ch;
   while (lo < hi) {
     int mid = (lo + hi) / 2;
-    if (read_index(s.out_idx, s.idx_type, base + static_cast<int64_t>(mid) * D) < target) lo = mid + 1;
+    if (run.base + read_index(s.out_idx, s.idx_type, base + static_cast<int64_t>(mid) * D) < target) lo = mid + 1;
     else hi = mid;
   }
   return lo;
@@ -247,8 +273,9 @@ inline float mask_value(const Problem& P, int b, int hq, int i, int64_t col) {
 
 // K outliers of tokens [t0, t0+n), added to the tile (in code units where
 // the scales fold into q: value / s, which the dot multiplies back by s).
-// Each block lists, per channel, 2k token offsets in ascending order; the
-// per-channel read position carries over from the previous chunk, and is
+// Each block lists, per channel, 2k token offsets in ascending order (in a
+// block over SPAN tokens, offsets within a span, walked a span at a time);
+// the per-channel read position carries over from the previous chunk, and is
 // searched for only where a split starts inside a block. An entry whose
 // scale is 0 (a constant column) cannot ride in code units: it goes to
 // sc.late, added to the scores after the dot.
@@ -257,14 +284,16 @@ void k_outliers(const Problem& P, const Seg& K, int64_t t0, int n, bool fold, Sc
   for (int64_t t = t0; t < t0 + n;) {
     int64_t blk = t / K.block;
     int lo = static_cast<int>(t - blk * K.block);
-    int hi = static_cast<int>(std::min<int64_t>(t0 + n, (blk + 1) * K.block) - blk * K.block);
+    int stop = K.spans ? std::min(K.block, (lo / SPAN + 1) * SPAN) : K.block;
+    int hi = static_cast<int>(std::min<int64_t>(t0 + n - blk * K.block, stop));
     if (blk != sc.kptr_block || lo != sc.kptr_next)
       for (int d = 0; d < D; ++d) sc.kptr[d] = lo ? lower_bound_column(K, blk, d, D, lo) : 0;
     for (int d = 0; d < D; ++d) {
+      Run run = span_run(K, blk, d, D, lo);
       int e = sc.kptr[d];
-      for (; e < K.k2; ++e) {
+      for (; e < run.end; ++e) {
         int64_t at = (blk * K.k2 + e) * D + d;
-        int tok = read_index(K.out_idx, K.idx_type, at);
+        int tok = run.base + read_index(K.out_idx, K.idx_type, at);
         if (tok >= hi) break;
         float v = to_f(K.out_val[at]);
         int j = static_cast<int>(blk * K.block + tok - t0);

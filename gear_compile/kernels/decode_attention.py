@@ -32,7 +32,9 @@ Algorithm (split-K flash decoding, two kernels):
   dot of their own). V: 2k channel indices per token. K: per block, 2k token
   offsets per channel, sorted, so a tile's entries are one run per channel
   that continues where the previous tile's stopped; only a program that
-  starts mid-block binary-searches for its place. A 32k-token prefill block
+  starts mid-block binary-searches for its place. A block over SPAN tokens
+  stores offsets within SPAN-token spans and each span's end entry (tiles,
+  powers of two up to 64, never cross a span). A 32k-token prefill block
   thus costs no scratch and no atomics (an earlier version pre-scattered its
   2 % outliers into a [B, Hq, P] fp32 score correction: 28 % more bytes for
   GEAR-2 at batch 16, context 32k, and 43M atomic adds).
@@ -54,6 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import outliers
 from ..compressed_kv import KVStore
 from ..config import CodecConfig
 from ..packing import packed_width
@@ -62,6 +65,7 @@ from ..store import KERNEL_FIELDS
 
 _LOG2E = 1.4426950408889634           # the kernels compute exp2: natural-log quantities are scaled by it
 LOG2E: tl.constexpr = tl.constexpr(_LOG2E)     # the same, inside the kernels
+SPAN: tl.constexpr = tl.constexpr(outliers.SPAN)   # tokens a one-byte K-outlier offset spans
 
 
 @triton.jit
@@ -100,46 +104,64 @@ def _dequant_tile(codes, scale, zero, t, ok_t, ch, ok_c, group,
 
 
 @triton.jit
-def _lower_bound(oidx, blk, k2, ch, ok_c, target, D: tl.constexpr, LOGK: tl.constexpr):
-    """Per channel, the first entry of block blk's sorted K-outlier column
-    whose token offset is >= target (k2 if none): LOGK = bit_length(k2) halvings."""
-    lo = ch * 0
-    hi = lo + k2
+def _span_run(oend, blk, spans, k2, tile0, ch, ok_c, D: tl.constexpr, SPANS: tl.constexpr):
+    """Per channel, the entries of block blk's K-outlier column that lie in
+    the span holding the tile (which never crosses one): (first, end), and
+    the span's first token offset. Without span ends (SPANS false: blocks up
+    to SPAN tokens) that is the whole column."""
+    if SPANS:
+        span = tile0 // SPAN
+        row = (blk * spans + span) * D + ch
+        first = tl.load(oend + row - D, mask=ok_c & (ch * 0 + span > 0), other=0).to(tl.int32)
+        end = tl.load(oend + row, mask=ok_c, other=0).to(tl.int32)
+        return first, end, span * SPAN
+    return ch * 0, ch * 0 + k2, tile0 * 0
+
+
+@triton.jit
+def _lower_bound(oidx, blk, k2, first, end, base, ch, ok_c, target, D: tl.constexpr,
+                 LOGK: tl.constexpr):
+    """Per channel, the first entry in [first, end) of block blk's sorted
+    K-outlier column whose token offset (base + stored) is >= target (end if
+    none): LOGK = bit_length(k2) halvings."""
+    lo = first
+    hi = end
     for _ in tl.static_range(LOGK):
         mid = (lo + hi) // 2
         live = lo < hi
-        v = tl.load(oidx + (blk * k2 + mid) * D + ch, mask=ok_c & live, other=0).to(tl.int32)
+        v = base + tl.load(oidx + (blk * k2 + mid) * D + ch, mask=ok_c & live, other=0).to(tl.int32)
         lo = tl.where(live & (v < target), mid + 1, lo)
         hi = tl.where(live & (v >= target), mid, hi)
     return lo
 
 
 @triton.jit
-def _k_outlier_row(oidx, ptr, blk, k2, tile_end, ch, ok_c, D: tl.constexpr):
+def _k_outlier_row(oidx, ptr, blk, k2, end, base, tile_end, ch, ok_c, D: tl.constexpr):
     """Each channel's entry at ptr: (its table offset, its token offset, and
     whether it falls before tile_end, i.e. in the tile)."""
     at = (blk * k2 + ptr) * D + ch
-    ok = ok_c & (ptr < k2)
-    tok = tl.where(ok, tl.load(oidx + at, mask=ok, other=0).to(tl.int32), tile_end)
+    ok = ok_c & (ptr < end)
+    tok = tl.where(ok, base + tl.load(oidx + at, mask=ok, other=0).to(tl.int32), tile_end)
     return at, tok, tok < tile_end
 
 
 @triton.jit
-def _k_outlier_tile(oval, oidx, ptr, blk, k2, t_blk, tile_end, ch, ok_c,
+def _k_outlier_tile(oval, oidx, ptr, blk, k2, end, base, t_blk, tile_end, ch, ok_c,
                     D: tl.constexpr, BT: tl.constexpr, E: tl.constexpr):
     """K outliers of the tile's tokens as a dense [BT, E] fp32 tile, and each
     channel's next unread entry. Block blk's table lists, per channel, 2k token
-    offsets in ascending order (`outliers.select`); ptr is each channel's first
+    offsets in ascending order (`outliers.select`; in a block over SPAN tokens,
+    base + stored, up to the span's end entry); ptr is each channel's first
     entry at or after the tile's start, so the tile's entries are the run from
     ptr up to tile_end, read a row at a time for all channels at once (the
     longest run sets the trip count: a few rows at s = 2 %)."""
     sp = tl.zeros([BT, E], tl.float32)
-    at, tok, hit = _k_outlier_row(oidx, ptr, blk, k2, tile_end, ch, ok_c, D)
+    at, tok, hit = _k_outlier_row(oidx, ptr, blk, k2, end, base, tile_end, ch, ok_c, D)
     while tl.max(hit.to(tl.int32), axis=0) > 0:
         val = tl.load(oval + at, mask=hit, other=0.0).to(tl.float32)
         sp += tl.where(t_blk[:, None] == tok[None, :], val[None, :], 0.0)
         ptr += hit.to(tl.int32)
-        at, tok, hit = _k_outlier_row(oidx, ptr, blk, k2, tile_end, ch, ok_c, D)
+        at, tok, hit = _k_outlier_row(oidx, ptr, blk, k2, end, base, tile_end, ch, ok_c, D)
     return sp, ptr
 
 
@@ -166,16 +188,16 @@ def _mma(a, b, DT: tl.constexpr, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
+def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi, Voe,
                     Lens, Mask, PO, PLSE,
                     qk_scale, cap, Hkv, N, NBLK, BLOCK, TPB, ITEMS, SPLIT0, S_TOTAL, T_NEW,
-                    k_group, v_group, k_k2, v_k2, mask_sb, mask_sh, mask_sl, mask_len,
+                    k_group, v_group, k_k2, v_k2, k_spans, mask_sb, mask_sh, mask_sl, mask_len,
                     SEG: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                     W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr, E: tl.constexpr,
                     BITS: tl.constexpr, EXACT: tl.constexpr, K_CHANNEL: tl.constexpr,
                     V_CHANNEL: tl.constexpr, R: tl.constexpr, BT: tl.constexpr,
                     MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, K_OUT: tl.constexpr,
-                    LOGK: tl.constexpr, V_OUT: tl.constexpr, K_FOLD: tl.constexpr,
+                    LOGK: tl.constexpr, K_SPANS: tl.constexpr, V_OUT: tl.constexpr, K_FOLD: tl.constexpr,
                     V_FOLD: tl.constexpr, SOFTCAP: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -264,11 +286,12 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Vc, Vs, Vz, Va, Vb, Vl
 
             if K_OUT:
                 tile0 = (item % TPB) * BT
+                first, end, base = _span_run(Koe, blk, k_spans, k_k2, tile0, ch, ok_c, D, K_SPANS)
                 if tile0 == 0:       # a block's first tile starts its table
                     kptr = kptr * 0
                 elif it == 0:        # a program starting mid-block searches for its place
-                    kptr = _lower_bound(Koi, blk, k_k2, ch, ok_c, tile0, D, LOGK)
-                ksp, kptr = _k_outlier_tile(Kov, Koi, kptr, blk, k_k2, t_blk, tile0 + BT,
+                    kptr = _lower_bound(Koi, blk, k_k2, first, end, base, ch, ok_c, tile0, D, LOGK)
+                ksp, kptr = _k_outlier_tile(Kov, Koi, kptr, blk, k_k2, end, base, t_blk, tile0 + BT,
                                             ch, ok_c, D, BT, E)
             if K_FOLD:
                 # the tile shares one (scale, zero) row: q.k_t = (q*s).c_t + q.z,
@@ -567,13 +590,13 @@ def _launch_partial(launch, a: _SharedArgs, seg: _SegmentLaunch, k_ptrs: list, v
     kl, vl, exact, block, bt = seg.k_layout, seg.v_layout, seg.exact, seg.block, seg.tile
     if exact:       # the buffer or the new token (or method none): values of any float dtype
         k_group = v_group = 1
-        k_k2 = v_k2 = rank = 0
+        k_k2 = v_k2 = rank = k_spans = 0
         nblk = 1
         w, pb, wp = D, 1, max(16, _pow2(D))
         e = wp
     else:
         k_group, v_group = _stats_group(kl), _stats_group(vl)
-        k_k2, v_k2 = 2 * kl.outliers_per_side, 2 * vl.outliers_per_side
+        k_k2, v_k2, k_spans = 2 * kl.outliers_per_side, 2 * vl.outliers_per_side, kl.spans
         rank, nblk = kl.rank, seg.capacity // block
         w, pb = packed_width(D, a.bits), 8 // a.bits
         wp = max(_pow2(w), 16 // pb)
@@ -590,14 +613,14 @@ def _launch_partial(launch, a: _SharedArgs, seg: _SegmentLaunch, k_ptrs: list, v
     launch(_partial_kernel)[grid](
         q, *k_ptrs, *v_ptrs, a.lengths, a.mask, a.partial_out, a.partial_lse,
         a.scale * _LOG2E, a.softcap * _LOG2E, a.kv_heads, seg.capacity, nblk, block, seg.tiles_per_block,
-        a.items, split0, a.s_total, a.new_tokens, k_group, v_group, k_k2, v_k2, ms[0], ms[1], ms[2],
+        a.items, split0, a.s_total, a.new_tokens, k_group, v_group, k_k2, v_k2, k_spans, ms[0], ms[1], ms[2],
         a.mask_len,
         SEG=seg.seg_id, G=G, GP=max(16, _pow2(G)), D=D, W=w, WP=wp, PB=pb, E=e,
         BITS=0 if exact else a.bits, EXACT=exact,
         K_CHANNEL=not exact and kl.spec.axis == "channel",
         V_CHANNEL=not exact and vl.spec.axis == "channel",
         R=rank, BT=bt, MASK_KIND=a.mask_kind, FP32_DOT=fp32_dot, K_OUT=k_k2 > 0,
-        LOGK=k_k2.bit_length(), V_OUT=v_k2 > 0, K_FOLD=fold_k, V_FOLD=fold_v,
+        LOGK=k_k2.bit_length(), K_SPANS=k_spans > 0, V_OUT=v_k2 > 0, K_FOLD=fold_k, V_FOLD=fold_v,
         SOFTCAP=a.softcap > 0, num_warps=8 if bt * e >= WIDE_TILE else 4)
 
 
