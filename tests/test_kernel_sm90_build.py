@@ -14,14 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _partial_variants():
     """(query dtype, bits, K on channel axis, rank, tile, mask kind, fp32 dot,
-    K outliers (table index type, LOGK), V outliers, K fold, V fold) covering
-    every constexpr branch."""
-    return [("fp16", 4, True, 2, 32, 1, False, ("i16", 10), True, True, True),
-            ("fp16", 2, True, 4, 32, 2, False, ("u8", 2), True, False, False),
+    K outliers (table index type, LOGK, span ends' type or None), V outliers,
+    K fold, V fold) covering every constexpr branch."""
+    return [("fp16", 4, True, 2, 32, 1, False, ("u8", 10, "u8"), True, True, True),
+            ("fp16", 2, True, 4, 32, 2, False, ("u8", 2, None), True, False, False),
             ("bf16", 8, False, 0, 16, 0, False, None, False, False, False),
-            ("fp32", 4, True, 2, 32, 0, True, ("i16", 10), False, True, False),
+            ("fp32", 4, True, 2, 32, 0, True, ("i16", 10, None), False, True, False),
             ("fp16", 16, False, 0, 32, 1, False, None, False, False, False),
-            ("fp16", 4, True, 4, 64, 1, False, ("i16", 10), True, True, True)]
+            ("fp16", 4, True, 4, 64, 1, False, ("u8", 10, "i16"), True, True, True)]
 
 
 def _build_all():
@@ -45,8 +45,8 @@ def _build_all():
         cdt = qdt if exact else "u8"
         ptrs = dict(Q=qdt, Kc=cdt, Vc=cdt, Lens="i64", Mask="u8" if mask == 1 else qdt,
                     PO="fp32", PLSE="fp32", Koi=kout[0] if kout else "u8", Voi="u8", Ka="i8", Va="i8",
-                    Kb="i8", Vb="i8", Kls="fp32", Vls="fp32")
-        types = {n: "*" + ptrs.get(n, "fp16") for n in da._partial_kernel.arg_names[:21]}
+                    Kb="i8", Vb="i8", Kls="fp32", Vls="fp32", Koe=kout and kout[2] or "u8", Voe="u8")
+        types = {n: "*" + ptrs.get(n, "fp16") for n in da._partial_kernel.arg_names[:23]}
         # the float arguments as Triton's launcher types them (fp32), as Inductor's does (fp64,
         # the fp16 variants) and as torch's mutation analysis traces them (constants, bf16)
         floats = dict(fp16="fp64", fp32="fp32", bf16="constexpr")[qdt]
@@ -56,6 +56,7 @@ def _build_all():
                    SEG=1, G=G, GP=16, D=D, W=w, WP=w, PB=pb, E=D, BITS=0 if exact else bits,
                    EXACT=exact, K_CHANNEL=kch, V_CHANNEL=False, R=rank, BT=bt, MASK_KIND=mask,
                    FP32_DOT=fp32, K_OUT=kout is not None, LOGK=kout[1] if kout else 0,
+                   K_SPANS=bool(kout and kout[2]),
                    V_OUT=vout, K_FOLD=kfold, V_FOLD=vfold), num_warps=8)
     for sinks in (False, True):
         build(da._combine_kernel, dict(PO="*fp32", PLSE="*fp32", Out="*fp16", Sinks="*fp32"),

@@ -286,13 +286,14 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, V
 
             if K_OUT:
                 tile0 = (item % TPB) * BT
-                first, end, base = _span_run(Koe, blk, k_spans, k_k2, tile0, ch, ok_c, D, K_SPANS)
+                # the entries of the tile's span, the span's first token offset
+                run0, run_end, span0 = _span_run(Koe, blk, k_spans, k_k2, tile0, ch, ok_c, D, K_SPANS)
                 if tile0 == 0:       # a block's first tile starts its table
                     kptr = kptr * 0
                 elif it == 0:        # a program starting mid-block searches for its place
-                    kptr = _lower_bound(Koi, blk, k_k2, first, end, base, ch, ok_c, tile0, D, LOGK)
-                ksp, kptr = _k_outlier_tile(Kov, Koi, kptr, blk, k_k2, end, base, t_blk, tile0 + BT,
-                                            ch, ok_c, D, BT, E)
+                    kptr = _lower_bound(Koi, blk, k_k2, run0, run_end, span0, ch, ok_c, tile0, D, LOGK)
+                ksp, kptr = _k_outlier_tile(Kov, Koi, kptr, blk, k_k2, run_end, span0, t_blk,
+                                            tile0 + BT, ch, ok_c, D, BT, E)
             if K_FOLD:
                 # the tile shares one (scale, zero) row: q.k_t = (q*s).c_t + q.z,
                 # so the codes go to tl.dot as they are (integers, exact in fp16)
