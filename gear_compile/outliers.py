@@ -1,14 +1,19 @@
 """The sparse part S of GEAR: the s/2 largest and s/2 smallest entries of each
-vector, kept exact (fp16 value + the narrowest integer index that fits).
+vector, taken out before quantizing so they do not stretch its range.
 
 Vectors run along `dim`: tokens for K (one vector per channel of a block),
-channels for V (one vector per token). A K block longer than `SPAN` tokens
-(a long prompt's prefill block) stores each entry's offset within its
-SPAN-token span as one byte, plus per channel the count of entries up to the
-end of each span (`spans`, `join_spans`): the same table, losslessly, in
-half the index bytes of int16 offsets. Neighbours: `segment` (calls `select`
-before quantizing and `scatter` to rebuild), the decode kernels (read the
-same value/index/span tables).
+channels for V (one vector per token). Each entry is stored as an int8 count
+of its quantization group's steps past what the codes rebuild there (`steps`):
+within half a step, as every other entry, in one byte instead of fp16. A
+group's step is floored at its largest outlier / MAX_STEPS (`segment`), so no
+count overflows. Indices take the narrowest integer type; a K block longer than
+`SPAN` tokens (a long prompt's prefill block) stores each entry's offset
+within its SPAN-token span as one byte, plus per channel the count of entries
+up to the end of each span (`spans`, `join_spans`): the same table,
+losslessly, in half the index bytes of int16 offsets. Neighbours: `segment`
+(calls `select` before quantizing, `steps` after, and `scatter` to rebuild),
+the decode kernels (read the same step/index/span tables and add the steps
+to the codes).
 """
 from __future__ import annotations
 
@@ -33,6 +38,13 @@ def index_dtype(length: int) -> torch.dtype:
 
 
 SPAN = 256      # tokens a one-byte offset spans
+MAX_STEPS = 126  # an outlier is at most this many of its group's steps from zero
+
+
+def steps(excess: torch.Tensor) -> torch.Tensor:
+    """Outliers' distances from what the codes rebuild there, in quantization
+    steps, as int8 (non-finite: 0)."""
+    return torch.nan_to_num(excess.round(), nan=0.0, posinf=0.0, neginf=0.0).clamp(-127, 127).to(torch.int8)
 
 
 def spans(idx: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +67,7 @@ def join_spans(low: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
 def select(x: torch.Tensor, k: int, dim: int):
     """Top-k and bottom-k of x along dim.
 
-    Returns (values fp16, indices narrow int, x with those entries set to 0);
+    Returns (values fp32, indices narrow int, x with those entries set to 0);
     values/indices have size 2k along `dim`, indices ascending: a K block's
     table then lists each channel's outliers in token order, so the decode
     kernel finds a tile's entries as one run per channel.
@@ -69,7 +81,7 @@ def select(x: torch.Tensor, k: int, dim: int):
     idx, order = torch.cat([hi_i, lo_i], dim=dim).sort(dim=dim)
     vals = torch.cat([hi_v, lo_v], dim=dim).gather(dim, order)
     rest = x.scatter(dim, idx, 0.0)
-    return vals.to(torch.float16), idx.to(index_dtype(length)), rest
+    return vals, idx.to(index_dtype(length)), rest
 
 
 def scatter(values: torch.Tensor, indices: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:

@@ -18,8 +18,9 @@ import torch
 FP16_MAX = 65504.0
 
 
-def quantize(x: torch.Tensor, bits: int, dim: int):
-    """x float [...]; stats over `dim` (kept with size 1).
+def quantize(x: torch.Tensor, bits: int, dim: int, min_scale: torch.Tensor | None = None):
+    """x float [...]; stats over `dim` (kept with size 1); min_scale (shaped as
+    the stats, or None): a floor on each scale (`segment`: room for outliers).
 
     Returns (codes uint8 like x, scale fp16, zero fp16) with
     x ~= codes * scale + zero and |error| <= scale / 2.
@@ -32,6 +33,9 @@ def quantize(x: torch.Tensor, bits: int, dim: int):
     zero = torch.where(zero.float() > lo, torch.nextafter(zero, zero.new_tensor(-torch.inf)), zero)
     scale = ((hi - zero.float()) / levels).to(torch.float16)
     exact = (hi - zero.float()) / levels
+    if min_scale is not None:
+        exact = torch.maximum(exact, min_scale)
+        scale = exact.to(torch.float16)
     scale = torch.where(scale.float() < exact, torch.nextafter(scale, scale.new_tensor(torch.inf)), scale)
     safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
     codes = torch.round((xf - zero.float()) / safe).clamp_(0, levels)

@@ -13,15 +13,17 @@ per block; shapes, writing, growing and slicing derive from it):
   lr_b     int8 [B, H, N/block, D, r]  low-rank factor B, one per block
   lr_s     fp32 [B, H, N/block, r]  per block, the scale of each column pair:
                                     L = lr_a diag(lr_s) lr_b^T (`lowrank.pack`)
-  out_val, out_idx                  outliers: K [B, H, N/block, 2k, D] (token
+  out_val  int8, out_idx            outliers: K [B, H, N/block, 2k, D] (token
                                     offsets in the block, per channel);
-                                    V [B, H, N, 2k] (channel per token)
+                                    V [B, H, N, 2k] (channel per token);
+                                    values in steps of their group's scale
   out_end  [B, H, N/block, S, D]    K blocks over 256 tokens: out_idx holds
                                     offsets within 256-token spans, out_end
                                     each span's end in the table (`outliers`)
 
 With bits=16 (method none) `codes` is the exact [B, H, N, D] tensor.
-Reconstruction is X = dequant(codes) + lr_a diag(lr_s) lr_b^T + scatter(out).
+Reconstruction is X = dequant(codes + scatter(out)) + lr_a diag(lr_s) lr_b^T:
+an outlier is its group's codes plus a signed number of steps.
 Neighbours: `quantize`, `packing`, `outliers`, `lowrank` (the parts),
 `store` (owns two segments and the buffer), the attention kernels (read
 this layout directly).
@@ -102,12 +104,13 @@ class SegmentLayout:
                       Part("lr_s", self.block, (self.rank,), torch.float32)]
         if k2 and self.kind == "k":  # per block: 2k token offsets per channel
             index = torch.uint8 if self.spans else outliers.index_dtype(self.block)
-            parts += [Part("out_val", self.block, (k2, D), fp16),
+            parts += [Part("out_val", self.block, (k2, D), torch.int8),
                       Part("out_idx", self.block, (k2, D), index)]
             if self.spans:
                 parts.append(Part("out_end", self.block, (self.spans, D), outliers.index_dtype(k2 + 1)))
         elif k2:                     # per token: 2k channel indices
-            parts += [Part("out_val", 1, (k2,), fp16), Part("out_idx", 1, (k2,), outliers.index_dtype(D))]
+            parts += [Part("out_val", 1, (k2,), torch.int8),
+                      Part("out_idx", 1, (k2,), outliers.index_dtype(D))]
         return tuple(parts)
 
     @property
@@ -194,38 +197,50 @@ def compress(x: torch.Tensor, layout: SegmentLayout, check_finite: bool = False)
         return Segment(codes=x.to(layout.dtype).clone())
     if check_finite:
         _check_finite(x)
-    blk = layout.block
-    nblk = N // blk
+    nblk = N // layout.block
     xf = x.float()
-    k = layout.outliers_per_side
-    sparse = None
-    rest = xf
-    out_val = out_idx = out_end = None
-    if k and N:
-        if layout.kind == "k":      # per channel, over the tokens of each block
-            xb = xf.reshape(B, H, nblk, blk, D)
-            out_val, out_idx, rest_b = outliers.select(xb, k, dim=-2)
-            sparse = outliers.scatter(out_val, out_idx, xb, dim=-2).reshape(B, H, N, D)
-            rest = rest_b.reshape(B, H, N, D)
-            if layout.spans:
-                out_idx, out_end = outliers.spans(out_idx, blk)
-        else:                        # per token, over channels
-            out_val, out_idx, rest = outliers.select(xf, k, dim=-1)
-            sparse = outliers.scatter(out_val, out_idx, xf, dim=-1)
-    codes, scale, zero, deq = _quantize_grouped(rest, layout)
-    seg = Segment(codes=packing.pack(codes, layout.spec.bits), scale=scale, zero=zero,
-                  out_val=out_val, out_idx=out_idx, out_end=out_end)
+    rest, floor = xf, None
+    if layout.outliers_per_side and N:
+        view, dim = _vectors(xf, layout, nblk)
+        values, idx, rest = outliers.select(view, layout.outliers_per_side, dim)
+        rest = rest.reshape(B, H, N, D)
+        floor = outliers.scatter(values.abs(), idx, view, dim).reshape(B, H, N, D) / outliers.MAX_STEPS
+    codes, scale, zero, deq = _quantize_grouped(rest, layout, floor)
+    seg = Segment(codes=packing.pack(codes, layout.spec.bits), scale=scale, zero=zero)
+    approx = deq
+    if floor is not None:
+        step = _steps_per_entry(scale, layout, N)
+        excess, _ = _vectors((xf - deq) / torch.where(step == 0, 1.0, step), layout, nblk)
+        seg.out_val = outliers.steps(excess.gather(dim, idx.long()))
+        approx = deq + outliers.scatter(seg.out_val, idx, view, dim).reshape(B, H, N, D) * step
+        seg.out_idx = idx
+        if layout.spans:
+            seg.out_idx, seg.out_end = outliers.spans(idx, layout.block)
     if layout.rank:
-        approx = deq if sparse is None else deq + sparse
         # non-finite entries (only without check_finite) stay confined to their own
         # vector: they must not reach the power iteration, which would spread
         # NaN over every token and channel of the block
         residual = torch.nan_to_num(xf - approx, nan=0.0, posinf=0.0, neginf=0.0)
-        residual = residual.reshape(B, H, nblk, blk, D)
+        residual = residual.reshape(B, H, nblk, layout.block, D)
         a, seg.lr_b, seg.lr_s = lowrank.pack(*lowrank.power_iteration(residual, layout.rank,
                                                                        layout.power_iters))
         seg.lr_a = a.reshape(B, H, N, layout.rank)
     return seg
+
+
+def _vectors(x: torch.Tensor, layout: SegmentLayout, nblk: int):
+    """x [B, H, N, D] as outlier vectors and their axis: K per channel over
+    each block's tokens ([B, H, nblk, block, D], -2), V per token (x, -1)."""
+    if layout.kind == "k":
+        return x.reshape(x.shape[0], x.shape[1], nblk, layout.block, x.shape[-1]), -2
+    return x, -1
+
+
+def _steps_per_entry(scale: torch.Tensor, layout: SegmentLayout, tokens: int) -> torch.Tensor:
+    """Each entry's quantization step, fp32 [B, H, tokens, D]."""
+    if layout.spec.axis == "channel":
+        return scale[:, :, :tokens // layout.token_group].float().repeat_interleave(layout.token_group, 2)
+    return scale[:, :, :tokens].float().repeat_interleave(layout.channel_group, 3)
 
 
 def dequantize(seg: Segment, layout: SegmentLayout, tokens: int | None,
@@ -239,7 +254,14 @@ def dequantize(seg: Segment, layout: SegmentLayout, tokens: int | None,
     D, blk = layout.head_dim, layout.block
     nblk = packing.ceil_div(n, blk) if blk else 0
     m = nblk * blk                                  # whole blocks covering n
-    codes = packing.unpack(seg.codes[:, :, :m], layout.spec.bits, D)
+    codes = packing.unpack(seg.codes[:, :, :m], layout.spec.bits, D).float()
+    if seg.out_val is not None:                     # outliers: steps past the codes
+        view, dim = _vectors(codes, layout, nblk)
+        rows = nblk if layout.kind == "k" else m
+        idx = seg.out_idx[:, :, :rows]
+        if layout.spans:
+            idx = outliers.join_spans(idx, seg.out_end[:, :, :rows])
+        codes = (view + outliers.scatter(seg.out_val[:, :, :rows], idx, view, dim)).reshape(B, H, m, D)
     if layout.spec.axis == "channel":
         G = layout.token_group
         x = _dequant(codes.reshape(B, H, m // G, G, D), seg.scale[:, :, :m // G, None],
@@ -251,34 +273,26 @@ def dequantize(seg: Segment, layout: SegmentLayout, tokens: int | None,
     if seg.lr_a is not None:
         a = seg.lr_a[:, :, :m].reshape(B, H, nblk, blk, layout.rank)
         x = x + lowrank.unpack(a, seg.lr_b[:, :, :nblk], seg.lr_s[:, :, :nblk]).reshape(B, H, m, D)
-    if seg.out_val is not None:
-        if layout.kind == "k":
-            xb = x.reshape(B, H, nblk, blk, D)
-            idx = seg.out_idx[:, :, :nblk]
-            if layout.spans:
-                idx = outliers.join_spans(idx, seg.out_end[:, :, :nblk])
-            x = (xb + outliers.scatter(seg.out_val[:, :, :nblk], idx, xb, -2)).reshape(B, H, m, D)
-        else:
-            x = x + outliers.scatter(seg.out_val[:, :, :m], seg.out_idx[:, :, :m], x, -1)
     return x[:, :, :n].to(dtype)
 
 
-def _quantize_grouped(x: torch.Tensor, layout: SegmentLayout):
-    """Quantize x [B, H, N, D] with the layout's grouping.
+def _quantize_grouped(x: torch.Tensor, layout: SegmentLayout, floor: torch.Tensor | None = None):
+    """Quantize x [B, H, N, D] with the layout's grouping; floor (like x, or
+    None): each group's scale is at least its largest floor entry.
     Returns (codes [B,H,N,D], scale, zero, dequantized fp32 [B,H,N,D])."""
     B, H, N, D = x.shape
     bits = layout.spec.bits
     if layout.spec.axis == "channel":
         G = layout.token_group
-        xg = x.reshape(B, H, N // G, G, D)
-        codes, scale, zero = _quant(xg, bits, dim=-2)
-        deq = _dequant(codes, scale, zero).reshape(B, H, N, D)
-        return codes.reshape(B, H, N, D), scale.squeeze(-2), zero.squeeze(-2), deq
-    G = layout.channel_group
-    xg = x.reshape(B, H, N, D // G, G)
-    codes, scale, zero = _quant(xg, bits, dim=-1)
+        shape, dim = (B, H, N // G, G, D), -2
+    else:
+        G = layout.channel_group
+        shape, dim = (B, H, N, D // G, G), -1
+    xg = x.reshape(shape)
+    min_scale = None if floor is None else floor.reshape(shape).amax(dim, keepdim=True)
+    codes, scale, zero = _quant(xg, bits, dim=dim, min_scale=min_scale)
     deq = _dequant(codes, scale, zero).reshape(B, H, N, D)
-    return codes.reshape(B, H, N, D), scale.squeeze(-1), zero.squeeze(-1), deq
+    return codes.reshape(B, H, N, D), scale.squeeze(dim), zero.squeeze(dim), deq
 
 
 def _check_finite(x: torch.Tensor) -> None:

@@ -71,7 +71,7 @@ def test_kv_bytes_of_a_gear_kcvt_key_store_equals_a_hand_count():
                + 10 * 4 * 1      # A: rank r_p = 4, int8, per token
                + 16 * 4 * 1      # B: 16 x 4, int8, one block
                + 4 * 4           # the block's scale per rank, fp32
-               + 2 * 16 * 2      # outlier values: 1 a side (0.1 x 10) per channel, fp16
+               + 2 * 16 * 1      # outlier values: 1 a side (0.1 x 10) per channel, int8 steps
                + 2 * 16 * 1)     # outlier indices: uint8 (a block of 10 tokens)
     decode = (8 * 8              # codes for all 8 reserved tokens (4 used)
               + 2 * 16 * 2 * 2   # scale + zero per channel for each of 2 blocks
@@ -80,12 +80,12 @@ def test_kv_bytes_of_a_gear_kcvt_key_store_equals_a_hand_count():
                                        # (0.1 x 4 rounds to 0)
     buffer = 4 * 16 * 2          # n_b fp16 tokens, 1 used
     lengths = 3 * 8              # int64 token counts of the three segments
-    assert kv_bytes(kv) == heads * (prefill + decode + buffer) + lengths == 1576
+    assert kv_bytes(kv) == heads * (prefill + decode + buffer) + lengths == 1512
     # reserved: the second decode block (codes, scale/zero, A, B and its scales) and 3 empty buffer slots
     split = kv_breakdown(kv)
-    assert split.held == 1576 and split.reserved == heads * ((4 * 8 + 16 * 2 * 2 + 4 * 2 + 16 * 2 + 2 * 4)
+    assert split.held == 1512 and split.reserved == heads * ((4 * 8 + 16 * 2 * 2 + 4 * 2 + 16 * 2 + 2 * 4)
                                                              + 3 * 16 * 2) == 480
-    assert split.used == 1576 - 480 and split.kinds["lengths"] == 24
+    assert split.used == 1512 - 480 and split.kinds["lengths"] == 24
     assert split.kinds["low-rank"] == heads * (10 * 4 + 16 * 4 + 4 * 4 + 4 * 2 + 16 * 2 + 2 * 4)
 
 
@@ -101,12 +101,12 @@ def test_kv_bytes_of_a_gear_kivi_value_store_equals_a_hand_count():
                + 16 * 2 * 2 * 2  # scale + zero: fp16 per token per group of 8 channels
                + 16 * 4 * 1      # A: rank 4, int8
                + 16 * 4 + 4 * 4  # B: 16 x 4 int8 and 4 fp32 scales, one block
-               + 16 * 4 * 2      # outlier values: 2 a side (0.125 x 16) per token, fp16
+               + 16 * 4 * 1      # outlier values: 2 a side (0.125 x 16) per token, int8 steps
                + 16 * 4 * 1)     # outlier indices: uint8 (16 channels)
-    decode = 2 * (8 * 4 + 8 * 2 * 2 * 2 + 8 * 2 * 1 + 16 * 2 + 2 * 4 + 8 * 4 * 2 + 8 * 4)  # 2 blocks
+    decode = 2 * (8 * 4 + 8 * 2 * 2 * 2 + 8 * 2 * 1 + 16 * 2 + 2 * 4 + 8 * 4 * 1 + 8 * 4)  # 2 blocks
     buffer = 8 * 16 * 2
     lengths = 3 * 8
-    assert kv_bytes(kv) == prefill + decode + buffer + lengths == 1304
+    assert kv_bytes(kv) == prefill + decode + buffer + lengths == 1176
 
 
 def test_kv_bytes_counts_reserved_capacity_even_before_it_is_used():

@@ -44,6 +44,15 @@ def test_codes_fit_in_bits_and_parts_have_their_dtypes_and_shapes(bits):
     assert scale.shape == zero.shape == (3, 5, 1)
 
 
+def test_a_scale_floor_widens_only_the_vectors_below_it_and_keeps_the_half_step_bound():
+    x = torch.randn(6, 32)
+    floor = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])[:, None]
+    codes, scale, zero = quantize(x, 4, dim=-1, min_scale=floor)
+    plain = quantize(x, 4, dim=-1)[1]
+    assert torch.equal(scale[:3], plain[:3]) and (scale[3:].float() >= 1.0).all()
+    assert ((dequantize(codes, scale, zero) - x).abs() <= scale.float() / 2 + 1e-6).all()
+
+
 def test_zero_point_is_never_above_the_minimum():
     x = torch.rand(64, 32) * 7 + 0.1
     _, _, zero = quantize(x, 4, dim=-1)

@@ -23,8 +23,9 @@
 //   sum_t p_t A_t B^T = (sum_t p_t A_t) B^T for V (B is per block).
 // * K outliers are per block and channel, sorted by token: a chunk finds its
 //   entries by a binary search per channel (in a block over SPAN tokens,
-//   among its span's entries: offsets are then one byte within the span). V outliers (per token) are added
-//   to the dequantized row.
+//   among its span's entries: offsets are then one byte within the span).
+//   V outliers are per token. Both are int8 counts of their group's steps,
+//   added to the codes before the scales apply (folded into q or not).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -81,7 +82,8 @@ struct Seg {
   int64_t cap = 0;                             // token capacity
   const void* data = nullptr;                  // exact values, or packed codes
   at::ScalarType dtype = at::kFloat;           // of exact values
-  const at::Half *scale = nullptr, *zero = nullptr, *out_val = nullptr;
+  const at::Half *scale = nullptr, *zero = nullptr;
+  const int8_t* out_val = nullptr;                 // outliers, in steps of their group's scale
   const int8_t *lr_a = nullptr, *lr_b = nullptr;   // L = A diag(lr_s) B^T, A and B in int8
   const float* lr_s = nullptr;                     // per block, one scale per rank
   const void* out_idx = nullptr;
@@ -170,7 +172,8 @@ SegBase make_seg(const std::vector<at::Tensor>& parts, const int64_t* f) {
   }
   if (f[OUT_VAL] >= 0) {
     s.k2 = static_cast<int>(parts[f[OUT_IDX]].size(3));
-    s.out_val = parts[f[OUT_VAL]].data_ptr<at::Half>();
+    TORCH_CHECK(parts[f[OUT_VAL]].scalar_type() == at::kChar, "gear attention_cpu: out_val must be int8");
+    s.out_val = parts[f[OUT_VAL]].data_ptr<int8_t>();
     s.out_idx = parts[f[OUT_IDX]].data_ptr();
     s.idx_type = parts[f[OUT_IDX]].scalar_type();
     b.ov_hs = head_stride(parts[f[OUT_VAL]]);
@@ -237,8 +240,6 @@ struct Scratch {
   int ts;                         // tile row stride: room for DP floats or PB*W codes
   std::vector<float> q, qs, qz, qb, pa, w, score, row, tile, at, sa, za;
   std::vector<int> kptr;          // per channel: next unread K-outlier entry
-  struct Entry { int j, d; float v; };
-  std::vector<Entry> late;        // K outliers added after the dot
   int64_t kptr_block = -1, kptr_next = -1;
   Scratch(const Problem& P, int maxrank, int maxrow)
       : ts((std::max(P.DP, maxrow) + 7) / 8 * 8),
@@ -271,15 +272,13 @@ inline float mask_value(const Problem& P, int b, int hq, int i, int64_t col) {
   }
 }
 
-// K outliers of tokens [t0, t0+n), added to the tile (in code units where
-// the scales fold into q: value / s, which the dot multiplies back by s).
+// K outliers of tokens [t0, t0+n), added to the tile of codes: each is a
+// signed number of steps of its group's scale (`outliers.steps`).
 // Each block lists, per channel, 2k token offsets in ascending order (in a
 // block over SPAN tokens, offsets within a span, walked a span at a time);
 // the per-channel read position carries over from the previous chunk, and is
-// searched for only where a split starts inside a block. An entry whose
-// scale is 0 (a constant column) cannot ride in code units: it goes to
-// sc.late, added to the scores after the dot.
-void k_outliers(const Problem& P, const Seg& K, int64_t t0, int n, bool fold, Scratch& sc) {
+// searched for only where a split starts inside a block.
+void k_outliers(const Problem& P, const Seg& K, int64_t t0, int n, Scratch& sc) {
   const int D = P.D;
   for (int64_t t = t0; t < t0 + n;) {
     int64_t blk = t / K.block;
@@ -295,12 +294,7 @@ void k_outliers(const Problem& P, const Seg& K, int64_t t0, int n, bool fold, Sc
         int64_t at = (blk * K.k2 + e) * D + d;
         int tok = run.base + read_index(K.out_idx, K.idx_type, at);
         if (tok >= hi) break;
-        float v = to_f(K.out_val[at]);
-        int j = static_cast<int>(blk * K.block + tok - t0);
-        int64_t group = K.group == K.block ? blk : (t0 + j) / K.group;
-        float s = fold ? to_f(K.scale[group * D + d]) : 1.0f;
-        if (s != 0.0f) sc.tile_row(j)[d] += v / s;
-        else sc.late.push_back({j, d, v});
+        sc.tile_row(static_cast<int>(blk * K.block + tok - t0))[d] += static_cast<float>(K.out_val[at]);
       }
       sc.kptr[d] = e;
     }
@@ -311,14 +305,20 @@ void k_outliers(const Problem& P, const Seg& K, int64_t t0, int n, bool fold, Sc
 }
 
 // Tokens [t0, t0+n) of segment `s` into the tile, one row per token: the
-// exact values, or the codes as floats (`rebuild`: codes * scale + zero).
-void load_tile(const Seg& s, int64_t t0, int n, int D, bool rebuild, Scratch& sc) {
+// exact values, or the codes as floats.
+void load_tile(const Seg& s, int64_t t0, int n, int D, Scratch& sc) {
+  for (int j = 0; j < n; ++j) {
+    int64_t t = t0 + j;
+    if (s.exact) exact_row(s, t, D, sc.tile_row(j));
+    else unpack_any(s.bits, static_cast<const uint8_t*>(s.data) + t * s.W, s.W, sc.tile_row(j));
+  }
+}
+
+// The tile's codes (outliers' steps added) as values: codes * scale + zero.
+void rebuild_tile(const Seg& s, int64_t t0, int n, int D, Scratch& sc) {
   for (int j = 0; j < n; ++j) {
     int64_t t = t0 + j;
     float* row = sc.tile_row(j);
-    if (s.exact) { exact_row(s, t, D, row); continue; }
-    unpack_any(s.bits, static_cast<const uint8_t*>(s.data) + t * s.W, s.W, row);
-    if (!rebuild) continue;
     if (s.channel) {                       // per-channel stats of the token group
       const at::Half* sc_ = s.scale + (t / s.group) * D;
       const at::Half* z = s.zero + (t / s.group) * D;
@@ -338,9 +338,9 @@ void score_chunk(const Problem& P, const Seg& K, int64_t t0, int n, Scratch& sc)
   const int R = P.R, D = P.D, DP = P.DP;
   float* score = sc.score.data();
   const bool fold = !K.exact && K.channel;   // per-channel stats fold into q
-  load_tile(K, t0, n, D, !fold, sc);
-  sc.late.clear();
-  if (K.k2) k_outliers(P, K, t0, n, fold, sc);
+  load_tile(K, t0, n, D, sc);
+  if (K.k2) k_outliers(P, K, t0, n, sc);
+  if (!fold && !K.exact) rebuild_tile(K, t0, n, D, sc);
   if (!fold) {
     score_tile(sc.q.data(), R, DP, sc.tile.data(), sc.ts, n, score, CHUNK);
   } else {                                 // q.k_t = (q*s).c_t + q.z, per token group
@@ -375,8 +375,6 @@ void score_chunk(const Problem& P, const Seg& K, int64_t t0, int n, Scratch& sc)
       j0 = j1;
     }
   }
-  for (const auto& e : sc.late)
-    for (int r = 0; r < R; ++r) score[r * CHUNK + e.j] += sc.q[r * DP + e.d] * e.v;
 }
 
 // acc_r += sum_j p[r][j] V_{t0+j}. Per-token V stats fold into the weights,
@@ -387,16 +385,13 @@ void value_chunk(const Problem& P, const Seg& V, int64_t t0, int n, Scratch& sc,
   const float* p = sc.score.data();
   float* acc = st.acc.data();
   const bool fold = !V.exact && !V.channel;
-  load_tile(V, t0, n, D, !fold, sc);
-  for (int j = 0; j < n && V.k2; ++j)      // sparse V: 2k channels per token, into the tile
-    for (int e = 0; e < V.k2; ++e) {       // (in code units where per-token scales fold)
+  load_tile(V, t0, n, D, sc);
+  for (int j = 0; j < n && V.k2; ++j)      // sparse V: 2k channels per token, steps into the codes
+    for (int e = 0; e < V.k2; ++e) {
       int64_t at = (t0 + j) * V.k2 + e;
-      int ch = read_index(V.out_idx, V.idx_type, at);
-      float v = to_f(V.out_val[at]);
-      float s = fold ? to_f(V.scale[(t0 + j) * (D / V.group) + ch / V.group]) : 1.0f;
-      if (s != 0.0f) sc.tile_row(j)[ch] += v / s;
-      else for (int r = 0; r < R; ++r) acc[r * DP + ch] += p[r * CHUNK + j] * v;
+      sc.tile_row(j)[read_index(V.out_idx, V.idx_type, at)] += static_cast<float>(V.out_val[at]);
     }
+  if (!fold && !V.exact) rebuild_tile(V, t0, n, D, sc);
   if (!fold) {
     accumulate_tile(p, CHUNK, R, n, sc.tile.data(), sc.ts, acc, DP, 0, DP);
   } else {

@@ -27,9 +27,10 @@ Algorithm (split-K flash decoding, two kernels):
 * GEAR terms: low-rank K adds (q . B_blk) s . A_t to the scores (r dot products
   of length D per tile instead of a dense [BT, D] rebuild; A and B int8, s the
   block's fp32 scale per rank); low-rank V adds (p . A) s . B_blk^T to the
-  accumulator. Outliers become a sparse [BT, E] tile
-  added to the dequantized one (or, where scales are folded into the dot, a
-  dot of their own). V: 2k channel indices per token. K: per block, 2k token
+  accumulator. Outliers are int8 counts of their group's steps
+  (`outliers.steps`): a sparse [BT, E] tile added to the codes before the
+  scales apply, folded or not, so they cost no dot of their own. V: 2k
+  channel indices per token. K: per block, 2k token
   offsets per channel, sorted, so a tile's entries are one run per channel
   that continues where the previous tile's stopped; only a program that
   starts mid-block binary-searches for its place. A block over SPAN tokens
@@ -82,17 +83,17 @@ def _codes_tile(codes, t, ok_t, W: tl.constexpr, WP: tl.constexpr, PB: tl.conste
 
 
 @triton.jit
-def _dequant_tile(codes, scale, zero, t, ok_t, ch, ok_c, group,
+def _dequant_tile(codes, scale, zero, steps, t, ok_t, ch, ok_c, group,
                   D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr,
                   E: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, EXACT: tl.constexpr,
                   AXIS_CHANNEL: tl.constexpr):
     """The [BT, E] fp32 tile of tokens t (segment-relative) on the extended
-    channel axis: codes * scale + zero (exact storage: the values)."""
+    channel axis: (codes + outliers' steps) * scale + zero (exact storage: the values)."""
     ok = ok_t[:, None] & ok_c[None, :]
     if EXACT:
         x = tl.load(codes + t[:, None] * D + ch[None, :], mask=ok, other=0.0).to(tl.float32)
     else:
-        c = _codes_tile(codes, t, ok_t, W, WP, PB, E, BT, BITS)
+        c = _codes_tile(codes, t, ok_t, W, WP, PB, E, BT, BITS) + steps
         if AXIS_CHANNEL:   # one (scale, zero) per channel per `group` tokens
             sidx = (t // group)[:, None] * D + ch[None, :]
         else:              # one (scale, zero) per token per `group` channels
@@ -148,8 +149,8 @@ def _k_outlier_row(oidx, ptr, blk, k2, end, base, tile_end, ch, ok_c, D: tl.cons
 @triton.jit
 def _k_outlier_tile(oval, oidx, ptr, blk, k2, end, base, t_blk, tile_end, ch, ok_c,
                     D: tl.constexpr, BT: tl.constexpr, E: tl.constexpr):
-    """K outliers of the tile's tokens as a dense [BT, E] fp32 tile, and each
-    channel's next unread entry. Block blk's table lists, per channel, 2k token
+    """K outliers of the tile's tokens as a dense [BT, E] fp32 tile of steps
+    (added to the codes), and each channel's next unread entry. Block blk's table lists, per channel, 2k token
     offsets in ascending order (`outliers.select`; in a block over SPAN tokens,
     base + stored, up to the span's end entry); ptr is each channel's first
     entry at or after the tile's start, so the tile's entries are the run from
@@ -158,7 +159,7 @@ def _k_outlier_tile(oval, oidx, ptr, blk, k2, end, base, t_blk, tile_end, ch, ok
     sp = tl.zeros([BT, E], tl.float32)
     at, tok, hit = _k_outlier_row(oidx, ptr, blk, k2, end, base, tile_end, ch, ok_c, D)
     while tl.max(hit.to(tl.int32), axis=0) > 0:
-        val = tl.load(oval + at, mask=hit, other=0.0).to(tl.float32)
+        val = tl.load(oval + at, mask=hit, other=0).to(tl.float32)
         sp += tl.where(t_blk[:, None] == tok[None, :], val[None, :], 0.0)
         ptr += hit.to(tl.int32)
         at, tok, hit = _k_outlier_row(oidx, ptr, blk, k2, end, base, tile_end, ch, ok_c, D)
@@ -167,12 +168,12 @@ def _k_outlier_tile(oval, oidx, ptr, blk, k2, end, base, t_blk, tile_end, ch, ok
 
 @triton.jit
 def _v_outlier_tile(oval, oidx, t, ok_t, ch, k2, BT: tl.constexpr, E: tl.constexpr):
-    """V outliers of tokens t as a dense [BT, E] fp32 tile: each token's table
-    row holds 2k channel indices."""
+    """V outliers of tokens t as a dense [BT, E] fp32 tile of steps (added to
+    the codes): each token's table row holds 2k channel indices."""
     sp = tl.zeros([BT, E], tl.float32)
     for o in range(k2):
         oi = tl.load(oidx + t * k2 + o, mask=ok_t, other=0).to(tl.int32)
-        ov = tl.load(oval + t * k2 + o, mask=ok_t, other=0.0).to(tl.float32)
+        ov = tl.load(oval + t * k2 + o, mask=ok_t, other=0).to(tl.float32)
         sp += tl.where(ch[None, :] == oi[:, None], ov[:, None], 0.0)
     return sp
 
@@ -284,6 +285,7 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, V
             t = blk * BLOCK + t_blk
             ok_t = (t_blk < BLOCK) & (t < n_valid)
 
+            ksp = tl.zeros([BT, E], tl.float32)   # K outliers' steps, joining the codes
             if K_OUT:
                 tile0 = (item % TPB) * BT
                 # the entries of the tile's span, the span's first token offset
@@ -297,19 +299,16 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, V
             if K_FOLD:
                 # the tile shares one (scale, zero) row: q.k_t = (q*s).c_t + q.z,
                 # so the codes go to tl.dot as they are (integers, exact in fp16)
-                c = _codes_tile(Kc, t, ok_t, W, WP, PB, E, BT, BITS)
+                # (outliers' steps included: small integers, still exact)
+                c = _codes_tile(Kc, t, ok_t, W, WP, PB, E, BT, BITS) + ksp
                 row = ((blk * BLOCK + (item % TPB) * BT) // k_group) * D + ch
                 sk = tl.load(Ks + row, mask=ok_c, other=0.0).to(tl.float32)
                 zk = tl.load(Kz + row, mask=ok_c, other=0.0).to(tl.float32)
                 s = _mma(q * sk[None, :], tl.trans(c), DT, FP32_DOT) \
                     + tl.sum(q * zk[None, :], axis=1)[:, None]
-                if K_OUT:
-                    s += _mma(q, tl.trans(ksp), DT, FP32_DOT)
             else:
-                k = _dequant_tile(Kc, Ks, Kz, t, ok_t, ch, ok_c, k_group,
+                k = _dequant_tile(Kc, Ks, Kz, ksp, t, ok_t, ch, ok_c, k_group,
                                   D, W, WP, PB, E, BT, BITS, EXACT, K_CHANNEL)
-                if K_OUT:
-                    k += ksp
                 s = _mma(q, tl.trans(k), DT, FP32_DOT)
             if R > 0:
                 # low-rank K: q . (A_t diag(s) B_blk^T) = (q . B_blk) s . A_t
@@ -341,22 +340,19 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, V
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None]
 
+            vsp = tl.zeros([BT, E], tl.float32)   # V outliers' steps, joining the codes
             if V_OUT:
                 vsp = _v_outlier_tile(Vov, Voi, t, ok_t, ch, v_k2, BT, E)
             if V_FOLD:
                 # one (scale, zero) per token: p.v = (p*s).c + (p.z) on every channel
-                c = _codes_tile(Vc, t, ok_t, W, WP, PB, E, BT, BITS)
+                c = _codes_tile(Vc, t, ok_t, W, WP, PB, E, BT, BITS) + vsp
                 sv = tl.load(Vs + t, mask=ok_t, other=0.0).to(tl.float32)
                 zv = tl.load(Vz + t, mask=ok_t, other=0.0).to(tl.float32)
                 acc += _mma(p * sv[None, :], c, DT, FP32_DOT) \
                     + tl.sum(p * zv[None, :], axis=1)[:, None]
-                if V_OUT:
-                    acc += _mma(p, vsp, DT, FP32_DOT)
             else:
-                v = _dequant_tile(Vc, Vs, Vz, t, ok_t, ch, ok_c, v_group,
+                v = _dequant_tile(Vc, Vs, Vz, vsp, t, ok_t, ch, ok_c, v_group,
                                   D, W, WP, PB, E, BT, BITS, EXACT, V_CHANNEL)
-                if V_OUT:
-                    v += vsp
                 acc += _mma(p, v, DT, FP32_DOT)
             if R > 0:
                 # low-rank V: sum_t p_t A_t diag(s) B_blk^T = (p . A) s . B_blk^T
@@ -604,7 +600,7 @@ def _launch_partial(launch, a: _SharedArgs, seg: _SegmentLaunch, k_ptrs: list, v
         e = pb * wp
     # fold scale/zero into the dot products where one (scale, zero) covers a K
     # tile's rows (a channel-axis group spanning the tile) or a V token's whole
-    # row; outliers then join as a dot of their own
+    # row; outliers' steps join the codes either way
     fold_k = (not exact and kl.spec.axis == "channel"
               and (k_group == block or (k_group % bt == 0 and block % bt == 0)))
     fold_v = not exact and vl.spec.axis == "token" and v_group == D
