@@ -5,8 +5,11 @@ einsum, ALiBi through baddbmm) appears in the report as an `unknown` site
 with what sets it apart, as does the KV-append feeding it, and the compiled
 function still equals eager; heads whose dim the group size does not divide
 fall back with a reason naming both and a group size that fits, and
-generation runs exactly instead of crashing.
+generation runs exactly instead of crashing. A form is declared as a pattern
+(`passes.pattern`): it binds what it matches, and a near miss says why.
 """
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +17,8 @@ import torch.nn.functional as F
 import gear_compile
 from gear_compile.config import GearConfig
 from gear_compile.models import tiny_model
+from gear_compile.passes.match import EAGER
+from gear_compile.passes.pattern import Call, Capture, match
 
 
 def _cat(past, new):
@@ -122,6 +127,16 @@ def test_a_past_read_by_more_than_its_append_is_left_exact_and_reported():
         torch.testing.assert_close(got, want)
 
 
+def _eager(dims=(2, 3), dropout=None):
+    """matmul([dropout](softmax(matmul(q, k.transpose(*dims)) * 0.25, dim=-1)), v) as Dynamo records it."""
+    graph = torch.fx.Graph()
+    q, k, v = (graph.placeholder(name) for name in "qkv")
+    qk = graph.call_function(torch.matmul, (q, graph.call_method("transpose", (k, *dims))))
+    probs = graph.call_function(F.softmax, (graph.call_function(operator.mul, (qk, 0.25)),), {"dim": -1})
+    if dropout is not None:
+        probs = graph.call_function(F.dropout, (probs, *dropout[0]), dropout[1])
+    return graph.call_function(torch.matmul, (probs, v))
+
 
 @pytest.mark.parametrize("args,kwargs,active", [
     ((), {"training": True}, True),             # p left out: F.dropout's default, 0.5
@@ -130,8 +145,24 @@ def test_a_past_read_by_more_than_its_append_is_left_exact_and_reported():
     ((), {"p": 0.1, "training": False}, False)])
 def test_attention_weights_through_a_training_dropout_are_not_matched(args, kwargs, active):
     """A dropout node as Dynamo records it: the arguments as the model wrote them."""
-    from gear_compile.passes.match import _before
+    found = match(EAGER, _eager(dropout=(args, kwargs)))
+    assert bool(found) is not active
+    assert not active or "dropout active in training" in found.reason, found
+
+
+def test_a_declared_form_binds_what_it_matches_and_a_near_miss_says_why():
+    found = match(EAGER, _eager())
+    assert [found[name].name for name in ("query", "key", "value")] == ["q", "k", "v"]
+    assert found["factor"] == 0.25 and found.get("mask") is None and found.get("softcap") is None
+    assert [n.target for n in found.nodes] == [torch.matmul, F.softmax, operator.mul, torch.matmul, "transpose"]
+    miss = match(EAGER, _eager(dims=(1, 2)))
+    assert not miss and "transposes dims (1, 2), not (2, 3)" in miss.reason, miss
+
+    # a new form is a new pattern: soft-capping, a name bound twice being one value
+    capped = Call(operator.mul, Call(torch.tanh, Call(operator.truediv, Capture("x"), Capture("cap"))), Capture("cap"))
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
-    dropout = graph.call_function(F.dropout, (x, *args), kwargs)
-    assert _before(dropout, [], F.dropout) is (None if active else x)
+    tanh = graph.call_function(torch.tanh, (graph.call_function(operator.truediv, (x, 30.0)),))
+    assert match(capped, graph.call_function(operator.mul, (tanh, 30.0)))["x"] is x
+    miss = match(capped, graph.call_function(operator.mul, (tanh, 50.0)))
+    assert not miss and miss.reason == "cap is 50.0 here but 30.0 before", miss

@@ -1,7 +1,7 @@
 """Find attention sites and the KV-appends feeding them in a Dynamo FX graph.
 
 The graph is Dynamo's torch-level graph (torch functions and tensor methods).
-Each recognised form is a small function named for the code it matches:
+Each recognised form is declared as the code it matches (`passes.pattern`):
 
   kv append      torch.cat([past, new], dim=-2)              (DynamicCache)
                  cat(...)[:, :, -(W - 1):]  kept, cat attended   (sliding window W)
@@ -16,6 +16,13 @@ Each recognised form is a small function named for the code it matches:
                  ... with scores less their row max (a softmax ignores the shift)
                  ... with attention sinks: a softmax column    (gpt-oss)
                      or the output times sigmoid(lse - sink)   (Granite SWA)
+
+The patterns carry the forms' names (KV_APPEND, KV, EAGER, SINK_COLUMN,
+SINK_SCALE, BMM), each built from smaller ones as the model's code is, with
+validity checks (`_swaps`, `_training_dropout`, ...) as functions that return
+why a node does not fit; `sdpa_site`, `eager_site`, `bmm_site` read a match's
+captures into an `AttentionSite`. A new form is a new pattern and, where it
+has a new site field, the line reading it.
 
 `find_sites` returns every attention site found, rewritable or not, each with
 the reason; `rewrite` acts only on rewritable ones and everything else stays
@@ -39,6 +46,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..compressed_kv import CompressedKV
+from .pattern import Call, Capture, Either, Maybe, Through, _is_call, match
 
 _ROOT = re.compile(r"^L\['self'\]|^L\['args'\]\[0\]")   # Dynamo's name for the compiled model
 
@@ -109,27 +117,219 @@ def _value(node):
     return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
-def _is_call(node, *targets) -> bool:
-    """node calls one of `targets` (functions, or method names as strings)."""
-    if not isinstance(node, fx.Node):
-        return False
-    if node.op == "call_function":
-        return node.target in targets
-    if node.op == "call_method":
-        return node.target in targets
-    return False
+MATMUL, SOFTMAX, TRANSPOSE = (torch.matmul, operator.matmul), (F.softmax, "softmax", torch.softmax), \
+    ("transpose", torch.transpose)
+ADD, SUB, MUL, DIV = (operator.add, torch.add), (operator.sub, torch.sub), (operator.mul, torch.mul), \
+    (operator.truediv, torch.div)
+VIEWS = ("view", "reshape")
 
 
-# ---- K/V forms ------------------------------------------------------------
+# ---- validity checks: None, or why the node does not fit -------------------
+def _number(x) -> str | None:
+    return None if isinstance(x, (int, float)) else f"{x} is not a number"
+
+
+def _swaps(*pairs):
+    """A transpose of one of the dim `pairs` (in either order)."""
+    def check(node):
+        dims = tuple(node.args[1:3])
+        return None if tuple(sorted(dims)) in pairs else f"transposes dims {dims}, not {pairs[0]}"
+    return check
+
+
+def _cat_on(*dims):
+    """A torch.cat along one of `dims`."""
+    def check(cat):
+        dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
+        return None if dim in dims else f"concatenates along dim {dim}, not {dims[0]}"
+    return check
+
+
+def _over_keys(reduction) -> str | None:
+    """A reduction (softmax, max, logsumexp) over the keys: dim -1 (or 3, of 4 dims)."""
+    dim = reduction.kwargs.get("dim", reduction.args[1] if len(reduction.args) > 1 else None)
+    return None if dim in (-1, 3) else f"reduces dim {dim}, not the keys'"
+
+
+def _training_dropout(node) -> str | None:
+    """F.dropout active in training (its p defaults to 0.5): its attention is left exact."""
+    if _is_call(node, F.dropout) and node.kwargs.get("training", False) and \
+            (p := node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)):
+        return f"dropout active in training (p={p})"
+    return None
+
+
+def _copy_or_fp32_upcast(node) -> str | None:
+    """`x.contiguous()`, `x.float()` or `x.to(torch.float32)`: every kernel
+    computes in fp32 from the stored values, so the upcast changes nothing."""
+    if _is_call(node, "contiguous") or _is_call(node, "float") and len(node.args) == 1 and not node.kwargs:
+        return None
+    dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) == 2 else None)
+    if _is_call(node, "to") and dtype is torch.float32 and len(node.args) <= 2 and set(node.kwargs) <= {"dtype"}:
+        return None
+    return "not a copy or an upcast to fp32"
+
+
+def _new_axis(index) -> str | None:
+    return None if isinstance(index, tuple) and None in index else f"{index} adds no axis"
+
+
+def _one_per_head(node) -> str | None:
+    value = _value(node)
+    return None if value is not None and value.dim() == 1 else f"{node} is not one value a head"
+
+
+def _heads_into_batch(node) -> str | None:
+    """x.reshape(B * H, -1, d) of a 4-D x [B, H, T, d]."""
+    x, flat = _value(node.args[0]), _value(node)
+    if x is None or flat is None or x.dim() != 4 or flat.dim() != 3 or flat.shape[-1] != x.shape[-1]:
+        return "does not flatten 4-D heads into the batch"
+    return None
+
+
+def _four_dims(node) -> str | None:
+    value = _value(node)
+    return None if value is not None and value.dim() == 4 else "not a 4-D attention output"
+
+
+def _view_or_min_clamp(node) -> str | None:
+    """A view, or `torch.max(x, torch.full((), finfo.min))`: nothing a softmax sees."""
+    full = node.args[1] if len(node.args) == 2 else None
+    if _is_call(node, *VIEWS) or \
+            _is_call(full, torch.full) and isinstance(full.args[1], float) and full.args[1] <= -1e30:
+        return None
+    return "not a clamp at the dtype's minimum"
+
+
+# ---- K/V forms --------------------------------------------------------------
+# torch.cat([past, new], dim=-2 or 2)
+KV_APPEND = Call(torch.cat, [Capture("past"), Capture("new")], check=_cat_on(-2, 2))
+
+# repeat_kv(kv) = kv[:, :, None, :, :].expand(...).reshape(...) -> kv, or kv; under .contiguous() or an fp32 upcast
+REPEAT_KV = Call(("reshape", torch.reshape), Call("expand", Call(operator.getitem, Capture("kv"),
+                                                                 Capture("index", check=_new_axis))))
+KV = Through(("contiguous", "float", "to"), Either(REPEAT_KV, Capture("kv")), check=_copy_or_fp32_upcast)
+
+# ---- attention forms --------------------------------------------------------
+# eager: cap(matmul(q, K.transpose(2, 3)) * scale) + mask, where cap(x) is x or softcap * tanh(x / softcap)
+QK = Call(MATMUL, Capture("query"), Call(TRANSPOSE, Capture("key"), check=_swaps((2, 3), (-2, -1))))
+SCALED = Maybe(Call(MUL + DIV, QK, Capture("factor", check=_number), name="scaling"))
+CAPPED = Either(Call(MUL, Call(("tanh", torch.tanh), Call(DIV, SCALED, Capture("softcap", check=_number))),
+                     Capture("softcap")), SCALED)
+SCORES = Maybe(Call(ADD, CAPPED, Capture("mask")))
+
+
+def less_row_max(scores):
+    """`x - x.max(dim=-1, keepdim=True).values` (a softmax does not see the shift), or x."""
+    return Maybe(Call(SUB, Capture("unshifted", scores),
+                      Call(operator.getitem, Call(("max", torch.max), Capture("unshifted"), check=_over_keys), 0)))
+
+
+# the sinks of each query head, broadcast to the scores
+PER_HEAD = Through(("reshape", "view", "expand", torch.reshape), Capture("sinks", check=_one_per_head))
+# gpt-oss: the sinks as a softmax column, dropped after it
+SINK_COLUMN = Call(torch.cat, [SCORES, PER_HEAD], check=_cat_on(-1, 3))
+PROBS = Either(
+    Call(operator.getitem, Call(SOFTMAX, less_row_max(SINK_COLUMN), name="probs"), (Ellipsis, slice(None, -1))),
+    Call(SOFTMAX, less_row_max(SCORES), name="probs"))
+# matmul(dropout(softmax(scores).to(dtype)), V)
+EAGER = Call(MATMUL, Through(("to", "type", "type_as", F.dropout), PROBS, check=_training_dropout),
+             Capture("value"))
+
+# Granite SWA: attention * sigmoid(logsumexp(scores, -1) - sinks.view(1, -1, 1)).unsqueeze(-1),
+# which equals a sink column
+_LSE_LESS_SINK = Call(SUB, Call((torch.logsumexp, "logsumexp"), Capture("scores"), check=_over_keys), PER_HEAD)
+_GATE = Through(("to", "unsqueeze", torch.unsqueeze),
+                Call(("sigmoid", torch.sigmoid), Through(("to", "float"), _LSE_LESS_SINK)))
+SINK_SCALE = Either(Call(MUL, Capture("attention"), _GATE), Call(MUL, _GATE, Capture("attention")))
+
+
+def _flat(name: str):
+    return Call(("reshape", "view", torch.reshape), Capture(name), check=_heads_into_batch)
+
+
+# bmm (XGLM, TrOCR), as `bmm_site` shows it
+BMM_QK = Call(torch.bmm, _flat("query"), Call(TRANSPOSE, _flat("key"), check=_swaps((1, 2))))
+BMM_MASKED = Either(Call(ADD, Through(VIEWS, BMM_QK), Capture("mask")), BMM_QK)
+BMM_PROBS = Call(SOFTMAX, Through(VIEWS + (torch.max, torch.maximum), BMM_MASKED, check=_view_or_min_clamp),
+                 check=_over_keys)
+BMM = Call(VIEWS, Call(torch.bmm, Through((F.dropout, *VIEWS, "to"), BMM_PROBS, check=_training_dropout),
+                       _flat("value")), check=_four_dims)
+
+
+def sdpa_site(node, index):
+    """F.scaled_dot_product_attention(q, K, V, attn_mask, dropout_p, is_causal, scale, enable_gqa)."""
+    if not _is_call(node, F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention):
+        return None
+    bound = SDPA_SIGNATURE.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    site = AttentionSite(index, "sdpa", node, a["query"], None, None, mask=a["attn_mask"],
+                         scale=a["scale"], is_causal=bool(a["is_causal"]))
+    if a["dropout_p"] not in (0, 0.0):
+        site.reason = f"dropout_p={a['dropout_p']} (training-time attention is left exact)"
+        return site
+    _attach_kv(site, a["key"], a["value"])
+    return site
+
+
+def eager_site(node, index):
+    """`EAGER`, with attention sinks as an extra softmax column (`SINK_COLUMN`)
+    or a rescaled output (`SINK_SCALE`)."""
+    if not (m := match(EAGER, node)):
+        return None
+    factor, softcap = float(m.get("factor", 1.0)), m.get("softcap")
+    scale = factor if "scaling" not in m or m["scaling"].target in MUL else 1.0 / factor
+    site = AttentionSite(index, "eager", node, m["query"], None, None, mask=m.get("mask"), scale=scale,
+                         softcap=None if softcap is None else float(softcap), sinks=m.get("sinks"))
+    chain = m.nodes[1:]
+    if site.sinks is None and len(node.users) == 1 and \
+            (gate := match(SINK_SCALE, next(iter(node.users)), attention=node, scores=m["probs"].args[0])):
+        site.output, site.sinks = gate.nodes[0], gate["sinks"]
+        chain += [node] + gate.nodes[1:]
+    return _attend(site, chain, m["key"], m["value"])
+
+
+def bmm_site(node, index):
+    """Heads flattened into the batch (XGLM, TrOCR):
+
+        q3, K3, V3 = (x.reshape(B * H, -1, d) for x in (q, K, V))      # q, K, V [B, H, T, d]
+        s = bmm(q3, K3.transpose(1, 2)).view(B, H, T, S) + mask
+        s = max(s, full((), finfo.min)).view(B * H, T, S)                (a no-op clamp)
+        out = bmm(dropout(softmax(s, -1).view(...).view(...)), V3).view(B, H, T, d)
+
+    The site's output is the last view, the attention of the 4-D q, K, V."""
+    if not (m := match(BMM, node)):
+        return None
+    site = AttentionSite(index, "bmm", node, m["query"], None, None, mask=m.get("mask"), scale=1.0)
+    return _attend(site, m.nodes[1:], m["key"], m["value"])
+
+
+def _attend(site: AttentionSite, chain: list, key, value) -> AttentionSite:
+    """The site, its `chain` the nodes between K/V and its output: with K/V
+    attached, unless an intermediate is read outside it."""
+    site.chain += chain
+    if reason := _escaping(site, chain):
+        site.reason = reason
+    else:
+        _attach_kv(site, key, value)
+    return site
+
+
+def _escaping(site: AttentionSite, chain: list) -> str | None:
+    """An intermediate of the attention is read outside it (attention weights
+    returned with output_attentions)."""
+    for inner in chain:
+        outside = [u for u in inner.users if u not in chain and u is not site.output]
+        if outside:
+            return f"intermediate {inner.name} is also used by {outside[0].name} (e.g. output_attentions)"
+    return None
+
+
 def kv_append(node) -> KVAppend | None:
-    """torch.cat([past, new], dim=-2 or 2)."""
-    if not _is_call(node, torch.cat):
-        return None
-    tensors = node.args[0]
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or dim not in (-2, 2):
-        return None
-    return KVAppend(node, tensors[0], tensors[1], stored=node)
+    """`KV_APPEND`, the cache kept being the append itself."""
+    m = match(KV_APPEND, node)
+    return KVAppend(node, m["past"], m["new"], stored=node) if m else None
 
 
 def window_slice(node) -> int | None:
@@ -150,352 +350,23 @@ def window_slice(node) -> int | None:
     return -seq.start if isinstance(seq.start, int) and seq.start < 0 else None
 
 
-def through_repeat_kv(node, chain: list):
-    """repeat_kv(kv) = kv[:, :, None, :, :].expand(...).reshape(...) -> kv; also
-    strips .contiguous() and upcasts to fp32 (`.float()`, attention computed
-    in fp32: every kernel computes in fp32 from the stored values, so the
-    upcast changes nothing). Nodes passed are appended to `chain`."""
-    while _is_call(node, "contiguous") or _upcast(node):
-        chain.append(node)
-        node = node.args[0]
-    if _is_call(node, "reshape", torch.reshape):
-        expand = node.args[0]
-        if _is_call(expand, "expand"):
-            index = expand.args[0]
-            if _is_call(index, operator.getitem) and isinstance(index.args[1], tuple) \
-                    and None in index.args[1]:
-                chain += [node, expand, index]
-                return index.args[0]
-    return node
-
-
-def _upcast(node) -> bool:
-    """`x.float()` or `x.to(torch.float32)`."""
-    if _is_call(node, "float"):
-        return len(node.args) == 1 and not node.kwargs
-    if _is_call(node, "to"):
-        dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) == 2 else None)
-        return dtype is torch.float32 and len(node.args) <= 2 and set(node.kwargs) <= {"dtype"}
-    return False
-
-
 def _static_cache_write(node):
     """`past.index_copy_(2, pos, new)` or index_put_: a StaticCache write."""
     return _is_call(node, "index_copy_", "index_put_", torch.Tensor.index_copy_,
                     torch.ops.aten.index_copy_.default)
 
 
-# ---- attention forms ------------------------------------------------------
-def sdpa_site(node, index):
-    """F.scaled_dot_product_attention(q, K, V, attn_mask, dropout_p, is_causal, scale, enable_gqa)."""
-    if not _is_call(node, F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention):
-        return None
-    bound = SDPA_SIGNATURE.bind(*node.args, **node.kwargs)
-    bound.apply_defaults()
-    a = bound.arguments
-    site = AttentionSite(index, "sdpa", node, a["query"], None, None, mask=a["attn_mask"],
-                         scale=a["scale"], is_causal=bool(a["is_causal"]))
-    if a["dropout_p"] not in (0, 0.0):
-        site.reason = f"dropout_p={a['dropout_p']} (training-time attention is left exact)"
-        return site
-    _attach_kv(site, a["key"], a["value"])
-    return site
-
-
-def eager_site(node, index):
-    """matmul(dropout(softmax(cap(matmul(q, K.transpose(2, 3)) * scale) + mask).to(dtype)), V),
-    where cap(x) is x, or softcap * tanh(x / softcap); with attention sinks
-    as an extra softmax column (`sink_column`) or a rescaled output (`sink_scale`)."""
-    if not _is_call(node, torch.matmul, operator.matmul):
-        return None
-    chain = []
-    probs = _before(node.args[0], chain, "to", "type", "type_as", F.dropout)
-    sliced = _is_call(probs, operator.getitem) and probs.args[1] == (Ellipsis, slice(None, -1, None))
-    if sliced:                   # probs[..., :-1]: the sink column dropped
-        chain.append(probs)
-        probs = probs.args[0]
-    if not _is_call(probs, F.softmax, "softmax", torch.softmax):
-        return None
-    chain.append(probs)
-    scores = without_row_max(probs.args[0], chain)
-    sinks = None
-    if sliced:
-        if (found := sink_column(scores)) is None:
-            return None
-        scores, sinks, nodes = found
-        chain += nodes
-    if (found := _eager_scores(scores, chain)) is None:
-        return None
-    q, kt, mask, scale, softcap = found
-    site = AttentionSite(index, "eager", node, q, None, None, mask=mask, scale=scale, softcap=softcap,
-                         sinks=sinks)
-    if sinks is None and len(node.users) == 1 and \
-            (found := sink_scale(next(iter(node.users)), node, probs.args[0])) is not None:
-        site.output, site.sinks, nodes = found
-        chain += [node] + nodes
-    site.chain += chain
-    if _escapes(site, chain):
-        return site
-    _attach_kv(site, kt.args[0], node.args[1])
-    return site
-
-
-def _before(node, chain: list, *targets):
-    """The first node up args[0] that is not a call to one of `targets` (casts,
-    views, inference-mode dropout), each passed node added to chain; None at
-    a dropout active in training (left exact; F.dropout's p defaults to 0.5)."""
-    while _is_call(node, *targets):
-        if _is_call(node, F.dropout) and node.kwargs.get("training", False) and \
-                node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5):
-            return None
-        chain.append(node)
-        node = node.args[0]
-    return node
-
-
-def _eager_scores(scores, chain: list):
-    """cap(matmul(q, K.transpose(2, 3)) * scale) + mask, its nodes added to
-    chain: (q, the transpose, mask, scale, softcap), or None."""
-    mask = None
-    if _is_call(scores, operator.add, torch.add):
-        chain.append(scores)
-        scores, mask = scores.args[0], scores.args[1]
-    softcap = soft_cap(scores)
-    if softcap is not None:
-        tanh = scores.args[0]
-        chain += [scores, tanh, tanh.args[0]]
-        scores = tanh.args[0].args[0]
-    scale = 1.0
-    if _is_call(scores, operator.mul, torch.mul, operator.truediv, torch.div):
-        chain.append(scores)
-        factor = scores.args[1]
-        if not isinstance(factor, (int, float)):
-            return None
-        scale = float(factor) if scores.target in (operator.mul, torch.mul) else 1.0 / float(factor)
-        scores = scores.args[0]
-    if not _is_call(scores, torch.matmul, operator.matmul):
-        return None
-    chain.append(scores)
-    q, kt = scores.args
-    if not (_is_call(kt, "transpose", torch.transpose) and
-            tuple(sorted(kt.args[1:3])) in ((2, 3), (-2, -1))):
-        return None
-    chain.append(kt)
-    return q, kt, mask, scale, softcap
-
-
-def bmm_site(node, index):
-    """Heads flattened into the batch (XGLM, TrOCR):
-
-        q3, K3, V3 = (x.reshape(B * H, -1, d) for x in (q, K, V))      # q, K, V [B, H, T, d]
-        s = bmm(q3, K3.transpose(1, 2)).view(B, H, T, S) + mask
-        s = max(s, full((), finfo.min)).view(B * H, T, S)                (a no-op clamp)
-        out = bmm(dropout(softmax(s, -1).view(...).view(...)), V3).view(B, H, T, d)
-
-    The site's output is the last view, the attention of the 4-D q, K, V."""
-    if not _is_call(node, "view", "reshape") or not _is_call(node.args[0], torch.bmm):
-        return None
-    out4, pv = _value(node), node.args[0]
-    if out4 is None or out4.dim() != 4:
-        return None
-    chain = [pv]
-    probs = _before(pv.args[0], chain, F.dropout, "view", "reshape", "to")
-    if not _is_call(probs, F.softmax, "softmax", torch.softmax) or not _last_dim(probs):
-        return None
-    chain.append(probs)
-    scores = probs.args[0]
-    while _is_call(scores, "view", "reshape") or _min_clamp(scores):
-        chain.append(scores)
-        scores = scores.args[0]
-    mask = None
-    if _is_call(scores, operator.add, torch.add):
-        chain.append(scores)
-        scores, mask = scores.args
-        while _is_call(scores, "view", "reshape"):
-            chain.append(scores)
-            scores = scores.args[0]
-    if not _is_call(scores, torch.bmm):
-        return None
-    chain.append(scores)
-    q3, kt = scores.args
-    if not (_is_call(kt, "transpose", torch.transpose) and tuple(sorted(kt.args[1:3])) == (1, 2)):
-        return None
-    chain.append(kt)
-    q, k, v = (_unflattened(x, chain) for x in (q3, kt.args[0], pv.args[1]))
-    if q is None or k is None or v is None:
-        return None
-    site = AttentionSite(index, "bmm", node, q, None, None, mask=mask, scale=1.0)
-    site.chain += chain
-    if _escapes(site, chain):
-        return site
-    _attach_kv(site, k, v)
-    return site
-
-
-def _escapes(site: AttentionSite, chain: list) -> bool:
-    """An intermediate of the attention is read outside it (attention weights
-    returned with output_attentions): the site's reason says so."""
-    for inner in chain:
-        outside = [u for u in inner.users if u not in chain and u is not site.output]
-        if outside:
-            site.reason = f"intermediate {inner.name} is also used by {outside[0].name} (e.g. output_attentions)"
-            return True
-    return False
-
-
-def _unflattened(node, chain: list):
-    """x.reshape(B * H, -1, d) of a 4-D x [B, H, T, d] -> x, else None."""
-    if not _is_call(node, "reshape", "view", torch.reshape):
-        return None
-    x = _value(node.args[0])
-    flat = _value(node)
-    if x is None or flat is None or x.dim() != 4 or flat.dim() != 3 or flat.shape[-1] != x.shape[-1]:
-        return None
-    chain.append(node)
-    return node.args[0]
-
-
-def _min_clamp(node) -> bool:
-    """`torch.max(x, torch.full((), finfo.min))`: nothing a softmax sees."""
-    if not _is_call(node, torch.max, torch.maximum) or len(node.args) != 2:
-        return False
-    full = node.args[1]
-    return _is_call(full, torch.full) and isinstance(full.args[1], float) and full.args[1] <= -1e30
-
-
-def soft_cap(node) -> float | None:
-    """`tanh(x / c) * c` (logit soft-capping, Gemma 2): c, else None."""
-    if not _is_call(node, operator.mul, torch.mul):
-        return None
-    tanh, cap = node.args[0], node.args[1]
-    if not isinstance(cap, (int, float)) or not _is_call(tanh, "tanh", torch.tanh):
-        return None
-    inner = tanh.args[0]
-    if not _is_call(inner, operator.truediv, torch.div) or inner.args[1] != cap:
-        return None
-    return float(cap)
-
-
-def without_row_max(scores, chain: list):
-    """`x - x.max(dim=-1, keepdim=True).values` -> x (a softmax does not see
-    the shift); the nodes passed are appended to `chain`."""
-    if not _is_call(scores, operator.sub, torch.sub):
-        return scores
-    row_max = scores.args[1]
-    if not (_is_call(row_max, operator.getitem) and row_max.args[1] == 0 and
-            _is_call(row_max.args[0], "max", torch.max) and row_max.args[0].args[0] is scores.args[0]
-            and _last_dim(row_max.args[0])):
-        return scores
-    chain += [scores, row_max, row_max.args[0]]
-    return scores.args[0]
-
-
-def sink_column(combined):
-    """`cat([scores, sinks.reshape(1, -1, 1, 1).expand(...)], dim=-1)` (gpt-oss:
-    the sinks are a softmax column dropped after it): (scores, the [Hq] sink
-    tensor, the nodes passed), else None."""
-    nodes = []
-    if not _is_call(combined, torch.cat) or \
-            combined.kwargs.get("dim", combined.args[1] if len(combined.args) > 1 else 0) not in (-1, 3):
-        return None
-    tensors = combined.args[0]
-    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2:
-        return None
-    sinks = _per_head(tensors[1], nodes)
-    return None if sinks is None else (tensors[0], sinks, nodes + [combined])
-
-
-def sink_scale(mul, attention, scores):
-    """`attention * sigmoid(logsumexp(scores, -1) - sinks.view(1, -1, 1)).unsqueeze(-1)`
-    (Granite SWA: the sink as a rescaled output, which equals an extra softmax
-    column): (the output node, the [Hq] sink tensor, the nodes passed), else None."""
-    if not _is_call(mul, operator.mul, torch.mul) or attention not in mul.args[:2]:
-        return None
-    nodes = []
-    node = mul.args[1] if mul.args[0] is attention else mul.args[0]
-    while _is_call(node, "to", "unsqueeze", torch.unsqueeze):
-        nodes.append(node)
-        node = node.args[0]
-    if not _is_call(node, "sigmoid", torch.sigmoid):
-        return None
-    nodes.append(node)
-    node = node.args[0]
-    while _is_call(node, "to", "float"):
-        nodes.append(node)
-        node = node.args[0]
-    if not _is_call(node, operator.sub, torch.sub):
-        return None
-    nodes.append(node)
-    lse, sinks = node.args[:2]
-    if not (_is_call(lse, torch.logsumexp, "logsumexp") and lse.args[0] is scores and _last_dim(lse)):
-        return None
-    nodes.append(lse)
-    sinks = _per_head(sinks, nodes)
-    return None if sinks is None else (mul, sinks, nodes)
-
-
-def _last_dim(reduction: fx.Node) -> bool:
-    """A reduction (max, logsumexp) over the keys: dim -1 (or 3, of 4 dims)."""
-    dim = reduction.kwargs.get("dim", reduction.args[1] if len(reduction.args) > 1 else None)
-    return dim in (-1, 3)
-
-
-def _per_head(node, nodes: list):
-    """The tensor under reshapes / views / expands (the sinks of each query
-    head, broadcast to the scores): appended to `nodes` on the way."""
-    while _is_call(node, "reshape", "view", "expand", torch.reshape):
-        nodes.append(node)
-        node = node.args[0]
-    value = _value(node)
-    return node if isinstance(node, fx.Node) and value is not None and value.dim() == 1 else None
-
-
 def _attach_kv(site: AttentionSite, key, value):
-    k_chain, v_chain = [], []
-    k_src = through_repeat_kv(key, k_chain)
-    v_src = through_repeat_kv(value, v_chain)
-    site.chain += k_chain + v_chain
-    site.key, site.value = kv_append(k_src), kv_append(v_src)
-    if site.key is None or site.value is None:
-        src = k_src if site.key is None else v_src
-        if _static_cache_write_feeding(src):
-            site.reason = ("K/V come from a StaticCache (index_copy_ into a cache-owned buffer): "
-                           "that buffer is not a graph output, so it stays exact")
-        else:
-            site.reason = f"K/V do not come from a KV-append (found {src.name if isinstance(src, fx.Node) else src})"
-        return
+    """K/V through `KV` from KV-appends whose caches are only appended to
+    and stored back: the site is rewritable, else its reason says why not."""
+    k, v = match(KV, key), match(KV, value)
+    site.chain += k.nodes + v.nodes
+    site.key, site.value = kv_append(k["kv"]), kv_append(v["kv"])
+    reason = _from_appends(site, k["kv"], v["kv"])
     for append in (site.key, site.value):
-        readers = [u for u in append.past.users
-                   if u is not append.node and not _sizes_for(u, site.chain) and not _dead(u)]
-        if readers:        # e.g. `past.numel() > 0` (Mllama): the past is not only appended to
-            site.reason = (f"the cached {append.past.name} is also read by {readers[0].name}, not only "
-                           f"appended to; left exact")
-            return
-        users = [u for u in append.node.users if u.op != "output" and u not in site.chain
-                 and u is not site.output and not _sizes_for(u, site.chain)]
-        if len(users) == 1 and (keep := window_slice(users[0])) is not None:
-            append.stored, append.keep = users[0], keep
-            users = [u for u in append.stored.users if u.op != "output"]
-        outputs = [u for u in append.stored.users if u.op == "output"]
-        if users:
-            site.reason = (f"the appended cache {append.node.name} is also read by {users[0].name} "
-                           f"(e.g. a sliding-window slice); left exact")
-            return
-        if len(outputs) != 1:
-            site.reason = f"the appended cache {append.node.name} is not stored back into the cache"
-            return
-    if site.key.compressed != site.value.compressed:
-        site.reason = "K and V caches disagree (one compressed, one dense)"
-        return
-    q, k, v = _value(site.query), _value(site.key.node), _value(site.value.node)
-    if q is not None and k is not None and q.shape[1] % k.shape[1]:
-        site.reason = f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
-        return
-    if k is not None and v is not None and k.shape[-1] != v.shape[-1]:
-        site.reason = f"V's head dim {v.shape[-1]} differs from K's {k.shape[-1]} (e.g. MiMo's v_head_dim)"
-        return
-    if site.key.keep != site.value.keep:
-        site.reason = f"K and V keep different windows ({site.key.keep} and {site.value.keep} tokens)"
+        reason = reason or _only_appended(site, append) or _stored_back(site, append)
+    site.reason = reason or _consistent(site)
+    if site.reason:
         return
     site.rewritable = True
     site.reason = (f"{site.form} over {'compressed cache + new tokens' if site.key.compressed else 'a new block'}"
@@ -503,6 +374,57 @@ def _attach_kv(site: AttentionSite, key, value):
                    f"{f', sliding window keeping {site.key.keep} tokens' if site.key.keep else ''}"
                    f"{f', scores soft-capped at {site.softcap:g}' if site.softcap else ''}"
                    f"{', attention sinks' if site.sinks is not None else ''}")
+
+
+def _from_appends(site: AttentionSite, k_src, v_src) -> str | None:
+    if site.key is not None and site.value is not None:
+        return None
+    src = k_src if site.key is None else v_src
+    if _static_cache_write_feeding(src):
+        return ("K/V come from a StaticCache (index_copy_ into a cache-owned buffer): "
+                "that buffer is not a graph output, so it stays exact")
+    return f"K/V do not come from a KV-append (found {src.name if isinstance(src, fx.Node) else src})"
+
+
+def _only_appended(site: AttentionSite, append: KVAppend) -> str | None:
+    """The cached past is read by nothing but its append (`past.numel() > 0`, Mllama, is a read)."""
+    readers = [u for u in append.past.users
+               if u is not append.node and not _sizes_for(u, site.chain) and not _dead(u)]
+    if readers:
+        return f"the cached {append.past.name} is also read by {readers[0].name}, not only " \
+               f"appended to; left exact"
+    return None
+
+
+def _stored_back(site: AttentionSite, append: KVAppend) -> str | None:
+    """The append (or its sliding-window slice, then set as `append.stored`)
+    is read by the attention alone and returned once, to be stored back."""
+    users = [u for u in append.node.users if u.op != "output" and u not in site.chain
+             and u is not site.output and not _sizes_for(u, site.chain)]
+    if len(users) == 1 and (keep := window_slice(users[0])) is not None:
+        append.stored, append.keep = users[0], keep
+        users = [u for u in append.stored.users if u.op != "output"]
+    outputs = [u for u in append.stored.users if u.op == "output"]
+    if users:
+        return (f"the appended cache {append.node.name} is also read by {users[0].name} "
+                f"(e.g. a sliding-window slice); left exact")
+    if len(outputs) != 1:
+        return f"the appended cache {append.node.name} is not stored back into the cache"
+    return None
+
+
+def _consistent(site: AttentionSite) -> str | None:
+    """K and V agree with each other and with q."""
+    if site.key.compressed != site.value.compressed:
+        return "K and V caches disagree (one compressed, one dense)"
+    q, k, v = _value(site.query), _value(site.key.node), _value(site.value.node)
+    if q is not None and k is not None and q.shape[1] % k.shape[1]:
+        return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
+    if k is not None and v is not None and k.shape[-1] != v.shape[-1]:
+        return f"V's head dim {v.shape[-1]} differs from K's {k.shape[-1]} (e.g. MiMo's v_head_dim)"
+    if site.key.keep != site.value.keep:
+        return f"K and V keep different windows ({site.key.keep} and {site.value.keep} tokens)"
+    return None
 
 
 def _sizes_for(node: fx.Node, chain: list) -> bool:
