@@ -57,7 +57,8 @@ import torch.fx as fx
 
 from .. import lorc
 from ..config import GearConfig, codec_of
-from .match import AttentionSite, _is_call, _value
+from .match import AttentionSite, _value
+from .pattern import is_call
 
 _LAYOUT_OPS = ("view", "reshape", "transpose", "contiguous", torch.reshape, torch.transpose)
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
@@ -113,7 +114,7 @@ def _projection(pre: fx.Node) -> Projection | str:
     """pre = linear(x, W, b).view(B, T, H, d).transpose(1, 2) (contiguous /
     reshape allowed): its weight and bias, checked against the shapes."""
     node = _through_layout(pre)
-    if not _is_call(node, *_LINEAR):
+    if not is_call(node, *_LINEAR):
         return "K or V is not a linear layer's output (a fused or custom projection)"
     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -129,20 +130,20 @@ def _projection(pre: fx.Node) -> Projection | str:
 
 def _through_layout(node):
     """The node under view / reshape / transpose / contiguous calls."""
-    while _is_call(node, *_LAYOUT_OPS):
+    while is_call(node, *_LAYOUT_OPS):
         node = node.args[0]
     return node
 
 
 def _from_linear(node) -> bool:
-    return _is_call(_through_layout(node), *_LINEAR)
+    return is_call(_through_layout(node), *_LINEAR)
 
 
 def _rope(k_new):
     """k_new = k_pre * cos + rot(k_pre) * sin: (k_pre, the position tensor)."""
-    if not _is_call(k_new, operator.add, torch.add) or len(k_new.args) != 2:
+    if not is_call(k_new, operator.add, torch.add) or len(k_new.args) != 2:
         return None
-    products = [a for a in k_new.args if _is_call(a, operator.mul, torch.mul)]
+    products = [a for a in k_new.args if is_call(a, operator.mul, torch.mul)]
     if len(products) != 2:
         return None
     for first, second in (products, products[::-1]):

@@ -46,7 +46,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..compressed_kv import CompressedKV
-from .pattern import Call, Capture, Either, Maybe, Through, _is_call, match
+from .pattern import Call, Capture, Either, Maybe, Through, is_call, match
 
 _ROOT = re.compile(r"^L\['self'\]|^L\['args'\]\[0\]")   # Dynamo's name for the compiled model
 
@@ -153,7 +153,7 @@ def _over_keys(reduction) -> str | None:
 
 def _training_dropout(node) -> str | None:
     """F.dropout active in training (its p defaults to 0.5): its attention is left exact."""
-    if _is_call(node, F.dropout) and node.kwargs.get("training", False) and \
+    if is_call(node, F.dropout) and node.kwargs.get("training", False) and \
             (p := node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)):
         return f"dropout active in training (p={p})"
     return None
@@ -162,10 +162,10 @@ def _training_dropout(node) -> str | None:
 def _copy_or_fp32_upcast(node) -> str | None:
     """`x.contiguous()`, `x.float()` or `x.to(torch.float32)`: every kernel
     computes in fp32 from the stored values, so the upcast changes nothing."""
-    if _is_call(node, "contiguous") or _is_call(node, "float") and len(node.args) == 1 and not node.kwargs:
+    if is_call(node, "contiguous") or is_call(node, "float") and len(node.args) == 1 and not node.kwargs:
         return None
     dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) == 2 else None)
-    if _is_call(node, "to") and dtype is torch.float32 and len(node.args) <= 2 and set(node.kwargs) <= {"dtype"}:
+    if is_call(node, "to") and dtype is torch.float32 and len(node.args) <= 2 and set(node.kwargs) <= {"dtype"}:
         return None
     return "not a copy or an upcast to fp32"
 
@@ -195,8 +195,8 @@ def _four_dims(node) -> str | None:
 def _view_or_min_clamp(node) -> str | None:
     """A view, or `torch.max(x, torch.full((), finfo.min))`: nothing a softmax sees."""
     full = node.args[1] if len(node.args) == 2 else None
-    if _is_call(node, *VIEWS) or \
-            _is_call(full, torch.full) and isinstance(full.args[1], float) and full.args[1] <= -1e30:
+    if is_call(node, *VIEWS) or \
+            is_call(full, torch.full) and isinstance(full.args[1], float) and full.args[1] <= -1e30:
         return None
     return "not a clamp at the dtype's minimum"
 
@@ -259,7 +259,7 @@ BMM = Call(VIEWS, Call(torch.bmm, Through((F.dropout, *VIEWS, "to"), BMM_PROBS, 
 
 def sdpa_site(node, index):
     """F.scaled_dot_product_attention(q, K, V, attn_mask, dropout_p, is_causal, scale, enable_gqa)."""
-    if not _is_call(node, F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention):
+    if not is_call(node, F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention):
         return None
     bound = SDPA_SIGNATURE.bind(*node.args, **node.kwargs)
     bound.apply_defaults()
@@ -335,7 +335,7 @@ def kv_append(node) -> KVAppend | None:
 def window_slice(node) -> int | None:
     """`kv[:, :, -keep:]` (a sliding-window layer keeping its last `keep`
     tokens, as DynamicSlidingWindowLayer does): keep, else None."""
-    if not _is_call(node, operator.getitem) or not isinstance(node.args[1], tuple):
+    if not is_call(node, operator.getitem) or not isinstance(node.args[1], tuple):
         return None
     index = node.args[1]
     if index and index[0] is Ellipsis:
@@ -352,7 +352,7 @@ def window_slice(node) -> int | None:
 
 def _static_cache_write(node):
     """`past.index_copy_(2, pos, new)` or index_put_: a StaticCache write."""
-    return _is_call(node, "index_copy_", "index_put_", torch.Tensor.index_copy_,
+    return is_call(node, "index_copy_", "index_put_", torch.Tensor.index_copy_,
                     torch.ops.aten.index_copy_.default)
 
 
@@ -431,8 +431,8 @@ def _sizes_for(node: fx.Node, chain: list) -> bool:
     """node is a size query (`x.size()`, `x.size(d)`, its items) read only
     by nodes of `chain` (e.g. repeat_kv's expand, with symbolic lengths):
     it goes away with them."""
-    if not _is_call(node, "size", operator.getitem) or \
-            (_is_call(node, operator.getitem) and not _is_call(node.args[0], "size", operator.getitem)):
+    if not is_call(node, "size", operator.getitem) or \
+            (is_call(node, operator.getitem) and not is_call(node.args[0], "size", operator.getitem)):
         return False
     return all(u in chain or _sizes_for(u, chain) for u in node.users)
 
@@ -448,7 +448,7 @@ def _dead(node: fx.Node) -> bool:
 
 def _static_cache_write_feeding(node) -> bool:
     """node (or the tensor it slices) is written by index_copy_/index_put_."""
-    while _is_call(node, operator.getitem):
+    while is_call(node, operator.getitem):
         node = node.args[0]
     return isinstance(node, fx.Node) and (
         _static_cache_write(node) or any(_static_cache_write(u) for u in node.users))
@@ -484,7 +484,7 @@ def unknown_sites(graph: fx.Graph, sites: list[AttentionSite], first: int) -> li
     appends = {a.node for site in sites for a in (site.key, site.value) if a is not None}
     unknown = []
     for node in graph.nodes:
-        if _is_call(node, F.softmax, "softmax", torch.softmax) and node not in covered \
+        if is_call(node, F.softmax, "softmax", torch.softmax) and node not in covered \
                 and _scores_of_a_product(node):
             reason = f"attention form not recognised ({_score_features(node)}); left exact"
         elif kv_append(node) is not None and node not in appends and \
@@ -510,7 +510,7 @@ def _scores_of_a_product(softmax: fx.Node, depth: int = 8) -> bool:
     for _ in range(depth):
         if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
             return False
-        if _is_call(node, *_PRODUCTS):
+        if is_call(node, *_PRODUCTS):
             return True
         node = node.args[0] if node.args else None
     return False
@@ -524,7 +524,7 @@ def _score_features(softmax: fx.Node, depth: int = 8) -> str:
         if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
             break
         for targets, text in _SCORE_FEATURES:
-            if _is_call(node, *targets) and text not in found:
+            if is_call(node, *targets) and text not in found:
                 found.append(text)
         node = node.args[0] if node.args else None
     return ", ".join(found) or f"scores from {softmax.args[0]}"

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 
-def _is_call(node, *targets) -> bool:
+def is_call(node, *targets) -> bool:
     """node calls one of `targets` (functions, or method names as strings)."""
     return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in targets
 
@@ -74,7 +74,7 @@ class Match(dict):
 
 def match(pattern, node, **bound) -> Match | Miss:
     """`pattern` read at `node`, with names already `bound`: a Match, or a Miss."""
-    if isinstance(pattern, Call) and not _is_call(node, *pattern.targets):     # most nodes: said at once
+    if isinstance(pattern, Call) and not is_call(node, *pattern.targets):     # most nodes: said at once
         return Miss(_not_a_call(node, pattern.targets))
     m = Match(bound)
     return m if _match(pattern, node, m) else Miss(m.miss)
@@ -106,7 +106,7 @@ class Call(Pattern):
         self.args, self.check, self.name = args, check, name
 
     def match(self, x, m):
-        if not _is_call(x, *self.targets):
+        if not is_call(x, *self.targets):
             return m.fail(_not_a_call(x, self.targets))
         if self.check and (reason := self.check(x)):
             return m.fail(f"{x.name}: {reason}", checked=True)
@@ -156,7 +156,7 @@ class Through(Pattern):
         self.targets, self.inner, self.check = targets, inner, check
 
     def match(self, x, m):
-        while _is_call(x, *self.targets):
+        while is_call(x, *self.targets):
             if self.check and (reason := self.check(x)):
                 m.fail(f"{x.name}: {reason}", checked=True)
                 break
