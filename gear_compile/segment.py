@@ -16,7 +16,7 @@ per block; shapes, writing, growing and slicing derive from it):
   out_val  int8, out_idx            outliers: K [B, H, N/block, 2k, D] (token
                                     offsets in the block, per channel);
                                     V [B, H, N, 2k] (channel per token);
-                                    values in steps of their group's scale
+                                    values: int8 units of their group's step
   out_end  [B, H, N/block, S, D]    K blocks over 256 tokens: out_idx holds
                                     offsets within 256-token spans, out_end
                                     each span's end in the table (`outliers`)
@@ -202,17 +202,19 @@ def compress(x: torch.Tensor, layout: SegmentLayout, check_finite: bool = False)
     rest, floor = xf, None
     if layout.outliers_per_side and N:
         view, dim = _vectors(xf, layout, nblk)
-        values, idx, rest = outliers.select(view, layout.outliers_per_side, dim)
-        rest = rest.reshape(B, H, N, D)
-        floor = outliers.scatter(values.abs(), idx, view, dim).reshape(B, H, N, D) / outliers.MAX_STEPS
+        _, idx = outliers.select(view, layout.outliers_per_side, dim)
+        taken = torch.zeros_like(view, dtype=torch.bool).scatter(dim, idx.long(), True)
+        rest = _clamped_into_groups(xf, taken.reshape(B, H, N, D), layout)
+        unit = 2.0 ** -outliers.unit_shift(layout.spec.bits)
+        floor = (xf - rest).abs() / (outliers.MAX_STEPS * unit)
     codes, scale, zero, deq = _quantize_grouped(rest, layout, floor)
     seg = Segment(codes=packing.pack(codes, layout.spec.bits), scale=scale, zero=zero)
     approx = deq
     if floor is not None:
         step = _steps_per_entry(scale, layout, N)
-        excess, _ = _vectors((xf - deq) / torch.where(step == 0, 1.0, step), layout, nblk)
+        excess, _ = _vectors((xf - deq) / torch.where(step == 0, 1.0, step * unit), layout, nblk)
         seg.out_val = outliers.steps(excess.gather(dim, idx.long()))
-        approx = deq + outliers.scatter(seg.out_val, idx, view, dim).reshape(B, H, N, D) * step
+        approx = deq + outliers.scatter(seg.out_val, idx, view, dim).reshape(B, H, N, D) * (step * unit)
         seg.out_idx = idx
         if layout.spans:
             seg.out_idx, seg.out_end = outliers.spans(idx, layout.block)
@@ -226,6 +228,29 @@ def compress(x: torch.Tensor, layout: SegmentLayout, check_finite: bool = False)
                                                                        layout.power_iters))
         seg.lr_a = a.reshape(B, H, N, layout.rank)
     return seg
+
+
+def _clamped_into_groups(x: torch.Tensor, taken: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
+    """x with each taken entry (an outlier) clamped into the range of the
+    entries of its quantization group that are not taken, so that it
+    stretches no range (a group taken whole keeps its values)."""
+    shape, dim = _groups(layout, x.shape)
+    xg, tg = x.reshape(shape), taken.reshape(shape)
+    lo = torch.where(tg, torch.inf, xg).amin(dim, keepdim=True)
+    hi = torch.where(tg, -torch.inf, xg).amax(dim, keepdim=True)
+    inside = torch.minimum(torch.maximum(xg, lo), hi)
+    return torch.where(tg & (lo <= hi), inside, xg).reshape(x.shape)
+
+
+def _groups(layout: SegmentLayout, shape) -> tuple[tuple, int]:
+    """[B, H, N, D] as quantization groups: (the grouped shape, the axis its
+    statistics run over)."""
+    B, H, N, D = shape
+    if layout.spec.axis == "channel":
+        G = layout.token_group
+        return (B, H, N // G, G, D), -2
+    G = layout.channel_group
+    return (B, H, N, D // G, G), -1
 
 
 def _vectors(x: torch.Tensor, layout: SegmentLayout, nblk: int):
@@ -255,13 +280,14 @@ def dequantize(seg: Segment, layout: SegmentLayout, tokens: int | None,
     nblk = packing.ceil_div(n, blk) if blk else 0
     m = nblk * blk                                  # whole blocks covering n
     codes = packing.unpack(seg.codes[:, :, :m], layout.spec.bits, D).float()
-    if seg.out_val is not None:                     # outliers: steps past the codes
+    if seg.out_val is not None:                     # outliers: units past the codes
         view, dim = _vectors(codes, layout, nblk)
         rows = nblk if layout.kind == "k" else m
         idx = seg.out_idx[:, :, :rows]
         if layout.spans:
             idx = outliers.join_spans(idx, seg.out_end[:, :, :rows])
-        codes = (view + outliers.scatter(seg.out_val[:, :, :rows], idx, view, dim)).reshape(B, H, m, D)
+        units = outliers.scatter(seg.out_val[:, :, :rows], idx, view, dim)
+        codes = (view + units * 2.0 ** -outliers.unit_shift(layout.spec.bits)).reshape(B, H, m, D)
     if layout.spec.axis == "channel":
         G = layout.token_group
         x = _dequant(codes.reshape(B, H, m // G, G, D), seg.scale[:, :, :m // G, None],
@@ -282,12 +308,7 @@ def _quantize_grouped(x: torch.Tensor, layout: SegmentLayout, floor: torch.Tenso
     Returns (codes [B,H,N,D], scale, zero, dequantized fp32 [B,H,N,D])."""
     B, H, N, D = x.shape
     bits = layout.spec.bits
-    if layout.spec.axis == "channel":
-        G = layout.token_group
-        shape, dim = (B, H, N // G, G, D), -2
-    else:
-        G = layout.channel_group
-        shape, dim = (B, H, N, D // G, G), -1
+    shape, dim = _groups(layout, x.shape)
     xg = x.reshape(shape)
     min_scale = None if floor is None else floor.reshape(shape).amax(dim, keepdim=True)
     codes, scale, zero = _quant(xg, bits, dim=dim, min_scale=min_scale)

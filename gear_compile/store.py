@@ -49,8 +49,8 @@ _KIND_OF_PART = {"codes": "codes", "scale": "scale/zero", "zero": "scale/zero", 
                  "out_end": "outliers"}
 # Fields of a segment in the CPU kernel's descriptor (kernels/cpu_attention.cpp, enum Field):
 # how it is quantized, then the index of each part in the flat list (-1: absent).
-KERNEL_FIELDS = ("exact", "bits", "channel_axis", "group", "block",
-                 "codes", "scale", "zero", "lr_a", "lr_b", "lr_s", "out_val", "out_idx", "out_end")
+KERNEL_PARTS = ("codes", "scale", "zero", "lr_a", "lr_b", "lr_s", "out_val", "out_idx", "out_end")
+KERNEL_FIELDS = ("exact", "bits", "channel_axis", "group", "block", "out_shift") + KERNEL_PARTS
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,8 @@ class StoreLayout:
         """What the CPU kernel needs beyond the tensors: [index of lengths,
         index of buffer] then KERNEL_FIELDS for the prefill block, the decode
         blocks and the buffer (group 0: the whole block; block 0: the whole
-        segment; rank and outlier counts are read from the shapes)."""
+        segment; out_shift: outlier counts are in 2^-out_shift steps; rank and
+        outlier counts are read from the shapes)."""
         names = self.names
         out = [names.index("lengths"), names.index("buffer")]
         for prefix, seg in (("p_", self.prefill), ("d_", self.decode)):
@@ -104,10 +105,9 @@ class StoreLayout:
             group = 0 if seg.spec.axis == "channel" and seg.spec.group is None else \
                 (seg.spec.group or seg.head_dim)
             out += [int(seg.exact), seg.spec.bits, int(seg.spec.axis == "channel"), group,
-                    0 if whole else seg.block]
-            out += [names.index(prefix + f) if prefix + f in names else -1
-                    for f in KERNEL_FIELDS[5:]]
-        out += [1, 16, 0, 1, 0, names.index("buffer")] + [-1] * (len(KERNEL_FIELDS) - 6)
+                    0 if whole else seg.block, outliers.unit_shift(seg.spec.bits)]
+            out += [names.index(prefix + f) if prefix + f in names else -1 for f in KERNEL_PARTS]
+        out += [1, 16, 0, 1, 0, 0, names.index("buffer")] + [-1] * (len(KERNEL_PARTS) - 1)
         return tuple(out)
 
 

@@ -9,7 +9,7 @@ import torch
 from gear_compile.compressed_kv import CompressedKV
 from gear_compile.config import GearConfig
 from gear_compile.segment import compress
-from gear_compile.store import KERNEL_FIELDS, KVStore, StoreLayout, flush_stores
+from gear_compile.store import KERNEL_FIELDS, KERNEL_PARTS, KVStore, StoreLayout, flush_stores
 
 from streams import filled_decode_parts, streamed
 
@@ -42,7 +42,7 @@ def test_the_kernel_descriptor_points_at_the_named_parts(method):
     assert names[desc[0]] == "lengths" and names[desc[1]] == "buffer"
     n = len(KERNEL_FIELDS)
     for prefix, seg in zip(("p_", "d_", None), (desc[2:2 + n], desc[2 + n:2 + 2 * n], desc[2 + 2 * n:])):
-        for field, index in zip(KERNEL_FIELDS[5:], seg[5:]):
+        for field, index in zip(KERNEL_PARTS, seg[len(KERNEL_FIELDS) - len(KERNEL_PARTS):]):
             if prefix is None:       # the buffer: exact values, nothing else
                 assert (names[index] == "buffer") if field == "codes" else index == -1
             elif index >= 0:

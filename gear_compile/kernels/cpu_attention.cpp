@@ -24,8 +24,8 @@
 // * K outliers are per block and channel, sorted by token: a chunk finds its
 //   entries by a binary search per channel (in a block over SPAN tokens,
 //   among its span's entries: offsets are then one byte within the span).
-//   V outliers are per token. Both are int8 counts of their group's steps,
-//   added to the codes before the scales apply (folded into q or not).
+//   V outliers are per token. Both are int8 counts of units of their group's
+//   step, added to the codes before the scales apply (folded into q or not).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -49,10 +49,10 @@ constexpr int MIN_SPLIT = 256;     // fewest tokens worth a work item of their o
 constexpr int SPAN = 256;          // tokens a one-byte K-outlier offset spans (outliers.py: SPAN)
 
 // Fields of one segment's descriptor (store.py: KERNEL_FIELDS): how it is
-// quantized (GROUP 0: the whole block; BLOCK 0: the whole segment), then the
-// index of each part in the flat list (-1: absent). Ranks and outlier counts
+// quantized (GROUP 0: the whole block; BLOCK 0: the whole segment; outlier
+// counts in 2^-OUT_SHIFT steps), then the index of each part in the flat list (-1: absent). Ranks and outlier counts
 // are read from the parts' shapes.
-enum Field { EXACT, BITS, CHANNEL_AXIS, GROUP, BLOCK,
+enum Field { EXACT, BITS, CHANNEL_AXIS, GROUP, BLOCK, OUT_SHIFT,
              CODES, SCALE, ZERO, LR_A, LR_B, LR_S, OUT_VAL, OUT_IDX, OUT_END, NFIELDS };
 constexpr int NSTORE = 3;          // segments of a store: prefill block, decode blocks, buffer
 constexpr int NSEG = 4;            // and the call's new tokens (exact, not yet in the store)
@@ -83,7 +83,8 @@ struct Seg {
   const void* data = nullptr;                  // exact values, or packed codes
   at::ScalarType dtype = at::kFloat;           // of exact values
   const at::Half *scale = nullptr, *zero = nullptr;
-  const int8_t* out_val = nullptr;                 // outliers, in steps of their group's scale
+  const int8_t* out_val = nullptr;                 // outliers, in units of their group's step
+  float out_unit = 1.0f;                           // that unit, in steps
   const int8_t *lr_a = nullptr, *lr_b = nullptr;   // L = A diag(lr_s) B^T, A and B in int8
   const float* lr_s = nullptr;                     // per block, one scale per rank
   const void* out_idx = nullptr;
@@ -174,6 +175,7 @@ SegBase make_seg(const std::vector<at::Tensor>& parts, const int64_t* f) {
     s.k2 = static_cast<int>(parts[f[OUT_IDX]].size(3));
     TORCH_CHECK(parts[f[OUT_VAL]].scalar_type() == at::kChar, "gear attention_cpu: out_val must be int8");
     s.out_val = parts[f[OUT_VAL]].data_ptr<int8_t>();
+    s.out_unit = std::ldexp(1.0f, -static_cast<int>(f[OUT_SHIFT]));
     s.out_idx = parts[f[OUT_IDX]].data_ptr();
     s.idx_type = parts[f[OUT_IDX]].scalar_type();
     b.ov_hs = head_stride(parts[f[OUT_VAL]]);
@@ -273,7 +275,7 @@ inline float mask_value(const Problem& P, int b, int hq, int i, int64_t col) {
 }
 
 // K outliers of tokens [t0, t0+n), added to the tile of codes: each is a
-// signed number of steps of its group's scale (`outliers.steps`).
+// signed number of units of its group's step (`outliers.steps`).
 // Each block lists, per channel, 2k token offsets in ascending order (in a
 // block over SPAN tokens, offsets within a span, walked a span at a time);
 // the per-channel read position carries over from the previous chunk, and is
@@ -294,7 +296,7 @@ void k_outliers(const Problem& P, const Seg& K, int64_t t0, int n, Scratch& sc) 
         int64_t at = (blk * K.k2 + e) * D + d;
         int tok = run.base + read_index(K.out_idx, K.idx_type, at);
         if (tok >= hi) break;
-        sc.tile_row(static_cast<int>(blk * K.block + tok - t0))[d] += static_cast<float>(K.out_val[at]);
+        sc.tile_row(static_cast<int>(blk * K.block + tok - t0))[d] += static_cast<float>(K.out_val[at]) * K.out_unit;
       }
       sc.kptr[d] = e;
     }
@@ -389,7 +391,7 @@ void value_chunk(const Problem& P, const Seg& V, int64_t t0, int n, Scratch& sc,
   for (int j = 0; j < n && V.k2; ++j)      // sparse V: 2k channels per token, steps into the codes
     for (int e = 0; e < V.k2; ++e) {
       int64_t at = (t0 + j) * V.k2 + e;
-      sc.tile_row(j)[read_index(V.out_idx, V.idx_type, at)] += static_cast<float>(V.out_val[at]);
+      sc.tile_row(j)[read_index(V.out_idx, V.idx_type, at)] += static_cast<float>(V.out_val[at]) * V.out_unit;
     }
   if (!fold && !V.exact) rebuild_tile(V, t0, n, D, sc);
   if (!fold) {

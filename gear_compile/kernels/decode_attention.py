@@ -27,10 +27,10 @@ Algorithm (split-K flash decoding, two kernels):
 * GEAR terms: low-rank K adds (q . B_blk) s . A_t to the scores (r dot products
   of length D per tile instead of a dense [BT, D] rebuild; A and B int8, s the
   block's fp32 scale per rank); low-rank V adds (p . A) s . B_blk^T to the
-  accumulator. Outliers are int8 counts of their group's steps
-  (`outliers.steps`): a sparse [BT, E] tile added to the codes before the
-  scales apply, folded or not, so they cost no dot of their own. V: 2k
-  channel indices per token. K: per block, 2k token
+  accumulator. Outliers are int8 counts of units of their group's step
+  (`outliers.steps`; OUT_UNIT steps a unit): a sparse [BT, E] tile added to
+  the codes before the scales apply, folded or not, so they cost no dot of
+  their own. V: 2k channel indices per token. K: per block, 2k token
   offsets per channel, sorted, so a tile's entries are one run per channel
   that continues where the previous tile's stopped; only a program that
   starts mid-block binary-searches for its place. A block over SPAN tokens
@@ -62,7 +62,7 @@ from ..compressed_kv import KVStore
 from ..config import CodecConfig
 from ..packing import packed_width
 from ..segment import Segment, SegmentLayout
-from ..store import KERNEL_FIELDS
+from ..store import KERNEL_PARTS
 
 _LOG2E = 1.4426950408889634           # the kernels compute exp2: natural-log quantities are scaled by it
 LOG2E: tl.constexpr = tl.constexpr(_LOG2E)     # the same, inside the kernels
@@ -149,7 +149,7 @@ def _k_outlier_row(oidx, ptr, blk, k2, end, base, tile_end, ch, ok_c, D: tl.cons
 @triton.jit
 def _k_outlier_tile(oval, oidx, ptr, blk, k2, end, base, t_blk, tile_end, ch, ok_c,
                     D: tl.constexpr, BT: tl.constexpr, E: tl.constexpr):
-    """K outliers of the tile's tokens as a dense [BT, E] fp32 tile of steps
+    """K outliers of the tile's tokens as a dense [BT, E] fp32 tile of units
     (added to the codes), and each channel's next unread entry. Block blk's table lists, per channel, 2k token
     offsets in ascending order (`outliers.select`; in a block over SPAN tokens,
     base + stored, up to the span's end entry); ptr is each channel's first
@@ -168,7 +168,7 @@ def _k_outlier_tile(oval, oidx, ptr, blk, k2, end, base, t_blk, tile_end, ch, ok
 
 @triton.jit
 def _v_outlier_tile(oval, oidx, t, ok_t, ch, k2, BT: tl.constexpr, E: tl.constexpr):
-    """V outliers of tokens t as a dense [BT, E] fp32 tile of steps (added to
+    """V outliers of tokens t as a dense [BT, E] fp32 tile of units (added to
     the codes): each token's table row holds 2k channel indices."""
     sp = tl.zeros([BT, E], tl.float32)
     for o in range(k2):
@@ -199,7 +199,7 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, V
                     V_CHANNEL: tl.constexpr, R: tl.constexpr, BT: tl.constexpr,
                     MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, K_OUT: tl.constexpr,
                     LOGK: tl.constexpr, K_SPANS: tl.constexpr, V_OUT: tl.constexpr, K_FOLD: tl.constexpr,
-                    V_FOLD: tl.constexpr, SOFTCAP: tl.constexpr):
+                    V_FOLD: tl.constexpr, SOFTCAP: tl.constexpr, OUT_UNIT: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // Hkv
@@ -296,10 +296,11 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, V
                     kptr = _lower_bound(Koi, blk, k_k2, run0, run_end, span0, ch, ok_c, tile0, D, LOGK)
                 ksp, kptr = _k_outlier_tile(Kov, Koi, kptr, blk, k_k2, run_end, span0, t_blk,
                                             tile0 + BT, ch, ok_c, D, BT, E)
+                ksp = ksp * OUT_UNIT
             if K_FOLD:
                 # the tile shares one (scale, zero) row: q.k_t = (q*s).c_t + q.z,
                 # so the codes go to tl.dot as they are (integers, exact in fp16)
-                # (outliers' steps included: small integers, still exact)
+                # (with the outliers' units: exact in fp16, and in bf16 below 8 bits)
                 c = _codes_tile(Kc, t, ok_t, W, WP, PB, E, BT, BITS) + ksp
                 row = ((blk * BLOCK + (item % TPB) * BT) // k_group) * D + ch
                 sk = tl.load(Ks + row, mask=ok_c, other=0.0).to(tl.float32)
@@ -342,7 +343,7 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, V
 
             vsp = tl.zeros([BT, E], tl.float32)   # V outliers' steps, joining the codes
             if V_OUT:
-                vsp = _v_outlier_tile(Vov, Voi, t, ok_t, ch, v_k2, BT, E)
+                vsp = _v_outlier_tile(Vov, Voi, t, ok_t, ch, v_k2, BT, E) * OUT_UNIT
             if V_FOLD:
                 # one (scale, zero) per token: p.v = (p*s).c + (p.z) on every channel
                 c = _codes_tile(Vc, t, ok_t, W, WP, PB, E, BT, BITS) + vsp
@@ -473,7 +474,7 @@ def _segment_launches(ks: KVStore, vs: KVStore, k_new: torch.Tensor | None) -> l
     return out
 
 
-_PARTS = KERNEL_FIELDS[5:]     # the parts both kernels read, in the one order store.py declares
+_PARTS = KERNEL_PARTS          # the parts both kernels read, in the one order store.py declares
 
 
 def _pointers(seg: Segment | None, exact: torch.Tensor | None, q: torch.Tensor) -> list[torch.Tensor]:
@@ -618,7 +619,8 @@ def _launch_partial(launch, a: _SharedArgs, seg: _SegmentLaunch, k_ptrs: list, v
         V_CHANNEL=not exact and vl.spec.axis == "channel",
         R=rank, BT=bt, MASK_KIND=a.mask_kind, FP32_DOT=fp32_dot, K_OUT=k_k2 > 0,
         LOGK=k_k2.bit_length(), K_SPANS=k_spans > 0, V_OUT=v_k2 > 0, K_FOLD=fold_k, V_FOLD=fold_v,
-        SOFTCAP=a.softcap > 0, num_warps=8 if bt * e >= WIDE_TILE else 4)
+        SOFTCAP=a.softcap > 0, OUT_UNIT=2.0 ** -outliers.unit_shift(a.bits),
+        num_warps=8 if bt * e >= WIDE_TILE else 4)
 
 
 @torch.library.triton_op("gear::attention_triton", mutates_args=())
