@@ -7,12 +7,13 @@ place as its value clamped into the range of the rest of its quantization
 group, and stores the outlier as an int8 count of units past what the codes
 rebuild there (`steps`), a unit being the group's step (1/16 of it at 2
 bits: `unit_shift`): one byte instead of fp16. A group's step is floored at
-its largest such distance / (MAX_STEPS units), so no count overflows. Indices take the narrowest
-integer type; a K block longer than `SPAN` tokens (a long prompt's prefill
-block) stores each entry's offset within its SPAN-token span as one byte,
-plus per channel the count of entries up to the end of each span (`spans`,
-`join_spans`): the same table, losslessly, in half the index bytes of int16
-offsets. Neighbours: `segment` (calls `select` and `steps` when compressing,
+its largest such distance / MAX_STEPS units, so no count overflows.
+
+Indices take the narrowest integer type; a K block longer than `SPAN` tokens
+(a long prompt's prefill block) stores each entry's offset within its
+SPAN-token span as one byte, plus per channel the count of entries up to the
+end of each span (`spans`, `join_spans`): the same table, losslessly, in
+half the index bytes of int16 offsets. Neighbours: `segment` (calls `select` and `steps` when compressing,
 `scatter` to rebuild), the decode kernels (read the same step/index/span
 tables and add the steps to the codes).
 """
@@ -78,9 +79,9 @@ def select(x: torch.Tensor, k: int, dim: int):
     """Top-k and bottom-k of x along dim.
 
     Returns (values fp32, indices narrow int), of size 2k along `dim`,
-    indices ascending: a K block's
-    table then lists each channel's outliers in token order, so the decode
-    kernel finds a tile's entries as one run per channel.
+    indices ascending: a K block's table then lists each channel's outliers
+    in token order, so the decode kernels find a tile's entries as one run
+    per channel.
     """
     length = x.shape[dim]
     hi_v, hi_i = x.topk(k, dim=dim)

@@ -23,7 +23,8 @@ per block; shapes, writing, growing and slicing derive from it):
 
 With bits=16 (method none) `codes` is the exact [B, H, N, D] tensor.
 Reconstruction is X = dequant(codes + scatter(out)) + lr_a diag(lr_s) lr_b^T:
-an outlier is its group's codes plus a signed number of steps.
+an outlier is the code at its place plus a signed number of units of the
+group's step (`outliers`).
 Neighbours: `quantize`, `packing`, `outliers`, `lowrank` (the parts),
 `store` (owns two segments and the buffer), the attention kernels (read
 this layout directly).
