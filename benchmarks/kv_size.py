@@ -212,7 +212,7 @@ def main(argv=None):
         "GEAR(KCVT-4) row at the same errors to 3 decimals.",
         "- outliers: each value is an int8 count of its group's quantization steps past what the "
         "codes rebuild there (`outliers.steps`; fp16 values took 1.55 pt of the GEAR(KCVT-4) row "
-        "and 1.90 of GEAR(KIVI-2), K+V errors 0.0549 / 0.2571, now 0.0548 / 0.2548). A K block "
+        "and 1.90 of GEAR(KIVI-2), K+V errors 0.0549 / 0.2571, now 0.0548 / 0.2523). A K block "
         "longer than 256 tokens (the prefill block) stores each outlier's offset within its "
         "256-token span in one byte, plus per channel the count of entries up to each span's end "
         "(`outliers.spans`): 0.39 + 0.09 % of FP16 where int16 offsets took 0.78 %, losslessly.",
