@@ -253,19 +253,24 @@ def test_k_outliers_of_a_long_block_are_read_span_by_span(impl):
     """A 1000-token prefill block keeps its K-outlier offsets as one byte within
     256-token spans plus each span's end entry. Spikes straddling the span
     ends at 256 and 512 hold every channel's 2k = 20 outliers; they must add
-    at their own tokens whichever span a program starts in."""
+    at their own tokens whichever span a program starts in, in every
+    (batch, KV head), one of which has its spikes elsewhere."""
     gen = torch.Generator().manual_seed(5)
     cfg = GearConfig(method="gear", bits=4, backbone="kivi", group_size=16, decode_capacity=64)
-    x = torch.randn(1, 2, 1000, 64, generator=gen)
+    x = torch.randn(2, 2, 1000, 64, generator=gen)
     x[:, :, 250:260] += 12
     x[:, :, 508:518] -= 12
+    x[1, 1, 508:518] += 12                             # one (batch, head) whose spans differ
+    x[1, 1, 700:710] -= 12
     ks = KVStore.from_prefill(x.half(), cfg, "k")
-    vs = KVStore.from_prefill(torch.randn(1, 2, 1000, 64, generator=gen).half(), cfg, "v")
+    vs = KVStore.from_prefill(torch.randn(2, 2, 1000, 64, generator=gen).half(), cfg, "v")
     assert ks.prefill.out_idx.dtype == torch.uint8 and ks.prefill.out_end.shape[-2] == 4
     idx = outliers.join_spans(ks.prefill.out_idx, ks.prefill.out_end)
-    assert (((idx >= 250) & (idx < 260)) | ((idx >= 508) & (idx < 518))).all()
-    assert ks.prefill.out_end[..., 0, :].eq(6).all() and ks.prefill.out_end[..., 1, :].eq(14).all()
-    q = torch.randn(1, 6, 1, 64, generator=gen).half()
+    spans = ks.prefill.out_end[:, :, 0]                # [B, H, spans, D]
+    assert (((idx[0] >= 250) & (idx[0] < 260)) | ((idx[0] >= 508) & (idx[0] < 518))).all()
+    assert spans[0, :, 0].eq(6).all() and spans[0, :, 1].eq(14).all()
+    assert spans[1, 1, 0].eq(6).all() and spans[1, 1, 1].eq(10).all() and spans[1, 1, 2].eq(20).all()
+    q = torch.randn(2, 6, 1, 64, generator=gen).half()
     ref = reference(q, ks, vs, None, None, None, 0.125)
     for splits in (1, 4, 9, 31):                       # programs start in spans 0-3, mid-span
         with _threads(1 + splits % 3):

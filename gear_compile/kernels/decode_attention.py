@@ -189,6 +189,78 @@ def _mma(a, b, DT: tl.constexpr, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _tile_scores(q, Kc, Ks, Kz, Ka, Kb, Kls, ksp, t, ok_t, blk, ch, ok_c, k_group, stats_row,
+                 DT: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                 PB: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr,
+                 EXACT: tl.constexpr, K_CHANNEL: tl.constexpr, K_FOLD: tl.constexpr,
+                 R: tl.constexpr, FP32_DOT: tl.constexpr):
+    """q . k_t for the tile's tokens t ([GP, BT], base-2 units): the codes
+    with the outliers' units ksp, then the low-rank term of block blk.
+    stats_row: the tile's row of (scale, zero) where they fold (K_FOLD)."""
+    if K_FOLD:
+        # the tile shares one (scale, zero) row: q.k_t = (q*s).c_t + q.z, so the
+        # codes go to tl.dot as they are (with the outliers' units: exact in
+        # fp16, and in bf16 below 8 bits)
+        c = _codes_tile(Kc, t, ok_t, W, WP, PB, E, BT, BITS) + ksp
+        sk = tl.load(Ks + stats_row * D + ch, mask=ok_c, other=0.0).to(tl.float32)
+        zk = tl.load(Kz + stats_row * D + ch, mask=ok_c, other=0.0).to(tl.float32)
+        s = _mma(q * sk[None, :], tl.trans(c), DT, FP32_DOT) + tl.sum(q * zk[None, :], axis=1)[:, None]
+    else:
+        k = _dequant_tile(Kc, Ks, Kz, ksp, t, ok_t, ch, ok_c, k_group,
+                          D, W, WP, PB, E, BT, BITS, EXACT, K_CHANNEL)
+        s = _mma(q, tl.trans(k), DT, FP32_DOT)
+    # low-rank K: q . (A_t diag(s) B_blk^T) = (q . B_blk) s . A_t
+    for r in tl.static_range(R):
+        bk = tl.load(Kb + (blk * D + ch) * R + r, mask=ok_c, other=0).to(tl.float32)
+        a = tl.load(Ka + t * R + r, mask=ok_t, other=0).to(tl.float32)
+        sr = tl.load(Kls + blk * R + r)
+        s += (tl.sum(q * bk[None, :], axis=1) * sr)[:, None] * a[None, :]
+    return s
+
+
+@triton.jit
+def _masked(s, Mask, row0, pos, ok_g, ok_t, mask_sl, MASK_KIND: tl.constexpr):
+    """s with the attention mask applied: row0 + pos * mask_sl addresses each
+    (query head, key position); keys before the mask's first column (pos < 0,
+    a sliding window's short mask) are hidden."""
+    ok_m = ok_g[:, None] & (ok_t & (pos >= 0))[None, :]
+    mp = Mask + row0[:, None] + pos[None, :] * mask_sl
+    if MASK_KIND == 1:   # bool, True = keep
+        keep = tl.load(mp, mask=ok_m, other=1)
+        s = tl.where(keep != 0, s, float("-inf"))
+    else:                # additive, natural log: times log2(e) for base 2
+        s += tl.load(mp, mask=ok_m, other=0.0).to(tl.float32) * LOG2E
+    return tl.where((pos >= 0)[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _tile_values(p, Vc, Vs, Vz, Va, Vb, Vls, vsp, t, ok_t, blk, ch, ok_c, v_group,
+                 DT: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                 PB: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr,
+                 EXACT: tl.constexpr, V_CHANNEL: tl.constexpr, V_FOLD: tl.constexpr,
+                 R: tl.constexpr, FP32_DOT: tl.constexpr):
+    """p . v over the tile's tokens t ([GP, E]): the codes with the outliers'
+    units vsp, then the low-rank term of block blk."""
+    if V_FOLD:
+        # one (scale, zero) per token: p.v = (p*s).c + (p.z) on every channel
+        c = _codes_tile(Vc, t, ok_t, W, WP, PB, E, BT, BITS) + vsp
+        sv = tl.load(Vs + t, mask=ok_t, other=0.0).to(tl.float32)
+        zv = tl.load(Vz + t, mask=ok_t, other=0.0).to(tl.float32)
+        out = _mma(p * sv[None, :], c, DT, FP32_DOT) + tl.sum(p * zv[None, :], axis=1)[:, None]
+    else:
+        v = _dequant_tile(Vc, Vs, Vz, vsp, t, ok_t, ch, ok_c, v_group,
+                          D, W, WP, PB, E, BT, BITS, EXACT, V_CHANNEL)
+        out = _mma(p, v, DT, FP32_DOT)
+    # low-rank V: sum_t p_t A_t diag(s) B_blk^T = (p . A) s . B_blk^T
+    for r in tl.static_range(R):
+        a = tl.load(Va + t * R + r, mask=ok_t, other=0).to(tl.float32)
+        bv = tl.load(Vb + (blk * D + ch) * R + r, mask=ok_c, other=0).to(tl.float32)
+        sr = tl.load(Vls + blk * R + r)
+        out += (tl.sum(p * a[None, :], axis=1) * sr)[:, None] * bv[None, :]
+    return out
+
+
+@triton.jit
 def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi, Voe,
                     Lens, Mask, PO, PLSE,
                     qk_scale, cap, Hkv, N, NBLK, BLOCK, TPB, ITEMS, SPLIT0, S_TOTAL, T_NEW,
@@ -245,6 +317,7 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, V
             Vz += head * N * (D // v_group)
         Kov += head * NBLK * k_k2 * D
         Koi += head * NBLK * k_k2 * D
+        Koe += head * NBLK * k_spans * D
         Vov += head * N * v_k2
         Voi += head * N * v_k2
         if R > 0:
@@ -285,7 +358,7 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, V
             t = blk * BLOCK + t_blk
             ok_t = (t_blk < BLOCK) & (t < n_valid)
 
-            ksp = tl.zeros([BT, E], tl.float32)   # K outliers' steps, joining the codes
+            ksp = tl.zeros([BT, E], tl.float32)   # K outliers' units, joining the codes
             if K_OUT:
                 tile0 = (item % TPB) * BT
                 # the entries of the tile's span, the span's first token offset
@@ -297,41 +370,15 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, V
                 ksp, kptr = _k_outlier_tile(Kov, Koi, kptr, blk, k_k2, run_end, span0, t_blk,
                                             tile0 + BT, ch, ok_c, D, BT, E)
                 ksp = ksp * OUT_UNIT
-            if K_FOLD:
-                # the tile shares one (scale, zero) row: q.k_t = (q*s).c_t + q.z,
-                # so the codes go to tl.dot as they are (integers, exact in fp16)
-                # (with the outliers' units: exact in fp16, and in bf16 below 8 bits)
-                c = _codes_tile(Kc, t, ok_t, W, WP, PB, E, BT, BITS) + ksp
-                row = ((blk * BLOCK + (item % TPB) * BT) // k_group) * D + ch
-                sk = tl.load(Ks + row, mask=ok_c, other=0.0).to(tl.float32)
-                zk = tl.load(Kz + row, mask=ok_c, other=0.0).to(tl.float32)
-                s = _mma(q * sk[None, :], tl.trans(c), DT, FP32_DOT) \
-                    + tl.sum(q * zk[None, :], axis=1)[:, None]
-            else:
-                k = _dequant_tile(Kc, Ks, Kz, ksp, t, ok_t, ch, ok_c, k_group,
-                                  D, W, WP, PB, E, BT, BITS, EXACT, K_CHANNEL)
-                s = _mma(q, tl.trans(k), DT, FP32_DOT)
-            if R > 0:
-                # low-rank K: q . (A_t diag(s) B_blk^T) = (q . B_blk) s . A_t
-                for r in tl.static_range(R):
-                    bk = tl.load(Kb + (blk * D + ch) * R + r, mask=ok_c, other=0).to(tl.float32)
-                    a = tl.load(Ka + t * R + r, mask=ok_t, other=0).to(tl.float32)
-                    sr = tl.load(Kls + blk * R + r)
-                    s += (tl.sum(q * bk[None, :], axis=1) * sr)[:, None] * a[None, :]
+            s = _tile_scores(q, Kc, Ks, Kz, Ka, Kb, Kls, ksp, t, ok_t, blk, ch, ok_c, k_group,
+                             (blk * BLOCK + (item % TPB) * BT) // k_group, DT, D, W, WP, PB, E, BT,
+                             BITS, EXACT, K_CHANNEL, K_FOLD, R, FP32_DOT)
             if SOFTCAP:
                 # s is in base-2 units (q carries log2 e); so is cap: cap tanh(s / cap)
                 s = cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
             if MASK_KIND != 0:
-                pos = pos0 + t
-                ok_m = ok_g[:, None] & (ok_t & (pos >= 0))[None, :]
-                hq = kvh * G + g
-                mp = Mask + b * mask_sb + hq[:, None] * mask_sh + pos[None, :] * mask_sl
-                if MASK_KIND == 1:   # bool, True = keep
-                    keep = tl.load(mp, mask=ok_m, other=1)
-                    s = tl.where(keep != 0, s, float("-inf"))
-                else:                # additive, natural log: times log2(e) for base 2
-                    s += tl.load(mp, mask=ok_m, other=0.0).to(tl.float32) * LOG2E
-                s = tl.where((pos >= 0)[None, :], s, float("-inf"))   # keys before a short mask
+                s = _masked(s, Mask, b * mask_sb + (kvh * G + g) * mask_sh, pos0 + t, ok_g, ok_t,
+                            mask_sl, MASK_KIND)
             s = tl.where(ok_t[None, :], s, float("-inf"))
 
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -341,27 +388,11 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, V
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None]
 
-            vsp = tl.zeros([BT, E], tl.float32)   # V outliers' steps, joining the codes
+            vsp = tl.zeros([BT, E], tl.float32)   # V outliers' units, joining the codes
             if V_OUT:
                 vsp = _v_outlier_tile(Vov, Voi, t, ok_t, ch, v_k2, BT, E) * OUT_UNIT
-            if V_FOLD:
-                # one (scale, zero) per token: p.v = (p*s).c + (p.z) on every channel
-                c = _codes_tile(Vc, t, ok_t, W, WP, PB, E, BT, BITS) + vsp
-                sv = tl.load(Vs + t, mask=ok_t, other=0.0).to(tl.float32)
-                zv = tl.load(Vz + t, mask=ok_t, other=0.0).to(tl.float32)
-                acc += _mma(p * sv[None, :], c, DT, FP32_DOT) \
-                    + tl.sum(p * zv[None, :], axis=1)[:, None]
-            else:
-                v = _dequant_tile(Vc, Vs, Vz, vsp, t, ok_t, ch, ok_c, v_group,
-                                  D, W, WP, PB, E, BT, BITS, EXACT, V_CHANNEL)
-                acc += _mma(p, v, DT, FP32_DOT)
-            if R > 0:
-                # low-rank V: sum_t p_t A_t diag(s) B_blk^T = (p . A) s . B_blk^T
-                for r in tl.static_range(R):
-                    a = tl.load(Va + t * R + r, mask=ok_t, other=0).to(tl.float32)
-                    bv = tl.load(Vb + (blk * D + ch) * R + r, mask=ok_c, other=0).to(tl.float32)
-                    sr = tl.load(Vls + blk * R + r)
-                    acc += (tl.sum(p * a[None, :], axis=1) * sr)[:, None] * bv[None, :]
+            acc += _tile_values(p, Vc, Vs, Vz, Va, Vb, Vls, vsp, t, ok_t, blk, ch, ok_c, v_group, DT,
+                                D, W, WP, PB, E, BT, BITS, EXACT, V_CHANNEL, V_FOLD, R, FP32_DOT)
             m_i = m_new
 
     has = l_i > 0
