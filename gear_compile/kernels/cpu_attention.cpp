@@ -50,8 +50,8 @@ constexpr int SPAN = 256;          // tokens a one-byte K-outlier offset spans (
 
 // Fields of one segment's descriptor (store.py: KERNEL_FIELDS): how it is
 // quantized (GROUP 0: the whole block; BLOCK 0: the whole segment; outlier
-// counts in 2^-OUT_SHIFT steps), then the index of each part in the flat list (-1: absent). Ranks and outlier counts
-// are read from the parts' shapes.
+// counts in 2^-OUT_SHIFT steps), then the index of each part in the flat list
+// (-1: absent). Ranks and outlier counts are read from the parts' shapes.
 enum Field { EXACT, BITS, CHANNEL_AXIS, GROUP, BLOCK, OUT_SHIFT,
              CODES, SCALE, ZERO, LR_A, LR_B, LR_S, OUT_VAL, OUT_IDX, OUT_END, NFIELDS };
 constexpr int NSTORE = 3;          // segments of a store: prefill block, decode blocks, buffer
