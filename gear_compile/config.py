@@ -99,7 +99,7 @@ class CodecConfig:
                  Hadamard transform (`rotation`), folded into q and the output
                  so attention is unchanged. On SmolLM2 it took KIVI-2 from
                  +23.6 / +22.1 % perplexity to +10.6 / +8.0 % and GEAR(KIVI-2)
-                 from +8.8 / +8.7 % to +8.2 / +6.8 %; KCVT-4 moved both ways
+                 from +9.1 / +9.7 % to +8.7 / +5.5 %; KCVT-4 moved both ways
                  (benchmarks/results/quality_rotated.md).
     """
 
