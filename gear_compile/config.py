@@ -86,8 +86,8 @@ class CodecConfig:
                  dim (`for_head_dim`): 32 up to head dim 64, else 64 (the
                  paper's, whose models have head dim 128).
     outlier_ratio  s, the fraction of each vector kept out of its quantization
-                 range as sparse outliers (int8 steps of the range: `outliers`)
-                 (s/2 largest and s/2 smallest); None: 0.02 for gear, else 0.
+                 range as sparse outliers (s/2 largest and s/2 smallest, one
+                 byte each: `outliers`); None: 0.02 for gear, else 0.
     rank_prefill, rank_decode  r_p and r_g of the low-rank residual.
     buffer_size  n_b, tokens kept exact before a block is compressed; None:
                  20 for kcvt, group_size for kivi / per_token.

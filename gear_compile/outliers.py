@@ -13,9 +13,9 @@ Indices take the narrowest integer type; a K block longer than `SPAN` tokens
 (a long prompt's prefill block) stores each entry's offset within its
 SPAN-token span as one byte, plus per channel the count of entries up to the
 end of each span (`spans`, `join_spans`): the same table, losslessly, in
-half the index bytes of int16 offsets. Neighbours: `segment` (calls `select` and `steps` when compressing,
-`scatter` to rebuild), the decode kernels (read the same step/index/span
-tables and add the steps to the codes).
+half the index bytes of int16 offsets. Neighbours: `segment` (calls `select`
+and `steps` when compressing, `scatter` to rebuild), the decode kernels (read
+the same unit/index/span tables and add the units to the codes).
 """
 from __future__ import annotations
 
@@ -50,6 +50,11 @@ def unit_shift(bits: int) -> int:
     +8.8 / +8.7 % with fp16 values (1/4: +11.3 / +10.0; 1/8: +10.6 / +9.9;
     1/16: +9.1 / +9.7); at 4 bits whole steps stay within noise of fp16."""
     return 4 if bits <= 2 else 0
+
+
+def unit(bits: int) -> float:
+    """An outlier count's unit, in steps of its group (`unit_shift`)."""
+    return 2.0 ** -unit_shift(bits)
 
 
 def steps(excess: torch.Tensor) -> torch.Tensor:

@@ -31,11 +31,10 @@ def quantize(x: torch.Tensor, bits: int, dim: int, min_scale: torch.Tensor | Non
     levels = (1 << bits) - 1
     zero = lo.to(torch.float16)
     zero = torch.where(zero.float() > lo, torch.nextafter(zero, zero.new_tensor(-torch.inf)), zero)
-    scale = ((hi - zero.float()) / levels).to(torch.float16)
     exact = (hi - zero.float()) / levels
     if min_scale is not None:
         exact = torch.maximum(exact, min_scale)
-        scale = exact.to(torch.float16)
+    scale = exact.to(torch.float16)
     scale = torch.where(scale.float() < exact, torch.nextafter(scale, scale.new_tensor(torch.inf)), scale)
     safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
     codes = torch.round((xf - zero.float()) / safe).clamp_(0, levels)

@@ -206,16 +206,17 @@ def compress(x: torch.Tensor, layout: SegmentLayout, check_finite: bool = False)
         _, idx = outliers.select(view, layout.outliers_per_side, dim)
         taken = torch.zeros_like(view, dtype=torch.bool).scatter(dim, idx.long(), True)
         rest = _clamped_into_groups(xf, taken.reshape(B, H, N, D), layout)
-        unit = 2.0 ** -outliers.unit_shift(layout.spec.bits)
+        unit = outliers.unit(layout.spec.bits)
         floor = (xf - rest).abs() / (outliers.MAX_STEPS * unit)
     codes, scale, zero, deq = _quantize_grouped(rest, layout, floor)
     seg = Segment(codes=packing.pack(codes, layout.spec.bits), scale=scale, zero=zero)
     approx = deq
-    if floor is not None:
-        step = _steps_per_entry(scale, layout, N)
-        excess, _ = _vectors((xf - deq) / torch.where(step == 0, 1.0, step * unit), layout, nblk)
-        seg.out_val = outliers.steps(excess.gather(dim, idx.long()))
-        approx = deq + outliers.scatter(seg.out_val, idx, view, dim).reshape(B, H, N, D) * (step * unit)
+    if floor is not None:                           # each outlier: units past its place's code
+        at = idx.long()
+        gap = _vectors(xf - deq, layout, nblk)[0].gather(dim, at)
+        unit_at = _vectors(_steps_per_entry(scale, layout, N), layout, nblk)[0].gather(dim, at) * unit
+        seg.out_val = outliers.steps(gap / torch.where(unit_at == 0, 1.0, unit_at))
+        approx = deq + outliers.scatter(seg.out_val * unit_at, idx, view, dim).reshape(B, H, N, D)
         seg.out_idx = idx
         if layout.spans:
             seg.out_idx, seg.out_end = outliers.spans(idx, layout.block)
@@ -288,7 +289,7 @@ def dequantize(seg: Segment, layout: SegmentLayout, tokens: int | None,
         if layout.spans:
             idx = outliers.join_spans(idx, seg.out_end[:, :, :rows])
         units = outliers.scatter(seg.out_val[:, :, :rows], idx, view, dim)
-        codes = (view + units * 2.0 ** -outliers.unit_shift(layout.spec.bits)).reshape(B, H, m, D)
+        codes = (view + units * outliers.unit(layout.spec.bits)).reshape(B, H, m, D)
     if layout.spec.axis == "channel":
         G = layout.token_group
         x = _dequant(codes.reshape(B, H, m // G, G, D), seg.scale[:, :, :m // G, None],

@@ -150,9 +150,10 @@ def _k_outlier_row(oidx, ptr, blk, k2, end, base, tile_end, ch, ok_c, D: tl.cons
 def _k_outlier_tile(oval, oidx, ptr, blk, k2, end, base, t_blk, tile_end, ch, ok_c,
                     D: tl.constexpr, BT: tl.constexpr, E: tl.constexpr):
     """K outliers of the tile's tokens as a dense [BT, E] fp32 tile of units
-    (added to the codes), and each channel's next unread entry. Block blk's table lists, per channel, 2k token
-    offsets in ascending order (`outliers.select`; in a block over SPAN tokens,
-    base + stored, up to the span's end entry); ptr is each channel's first
+    (added to the codes), and each channel's next unread entry. Block blk's
+    table lists, per channel, 2k token offsets in ascending order
+    (`outliers.select`; in a block over SPAN tokens, base + stored, up to the
+    span's end entry); ptr is each channel's first
     entry at or after the tile's start, so the tile's entries are the run from
     ptr up to tile_end, read a row at a time for all channels at once (the
     longest run sets the trip count: a few rows at s = 2 %)."""
@@ -650,7 +651,7 @@ def _launch_partial(launch, a: _SharedArgs, seg: _SegmentLaunch, k_ptrs: list, v
         V_CHANNEL=not exact and vl.spec.axis == "channel",
         R=rank, BT=bt, MASK_KIND=a.mask_kind, FP32_DOT=fp32_dot, K_OUT=k_k2 > 0,
         LOGK=k_k2.bit_length(), K_SPANS=k_spans > 0, V_OUT=v_k2 > 0, K_FOLD=fold_k, V_FOLD=fold_v,
-        SOFTCAP=a.softcap > 0, OUT_UNIT=2.0 ** -outliers.unit_shift(a.bits),
+        SOFTCAP=a.softcap > 0, OUT_UNIT=outliers.unit(a.bits),
         num_warps=8 if bt * e >= WIDE_TILE else 4)
 
 
