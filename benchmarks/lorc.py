@@ -1,5 +1,5 @@
-"""LoRC on a real model: perplexity against KV bytes, progressive vs uniform
-ranks, alone and under the GEAR codec.
+"""LoRC on a real model: perplexity against KV bytes for each rank schedule
+and basis, alone and under the GEAR codec.
 
 Usage:
     python benchmarks/lorc.py                        # the run of results/lorc.md
@@ -8,23 +8,25 @@ Usage:
 Model, text and protocol are the quality benchmark's (`quality.py`): SmolLM2-
 135M-Instruct in fp32, Emma's held-out passage, prefill P tokens, then one
 token at a time through the decode path, every next token scored.
+Calibration (`gear_compile.lorc.calibrate`) reads another passage.
 
 How LoRC runs here: eagerly, as the compiled graph does it (`gear_compile.
 passes.lorc`; tests/test_lorc.py checks the two give the same logits), ~10x
-faster than compiling per configuration. Each layer's k_proj / v_proj output
-(K before RoPE, and V) is projected onto its rank-r basis
-(`gear_compile.lorc.projection_basis`) by a forward hook: that latent is what
-the cache holds, exactly or in a GEAR `KVStore` with the quality benchmark's
-streaming protocol (prefill block compressed, n_b-token exact buffer). The
-prompt attends its exact K/V; each decode step attends the past K rebuilt
-from the latents (times the basis, then RoPE at the cached positions) and
-its own exact K, and the V of every latent. With every rank full this is the
+faster than compiling per configuration. `gear_compile.lorc.plan` chooses the
+ranks and factors as the backend does; each layer's k_proj / v_proj output
+(K before RoPE, and V) is projected to its latent by a forward hook: that is
+what the cache holds, exactly or in a GEAR `KVStore` with the quality
+benchmark's streaming protocol (prefill block compressed, n_b-token exact
+buffer), beside the prompt's first `sinks` tokens exact. The prompt attends
+its exact K/V; each decode step attends the past K rebuilt from the latents
+(its sinks exact, then RoPE at the cached positions) and its own exact K,
+and the V of every latent (sinks exact). With every rank full this is the
 dense model.
 
-KV bytes, % of the same K/V in fp16: LoRC alone counts the latent in fp16
-(sum of ranks over the dense widths); with GEAR, and for GEAR alone, the
-bytes the stores hold at the end of the pass (`KVStore.nbytes`, the exact
-buffer in the model's fp32 included, as in quality.md).
+KV bytes, % of the same K/V in fp16: LoRC alone counts the latent and the
+sinks in fp16; with GEAR, and for GEAR alone, the bytes the stores hold at
+the end of the pass (`KVStore.nbytes`, the exact buffer in the model's fp32
+included, as in quality.md) plus the sinks in fp32.
 Outputs: benchmarks/results/lorc.md and lorc.png.
 """
 from __future__ import annotations
@@ -57,53 +59,23 @@ def kv_projections(model):
     return [(layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in model.model.layers]
 
 
-def input_moments(model, ids):
-    """Per layer, the second moment of the K/V projections' shared input over
-    `ids` (`gear_compile.lorc.calibrate`, as a user would run it)."""
-    from gear_compile import lorc
-    lorc.calibrate(model, ids)
-    return [lorc.MOMENTS[k_proj.weight] for k_proj, _ in kv_projections(model)]
-
-
-def lorc_plan(model, reduction: float, schedule: str, per: str, multiple: int, moments=None):
-    """Per layer (K basis, V basis) and the ranks, for a fraction `reduction`
-    removed; moments: per-layer input moments (calibrated bases), or None."""
-    import torch
-
-    from gear_compile import lorc
-    projections = kv_projections(model)
-    c = model.config
-    heads = c.num_key_value_heads
-    full = projections[0][0].weight.shape[0]
-    unit = multiple * (heads if per == "head" else 1)
-    keep = 1.0 - reduction
-    ranks = {}
-    for i, kind in enumerate("kv"):
-        kappas = [lorc.condition_number(p[i].weight) for p in projections]
-        ranks[kind] = lorc.layer_ranks(kappas, keep, full, schedule, unit)
-        ranks[kind + "_kappa"] = kappas
-    with torch.no_grad():
-        bases = [tuple(lorc.projection_basis(p[i].weight, p[i].bias, ranks[kind][l], heads, per,
-                                             moments[l] if moments else None)
-                       for i, kind in enumerate("kv"))
-                 for l, p in enumerate(projections)]
-    return bases, ranks, full
-
-
 # ---------------------------------------------------------------- the method
 class LoRCMethod:
-    """A LoRC cache (latents exact, or under a GEAR codec) for streaming_ppl."""
+    """A LoRC cache (latents exact, or under a GEAR codec) for streaming_ppl.
+    basis: "loss" / "moment" / "weights" (`gear_compile.lorc.plan`; the first
+    two need `lorc.calibrate` to have run on the model); sinks: the first
+    tokens kept exact (GearConfig.lorc_sinks)."""
 
-    def __init__(self, label, reduction, schedule="progressive", per="layer", gear=None, multiple=None,
-                 moments=None):
+    def __init__(self, label, reduction, schedule="auto", per="layer", gear=None, multiple=None,
+                 basis="loss", sinks=4):
         self.label, self.reduction, self.schedule, self.per = label, reduction, schedule, per
-        self.gear, self.multiple, self.moments = gear, multiple, moments
-        self.hooks, self.bases, self.ranks = [], None, None
+        self.gear, self.multiple, self.basis, self.sinks = gear, multiple, basis, sinks
+        self.hooks, self.plan = [], None
 
     def describe(self) -> str:
         codec = f" + {self.gear}" if self.gear else ""
-        basis = "calibrated" if self.moments else "weights"
-        return f"lorc={self.reduction:g} {self.schedule} per {self.per}, {basis} basis{codec}"
+        return (f"lorc={self.reduction:g} {self.schedule} per {self.per}, {self.basis} basis, "
+                f"{self.sinks} sinks{codec}")
 
     def codec(self, model):
         """The codec of the latents, its defaults chosen by the model's head dim
@@ -115,18 +87,24 @@ class LoRCMethod:
 
     def setup(self, model):
         from gear_compile import lorc
-        moments = self.moments() if callable(self.moments) else self.moments
         multiple = self.multiple or (self.codec(model).rank_unit if self.gear else 8)
-        self.bases, self.ranks, self.full = lorc_plan(model, self.reduction, self.schedule, self.per,
-                                                      multiple, moments)
-        self.pending = {}
+        heads = model.config.num_key_value_heads
+        projections = [tuple((p.weight, p.bias) for p in pair) for pair in kv_projections(model)]
+        self.plan = lorc.plan(projections, 1.0 - self.reduction, self.schedule,
+                              multiple * (heads if self.per == "head" else 1), self.basis, self.per, heads)
+        self.pending, self.exact = {}, {}
         for l, (k_proj, v_proj) in enumerate(kv_projections(model)):
             for i, proj in enumerate((k_proj, v_proj)):
                 def hook(module, args, out, l=l, i=i):
-                    latent = lorc.project(out, self.bases[l][i])        # [B, T, r] or [B, T, H, r/H]
+                    latent = lorc.project(out, self.plan.factors[l][i])     # [B, T, r] or [B, T, H, r/H]
                     self.pending[l, i] = latent.unsqueeze(1) if latent.dim() == 3 else latent.transpose(1, 2)
+                    self.exact.setdefault((l, i), out[:, :self.sinks].clone())   # the prefill's first tokens
                 self.hooks.append(proj.register_forward_hook(hook))
         self.rotary, self.kv_heads = model.model.rotary_emb, model.config.num_key_value_heads
+
+    @property
+    def ranks(self):
+        return {"k": self.plan.ranks[0], "v": self.plan.ranks[1], "schedule": self.plan.schedule}
 
     def teardown(self, model):
         for h in self.hooks:
@@ -137,17 +115,21 @@ class LoRCMethod:
         from transformers.cache_utils import Cache
 
         config = self.codec(model)
-        return Cache(layers=[LoRCLayer(self, l, config) for l in range(len(self.bases))])
+        self.exact = {}
+        return Cache(layers=[LoRCLayer(self, l, config) for l in range(len(self.plan.factors))])
 
     def rebuild(self, latent, l: int, i: int):
-        """[B, Hl, T, r] latents -> [B, H, T, d] K (RoPE at positions 0..T-1) or V."""
+        """[B, Hl, T, r] latents -> [B, H, T, d] K (RoPE at positions 0..T-1) or
+        V, the first `sinks` tokens exact."""
         import torch
         from transformers.models.llama.modeling_llama import rotate_half
 
         from gear_compile import lorc
-        basis = self.bases[l][i]
-        x = latent.squeeze(1) if basis.dim() == 2 else latent.transpose(1, 2)
-        out = lorc.rebuild(x, basis).unflatten(-1, (self.kv_heads, -1)).transpose(1, 2)
+        f = self.plan.factors[l][i]
+        x = latent.squeeze(1) if f.down.dim() == 2 else latent.transpose(1, 2)
+        out = lorc.rebuild(x, f)
+        exact = self.exact[l, i]
+        out = torch.cat([exact, out[:, exact.shape[1]:]], dim=1).unflatten(-1, (self.kv_heads, -1)).transpose(1, 2)
         if i == 1:
             return out
         positions = torch.arange(out.shape[2], device=out.device)[None]
@@ -155,10 +137,11 @@ class LoRCMethod:
         return out * cos[:, None] + rotate_half(out) * sin[:, None]
 
     def cache_bytes(self, cache) -> int:
-        if self.gear:
-            return sum(layer.nbytes() for layer in cache.layers)
         tokens = cache.get_seq_length()
-        return sum(sum(self.ranks[k]) for k in "kv") * tokens * 2      # latents in fp16
+        sinks = sum(t.numel() * 2 for t in self.exact.values())             # fp16, as the latents
+        if self.gear:
+            return sum(layer.nbytes() for layer in cache.layers) + 2 * sinks   # the model's fp32
+        return sum(sum(r) for r in self.plan.ranks) * tokens * 2 + sinks       # latents in fp16
 
     def cache_tokens(self, cache) -> int:
         return cache.get_seq_length()
@@ -168,8 +151,9 @@ class LoRCLayer(qm.GearSimLayer):
     """Holds one layer's K and V latents in KVStores (method none: exactly).
     As in the compiled graph (`gear_compile.passes.lorc`), the prompt attends
     its exact K/V; each decode step attends K rebuilt from the past's latents
-    followed by the step's own exact K, and V from every latent, its own
-    included (the graph attends the latents and up-projects the output)."""
+    (its sinks exact) followed by the step's own exact K, and V from every
+    latent, its own included (the graph attends the latents and up-projects
+    the output, adding the sinks' residuals)."""
 
     def __init__(self, method: LoRCMethod, index: int, config):
         super().__init__(config)
@@ -187,25 +171,34 @@ class LoRCLayer(qm.GearSimLayer):
 
 
 # ---------------------------------------------------------------- the run
-def methods_for(reductions, gear_labels, moments, weight_reductions=(0.6,)):
+def methods_for(reductions, gear_labels, weight_reductions=(0.6,), ablations=(0.6,),
+                compared=(0.3, 0.45, 0.6)):
     """(label, method) in run order: dense, GEAR alone, LoRC with the paper's
-    weight-SVD basis, then with the calibrated basis: both schedules per
-    layer, progressive per head (the per-head / per-layer choice), and under
-    each GEAR codec. `moments`: a function returning the input moments."""
+    weight-SVD basis, then with the loss-aware factors and sinks: the
+    calibrated schedule alone and under each GEAR codec, the paper's
+    progressive and uniform schedules at the `compared` reductions, and the
+    ablations: without sinks, the input-moment basis (the previous release),
+    and per KV head."""
     rows = [("dense", qm.Method("dense", None))]
     rows += [(g, qm.Method(g, GEAR_OPTIONS[g])) for g in gear_labels]
     for r in (r for r in reductions if r in weight_reductions):
         for schedule in ("progressive", "uniform"):
             label = f"LoRC-{100 * r:g} {schedule} weights"
-            rows.append((label, LoRCMethod(label, r, schedule)))
+            rows.append((label, LoRCMethod(label, r, schedule, basis="weights", sinks=0)))
     for r in reductions:
-        pct = f"{100 * r:g}"
-        rows += [(f"LoRC-{pct} progressive", LoRCMethod(f"LoRC-{pct} progressive", r, moments=moments)),
-                 (f"LoRC-{pct} uniform", LoRCMethod(f"LoRC-{pct} uniform", r, "uniform", moments=moments)),
-                 (f"LoRC-{pct} progressive per head",
-                  LoRCMethod(f"LoRC-{pct} progressive per head", r, per="head", moments=moments))]
-        rows += [(f"LoRC-{pct} + {g}", LoRCMethod(f"LoRC-{pct} + {g}", r, gear=g, moments=moments))
-                 for g in gear_labels]
+        pct = f"LoRC-{100 * r:g}"
+        schedules = ("calibrated", "progressive", "uniform") if r in compared else ("calibrated",)
+        rows += [(f"{pct} {s}", LoRCMethod(f"{pct} {s}", r, s)) for s in schedules]
+        rows += [(f"{pct} + {g}", LoRCMethod(f"{pct} + {g}", r, "calibrated", gear=g)) for g in gear_labels]
+        if r in ablations:
+            rows += [(f"{pct} calibrated no sinks", LoRCMethod(f"{pct} calibrated no sinks", r, "calibrated",
+                                                               sinks=0)),
+                     (f"{pct} progressive moment basis no sinks",
+                      LoRCMethod(f"{pct} progressive moment basis no sinks", r, "progressive", basis="moment",
+                                 sinks=0)),
+                     (f"{pct} progressive per head moment basis",
+                      LoRCMethod(f"{pct} progressive per head moment basis", r, "progressive", "head",
+                                 basis="moment"))]
     return rows
 
 
@@ -213,12 +206,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=1024, help="tokens of the passage scored (prompt included)")
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=[64, 512])
-    p.add_argument("--reductions", type=float, nargs="+", default=[0.3, 0.45, 0.6],
+    p.add_argument("--reductions", type=float, nargs="+", default=[0.15, 0.3, 0.45, 0.6],
                    help="fractions of the K/V cache LoRC removes")
     p.add_argument("--gear", nargs="*", default=list(GEAR_OPTIONS), choices=list(GEAR_OPTIONS),
                    help="GEAR codecs to run alone and under LoRC")
-    p.add_argument("--calibration-tokens", type=int, default=2048,
-                   help="tokens of the dev passage (never scored) for the calibrated bases")
+    p.add_argument("--calibration-tokens", type=int, default=8192,
+                   help="tokens of the dev passage (never scored) that lorc.calibrate reads")
     p.add_argument("--only", nargs="+", default=None, help="run only these labels (and dense)")
     p.add_argument("--prefix", default="lorc", help="output file prefix under benchmarks/results/")
     p.add_argument("--no-install", action="store_true")
@@ -227,15 +220,7 @@ def main(argv=None):
     qd.ensure_python_packages(not args.no_install)
     import torch
     import transformers
-    moments = []
-
-    def calibrated():
-        if not moments:
-            log(f"lorc: input moments over {args.calibration_tokens} dev tokens")
-            moments.extend(input_moments(model, corpus.passage("dev", args.calibration_tokens)))
-        return moments
-
-    rows = methods_for(args.reductions, args.gear, calibrated)
+    rows = methods_for(args.reductions, args.gear)
     if args.only:
         valid = [label for label, _ in rows]
         unknown = sorted(set(args.only) - set(valid))
@@ -247,6 +232,11 @@ def main(argv=None):
     corpus = qd.Corpus(tok, not args.no_install)
     ids = corpus.passage("test", args.tokens)
     log(f"lorc: model and text loaded in {time.time() - t0:.0f} s")
+    if any(isinstance(m, LoRCMethod) and m.basis != "weights" for _, m in rows):
+        t1 = time.time()
+        from gear_compile import lorc
+        lorc.calibrate(model, corpus.passage("dev", args.calibration_tokens))
+        log(f"lorc: calibrated on {args.calibration_tokens} dev tokens in {time.time() - t1:.0f} s")
     header = [f"machine: {cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
               f"torch {torch.__version__}, transformers {transformers.__version__}, "
               f"python {platform.python_version()}",
@@ -255,11 +245,15 @@ def main(argv=None):
               "SmolLM2-135M-Instruct fp32 on CPU; protocol of quality.py (prefill P, then one token at a time)",
               "LoRC runs eagerly (module docstring): latents from k_proj / v_proj hooks, cached exactly or "
               "in GEAR KVStores, K rebuilt then RoPE'd at the cached positions",
-              "bases: 'weights' = the paper's SVD of [W | b]; unmarked = calibrated on the input's second "
-              f"moment over {args.calibration_tokens} tokens of Emma's dev passage (VOLUME I; "
-              "gear_compile/lorc.py)",
-              "KV % of fp16: LoRC alone: the latents in fp16 over the dense K/V in fp16; GEAR and LoRC + GEAR: "
-              "bytes the stores hold at the end (exact fp32 buffer and reserved decode capacity included)",
+              "factors (gear_compile/lorc.py): 'weights' = the paper's SVD of [W | b]; 'moment' = the "
+              "principal directions of K/V on calibration text; 'loss' (the default) = loss-aware, from "
+              f"gear_compile.lorc.calibrate over {args.calibration_tokens} tokens of Emma's dev passage "
+              "(VOLUME I, never scored); schedules: calibrated (water-filling the estimated loss over "
+              "layers and K/V), progressive (the paper's cumulative condition number), uniform; "
+              "sinks: the first tokens kept exact (GearConfig.lorc_sinks)",
+              "KV % of fp16: LoRC alone: the latents and sinks in fp16 over the dense K/V in fp16; GEAR and "
+              "LoRC + GEAR: bytes the stores hold at the end (exact fp32 buffer, fp32 sinks and reserved "
+              "decode capacity included)",
               f"GEAR codecs: {', '.join(f'{g} = {GEAR_OPTIONS[g]}' for g in args.gear)}; under LoRC the "
               "latent is one 'head' per layer, its ranks in multiples of the codec's rank_unit at the model's head dim (8; 32 where KIVI groups 32 channels)"]
     results, plans = {}, {}
@@ -292,16 +286,10 @@ def write_outputs(args, header, results, plans, model):
         lines.append("")
         lines += verdict(rs)
     if plans:
-        lines += ["## Ranks per layer (K / V), out of "
-                  f"{model.config.num_key_value_heads * model.config.hidden_size // model.config.num_attention_heads}",
-                  ""]
-        first = next(iter(plans.values()))
-        lines.append("condition numbers: K " + " ".join(f"{k:.0f}" for k in first["k_kappa"]) +
-                     "; V " + " ".join(f"{k:.0f}" for k in first["v_kappa"]))
-        lines.append("")
-        for label, ranks in plans.items():
-            lines.append(f"- {label}: K {ranks['k']}; V {ranks['v']}")
-        lines.append("")
+        c = model.config
+        lines += [f"## Ranks per layer (K / V), out of {c.num_key_value_heads * c.head_dim}", ""]
+        lines += [f"- {label} ({ranks['schedule']}): K {ranks['k']}; V {ranks['v']}"
+                  for label, ranks in plans.items()] + [""]
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{args.prefix}.md"), "w") as f:
         f.write("\n".join(lines))
@@ -321,16 +309,21 @@ def verdict(rs: dict) -> list[str]:
         return 100 * rs[label]["kv_bytes"] / rs[label]["dense_bytes"]
 
     out = []
-    alone = [lab for lab in rs if " progressive" in lab and "per head" not in lab and "+" not in lab]
-    for label in alone:
-        if label.replace("progressive", "uniform") in rs:
-            d_p, d_u = delta(label), delta(label.replace("progressive", "uniform"))
-            out.append(f"- {label} {d_p:+.2f} % vs uniform {d_u:+.2f} %: progressive "
+    for label in [lab for lab in rs if lab.endswith(" progressive") or lab.endswith(" progressive weights")]:
+        other = label.replace("progressive", "uniform")
+        if other in rs:
+            d_p, d_u = delta(label), delta(other)
+            out.append(f"- {label} {d_p:+.2f} % vs {other} {d_u:+.2f} %: progressive "
                        f"{'beats' if d_p < d_u else 'does NOT beat'} uniform at equal bytes")
-    for label in alone:
-        if label.startswith("LoRC-60 "):
-            d = delta(label)
-            out.append(f"- {label} alone: {d:+.2f} % (target <= +2 %: {'met' if d <= 2 else 'MISSED'})")
+    for label in [lab for lab in rs if lab.endswith(" calibrated")]:
+        others = [o for o in (label.replace("calibrated", s) for s in ("progressive", "uniform")) if o in rs]
+        if others:
+            best = min(others, key=delta)
+            out.append(f"- {label} {delta(label):+.2f} % vs the better of the paper's schedules ({best}) "
+                       f"{delta(best):+.2f} %")
+    if "LoRC-60 calibrated" in rs:
+        d = delta("LoRC-60 calibrated")
+        out.append(f"- LoRC-60 calibrated alone: {d:+.2f} % (target <= +2 %: {'met' if d <= 2 else 'MISSED'})")
     if "GEAR-4" in rs:
         combos = [lab for lab in rs if lab.endswith("+ GEAR-4") and delta(lab) <= 1.0]
         best = min(combos, key=kv) if combos else None

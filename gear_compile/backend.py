@@ -83,7 +83,7 @@ def _for_sites(config: GearConfig, sites) -> GearConfig:
 
 def _lorc_sites(gm: fx.GraphModule, sites, example_inputs, config: GearConfig) -> dict:
     """{site index: LoRCSite} for the rewritable sites LoRC applies to, with
-    ranks and bases planned from the weights; the others say why not."""
+    ranks and factors planned from the weights; the others say why not."""
     found = []
     for site in (s for s in sites if s.rewritable):
         lo = lorc_pass.find(site)
@@ -98,10 +98,11 @@ def _lorc_sites(gm: fx.GraphModule, sites, example_inputs, config: GearConfig) -
         return {}
     if found:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        lorc_pass.plan(found, dict(zip(placeholders, example_inputs)), config)
+        schedule = lorc_pass.plan(found, dict(zip(placeholders, example_inputs)), config)
         full = found[0][1].heads * found[0][1].head_dim
         for site, lo in found:
-            site.reason += f"; LoRC ranks K {lo.key.rank} / V {lo.value.rank} of {full}"
+            site.reason += (f"; LoRC ranks K {lo.key.rank} / V {lo.value.rank} of {full} ({schedule} "
+                            f"schedule, {config.lorc_sinks} exact sinks)")
     return {site.index: lo for site, lo in found}
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .lorc import SCHEDULES as LORC_SCHEDULES
 from .packing import ceil_div
 
 METHODS = ("gear", "gear_l", "kcvt", "kivi", "per_token", "none")
@@ -43,7 +44,6 @@ BACKBONES = ("kcvt", "kivi", "per_token")
 BITS = (2, 4, 8)
 KERNELS = ("auto", "cpu", "triton", "torch")
 ROTATIONS = ("none", "k", "v", "kv")
-LORC_SCHEDULES = ("progressive", "uniform")
 
 
 @dataclass(frozen=True)
@@ -336,7 +336,7 @@ class CodecConfig:
         return max([8] + groups)
 
 
-COMPILE_OPTIONS = ("inductor", "kernel", "dump_graphs", "lorc", "lorc_schedule")
+COMPILE_OPTIONS = ("inductor", "kernel", "dump_graphs", "lorc", "lorc_schedule", "lorc_sinks")
 
 
 @dataclass(frozen=True)
@@ -351,25 +351,32 @@ class GearConfig(CodecConfig):
                  cpu (the C++ kernel, built on first use), triton, or torch (the
                  reference: dequantize, then SDPA).
     dump_graphs  a directory: write each compiled graph's before/after diff.
-    lorc         LoRC: the fraction of the K and of the V cache removed by
-                 projecting each layer's K / V onto a low-rank basis of its
-                 projection (`gear_compile.lorc`; 0: off). The cache holds the
-                 latents (under the codec of `method`); the graph rebuilds K
-                 (then its RoPE) from them and attends V's latents directly.
-    lorc_schedule  ranks per layer: progressive (shallow layers keep more, by
-                 cumulative condition number) or uniform.
+    lorc         LoRC: the fraction of the K/V cache removed by projecting
+                 each layer's K / V onto low-rank factors of its projection
+                 (`gear_compile.lorc`; 0: off). The cache holds the latents
+                 (under the codec of `method`); the graph rebuilds K (then its
+                 RoPE) from them and attends V's latents directly.
+    lorc_schedule  ranks per layer and between K and V: calibrated (water-
+                 filling on the loss estimated from `lorc.calibrate`),
+                 progressive (the paper: shallow layers keep more, by
+                 cumulative condition number) or uniform; auto: calibrated
+                 when `lorc.calibrate` has seen the model, else progressive.
+    lorc_sinks   the first tokens of a sequence whose K and V a LoRC cache
+                 keeps exact (attention sinks; 0: none).
     """
 
     inductor: bool = True
     kernel: str = "auto"
     dump_graphs: str | None = None
     lorc: float = 0.0
-    lorc_schedule: str = "progressive"
+    lorc_schedule: str = "auto"
+    lorc_sinks: int = 4
 
     def __post_init__(self):
         super().__post_init__()
         _check_choice("kernel", self.kernel, KERNELS)
         _check_choice("lorc_schedule", self.lorc_schedule, LORC_SCHEDULES)
+        _check_int("lorc_sinks", self.lorc_sinks, 0)
         if isinstance(self.lorc, bool) or not isinstance(self.lorc, (int, float)) or not 0 <= self.lorc < 1:
             raise ValueError(f"gear options: lorc must be a number in [0, 1) (the fraction of the K/V "
                              f"cache removed; 0 = off), got {self.lorc!r}.")
@@ -398,7 +405,7 @@ class GearConfig(CodecConfig):
         return codec_of(self)
 
     def describe(self) -> str:
-        lorc = f" + lorc={self.lorc:g} {self.lorc_schedule}" if self.lorc else ""
+        lorc = f" + lorc={self.lorc:g} {self.lorc_schedule}, {self.lorc_sinks} sinks" if self.lorc else ""
         return super().describe() + lorc
 
 

@@ -134,8 +134,10 @@ class KVStore:
     """The inner tensors of a K or V store (in `layout.names` order) and the
     host copy of its lengths. logical: (heads, head_dim) of the dense K/V
     the store stands for when it holds something else (LoRC latents, one
-    "head" of the layer's rank: `passes.lorc`); None: its own. dtype: the
-    dense K/V's (None: the buffer's; it holds fp32 K/V in fp16)."""
+    "head" of the layer's rank: `passes.lorc`); None: its own. A LoRC store
+    has one more tensor, last: `sinks` [B, heads, s, head_dim], its first s
+    tokens' K (before RoPE) or V kept exact. dtype: the dense K/V's (None:
+    the buffer's; it holds fp32 K/V in fp16)."""
 
     def __init__(self, config: CodecConfig, kind: str, tensors: list[torch.Tensor],
                  counts: list[int] | None = None, logical: tuple[int, int] | None = None,
@@ -146,13 +148,17 @@ class KVStore:
         self.layout = StoreLayout.build(config, kind, buffer.shape[-1], buffer.dtype, p_codes.shape[2])
         self._tensors = list(tensors)
         self._counts = list(counts) if counts is not None else None
+        if len(tensors) != len(self.layout.names) + (logical is not None):
+            raise ValueError(f"KVStore: {len(tensors)} tensors for the {len(self.layout.names)} of "
+                             f"{self.layout.names}{' and the LoRC sinks' if logical else ''}")
         n_pre = len(self.layout.prefill.part_names)
         self.prefill = Segment(**dict(zip(self.layout.prefill.part_names, tensors[2:2 + n_pre])))
-        self.decode = Segment(**dict(zip(self.layout.decode.part_names, tensors[2 + n_pre:])))
+        self.decode = Segment(**dict(zip(self.layout.decode.part_names,
+                                         tensors[2 + n_pre:len(self.layout.names)])))
 
     # -- the flat list ----------------------------------------------------
     def tensor_names(self) -> tuple[str, ...]:
-        return self.layout.names
+        return self.layout.names + (("sinks",) if self.logical is not None else ())
 
     def tensors(self) -> list[torch.Tensor]:
         return self._tensors
@@ -164,6 +170,11 @@ class KVStore:
     @property
     def buffer(self) -> torch.Tensor:
         return self._tensors[1]
+
+    @property
+    def sinks(self) -> torch.Tensor | None:
+        """A LoRC store's exact first tokens (class docstring); None otherwise."""
+        return self._tensors[-1] if self.logical is not None else None
 
     @property
     def p_layout(self) -> SegmentLayout:
@@ -195,7 +206,8 @@ class KVStore:
         """The bytes held (`nbytes`), by what they hold (`BYTE_KINDS`): each
         segment part's rows in use under its kind, the decode rows reserved
         but not yet filled under "unused capacity", the buffer's held and
-        empty token slots, and the lengths. The values sum to `nbytes`."""
+        empty token slots, the lengths, and a LoRC store's "exact sinks".
+        The values sum to `nbytes`."""
         out = dict.fromkeys(BYTE_KINDS, 0)
         _, n_dec, n_buf = self.counts()
         for seg, layout, tokens in ((self.prefill, self.layout.prefill, None),
@@ -210,6 +222,8 @@ class KVStore:
         out["buffer held"] = n_buf * per_token
         out["buffer empty"] = (self.buffer.shape[2] - n_buf) * per_token
         out["lengths"] = self.lengths.numel() * self.lengths.element_size()
+        if self.sinks is not None:
+            out["exact sinks"] = self.sinks.numel() * self.sinks.element_size()
         return out
 
     # -- building (eager; `ops.kv_prefill` wraps it) ----------------------
@@ -276,7 +290,8 @@ class KVStore:
         n_b = self.layout.decode.block
         extra = max(min_free - free, self.capacity // 4)
         self.decode = self.decode.resized(self.layout.decode, self.capacity + ceil_div(extra, n_b) * n_b)
-        self._tensors[2 + len(self.layout.prefill.part_names):] = list(self.decode.parts().values())
+        self._tensors[2 + len(self.layout.prefill.part_names):len(self.layout.names)] = \
+            list(self.decode.parts().values())
 
     def forget(self, keep: int) -> None:
         """Drop compressed tokens no query will see again: a sliding-window
@@ -343,7 +358,10 @@ class KVStore:
         else:
             counts = [n_pre, n_dec, length - n_pre - n_dec]
         lengths = torch.tensor(counts, dtype=torch.int64, device=self.lengths.device)
-        return self._with([lengths, buffer] + self._tensors[2:], counts)
+        tensors = [lengths, buffer] + self._tensors[2:]
+        if self.sinks is not None:
+            tensors[-1] = self.sinks[:, :, :length]
+        return self._with(tensors, counts)
 
     def _with(self, tensors: list[torch.Tensor], counts) -> KVStore:
         """A store like this one holding `tensors`."""

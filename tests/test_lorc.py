@@ -14,41 +14,77 @@ from gear_compile.models import tiny_model
 from decoding import decode_logits
 
 
-def test_projection_basis_gives_the_best_rank_r_map():
+def test_weight_factors_give_the_best_rank_r_map():
     torch.manual_seed(0)
     w, b = torch.randn(32, 48, dtype=torch.float64), torch.randn(32, dtype=torch.float64)
     x = torch.randn(100, 48, dtype=torch.float64)
     k = x @ w.T + b
     for rank in (4, 16):
-        u = lorc.projection_basis(w, b, rank)
-        assert u.shape == (32, rank)
+        f = lorc.factors(w, b, rank)
+        u = f.down
+        assert u.shape == (32, rank) and f.up is u and f.rank == rank
         assert torch.allclose(u.T @ u, torch.eye(rank, dtype=torch.float64), atol=1e-10)
-        approx = lorc.rebuild(lorc.project(k, u), u)
+        approx = lorc.rebuild(lorc.project(k, f), f)
         # Eckart-Young: the error of the affine map equals its tail singular values
         m = torch.cat([w, b[:, None]], dim=1)
         s = torch.linalg.svdvals(m)
         map_error = torch.linalg.matrix_norm(m - u @ u.T @ m)
         assert math.isclose(float(map_error), float(s[rank:].square().sum().sqrt()), rel_tol=1e-9)
         assert (approx - k).norm() < (k.norm() * 0.99)
-    full = lorc.projection_basis(w, b, 32)
+    full = lorc.factors(w, b, 32)
     assert torch.allclose(lorc.rebuild(lorc.project(k, full), full), k, atol=1e-9)
 
 
-def test_per_head_basis_projects_each_head_alone():
+def test_loss_aware_factors_minimise_the_weighted_error():
+    """With a gradient moment F, the factors minimise E[(k - k^)^T F (k - k^)]:
+    the weighted error is the tail of loss_spectrum, no other rank-r encoder
+    does better, and F = I gives the input-moment factors' span."""
+    torch.manual_seed(0)
+    w = torch.randn(24, 40, dtype=torch.float64)
+    x = torch.randn(500, 40, dtype=torch.float64) * torch.linspace(0.1, 3, 40, dtype=torch.float64)
+    c = x.T @ x
+    g = torch.randn(24, 24, dtype=torch.float64)
+    fisher = g @ g.T
+    k = x @ w.T
+
+    def weighted(f):
+        e = k - lorc.rebuild(lorc.project(k, f), f)
+        return float(torch.einsum("ni,ij,nj->", e, fisher, e))
+
+    spectrum = lorc.loss_spectrum(w, None, c, fisher)
+    assert torch.all(spectrum[:-1] >= spectrum[1:])
+    for rank in (3, 12):
+        f = lorc.factors(w, None, rank, moment=c, fisher=fisher)
+        assert math.isclose(weighted(f), float(spectrum[rank:].sum()), rel_tol=1e-6)
+        assert weighted(f) < weighted(lorc.factors(w, None, rank, moment=c))
+        assert weighted(f) < weighted(lorc.factors(w, None, rank))
+        for _ in range(5):      # random rank-r encoders, each with its best decoder, do no better
+            d = torch.randn(24, rank, dtype=torch.float64)
+            ck = w @ c @ w.T
+            up = torch.linalg.solve(d.T @ ck @ d, (ck @ d).T).T
+            assert weighted(lorc.Factors(d, up)) >= weighted(f) * (1 - 1e-9)
+    iso = lorc.factors(w, None, 6, moment=c, fisher=torch.eye(24, dtype=torch.float64))
+    pca = lorc.factors(w, None, 6, moment=c)
+    span = iso.down @ torch.linalg.pinv(iso.down)
+    assert torch.allclose(span, pca.down @ pca.down.T, atol=1e-8)
+
+
+def test_per_head_factors_project_each_head_alone():
     torch.manual_seed(0)
     w = torch.randn(3 * 16, 40, dtype=torch.float64)
-    u = lorc.projection_basis(w, None, 24, heads=3, per="head")
-    assert u.shape == (3, 16, 8)
+    f = lorc.factors(w, None, 24, heads=3, per="head")
+    u = f.down
+    assert u.shape == (3, 16, 8) and f.rank == 24
     k = torch.randn(5, 40, dtype=torch.float64) @ w.T
-    latent = lorc.project(k, u)
+    latent = lorc.project(k, f)
     assert latent.shape == (5, 3, 8)
     for h in range(3):
-        uh = lorc.projection_basis(w[16 * h:16 * (h + 1)], None, 8)
+        uh = lorc.factors(w[16 * h:16 * (h + 1)], None, 8).down
         assert torch.allclose(latent[:, h].abs(), (k[:, 16 * h:16 * (h + 1)] @ uh).abs(), atol=1e-9)
-    assert lorc.rebuild(latent, u).shape == k.shape
+    assert lorc.rebuild(latent, f).shape == k.shape
     # at equal rank the per-layer basis is never worse on the weight
     m = w
-    per_layer = lorc.projection_basis(w, None, 24)
+    per_layer = lorc.factors(w, None, 24).down
     err_layer = (m - per_layer @ per_layer.T @ m).norm()
     blocks = torch.cat([(u[h] @ u[h].T @ m[16 * h:16 * (h + 1)]) for h in range(3)])
     assert err_layer <= (m - blocks).norm() + 1e-9
@@ -57,15 +93,19 @@ def test_per_head_basis_projects_each_head_alone():
 def test_bad_values_are_named():
     w = torch.randn(8, 8)
     with pytest.raises(ValueError, match=r"rank must be in \[1, 8\], got 9"):
-        lorc.projection_basis(w, None, 9)
+        lorc.factors(w, None, 9)
     with pytest.raises(ValueError, match="per must be one of"):
-        lorc.projection_basis(w, None, 4, per="row")
+        lorc.factors(w, None, 4, per="row")
     with pytest.raises(ValueError, match="does not divide by 3"):
-        lorc.projection_basis(torch.randn(12, 8), None, 4, heads=3, per="head")
+        lorc.factors(torch.randn(12, 8), None, 4, heads=3, per="head")
     with pytest.raises(ValueError, match=r"lorc_schedule must be one of \['progressive', 'uniform'\]"):
         lorc.layer_ranks([2.0, 3.0], 0.5, 64, "linear")
     with pytest.raises(ValueError, match=r"kept fraction must be in \(0, 1\], got 0"):
         lorc.layer_ranks([2.0, 3.0], 0.0, 64)
+    with pytest.raises(ValueError, match=r"basis must be one of \['loss', 'moment', 'weights'\], got 'svd'"):
+        lorc.plan([((w, None), (w, None))], 0.5, basis="svd")
+    with pytest.raises(ValueError, match=r"'calibrated' needs the loss gradients.*lorc.calibrate"):
+        lorc.plan([((torch.randn(8, 8), None), (torch.randn(8, 8), None))], 0.5, "calibrated")
 
 
 def test_uniform_ranks_split_the_budget_evenly():
@@ -94,6 +134,22 @@ def test_progressive_ranks_follow_the_cumulative_condition_number():
     # equal condition numbers: ranks fall linearly with depth; kappa = 1: the uniform schedule
     assert lorc.layer_ranks([3.0] * 4, keep, full) == [96, 72, 56, 32]
     assert lorc.layer_ranks([1.0] * 4, keep, full) == lorc.layer_ranks([1.0] * 4, keep, full, "uniform")
+
+
+def test_calibrated_ranks_fill_the_largest_eigenvalues_first():
+    """Water-filling: each step of `multiple` dims goes where the next
+    eigenvalues are largest, so the kept sum is the budget's best."""
+    spectra = [torch.tensor([9.0, 8, 1, 1, 0.5, 0.5, 0.1, 0.1]), torch.tensor([4.0, 4, 3, 3, 2, 2, 1, 1]),
+               torch.tensor([0.2, 0.2, 0.1, 0.1, 0.0, 0.0, 0.0, 0.0])]
+    assert lorc.calibrated_ranks(spectra, 0.5, 8, multiple=2) == [4, 6, 2]
+    assert lorc.calibrated_ranks(spectra, 1.0, 8, multiple=2) == [8, 8, 8]
+    assert lorc.calibrated_ranks(spectra, 0.1, 8, multiple=2) == [2, 2, 2]   # never under one step
+    ranks = lorc.calibrated_ranks(spectra, 0.5, 8, multiple=2)
+    kept = sum(float(s[:r].sum()) for s, r in zip(spectra, ranks))
+    import itertools
+    best = max(sum(float(s[:r].sum()) for s, r in zip(spectra, rs))
+               for rs in itertools.product(range(2, 9, 2), repeat=3) if sum(rs) == 12)
+    assert math.isclose(kept, best)
 
 
 # ---------------------------------------------------------------- the benchmark's latent cache
@@ -144,8 +200,8 @@ def test_calibrated_basis_follows_the_inputs_and_is_the_svd_for_isotropic_inputs
     torch.manual_seed(0)
     w, b = torch.randn(24, 32, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
     identity = torch.eye(33, dtype=torch.float64)
-    svd = lorc.projection_basis(w, b, 6)
-    iso = lorc.projection_basis(w, b, 6, moment=identity)
+    svd = lorc.factors(w, b, 6).down
+    iso = lorc.factors(w, b, 6, moment=identity).down
     assert torch.allclose(svd @ svd.T, iso @ iso.T, atol=1e-9)        # the same span
     # inputs large along a few directions the weights scale down
     scales = torch.ones(32, dtype=torch.float64)
@@ -154,14 +210,14 @@ def test_calibrated_basis_follows_the_inputs_and_is_the_svd_for_isotropic_inputs
     k = x @ w.T + b
     moment = lorc.second_moment(x, bias=True)
     assert moment.shape == (33, 33)
-    cal = lorc.projection_basis(w, b, 6, moment=moment)
-    err = {name: float((lorc.rebuild(lorc.project(k, u), u) - k).norm()) for name, u in (("svd", svd), ("cal", cal))}
+    cal = lorc.factors(w, b, 6, moment=moment).down
+    err = {name: float((k @ u @ u.T - k).norm()) for name, u in (("svd", svd), ("cal", cal))}
     assert err["cal"] < 0.5 * err["svd"]
     # PCA of k: the calibrated span is the top eigenvectors of k's second moment
     top = torch.linalg.eigh(k.T @ k).eigenvectors[:, -6:]
     assert torch.allclose(cal @ cal.T, top @ top.T, atol=1e-6)
     with pytest.raises(ValueError, match=r"input moment must be 33 x 33 \(d_model \+ 1 for the bias\), got \(32, 32\)"):
-        lorc.projection_basis(w, b, 6, moment=torch.eye(32))
+        lorc.factors(w, b, 6, moment=torch.eye(32))
 
 
 # ---------------------------------------------------------------- the compiled path
@@ -253,8 +309,11 @@ def test_lorc_cuts_kv_bytes_by_the_ranks_and_explain_reports_them():
     held = [cache.layers[i].keys.store.buffer.shape[-1] for i in range(4)]
     assert held == ranks["k"]
     lengths_bytes = 4 * 2 * 3 * 8
+    sinks_bytes = 4 * 2 * (2 * 4 * 16) * 4             # layers x K/V x (heads x sinks x head dim) x fp32
+    assert gear_compile.kv_breakdown(cache).kinds["exact sinks"] == sinks_bytes
     expected = (sum(ranks["k"]) + sum(ranks["v"])) / (2 * 4 * 32)
-    assert abs((gear_compile.kv_bytes(cache) - lengths_bytes) / (exact - lengths_bytes) - expected) < 0.01
+    held = gear_compile.kv_bytes(cache) - lengths_bytes - sinks_bytes
+    assert abs(held / (exact - lengths_bytes) - expected) < 0.01
     assert gear_compile.kv_bytes(out.past_key_values) > 0
     report = gear_compile.explain(model, ids, method="none", lorc=0.5)
     decode = [s for s in report.sites if s.phase == "decode"]
@@ -294,34 +353,50 @@ def test_lorc_options_are_validated():
     from gear_compile import GearConfig
     with pytest.raises(ValueError, match=r"lorc must be a number in \[0, 1\).*got 1.5"):
         GearConfig(lorc=1.5)
-    with pytest.raises(ValueError, match=r"lorc_schedule must be one of \['progressive', 'uniform'\], got 'linear'"):
+    with pytest.raises(ValueError, match=r"lorc_schedule must be one of \['auto', 'calibrated', 'progressive', "
+                                         r"'uniform'\], got 'linear'"):
         GearConfig(lorc_schedule="linear")
+    with pytest.raises(ValueError, match=r"lorc_sinks must be an integer >= 0, got -1"):
+        GearConfig(lorc=0.5, lorc_sinks=-1)
     assert GearConfig(method="kivi", bits=2, group_size=32, lorc=0.3).rank_unit == 32
 
 
-def test_calibration_reaches_the_compiled_basis():
-    """`lorc.calibrate` records the K/V projections' input moments; the pass
-    then factors on them (the benchmark's calibrated rows are the backend's)."""
+def test_calibration_reaches_the_compiled_factors():
+    """`lorc.calibrate` records the K/V projections' input and gradient
+    moments; the pass then plans loss-aware (the "auto" schedule turns
+    calibrated), as the benchmark does."""
+    import gear_compile
     import lorc as bench
     model = tiny_model("llama")
     text, ids = torch.randint(0, 256, (1, 300)), torch.randint(0, 256, (2, 50))
-    assert lorc.calibrate(model, text) == 4                       # 2 layers x (k_proj, v_proj)
-    assert all(proj.weight in lorc.MOMENTS for pair in bench.kv_projections(model) for proj in pair)
-    moments = [lorc.MOMENTS[k.weight] for k, _ in bench.kv_projections(model)]
-    method = bench.LoRCMethod("x", 0.5, moments=moments)
-    method.setup(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     try:
-        sim = _logits(model, method, ids)
+        assert lorc.calibrate(model, text) == 4                       # 2 layers x (k_proj, v_proj)
+        assert all(torch.equal(p, before[n]) and p.requires_grad and p.grad is None
+                   for n, p in model.named_parameters())
+        for pair in bench.kv_projections(model):
+            for proj in pair:
+                assert lorc.MOMENTS[proj.weight].shape == (64, 64)
+                assert lorc.FISHER[proj.weight].shape == (32, 32) and lorc.FISHER[proj.weight].trace() > 0
+        method = bench.LoRCMethod("x", 0.5)
+        method.setup(model)
+        try:
+            sim = _logits(model, method, ids)
+        finally:
+            method.teardown(model)
+        assert method.ranks["schedule"] == "calibrated"
+        _compiled(model, method="none", lorc=0.5)
+        try:
+            compiled = _logits(model, None, ids)
+        finally:
+            _uncompile(model)
+        assert torch.allclose(compiled, sim, atol=1e-5)
+        report = gear_compile.explain(model, ids, method="none", lorc=0.5)
+        assert all("(calibrated schedule, 4 exact sinks)" in s.reason for s in report.sites if s.rewritten)
     finally:
-        method.teardown(model)
-    _compiled(model, method="none", lorc=0.5)
-    try:
-        compiled = _logits(model, None, ids)
-    finally:
-        _uncompile(model)
-    assert torch.allclose(compiled, sim, atol=1e-5)
-    lorc.MOMENTS.clear()
-    _compiled(model, method="none", lorc=0.5)                     # the weights' basis: different
+        lorc.MOMENTS.clear()
+        lorc.FISHER.clear()
+    _compiled(model, method="none", lorc=0.5)                     # the weights' factors: different
     try:
         assert not torch.allclose(_logits(model, None, ids), sim, atol=1e-4)
     finally:

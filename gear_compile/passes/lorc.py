@@ -11,27 +11,32 @@ What a LoRC site looks like (Llama-style attention, Dynamo's torch-level graph):
 What the rewrite makes of it (`rewrite` calls `prefill_latent`, `rebuild_past`):
 
   prefill: the prompt attends its exact K/V, as without LoRC; the cache holds
-      the latents [B, 1, T, r] = k_lin U_r (`lorc.project`), compressed by the
-      codec of `method` (`gear::kv_prefill`).
+      the latents [B, 1, T, r] = k_lin D (`lorc.project`), compressed by the
+      codec of `method` (`gear::kv_prefill`), and the first `lorc_sinks`
+      tokens' k_pre / v exactly (the store's `sinks`).
   decode: the past is a latent store. K's dequantized latents are rebuilt
-      (times U_r^T, back to [B, H, L, d]) and its RoPE is replayed on them: the
-      nodes between (k_pre, the positions) and k_new are copied with the
-      rebuilt K and the past's positions (the query's position less the
-      past length, plus 0..L-1, per row: left padding is kept), so whatever
-      rotary form the model uses runs unchanged. The rebuilt past takes the
-      past's place in K's cat. V is never rebuilt (`attend_latent_values`):
-      softmax(q K^T) (C U^T) = (softmax(q K^T) C) U^T, so attention runs
-      over the latents C (past and new, as one head every KV head shares)
-      and each query head's output is then multiplied by its rows of U^T.
-      Where the attention is not plain (soft cap, sinks, fp32 upcast) V is
-      rebuilt like K and the model's attention runs as it is. The new
-      tokens' latents are what the graph writes into the buffer.
+      (times U^T, back to [B, H, L, d]), its sink rows are replaced by the
+      exact ones, and its RoPE is replayed on them: the nodes between (k_pre,
+      the positions) and k_new are copied with the rebuilt K and the past's
+      positions (the query's position less the past length, plus 0..L-1,
+      per row: left padding is kept), so whatever rotary form the model uses
+      runs unchanged. The rebuilt past takes the past's place in K's cat. V
+      is never rebuilt (`attend_latent_values`): softmax(q K^T) (C U^T) =
+      (softmax(q K^T) C) U^T, so attention runs over the latents C (past and
+      new, as one head every KV head shares) and each query head's output is
+      then multiplied by its rows of U^T. The sinks ride along as s more
+      value columns, column j one at token j and zero elsewhere, so the
+      attention also returns each sink's probability p_j, and p_j times the
+      sink's residual (its exact V less the V its latent rebuilds) is added.
+      Where the attention is not plain (soft cap, sinks of the model's own,
+      fp32 upcast) V is rebuilt like K and the model's attention runs as it
+      is. The new tokens' latents are what the graph writes into the buffer.
 
-So the cache holds r numbers per token and layer instead of H * d; each
-decode step pays for K's rebuild, L * r * H * d multiply-adds per layer,
-plus its RoPE, while V's attention reads r instead of d numbers per key and
-query head and its up-projection costs T * Hq * r * d (decode speed in
-benchmarks/results/lorc_speed.md).
+So the cache holds r numbers per token and layer instead of H * d (plus
+the s exact sinks); each decode step pays for K's rebuild, L * r * H * d
+multiply-adds per layer, plus its RoPE, while V's attention reads r + s
+instead of d numbers per key and query head and its up-projection costs
+T * Hq * r * d (decode speed in benchmarks/results/lorc_speed.md).
 
 A site takes LoRC only when each of K and V comes from one linear layer
 through that view/transpose chain, K's RoPE (if any) is a function of k_pre
@@ -39,11 +44,10 @@ and one integer position tensor, the past is empty at prefill, and the layer
 keeps its whole past (no sliding window). Otherwise the site is rewritten
 as without LoRC and the report says why LoRC was not applied.
 
-Ranks: over the graph's LoRC sites in order (its layers), from the
-projection weights' condition numbers (`lorc.layer_ranks`), in multiples of
-`GearConfig.rank_unit`; bases from the weights, or from their calibrated
-inputs where `lorc.calibrate` saw them; computed once per set of weights,
-calibration and options.
+Ranks and factors: `lorc.plan` over the graph's LoRC sites in order (its
+layers), in multiples of `GearConfig.rank_unit`, with what `lorc.calibrate`
+recorded for those weights; computed once per set of weights, calibration
+and options.
 Neighbours: `passes.match` (the sites), `passes.rewrite` (emits the nodes),
 `gear_compile.lorc` (bases and ranks), `backend` (hands in the weights).
 """
@@ -54,6 +58,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import lorc
 from ..config import GearConfig, codec_of
@@ -68,14 +73,18 @@ _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 class Projection:
     """One of K or V of a LoRC site: its linear layer's weight and bias
     placeholders, the [B, H, T, d] node the latent is taken from (k_pre / v),
-    and, for K with RoPE, the position tensor its rotary embedding reads."""
+    for K with RoPE the position tensor its rotary embedding reads, and the
+    factors `plan` chose."""
 
     weight: fx.Node
     bias: fx.Node | None
     pre: fx.Node
     positions: fx.Node | None = None
-    rank: int = 0
-    basis: torch.Tensor | None = None
+    factors: lorc.Factors | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.factors.rank
 
 
 @dataclass
@@ -182,40 +191,52 @@ def _positions(cos: fx.Node, tokens):
 
 
 # ---------------------------------------------------------------- planning
-_RANKS: dict = {}       # (weights, options) -> the schedule's (K ranks, V ranks)
-_BASES: dict = {}       # (weight, bias, rank, calibration) -> U_r
+# Cached by the weight tensors themselves (weakly: a freed model's entries go
+# with it, and a new model's tensors at the same addresses never see them),
+# then by their versions (an in-place update replans), calibration and options.
+_PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()       # first K weight -> {key: lorc.Plan}
+_FACTORS: WeakIdKeyDictionary = WeakIdKeyDictionary()     # weight -> {key: lorc.Factors}
 
 
-def plan(sites: list[tuple[AttentionSite, LoRCSite]], weights: dict, config: GearConfig) -> None:
-    """Set each LoRC site's ranks and bases (real `weights` by placeholder).
+def plan(sites: list[tuple[AttentionSite, LoRCSite]], weights: dict, config: GearConfig) -> str:
+    """Set each LoRC site's factors (real `weights` by placeholder); returns
+    the schedule that ran.
 
-    A prefill site takes the schedule's ranks over this graph's layers; a
+    A prefill site takes `lorc.plan`'s ranks over this graph's layers; a
     decode site takes the rank its store already holds, so the two agree
-    however Dynamo splits the model into graphs (the basis depends on the
-    weights and the rank alone)."""
-    pairs = [(weights[s.key.weight], _maybe(weights, s.key.bias), weights[s.value.weight],
-              _maybe(weights, s.value.bias)) for _, s in sites]
-    key = (tuple(t.data_ptr() if t is not None else 0 for p in pairs for t in p),
-           config.lorc, config.lorc_schedule, config.rank_unit)
-    if key not in _RANKS:
-        full = sites[0][1].heads * sites[0][1].head_dim
-        _RANKS[key] = [lorc.layer_ranks([lorc.condition_number(p[i]) for p in pairs], 1.0 - config.lorc,
-                                        full, config.lorc_schedule, config.rank_unit) for i in (0, 2)]
-    for (site, s), (wk, bk, wv, bv), rk, rv in zip(sites, pairs, *_RANKS[key]):
-        if site.key.compressed:
-            rk = _value(site.key.past).store.buffer.shape[-1]
-            rv = _value(site.value.past).store.buffer.shape[-1]
-        s.key.rank, s.key.basis = rk, _basis(wk, bk, rk)
-        s.value.rank, s.value.basis = rv, _basis(wv, bv, rv)
+    however Dynamo splits the model into graphs (the factors depend on the
+    weights, the calibration and the rank alone)."""
+    projections = [((weights[s.key.weight], _maybe(weights, s.key.bias)),
+                    (weights[s.value.weight], _maybe(weights, s.value.bias))) for _, s in sites]
+    tensors = [t for layer in projections for pair in layer for t in pair if t is not None]
+    key = (_identity(tensors), config.lorc, config.lorc_schedule, config.rank_unit)
+    plans = _PLANS.setdefault(tensors[0], {})
+    if key not in plans:
+        plans[key] = lorc.plan(projections, 1.0 - config.lorc, config.lorc_schedule, config.rank_unit)
+    chosen = plans[key]
+    loss_aware = all(w in lorc.FISHER for layer in projections for w, _ in layer)   # as lorc.plan
+    for (site, s), layer, pair in zip(sites, projections, chosen.factors):
+        if not site.key.compressed:
+            s.key.factors, s.value.factors = pair
+            continue
+        for proj, (w, b), past in ((s.key, layer[0], site.key.past), (s.value, layer[1], site.value.past)):
+            proj.factors = _factors(w, b, _value(past).store.buffer.shape[-1], loss_aware)
+    return chosen.schedule
 
 
-def _basis(weight: torch.Tensor, bias: torch.Tensor | None, rank: int) -> torch.Tensor:
-    moment = lorc.MOMENTS.get(weight)
-    key = (weight.data_ptr(), bias.data_ptr() if bias is not None else 0, rank, id(moment))
-    if key not in _BASES:
+def _identity(tensors) -> tuple:
+    """Which tensors, which versions of them, and which calibration of each."""
+    return tuple((id(t), t._version, id(lorc.MOMENTS.get(t)), id(lorc.FISHER.get(t))) for t in tensors)
+
+
+def _factors(weight: torch.Tensor, bias: torch.Tensor | None, rank: int, loss_aware: bool) -> lorc.Factors:
+    moment, fisher = lorc.MOMENTS.get(weight), lorc.FISHER.get(weight) if loss_aware else None
+    key = (_identity([t for t in (weight, bias) if t is not None]), rank, loss_aware)
+    cached = _FACTORS.setdefault(weight, {})
+    if key not in cached:
         with torch.no_grad():
-            _BASES[key] = lorc.projection_basis(weight, bias, rank, moment=moment)
-    return _BASES[key]
+            cached[key] = lorc.factors(weight, bias, rank, moment=moment, fisher=fisher)
+    return cached[key]
 
 
 def _maybe(weights, node):
@@ -223,29 +244,45 @@ def _maybe(weights, node):
 
 
 # ---------------------------------------------------------------- emitting
-def latent(graph: fx.Graph, pre: fx.Node, basis: fx.Node) -> fx.Node:
+def latent(graph: fx.Graph, pre: fx.Node, down: fx.Node) -> fx.Node:
     """[B, H, T, d] -> the latent [B, 1, T, r]: heads back to the projection's
-    [B, T, H * d], times U_r."""
+    [B, T, H * d], times D."""
     lin = graph.call_method("flatten", (graph.call_method("transpose", (pre, 1, 2)), 2))
-    return graph.call_method("unsqueeze", (graph.call_function(torch.matmul, (lin, basis)), 1))
+    return graph.call_method("unsqueeze", (graph.call_function(torch.matmul, (lin, down)), 1))
+
+
+def sinks(graph: fx.Graph, pre: fx.Node, config: GearConfig) -> fx.Node:
+    """The first `lorc_sinks` tokens of [B, H, T, d] (all of them when fewer), a copy."""
+    first = graph.call_function(operator.getitem, (pre, (slice(None), slice(None), slice(0, config.lorc_sinks))))
+    return graph.call_method("clone", (first,))
 
 
 def rebuild_past(graph: fx.Graph, site: LoRCSite, parts: list, config: GearConfig, kind: str,
-                 length, basis: fx.Node, new: fx.Node, pre: fx.Node, positions: fx.Node | None) -> fx.Node:
+                 length, up: fx.Node, new: fx.Node, pre: fx.Node, positions: fx.Node | None) -> fx.Node:
     """The past's K or V [B, H, length, d] from the latent store's inner
-    tensors `parts`; with `positions` (K under RoPE), the nodes from (pre,
-    positions) to `new` replayed on it at the past's positions."""
-    latents = _past_latents(graph, parts, config, kind, length, _value(pre).dtype)
-    lin = graph.call_function(torch.matmul, (graph.call_method("squeeze", (latents, 1)),
-                                             graph.call_method("t", (basis,))))
-    rebuilt = graph.call_method("transpose", (graph.call_method(
-        "unflatten", (lin, -1, (site.heads, site.head_dim))), 1, 2))
+    tensors `parts` (its sinks last: they replace the rebuilt first rows);
+    with `positions` (K under RoPE), the nodes from (pre, positions) to
+    `new` replayed on it at the past's positions."""
+    *store, exact = parts
+    latents = _past_latents(graph, store, config, kind, length, _value(pre).dtype)
+    rebuilt = _heads(graph, site, graph.call_function(torch.matmul, (graph.call_method("squeeze", (latents, 1)),
+                                                                     graph.call_method("t", (up,)))))
+    s = _value(exact).shape[2]
+    if s:
+        rest = graph.call_function(operator.getitem, (rebuilt, (slice(None), slice(None), slice(s, None))))
+        rebuilt = graph.call_function(torch.cat, ([exact, rest],), {"dim": 2})
     if positions is None:
         return rebuilt
     first = graph.call_function(operator.getitem, (positions, (Ellipsis, slice(0, 1))))
     offsets = graph.call_function(torch.arange, (length,), {"device": _value(positions).device})
     past = graph.call_function(operator.add, (graph.call_function(operator.sub, (first, length)), offsets))
     return replay(graph, new, {pre: rebuilt, positions: past})
+
+
+def _heads(graph: fx.Graph, site: LoRCSite, lin: fx.Node) -> fx.Node:
+    """[B, L, H * d] -> [B, H, L, d]."""
+    return graph.call_method("transpose", (graph.call_method("unflatten", (lin, -1, (site.heads, site.head_dim))),
+                                           1, 2))
 
 
 def _past_latents(graph: fx.Graph, parts: list, config: GearConfig, kind: str, length,
@@ -264,26 +301,48 @@ def folds_values(site: AttentionSite, tokens) -> bool:
         (tokens == 1 or not site.is_causal)
 
 
-def up_projection(basis: torch.Tensor, site: LoRCSite, query_heads: int) -> torch.Tensor:
-    """[Hq, r, d]: for each query head, the rows of U_r^T of its KV head."""
-    per_kv = basis.T.reshape(-1, site.heads, site.head_dim).transpose(0, 1)     # [H, r, d]
+def up_projection(up: torch.Tensor, site: LoRCSite, query_heads: int) -> torch.Tensor:
+    """[Hq, r, d]: for each query head, the rows of U^T of its KV head."""
+    per_kv = up.T.reshape(-1, site.heads, site.head_dim).transpose(0, 1)     # [H, r, d]
     return per_kv.repeat_interleave(query_heads // site.heads, dim=0).contiguous()
 
 
 def attend_latent_values(graph: fx.Graph, site: AttentionSite, lo: LoRCSite, q: fx.Node, keys: fx.Node,
                          mask: fx.Node | None, parts: list, new: fx.Node, config: GearConfig, length,
-                         up: fx.Node) -> fx.Node:
+                         up: fx.Node, up_heads: fx.Node) -> fx.Node:
     """softmax(q K^T) (C U^T) = (softmax(q K^T) C) U^T: attention over the
     latents C (the past's, dequantized, then the new tokens'), one head
-    shared by every KV head, then each query head's rows of U^T. V itself is
-    never rebuilt. Returns the [B, Hq, T, d] output."""
-    past = _past_latents(graph, parts, config, "v", length, _value(site.query).dtype)
-    latents = graph.call_function(torch.cat, ([past, new],),
-                                  {"dim": 2})
+    shared by every KV head, then each query head's rows of U^T (`up_heads`).
+    V itself is never rebuilt. The store's sinks (last of `parts`) enter as
+    one-hot value columns whose outputs are their probabilities (module
+    docstring). Returns the [B, Hq, T, d] output."""
+    *store, exact = parts
+    dtype, s = _value(site.query).dtype, _value(exact).shape[2]
+    past = _past_latents(graph, store, config, "v", length, dtype)
+    latents = graph.call_function(torch.cat, ([past, new],), {"dim": 2})
+    if s:
+        tokens = graph.call_function(operator.add, (length, _value(site.value.new).shape[2]))
+        device = _value(site.query).device
+        marks = graph.call_function(operator.eq, (
+            graph.call_method("unsqueeze", (graph.call_function(torch.arange, (tokens,), {"device": device}), 1)),
+            graph.call_function(torch.arange, (s,), {"device": device})))
+        marks = graph.call_method("expand", (graph.call_method("to", (marks, dtype)),
+                                             graph.call_method("size", (latents, 0)), 1, -1, -1))
+        latents = graph.call_function(torch.cat, ([latents, marks],), {"dim": -1})
     values = graph.call_method("expand", (latents, -1, lo.heads, -1, -1))
     out = graph.call_function(torch.nn.functional.scaled_dot_product_attention, (q, keys, values), {
         "attn_mask": mask, "scale": site.scale, "is_causal": bool(site.is_causal), "enable_gqa": True})
-    return graph.call_function(torch.matmul, (out, up))
+    if not s:
+        return graph.call_function(torch.matmul, (out, up_heads))
+    r = lo.value.rank
+    mixed = graph.call_function(operator.getitem, (out, (Ellipsis, slice(0, r))))
+    probs = graph.call_function(operator.getitem, (out, (Ellipsis, slice(r, None))))
+    first = graph.call_function(operator.getitem, (past, (slice(None), 0, slice(0, s))))
+    rebuilt = _heads(graph, lo, graph.call_function(torch.matmul, (first, graph.call_method("t", (up,)))))
+    residual = graph.call_method("repeat_interleave", (graph.call_function(operator.sub, (exact, rebuilt)),
+                                                       _value(site.query).shape[1] // lo.heads), {"dim": 1})
+    return graph.call_function(operator.add, (graph.call_function(torch.matmul, (mixed, up_heads)),
+                                              graph.call_function(torch.matmul, (probs, residual))))
 
 
 def replay(graph: fx.Graph, target: fx.Node, substitutes: dict) -> fx.Node:

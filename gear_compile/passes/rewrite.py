@@ -13,7 +13,7 @@ For each rewritable site (see `passes.match`):
       (`buffer_write`): no host work, no branch. With several, the graph
       returns the new tokens and the runtime appends them.
   LoRC (`passes.lorc`): prefill stores each K/V's latent instead of the
-      K/V; decode rebuilds the past K from its latents in front of its cat,
+      K/V, and its first tokens exactly (the store's sinks); decode rebuilds the past K from its latents in front of its cat,
       attends V's latents and up-projects the output (or, where attention
       is not plain, rebuilds V too and leaves the attention as it is), then
       writes the new tokens' latents.
@@ -165,13 +165,16 @@ class _Rewriter:
         for append, proj, kind in ((site.key, lo.key, "k"), (site.value, lo.value, "v")):
             stored = self.node(append.stored)
             with self.graph.inserting_before(stored.next):     # in order, after the cat
-                x = lorc_pass.latent(self.graph, self.node(proj.pre), self.constant(proj.basis))
+                pre = self.node(proj.pre)
+                x = lorc_pass.latent(self.graph, pre, self.constant(proj.factors.down))
                 parts = self.graph.call_function(torch.ops.gear.kv_prefill.default,
                                                  (x, self.config.codec.to_json(), kind, False))
-            pre = _value(proj.pre)
-            n_pre = self.config.prefill_tokens(int(pre.shape[2]))
-            n = len(StoreLayout.build(self.config, kind, proj.rank, pre.dtype, n_pre).names)
-            self.replaced[stored] = (PrefillOut(kind, n, pre.dtype, None, (lo.heads, lo.head_dim)), parts)
+                dtype = _value(proj.pre).dtype
+                n_pre = self.config.prefill_tokens(int(_value(proj.pre).shape[2]))
+                n = len(StoreLayout.build(self.config, kind, proj.rank, dtype, n_pre).names)
+                outputs = [self.graph.call_function(operator.getitem, (parts, i)) for i in range(n)]
+                outputs.append(lorc_pass.sinks(self.graph, pre, self.config))
+            self.replaced[stored] = (PrefillOut(kind, n + 1, dtype, None, (lo.heads, lo.head_dim)), outputs)
 
     def lorc_decode(self, site: AttentionSite, lo: lorc_pass.LoRCSite) -> None:
         tokens = _value(site.key.new).shape[2]
@@ -184,22 +187,21 @@ class _Rewriter:
             if kind == "v" and fold:
                 out = self.node(site.output)
                 with self.graph.inserting_before(out):
-                    basis = self.constant(proj.basis)
-                    new = lorc_pass.latent(self.graph, self.node(proj.pre), basis)
+                    new = lorc_pass.latent(self.graph, self.node(proj.pre), self.constant(proj.factors.down))
+                    up_heads = lorc_pass.up_projection(proj.factors.up, lo, _value(site.query).shape[1])
                     attn = lorc_pass.attend_latent_values(
                         self.graph, site, lo, self.node(site.query), self.node(site.key.node),
                         self.node(site.mask), parts, new, self.config, length,
-                        self.constant(lorc_pass.up_projection(proj.basis, lo, _value(site.query).shape[1])))
+                        self.constant(proj.factors.up), self.constant(up_heads))
                     if written:
                         self.write_latent(proj, kind, parts, new)
                 out.replace_all_uses_with(attn)
             else:
                 with self.graph.inserting_before(cat):
-                    basis = self.constant(proj.basis)
-                    rebuilt = lorc_pass.rebuild_past(self.graph, lo, parts, self.config, kind, length, basis,
-                                                     self.node(append.new), self.node(proj.pre),
-                                                     self.node(proj.positions))
-                    new = lorc_pass.latent(self.graph, self.node(proj.pre), basis)
+                    rebuilt = lorc_pass.rebuild_past(self.graph, lo, parts, self.config, kind, length,
+                                                     self.constant(proj.factors.up), self.node(append.new),
+                                                     self.node(proj.pre), self.node(proj.positions))
+                    new = lorc_pass.latent(self.graph, self.node(proj.pre), self.constant(proj.factors.down))
                 cat.replace_input_with(past, rebuilt)
                 with self.graph.inserting_before(cat.next):
                     if written:
@@ -268,7 +270,9 @@ class _Rewriter:
         for value in output.args[0]:
             spec, extra = self.replaced.get(value, (TensorOut(), value))
             plan.outputs.append(spec)
-            if isinstance(spec, PrefillOut):
+            if isinstance(spec, PrefillOut) and isinstance(extra, list):    # the nodes themselves
+                new_outputs += extra
+            elif isinstance(spec, PrefillOut):
                 with graph.inserting_before(output):
                     new_outputs += [graph.call_function(operator.getitem, (extra, i))
                                     for i in range(spec.parts)]
