@@ -20,9 +20,11 @@ method). Methods:
   gear4-kcvt      gear4 over the KCVT backbone (the 4-bit default above head dim 64)
   kivi2           gear_compile.compile(model, method="kivi", bits=2)
   quanto4         transformers' QuantizedCache (optimum-quanto, 4 bits), no compile
-  lorc50          gear_compile.compile(model, method="none", lorc=0.5): LoRC alone
-                  (half the K/V dims; the past rebuilt from latents every step)
-  gear4-lorc50    gear_compile.compile(model, method="gear", bits=4, lorc=0.5)
+  lorc30          gear_compile.compile(model, method="none", lorc=0.3): LoRC alone
+                  (30 % of the K/V dims removed; the past K rebuilt from latents
+                  every step), calibrated first on 2,048 tokens of Emma's dev
+                  passage (`gear_compile.lorc.calibrate`, quality_data)
+  gear4-lorc30    gear_compile.compile(model, method="gear", bits=4, lorc=0.3), calibrated
 
 Two measurements per (P, B) cell:
 
@@ -80,8 +82,8 @@ METHODS = {
     "gear2": dict(method="gear", bits=2),
     "kivi2": dict(method="kivi", bits=2),
     "quanto4": {"peer": 4},
-    "lorc50": dict(method="none", lorc=0.5),
-    "gear4-lorc50": dict(method="gear", bits=4, lorc=0.5),
+    "lorc30": dict(method="none", lorc=0.3),
+    "gear4-lorc30": dict(method="gear", bits=4, lorc=0.3),
 }
 GPU_MODELS = {   # LlamaConfig fields
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -154,6 +156,14 @@ def setup(model, method: str, device: str):
         from transformers import QuantizedCache
         return lambda: QuantizedCache(backend="quanto", config=model.config, nbits=options["peer"])
     elif options is not None:
+        if options.get("lorc"):
+            sys.path.insert(0, str(HERE))
+            import quality_data as qd
+            from transformers import AutoTokenizer
+
+            from gear_compile.models import SMOLLM2_GGUF, smollm2_dir
+            tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+            gear_compile.lorc.calibrate(model, qd.Corpus(tokenizer, False).passage("dev", 2048))
         gear_compile.compile(model, **options)
     return lambda: DynamicCache(config=model.config)
 
