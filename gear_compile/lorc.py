@@ -22,11 +22,12 @@ them, each optimal for its objective:
                of the loss increase. It weighs K's directions by what the
                queries read and V's by what the output projection and the
                layers above read, which the input moment cannot see.
-Measured on SmolLM2-135M (benchmarks/results/lorc.md): removing 60 % of K
-and V with the weights' basis took perplexity from 34.9 to 27,411; with the
-input moment to 44.9 (+28.6 %). The loss-aware factors with the calibrated
-schedule and sinks (below) are the backend's default when `calibrate` has
-seen the model.
+Measured on SmolLM2-135M (benchmarks/results/lorc.md, P = 64): removing
+60 % of K and V with the weights' factors took perplexity from 34.9 to
+27,411; with the input moment (and 8,192 calibration tokens) +25.1 %; loss-
+aware, under the calibrated schedule (below), +16.6 %, and with the sinks
+kept exact (below) +8.5 %. Those three are the backend's default once
+`calibrate` has seen the model.
 
 `calibrate(model, input_ids)` runs the model forward and backward over the
 text and records C (`MOMENTS`) and F (`FISHER`) for the K/V projections, by
@@ -34,8 +35,9 @@ weight; `plan` uses them wherever they exist.
 
 Sinks. The first `sinks` tokens of a sequence take most of the attention
 (attention sinks) and their K/V are outliers no basis fitted on the rest
-represents: on SmolLM2, V alone at 70 % rank costs +11.8 % perplexity with
-the first token rebuilt and +2.2 % with it kept exact. A LoRC cache keeps
+represents: on SmolLM2 (every V at 70 % rank, K exact, a teacher-forced
+pass) perplexity rose +11.8 % with the first token rebuilt and +2.2 % with it
+kept exact. A LoRC cache keeps
 its first `sinks` tokens' K and V exact beside the latents (`passes.lorc`).
 
 Ranks (`plan`). keep = 1 - lorc is the fraction of the K/V cache kept.
@@ -65,8 +67,9 @@ Per layer or per KV head. `per="layer"` factors the whole [H_kv * d] output
 (one latent shared by the layer's heads); `per="head"` factors each head's
 [d] block (H_kv latents of r / H_kv each; the moment bases only). At equal
 bytes the per-layer factorisation is never worse on its objective (a
-per-head basis is one particular per-layer basis), and on SmolLM2 per head
-cost 2-3x the perplexity (lorc.md); the backend factors per layer.
+per-head basis is one particular per-layer basis), and on SmolLM2 at 60 %
+(input-moment bases, P = 64) per head cost +57.8 % with the sinks exact,
+per layer +25.1 % without them (lorc.md); the backend factors per layer.
 
 Neighbours: `passes.lorc` (the graph rewrite that caches the latents),
 `benchmarks/lorc.py` (evaluation on SmolLM2).
