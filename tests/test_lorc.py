@@ -440,3 +440,23 @@ def test_calibration_reaches_the_compiled_factors():
         _uncompile(model)
     with pytest.raises(ValueError, match=r"no torch.nn.Linear named \['qkv'\]"):
         lorc.calibrate(model, text, names=("qkv",))
+
+
+def test_two_models_with_different_ranks_in_one_process():
+    """The second model's decode graph sees stores of other ranks through the
+    same code: Dynamo makes the rank a symbol, and the plan reads it as the
+    int it is (a SymInt used to reach the factor cache and fail)."""
+    first, second = tiny_model("llama"), tiny_model("llama", seed=1)
+    ids = torch.randint(0, 256, (1, 20))
+    try:
+        for model, removed in ((first, 0.5), (second, 0.25)):
+            import gear_compile
+            gear_compile.compile(model, inductor=False, method="none", lorc=removed)
+            cache = model.generate(ids, max_new_tokens=4, do_sample=False,
+                                   return_dict_in_generate=True).past_key_values
+            ranks = [layer.keys.store.buffer.shape[-1] for layer in cache.layers]
+            assert sum(ranks) == 32 * (1 - removed) * len(ranks)
+    finally:
+        for model in (first, second):
+            model.__dict__.pop("forward", None)
+        torch._dynamo.reset()

@@ -36,7 +36,7 @@ So the cache holds r numbers per token and layer instead of H * d (plus
 the s exact sinks); each decode step pays for K's rebuild, L * r * H * d
 multiply-adds per layer, plus its RoPE, while V's attention reads r + s
 instead of d numbers per key and query head and its up-projection costs
-T * Hq * r * d (decode speed in benchmarks/results/lorc_speed.md).
+T * Hq * r * d (decode speed: benchmarks/results/lorc_generate_throughput_cpu.md).
 
 A site takes LoRC only when each of K and V comes from one linear layer
 through that view/transpose chain, K's RoPE (if any) is a function of k_pre
@@ -49,7 +49,7 @@ layers), in multiples of `GearConfig.rank_unit`, with what `lorc.calibrate`
 recorded for those weights; computed once per set of weights, calibration
 and options.
 Neighbours: `passes.match` (the sites), `passes.rewrite` (emits the nodes),
-`gear_compile.lorc` (bases and ranks), `backend` (hands in the weights).
+`gear_compile.lorc` (factors and ranks), `backend` (hands in the weights).
 """
 from __future__ import annotations
 
@@ -226,7 +226,8 @@ def plan(sites: list[tuple[AttentionSite, LoRCSite]], weights: dict, config: Gea
             s.key.factors, s.value.factors = pair
             continue
         for proj, (w, b), past in ((s.key, layer[0], site.key.past), (s.value, layer[1], site.value.past)):
-            proj.factors = _factors(w, b, _value(past).store.buffer.shape[-1], loss_aware)
+            rank = int(_value(past).store.buffer.shape[-1])   # a SymInt where another model's ranks differ
+            proj.factors = _factors(w, b, rank, loss_aware)
     return chosen.schedule
 
 

@@ -13,10 +13,11 @@ For each rewritable site (see `passes.match`):
       (`buffer_write`): no host work, no branch. With several, the graph
       returns the new tokens and the runtime appends them.
   LoRC (`passes.lorc`): prefill stores each K/V's latent instead of the
-      K/V, and its first tokens exactly (the store's sinks); decode rebuilds the past K from its latents in front of its cat,
-      attends V's latents and up-projects the output (or, where attention
-      is not plain, rebuilds V too and leaves the attention as it is), then
-      writes the new tokens' latents.
+      K/V, and its first tokens exactly (the store's sinks); decode rebuilds
+      the past K from its latents in front of its cat, attends V's latents
+      and up-projects the output (or, where attention is not plain, rebuilds
+      V too and leaves the attention as it is), then writes the new tokens'
+      latents.
   sliding window (the cache keeps cat[:, :, -keep:]): prefill compresses
       the kept tokens into n_b blocks (streamed: no prefill block); decode
       attends the whole store, whose tokens older than the layer's mask are
