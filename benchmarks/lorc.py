@@ -98,7 +98,8 @@ class LoRCMethod:
                 def hook(module, args, out, l=l, i=i):
                     latent = lorc.project(out, self.plan.factors[l][i])     # [B, T, r] or [B, T, H, r/H]
                     self.pending[l, i] = latent.unsqueeze(1) if latent.dim() == 3 else latent.transpose(1, 2)
-                    self.exact.setdefault((l, i), out[:, :self.sinks].clone())   # the prefill's first tokens
+                    if (l, i) not in self.exact:                                # the prefill's first tokens
+                        self.exact[l, i] = out[:, :self.sinks].clone()
                 self.hooks.append(proj.register_forward_hook(hook))
         self.rotary, self.kv_heads = model.model.rotary_emb, model.config.num_key_value_heads
 

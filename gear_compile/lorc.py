@@ -104,11 +104,13 @@ class Factors:
 @dataclass(frozen=True)
 class Plan:
     """What `plan` chose: the schedule it ran ("auto" resolved), each
-    layer's K and V ranks, and their factors."""
+    layer's K and V ranks, their factors, and whether those are loss-aware
+    (the factors of other ranks for the same weights must be made alike)."""
 
     schedule: str
     ranks: tuple[list[int], list[int]]
     factors: list[tuple[Factors, Factors]]
+    loss_aware: bool
 
 
 def affine(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -293,7 +295,7 @@ def plan(projections: list, keep: float, schedule: str = "auto", multiple: int =
                             FISHER[w] if loss_aware else None)
                     for (w, b), r in zip(layer, (rk, rv)))
               for layer, rk, rv in zip(projections, *ranks)]
-    return Plan(schedule, ranks, fs)
+    return Plan(schedule, ranks, fs, loss_aware)
 
 
 def calibrated_ranks(spectra: list[torch.Tensor], keep: float, full: int, multiple: int = 8) -> list[int]:

@@ -220,14 +220,13 @@ def plan(sites: list[tuple[AttentionSite, LoRCSite]], weights: dict, config: Gea
                           "27,411); run gear_compile.lorc.calibrate(model, input_ids) on some text first",
                           stacklevel=2)
     chosen = plans[key]
-    loss_aware = all(w in lorc.FISHER for layer in projections for w, _ in layer)   # as lorc.plan
     for (site, s), layer, pair in zip(sites, projections, chosen.factors):
         if not site.key.compressed:
             s.key.factors, s.value.factors = pair
             continue
         for proj, (w, b), past in ((s.key, layer[0], site.key.past), (s.value, layer[1], site.value.past)):
             rank = int(_value(past).store.buffer.shape[-1])   # a SymInt where another model's ranks differ
-            proj.factors = _factors(w, b, rank, loss_aware)
+            proj.factors = _factors(w, b, rank, chosen.loss_aware)
     return chosen.schedule
 
 
