@@ -210,8 +210,8 @@ def factors(weight: torch.Tensor, bias: torch.Tensor | None, rank: int, heads: i
     if fisher is None:
         u = _leading(ck, rank).to(weight.dtype)
         return Factors(u, u)
-    w = _psd_sqrt(fisher.to(torch.float64))
-    down = w @ _leading(w @ ck @ w, rank)
+    w, weighted = _loss_weighted(ck, fisher)
+    down = w @ _leading(weighted, rank)
     up = torch.linalg.solve(down.T @ ck @ down, (ck @ down).T).T
     return Factors(down.to(weight.dtype), up.to(weight.dtype))
 
@@ -220,8 +220,15 @@ def loss_spectrum(weight: torch.Tensor, bias: torch.Tensor | None, moment: torch
                   fisher: torch.Tensor) -> torch.Tensor:
     """The eigenvalues of F^(1/2) C_k F^(1/2), largest first: the estimated
     loss each dim of the loss-aware latent saves (`calibrated_ranks`)."""
+    _, weighted = _loss_weighted(_output_moment(weight, bias, moment), fisher)
+    return torch.linalg.eigvalsh(weighted).flip(-1).clamp(min=0)
+
+
+def _loss_weighted(ck: torch.Tensor, fisher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F^(1/2), F^(1/2) C_k F^(1/2)): the loss-aware objective's weight and
+    the moment whose leading eigenvectors it keeps."""
     w = _psd_sqrt(fisher.to(torch.float64))
-    return torch.linalg.eigvalsh(w @ _output_moment(weight, bias, moment) @ w).flip(-1).clamp(min=0)
+    return w, w @ ck @ w
 
 
 def _output_moment(weight, bias, moment):
