@@ -9,8 +9,8 @@ undoes its setup (`teardown`) and measures the bytes its cache holds
             DynamicCache that the compiled forward fills with CompressedKV.
   sim       the same codec without the backend (eager): a cache layer that keeps
             a `gear_compile.store.KVStore` per K/V (prefill block
-            compressed, n_b-token streaming buffer, blocks compressed at each
-            flush) and hands attention the store's reconstruction followed by
+            compressed, its first sink_tokens exact, n_b-token streaming
+            buffer, blocks compressed at each flush) and hands attention the store's reconstruction followed by
             the step's own exact K/V (the block that a step fills is compressed
             after its attention). The prompt's own forward attends to its exact
             K/V: checked against the compiled path (see quality.py --check-sim). Used for the long runs because it is ~10x faster here.
@@ -142,6 +142,7 @@ class GearSimLayer(DynamicLayer):
                 continue
             if self.rec[i] is None:
                 pre = seg_dequantize(st.prefill, st.p_layout, n_pre, st.dtype)
+                pre = torch.cat([st.sink.to(st.dtype), pre[:, :, st.sink.shape[2]:]], dim=2)
                 self.pre = getattr(self, "pre", [None, None])
                 self.pre[i] = pre
             dec = seg_dequantize(st.decode, st.d_layout, n_dec, st.dtype)

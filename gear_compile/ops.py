@@ -50,7 +50,8 @@ def _kv_prefill_fake(x, config, kind, streamed=False):
     B, H, P, D = x.shape
     cfg = CodecConfig.from_json(config).for_head_dim(D)
     # The prefill block's outlier count depends on its length: specialise on it.
-    layout = StoreLayout.build(cfg, kind, D, x.dtype, 0 if streamed else cfg.prefill_tokens(int(P)))
+    n_pre = 0 if streamed else cfg.prefill_tokens(int(P))
+    layout = StoreLayout.build(cfg, kind, D, x.dtype, n_pre, cfg.sinks(n_pre))
     shapes = layout.shapes(B, H, cfg.decode_capacity_for(cfg.streamed_tokens(int(P)) if streamed else 0))
     return [x.new_empty(shape, dtype=dtype) for shape, dtype in shapes]
 

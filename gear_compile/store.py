@@ -6,6 +6,10 @@ A store holds
             the decode blocks and in the buffer (read by attention kernels)
   buffer    [B, H, n_b, D] exact: the newest tokens, in `CodecConfig.held_dtype`
             of the model's (fp16 for an fp32 model)
+  sink      [B, H, s, D] exact, in the same dtype: the prompt's first s tokens
+            (`CodecConfig.sink_tokens`). They shadow the prefill block's first
+            s tokens, which were compressed as copies of token s so that no
+            group's range stretches to them: readers take tokens < s from here
   p_<part>  the prefill block (one block of P tokens, rank r_p), `segment`
   d_<part>  n_b-token decode blocks (rank r_g) in a reserved capacity
 
@@ -21,7 +25,8 @@ writes each new token into the buffer and bumps `lengths` itself, and the
 runtime, which knows how many tokens each call appended, compresses the
 buffer into the decode segment once it holds n_b tokens (`flush_stores`:
 every full store of a call in one batched compression). Old blocks are never
-touched again.
+touched again. The sinks' count is the sink tensor's length (at most the
+prefill block's).
 Neighbours: `segment` (the codec and layout of a segment), `compressed_kv`
 (the tensor subclass that carries a store), `runtime` (calls `flush_stores`),
 `ops` and `kernels` (read stores).
@@ -38,11 +43,11 @@ from .packing import ceil_div
 from .config import CodecConfig, codec_of
 from .segment import Segment, SegmentLayout, compress, dequantize
 
-HEAD = ("lengths", "buffer")
+HEAD = ("lengths", "buffer", "sink")
 # What a store's bytes hold (`KVStore.breakdown`); the last two kinds before
 # the lengths are reserved room, the rest is in use.
-BYTE_KINDS = ("codes", "scale/zero", "low-rank", "outliers", "buffer held", "unused capacity",
-              "buffer empty", "lengths")
+BYTE_KINDS = ("codes", "scale/zero", "low-rank", "outliers", "exact sinks", "buffer held",
+              "unused capacity", "buffer empty", "lengths")
 RESERVED_KINDS = ("unused capacity", "buffer empty")
 _KIND_OF_PART = {"codes": "codes", "scale": "scale/zero", "zero": "scale/zero", "lr_a": "low-rank",
                  "lr_b": "low-rank", "lr_s": "low-rank", "out_val": "outliers", "out_idx": "outliers",
@@ -63,16 +68,18 @@ class StoreLayout:
     buffer_tokens: int
     head_dim: int
     dtype: torch.dtype
+    sink_tokens: int = 0
 
     @classmethod
     def build(cls, config: CodecConfig, kind: str, head_dim: int, dtype: torch.dtype,
-              prefill_tokens: int) -> StoreLayout:
+              prefill_tokens: int, sink_tokens: int = 0) -> StoreLayout:
         """The layout of a store of K/V of `dtype` (held in `config.held_dtype(dtype)`)."""
         config = codec_of(config).for_head_dim(head_dim)
         dtype = config.held_dtype(dtype)
-        if isinstance(head_dim, int) and isinstance(prefill_tokens, int):
-            return _layout(config, kind, head_dim, dtype, prefill_tokens)
-        return _layout.__wrapped__(config, kind, head_dim, dtype, prefill_tokens)   # tracing: SymInts
+        args = (config, kind, head_dim, dtype, prefill_tokens, sink_tokens)
+        if all(isinstance(a, int) for a in (head_dim, prefill_tokens, sink_tokens)):
+            return _layout(*args)
+        return _layout.__wrapped__(*args)   # tracing: SymInts
 
     @functools.cached_property
     def names(self) -> tuple[str, ...]:
@@ -82,7 +89,8 @@ class StoreLayout:
     def shapes(self, batch: int, heads: int, capacity) -> list[tuple[tuple, torch.dtype]]:
         """(shape, dtype) of every inner tensor, in order, for a decode capacity
         of `capacity` tokens."""
-        out = [((3,), torch.int64), ((batch, heads, self.buffer_tokens, self.head_dim), self.dtype)]
+        out = [((3,), torch.int64), ((batch, heads, self.buffer_tokens, self.head_dim), self.dtype),
+               ((batch, heads, self.sink_tokens, self.head_dim), self.dtype)]
         for seg, tokens in ((self.prefill, self.prefill.block), (self.decode, capacity)):
             out += list(seg.shapes(batch, heads, tokens).values())
         return out
@@ -94,12 +102,14 @@ class StoreLayout:
     @functools.cached_property
     def kernel_descriptor(self) -> tuple[int, ...]:
         """What the CPU kernel needs beyond the tensors: [index of lengths,
-        index of buffer] then KERNEL_FIELDS for the prefill block, the decode
-        blocks and the buffer (group 0: the whole block; block 0: the whole
-        segment; out_shift: outlier counts are in 2^-out_shift steps; rank and
-        outlier counts are read from the shapes)."""
+        index of buffer] then KERNEL_FIELDS for the sinks, the prefill block,
+        the decode blocks and the buffer (group 0: the whole block; block 0:
+        the whole segment; out_shift: outlier counts are in 2^-out_shift
+        steps; rank and outlier counts are read from the shapes)."""
         names = self.names
+        exact = [1, 16, 0, 1, 0, 0]
         out = [names.index("lengths"), names.index("buffer")]
+        out += exact + [names.index("sink")] + [-1] * (len(KERNEL_PARTS) - 1)
         for prefix, seg in (("p_", self.prefill), ("d_", self.decode)):
             whole = seg is self.prefill
             group = 0 if seg.spec.axis == "channel" and seg.spec.group is None else \
@@ -107,13 +117,13 @@ class StoreLayout:
             out += [int(seg.exact), seg.spec.bits, int(seg.spec.axis == "channel"), group,
                     0 if whole else seg.block, outliers.unit_shift(seg.spec.bits)]
             out += [names.index(prefix + f) if prefix + f in names else -1 for f in KERNEL_PARTS]
-        out += [1, 16, 0, 1, 0, 0, names.index("buffer")] + [-1] * (len(KERNEL_PARTS) - 1)
+        out += exact + [names.index("buffer")] + [-1] * (len(KERNEL_PARTS) - 1)
         return tuple(out)
 
 
 @functools.lru_cache(maxsize=256)
 def _layout(config: CodecConfig, kind: str, head_dim: int, dtype: torch.dtype,
-            prefill_tokens: int) -> StoreLayout:
+            prefill_tokens: int, sink_tokens: int) -> StoreLayout:
     spec = config.key_spec() if kind == "k" else config.value_spec()
     s = config.outliers
 
@@ -127,7 +137,7 @@ def _layout(config: CodecConfig, kind: str, head_dim: int, dtype: torch.dtype,
     prefill_block = prefill_tokens if prefill_tokens > 0 else (spec.group or 1)
     return StoreLayout(kind, segment(prefill_block, config.rank_prefill),
                        segment(config.block_size, config.rank_decode),
-                       config.block_size, head_dim, dtype)
+                       config.block_size, head_dim, dtype, sink_tokens)
 
 
 class KVStore:
@@ -135,30 +145,34 @@ class KVStore:
     host copy of its lengths. logical: (heads, head_dim) of the dense K/V
     the store stands for when it holds something else (LoRC latents, one
     "head" of the layer's rank: `passes.lorc`); None: its own. A LoRC store
-    has one more tensor, last: `sinks` [B, heads, s, head_dim], its first s
-    tokens' K (before RoPE) or V kept exact. dtype: the dense K/V's (None:
-    the buffer's; it holds fp32 K/V in fp16)."""
+    has one more tensor, last: `lorc_sinks` [B, heads, s, head_dim], its
+    first s tokens' K (before RoPE) or V kept exact. dtype: the dense K/V's
+    (None: the buffer's; it holds fp32 K/V in fp16)."""
 
     def __init__(self, config: CodecConfig, kind: str, tensors: list[torch.Tensor],
                  counts: list[int] | None = None, logical: tuple[int, int] | None = None,
                  dtype: torch.dtype | None = None):
-        buffer, p_codes = tensors[1], tensors[2]
+        buffer, sink, p_codes = tensors[1:len(HEAD) + 1]
         self.config, self.kind, self.logical = codec_of(config).for_head_dim(buffer.shape[-1]), kind, logical
         self.dtype = dtype or buffer.dtype
-        self.layout = StoreLayout.build(config, kind, buffer.shape[-1], buffer.dtype, p_codes.shape[2])
+        self.layout = StoreLayout.build(config, kind, buffer.shape[-1], buffer.dtype, p_codes.shape[2],
+                                        sink.shape[2])
         self._tensors = list(tensors)
         self._counts = list(counts) if counts is not None else None
         if len(tensors) != len(self.layout.names) + (logical is not None):
             raise ValueError(f"KVStore: {len(tensors)} tensors for the {len(self.layout.names)} of "
                              f"{self.layout.names}{' and the LoRC sinks' if logical else ''}")
-        n_pre = len(self.layout.prefill.part_names)
-        self.prefill = Segment(**dict(zip(self.layout.prefill.part_names, tensors[2:2 + n_pre])))
+        self.prefill = Segment(**dict(zip(self.layout.prefill.part_names, tensors[self._segment_at(0):])))
         self.decode = Segment(**dict(zip(self.layout.decode.part_names,
-                                         tensors[2 + n_pre:len(self.layout.names)])))
+                                         tensors[self._segment_at(1):len(self.layout.names)])))
+
+    def _segment_at(self, segment: int) -> int:
+        """Index of the first tensor of the prefill (0) or decode (1) segment."""
+        return len(HEAD) + segment * len(self.layout.prefill.part_names)
 
     # -- the flat list ----------------------------------------------------
     def tensor_names(self) -> tuple[str, ...]:
-        return self.layout.names + (("sinks",) if self.logical is not None else ())
+        return self.layout.names + (("lorc_sinks",) if self.logical is not None else ())
 
     def tensors(self) -> list[torch.Tensor]:
         return self._tensors
@@ -172,7 +186,12 @@ class KVStore:
         return self._tensors[1]
 
     @property
-    def sinks(self) -> torch.Tensor | None:
+    def sink(self) -> torch.Tensor:
+        """The exact sink tokens [B, H, s, D] (s may be 0)."""
+        return self._tensors[2]
+
+    @property
+    def lorc_sinks(self) -> torch.Tensor | None:
         """A LoRC store's exact first tokens (class docstring); None otherwise."""
         return self._tensors[-1] if self.logical is not None else None
 
@@ -206,8 +225,8 @@ class KVStore:
         """The bytes held (`nbytes`), by what they hold (`BYTE_KINDS`): each
         segment part's rows in use under its kind, the decode rows reserved
         but not yet filled under "unused capacity", the buffer's held and
-        empty token slots, the lengths, and a LoRC store's "exact sinks".
-        The values sum to `nbytes`."""
+        empty token slots, the lengths, and the exact sinks (with a LoRC
+        store's). The values sum to `nbytes`."""
         out = dict.fromkeys(BYTE_KINDS, 0)
         _, n_dec, n_buf = self.counts()
         for seg, layout, tokens in ((self.prefill, self.layout.prefill, None),
@@ -222,26 +241,33 @@ class KVStore:
         out["buffer held"] = n_buf * per_token
         out["buffer empty"] = (self.buffer.shape[2] - n_buf) * per_token
         out["lengths"] = self.lengths.numel() * self.lengths.element_size()
-        if self.sinks is not None:
-            out["exact sinks"] = self.sinks.numel() * self.sinks.element_size()
+        for t in (self.sink, self.lorc_sinks):
+            out["exact sinks"] += 0 if t is None else t.numel() * t.element_size()
         return out
 
     # -- building (eager; `ops.kv_prefill` wraps it) ----------------------
     @classmethod
     def from_prefill(cls, x: torch.Tensor, config: CodecConfig, kind: str,
                      check_finite: bool = False, streamed: bool = False) -> KVStore:
-        """Compress x [B, H, P, D]: whole groups form the prefill block, the rest
-        goes to the buffer. streamed: no prefill block; whole n_b blocks go to
-        the decode segment, as if the prompt had been decoded token by token
-        (a sliding-window layer, whose oldest blocks then leave the window one
-        at a time: `forget`)."""
+        """Compress x [B, H, P, D]: whole groups form the prefill block (its
+        first `sink_tokens` also held exact), the rest goes to the buffer.
+        streamed: no prefill block; whole n_b blocks go to the decode segment,
+        as if the prompt had been decoded token by token (a sliding-window
+        layer, whose oldest blocks then leave the window one at a time:
+        `forget`)."""
         B, H, P, D = x.shape
         config = codec_of(config).for_head_dim(D)
         n_pre = 0 if streamed else config.prefill_tokens(P)
         n_dec = config.streamed_tokens(P) if streamed else 0
-        layout = StoreLayout.build(config, kind, D, x.dtype, n_pre)
+        n_sink = config.sinks(n_pre)
+        layout = StoreLayout.build(config, kind, D, x.dtype, n_pre, n_sink)
+        sink = x[:, :, :n_sink].to(layout.dtype, copy=True)
         if n_pre:
-            prefill = compress(x[:, :, :n_pre], layout.prefill, check_finite=check_finite)
+            block = x[:, :, :n_pre]
+            if n_sink < n_pre:           # the sinks' places: copies of the next token
+                block = torch.cat([block[:, :, n_sink:n_sink + 1].expand(-1, -1, n_sink, -1),
+                                   block[:, :, n_sink:]], dim=2)
+            prefill = compress(block, layout.prefill, check_finite=check_finite)
         else:
             prefill = Segment.empty(layout.prefill, B, H, 0, x.device)
         decode = Segment.empty(layout.decode, B, H, config.decode_capacity_for(n_dec), x.device)
@@ -252,7 +278,8 @@ class KVStore:
         rem = P - n_pre - n_dec
         buffer[:, :, :rem] = x[:, :, n_pre + n_dec:]
         lengths = torch.tensor([n_pre, n_dec, rem], dtype=torch.int64, device=x.device)
-        tensors = [lengths, buffer] + list(prefill.parts().values()) + list(decode.parts().values())
+        tensors = [lengths, buffer, sink] + list(prefill.parts().values()) + \
+            list(decode.parts().values())
         return cls(config, kind, tensors, [n_pre, n_dec, rem], dtype=x.dtype)
 
     # -- appending --------------------------------------------------------
@@ -290,8 +317,7 @@ class KVStore:
         n_b = self.layout.decode.block
         extra = max(min_free - free, self.capacity // 4)
         self.decode = self.decode.resized(self.layout.decode, self.capacity + ceil_div(extra, n_b) * n_b)
-        self._tensors[2 + len(self.layout.prefill.part_names):len(self.layout.names)] = \
-            list(self.decode.parts().values())
+        self._tensors[self._segment_at(1):len(self.layout.names)] = list(self.decode.parts().values())
 
     def forget(self, keep: int) -> None:
         """Drop compressed tokens no query will see again: a sliding-window
@@ -333,12 +359,12 @@ class KVStore:
         """The first `length` tokens, as speculative decoding's rollback needs.
 
         In the prefill block or the buffer the crop is exact: only the counts
-        shrink (the prefill block is never written again, so a shorter valid
-        length is all it takes). In the decode blocks, the blocks before the
-        crop point stay as they are and the cut block is re-opened: its kept
-        tokens (fewer than n_b) are rebuilt into the buffer, to be compressed
-        again when the buffer next fills; no other token is ever
-        recompressed. The result shares its compressed parts with this store
+        shrink, and the sinks if it cuts them (the prefill block is never
+        written again, so a shorter valid length is all it takes). In the
+        decode blocks, the blocks before the crop point stay as they are and
+        the cut block is re-opened: its kept tokens (fewer than n_b) are
+        rebuilt into the buffer, to be compressed again when the buffer next
+        fills; no other token is ever recompressed. The result shares its compressed parts with this store
         (as a slice shares storage), and owns its buffer and lengths.
         """
         n_pre, n_dec, n_buf = self.counts()
@@ -358,9 +384,9 @@ class KVStore:
         else:
             counts = [n_pre, n_dec, length - n_pre - n_dec]
         lengths = torch.tensor(counts, dtype=torch.int64, device=self.lengths.device)
-        tensors = [lengths, buffer] + self._tensors[2:]
-        if self.sinks is not None:
-            tensors[-1] = self.sinks[:, :, :length]
+        tensors = [lengths, buffer, self.sink[:, :, :length]] + self._tensors[len(HEAD):]
+        if self.lorc_sinks is not None:
+            tensors[-1] = self.lorc_sinks[:, :, :length]
         return self._with(tensors, counts)
 
     def _with(self, tensors: list[torch.Tensor], counts) -> KVStore:
@@ -371,7 +397,8 @@ class KVStore:
         """The dense [B, H, L, D] K or V, in `dtype` (default: the dense K/V's)."""
         n_pre, n_dec, n_buf = self.counts()
         dtype = dtype or self.dtype
-        parts = [dequantize(self.prefill, self.layout.prefill, n_pre, dtype),
+        prefill = dequantize(self.prefill, self.layout.prefill, n_pre, dtype)
+        parts = [self.sink.to(dtype), prefill[:, :, self.sink.shape[2]:],
                  dequantize(self.decode, self.layout.decode, n_dec, dtype),
                  self.buffer[:, :, :n_buf].to(dtype)]
         return torch.cat(parts, dim=2)

@@ -145,6 +145,17 @@ def test_matches_reference(impl, case):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("method, prefill, mask", [("gear", 37, "bool"), ("kivi", 40, None),
+                                                    ("kcvt", 3, "additive")])
+def test_exact_sink_tokens_shadow_the_prefill_block(impl, method, prefill, mask):
+    """sink_tokens: the stores' exact first tokens are a segment of their own
+    that the kernels read in place of the prefill block's first tokens (a
+    3-token prompt: all of them), under masks."""
+    _check(impl, method, 2 if method == "kivi" else 4, 64, 4, 2, prefill, 30, B=3, mask=mask,
+           sink_tokens=4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dtypes(impl, dtype):
     _check(impl, "gear", 4, 64, 4, 1, 30, 23, dtype=dtype)

@@ -95,7 +95,7 @@ def test_other_ops_run_on_the_exact_reconstruction():
 
 def test_beam_search_keeps_a_lossy_cache_compressed_within_three_graphs():
     model = gear_compile.compile(tiny_model("llama"), method="gear", bits=4, inductor=False,
-                                 buffer_size=8)
+                                 buffer_size=8, sink_tokens=4)
     counters.clear()
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), torch.no_grad():
         out = model.generate(PROMPT, num_beams=3, max_new_tokens=20, do_sample=False,
@@ -105,6 +105,7 @@ def test_beam_search_keeps_a_lossy_cache_compressed_within_three_graphs():
                for layer in cache.layers)
     assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
     assert cache.layers[0].keys.store.counts() == (11, 16, 3)     # 11 + 19 tokens: 2 blocks of 8, 3 buffered
+    assert cache.layers[0].keys.store.sink.shape[2] == 4
 
 
 def test_beam_search_with_method_none_equals_eager():

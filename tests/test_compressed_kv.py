@@ -91,9 +91,9 @@ def test_kv_bytes_of_a_gear_kcvt_key_store_equals_a_hand_count():
 
 def test_kv_bytes_of_a_gear_kivi_value_store_equals_a_hand_count():
     """GEAR over KIVI-2, V, B=1, H=1, D=16, g=8, n_b=8, capacity 16 (the two-block
-    minimum), s=25 %; prefill 20 then 6 appends."""
+    minimum), s=25 %, 4 sinks; prefill 20 then 6 appends."""
     config = GearConfig(method="gear", bits=2, group_size=8, buffer_size=8, decode_capacity=8,
-                        outlier_ratio=0.25)
+                        outlier_ratio=0.25, sink_tokens=4)
     x = torch.randn(1, 1, 26, 16, dtype=torch.float16)
     kv = CompressedKV(streamed(x, config, "v", 20, grow=False))
     assert kv.store.counts() == (16, 8, 2)
@@ -105,8 +105,9 @@ def test_kv_bytes_of_a_gear_kivi_value_store_equals_a_hand_count():
                + 16 * 4 * 1)     # outlier indices: uint8 (16 channels)
     decode = 2 * (8 * 4 + 8 * 2 * 2 * 2 + 8 * 2 * 1 + 16 * 2 + 2 * 4 + 8 * 4 * 1 + 8 * 4)  # 2 blocks
     buffer = 8 * 16 * 2
+    sinks = 4 * 16 * 2           # the first 4 tokens, exact fp16
     lengths = 3 * 8
-    assert kv_bytes(kv) == prefill + decode + buffer + lengths == 1176
+    assert kv_bytes(kv) == prefill + decode + buffer + sinks + lengths == 1304
 
 
 def test_kv_bytes_counts_reserved_capacity_even_before_it_is_used():

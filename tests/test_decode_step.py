@@ -119,17 +119,18 @@ def test_flushes_happen_once_every_n_b_tokens_for_all_layers_at_once(monkeypatch
     flush = runtime.flush_stores
     monkeypatch.setattr(runtime, "flush_stores", lambda stores: (calls.append(len(stores)), flush(stores)))
     model = gear_compile.compile(tiny_model("llama"), method="gear", bits=4, inductor=False,
-                                 buffer_size=8)
+                                 buffer_size=8, sink_tokens=4)
     _, cache = decode_logits(model, steps=40)           # prompt 11 tokens: all in the prefill block
     assert calls == [4] * 5                             # 2 layers x K and V, every 8 steps
-    assert cache.layers[1].values.store.counts() == (11, 40, 0)
+    store = cache.layers[1].values.store
+    assert store.sink.shape[2] == 4 and store.counts() == (11, 40, 0)
 
 
 @pytest.mark.parametrize("method", ["none", "gear"])
 def test_several_new_tokens_are_attended_then_appended(method):
     """Chunks of 5 tokens through a compressed cache (as speculative decoding
     verifies drafts): method none equals eager; gear equals the reference order."""
-    options = dict(method=method, bits=4, buffer_size=8)
+    options = dict(method=method, bits=4, buffer_size=8, sink_tokens=4)
     ids = torch.randint(0, 256, (1, 36), generator=torch.Generator().manual_seed(5))
     model = gear_compile.compile(tiny_model("llama"), inductor=False, **options)
     reference = tiny_model("llama")

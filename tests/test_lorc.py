@@ -312,14 +312,14 @@ def test_the_first_tokens_are_kept_exact_and_cropped_with_the_cache():
         _uncompile(model)
     layer = cache.layers[1]
     for kind, store in (("k", layer.keys.store), ("v", layer.values.store)):
-        assert store.sinks.shape == (2, 2, 4, 16)
+        assert store.lorc_sinks.shape == (2, 2, 4, 16)
         exact = seen[kind][:, :4].unflatten(-1, (2, 16)).transpose(1, 2)
-        assert torch.allclose(store.sinks, exact, rtol=0, atol=1e-6)
-    assert short.layers[1].keys.store.sinks.shape[2] == 2
-    before = layer.values.store.sinks
+        assert torch.allclose(store.lorc_sinks, exact, rtol=0, atol=1e-6)
+    assert short.layers[1].keys.store.lorc_sinks.shape[2] == 2
+    before = layer.values.store.lorc_sinks
     cache.crop(3 - cache.get_seq_length())                 # keep 3 tokens
-    assert cache.layers[1].keys.store.sinks.shape[2] == 3 and cache.get_seq_length() == 3
-    assert torch.equal(cache.layers[1].values.store.sinks, before[:, :, :3])
+    assert cache.layers[1].keys.store.lorc_sinks.shape[2] == 3 and cache.get_seq_length() == 3
+    assert torch.equal(cache.layers[1].values.store.lorc_sinks, before[:, :, :3])
 
 
 def test_lorc_cuts_kv_bytes_by_the_ranks_and_explain_reports_them():

@@ -1,6 +1,6 @@
 """Specification of `gear_compile.store`: the layout (one ordered list of
 inner tensors, shapes derived from each part's token unit, the CPU kernel's
-descriptor), the streaming store (prefill block, n_b-token decode blocks in a
+descriptor), the streaming store (exact sinks, prefill block, n_b-token decode blocks in a
 reserved capacity, exact buffer), the host counts kept in step with the
 device lengths, flushing (batched across stores, bit-exact) and growth."""
 import pytest
@@ -20,7 +20,7 @@ from streams import filled_decode_parts, streamed
 def test_the_layout_names_shapes_and_dtypes_are_those_of_the_store(method, kind):
     config = GearConfig(method=method, bits=2, group_size=8, buffer_size=8, decode_capacity=24)
     store = KVStore.from_prefill(torch.randn(2, 3, 40, 16), config, kind)
-    layout = StoreLayout.build(config, kind, 16, torch.float32, store.counts()[0])
+    layout = StoreLayout.build(config, kind, 16, torch.float32, store.counts()[0], store.sink.shape[2])
     assert layout is store.layout
     expected = layout.shapes(2, 3, store.capacity)
     assert len(layout.names) == len(store.tensors()) == len(expected)
@@ -41,10 +41,12 @@ def test_the_kernel_descriptor_points_at_the_named_parts(method):
     names = layout.names
     assert names[desc[0]] == "lengths" and names[desc[1]] == "buffer"
     n = len(KERNEL_FIELDS)
-    for prefix, seg in zip(("p_", "d_", None), (desc[2:2 + n], desc[2 + n:2 + 2 * n], desc[2 + 2 * n:])):
+    segments = [desc[2 + i * n:2 + (i + 1) * n] for i in range(4)]
+    assert len(desc) == 2 + 4 * n
+    for prefix, seg in zip(("sink", "p_", "d_", "buffer"), segments):
         for field, index in zip(KERNEL_PARTS, seg[len(KERNEL_FIELDS) - len(KERNEL_PARTS):]):
-            if prefix is None:       # the buffer: exact values, nothing else
-                assert (names[index] == "buffer") if field == "codes" else index == -1
+            if prefix in ("sink", "buffer"):       # exact values, nothing else
+                assert (names[index] == prefix) if field == "codes" else index == -1
             elif index >= 0:
                 assert names[index] == prefix + field
             else:
@@ -87,8 +89,46 @@ def test_kivi_prefill_compresses_whole_groups_and_buffers_the_rest():
 
 
 def test_kcvt_prefill_compresses_every_prefill_token():
-    store = KVStore.from_prefill(torch.randn(1, 2, 21, 16), GearConfig(method="kcvt"), "k")
-    assert store.counts() == (21, 0, 0)
+    store = KVStore.from_prefill(torch.randn(1, 2, 21, 16), GearConfig(method="kcvt", sink_tokens=4), "k")
+    assert store.counts() == (21, 0, 0) and store.sink.shape[2] == 4 and len(store) == 21
+
+
+@pytest.mark.parametrize("method", ["kcvt", "kivi", "gear"])
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_the_sinks_are_exact_and_stretch_no_group(method, kind):
+    """The first sink_tokens are held exact, and the rest is stored exactly as
+    a store without sinks stores the prompt with those tokens replaced by
+    copies of the next one: a huge first token widens no group's range, and
+    the groups stay where they were."""
+    config = GearConfig(method=method, bits=2, group_size=8, buffer_size=8, sink_tokens=4)
+    x = fp16_values(2, 3, 45, 16)
+    x[:, :, 0] *= 256
+    store = KVStore.from_prefill(x, config, kind)
+    shadowed = torch.cat([x[:, :, 4:5].expand(-1, -1, 4, -1), x[:, :, 4:]], dim=2)
+    alone = KVStore.from_prefill(shadowed, GearConfig.from_options(config, sink_tokens=0), kind)
+    assert torch.equal(store.sink.float(), x[:, :, :4]) and store.counts() == alone.counts()
+    for name in alone.layout.names:
+        if name != "sink":
+            assert torch.equal(store.tensors()[store.layout.names.index(name)],
+                               alone.tensors()[alone.layout.names.index(name)]), name
+    dense = store.dequantize()
+    assert torch.equal(dense[:, :, :4], x[:, :, :4])
+    assert torch.equal(dense[:, :, 4:], alone.dequantize()[:, :, 4:])
+    assert store.breakdown()["exact sinks"] == 2 * 3 * 4 * 16 * 2
+
+
+def test_a_prompt_shorter_than_the_sinks_is_all_sinks_and_a_crop_slices_them():
+    """(kcvt: the prefill block takes every prompt token.)"""
+    config = GearConfig(method="gear", bits=4, backbone="kcvt", sink_tokens=4)
+    x = fp16_values(1, 2, 3, 16)
+    store = KVStore.from_prefill(x, config, "k")
+    assert store.sink.shape[2] == 3 and store.counts() == (3, 0, 0)
+    store.append(fp16_values(1, 2, 5, 16))
+    assert len(store) == 8 and store.counts() == (3, 0, 5)
+    crop = store.cropped(2)
+    assert crop.counts() == (2, 0, 0) and crop.sink.shape[2] == 2
+    assert torch.equal(crop.dequantize(), x[:, :, :2])
+    assert torch.equal(store.cropped(6).dequantize(), store.dequantize()[:, :, :6])
 
 
 def test_the_lengths_live_on_the_device_of_the_cache_and_match_the_host_counts():

@@ -9,6 +9,9 @@
 // the flattened part lists.
 //
 // Algorithm (flash-decoding on the cores):
+// * A store is four segments: its exact sinks (shadowing the prefill block's
+//   first tokens), the prefill block, the decode blocks, the exact buffer;
+//   the call's new tokens follow.
 // * Work items are (batch, KV head, split of the live tokens); the G query
 //   heads of a KV head and the T query tokens are the R = G*T rows of one
 //   item, so every packed byte is read and unpacked once for all of them.
@@ -54,8 +57,9 @@ constexpr int SPAN = 256;          // tokens a one-byte K-outlier offset spans (
 // (-1: absent). Ranks and outlier counts are read from the parts' shapes.
 enum Field { EXACT, BITS, CHANNEL_AXIS, GROUP, BLOCK, OUT_SHIFT,
              CODES, SCALE, ZERO, LR_A, LR_B, LR_S, OUT_VAL, OUT_IDX, OUT_END, NFIELDS };
-constexpr int NSTORE = 3;          // segments of a store: prefill block, decode blocks, buffer
-constexpr int NSEG = 4;            // and the call's new tokens (exact, not yet in the store)
+constexpr int NLENGTHS = 3;        // the lengths a store counts: prefill block, decode blocks, buffer
+constexpr int NSTORE = 4;          // segments of a store: its exact sinks, then those three
+constexpr int NSEG = 5;            // and the call's new tokens (exact, not yet in the store)
 
 // ---------------------------------------------------------------- scalars
 template <typename T> inline float to_f(T x) { return static_cast<float>(x); }
@@ -488,12 +492,15 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
   for (auto& t : kp) t = t.contiguous();
   for (auto& t : vp) t = t.contiguous();
   const at::Tensor& lengths = kp[k_desc[0]];
-  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.numel() == NSTORE,
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.numel() == NLENGTHS,
               "gear attention_cpu: lengths must be int64 [3]");
   const int64_t* lens_ptr = lengths.data_ptr<int64_t>();
   at::Tensor kn = k_new.has_value() ? k_new->contiguous() : at::Tensor();
   at::Tensor vn = v_new.has_value() ? v_new->contiguous() : at::Tensor();
-  int64_t lens[NSEG] = {lens_ptr[0], lens_ptr[1], lens_ptr[2], kn.defined() ? kn.size(2) : 0};
+  // segments: sinks (their count is their tensor's length), prefill, decode, buffer, new
+  const int64_t sink_len = kp[k_desc[2 + CODES]].size(2);
+  int64_t lens[NSEG] = {sink_len, lens_ptr[0], lens_ptr[1], lens_ptr[2], kn.defined() ? kn.size(2) : 0};
+  TORCH_CHECK(sink_len <= lens[1], "gear attention_cpu: ", sink_len, " sinks for a prefill block of ", lens[1]);
 
   Problem P;
   P.B = q_in.size(0); P.Hq = q_in.size(1); P.T = q_in.size(2); P.D = q_in.size(3);
@@ -543,8 +550,11 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
     TORCH_CHECK(lens[i] <= ks[i].seg.cap, "gear attention_cpu: segment ", i, " holds ", lens[i],
                 " tokens, capacity ", ks[i].seg.cap);
   }
-  const int64_t total = lens[0] + lens[1] + lens[2] + lens[3];
-  const int64_t pos0[NSEG] = {0, lens[0], lens[0] + lens[1], lens[0] + lens[1] + lens[2]};
+  // each segment's first key position; the sinks shadow the prefill block's
+  // first tokens (the block is read from token sink_len on)
+  const int64_t pos0[NSEG] = {0, 0, lens[1], lens[1] + lens[2], lens[1] + lens[2] + lens[3]};
+  const int64_t first[NSEG] = {0, sink_len, 0, 0, 0};
+  const int64_t total = pos0[NSEG - 1] + lens[NSEG - 1];
 
   // split each (batch, KV head)'s tokens so that every core has work
   const int64_t heads = static_cast<int64_t>(P.B) * P.Hkv;
@@ -576,7 +586,7 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
       sc.kptr_block = -1;
       int64_t lo = split * per_split, hi = std::min(total, lo + per_split);
       for (int s = 0; s < NSEG; ++s) {
-        int64_t a = std::max(lo, pos0[s]) - pos0[s];
+        int64_t a = std::max(lo, pos0[s] + first[s]) - pos0[s];
         int64_t z = std::min(hi, pos0[s] + lens[s]) - pos0[s];
         if (a >= z) continue;
         Seg K = ks[s].at(head), V = vs[s].at(head);

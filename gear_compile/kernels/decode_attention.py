@@ -9,10 +9,10 @@ dense K/V. Neighbours: `segment` / `store` (the layout read here),
 
 Algorithm (split-K flash decoding, two kernels):
 
-* The store is three segments: the prefill block (one block of P tokens), the
-  decode segment (blocks of n_b tokens in a reserved capacity) and the exact
-  buffer (one block of n_b tokens). `_partial_kernel` is launched once per
-  segment; each program takes one (batch, KV head) and a contiguous range of
+* The store is four segments: its exact sinks (the prompt's first tokens,
+  shadowing the prefill block's), the prefill block (one block of P tokens),
+  the decode segment (blocks of n_b tokens in a reserved capacity) and the
+  exact buffer (one block of n_b tokens). `_partial_kernel` is launched once per segment; each program takes one (batch, KV head) and a contiguous range of
   "work items", an item being one tile of BT tokens inside one block. Tiles
   never straddle a block, because the low-rank factor B and the K outliers are
   per block: a block of n_b = 20 tokens is one 32-token tile with 12 masked
@@ -43,9 +43,9 @@ Algorithm (split-K flash decoding, two kernels):
   writes its normalised partial output and log-sum-exp, `_combine_kernel`
   merges the partials of every segment.
 
-The grid depends only on static shapes (segment capacities); the live lengths
-(prefill, decode, buffer tokens) are read inside the kernel from a device
-tensor, so one compiled graph / CUDA graph serves every decode step.
+The grid depends only on static shapes (segment capacities, the sinks'
+count); the live lengths (prefill, decode, buffer tokens) are read inside the
+kernel from a device tensor, so one compiled graph / CUDA graph serves every decode step.
 """
 from __future__ import annotations
 
@@ -264,7 +264,7 @@ def _tile_values(p, Vc, Vs, Vz, Va, Vb, Vls, vsp, t, ok_t, blk, ch, ok_c, v_grou
 @triton.jit
 def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi, Voe,
                     Lens, Mask, PO, PLSE,
-                    qk_scale, cap, Hkv, N, NBLK, BLOCK, TPB, ITEMS, SPLIT0, S_TOTAL, T_NEW,
+                    qk_scale, cap, Hkv, N, NBLK, BLOCK, TPB, ITEMS, SPLIT0, S_TOTAL, T_NEW, N_SINK,
                     k_group, v_group, k_k2, v_k2, k_spans, mask_sb, mask_sh, mask_sl, mask_len,
                     SEG: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                     W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr, E: tl.constexpr,
@@ -280,18 +280,23 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, V
     n_pre = tl.load(Lens).to(tl.int32)
     n_dec = tl.load(Lens + 1).to(tl.int32)
     n_buf = tl.load(Lens + 2).to(tl.int32)
-    if SEG == 0:
+    t_first = n_pre * 0  # the segment's first token read
+    if SEG == 0:         # the sinks shadow the block's first N_SINK tokens
         n_valid = n_pre
         pos0 = n_pre * 0
+        t_first += N_SINK
     elif SEG == 1:
         n_valid = n_dec
         pos0 = n_pre
     elif SEG == 2:
         n_valid = n_buf
         pos0 = n_pre + n_dec
-    else:                # the call's new token, not yet in the store
+    elif SEG == 3:       # the call's new token, not yet in the store
         n_valid = n_pre * 0 + T_NEW
         pos0 = n_pre + n_dec + n_buf
+    else:                # the store's exact sinks: the first N_SINK keys
+        n_valid = n_pre * 0 + N_SINK
+        pos0 = n_pre * 0
     # key position -> mask column: the mask's last column is the newest key (a
     # longer mask starts earlier; a shorter one, a sliding window's, hides the keys before it)
     pos0 += mask_len - (n_pre + n_dec + n_buf + T_NEW)
@@ -357,7 +362,7 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, V
             blk = item // TPB
             t_blk = (item % TPB) * BT + tl.arange(0, BT)
             t = blk * BLOCK + t_blk
-            ok_t = (t_blk < BLOCK) & (t < n_valid)
+            ok_t = (t_blk < BLOCK) & (t < n_valid) & (t >= t_first)
 
             ksp = tl.zeros([BT, E], tl.float32)   # K outliers' units, joining the codes
             if K_OUT:
@@ -466,7 +471,7 @@ class _SegmentLaunch:
     """One `_partial_kernel` launch: a segment of the store (or the call's
     new token) and how its tokens split into tiles and work items."""
 
-    seg_id: int                  # 0 prefill block, 1 decode blocks, 2 buffer, 3 the new token
+    seg_id: int                  # 0 prefill block, 1 decode blocks, 2 buffer, 3 the new token, 4 sinks
     k: Segment | None            # compressed parts (None: exact values, `exact_k`)
     v: Segment | None
     k_layout: SegmentLayout | None
@@ -492,9 +497,11 @@ class _SegmentLaunch:
 
 
 def _segment_launches(ks: KVStore, vs: KVStore, k_new: torch.Tensor | None) -> list[_SegmentLaunch]:
-    """The prefill block (when the prompt filled one), the decode blocks, the
-    buffer and the call's new token."""
+    """The sinks and the prefill block (where the prompt had them), the
+    decode blocks, the buffer and the call's new token."""
     out = []
+    if n_sink := ks.sink.shape[2]:
+        out.append(_SegmentLaunch(4, None, None, None, None, n_sink, n_sink))
     if n_pre := ks.prefill.codes.shape[2]:
         out.append(_SegmentLaunch(0, ks.prefill, vs.prefill, ks.p_layout, vs.p_layout, n_pre, n_pre))
     out.append(_SegmentLaunch(1, ks.decode, vs.decode, ks.d_layout, vs.d_layout,
@@ -574,10 +581,11 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
     plse = torch.empty(B, Hq, s_total, dtype=torch.float32, device=q.device)
     shared = _SharedArgs(q, ks.lengths.to(q.device), *_mask_args(attn_mask, q, B, Hq), po, plse,
                          scale, softcap, Hkv, items, s_total, 0 if k_new is None else k_new.shape[2],
-                         ks.d_layout.spec.bits)
+                         ks.sink.shape[2], ks.d_layout.spec.bits)
     split0 = 0
     for seg in segments:
-        exact_k, exact_v = (ks.buffer, vs.buffer) if seg.seg_id == 2 else (k_new, v_new)
+        exact_k, exact_v = {2: (ks.buffer, vs.buffer), 3: (k_new, v_new), 4: (ks.sink, vs.sink)}.get(
+            seg.seg_id, (None, None))
         splits = triton.cdiv(seg.items, items)
         _launch_partial(launch, shared, seg, _pointers(seg.k, exact_k, q), _pointers(seg.v, exact_v, q),
                         (B * Hkv, splits), split0)
@@ -608,6 +616,7 @@ class _SharedArgs:
     items: int
     s_total: int
     new_tokens: int
+    sink_tokens: int
     bits: int
 
 
@@ -618,7 +627,7 @@ def _launch_partial(launch, a: _SharedArgs, seg: _SegmentLaunch, k_ptrs: list, v
     B, Hq, _, D = q.shape
     G = Hq // a.kv_heads
     kl, vl, exact, block, bt = seg.k_layout, seg.v_layout, seg.exact, seg.block, seg.tile
-    if exact:       # the buffer or the new token (or method none): values of any float dtype
+    if exact:       # the sinks, the buffer or the new token (or method none): values of any float dtype
         k_group = v_group = 1
         k_k2 = v_k2 = rank = k_spans = 0
         nblk = 1
@@ -643,7 +652,7 @@ def _launch_partial(launch, a: _SharedArgs, seg: _SegmentLaunch, k_ptrs: list, v
     launch(_partial_kernel)[grid](
         q, *k_ptrs, *v_ptrs, a.lengths, a.mask, a.partial_out, a.partial_lse,
         a.scale * _LOG2E, a.softcap * _LOG2E, a.kv_heads, seg.capacity, nblk, block, seg.tiles_per_block,
-        a.items, split0, a.s_total, a.new_tokens, k_group, v_group, k_k2, v_k2, k_spans, ms[0], ms[1], ms[2],
+        a.items, split0, a.s_total, a.new_tokens, a.sink_tokens, k_group, v_group, k_k2, v_k2, k_spans, ms[0], ms[1], ms[2],
         a.mask_len,
         SEG=seg.seg_id, G=G, GP=max(16, _pow2(G)), D=D, W=w, WP=wp, PB=pb, E=e,
         BITS=0 if exact else a.bits, EXACT=exact,

@@ -13,7 +13,7 @@ What the rewrite makes of it (`rewrite` calls `prefill_latent`, `rebuild_past`):
   prefill: the prompt attends its exact K/V, as without LoRC; the cache holds
       the latents [B, 1, T, r] = k_lin D (`lorc.project`), compressed by the
       codec of `method` (`gear::kv_prefill`), and the first `lorc_sinks`
-      tokens' k_pre / v exactly (the store's `sinks`).
+      tokens' k_pre / v exactly (the store's `lorc_sinks`).
   decode: the past is a latent store. K's dequantized latents are rebuilt
       (times U^T, back to [B, H, L, d]), its sink rows are replaced by the
       exact ones, and its RoPE is replayed on them: the nodes between (k_pre,
