@@ -18,6 +18,7 @@ method). Methods:
   dense-inductor  DynamicCache, torch.compile(model.forward) (Inductor)
   gear4, gear2    gear_compile.compile(model, method="gear", bits=4 / 2) (Inductor)
   gear4-kcvt      gear4 over the KCVT backbone (the 4-bit default above head dim 64)
+  gear4-nosinks   gear4 without exact sinks (sink_tokens=0, the paper's layout)
   kivi2           gear_compile.compile(model, method="kivi", bits=2)
   quanto4         transformers' QuantizedCache (optimum-quanto, 4 bits), no compile
   lorc30          gear_compile.compile(model, method="none", lorc=0.3): LoRC alone
@@ -79,6 +80,7 @@ METHODS = {
     "dense-inductor": "inductor",
     "gear4": dict(method="gear", bits=4),
     "gear4-kcvt": dict(method="gear", bits=4, backbone="kcvt"),
+    "gear4-nosinks": dict(method="gear", bits=4, sink_tokens=0),
     "gear2": dict(method="gear", bits=2),
     "kivi2": dict(method="kivi", bits=2),
     "quanto4": {"peer": 4},

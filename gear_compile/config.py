@@ -106,20 +106,15 @@ class CodecConfig:
                  token draws much of every head's attention, and its K/V, far
                  from the rest, stretch the ranges of the groups it falls in).
                  They shadow their places in the prefill block, whose groups
-                 stay where they were. In an
-                 eager study on SmolLM2's held-out text (P = 64, the sinks'
-                 places in the prefill block filled with the next token's
-                 values) 4 of them took KCVT-4 from +0.75 % perplexity to
-                 +0.42 %, GEAR(KCVT-4) from +0.36 % to +0.14 %, KIVI-2 from
-                 +23.6 % to +12.3 % and GEAR(KIVI-2) from +9.1 % to +6.8 %;
-                 KIVI-4 and GEAR(KIVI-4) did not move beyond noise. Not the
-                 default yet: on a 161-token
-                 passage (P = 128, 32 decoded) they took KIVI-2 from 47.4 to
-                 41.3 perplexity but GEAR(KIVI-2) from 39.7 to 43.6, since the
-                 sinks shift the token groups so that the prompt's last 28
-                 tokens are compressed 4 steps into decoding. 0 (default):
-                 none, the paper's layout; a streamed (sliding-window) store
-                 has none.
+                 stay where they were. On SmolLM2's held-out text (P = 64 /
+                 512; benchmarks/results/quality_sinks.md against quality.md)
+                 4 of them took GEAR 4-bit from +0.24 / +0.28 % perplexity to
+                 +0.11 / +0.16 %, GEAR 2-bit from +9.1 / +9.7 % to +6.2 /
+                 +7.0 %, KIVI-2 from +23.6 / +22.1 % to +11.6 / +14.3 % and
+                 KCVT-4 from +0.75 / +2.27 % to +0.36 / +0.26 %, for 4 tokens
+                 of K/V in the held dtype a layer. 0: none (the paper's
+                 layout). No sinks without a prefill block (a streamed,
+                 sliding-window store; a kivi prompt shorter than a group).
     """
 
     method: str = "gear"
@@ -133,7 +128,7 @@ class CodecConfig:
     power_iters: int = 3
     decode_capacity: int = 64
     rotate: str = "none"
-    sink_tokens: int = 0
+    sink_tokens: int = 4
 
     def __post_init__(self):
         _check_choice("method", self.method, METHODS)

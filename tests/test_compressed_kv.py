@@ -60,7 +60,8 @@ def test_repr_names_the_method_and_the_bytes_held():
 
 # ---------------------------------------------------------------- kv_bytes
 def test_kv_bytes_of_a_gear_kcvt_key_store_equals_a_hand_count():
-    """GEAR over KCVT-4, K, B=1, H=2, D=16, n_b=4, capacity 8, s=20 %; prefill 10 then 5 appends."""
+    """GEAR over KCVT-4, K, B=1, H=2, D=16, n_b=4, capacity 8, s=20 %, 4 sinks; prefill 10
+    then 5 appends."""
     config = GearConfig(method="gear", bits=4, buffer_size=4, decode_capacity=8, outlier_ratio=0.2)
     x = torch.randn(1, 2, 15, 16, dtype=torch.float16)
     kv = CompressedKV(streamed(x, config, "k", 10, grow=False))
@@ -79,13 +80,14 @@ def test_kv_bytes_of_a_gear_kcvt_key_store_equals_a_hand_count():
               + 2 * (16 * 2 + 2 * 4))  # B: 16 x 2 int8 + 2 fp32 scales per block; no outliers
                                        # (0.1 x 4 rounds to 0)
     buffer = 4 * 16 * 2          # n_b fp16 tokens, 1 used
+    sinks = 4 * 16 * 2           # the first 4 tokens, exact fp16 (the block still holds their places)
     lengths = 3 * 8              # int64 token counts of the three segments
-    assert kv_bytes(kv) == heads * (prefill + decode + buffer) + lengths == 1512
+    assert kv_bytes(kv) == heads * (prefill + decode + buffer + sinks) + lengths == 1768
     # reserved: the second decode block (codes, scale/zero, A, B and its scales) and 3 empty buffer slots
     split = kv_breakdown(kv)
-    assert split.held == 1512 and split.reserved == heads * ((4 * 8 + 16 * 2 * 2 + 4 * 2 + 16 * 2 + 2 * 4)
+    assert split.held == 1768 and split.reserved == heads * ((4 * 8 + 16 * 2 * 2 + 4 * 2 + 16 * 2 + 2 * 4)
                                                              + 3 * 16 * 2) == 480
-    assert split.used == 1512 - 480 and split.kinds["lengths"] == 24
+    assert split.used == 1768 - 480 and split.kinds["lengths"] == 24 and split.kinds["exact sinks"] == 256
     assert split.kinds["low-rank"] == heads * (10 * 4 + 16 * 4 + 4 * 4 + 4 * 2 + 16 * 2 + 2 * 4)
 
 
