@@ -12,8 +12,9 @@ Algorithm (split-K flash decoding, two kernels):
 * The store is four segments: its exact sinks (the prompt's first tokens,
   shadowing the prefill block's), the prefill block (one block of P tokens),
   the decode segment (blocks of n_b tokens in a reserved capacity) and the
-  exact buffer (one block of n_b tokens). `_partial_kernel` is launched once per segment; each program takes one (batch, KV head) and a contiguous range of
-  "work items", an item being one tile of BT tokens inside one block. Tiles
+  exact buffer (one block of n_b tokens). `_partial_kernel` is launched once
+  per segment; each program takes one (batch, KV head) and a contiguous range
+  of "work items", an item being one tile of BT tokens inside one block. Tiles
   never straddle a block, because the low-rank factor B and the K outliers are
   per block: a block of n_b = 20 tokens is one 32-token tile with 12 masked
   rows (we iterate block by block rather than gathering per-token block ids, so
@@ -45,7 +46,8 @@ Algorithm (split-K flash decoding, two kernels):
 
 The grid depends only on static shapes (segment capacities, the sinks'
 count); the live lengths (prefill, decode, buffer tokens) are read inside the
-kernel from a device tensor, so one compiled graph / CUDA graph serves every decode step.
+kernel from a device tensor, so one compiled graph / CUDA graph serves every
+decode step.
 """
 from __future__ import annotations
 
@@ -652,8 +654,8 @@ def _launch_partial(launch, a: _SharedArgs, seg: _SegmentLaunch, k_ptrs: list, v
     launch(_partial_kernel)[grid](
         q, *k_ptrs, *v_ptrs, a.lengths, a.mask, a.partial_out, a.partial_lse,
         a.scale * _LOG2E, a.softcap * _LOG2E, a.kv_heads, seg.capacity, nblk, block, seg.tiles_per_block,
-        a.items, split0, a.s_total, a.new_tokens, a.sink_tokens, k_group, v_group, k_k2, v_k2, k_spans, ms[0], ms[1], ms[2],
-        a.mask_len,
+        a.items, split0, a.s_total, a.new_tokens, a.sink_tokens, k_group, v_group, k_k2, v_k2, k_spans,
+        ms[0], ms[1], ms[2], a.mask_len,
         SEG=seg.seg_id, G=G, GP=max(16, _pow2(G)), D=D, W=w, WP=wp, PB=pb, E=e,
         BITS=0 if exact else a.bits, EXACT=exact,
         K_CHANNEL=not exact and kl.spec.axis == "channel",
