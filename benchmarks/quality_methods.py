@@ -10,10 +10,12 @@ undoes its setup (`teardown`) and measures the bytes its cache holds
   sim       the same codec without the backend (eager): a cache layer that keeps
             a `gear_compile.store.KVStore` per K/V (prefill block
             compressed, its first sink_tokens exact, n_b-token streaming
-            buffer, blocks compressed at each flush) and hands attention the store's reconstruction followed by
-            the step's own exact K/V (the block that a step fills is compressed
-            after its attention). The prompt's own forward attends to its exact
-            K/V: checked against the compiled path (see quality.py --check-sim). Used for the long runs because it is ~10x faster here.
+            buffer, blocks compressed at each flush) and hands attention the
+            store's reconstruction followed by the step's own exact K/V (the
+            block that a step fills is compressed after its attention). The
+            prompt's own forward attends to its exact K/V: checked against the
+            compiled path (see quality.py --check-sim). Used for the long runs
+            because it is ~10x faster here.
   peer      transformers' QuantizedCache (optimum-quanto backend).
 
 The sim rotates K / V heads where the options say so (`rotate`, the
