@@ -139,14 +139,12 @@ class GearSimLayer(DynamicLayer):
 
     def _refresh(self):
         for i, st in enumerate(self.stores):
-            n_pre, n_dec, _ = st.counts()
+            _, n_dec, _ = st.counts()
             if self.rec[i] is not None and self.rec[i][0] == n_dec:
                 continue
             if self.rec[i] is None:
-                pre = seg_dequantize(st.prefill, st.p_layout, n_pre, st.dtype)
-                pre = torch.cat([st.sink.to(st.dtype), pre[:, :, st.sink.shape[2]:]], dim=2)
                 self.pre = getattr(self, "pre", [None, None])
-                self.pre[i] = pre
+                self.pre[i] = st.dequantize_prefill(st.dtype)
             dec = seg_dequantize(st.decode, st.d_layout, n_dec, st.dtype)
             self.rec[i] = (n_dec, torch.cat([self.pre[i], dec], dim=2))
 

@@ -364,8 +364,9 @@ class KVStore:
         decode blocks, the blocks before the crop point stay as they are and
         the cut block is re-opened: its kept tokens (fewer than n_b) are
         rebuilt into the buffer, to be compressed again when the buffer next
-        fills; no other token is ever recompressed. The result shares its compressed parts with this store
-        (as a slice shares storage), and owns its buffer and lengths.
+        fills; no other token is ever recompressed. The result shares its
+        compressed parts with this store (as a slice shares storage), and
+        owns its buffer and lengths.
         """
         n_pre, n_dec, n_buf = self.counts()
         if length >= n_pre + n_dec + n_buf:
@@ -395,13 +396,17 @@ class KVStore:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense [B, H, L, D] K or V, in `dtype` (default: the dense K/V's)."""
-        n_pre, n_dec, n_buf = self.counts()
+        _, n_dec, n_buf = self.counts()
         dtype = dtype or self.dtype
-        prefill = dequantize(self.prefill, self.layout.prefill, n_pre, dtype)
-        parts = [self.sink.to(dtype), prefill[:, :, self.sink.shape[2]:],
-                 dequantize(self.decode, self.layout.decode, n_dec, dtype),
+        parts = [self.dequantize_prefill(dtype), dequantize(self.decode, self.layout.decode, n_dec, dtype),
                  self.buffer[:, :, :n_buf].to(dtype)]
         return torch.cat(parts, dim=2)
+
+    def dequantize_prefill(self, dtype: torch.dtype) -> torch.Tensor:
+        """The prefill block's tokens [B, H, n_pre, D] in `dtype`: the exact
+        sinks, then the block's rebuilt tokens after them."""
+        prefill = dequantize(self.prefill, self.layout.prefill, self.counts()[0], dtype)
+        return torch.cat([self.sink.to(dtype), prefill[:, :, self.sink.shape[2]:]], dim=2)
 
 
 def flush_stores(stores: list[KVStore], check_finite: bool = False) -> None:

@@ -1,8 +1,9 @@
 """Specification of `gear_compile.store`: the layout (one ordered list of
 inner tensors, shapes derived from each part's token unit, the CPU kernel's
-descriptor), the streaming store (exact sinks, prefill block, n_b-token decode blocks in a
-reserved capacity, exact buffer), the host counts kept in step with the
-device lengths, flushing (batched across stores, bit-exact) and growth."""
+descriptor), the streaming store (exact sinks, prefill block, n_b-token
+decode blocks in a reserved capacity, exact buffer), the host counts kept in
+step with the device lengths, flushing (batched across stores, bit-exact)
+and growth."""
 import pytest
 import torch
 
