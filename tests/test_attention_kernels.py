@@ -307,14 +307,17 @@ def test_constant_vectors_count_each_outlier_once(impl):
 
 @pytest.mark.skipif(torch.__version__ < "2.13" and os.environ.get("TRITON_INTERPRET") == "1",
                     reason="torch < 2.13: wrap_triton refuses the interpreter's kernels")
+@pytest.mark.skipif("triton" not in IMPLS, reason="needs a CUDA GPU or TRITON_INTERPRET=1")
 def test_registered_triton_op_runs_eagerly():
     gen = torch.Generator().manual_seed(0)
     cfg = GearConfig(method="gear", bits=4)
     ks, vs = _stores(cfg, 1, 2, 64, 40, 3, torch.float16, gen)
     q = torch.randn(1, 4, 1, 64, generator=gen).half()
     kn, vn = (torch.randn(1, 2, 1, 64, generator=gen).half() for _ in range(2))
-    out = torch.ops.gear.attention_triton(q, ks.tensors(), vs.tensors(), kn, vn, None, 0.125,
-                                          False, cfg.to_json())
+    def on(t):      # the op runs where its inputs are: the GPU, or the CPU under the interpreter
+        return t.to(TRITON_DEVICE)
+    out = torch.ops.gear.attention_triton(on(q), [on(t) for t in ks.tensors()], [on(t) for t in vs.tensors()],
+                                          on(kn), on(vn), None, 0.125, False, cfg.to_json()).cpu()
     ref = reference(q, ks, vs, kn, vn, None, 0.125)
     assert (out.float() - ref).abs().max().item() < TOL[torch.float16]
 
