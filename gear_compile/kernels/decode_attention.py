@@ -192,11 +192,28 @@ def _mma(a, b, DT: tl.constexpr, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _low_rank_tile(A, B, S, t, ok_t, blk, ch, ok_c, D: tl.constexpr, R: tl.constexpr,
+                   RP: tl.constexpr):
+    """Block blk's low-rank factors for the tile's tokens t: B_blk [E, RP],
+    its per-rank scales [RP] and A_t [BT, RP] (fp32; ranks past R are zero, so
+    the products run at tl.dot's smallest width instead of one reduction
+    across the tile per rank)."""
+    r = tl.arange(0, RP)
+    ok_r = r < R
+    b = tl.load(B + (blk * D + ch)[:, None] * R + r[None, :], mask=ok_c[:, None] & ok_r[None, :],
+                other=0).to(tl.float32)
+    s = tl.load(S + blk * R + r, mask=ok_r, other=0.0).to(tl.float32)
+    a = tl.load(A + t[:, None] * R + r[None, :], mask=ok_t[:, None] & ok_r[None, :],
+                other=0).to(tl.float32)
+    return b, s, a
+
+
+@triton.jit
 def _tile_scores(q, Kc, Ks, Kz, Ka, Kb, Kls, ksp, t, ok_t, blk, ch, ok_c, k_group, stats_row,
                  DT: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                  PB: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr,
                  EXACT: tl.constexpr, K_CHANNEL: tl.constexpr, K_FOLD: tl.constexpr,
-                 R: tl.constexpr, FP32_DOT: tl.constexpr):
+                 R: tl.constexpr, RP: tl.constexpr, FP32_DOT: tl.constexpr):
     """q . k_t for the tile's tokens t ([GP, BT], base-2 units): the codes
     with the outliers' units ksp, then the low-rank term of block blk.
     stats_row: the tile's row of (scale, zero) where they fold (K_FOLD)."""
@@ -212,12 +229,9 @@ def _tile_scores(q, Kc, Ks, Kz, Ka, Kb, Kls, ksp, t, ok_t, blk, ch, ok_c, k_grou
         k = _dequant_tile(Kc, Ks, Kz, ksp, t, ok_t, ch, ok_c, k_group,
                           D, W, WP, PB, E, BT, BITS, EXACT, K_CHANNEL)
         s = _mma(q, tl.trans(k), DT, FP32_DOT)
-    # low-rank K: q . (A_t diag(s) B_blk^T) = (q . B_blk) s . A_t
-    for r in tl.static_range(R):
-        bk = tl.load(Kb + (blk * D + ch) * R + r, mask=ok_c, other=0).to(tl.float32)
-        a = tl.load(Ka + t * R + r, mask=ok_t, other=0).to(tl.float32)
-        sr = tl.load(Kls + blk * R + r)
-        s += (tl.sum(q * bk[None, :], axis=1) * sr)[:, None] * a[None, :]
+    if R > 0:   # low-rank K: q . (A_t diag(s) B_blk^T) = ((q . B_blk) s) . A_t, two small products
+        bk, sr, a = _low_rank_tile(Ka, Kb, Kls, t, ok_t, blk, ch, ok_c, D, R, RP)
+        s += _mma(_mma(q, bk, DT, FP32_DOT) * sr[None, :], tl.trans(a), DT, FP32_DOT)
     return s
 
 
@@ -241,7 +255,7 @@ def _tile_values(p, Vc, Vs, Vz, Va, Vb, Vls, vsp, t, ok_t, blk, ch, ok_c, v_grou
                  DT: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                  PB: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr,
                  EXACT: tl.constexpr, V_CHANNEL: tl.constexpr, V_FOLD: tl.constexpr,
-                 R: tl.constexpr, FP32_DOT: tl.constexpr):
+                 R: tl.constexpr, RP: tl.constexpr, FP32_DOT: tl.constexpr):
     """p . v over the tile's tokens t ([GP, E]): the codes with the outliers'
     units vsp, then the low-rank term of block blk."""
     if V_FOLD:
@@ -254,12 +268,9 @@ def _tile_values(p, Vc, Vs, Vz, Va, Vb, Vls, vsp, t, ok_t, blk, ch, ok_c, v_grou
         v = _dequant_tile(Vc, Vs, Vz, vsp, t, ok_t, ch, ok_c, v_group,
                           D, W, WP, PB, E, BT, BITS, EXACT, V_CHANNEL)
         out = _mma(p, v, DT, FP32_DOT)
-    # low-rank V: sum_t p_t A_t diag(s) B_blk^T = (p . A) s . B_blk^T
-    for r in tl.static_range(R):
-        a = tl.load(Va + t * R + r, mask=ok_t, other=0).to(tl.float32)
-        bv = tl.load(Vb + (blk * D + ch) * R + r, mask=ok_c, other=0).to(tl.float32)
-        sr = tl.load(Vls + blk * R + r)
-        out += (tl.sum(p * a[None, :], axis=1) * sr)[:, None] * bv[None, :]
+    if R > 0:   # low-rank V: sum_t p_t A_t diag(s) B_blk^T = ((p . A) s) . B_blk^T
+        bv, sr, a = _low_rank_tile(Va, Vb, Vls, t, ok_t, blk, ch, ok_c, D, R, RP)
+        out += _mma(_mma(p, a, DT, FP32_DOT) * sr[None, :], tl.trans(bv), DT, FP32_DOT)
     return out
 
 
@@ -271,7 +282,7 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, V
                     SEG: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                     W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr, E: tl.constexpr,
                     BITS: tl.constexpr, EXACT: tl.constexpr, K_CHANNEL: tl.constexpr,
-                    V_CHANNEL: tl.constexpr, R: tl.constexpr, BT: tl.constexpr,
+                    V_CHANNEL: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr,
                     MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, K_OUT: tl.constexpr,
                     LOGK: tl.constexpr, K_SPANS: tl.constexpr, V_OUT: tl.constexpr, K_FOLD: tl.constexpr,
                     V_FOLD: tl.constexpr, SOFTCAP: tl.constexpr, OUT_UNIT: tl.constexpr):
@@ -380,7 +391,7 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, V
                 ksp = ksp * OUT_UNIT
             s = _tile_scores(q, Kc, Ks, Kz, Ka, Kb, Kls, ksp, t, ok_t, blk, ch, ok_c, k_group,
                              (blk * BLOCK + (item % TPB) * BT) // k_group, DT, D, W, WP, PB, E, BT,
-                             BITS, EXACT, K_CHANNEL, K_FOLD, R, FP32_DOT)
+                             BITS, EXACT, K_CHANNEL, K_FOLD, R, RP, FP32_DOT)
             if SOFTCAP:
                 # s is in base-2 units (q carries log2 e); so is cap: cap tanh(s / cap)
                 s = cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
@@ -400,7 +411,7 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, V
             if V_OUT:
                 vsp = _v_outlier_tile(Vov, Voi, t, ok_t, ch, v_k2, BT, E) * OUT_UNIT
             acc += _tile_values(p, Vc, Vs, Vz, Va, Vb, Vls, vsp, t, ok_t, blk, ch, ok_c, v_group, DT,
-                                D, W, WP, PB, E, BT, BITS, EXACT, V_CHANNEL, V_FOLD, R, FP32_DOT)
+                                D, W, WP, PB, E, BT, BITS, EXACT, V_CHANNEL, V_FOLD, R, RP, FP32_DOT)
             m_i = m_new
 
     has = l_i > 0
@@ -660,7 +671,7 @@ def _launch_partial(launch, a: _SharedArgs, seg: _SegmentLaunch, k_ptrs: list, v
         BITS=0 if exact else a.bits, EXACT=exact,
         K_CHANNEL=not exact and kl.spec.axis == "channel",
         V_CHANNEL=not exact and vl.spec.axis == "channel",
-        R=rank, BT=bt, MASK_KIND=a.mask_kind, FP32_DOT=fp32_dot, K_OUT=k_k2 > 0,
+        R=rank, RP=max(16, _pow2(rank)), BT=bt, MASK_KIND=a.mask_kind, FP32_DOT=fp32_dot, K_OUT=k_k2 > 0,
         LOGK=k_k2.bit_length(), K_SPANS=k_spans > 0, V_OUT=v_k2 > 0, K_FOLD=fold_k, V_FOLD=fold_v,
         SOFTCAP=a.softcap > 0, OUT_UNIT=outliers.unit(a.bits),
         num_warps=8 if bt * e >= WIDE_TILE else 4)
