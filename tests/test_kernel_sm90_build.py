@@ -54,7 +54,7 @@ def _build_all():
         build(da._partial_kernel, types,
               dict(dict(qk_scale=0.125, cap=0.0) if floats == "constexpr" else {},
                    SEG=1, G=G, GP=16, D=D, W=w, WP=w, PB=pb, E=D, BITS=0 if exact else bits,
-                   EXACT=exact, K_CHANNEL=kch, V_CHANNEL=False, R=rank, BT=bt, MASK_KIND=mask,
+                   EXACT=exact, K_CHANNEL=kch, V_CHANNEL=False, R=rank, RP=16, BT=bt, MASK_KIND=mask,
                    FP32_DOT=fp32, K_OUT=kout is not None, LOGK=kout[1] if kout else 0,
                    K_SPANS=bool(kout and kout[2]), OUT_UNIT=0.0625 if bits == 2 else 1.0,
                    V_OUT=vout, K_FOLD=kfold, V_FOLD=vfold), num_warps=8)
