@@ -19,9 +19,12 @@ Streaming perplexity: prefill the first P tokens (the prompt block gets
 compressed), then feed the rest ONE token at a time through the decode path,
 scoring every next token (tokens P+1 .. N-1), so flushes of the streaming
 buffer and decode-time compression affect predictions as in generation.
-Per method: perplexity, delta vs dense, bytes held by the cache at the end of
-the pass as % of the same K/V in fp16, teacher-forced top-1 agreement with
-dense on the scored passage, greedy tokens equal to dense's before the first
+Per method: perplexity, delta vs dense, the mean KL divergence of its
+next-token distribution from dense's (teacher-forced, the same text: far less
+noisy than the perplexity delta, which a distortion can move either way; GEAR
+rows are also compared with their backbone position by position), bytes held
+by the cache at the end of the pass as % of the same K/V in fp16,
+teacher-forced top-1 agreement with dense on the scored passage, greedy tokens equal to dense's before the first
 difference over --gen-prompts prompts x --gen-tokens tokens (batched, prompts
 of equal token length), wall time. Outputs under benchmarks/results/: quality.md,
 quality_pareto.png, quality_layers.png (K and V relative error per layer, GEAR vs
@@ -34,6 +37,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -69,11 +73,13 @@ def dense_ref_bytes(model, tokens: int, batch: int = 1) -> int:
 
 
 # ---------------------------------------------------------------- measurements
-def streaming_ppl(model, method, ids, prefill: int, progress: str = ""):
-    """Mean NLL of tokens prefill..N-1 (each predicted from everything before it)."""
+def streaming_ppl(model, method, ids, prefill: int, progress: str = "", reference=None):
+    """Mean NLL of tokens prefill..N-1 (each predicted from everything before it).
+    Also each position's next-token log-probabilities (`logp`, [positions, vocab]),
+    and, given dense's as `reference`, each position's KL(dense || this method)."""
     import torch
     cache = method.new_cache(model)
-    nll, top1 = [], []
+    nll, top1, logp = [], [], []
     n = ids.shape[1]
     t0 = time.time()
     with torch.no_grad():
@@ -83,6 +89,7 @@ def streaming_ppl(model, method, ids, prefill: int, progress: str = ""):
         for t in range(prefill, n):
             nll.append(torch.nn.functional.cross_entropy(logits[None].float(), ids[0, t:t + 1]).item())
             top1.append(int(logits.argmax()))
+            logp.append(torch.log_softmax(logits.float(), -1))
             if t == n - 1:
                 break
             out = model(input_ids=ids[:, t:t + 1], **cache_kwarg(model, cache), use_cache=True)
@@ -92,7 +99,10 @@ def streaming_ppl(model, method, ids, prefill: int, progress: str = ""):
                 log(f"  {progress} {done}/{n - prefill - 1} decode tokens, "
                     f"{done / (time.time() - t1):.1f} tok/s, running ppl {math.exp(sum(nll) / len(nll)):.3f}")
     tokens = method.cache_tokens(cache)
-    return dict(ppl=math.exp(sum(nll) / len(nll)), nll=nll, top1=top1, kv_bytes=method.cache_bytes(cache),
+    logp = torch.stack(logp)
+    kl = None if reference is None else (reference.exp() * (reference - logp)).sum(-1).tolist()
+    return dict(ppl=math.exp(sum(nll) / len(nll)), nll=nll, top1=top1, logp=logp, kl=kl,
+                kv_bytes=method.cache_bytes(cache),
                 dense_bytes=dense_ref_bytes(model, tokens), cache_tokens=tokens,
                 seconds=time.time() - t0, decode_tok_s=(n - prefill - 1) / max(time.time() - t1, 1e-9))
 
@@ -100,11 +110,29 @@ def streaming_ppl(model, method, ids, prefill: int, progress: str = ""):
 def score(model, method, ids, prompt_lengths, label: str, results: dict, tag: str = "quality") -> None:
     """streaming_ppl at each prompt length P into results[P][label], logged."""
     for P in prompt_lengths:
-        r = streaming_ppl(model, method, ids, P, progress=f"{label} P={P}")
+        dense = results.get(P, {}).get("dense")
+        r = streaming_ppl(model, method, ids, P, progress=f"{label} P={P}",
+                          reference=None if dense is None else dense["logp"])
+        if label != "dense":
+            del r["logp"]     # only dense's are kept: the reference of every later method
         r["config"] = method.describe()
         results.setdefault(P, {})[label] = r
-        log(f"{tag}: {label} P={P}: ppl {r['ppl']:.4f}, KV {100 * r['kv_bytes'] / r['dense_bytes']:.1f} %"
+        kl = "" if r["kl"] is None else f", KL to dense {1e3 * mean_se(r['kl'])[0]:.2f}e-3"
+        log(f"{tag}: {label} P={P}: ppl {r['ppl']:.4f}{kl}, KV {100 * r['kv_bytes'] / r['dense_bytes']:.1f} %"
             f", {r['seconds']:.0f} s ({r['decode_tok_s']:.1f} tok/s)")
+
+
+def mean_se(xs) -> tuple[float, float]:
+    """Mean and its standard error over the scored positions."""
+    n = len(xs)
+    m = sum(xs) / n
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / max(n - 1, 1) / n)
+
+
+def backbone_of(label: str) -> str | None:
+    """The backbone row a GEAR row is compared with: GEAR(KIVI-2) rotated -> KIVI-2 rotated."""
+    m = re.fullmatch(r"GEAR(?:-L)?\((.+)\)(.*)", label)
+    return None if m is None else m.group(1) + m.group(2)
 
 
 def top1_agreement(r: dict, dense: dict) -> float:
@@ -162,6 +190,26 @@ def layer_errors(model, ids, prefill: int, labels, methods):
 
 
 # ---------------------------------------------------------------- output
+def gear_vs_backbone(rows: dict) -> list[str]:
+    """Each GEAR row against its backbone, position by position: the mean
+    difference of KL to dense with its standard error (negative: GEAR is
+    closer to dense), and of NLL."""
+    pairs = [(lab, backbone_of(lab)) for lab in rows if backbone_of(lab) in rows]
+    pairs = [(g, b) for g, b in pairs if rows[g].get("kl") and rows[b].get("kl")]
+    if not pairs:
+        return []
+    out = ["GEAR against its backbone, paired over the scored positions (mean ± SE; negative: GEAR "
+           "better):", "", "| GEAR row | backbone | KL to dense, GEAR - backbone, 1e-3 nats "
+           "| KL ratio | NLL, GEAR - backbone, 1e-3 nats |", "|---|---|---:|---:|---:|"]
+    for g, b in pairs:
+        dk = mean_se([x - y for x, y in zip(rows[g]["kl"], rows[b]["kl"])])
+        dn = mean_se([x - y for x, y in zip(rows[g]["nll"], rows[b]["nll"])])
+        ratio = mean_se(rows[g]["kl"])[0] / max(mean_se(rows[b]["kl"])[0], 1e-12)
+        out.append(f"| {g} | {b} | {1e3 * dk[0]:+.2f} ± {1e3 * dk[1]:.2f} | {ratio:.2f} "
+                   f"| {1e3 * dn[0]:+.2f} ± {1e3 * dn[1]:.2f} |")
+    return out + [""]
+
+
 def write_outputs(args, header, results, agree, layer_err, prefix):
     os.makedirs(RESULTS, exist_ok=True)
     lines = [f"# Quality: compressed KV cache on SmolLM2-135M-Instruct, Jane Austen's Emma ({args.split})", ""]
@@ -172,16 +220,18 @@ def write_outputs(args, header, results, agree, layer_err, prefix):
             continue
         ref = rows["dense"]["ppl"]
         lines += [f"## P = {P} prompt tokens, {args.tokens - P - 1} tokens decoded one at a time and scored", "",
-                  "| method | config | ppl | delta vs dense | KV bytes % of fp16 | top-1 agreement (teacher-forced) "
+                  "| method | config | ppl | delta vs dense | KL to dense, 1e-3 nats/token (± SE) "
+                  "| KV bytes % of fp16 | top-1 agreement (teacher-forced) "
                   "| greedy tokens before divergence | wall s | decode tok/s |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for label, r in rows.items():
             a = agree.get(label)
+            kl = "-" if r.get("kl") is None else "{:.2f} ± {:.2f}".format(*(1e3 * x for x in mean_se(r["kl"])))
             lines.append(f"| {label} | {r['config']} | {r['ppl']:.3f} | {100 * (r['ppl'] / ref - 1):+.2f} % | "
-                         f"{100 * r['kv_bytes'] / r['dense_bytes']:.1f} % | "
+                         f"{kl} | {100 * r['kv_bytes'] / r['dense_bytes']:.1f} % | "
                          f"{100 * top1_agreement(r, rows['dense']):.1f} % | "
                          f"{'-' if a is None else f'{a:.1f}'} | {r['seconds']:.0f} | {r['decode_tok_s']:.1f} |")
-        lines.append("")
+        lines += [""] + gear_vs_backbone(rows)
     if layer_err:
         lines += ["## Per-layer relative error ||X - X_hat||_F / ||X||_F (real K/V, "
                   f"{args.split} passage, {args.tokens} tokens, prefill {args.layer_prefill})", "",
@@ -198,7 +248,7 @@ def write_outputs(args, header, results, agree, layer_err, prefix):
     with open(md, "w") as f:
         f.write("\n".join(lines))
     with open(os.path.join(qd.CACHE, f"{prefix}.json"), "w") as f:
-        json.dump(dict(header=header, results={str(k): {m: {kk: vv for kk, vv in r.items() if kk not in ("nll", "top1")}
+        json.dump(dict(header=header, results={str(k): {m: {kk: vv for kk, vv in r.items() if kk not in ("nll", "top1", "logp", "kl")}
                                                           for m, r in v.items()} for k, v in results.items()},
                        agree=agree, layer_err=layer_err), f, indent=1)
     log(f"quality: wrote {md}")
