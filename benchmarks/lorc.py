@@ -25,8 +25,9 @@ dense model.
 
 KV bytes, % of the same K/V in fp16: LoRC alone counts the latent and the
 sinks in fp16; with GEAR, and for GEAR alone, the bytes the stores hold at
-the end of the pass (`KVStore.nbytes`, the exact buffer in the model's fp32
-included, as in quality.md) plus the sinks in fp32.
+the end of the pass (`KVStore.nbytes`, the exact buffer, held in fp16 for
+this fp32 model (`GearConfig.held_dtype`), included, as in quality.md) plus
+LoRC's sinks in the model's fp32.
 Outputs: benchmarks/results/lorc.md and lorc.png.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ sys.path.insert(0, HERE)
 import quality_data as qd  # noqa: E402
 import quality_methods as qm  # noqa: E402
 import torch  # noqa: E402
-from quality import cpu_name, log, score, top1_agreement  # noqa: E402
+from quality import cpu_name, log, mean_se, score, top1_agreement  # noqa: E402
 
 from gear_compile.config import GearConfig  # noqa: E402
 
@@ -253,8 +254,8 @@ def main(argv=None):
               "layers and K/V), progressive (the paper's cumulative condition number), uniform; "
               "sinks: the first tokens kept exact (GearConfig.lorc_sinks)",
               "KV % of fp16: LoRC alone: the latents and sinks in fp16 over the dense K/V in fp16; GEAR and "
-              "LoRC + GEAR: bytes the stores hold at the end (exact fp32 buffer, fp32 sinks and reserved "
-              "decode capacity included)",
+              "LoRC + GEAR: bytes the stores hold at the end (the exact buffer in fp16, LoRC's sinks in fp32 "
+              "and reserved decode capacity included)",
               f"GEAR codecs: {', '.join(f'{g} = {GEAR_OPTIONS[g]}' for g in args.gear)}; under LoRC the "
               "latent is one 'head' per layer, its ranks in multiples of the codec's rank_unit at the model's head dim (8; 32 where KIVI groups 32 channels)"]
     results, plans = {}, {}
@@ -277,12 +278,14 @@ def write_outputs(args, header, results, plans, model):
     for P, rs in results.items():
         dense = rs.get("dense")
         lines += [f"## P = {P} prompt tokens, {args.tokens - P - 1} tokens decoded one at a time and scored", "",
-                  "| method | config | ppl | delta vs dense | KV % of fp16 | top-1 agreement | decode tok/s |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "| method | config | ppl | delta vs dense | KL to dense, 1e-3 nats/token (± SE) | KV % of fp16 "
+                  "| top-1 agreement | decode tok/s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for label, r in rs.items():
             delta = 100 * (r["ppl"] / dense["ppl"] - 1) if dense else float("nan")
             agree = 100 * top1_agreement(r, dense) if dense else float("nan")
-            lines.append(f"| {label} | {r['config']} | {r['ppl']:.3f} | {delta:+.2f} % | "
+            kl = "-" if r.get("kl") is None else "{:.2f} ± {:.2f}".format(*(1e3 * x for x in mean_se(r["kl"])))
+            lines.append(f"| {label} | {r['config']} | {r['ppl']:.3f} | {delta:+.2f} % | {kl} | "
                          f"{100 * r['kv_bytes'] / r['dense_bytes']:.1f} % | {agree:.1f} % | {r['decode_tok_s']:.1f} |")
         lines.append("")
         lines += verdict(rs)

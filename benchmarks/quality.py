@@ -388,6 +388,9 @@ def main(argv=None):
               "same K/V stored in fp16",
               "g by head dim: our methods' group size where the options leave it unset "
               "(GearConfig.for_head_dim): 32 at SmolLM2's head dim 64",
+              "labels name the backbone: GEAR(KCVT-4) / GEAR-L(KCVT-4) set backbone=\"kcvt\", the (KIVI-4) "
+              "rows backbone=\"kivi\"; gear / gear_l at 4 bits with the backbone unset take KIVI at this "
+              "head dim (GearConfig.for_head_dim)",
               ] + ([f"option overrides: {overrides}"] if overrides else []) \
         + ([f"sim variant (a study, not a shipped option): {variant}"] if variant != qm.SimVariant() else [])
 

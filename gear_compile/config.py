@@ -107,7 +107,7 @@ class CodecConfig:
                  from the rest, stretch the ranges of the groups it falls in).
                  They shadow their places in the prefill block, whose groups
                  stay where they were. On SmolLM2's held-out text (P = 64 /
-                 512; benchmarks/results/quality_sinks.md against quality.md)
+                 512; benchmarks/results/quality_sinks.md against quality_nosinks.md)
                  4 of them took GEAR 4-bit from +0.24 / +0.28 % perplexity to
                  +0.11 / +0.16 %, GEAR 2-bit from +9.1 / +9.7 % to +6.2 /
                  +7.0 %, KIVI-2 from +23.6 / +22.1 % to +11.6 / +14.3 % and
@@ -183,7 +183,7 @@ class CodecConfig:
         (scale, zero) per channel per block spans all of a block's tokens;
         on SmolLM2 (head dim 64) KIVI's 32-token groups took GEAR-L 4-bit from
         +0.78 / +1.35 % to -0.08 / -0.15 % and GEAR 4-bit from +0.37 / +0.50 %
-        to +0.31 / +0.05 % (benchmarks/results/quality.md), in fewer bytes on that
+        to +0.31 / +0.05 % (benchmarks/results/quality.md at d5380dc), in fewer bytes on that
         1k-token passage but 14 % more at an 8k prompt, where KCVT's per-block
         scales amortise (benchmarks/results/generate_throughput_cpu_kivi4.md)."""
         chosen = {}
