@@ -260,23 +260,32 @@ def plot(results, layer_err, prefix):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     if results:
-        fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 5), squeeze=False)
-        for ax, (P, rows) in zip(axes[0], sorted(results.items())):
+        # top row: the perplexity delta (clipped at 1e-3 % for the log axis); bottom row: the
+        # KL to dense, which a distortion cannot move below zero and which is far less noisy
+        metrics = [("perplexity delta vs dense, % (log)", lambda r, ref: max(100 * (r["ppl"] / ref - 1), 1e-3))]
+        if any(r.get("kl") for rows in results.values() for r in rows.values()):
+            metrics.append(("KL to dense, nats/token (log)",
+                            lambda r, ref: mean_se(r["kl"])[0] if r.get("kl") else None))
+        fig, axes = plt.subplots(len(metrics), len(results), figsize=(6.5 * len(results), 5 * len(metrics)),
+                                 squeeze=False)
+        for col, (P, rows) in enumerate(sorted(results.items())):
             if "dense" not in rows:
                 continue
             ref = rows["dense"]["ppl"]
-            for label, r in rows.items():
-                if label == "dense":
-                    continue
-                x, y = 100 * r["kv_bytes"] / r["dense_bytes"], 100 * (r["ppl"] / ref - 1)
-                marker = "s" if "Quantized" in label else ("*" if label.startswith("GEAR") else "o")
-                ax.scatter(x, max(y, 1e-3), marker=marker, s=80 if marker == "*" else 40)
-                ax.annotate(label, (x, max(y, 1e-3)), fontsize=7, xytext=(3, 3), textcoords="offset points")
-            ax.set_yscale("log")
-            ax.set_xlabel("KV bytes held, % of fp16 dense")
-            ax.set_ylabel("perplexity delta vs dense, % (log)")
-            ax.set_title(f"P = {P}")
-            ax.grid(alpha=0.3)
+            for (ylabel, metric), ax in zip(metrics, axes[:, col]):
+                for label, r in rows.items():
+                    y = None if label == "dense" else metric(r, ref)
+                    if y is None:
+                        continue
+                    x = 100 * r["kv_bytes"] / r["dense_bytes"]
+                    marker = "s" if "Quantized" in label else ("*" if label.startswith("GEAR") else "o")
+                    ax.scatter(x, y, marker=marker, s=80 if marker == "*" else 40)
+                    ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.set_yscale("log")
+                ax.set_xlabel("KV bytes held, % of fp16 dense")
+                ax.set_ylabel(ylabel)
+                ax.set_title(f"P = {P}")
+                ax.grid(alpha=0.3)
         fig.suptitle("SmolLM2-135M, Emma held-out: quality vs KV size (lower-left is better)")
         fig.tight_layout()
         fig.savefig(os.path.join(RESULTS, f"{prefix}_pareto.png"), dpi=120)

@@ -35,3 +35,34 @@ def test_gear2_beats_kivi2_smollm2():
         finally:
             m.teardown(model)
     assert ppl["GEAR(KIVI-2)"] < ppl["KIVI-2"], ppl
+
+
+def test_kl_to_dense_separates_gear4_from_its_backbone_smollm2():
+    """The quality benchmark's KL(dense || method): zero for dense against
+    itself, and GEAR(KCVT-4) closer to dense than KCVT-4 on 65 scored tokens,
+    where their perplexities differ by less than the noise between equally
+    good codecs."""
+    import quality_data as qd
+    if qd.find_janeaustenr() is None and shutil.which("apt-get") is None:
+        pytest.skip("the text needs the Debian package r-cran-janeaustenr, and this machine has no apt-get")
+    model, tok = qd.load_model(install=False)
+    corpus = qd.Corpus(tok, install=True)
+    import quality
+    import quality_methods as qm
+    ids = corpus.passage("test", 64 + 65)
+
+    def run(label, reference=None):
+        m = qm.Method(label, dict(qm.METHODS)[label], "sim")
+        m.setup(model)
+        try:
+            return quality.streaming_ppl(model, m, ids, 64, reference=reference)
+        finally:
+            m.teardown(model)
+    dense = run("dense")
+    assert dense["kl"] is None and dense["logp"].shape == (ids.shape[1] - 64, model.config.vocab_size)
+    assert max(abs(x) for x in run("dense", dense["logp"])["kl"]) < 1e-6
+    kl = {label: quality.mean_se(run(label, dense["logp"])["kl"]) for label in ("KCVT-4", "GEAR(KCVT-4)")}
+    assert kl["GEAR(KCVT-4)"][0] < kl["KCVT-4"][0], kl
+    assert quality.backbone_of("GEAR(KCVT-4)") == "KCVT-4"
+    assert quality.backbone_of("GEAR-L(KIVI-2) rotated") == "KIVI-2 rotated"
+    assert quality.backbone_of("KIVI-2") is None
