@@ -107,13 +107,13 @@ class CodecConfig:
                  from the rest, stretch the ranges of the groups it falls in).
                  They shadow their places in the prefill block, whose groups
                  stay where they were. On SmolLM2's held-out text (P = 64 /
-                 512; benchmarks/results/quality_sinks.md against quality_nosinks.md)
-                 4 of them took GEAR 4-bit from +0.24 / +0.28 % perplexity to
-                 +0.11 / +0.16 %, GEAR 2-bit from +9.1 / +9.7 % to +6.2 /
-                 +7.0 %, KIVI-2 from +23.6 / +22.1 % to +11.6 / +14.3 % and
-                 KCVT-4 from +0.75 / +2.27 % to +0.36 / +0.26 %, for 4 tokens
-                 of K/V in the held dtype a layer. 0: none (the paper's
-                 layout). No sinks without a prefill block (a streamed,
+                 512; benchmarks/results/quality_sinks.md against
+                 quality_nosinks.md) 4 of them took GEAR 4-bit from +0.24 /
+                 +0.28 % perplexity to +0.11 / +0.16 %, GEAR 2-bit from +9.1 /
+                 +9.7 % to +6.2 / +7.0 %, KIVI-2 from +23.6 / +22.1 % to +11.6
+                 / +14.3 % and KCVT-4 from +0.75 / +2.27 % to +0.36 / +0.26 %,
+                 for 4 tokens of K/V in the held dtype a layer. 0: none (the
+                 paper's layout). No sinks without a prefill block (a streamed,
                  sliding-window store; a kivi prompt shorter than a group).
     """
 

@@ -29,8 +29,8 @@ Algorithm (split-K flash decoding, two kernels):
   V adds ((p . A) s) . B_blk^T to the accumulator (A and B int8, s the block's
   fp32 scale per rank): two tl.dots each, the rank padded to 16 with zeros,
   instead of a dense [BT, D] rebuild (one reduction across the tile per rank
-  was 14-23 % slower on an H100). Outliers are int8 counts of units of their group's step
-  (`outliers.steps`; OUT_UNIT steps a unit): a sparse [BT, E] tile added to
+  was 14-23 % slower on an H100). Outliers are int8 counts of units of their
+  group's step (`outliers.steps`; OUT_UNIT steps a unit): a sparse [BT, E] tile added to
   the codes before the scales apply, folded or not, so they cost no dot of
   their own. V: 2k channel indices per token. K: per block, 2k token
   offsets per channel, sorted, so a tile's entries are one run per channel
