@@ -44,7 +44,7 @@ sys.path.insert(0, HERE)
 import quality_data as qd  # noqa: E402
 import quality_methods as qm  # noqa: E402
 import torch  # noqa: E402
-from quality import cpu_name, log, mean_se, score, top1_agreement  # noqa: E402
+from quality import cpu_name, kl_cell, log, score, top1_agreement  # noqa: E402
 
 from gear_compile.config import GearConfig  # noqa: E402
 
@@ -284,8 +284,7 @@ def write_outputs(args, header, results, plans, model):
         for label, r in rs.items():
             delta = 100 * (r["ppl"] / dense["ppl"] - 1) if dense else float("nan")
             agree = 100 * top1_agreement(r, dense) if dense else float("nan")
-            kl = "-" if r.get("kl") is None else "{:.2f} ± {:.2f}".format(*(1e3 * x for x in mean_se(r["kl"])))
-            lines.append(f"| {label} | {r['config']} | {r['ppl']:.3f} | {delta:+.2f} % | {kl} | "
+            lines.append(f"| {label} | {r['config']} | {r['ppl']:.3f} | {delta:+.2f} % | {kl_cell(r)} | "
                          f"{100 * r['kv_bytes'] / r['dense_bytes']:.1f} % | {agree:.1f} % | {r['decode_tok_s']:.1f} |")
         lines.append("")
         lines += verdict(rs)

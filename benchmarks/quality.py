@@ -24,9 +24,10 @@ next-token distribution from dense's (teacher-forced, the same text: far less
 noisy than the perplexity delta, which a distortion can move either way; GEAR
 rows are also compared with their backbone position by position), bytes held
 by the cache at the end of the pass as % of the same K/V in fp16,
-teacher-forced top-1 agreement with dense on the scored passage, greedy tokens equal to dense's before the first
-difference over --gen-prompts prompts x --gen-tokens tokens (batched, prompts
-of equal token length), wall time. Outputs under benchmarks/results/: quality.md,
+teacher-forced top-1 agreement with dense on the scored passage, greedy
+tokens equal to dense's before the first difference over --gen-prompts
+prompts x --gen-tokens tokens (batched, prompts of equal token length), wall
+time. Outputs under benchmarks/results/: quality.md,
 quality_pareto.png, quality_layers.png (K and V relative error per layer, GEAR vs
 its backbone, from the model's real K/V on the text).
 """
@@ -129,6 +130,11 @@ def mean_se(xs) -> tuple[float, float]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / max(n - 1, 1) / n)
 
 
+def kl_cell(r: dict) -> str:
+    """A row's mean KL to dense ± its SE in 1e-3 nats per token, for a table ('-' without one)."""
+    return "-" if r.get("kl") is None else "{:.2f} ± {:.2f}".format(*(1e3 * x for x in mean_se(r["kl"])))
+
+
 def backbone_of(label: str) -> str | None:
     """The backbone row a GEAR row is compared with: GEAR(KIVI-2) rotated -> KIVI-2 rotated."""
     m = re.fullmatch(r"GEAR(?:-L)?\((.+)\)(.*)", label)
@@ -226,9 +232,8 @@ def write_outputs(args, header, results, agree, layer_err, prefix):
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for label, r in rows.items():
             a = agree.get(label)
-            kl = "-" if r.get("kl") is None else "{:.2f} ± {:.2f}".format(*(1e3 * x for x in mean_se(r["kl"])))
             lines.append(f"| {label} | {r['config']} | {r['ppl']:.3f} | {100 * (r['ppl'] / ref - 1):+.2f} % | "
-                         f"{kl} | {100 * r['kv_bytes'] / r['dense_bytes']:.1f} % | "
+                         f"{kl_cell(r)} | {100 * r['kv_bytes'] / r['dense_bytes']:.1f} % | "
                          f"{100 * top1_agreement(r, rows['dense']):.1f} % | "
                          f"{'-' if a is None else f'{a:.1f}'} | {r['seconds']:.0f} | {r['decode_tok_s']:.1f} |")
         lines += [""] + gear_vs_backbone(rows)
