@@ -31,6 +31,11 @@ TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 IMPLS = ["cpu"] + (["triton"] if TRITON_DEVICE == "cpu" or torch.cuda.is_available() else [])
 
 
+def on_triton_device(t):
+    """t where the Triton kernel runs (None stays None)."""
+    return None if t is None else t.to(TRITON_DEVICE)
+
+
 def _uneven():
     """Chunk sizes 1, 3, 5, 7, 2, 4, 6, 8, 3, 5, ...: flushes happen mid-chunk."""
     step = 1
@@ -52,8 +57,7 @@ def attend(impl, q, ks, vs, k_new, v_new, mask, scale, causal=False, num_splits=
            sinks=None):
     """One implementation's attention of q over the stores plus the new tokens."""
     if impl == "triton":
-        def on(t):
-            return None if t is None else t.to(TRITON_DEVICE)
+        on = on_triton_device
         out = decode_attention_launch(on(q), [on(t) for t in ks.tensors()], [on(t) for t in vs.tensors()],
                                       on(k_new), on(v_new), on(mask), scale, ks.config.to_json(),
                                       num_splits=num_splits, softcap=softcap, sinks=on(sinks))
@@ -314,8 +318,7 @@ def test_registered_triton_op_runs_eagerly():
     ks, vs = _stores(cfg, 1, 2, 64, 40, 3, torch.float16, gen)
     q = torch.randn(1, 4, 1, 64, generator=gen).half()
     kn, vn = (torch.randn(1, 2, 1, 64, generator=gen).half() for _ in range(2))
-    def on(t):      # the op runs where its inputs are: the GPU, or the CPU under the interpreter
-        return t.to(TRITON_DEVICE)
+    on = on_triton_device   # the op runs where its inputs are: the GPU, or the CPU under the interpreter
     out = torch.ops.gear.attention_triton(on(q), [on(t) for t in ks.tensors()], [on(t) for t in vs.tensors()],
                                           on(kn), on(vn), None, 0.125, False, cfg.to_json()).cpu()
     ref = reference(q, ks, vs, kn, vn, None, 0.125)
