@@ -634,12 +634,10 @@ class _SharedArgs:
     bits: int
 
 
-def _launch_partial(launch, a: _SharedArgs, seg: _SegmentLaunch, k_ptrs: list, v_ptrs: list,
-                    grid: tuple, split0: int) -> None:
-    """One `_partial_kernel` launch over `seg`'s tiles."""
-    q = a.q
-    B, Hq, _, D = q.shape
-    G = Hq // a.kv_heads
+def _partial_meta(seg: _SegmentLaunch, q_dtype: torch.dtype, Hq: int, Hkv: int, D: int, bits: int,
+                  mask_kind: int, softcap: float) -> tuple[dict, dict, int]:
+    """`_partial_kernel`'s runtime scalars and constexprs for one segment, and
+    its warp count."""
     kl, vl, exact, block, bt = seg.k_layout, seg.v_layout, seg.exact, seg.block, seg.tile
     if exact:       # the sinks, the buffer or the new token (or method none): values of any float dtype
         k_group = v_group = 1
@@ -651,7 +649,7 @@ def _launch_partial(launch, a: _SharedArgs, seg: _SegmentLaunch, k_ptrs: list, v
         k_group, v_group = _stats_group(kl), _stats_group(vl)
         k_k2, v_k2, k_spans = 2 * kl.outliers_per_side, 2 * vl.outliers_per_side, kl.spans
         rank, nblk = kl.rank, seg.capacity // block
-        w, pb = packed_width(D, a.bits), 8 // a.bits
+        w, pb = packed_width(D, bits), 8 // bits
         wp = max(_pow2(w), 16 // pb)
         e = pb * wp
     # fold scale/zero into the dot products where one (scale, zero) covers a K
@@ -660,22 +658,119 @@ def _launch_partial(launch, a: _SharedArgs, seg: _SegmentLaunch, k_ptrs: list, v
     fold_k = (not exact and kl.spec.axis == "channel"
               and (k_group == block or (k_group % bt == 0 and block % bt == 0)))
     fold_v = not exact and vl.spec.axis == "token" and v_group == D
-    fp32_dot = q.dtype == torch.float32 or (
-        q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+    fp32_dot = q_dtype == torch.float32 or (
+        q_dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+    scalars = dict(N=seg.capacity, NBLK=nblk, BLOCK=block, TPB=seg.tiles_per_block,
+                   k_group=k_group, v_group=v_group, k_k2=k_k2, v_k2=v_k2, k_spans=k_spans)
+    consts = dict(
+        SEG=seg.seg_id, G=Hq // Hkv, GP=max(16, _pow2(Hq // Hkv)), D=D, W=w, WP=wp, PB=pb, E=e,
+        BITS=0 if exact else bits, EXACT=exact,
+        K_CHANNEL=not exact and kl.spec.axis == "channel",
+        V_CHANNEL=not exact and vl.spec.axis == "channel",
+        R=rank, RP=max(16, _pow2(rank)), BT=bt, MASK_KIND=mask_kind, FP32_DOT=fp32_dot, K_OUT=k_k2 > 0,
+        LOGK=k_k2.bit_length(), K_SPANS=k_spans > 0, V_OUT=v_k2 > 0, K_FOLD=fold_k, V_FOLD=fold_v,
+        SOFTCAP=softcap > 0, OUT_UNIT=outliers.unit(bits))
+    return scalars, consts, 8 if bt * e >= WIDE_TILE else 4
+
+
+def _launch_partial(launch, a: _SharedArgs, seg: _SegmentLaunch, k_ptrs: list, v_ptrs: list,
+                    grid: tuple, split0: int) -> None:
+    """One `_partial_kernel` launch over `seg`'s tiles."""
+    q = a.q
+    B, Hq, _, D = q.shape
+    sc, consts, warps = _partial_meta(seg, q.dtype, Hq, a.kv_heads, D, a.bits, a.mask_kind, a.softcap)
     ms = a.mask_strides
     launch(_partial_kernel)[grid](
         q, *k_ptrs, *v_ptrs, a.lengths, a.mask, a.partial_out, a.partial_lse,
-        a.scale * _LOG2E, a.softcap * _LOG2E, a.kv_heads, seg.capacity, nblk, block, seg.tiles_per_block,
-        a.items, split0, a.s_total, a.new_tokens, a.sink_tokens, k_group, v_group, k_k2, v_k2, k_spans,
-        ms[0], ms[1], ms[2], a.mask_len,
-        SEG=seg.seg_id, G=G, GP=max(16, _pow2(G)), D=D, W=w, WP=wp, PB=pb, E=e,
-        BITS=0 if exact else a.bits, EXACT=exact,
-        K_CHANNEL=not exact and kl.spec.axis == "channel",
-        V_CHANNEL=not exact and vl.spec.axis == "channel",
-        R=rank, RP=max(16, _pow2(rank)), BT=bt, MASK_KIND=a.mask_kind, FP32_DOT=fp32_dot, K_OUT=k_k2 > 0,
-        LOGK=k_k2.bit_length(), K_SPANS=k_spans > 0, V_OUT=v_k2 > 0, K_FOLD=fold_k, V_FOLD=fold_v,
-        SOFTCAP=a.softcap > 0, OUT_UNIT=outliers.unit(a.bits),
-        num_warps=8 if bt * e >= WIDE_TILE else 4)
+        a.scale * _LOG2E, a.softcap * _LOG2E, a.kv_heads, sc["N"], sc["NBLK"], sc["BLOCK"], sc["TPB"],
+        a.items, split0, a.s_total, a.new_tokens, a.sink_tokens, sc["k_group"], sc["v_group"],
+        sc["k_k2"], sc["v_k2"], sc["k_spans"], ms[0], ms[1], ms[2], a.mask_len,
+        **consts, num_warps=warps)
+
+
+# ---- what the launcher can produce, for the no-GPU sm_90a build checks ----
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """One kernel configuration as `triton.compile(ASTSource(fn, signature,
+    constexprs), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=...,
+    num_stages=...))` takes it (tests/test_kernel_sm90_build.py,
+    benchmarks/kernel_model.py)."""
+
+    name: str
+    fn: object                 # the @triton.jit kernel
+    signature: dict            # argument name -> Triton type ("*fp16", "i32", "fp32") or "constexpr"
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+
+_BUILD_METHODS = (("none", 16), ("kcvt", 4), ("kcvt", 8), ("kivi", 2), ("kivi", 4), ("per_token", 4),
+                  ("gear", 2), ("gear", 4), ("gear_l", 4))
+_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+                    torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16", torch.int32: "i32",
+                    torch.int64: "i64"}
+
+
+def sm90_build_specs(head_dims=(64, 128), context: int = 32768, gqa: int = 4) -> list[BuildSpec]:
+    """Every configuration the launcher produces for representative shapes:
+    each method / bits in `_BUILD_METHODS` at each head dim, a `context`-token
+    prefill block with 4 exact sinks, fp16 queries with `gqa` query heads per
+    KV head and a bool mask; plus a bf16 and an fp32 query variant, softcap, and
+    the combine kernel with and without sinks. Built from the same layouts and
+    `_partial_meta` the launcher uses, so they change together."""
+    from ..config import GearConfig
+    from ..store import StoreLayout
+    specs = []
+    variants = [(torch.float16, 1, 0.0)] + [(dt, 2, 30.0) for dt in (torch.bfloat16, torch.float32)]
+    for D in head_dims:
+        for method, bits in _BUILD_METHODS:
+            for qdt, mask_kind, softcap in variants if (method, bits) == ("gear", 4) else variants[:1]:
+                cfg = GearConfig(method=method, bits=bits if method != "none" else 4)
+                kl, vl = (StoreLayout.build(cfg, kind, D, torch.float16, context, 4) for kind in "kv")
+                for seg in _layout_launches(kl, vl):
+                    sc, consts, warps = _partial_meta(seg, qdt, gqa * 8, 8, D, kl.decode.spec.bits,
+                                                      mask_kind, softcap)
+                    sig = _partial_signature(seg, qdt, mask_kind, sc, consts)
+                    name = f"partial-{method}{bits}-d{D}-{_TORCH_TO_TRITON[qdt]}-seg{seg.seg_id}"
+                    specs.append(BuildSpec(name, _partial_kernel, sig, consts, warps, 1))
+    for sinks in (False, True):
+        for D in head_dims:
+            consts = dict(D=D, DP=_pow2(D), SC=COMBINE_CHUNK, SINKS=sinks)
+            sig = {n: "constexpr" if n in consts else "i32" for n in _combine_kernel.arg_names}
+            sig.update(PO="*fp32", PLSE="*fp32", Out="*fp16", Sinks="*fp16")
+            specs.append(BuildSpec(f"combine-d{D}-sinks{int(sinks)}", _combine_kernel, sig, consts, 4, 1))
+    return specs
+
+
+def _layout_launches(kl, vl) -> list[_SegmentLaunch]:
+    """`_segment_launches` from two `StoreLayout`s (a decode capacity of 4 blocks)."""
+    out = [_SegmentLaunch(4, None, None, None, None, kl.sink_tokens, kl.sink_tokens)] if kl.sink_tokens else []
+    out.append(_SegmentLaunch(0, None, None, kl.prefill, vl.prefill, kl.prefill.block, kl.prefill.block))
+    out.append(_SegmentLaunch(1, None, None, kl.decode, vl.decode, 4 * kl.decode.block, kl.decode.block))
+    out.append(_SegmentLaunch(2, None, None, None, None, kl.buffer_tokens, kl.buffer_tokens))
+    out.append(_SegmentLaunch(3, None, None, None, None, 1, 1))
+    return out
+
+
+def _partial_signature(seg: _SegmentLaunch, qdt: torch.dtype, mask_kind: int, scalars: dict,
+                       consts: dict) -> dict:
+    """`_partial_kernel`'s argument types for one segment's launch."""
+    q = "*" + _TORCH_TO_TRITON[qdt]
+    sig = {}
+    for prefix, layout in (("K", seg.k_layout), ("V", seg.v_layout)):
+        dtypes = {} if seg.exact else {p.name: p.dtype for p in layout.parts}
+        for arg, part in zip(("c", "s", "z", "a", "b", "ls", "ov", "oi", "oe"), _PARTS):
+            dt = dtypes.get(part)
+            sig[prefix + arg] = "*" + _TORCH_TO_TRITON[dt] if dt is not None else q
+    sig.update(Q=q, Lens="*i64", Mask=(q if mask_kind == 2 else "*u8") if mask_kind else q,
+               PO="*fp32", PLSE="*fp32", qk_scale="fp32", cap="fp32")
+    for n in _partial_kernel.arg_names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n not in sig:
+            sig[n] = "i32"
+    return {n: sig[n] for n in _partial_kernel.arg_names}
 
 
 @torch.library.triton_op("gear::attention_triton", mutates_args=())
