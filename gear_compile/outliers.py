@@ -9,13 +9,18 @@ rebuild there (`steps`), a unit being the group's step (1/16 of it at 2
 bits: `unit_shift`): one byte instead of fp16. A group's step is floored at
 its largest such distance / MAX_STEPS units, so no count overflows.
 
-Indices take the narrowest integer type; a K block longer than `SPAN` tokens
-(a long prompt's prefill block) stores each entry's offset within its
-SPAN-token span as one byte, plus per channel the count of entries up to the
-end of each span (`spans`, `join_spans`): the same table, losslessly, in
-half the index bytes of int16 offsets. Neighbours: `segment` (calls `select`
-and `steps` when compressing, `scatter` to rebuild), the decode kernels (read
-the same unit/index/span tables and add the units to the codes).
+V's outliers are per token: 2k channel indices of the narrowest integer
+type and their int8 values ([N, 2k], a fixed-size row per token). K's are
+per channel within a block, so a tile of tokens holds a varying number of
+them; they are stored as position records in tile-CSR form (`records`): the
+block's 2k * D records sorted by position (token, then channel), each an
+int8 value and a packed (token mod 256, channel) position, with one pointer
+per TILE-token record tile. A kernel reads the records of any aligned run of
+record tiles as one contiguous slice, found by two pointer loads: no search,
+no walk, no branch on the data. Neighbours: `segment` (calls `select` and
+`steps` when compressing, `records` to store K's, `scatter` and
+`scatter_records` to rebuild), the decode kernels (read the same tables and
+add the units to the codes).
 """
 from __future__ import annotations
 
@@ -39,7 +44,8 @@ def index_dtype(length: int) -> torch.dtype:
     return torch.int32
 
 
-SPAN = 256      # tokens a one-byte offset spans
+TILE = 16        # tokens a K-outlier pointer covers (`records`)
+TOKEN_BITS = 8   # a record's token field: its token offset mod 256
 MAX_STEPS = 126  # an outlier is at most this many units from its place's value
 
 
@@ -63,21 +69,67 @@ def steps(excess: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(excess.round(), nan=0.0, posinf=0.0, neginf=0.0).clamp(-127, 127).to(torch.int8)
 
 
-def spans(idx: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token offsets idx [..., 2k, D] (ascending along 2k) of a `length`-token
-    block as (offsets within their SPAN-token span, uint8; per channel the
-    number of entries before the end of each span [..., ceil(length / SPAN), D])."""
-    bounds = torch.arange(1, -(-length // SPAN) + 1, device=idx.device) * SPAN
-    ends = (idx.long().unsqueeze(-2) < bounds[:, None]).sum(-3)
-    return (idx % SPAN).to(torch.uint8), ends.to(index_dtype(idx.shape[-2] + 1))
+def channel_bits(head_dim: int) -> int:
+    """Bits of a K record's channel field: 8 up to 256 channels, so that a
+    record is a 16-bit (token mod 256, channel) pair."""
+    return max(8, (head_dim - 1).bit_length())
 
 
-def join_spans(low: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """The block offsets (int64) that `spans` split: entry e of a channel lies
-    in the span whose end count first exceeds e."""
-    entry = torch.arange(low.shape[-2], device=low.device)[:, None, None]
-    span = (ends.long().unsqueeze(-3) <= entry).sum(-2)
-    return low.long() + span * SPAN
+def record_dtype(head_dim: int) -> torch.dtype:
+    """The K records' position dtype: 16 bits (stored as int16) up to 256
+    channels, int32 above."""
+    return torch.int16 if channel_bits(head_dim) + TOKEN_BITS <= 16 else torch.int32
+
+
+def record_tiles(block: int) -> int:
+    """TILE-token record tiles of a K block (the last may be short)."""
+    return -(-block // TILE)
+
+
+def records(vals: torch.Tensor, idx: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
+    """A K table (vals int8 and token offsets idx [..., 2k, D], per channel)
+    as tile-CSR records: (values int8 [..., 2k*D], positions [..., 2k*D],
+    pointers int32 [..., record_tiles(block) + 1]).
+
+    Records are sorted by (token, channel); a position packs (token mod 256)
+    above the channel's `channel_bits`; pointer j is the first record of
+    tokens >= TILE * j, so the records of record tiles [j0, j1) are
+    [ptr[j0], ptr[j1]). A token's full offset is its record tile's 256-token
+    base plus the stored low byte (kernel tiles never cross 256 tokens)."""
+    D = idx.shape[-1]
+    cb = channel_bits(D)
+    channel = torch.arange(D, device=idx.device)
+    key = (idx.long() * D + channel).flatten(-2)            # token-major position
+    key, order = key.sort(dim=-1)
+    vals = vals.flatten(-2).gather(-1, order)
+    token, ch = key // D, key % D
+    packed = ((token % 256) << cb) | ch
+    if record_dtype(D) == torch.int16:                       # 16 bits held in an int16
+        packed = torch.where(packed >= 1 << 15, packed - (1 << 16), packed)
+    bounds = torch.arange(record_tiles(block) + 1, device=idx.device) * TILE
+    ptr = torch.searchsorted(token.contiguous(), bounds.expand(*token.shape[:-1], -1).contiguous())
+    return vals, packed.to(record_dtype(D)), ptr.to(torch.int32)
+
+
+def record_positions(pos: torch.Tensor, ptr: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each record's (token offset within its block, channel), int64: the
+    inverse of `records`' packing (the token's 256-token base is its record
+    tile's, found from the pointers)."""
+    cb = channel_bits(head_dim)
+    raw = pos.long() & ((1 << (cb + TOKEN_BITS)) - 1)
+    entry = torch.arange(pos.shape[-1], device=pos.device).expand(pos.shape).contiguous()
+    tile = torch.searchsorted(ptr[..., 1:].contiguous().long(), entry, right=True)
+    token = (tile * TILE) // 256 * 256 + (raw >> cb)
+    return token, raw & ((1 << cb) - 1)
+
+
+def scatter_records(vals: torch.Tensor, pos: torch.Tensor, ptr: torch.Tensor, block: int,
+                    head_dim: int) -> torch.Tensor:
+    """Dense units [..., block, head_dim] (fp32, zeros elsewhere) of a block's records."""
+    token, ch = record_positions(pos, ptr, head_dim)
+    out = torch.zeros(*vals.shape[:-1], block * head_dim, dtype=torch.float32, device=vals.device)
+    out.scatter_(-1, token * head_dim + ch, vals.float())
+    return out.unflatten(-1, (block, head_dim))
 
 
 def select(x: torch.Tensor, k: int, dim: int):

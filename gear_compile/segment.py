@@ -13,14 +13,13 @@ per block; shapes, writing, growing and slicing derive from it):
   lr_b     int8 [B, H, N/block, D, r]  low-rank factor B, one per block
   lr_s     fp32 [B, H, N/block, r]  per block, the scale of each column pair:
                                     L = lr_a diag(lr_s) lr_b^T (`lowrank.pack`)
-  out_val  int8, out_idx            outliers: K [B, H, N/block, 2k, D] (token
-                                    offsets in the block, per channel);
-                                    V [B, H, N, 2k] (channel per token);
-                                    values: int8 units of their group's step
-  out_end  [B, H, N/block, S, D]    K blocks over 256 tokens: out_idx holds
-                                    offsets within 256-token spans, out_end
-                                    each span's end in the table (`outliers`)
-
+  out_val  int8, out_idx            outliers, values as int8 units of their
+                                    group's step. V: [B, H, N, 2k] channel
+                                    indices per token. K: per block, the
+                                    block's 2k*D records [B, H, N/block, 2k*D]
+                                    (packed token/channel positions, sorted)
+  out_ptr  int32 [B, H, N/block, T+1]  K: each TILE-token record tile's first
+                                    record (tile-CSR, `outliers.records`)
 With bits=16 (method none) `codes` is the exact [B, H, N, D] tensor.
 Reconstruction is X = dequant(codes + scatter(out)) + lr_a diag(lr_s) lr_b^T:
 an outlier is the code at its place plus a signed number of units of the
@@ -103,24 +102,14 @@ class SegmentLayout:
             parts += [Part("lr_a", 1, (self.rank,), torch.int8),
                       Part("lr_b", self.block, (D, self.rank), torch.int8),
                       Part("lr_s", self.block, (self.rank,), torch.float32)]
-        if k2 and self.kind == "k":  # per block: 2k token offsets per channel
-            index = torch.uint8 if self.spans else outliers.index_dtype(self.block)
-            parts += [Part("out_val", self.block, (k2, D), torch.int8),
-                      Part("out_idx", self.block, (k2, D), index)]
-            if self.spans:
-                parts.append(Part("out_end", self.block, (self.spans, D), outliers.index_dtype(k2 + 1)))
+        if k2 and self.kind == "k":  # per block: 2k records per channel, tile-CSR
+            parts += [Part("out_val", self.block, (k2 * D,), torch.int8),
+                      Part("out_idx", self.block, (k2 * D,), outliers.record_dtype(D)),
+                      Part("out_ptr", self.block, (outliers.record_tiles(self.block) + 1,), torch.int32)]
         elif k2:                     # per token: 2k channel indices
             parts += [Part("out_val", 1, (k2,), torch.int8),
                       Part("out_idx", 1, (k2,), outliers.index_dtype(D))]
         return tuple(parts)
-
-    @property
-    def spans(self) -> int:
-        """SPAN-token spans of a K block whose outlier offsets are stored one
-        byte each with per-span end counts (`outliers.spans`); 0: plain offsets."""
-        if self.kind != "k" or not self.outliers_per_side or self.block <= outliers.SPAN:
-            return 0
-        return packing.ceil_div(self.block, outliers.SPAN)
 
     @functools.cached_property
     def part_names(self) -> tuple[str, ...]:
@@ -154,7 +143,7 @@ class Segment:
     lr_s: torch.Tensor | None = None
     out_val: torch.Tensor | None = None
     out_idx: torch.Tensor | None = None
-    out_end: torch.Tensor | None = None
+    out_ptr: torch.Tensor | None = None
 
     def parts(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -218,8 +207,8 @@ def compress(x: torch.Tensor, layout: SegmentLayout, check_finite: bool = False)
         seg.out_val = outliers.steps(gap / torch.where(unit_at == 0, 1.0, unit_at))
         approx = deq + outliers.scatter(seg.out_val * unit_at, idx, view, dim).reshape(B, H, N, D)
         seg.out_idx = idx
-        if layout.spans:
-            seg.out_idx, seg.out_end = outliers.spans(idx, layout.block)
+        if layout.kind == "k":
+            seg.out_val, seg.out_idx, seg.out_ptr = outliers.records(seg.out_val, idx, layout.block)
     if layout.rank:
         # non-finite entries (only without check_finite) stay confined to their own
         # vector: they must not reach the power iteration, which would spread
@@ -283,13 +272,12 @@ def dequantize(seg: Segment, layout: SegmentLayout, tokens: int | None,
     m = nblk * blk                                  # whole blocks covering n
     codes = packing.unpack(seg.codes[:, :, :m], layout.spec.bits, D).float()
     if seg.out_val is not None:                     # outliers: units past the codes
-        view, dim = _vectors(codes, layout, nblk)
-        rows = nblk if layout.kind == "k" else m
-        idx = seg.out_idx[:, :, :rows]
-        if layout.spans:
-            idx = outliers.join_spans(idx, seg.out_end[:, :, :rows])
-        units = outliers.scatter(seg.out_val[:, :, :rows], idx, view, dim)
-        codes = (view + units * outliers.unit(layout.spec.bits)).reshape(B, H, m, D)
+        if layout.kind == "k":
+            units = outliers.scatter_records(seg.out_val[:, :, :nblk], seg.out_idx[:, :, :nblk],
+                                             seg.out_ptr[:, :, :nblk], blk, D).reshape(B, H, m, D)
+        else:
+            units = outliers.scatter(seg.out_val[:, :, :m], seg.out_idx[:, :, :m], codes, -1)
+        codes = codes + units * outliers.unit(layout.spec.bits)
     if layout.spec.axis == "channel":
         G = layout.token_group
         x = _dequant(codes.reshape(B, H, m // G, G, D), seg.scale[:, :, :m // G, None],

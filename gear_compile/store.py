@@ -51,10 +51,10 @@ BYTE_KINDS = ("codes", "scale/zero", "low-rank", "outliers", "exact sinks", "buf
 RESERVED_KINDS = ("unused capacity", "buffer empty")
 _KIND_OF_PART = {"codes": "codes", "scale": "scale/zero", "zero": "scale/zero", "lr_a": "low-rank",
                  "lr_b": "low-rank", "lr_s": "low-rank", "out_val": "outliers", "out_idx": "outliers",
-                 "out_end": "outliers"}
+                 "out_ptr": "outliers"}
 # Fields of a segment in the CPU kernel's descriptor (kernels/cpu_attention.cpp, enum Field):
 # how it is quantized, then the index of each part in the flat list (-1: absent).
-KERNEL_PARTS = ("codes", "scale", "zero", "lr_a", "lr_b", "lr_s", "out_val", "out_idx", "out_end")
+KERNEL_PARTS = ("codes", "scale", "zero", "lr_a", "lr_b", "lr_s", "out_val", "out_idx", "out_ptr")
 KERNEL_FIELDS = ("exact", "bits", "channel_axis", "group", "block", "out_shift") + KERNEL_PARTS
 
 

@@ -243,9 +243,10 @@ class _threads:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("bits", [2, 4])
 def test_k_outliers_clustered_in_one_tile(impl, bits):
-    """Twenty spiked tokens hold every channel's 2k = 20 prefill outliers, so
-    one tile's run is 20 entries long in every channel (the scan's longest
-    trip) while its neighbours have none; a program starts inside the run."""
+    """Twenty spiked tokens hold every channel's 2k = 20 prefill outliers: two
+    16-token record tiles hold all 1,280 of the block's records (far past any
+    kernel's fixed window: its overflow path) while their neighbours have
+    none; a program starts inside them."""
     gen = torch.Generator().manual_seed(bits)
     cfg = GearConfig(method="gear", bits=bits, group_size=16, decode_capacity=64)
     x = torch.randn(1, 2, 1000, 64, generator=gen)
@@ -253,7 +254,7 @@ def test_k_outliers_clustered_in_one_tile(impl, bits):
     x[:, :, 210:220] -= 12
     ks = KVStore.from_prefill(x.half(), cfg, "k")
     vs = KVStore.from_prefill(torch.randn(1, 2, 1000, 64, generator=gen).half(), cfg, "v")
-    idx = outliers.join_spans(ks.prefill.out_idx, ks.prefill.out_end)
+    idx, _ = outliers.record_positions(ks.prefill.out_idx, ks.prefill.out_ptr, 64)
     assert ((idx >= 200) & (idx < 220)).all()          # every outlier sits in the spike
     q = torch.randn(1, 6, 1, 64, generator=gen).half()
     for splits in (1, 5, 31):                          # 31: a program starts at token 192
@@ -264,27 +265,27 @@ def test_k_outliers_clustered_in_one_tile(impl, bits):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_k_outliers_of_a_long_block_are_read_span_by_span(impl):
-    """A 1000-token prefill block keeps its K-outlier offsets as one byte within
-    256-token spans plus each span's end entry. Spikes straddling the span
-    ends at 256 and 512 hold every channel's 2k = 20 outliers; they must add
-    at their own tokens whichever span a program starts in, in every
-    (batch, KV head), one of which has its spikes elsewhere."""
+def test_k_outliers_of_a_long_block_keep_their_256_token_base(impl):
+    """A 1000-token prefill block's K records keep each token's offset mod
+    256, the rest coming from the record tile's pointer. Spikes straddling
+    the 256-token boundaries at 256 and 512 hold every channel's 2k = 20
+    outliers; they must add at their own tokens whichever tile a program
+    starts in, in every (batch, KV head), one of which has its spikes elsewhere."""
     gen = torch.Generator().manual_seed(5)
     cfg = GearConfig(method="gear", bits=4, backbone="kivi", group_size=16, decode_capacity=64)
     x = torch.randn(2, 2, 1000, 64, generator=gen)
     x[:, :, 250:260] += 12
     x[:, :, 508:518] -= 12
-    x[1, 1, 508:518] += 12                             # one (batch, head) whose spans differ
+    x[1, 1, 508:518] += 12                             # one (batch, head) whose spikes differ
     x[1, 1, 700:710] -= 12
     ks = KVStore.from_prefill(x.half(), cfg, "k")
     vs = KVStore.from_prefill(torch.randn(2, 2, 1000, 64, generator=gen).half(), cfg, "v")
-    assert ks.prefill.out_idx.dtype == torch.uint8 and ks.prefill.out_end.shape[-2] == 4
-    idx = outliers.join_spans(ks.prefill.out_idx, ks.prefill.out_end)
-    spans = ks.prefill.out_end[:, :, 0]                # [B, H, spans, D]
+    ptr = ks.prefill.out_ptr[:, :, 0].long()           # [B, H, tiles + 1]
+    assert ks.prefill.out_idx.dtype == torch.int16 and ptr.shape[-1] == -(-ks.p_layout.block // 16) + 1
+    idx, _ = outliers.record_positions(ks.prefill.out_idx, ks.prefill.out_ptr, 64)
     assert (((idx[0] >= 250) & (idx[0] < 260)) | ((idx[0] >= 508) & (idx[0] < 518))).all()
-    assert spans[0, :, 0].eq(6).all() and spans[0, :, 1].eq(14).all()
-    assert spans[1, 1, 0].eq(6).all() and spans[1, 1, 1].eq(10).all() and spans[1, 1, 2].eq(20).all()
+    assert ptr[0, :, 16].eq(6 * 64).all() and ptr[0, :, 32].eq(14 * 64).all()   # tokens < 256, < 512
+    assert ptr[1, 1, 16].eq(6 * 64).all() and ptr[1, 1, 32].eq(10 * 64).all() and ptr[1, 1, 48].eq(20 * 64).all()
     q = torch.randn(2, 6, 1, 64, generator=gen).half()
     ref = reference(q, ks, vs, None, None, None, 0.125)
     for splits in (1, 4, 9, 31):                       # programs start in spans 0-3, mid-span

@@ -92,14 +92,38 @@ def test_outlier_index_type_is_the_narrowest_that_indexes_the_vector(length, dty
     assert outliers.index_dtype(length) == dtype
 
 
-def test_long_k_blocks_keep_one_byte_offsets_and_span_ends_that_rebuild_the_offsets():
-    x = torch.randn(2, 3, 900, 8)
-    x[:, :, 250:262] *= 20                              # entries crowd at the first span's end
-    _, idx = outliers.select(x, 9, dim=-2)
-    low, ends = outliers.spans(idx, 900)
-    assert low.dtype == torch.uint8 and ends.dtype == torch.uint8 and ends.shape[-2] == 4
-    assert torch.equal(outliers.join_spans(low, ends), idx.long())
-    assert ends[..., -1, :].eq(18).all()
+@pytest.mark.parametrize("block,D", [(900, 8), (20, 64), (1000, 128), (300, 300)])
+def test_k_records_are_tile_csr_and_rebuild_the_table(block, D):
+    """A K table as records: sorted by (token, channel), pointer j the first
+    record at or past token TILE * j, and the positions and values rebuild
+    the per-channel table exactly (spikes crowd 256-token boundaries)."""
+    x = torch.randn(2, 3, block, D)
+    x[:, :, block // 4:block // 4 + 3] *= 20
+    x[:, :, -3:] *= 20
+    k = max(1, block // 100)
+    vals, idx = outliers.select(x, k, dim=-2)
+    units = outliers.steps(vals)
+    rv, rpos, rptr = outliers.records(units, idx, block)
+    assert rv.shape == rpos.shape == (2, 3, 2 * k * D)
+    assert rpos.dtype == (torch.int16 if D <= 256 else torch.int32) and rptr.dtype == torch.int32
+    assert rptr.shape[-1] == -(-block // outliers.TILE) + 1 and rptr[..., 0].eq(0).all()
+    token, ch = outliers.record_positions(rpos, rptr, D)
+    key = token * D + ch
+    assert (key[..., 1:] > key[..., :-1]).all()                       # sorted, no repeats
+    tiles = torch.arange(rptr.shape[-1]) * outliers.TILE              # pointer j: first token >= 16 j
+    assert torch.equal(rptr.long(), (token[..., None, :] < tiles[:, None]).sum(-1))
+    dense = outliers.scatter_records(rv, rpos, rptr, block, D)
+    assert torch.equal(dense, outliers.scatter(units, idx, x, -2))
+
+
+def test_a_16_bit_record_holds_token_and_channel_above_int16():
+    """(token mod 256) << 8 | channel reaches 65535: stored in an int16's bits."""
+    units = torch.tensor([[[5], [-7]]], dtype=torch.int8).expand(1, 2, 256).contiguous()
+    idx = torch.tensor([[[3], [255]]]).expand(1, 2, 256).contiguous()
+    rv, rpos, rptr = outliers.records(units, idx, 256)
+    token, ch = outliers.record_positions(rpos, rptr, 256)
+    assert rpos.dtype == torch.int16 and int(rpos.min()) < 0
+    assert token.tolist()[0] == [3] * 256 + [255] * 256 and ch.tolist()[0] == list(range(256)) * 2
 
 
 def test_select_keeps_the_largest_and_the_smallest_in_index_order():

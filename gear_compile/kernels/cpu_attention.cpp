@@ -24,9 +24,10 @@
 //   computed once per group and the per-token work is unpack + dot.
 // * Low-rank terms take the small side first: q.(A_t B^T) = (q.B).A_t for K,
 //   sum_t p_t A_t B^T = (sum_t p_t A_t) B^T for V (B is per block).
-// * K outliers are per block and channel, sorted by token: a chunk finds its
-//   entries by a binary search per channel (in a block over SPAN tokens,
-//   among its span's entries: offsets are then one byte within the span).
+// * K outliers are per block, as tile-CSR records (outliers.py: `records`):
+//   sorted by (token, channel), each a packed (token mod 256, channel)
+//   position and a value, with one pointer per TILE-token record tile, so a
+//   chunk reads its records as one contiguous run found by pointer loads.
 //   V outliers are per token. Both are int8 counts of units of their group's
 //   step, added to the codes before the scales apply (folded into q or not).
 #include <ATen/Parallel.h>
@@ -49,14 +50,15 @@ namespace gear_cpu {
 
 constexpr int CHUNK = 64;          // tokens scored per softmax update
 constexpr int MIN_SPLIT = 256;     // fewest tokens worth a work item of their own
-constexpr int SPAN = 256;          // tokens a one-byte K-outlier offset spans (outliers.py: SPAN)
+constexpr int TILE = 16;           // tokens a K-outlier pointer covers (outliers.py: TILE)
+constexpr int TOKEN_BITS = 8;      // a K record's token field: its offset mod 256 (outliers.py)
 
 // Fields of one segment's descriptor (store.py: KERNEL_FIELDS): how it is
 // quantized (GROUP 0: the whole block; BLOCK 0: the whole segment; outlier
 // counts in 2^-OUT_SHIFT steps), then the index of each part in the flat list
 // (-1: absent). Ranks and outlier counts are read from the parts' shapes.
 enum Field { EXACT, BITS, CHANNEL_AXIS, GROUP, BLOCK, OUT_SHIFT,
-             CODES, SCALE, ZERO, LR_A, LR_B, LR_S, OUT_VAL, OUT_IDX, OUT_END, NFIELDS };
+             CODES, SCALE, ZERO, LR_A, LR_B, LR_S, OUT_VAL, OUT_IDX, OUT_PTR, NFIELDS };
 constexpr int NLENGTHS = 3;        // the lengths a store counts: prefill block, decode blocks, buffer
 constexpr int NSTORE = 4;          // segments of a store: its exact sinks, then those three
 constexpr int NSEG = 5;            // and the call's new tokens (exact, not yet in the store)
@@ -91,12 +93,11 @@ struct Seg {
   float out_unit = 1.0f;                           // that unit, in steps
   const int8_t *lr_a = nullptr, *lr_b = nullptr;   // L = A diag(lr_s) B^T, A and B in int8
   const float* lr_s = nullptr;                     // per block, one scale per rank
-  const void* out_idx = nullptr;
+  const void* out_idx = nullptr;                   // V: channels; K: packed record positions
   at::ScalarType idx_type = at::kByte;
-  // K blocks over SPAN tokens: per channel, the end of each span's entries
-  const void* out_end = nullptr;
-  at::ScalarType end_type = at::kByte;
-  int spans = 0;
+  const int32_t* out_ptr = nullptr;                // K: per block, each record tile's first record
+  int ptrs = 0;                                    // K: pointers per block (record tiles + 1)
+  int channel_bits = 8;                            // K: a record's channel field (outliers.channel_bits)
 
   // Column k of block blk's B, times its scale: B_blk[:, k] lr_s[blk, k].
   void lr_b_column(int64_t blk, int k, int D, float* out) const {
@@ -109,7 +110,7 @@ struct Seg {
 // Where one segment's parts start, and their per-(batch, head) strides.
 struct SegBase {
   Seg seg;
-  int64_t data_hs = 0, scale_hs = 0, a_hs = 0, b_hs = 0, s_hs = 0, ov_hs = 0, oe_hs = 0;
+  int64_t data_hs = 0, scale_hs = 0, a_hs = 0, b_hs = 0, s_hs = 0, ov_hs = 0, op_hs = 0;
 
   Seg at(int64_t head) const {
     Seg s = seg;
@@ -121,7 +122,7 @@ struct SegBase {
       s.out_val += head * ov_hs;
       s.out_idx = static_cast<const char*>(s.out_idx) + head * ov_hs * c10::elementSize(s.idx_type);
     }
-    if (s.out_end) s.out_end = static_cast<const char*>(s.out_end) + head * oe_hs * c10::elementSize(s.end_type);
+    if (s.out_ptr) s.out_ptr += head * op_hs;
     return s;
   }
 };
@@ -184,11 +185,13 @@ SegBase make_seg(const std::vector<at::Tensor>& parts, const int64_t* f) {
     s.idx_type = parts[f[OUT_IDX]].scalar_type();
     b.ov_hs = head_stride(parts[f[OUT_VAL]]);
   }
-  if (f[OUT_END] >= 0) {
-    s.spans = static_cast<int>(parts[f[OUT_END]].size(3));
-    s.out_end = parts[f[OUT_END]].data_ptr();
-    s.end_type = parts[f[OUT_END]].scalar_type();
-    b.oe_hs = head_stride(parts[f[OUT_END]]);
+  if (f[OUT_PTR] >= 0) {
+    TORCH_CHECK(parts[f[OUT_PTR]].scalar_type() == at::kInt, "gear attention_cpu: out_ptr must be int32");
+    s.ptrs = static_cast<int>(parts[f[OUT_PTR]].size(3));
+    s.out_ptr = parts[f[OUT_PTR]].data_ptr<int32_t>();
+    b.op_hs = head_stride(parts[f[OUT_PTR]]);
+    const int64_t D = s.channel ? sc.size(3) : sc.size(3) * s.group;   // channels
+    while ((int64_t{1} << s.channel_bits) < D) ++s.channel_bits;
   }
   return b;
 }
@@ -202,29 +205,10 @@ inline void exact_row(const Seg& s, int64_t t, int D, float* out) {
   }
 }
 
-// The entries of block blk's K-outlier column `ch` whose offsets lie in the
-// span holding token offset `at`: [first, end) and the span's first offset.
-// Without span ends (blocks up to SPAN tokens) that is the whole column.
-struct Run { int first, end, base; };
-inline Run span_run(const Seg& s, int64_t blk, int ch, int D, int at) {
-  if (!s.spans) return {0, s.k2, 0};
-  int span = at / SPAN;
-  int64_t row = (blk * s.spans + span) * D + ch;
-  int first = span ? read_index(s.out_end, s.end_type, row - D) : 0;
-  return {first, read_index(s.out_end, s.end_type, row), span * SPAN};
-}
-
-// First entry of block blk's sorted K-outlier column `ch` with offset >= target.
-inline int lower_bound_column(const Seg& s, int64_t blk, int ch, int D, int target) {
-  Run run = span_run(s, blk, ch, D, target);
-  int lo = run.first, hi = run.end;
-  int64_t base = blk * s.k2 * D + ch;
-  while (lo < hi) {
-    int mid = (lo + hi) / 2;
-    if (run.base + read_index(s.out_idx, s.idx_type, base + static_cast<int64_t>(mid) * D) < target) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
+// A K record's packed position (16 bits held in an int16, or int32).
+inline uint32_t read_position(const Seg& s, int64_t i) {
+  if (s.idx_type == at::kShort) return static_cast<uint16_t>(static_cast<const int16_t*>(s.out_idx)[i]);
+  return static_cast<uint32_t>(static_cast<const int32_t*>(s.out_idx)[i]);
 }
 
 // ---------------------------------------------------------------- one work item
@@ -245,14 +229,12 @@ struct Problem {
 struct Scratch {
   int ts;                         // tile row stride: room for DP floats or PB*W codes
   std::vector<float> q, qs, qz, qb, pa, w, score, row, tile, at, sa, za;
-  std::vector<int> kptr;          // per channel: next unread K-outlier entry
-  int64_t kptr_block = -1, kptr_next = -1;
   Scratch(const Problem& P, int maxrank, int maxrow)
       : ts((std::max(P.DP, maxrow) + 7) / 8 * 8),
         q(P.R * P.DP, 0.0f), qs(P.R * P.DP, 0.0f), qz(P.R), qb(P.R * std::max(maxrank, 1)),
         pa(P.R * std::max(maxrank, 1)), w(P.R * CHUNK), score(P.R * CHUNK),
         row(ts, 0.0f), tile(CHUNK * ts, 0.0f), at(std::max(maxrank, 1) * CHUNK),
-        sa(CHUNK), za(CHUNK), kptr(P.D) {}
+        sa(CHUNK), za(CHUNK) {}
   // The low-rank A rows of tokens [t0, t0+n), transposed: at[k * CHUNK + j].
   void load_a(const int8_t* lr_a, int rk, int64_t t0, int n) {
     for (int j = 0; j < n; ++j)
@@ -279,33 +261,28 @@ inline float mask_value(const Problem& P, int b, int hq, int i, int64_t col) {
 }
 
 // K outliers of tokens [t0, t0+n), added to the tile of codes: each is a
-// signed number of units of its group's step (`outliers.steps`).
-// Each block lists, per channel, 2k token offsets in ascending order (in a
-// block over SPAN tokens, offsets within a span, walked a span at a time);
-// the per-channel read position carries over from the previous chunk, and is
-// searched for only where a split starts inside a block.
+// signed number of units of its group's step (`outliers.steps`). A block's
+// records of record tiles [j0, j1) are [ptr[j0], ptr[j1]), in token order; a
+// record's token is its tile's 256-token base plus the stored low byte. Only
+// a chunk starting or ending inside a record tile skips records of it.
 void k_outliers(const Problem& P, const Seg& K, int64_t t0, int n, Scratch& sc) {
-  const int D = P.D;
+  const uint32_t channel_mask = (1u << K.channel_bits) - 1;
   for (int64_t t = t0; t < t0 + n;) {
     int64_t blk = t / K.block;
     int lo = static_cast<int>(t - blk * K.block);
-    int stop = K.spans ? std::min(K.block, (lo / SPAN + 1) * SPAN) : K.block;
-    int hi = static_cast<int>(std::min<int64_t>(t0 + n - blk * K.block, stop));
-    if (blk != sc.kptr_block || lo != sc.kptr_next)
-      for (int d = 0; d < D; ++d) sc.kptr[d] = lo ? lower_bound_column(K, blk, d, D, lo) : 0;
-    for (int d = 0; d < D; ++d) {
-      Run run = span_run(K, blk, d, D, lo);
-      int e = sc.kptr[d];
-      for (; e < run.end; ++e) {
-        int64_t at = (blk * K.k2 + e) * D + d;
-        int tok = run.base + read_index(K.out_idx, K.idx_type, at);
-        if (tok >= hi) break;
-        sc.tile_row(static_cast<int>(blk * K.block + tok - t0))[d] += static_cast<float>(K.out_val[at]) * K.out_unit;
+    int hi = static_cast<int>(std::min<int64_t>(t0 + n - blk * K.block, K.block));
+    const int32_t* ptr = K.out_ptr + blk * K.ptrs;
+    const int64_t first = blk * K.k2;            // the block's records: k2 = 2k * D of them
+    for (int j = lo / TILE; j * TILE < hi; ++j) {
+      const int base = (j * TILE) & ~255;
+      for (int r = ptr[j]; r < ptr[j + 1]; ++r) {
+        uint32_t pos = read_position(K, first + r);
+        int tok = base + static_cast<int>((pos >> K.channel_bits) & 255);
+        if (tok < lo || tok >= hi) continue;
+        sc.tile_row(static_cast<int>(blk * K.block + tok - t0))[pos & channel_mask] +=
+            static_cast<float>(K.out_val[first + r]) * K.out_unit;
       }
-      sc.kptr[d] = e;
     }
-    sc.kptr_block = blk;
-    sc.kptr_next = hi;
     t = blk * K.block + hi;
   }
 }
@@ -583,14 +560,12 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
                       P.q + ((static_cast<int64_t>(b) * P.Hq + kvh * P.G + g) * P.T + i) * D,
                       D * sizeof(float));
       State st(R, DP);
-      sc.kptr_block = -1;
       int64_t lo = split * per_split, hi = std::min(total, lo + per_split);
       for (int s = 0; s < NSEG; ++s) {
         int64_t a = std::max(lo, pos0[s] + first[s]) - pos0[s];
         int64_t z = std::min(hi, pos0[s] + lens[s]) - pos0[s];
         if (a >= z) continue;
         Seg K = ks[s].at(head), V = vs[s].at(head);
-        sc.kptr_block = -1;
         for (int64_t t = a; t < z; t += CHUNK)
           attend_chunk(P, K, V, t, static_cast<int>(std::min<int64_t>(CHUNK, z - t)),
                        pos0[s], total, b, kvh, sc, st);

@@ -69,7 +69,7 @@ from ..store import KERNEL_PARTS
 
 _LOG2E = 1.4426950408889634           # the kernels compute exp2: natural-log quantities are scaled by it
 LOG2E: tl.constexpr = tl.constexpr(_LOG2E)     # the same, inside the kernels
-SPAN: tl.constexpr = tl.constexpr(outliers.SPAN)   # tokens a one-byte K-outlier offset spans
+SPAN: tl.constexpr = tl.constexpr(256)   # tokens a one-byte K-outlier offset spans (the layout before tile-CSR records; goes with the walk)
 
 
 @triton.jit
