@@ -44,9 +44,15 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
     the default backend, e.g. CUDA graphs for "reduce-overhead"."""
     sites = find_sites(gm.graph)
     config = _for_sites(GearConfig.from_options(options), sites)
+    unfit = []
     for site in sites:
         if site.rewritable and (reason := config.unfit(site.head_dim)):
             site.rewritable, site.reason = False, reason
+            unfit.append(site)
+    if unfit and not any(s.rewritable for s in sites):
+        # the options leave nothing compressed: a user who asked for compression must hear it
+        log.warning("gear: the options leave every attention site of this graph uncompressed "
+                    "(%d sites): %s", len(unfit), unfit[0].reason)
     lorc_sites = _lorc_sites(gm, sites, example_inputs, config) if config.lorc else {}
     for site in sites:
         if site.key is not None and site.key.compressed and site.index not in lorc_sites and \

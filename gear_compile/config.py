@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -294,6 +295,11 @@ class CodecConfig:
         """Why these options cannot store heads of `head_dim` (None: they can).
         A site whose heads do not fit is left exact and reported with this."""
         config = self.for_head_dim(head_dim)
+        for name in ("rank_prefill", "rank_decode"):
+            if config.uses_low_rank and getattr(config, name) > head_dim:
+                return (f"{name}={getattr(config, name)} exceeds head_dim {head_dim} (a residual of "
+                        f"{head_dim}-channel heads has at most that rank); {name}={head_dim} or less fits; "
+                        f"left exact")
         for kind, spec in (("K", config.key_spec()), ("V", config.value_spec())):
             if why := spec.unfit(head_dim):
                 divisors = [g for g in (64, 32, 16, 8) if head_dim % g == 0]
@@ -318,7 +324,13 @@ class CodecConfig:
         exact, as its sinks (`sink_tokens`; none for exact storage, or
         without a prefill block: a streamed store, or a prompt shorter than
         a token group)."""
-        return min(self.sink_tokens, prefill_block) if self.compresses else 0
+        if not self.compresses:
+            return 0
+        if isinstance(prefill_block, int) and 0 < prefill_block <= self.sink_tokens:
+            _warn_once(f"gear: sink_tokens={self.sink_tokens} covers the whole {prefill_block}-token "
+                       f"prefill block, so none of the prompt is compressed (sinks are the first few "
+                       f"tokens; the default is 4)")
+        return min(self.sink_tokens, prefill_block)
 
     def prefill_tokens(self, n: int) -> int:
         """How many of n prefill tokens form the prefill block (the rest go to the
@@ -458,6 +470,13 @@ def _to_json(config: CodecConfig) -> str:
 @functools.lru_cache(maxsize=64)
 def _from_json(cls: type, text: str) -> CodecConfig:
     return cls(**json.loads(text))
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_once(message: str) -> None:
+    """Log an option's warning once per process (configs are consulted at
+    every compile and flush)."""
+    logging.getLogger("gear_compile").warning(message)
 
 
 def _check_choice(name, value, valid):

@@ -24,3 +24,35 @@ def test_compile_only_options_never_reach_a_store_or_an_op(tmp_path):
         metas.append(keys.__tensor_flatten__()[1])
         assert type(keys.store.config) is CodecConfig and "dump_graphs" not in keys.store.config.to_json()
     assert metas[0] == metas[1]        # what Dynamo guards on does not depend on where graphs are dumped
+
+
+def _generate_logs(caplog, **options):
+    model = tiny_model("llama")                    # head dim 16
+    prompt = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    gear_compile.compile(model, inductor=False, kernel="torch", **options)
+    with caplog.at_level("WARNING", logger="gear_compile"), torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"], out
+
+
+def test_options_that_leave_every_site_exact_say_so_at_warning(caplog):
+    """group_size 7 divides no head dim: every site falls back, and the
+    warning names the option and a value that fits."""
+    warnings, _ = _generate_logs(caplog, method="kivi", bits=2, group_size=7)
+    said = [w for w in warnings if "every attention site" in w]
+    assert said and "group_size 7" in said[0] and "group_size=16 fits" in said[0]
+
+
+def test_a_rank_above_the_head_dim_is_refused_loudly(caplog):
+    assert CodecConfig(method="gear", rank_prefill=100).unfit(32).startswith("rank_prefill=100 exceeds head_dim 32")
+    assert CodecConfig(method="gear", rank_decode=33).unfit(32).startswith("rank_decode=33")
+    assert CodecConfig(method="kivi", rank_prefill=100).unfit(32) is None      # no low rank: nothing to refuse
+    warnings, _ = _generate_logs(caplog, method="gear", rank_prefill=100)
+    assert any("rank_prefill=100 exceeds head_dim 16" in w for w in warnings)
+
+
+def test_sinks_covering_the_whole_prompt_warn(caplog):
+    warnings, _ = _generate_logs(caplog, method="gear", sink_tokens=10000)
+    assert any("sink_tokens=10000 covers the whole" in w for w in warnings)
+    assert CodecConfig(method="gear").sinks(64) == 4 and CodecConfig(method="none", sink_tokens=9).sinks(64) == 0
