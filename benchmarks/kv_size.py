@@ -220,10 +220,11 @@ def main(argv=None):
         "GEAR(KCVT-4) row at the same errors to 3 decimals.",
         "- outliers: each value is an int8 count of its group's quantization steps past what the "
         "codes rebuild there (`outliers.steps`; fp16 values took 1.55 pt of the GEAR(KCVT-4) row "
-        "and 1.90 of GEAR(KIVI-2), K+V errors 0.0549 / 0.2571, now 0.0548 / 0.2523). A K block "
-        "longer than 256 tokens (the prefill block) stores each outlier's offset within its "
-        "256-token span in one byte, plus per channel the count of entries up to each span's end "
-        "(`outliers.spans`): 0.39 + 0.09 % of FP16 where int16 offsets took 0.78 %, losslessly.",
+        "and 1.90 of GEAR(KIVI-2), K+V errors 0.0549 / 0.2571, now 0.0548 / 0.2523). K's outliers "
+        "are tile-CSR records (`outliers.records`): per block, each outlier's value and a 16-bit "
+        "(token mod 256, channel) position, sorted, plus one int32 pointer per 16-token tile, so "
+        "a kernel finds a tile's outliers by two loads (3 bytes a record where the per-channel "
+        "table with one-byte span offsets took about 2.4, but had to be walked or searched).",
         "- buffer: allocated at n_b tokens; held tokens are exact FP16, empty slots are still held.",
     ]
     if floors:
