@@ -3,10 +3,16 @@
 The kernel is C++ against libtorch's headers, compiled once per machine with
 the system C++ compiler (the one Inductor uses for its own CPU code) into
 `~/.cache/gear_compile/` (or $GEAR_COMPILE_CACHE), under a name that hashes
-the source, the torch version and the flags; later processes just load it.
-Building takes about 15 s on 2 cores and is logged. `-march=native` is safe
-because the library never leaves the machine that built it; OpenMP is
-torch's own runtime (at::parallel_for), so the kernel shares torch's threads.
+the sources, the torch version and the flags; later processes just load it.
+Building takes about 15 s on 2 cores and is logged. OpenMP is torch's own
+runtime (at::parallel_for), so the kernel shares torch's threads.
+
+No -march: the library holds one walk per instruction set (AVX-512, AVX2,
+portable; `cpu_simd.h`), each compiled for its own target, and picks the
+best the CPU has at run time, so a cache directory shared between machines
+(an AVX-512 Xeon and an AVX2-only EPYC) never runs an instruction its CPU
+lacks. `isa()` reports or forces the set; $GEAR_CPU_ISA (avx512, avx2,
+scalar, auto) sets it for a whole process.
 
 Why C++ and not Inductor-generated loops: measured on the 2-core CPU machine
 (DESIGN.md, "The decode step as a graph"), Inductor's best formulation of
@@ -34,8 +40,9 @@ import torch
 log = logging.getLogger("gear_compile")
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cpp")
-HEADERS = [SOURCE.with_name("cpu_simd.h")]
-FLAGS = ["-O3", "-march=native", "-std=gnu++17", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared",
+HEADERS = [SOURCE.with_name(n) for n in ("cpu_attention_kernel.h", "cpu_simd.h", "cpu_simd_scalar.h",
+                                           "cpu_simd_avx2.h", "cpu_simd_avx512.h")]
+FLAGS = ["-O3", "-std=gnu++17", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared",
          "-fno-math-errno", "-w"]
 
 
@@ -86,6 +93,14 @@ def load() -> None:
         log.warning("gear: built the CPU attention kernel in %.1f s", time.time() - start)
     torch.ops.load_library(str(path))
     torch.library.register_fake("gear::attention_cpu")(_attention_cpu_fake)
+
+
+def isa(name: str = "") -> str:
+    """The instruction set the kernel runs ("avx512", "avx2" or "scalar");
+    a name picks it for this process ("auto": the best this CPU has), and a
+    set the CPU lacks is refused with a RuntimeError."""
+    load()
+    return torch.ops.gear.cpu_isa(name)
 
 
 def _attention_cpu_fake(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, is_causal,

@@ -30,6 +30,12 @@
 //   chunk reads its records as one contiguous run found by pointer loads.
 //   V outliers are per token. Both are int8 counts of units of their group's
 //   step, added to the codes before the scales apply (folded into q or not).
+//
+// Files: this one holds the op, the store descriptor's parsing, the split
+// plan and the final merge; cpu_attention_kernel.h the walk of one work item,
+// compiled once per instruction set with that set's micro-kernels
+// (cpu_simd_*.h); the set is picked at run time (`active_isa`), so the
+// library runs on any x86-64 CPU whatever machine built it.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -39,9 +45,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "cpu_simd.h"
@@ -74,10 +83,10 @@ inline int read_index(const void* p, at::ScalarType t, int64_t i) {
   }
 }
 
-template <typename T>
-inline void convert_row(const T* x, int n, float* out) {
-#pragma omp simd
-  for (int i = 0; i < n; ++i) out[i] = to_f(x[i]);
+// A K record's packed position (16 bits held in an int16, or int32).
+inline uint32_t read_position(const void* idx, at::ScalarType t, int64_t i) {
+  if (t == at::kShort) return static_cast<uint16_t>(static_cast<const int16_t*>(idx)[i]);
+  return static_cast<uint32_t>(static_cast<const int32_t*>(idx)[i]);
 }
 
 // ---------------------------------------------------------------- segments
@@ -98,13 +107,6 @@ struct Seg {
   const int32_t* out_ptr = nullptr;                // K: per block, each record tile's first record
   int ptrs = 0;                                    // K: pointers per block (record tiles + 1)
   int channel_bits = 8;                            // K: a record's channel field (outliers.channel_bits)
-
-  // Column k of block blk's B, times its scale: B_blk[:, k] lr_s[blk, k].
-  void lr_b_column(int64_t blk, int k, int D, float* out) const {
-    const int8_t* Bm = lr_b + blk * D * rank;
-    const float s = lr_s[blk * rank + k];
-    for (int d = 0; d < D; ++d) out[d] = static_cast<float>(Bm[d * rank + k]) * s;
-  }
 };
 
 // Where one segment's parts start, and their per-(batch, head) strides.
@@ -196,21 +198,6 @@ SegBase make_seg(const std::vector<at::Tensor>& parts, const int64_t* f) {
   return b;
 }
 
-// Row t of an exact segment, as floats (the padding past D is left as it is).
-inline void exact_row(const Seg& s, int64_t t, int D, float* out) {
-  switch (s.dtype) {
-    case at::kFloat: std::memcpy(out, static_cast<const float*>(s.data) + t * D, D * sizeof(float)); break;
-    case at::kHalf: convert_row(static_cast<const at::Half*>(s.data) + t * D, D, out); break;
-    default: convert_row(static_cast<const at::BFloat16*>(s.data) + t * D, D, out); break;
-  }
-}
-
-// A K record's packed position (16 bits held in an int16, or int32).
-inline uint32_t read_position(const Seg& s, int64_t i) {
-  if (s.idx_type == at::kShort) return static_cast<uint16_t>(static_cast<const int16_t*>(s.out_idx)[i]);
-  return static_cast<uint32_t>(static_cast<const int32_t*>(s.out_idx)[i]);
-}
-
 // ---------------------------------------------------------------- one work item
 struct Problem {
   int B, Hq, Hkv, G, T, D, DP, R;
@@ -226,15 +213,27 @@ struct Problem {
 };
 
 // Per-thread buffers; rows of DP floats (zero padding keeps dot products exact).
+// What is computed once per token group or block (q*s and q.z, q.B diag(s))
+// is kept with the address it was computed from; the rank-space sum p.A of
+// V's current block waits in `pa` for its one pass through B^T.
 struct Scratch {
   int ts;                         // tile row stride: room for DP floats or PB*W codes
-  std::vector<float> q, qs, qz, qb, pa, w, score, row, tile, at, sa, za;
+  std::vector<float> q, qs, qz, qb, pa, w, score, row, row2, tile, at, sa, za, brow;
+  const void* qs_key = nullptr;   // the scale row q*s and q.z were computed for
+  const void* qb_key = nullptr;   // the B block qb = q.B diag(s) was computed for
+  int64_t pa_blk = -1;            // V's block whose p.A `pa` holds (-1: none)
   Scratch(const Problem& P, int maxrank, int maxrow)
-      : ts((std::max(P.DP, maxrow) + 7) / 8 * 8),
+      : ts((std::max(P.DP, maxrow) + LANES - 1) / LANES * LANES),
         q(P.R * P.DP, 0.0f), qs(P.R * P.DP, 0.0f), qz(P.R), qb(P.R * std::max(maxrank, 1)),
-        pa(P.R * std::max(maxrank, 1)), w(P.R * CHUNK), score(P.R * CHUNK),
-        row(ts, 0.0f), tile(CHUNK * ts, 0.0f), at(std::max(maxrank, 1) * CHUNK),
-        sa(CHUNK), za(CHUNK) {}
+        pa(P.R * std::max(maxrank, 1), 0.0f), w(P.R * CHUNK), score(P.R * CHUNK),
+        row(ts, 0.0f), row2(ts, 0.0f), tile(CHUNK * ts, 0.0f), at(std::max(maxrank, 1) * CHUNK),
+        sa(CHUNK), za(CHUNK), brow(std::max(maxrank, 1) * P.DP, 0.0f) {}
+  // A new segment of the walk: nothing computed for another may be reused.
+  void start_segment() {
+    qs_key = qb_key = nullptr;
+    pa_blk = -1;
+    std::fill(pa.begin(), pa.end(), 0.0f);
+  }
   // The low-rank A rows of tokens [t0, t0+n), transposed: at[k * CHUNK + j].
   void load_a(const int8_t* lr_a, int rk, int64_t t0, int n) {
     for (int j = 0; j < n; ++j)
@@ -260,199 +259,106 @@ inline float mask_value(const Problem& P, int b, int hq, int i, int64_t col) {
   }
 }
 
-// K outliers of tokens [t0, t0+n), added to the tile of codes: each is a
-// signed number of units of its group's step (`outliers.steps`). A block's
-// records of record tiles [j0, j1) are [ptr[j0], ptr[j1]), in token order; a
-// record's token is its tile's 256-token base plus the stored low byte. Only
-// a chunk starting or ending inside a record tile skips records of it.
-void k_outliers(const Problem& P, const Seg& K, int64_t t0, int n, Scratch& sc) {
-  const uint32_t channel_mask = (1u << K.channel_bits) - 1;
-  for (int64_t t = t0; t < t0 + n;) {
-    int64_t blk = t / K.block;
-    int lo = static_cast<int>(t - blk * K.block);
-    int hi = static_cast<int>(std::min<int64_t>(t0 + n - blk * K.block, K.block));
-    const int32_t* ptr = K.out_ptr + blk * K.ptrs;
-    const int64_t first = blk * K.k2;            // the block's records: k2 = 2k * D of them
-    for (int j = lo / TILE; j * TILE < hi; ++j) {
-      const int base = (j * TILE) & ~255;
-      for (int r = ptr[j]; r < ptr[j + 1]; ++r) {
-        uint32_t pos = read_position(K, first + r);
-        int tok = base + static_cast<int>((pos >> K.channel_bits) & 255);
-        if (tok < lo || tok >= hi) continue;
-        sc.tile_row(static_cast<int>(blk * K.block + tok - t0))[pos & channel_mask] +=
-            static_cast<float>(K.out_val[first + r]) * K.out_unit;
-      }
-    }
-    t = blk * K.block + hi;
+// How the tokens are cut into work items, and where each segment sits.
+struct Plan {
+  SegBase ks[NSEG], vs[NSEG];
+  int64_t lens[NSEG], pos0[NSEG], first[NSEG];
+  int64_t total = 0, heads = 0, splits = 1, per_split = 0;
+  int maxrank = 1, maxrow = 0;
+};
+
+}  // namespace gear_cpu
+
+// ---------------------------------------------------------------- one walk per ISA
+// The same walk (cpu_attention_kernel.h) over each set of micro-kernels, each
+// compiled for its own target: only code in these namespaces may use the
+// set's instructions, and it runs only where the CPU has them (`active_isa`).
+namespace gear_cpu::scalar {
+#include "cpu_simd_scalar.h"
+#include "cpu_attention_kernel.h"
+}  // namespace gear_cpu::scalar
+
+#ifdef GEAR_X86_DISPATCH
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace gear_cpu::avx2 {
+#include "cpu_simd_avx2.h"
+#include "cpu_attention_kernel.h"
+}  // namespace gear_cpu::avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace gear_cpu::avx512 {
+#include "cpu_simd_avx512.h"
+#include "cpu_attention_kernel.h"
+}  // namespace gear_cpu::avx512
+#pragma GCC pop_options
+#endif
+
+namespace gear_cpu {
+
+// ---------------------------------------------------------------- dispatch
+enum class Isa { scalar, avx2, avx512 };
+constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
+
+bool supported(Isa isa) {
+#ifdef GEAR_X86_DISPATCH
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  switch (isa) {
+    case Isa::scalar: return true;
+    case Isa::avx2: return avx2;
+    case Isa::avx512: return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   }
+  return false;
+#else
+  return isa == Isa::scalar;
+#endif
 }
 
-// Tokens [t0, t0+n) of segment `s` into the tile, one row per token: the
-// exact values, or the codes as floats.
-void load_tile(const Seg& s, int64_t t0, int n, int D, Scratch& sc) {
-  for (int j = 0; j < n; ++j) {
-    int64_t t = t0 + j;
-    if (s.exact) exact_row(s, t, D, sc.tile_row(j));
-    else unpack_any(s.bits, static_cast<const uint8_t*>(s.data) + t * s.W, s.W, sc.tile_row(j));
+Isa parse_isa(const std::string& name) {
+  for (int i = 2; i >= 0; --i) {
+    Isa isa = static_cast<Isa>(i);
+    if (name == kIsaNames[i]) {
+      TORCH_CHECK(supported(isa), "gear attention_cpu: instruction set '", name,
+                  "' is not available on this CPU (or this build); choose one of those below it in "
+                  "avx512 > avx2 > scalar, or 'auto'.");
+      return isa;
+    }
   }
+  TORCH_CHECK(name == "auto", "gear attention_cpu: instruction set must be one of auto, avx512, avx2, "
+              "scalar, got '", name, "'.");
+  for (Isa isa : {Isa::avx512, Isa::avx2}) if (supported(isa)) return isa;
+  return Isa::scalar;
 }
 
-// The tile's codes (outliers' steps added) as values: codes * scale + zero.
-void rebuild_tile(const Seg& s, int64_t t0, int n, int D, Scratch& sc) {
-  for (int j = 0; j < n; ++j) {
-    int64_t t = t0 + j;
-    float* row = sc.tile_row(j);
-    if (s.channel) {                       // per-channel stats of the token group
-      const at::Half* sc_ = s.scale + (t / s.group) * D;
-      const at::Half* z = s.zero + (t / s.group) * D;
-      for (int d = 0; d < D; ++d) row[d] = row[d] * to_f(sc_[d]) + to_f(z[d]);
-    } else {                               // per-token stats of each channel group
-      const int ng = D / s.group;
-      for (int g = 0; g < ng; ++g) {
-        float a = to_f(s.scale[t * ng + g]), z = to_f(s.zero[t * ng + g]);
-        for (int d = g * s.group; d < (g + 1) * s.group; ++d) row[d] = row[d] * a + z;
-      }
-    }
-  }
+// The set every call uses: the best this CPU has, unless $GEAR_CPU_ISA (read
+// at the first call) or the `gear::cpu_isa` op names another.
+std::atomic<int>& active_isa() {
+  static std::atomic<int> isa{static_cast<int>(parse_isa([] {
+    const char* env = std::getenv("GEAR_CPU_ISA");
+    return std::string(env && *env ? env : "auto");
+  }()))};
+  return isa;
 }
 
-// Scores of tokens [t0, t0+n) of a K segment into sc.score[r * CHUNK + j].
-void score_chunk(const Problem& P, const Seg& K, int64_t t0, int n, Scratch& sc) {
-  const int R = P.R, D = P.D, DP = P.DP;
-  float* score = sc.score.data();
-  const bool fold = !K.exact && K.channel;   // per-channel stats fold into q
-  load_tile(K, t0, n, D, sc);
-  if (K.k2) k_outliers(P, K, t0, n, sc);
-  if (!fold && !K.exact) rebuild_tile(K, t0, n, D, sc);
-  if (!fold) {
-    score_tile(sc.q.data(), R, DP, sc.tile.data(), sc.ts, n, score, CHUNK);
-  } else {                                 // q.k_t = (q*s).c_t + q.z, per token group
-    for (int j0 = 0; j0 < n;) {
-      int64_t group = (t0 + j0) / K.group;
-      int j1 = static_cast<int>(std::min<int64_t>(n, (group + 1) * K.group - t0));
-      convert_row(K.scale + group * D, D, sc.row.data());
-      for (int r = 0; r < R; ++r)
-        for (int d = 0; d < D; ++d) sc.qs[r * DP + d] = sc.q[r * DP + d] * sc.row[d];
-      convert_row(K.zero + group * D, D, sc.row.data());
-      score_tile(sc.q.data(), R, DP, sc.row.data(), 0, 1, sc.qz.data(), 1);
-      score_tile(sc.qs.data(), R, DP, sc.tile_row(j0), sc.ts, j1 - j0, score + j0, CHUNK);
-      for (int r = 0; r < R; ++r)
-        for (int j = j0; j < j1; ++j) score[r * CHUNK + j] += sc.qz[r];
-      j0 = j1;
-    }
-  }
-  if (K.exact) return;
-  if (K.rank) {                            // (q . B_blk) . A_t, a run of tokens per block
-    const int rk = K.rank;
-    sc.load_a(K.lr_a, rk, t0, n);
-    for (int j0 = 0; j0 < n;) {
-      int64_t blk = (t0 + j0) / K.block;
-      int j1 = static_cast<int>(std::min<int64_t>(n, (blk + 1) * K.block - t0));
-      for (int k = 0; k < rk; ++k) {
-        K.lr_b_column(blk, k, D, sc.row.data());
-        score_tile(sc.q.data(), R, DP, sc.row.data(), 0, 1, sc.qb.data() + k, rk);
-      }
-      for (int r = 0; r < R; ++r)
-        for (int k = 0; k < rk; ++k)
-          axpy(sc.qb[r * rk + k], sc.at.data() + k * CHUNK + j0, score + r * CHUNK + j0, j1 - j0);
-      j0 = j1;
-    }
-  }
+// gear::cpu_isa(name): "" reports the set in use; a name (or "auto") picks it.
+std::string cpu_isa(c10::string_view name) {
+  if (!name.empty()) active_isa() = static_cast<int>(parse_isa(std::string(name)));
+  return kIsaNames[active_isa().load()];
 }
 
-// acc_r += sum_j p[r][j] V_{t0+j}. Per-token V stats fold into the weights,
-// (p*s) . c + (p.z), the zero-point sums joining acc once per chunk; the
-// low-rank V term goes through (sum_t p_t A_t) B_blk^T once per block.
-void value_chunk(const Problem& P, const Seg& V, int64_t t0, int n, Scratch& sc, State& st) {
-  const int R = P.R, D = P.D, DP = P.DP;
-  const float* p = sc.score.data();
-  float* acc = st.acc.data();
-  const bool fold = !V.exact && !V.channel;
-  load_tile(V, t0, n, D, sc);
-  for (int j = 0; j < n && V.k2; ++j)      // sparse V: 2k channels per token, steps into the codes
-    for (int e = 0; e < V.k2; ++e) {
-      int64_t at = (t0 + j) * V.k2 + e;
-      sc.tile_row(j)[read_index(V.out_idx, V.idx_type, at)] += static_cast<float>(V.out_val[at]) * V.out_unit;
-    }
-  if (!fold && !V.exact) rebuild_tile(V, t0, n, D, sc);
-  if (!fold) {
-    accumulate_tile(p, CHUNK, R, n, sc.tile.data(), sc.ts, acc, DP, 0, DP);
-  } else {
-    const int ng = D / V.group;
-    for (int g = 0; g < ng; ++g) {
-      for (int j = 0; j < n; ++j) {
-        sc.sa[j] = to_f(V.scale[(t0 + j) * ng + g]);
-        sc.za[j] = to_f(V.zero[(t0 + j) * ng + g]);
-      }
-      for (int r = 0; r < R; ++r) {
-        const float* pr = p + r * CHUNK;
-        float* wr = sc.w.data() + r * CHUNK;
-        for (int j = 0; j < n; ++j) wr[j] = pr[j] * sc.sa[j];
-        float z = dot(pr, sc.za.data(), n);
-        const int d1 = ng == 1 ? D : (g + 1) * V.group;
-        for (int d = g * V.group; d < d1; ++d) acc[r * DP + d] += z;
-      }
-      accumulate_tile(sc.w.data(), CHUNK, R, n, sc.tile.data(), sc.ts, acc, DP,
-                      g * V.group, ng == 1 ? DP : (g + 1) * V.group);
-    }
+void run_items(const Problem& P, const Plan& L, float* part) {
+  switch (static_cast<Isa>(active_isa().load())) {
+#ifdef GEAR_X86_DISPATCH
+    case Isa::avx512: return avx512::run_items(P, L, part);
+    case Isa::avx2: return avx2::run_items(P, L, part);
+#endif
+    default: return scalar::run_items(P, L, part);
   }
-  if (V.exact) return;
-  if (V.rank) {                            // acc += (sum_t p_t A_t) B_blk^T per block
-    const int rk = V.rank;
-    sc.load_a(V.lr_a, rk, t0, n);
-    for (int j0 = 0; j0 < n;) {
-      int64_t blk = (t0 + j0) / V.block;
-      int j1 = static_cast<int>(std::min<int64_t>(n, (blk + 1) * V.block - t0));
-      for (int r = 0; r < R; ++r)
-        for (int k = 0; k < rk; ++k)
-          sc.pa[r * rk + k] = dot(p + r * CHUNK + j0, sc.at.data() + k * CHUNK + j0, j1 - j0);
-      for (int k = 0; k < rk; ++k) {
-        V.lr_b_column(blk, k, D, sc.row.data());
-        accumulate_tile(sc.pa.data() + k, rk, R, 1, sc.row.data(), 0, acc, DP, 0, DP);
-      }
-      j0 = j1;
-    }
-  }
-}
-
-// Tokens [t0, t0+n) of one segment: scores, mask, online softmax, values.
-void attend_chunk(const Problem& P, const Seg& K, const Seg& V, int64_t t0, int n,
-                  int64_t pos0, int64_t total, int b, int kvh, Scratch& sc, State& st) {
-  const int R = P.R, DP = P.DP;
-  score_chunk(P, K, t0, n, sc);
-  for (int r = 0; r < R; ++r) {
-    int g = r / P.T, i = r % P.T;
-    float* s = sc.score.data() + r * CHUNK;
-    if (P.softcap > 0) {                    // Gemma 2's logit soft-capping, before the mask
-      for (int j = 0; j < n; ++j) s[j] = P.softcap * std::tanh(s[j] / P.softcap);
-    }
-    if (P.causal) {                         // query i sees keys < total - T + i + 1
-      int64_t limit = total - P.T + i + 1;
-      for (int j = 0; j < n; ++j) if (pos0 + t0 + j >= limit) s[j] = -INFINITY;
-    }
-    if (P.mask) {
-      // The mask's last column is the newest key. A longer mask starts
-      // before the keys; a shorter one (a sliding-window layer, whose store
-      // still holds blocks older than its window) hides the keys before it.
-      int64_t shift = P.mask_len - total;
-      for (int j = 0; j < n; ++j) {
-        int64_t col = pos0 + t0 + j + shift;
-        s[j] = col < 0 ? -INFINITY : s[j] + mask_value(P, b, kvh * P.G + g, i, col);
-      }
-    }
-    float mx = -INFINITY;
-    for (int j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
-    float m_new = std::max(st.m[r], mx);
-    float m_use = m_new == -INFINITY ? 0.0f : m_new;
-    float alpha = st.m[r] == -INFINITY ? 0.0f : exp_neg(st.m[r] - m_use);
-    st.l[r] = st.l[r] * alpha + exp_shifted(s, n, m_use);
-    st.m[r] = m_new;
-    if (alpha != 1.0f) {
-      float* acc = st.acc.data() + r * DP;
-      for (int d = 0; d < DP; ++d) acc[d] *= alpha;
-    }
-  }
-  value_chunk(P, V, t0, n, sc, st);
 }
 
 // ---------------------------------------------------------------- the op
@@ -481,7 +387,7 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
 
   Problem P;
   P.B = q_in.size(0); P.Hq = q_in.size(1); P.T = q_in.size(2); P.D = q_in.size(3);
-  P.DP = (P.D + 7) / 8 * 8;
+  P.DP = (P.D + LANES - 1) / LANES * LANES;
   P.Hkv = kp[k_desc[1]].size(1);
   TORCH_CHECK(P.Hq % P.Hkv == 0, "gear attention_cpu: query heads ", P.Hq,
               " are not a multiple of KV heads ", P.Hkv);
@@ -511,7 +417,9 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
     P.mask_len = mask.size(3);
   }
 
-  SegBase ks[NSEG], vs[NSEG];
+  Plan L;
+  SegBase* ks = L.ks;
+  SegBase* vs = L.vs;
   int maxrank = 1, maxrow = P.D;           // longest tile row: D values or PB*W codes
   for (int i = 0; i < NSEG; ++i) {
     if (i < NSTORE) {
@@ -532,6 +440,9 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
   const int64_t pos0[NSEG] = {0, 0, lens[1], lens[1] + lens[2], lens[1] + lens[2] + lens[3]};
   const int64_t first[NSEG] = {0, sink_len, 0, 0, 0};
   const int64_t total = pos0[NSEG - 1] + lens[NSEG - 1];
+  std::copy(lens, lens + NSEG, L.lens);
+  std::copy(pos0, pos0 + NSEG, L.pos0);
+  std::copy(first, first + NSEG, L.first);
 
   // split each (batch, KV head)'s tokens so that every core has work
   const int64_t heads = static_cast<int64_t>(P.B) * P.Hkv;
@@ -549,35 +460,13 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
   const int64_t stride = DP + 2;
   std::vector<float> part(heads * splits * R * stride);
 
-  at::parallel_for(0, heads * splits, 1, [&](int64_t begin, int64_t end) {
-    Scratch sc(P, maxrank, maxrow);
-    for (int64_t item = begin; item < end; ++item) {
-      int64_t head = item / splits, split = item % splits;
-      int b = static_cast<int>(head / P.Hkv), kvh = static_cast<int>(head % P.Hkv);
-      for (int g = 0; g < P.G; ++g)
-        for (int i = 0; i < P.T; ++i)
-          std::memcpy(sc.q.data() + (g * P.T + i) * DP,
-                      P.q + ((static_cast<int64_t>(b) * P.Hq + kvh * P.G + g) * P.T + i) * D,
-                      D * sizeof(float));
-      State st(R, DP);
-      int64_t lo = split * per_split, hi = std::min(total, lo + per_split);
-      for (int s = 0; s < NSEG; ++s) {
-        int64_t a = std::max(lo, pos0[s] + first[s]) - pos0[s];
-        int64_t z = std::min(hi, pos0[s] + lens[s]) - pos0[s];
-        if (a >= z) continue;
-        Seg K = ks[s].at(head), V = vs[s].at(head);
-        for (int64_t t = a; t < z; t += CHUNK)
-          attend_chunk(P, K, V, t, static_cast<int>(std::min<int64_t>(CHUNK, z - t)),
-                       pos0[s], total, b, kvh, sc, st);
-      }
-      float* out = part.data() + item * R * stride;
-      for (int r = 0; r < R; ++r) {
-        out[r * stride] = st.m[r];
-        out[r * stride + 1] = st.l[r];
-        std::memcpy(out + r * stride + 2, st.acc.data() + r * DP, DP * sizeof(float));
-      }
-    }
-  });
+  L.total = total;
+  L.heads = heads;
+  L.splits = splits;
+  L.per_split = per_split;
+  L.maxrank = maxrank;
+  L.maxrow = maxrow;
+  run_items(P, L, part.data());
 
   // merge the splits of each (batch, KV head) by their log-sum-exp, into an
   // output laid out like q (as the fake implementation promises: empty_like)
@@ -616,6 +505,9 @@ TORCH_LIBRARY_FRAGMENT(gear, m) {
   m.def("attention_cpu(Tensor q, Tensor[] k_parts, Tensor[] v_parts, Tensor? k_new, Tensor? v_new, "
         "Tensor? attn_mask, float scale, bool is_causal, int[] k_desc, int[] v_desc, "
         "float softcap=0., Tensor? sinks=None) -> Tensor");
+  // the instruction set in use ("" asks; a name or "auto" picks): no tensors,
+  // so it is registered with its function, for every dispatch key
+  m.def("cpu_isa(str name='') -> str", &gear_cpu::cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(gear, CPU, m) { m.impl("attention_cpu", &gear_cpu::attention_cpu); }

@@ -1,0 +1,287 @@
+// One work item's walk over the compressed store (the body of
+// cpu_attention.cpp's algorithm), written once and compiled once per
+// instruction set: cpu_attention.cpp includes it inside gear_cpu::scalar,
+// gear_cpu::avx2 and gear_cpu::avx512, each after that set's micro-kernels
+// (cpu_simd_*.h) and under that set's #pragma GCC target, so the loops
+// written here are also vectorized for that set. Reads the shared types
+// (Seg, Problem, Plan, Scratch, State) defined before the includes.
+// (No #pragma once: included once per namespace.)
+
+template <typename T>
+inline void convert_row(const T* x, int n, float* out) {
+  for (int i = 0; i < n; ++i) out[i] = static_cast<float>(x[i]);
+}
+
+// Row t of an exact segment, as floats (the padding past D is left as it is).
+inline void exact_row(const Seg& s, int64_t t, int D, float* out) {
+  switch (s.dtype) {
+    case at::kFloat: std::memcpy(out, static_cast<const float*>(s.data) + t * D, D * sizeof(float)); break;
+    case at::kHalf: half_to_float(reinterpret_cast<const uint16_t*>(static_cast<const at::Half*>(s.data) + t * D),
+                                  D, out); break;
+    default: convert_row(static_cast<const at::BFloat16*>(s.data) + t * D, D, out); break;
+  }
+}
+
+inline void half_row(const at::Half* x, int n, float* out) {
+  half_to_float(reinterpret_cast<const uint16_t*>(x), n, out);
+}
+
+// K outliers of tokens [t0, t0+n), added to the tile of codes: each is a
+// signed number of units of its group's step (`outliers.steps`). A block's
+// records of record tiles [j0, j1) are [ptr[j0], ptr[j1]), in token order; a
+// record's token is its tile's 256-token base plus the stored low byte. Only
+// a chunk starting or ending inside a record tile skips records of it.
+void k_outliers(const Seg& K, int64_t t0, int n, Scratch& sc) {
+  const uint32_t channel_mask = (1u << K.channel_bits) - 1;
+  for (int64_t t = t0; t < t0 + n;) {
+    int64_t blk = t / K.block;
+    int lo = static_cast<int>(t - blk * K.block);
+    int hi = static_cast<int>(std::min<int64_t>(t0 + n - blk * K.block, K.block));
+    const int32_t* ptr = K.out_ptr + blk * K.ptrs;
+    const int64_t first = blk * K.k2;            // the block's records: k2 = 2k * D of them
+    for (int j = lo / TILE; j * TILE < hi; ++j) {
+      const int base = (j * TILE) & ~255;
+      for (int r = ptr[j]; r < ptr[j + 1]; ++r) {
+        uint32_t pos = read_position(K.out_idx, K.idx_type, first + r);
+        int tok = base + static_cast<int>((pos >> K.channel_bits) & 255);
+        if (tok < lo || tok >= hi) continue;
+        sc.tile_row(static_cast<int>(blk * K.block + tok - t0))[pos & channel_mask] +=
+            static_cast<float>(K.out_val[first + r]) * K.out_unit;
+      }
+    }
+    t = blk * K.block + hi;
+  }
+}
+
+// Tokens [t0, t0+n) of segment `s` into the tile, one row per token: the
+// exact values, or the codes as floats.
+void load_tile(const Seg& s, int64_t t0, int n, int D, Scratch& sc) {
+  for (int j = 0; j < n; ++j) {
+    int64_t t = t0 + j;
+    if (s.exact) exact_row(s, t, D, sc.tile_row(j));
+    else unpack_any(s.bits, static_cast<const uint8_t*>(s.data) + t * s.W, s.W, sc.tile_row(j));
+  }
+}
+
+// The tile's codes (outliers' steps added) as values: codes * scale + zero.
+void rebuild_tile(const Seg& s, int64_t t0, int n, int D, Scratch& sc) {
+  float* a = sc.row.data();
+  float* z = sc.row2.data();
+  for (int j = 0; j < n; ++j) {
+    int64_t t = t0 + j;
+    float* row = sc.tile_row(j);
+    if (s.channel) {                       // per-channel stats of the token group
+      half_row(s.scale + (t / s.group) * D, D, a);
+      half_row(s.zero + (t / s.group) * D, D, z);
+      for (int d = 0; d < D; ++d) row[d] = row[d] * a[d] + z[d];
+    } else {                               // per-token stats of each channel group
+      const int ng = D / s.group;
+      for (int g = 0; g < ng; ++g) {
+        float sg = to_f(s.scale[t * ng + g]), zg = to_f(s.zero[t * ng + g]);
+        for (int d = g * s.group; d < (g + 1) * s.group; ++d) row[d] = row[d] * sg + zg;
+      }
+    }
+  }
+}
+
+// The block's low-rank B diag(lr_s), as `rank` rows of DP floats (brow[k]
+// = B_blk[:, k] * lr_s[blk, k], zero past D).
+void load_b(const Seg& s, int64_t blk, int D, int DP, Scratch& sc) {
+  const int8_t* Bm = s.lr_b + blk * D * s.rank;
+  const float* sk = s.lr_s + blk * s.rank;
+  for (int k = 0; k < s.rank; ++k) {
+    float* out = sc.brow.data() + k * DP;
+    for (int d = 0; d < D; ++d) out[d] = static_cast<float>(Bm[d * s.rank + k]) * sk[k];
+  }
+}
+
+// Scores of tokens [t0, t0+n) of a K segment into sc.score[r * CHUNK + j].
+void score_chunk(const Problem& P, const Seg& K, int64_t t0, int n, Scratch& sc) {
+  const int R = P.R, D = P.D, DP = P.DP;
+  float* score = sc.score.data();
+  const bool fold = !K.exact && K.channel;   // per-channel stats fold into q
+  load_tile(K, t0, n, D, sc);
+  if (K.k2) k_outliers(K, t0, n, sc);
+  if (!fold && !K.exact) rebuild_tile(K, t0, n, D, sc);
+  if (!fold) {
+    score_tile(sc.q.data(), R, DP, sc.tile.data(), sc.ts, n, score, CHUNK);
+  } else {                                 // q.k_t = (q*s).c_t + q.z, per token group
+    for (int j0 = 0; j0 < n;) {
+      int64_t group = (t0 + j0) / K.group;
+      int j1 = static_cast<int>(std::min<int64_t>(n, (group + 1) * K.group - t0));
+      if (sc.qs_key != K.scale + group * D) {   // q*s and q.z once per token group
+        sc.qs_key = K.scale + group * D;
+        half_row(K.scale + group * D, D, sc.row.data());
+        for (int r = 0; r < R; ++r)
+          for (int d = 0; d < D; ++d) sc.qs[r * DP + d] = sc.q[r * DP + d] * sc.row[d];
+        half_row(K.zero + group * D, D, sc.row.data());
+        score_tile(sc.q.data(), R, DP, sc.row.data(), 0, 1, sc.qz.data(), 1);
+      }
+      score_tile(sc.qs.data(), R, DP, sc.tile_row(j0), sc.ts, j1 - j0, score + j0, CHUNK);
+      for (int r = 0; r < R; ++r)
+        for (int j = j0; j < j1; ++j) score[r * CHUNK + j] += sc.qz[r];
+      j0 = j1;
+    }
+  }
+  if (K.exact || !K.rank) return;
+  // (q . B_blk diag(s)) . A_t: q's rank-space image once per block, then a
+  // rank-long dot per token
+  const int rk = K.rank;
+  sc.load_a(K.lr_a, rk, t0, n);
+  for (int j0 = 0; j0 < n;) {
+    int64_t blk = (t0 + j0) / K.block;
+    int j1 = static_cast<int>(std::min<int64_t>(n, (blk + 1) * K.block - t0));
+    if (sc.qb_key != K.lr_b + blk * D * rk) {
+      sc.qb_key = K.lr_b + blk * D * rk;
+      load_b(K, blk, D, DP, sc);
+      score_tile(sc.q.data(), R, DP, sc.brow.data(), DP, rk, sc.qb.data(), rk);
+    }
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < rk; ++k)
+        axpy(sc.qb[r * rk + k], sc.at.data() + k * CHUNK + j0, score + r * CHUNK + j0, j1 - j0);
+    j0 = j1;
+  }
+}
+
+// acc += (sum_t p_t A_t) diag(s) B_blk^T for the block whose p.A the scratch
+// holds in rank space, then that sum starts over.
+void flush_v_lowrank(const Problem& P, const Seg& V, Scratch& sc, State& st) {
+  if (sc.pa_blk < 0) return;
+  load_b(V, sc.pa_blk, P.D, P.DP, sc);
+  accumulate_tile(sc.pa.data(), V.rank, P.R, V.rank, sc.brow.data(), P.DP, st.acc.data(), P.DP, 0, P.DP);
+  std::fill(sc.pa.begin(), sc.pa.end(), 0.0f);
+  sc.pa_blk = -1;
+}
+
+// acc_r += sum_j p[r][j] V_{t0+j}. Per-token V stats fold into the weights,
+// (p*s) . c + (p.z), the zero-point sums joining acc once per chunk; the
+// low-rank V term is summed in rank space (p . A) and goes through B^T once
+// per block (flush_v_lowrank).
+void value_chunk(const Problem& P, const Seg& V, int64_t t0, int n, Scratch& sc, State& st) {
+  const int R = P.R, D = P.D, DP = P.DP;
+  const float* p = sc.score.data();
+  float* acc = st.acc.data();
+  const bool fold = !V.exact && !V.channel;
+  load_tile(V, t0, n, D, sc);
+  for (int j = 0; j < n && V.k2; ++j)      // sparse V: 2k channels per token, steps into the codes
+    for (int e = 0; e < V.k2; ++e) {
+      int64_t at = (t0 + j) * V.k2 + e;
+      sc.tile_row(j)[read_index(V.out_idx, V.idx_type, at)] += static_cast<float>(V.out_val[at]) * V.out_unit;
+    }
+  if (!fold && !V.exact) rebuild_tile(V, t0, n, D, sc);
+  if (!fold) {
+    accumulate_tile(p, CHUNK, R, n, sc.tile.data(), sc.ts, acc, DP, 0, DP);
+  } else {
+    const int ng = D / V.group;
+    for (int g = 0; g < ng; ++g) {
+      for (int j = 0; j < n; ++j) {
+        sc.sa[j] = to_f(V.scale[(t0 + j) * ng + g]);
+        sc.za[j] = to_f(V.zero[(t0 + j) * ng + g]);
+      }
+      for (int r = 0; r < R; ++r) {
+        const float* pr = p + r * CHUNK;
+        float* wr = sc.w.data() + r * CHUNK;
+        for (int j = 0; j < n; ++j) wr[j] = pr[j] * sc.sa[j];
+        float z = dot(pr, sc.za.data(), n);
+        const int d1 = ng == 1 ? D : (g + 1) * V.group;
+        for (int d = g * V.group; d < d1; ++d) acc[r * DP + d] += z;
+      }
+      accumulate_tile(sc.w.data(), CHUNK, R, n, sc.tile.data(), sc.ts, acc, DP,
+                      g * V.group, ng == 1 ? DP : (g + 1) * V.group);
+    }
+  }
+  if (V.exact || !V.rank) return;
+  const int rk = V.rank;
+  sc.load_a(V.lr_a, rk, t0, n);
+  for (int j0 = 0; j0 < n;) {
+    int64_t blk = (t0 + j0) / V.block;
+    int j1 = static_cast<int>(std::min<int64_t>(n, (blk + 1) * V.block - t0));
+    if (blk != sc.pa_blk) {
+      flush_v_lowrank(P, V, sc, st);
+      sc.pa_blk = blk;
+    }
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < rk; ++k)
+        sc.pa[r * rk + k] += dot(p + r * CHUNK + j0, sc.at.data() + k * CHUNK + j0, j1 - j0);
+    j0 = j1;
+  }
+}
+
+// Tokens [t0, t0+n) of one segment: scores, mask, online softmax, values.
+void attend_chunk(const Problem& P, const Seg& K, const Seg& V, int64_t t0, int n,
+                  int64_t pos0, int64_t total, int b, int kvh, Scratch& sc, State& st) {
+  const int R = P.R, DP = P.DP;
+  score_chunk(P, K, t0, n, sc);
+  for (int r = 0; r < R; ++r) {
+    int g = r / P.T, i = r % P.T;
+    float* s = sc.score.data() + r * CHUNK;
+    if (P.softcap > 0) {                    // Gemma 2's logit soft-capping, before the mask
+      for (int j = 0; j < n; ++j) s[j] = P.softcap * std::tanh(s[j] / P.softcap);
+    }
+    if (P.causal) {                         // query i sees keys < total - T + i + 1
+      int64_t limit = total - P.T + i + 1;
+      for (int j = 0; j < n; ++j) if (pos0 + t0 + j >= limit) s[j] = -INFINITY;
+    }
+    if (P.mask) {
+      // The mask's last column is the newest key. A longer mask starts
+      // before the keys; a shorter one (a sliding-window layer, whose store
+      // still holds blocks older than its window) hides the keys before it.
+      int64_t shift = P.mask_len - total;
+      for (int j = 0; j < n; ++j) {
+        int64_t col = pos0 + t0 + j + shift;
+        s[j] = col < 0 ? -INFINITY : s[j] + mask_value(P, b, kvh * P.G + g, i, col);
+      }
+    }
+    float mx = -INFINITY;
+    for (int j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+    float m_new = std::max(st.m[r], mx);
+    float m_use = m_new == -INFINITY ? 0.0f : m_new;
+    float alpha = st.m[r] == -INFINITY ? 0.0f : exp_neg(st.m[r] - m_use);
+    st.l[r] = st.l[r] * alpha + exp_shifted(s, n, m_use);
+    st.m[r] = m_new;
+    if (alpha != 1.0f) {                    // the running sums, the rank-space one too
+      float* acc = st.acc.data() + r * DP;
+      for (int d = 0; d < DP; ++d) acc[d] *= alpha;
+      for (int k = 0; k < V.rank; ++k) sc.pa[r * V.rank + k] *= alpha;
+    }
+  }
+  value_chunk(P, V, t0, n, sc, st);
+}
+
+// Every work item (batch, KV head, split of the tokens) on torch's threads;
+// item i's rows go to part[i * R * (DP + 2) ...] as (m, l, acc[DP]).
+void run_items(const Problem& P, const Plan& L, float* part) {
+  const int R = P.R, D = P.D, DP = P.DP;
+  const int64_t stride = DP + 2;
+  at::parallel_for(0, L.heads * L.splits, 1, [&](int64_t begin, int64_t end) {
+    Scratch sc(P, L.maxrank, L.maxrow);
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t head = item / L.splits, split = item % L.splits;
+      int b = static_cast<int>(head / P.Hkv), kvh = static_cast<int>(head % P.Hkv);
+      for (int g = 0; g < P.G; ++g)
+        for (int i = 0; i < P.T; ++i)
+          std::memcpy(sc.q.data() + (g * P.T + i) * DP,
+                      P.q + ((static_cast<int64_t>(b) * P.Hq + kvh * P.G + g) * P.T + i) * D,
+                      D * sizeof(float));
+      State st(R, DP);
+      int64_t lo = split * L.per_split, hi = std::min(L.total, lo + L.per_split);
+      for (int s = 0; s < NSEG; ++s) {
+        int64_t a = std::max(lo, L.pos0[s] + L.first[s]) - L.pos0[s];
+        int64_t z = std::min(hi, L.pos0[s] + L.lens[s]) - L.pos0[s];
+        if (a >= z) continue;
+        Seg K = L.ks[s].at(head), V = L.vs[s].at(head);
+        sc.start_segment();
+        for (int64_t t = a; t < z; t += CHUNK)
+          attend_chunk(P, K, V, t, static_cast<int>(std::min<int64_t>(CHUNK, z - t)),
+                       L.pos0[s], L.total, b, kvh, sc, st);
+        flush_v_lowrank(P, V, sc, st);
+      }
+      float* out = part + item * R * stride;
+      for (int r = 0; r < R; ++r) {
+        out[r * stride] = st.m[r];
+        out[r * stride + 1] = st.l[r];
+        std::memcpy(out + r * stride + 2, st.acc.data() + r * DP, DP * sizeof(float));
+      }
+    }
+  });
+}

@@ -1,0 +1,168 @@
+// The AVX-512 micro-kernels (contract: cpu_simd.h): 16 floats a register,
+// ragged ends by mask instead of scalar loops. Included by cpu_attention.cpp
+// inside namespace gear_cpu::avx512 under
+// #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c");
+// run only where the CPU has all of them (Intel Skylake-SP and later, AMD Zen 4).
+
+inline __mmask16 first(int n) { return static_cast<__mmask16>((1u << n) - 1); }   // n < 16 lanes
+
+inline __m512 exp16(__m512 x) {
+  __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(kLog2e));
+  __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExpPoly[i]));
+  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  __m512 r = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  return _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ),
+                            _mm512_setzero_ps());
+}
+
+// NR rows x NT tokens of dot products over DP (a multiple of 16) channels,
+// NR*NT independent accumulators.
+template <int NR, int NT>
+inline void score_block(const float* q, int DP, const float* tile, int ts, float* out, int os) {
+  __m512 acc[NR][NT];
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int d = 0; d < DP; d += 16) {
+    __m512 c[NT];
+    for (int t = 0; t < NT; ++t) c[t] = _mm512_loadu_ps(tile + t * ts + d);
+    for (int r = 0; r < NR; ++r) {
+      __m512 qv = _mm512_loadu_ps(q + r * DP + d);
+      for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_fmadd_ps(qv, c[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < NT; ++t) out[r * os + t] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+template <int NR>
+inline void score_rows(const float* q, int DP, const float* tile, int ts, int n, float* out, int os) {
+  constexpr int NT = NR <= 2 ? 8 : 4;
+  int j = 0;
+  for (; j + NT <= n; j += NT) score_block<NR, NT>(q, DP, tile + j * ts, ts, out + j, os);
+  for (; j < n; ++j) score_block<NR, 1>(q, DP, tile + j * ts, ts, out + j, os);
+}
+
+// acc rows += w-weighted tile rows over channels [d0, d1): two 16-channel
+// chunks at a time (2*NR chains side by side), then one, then a masked end.
+template <int NR>
+inline void accumulate_rows(const float* w, int ws, int n, const float* tile, int ts,
+                            float* acc, int DP, int d0, int d1) {
+  int d = d0;
+  for (; d + 32 <= d1; d += 32) {
+    __m512 a[NR][2];
+    for (int r = 0; r < NR; ++r) {
+      a[r][0] = _mm512_loadu_ps(acc + r * DP + d);
+      a[r][1] = _mm512_loadu_ps(acc + r * DP + d + 16);
+    }
+    for (int t = 0; t < n; ++t) {
+      __m512 c0 = _mm512_loadu_ps(tile + t * ts + d), c1 = _mm512_loadu_ps(tile + t * ts + d + 16);
+      for (int r = 0; r < NR; ++r) {
+        __m512 wv = _mm512_set1_ps(w[r * ws + t]);
+        a[r][0] = _mm512_fmadd_ps(wv, c0, a[r][0]);
+        a[r][1] = _mm512_fmadd_ps(wv, c1, a[r][1]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      _mm512_storeu_ps(acc + r * DP + d, a[r][0]);
+      _mm512_storeu_ps(acc + r * DP + d + 16, a[r][1]);
+    }
+  }
+  for (; d < d1; d += 16) {
+    const __mmask16 m = d1 - d >= 16 ? static_cast<__mmask16>(0xFFFF) : first(d1 - d);
+    __m512 a[NR];
+    for (int r = 0; r < NR; ++r) a[r] = _mm512_maskz_loadu_ps(m, acc + r * DP + d);
+    for (int t = 0; t < n; ++t) {
+      __m512 c = _mm512_maskz_loadu_ps(m, tile + t * ts + d);
+      for (int r = 0; r < NR; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(w[r * ws + t]), c, a[r]);
+    }
+    for (int r = 0; r < NR; ++r) _mm512_mask_storeu_ps(acc + r * DP + d, m, a[r]);
+  }
+}
+
+// Codes of one packed row as floats (planar packing: cpu_simd_scalar.h):
+// 16 bytes -> PB runs of 16 channels.
+template <int BITS>
+inline void unpack_codes(const uint8_t* bytes, int W, float* out) {
+  constexpr int PB = 8 / BITS, MASK = (1 << BITS) - 1;
+  const __m512i mask = _mm512_set1_epi32(MASK);
+  for (int j = 0; j < W; j += 16) {
+    const __mmask16 m = W - j >= 16 ? static_cast<__mmask16>(0xFFFF) : first(W - j);
+    __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, bytes + j));
+    for (int f = 0; f < PB; ++f)
+      _mm512_mask_storeu_ps(out + f * W + j, m,
+                            _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(b, f * BITS), mask)));
+  }
+}
+
+inline void unpack_any(int bits, const uint8_t* bytes, int W, float* out) {
+  if (bits == 2) unpack_codes<2>(bytes, W, out);
+  else if (bits == 4) unpack_codes<4>(bytes, W, out);
+  else unpack_codes<8>(bytes, W, out);
+}
+
+inline void half_to_float(const uint16_t* x, int n, float* out) {
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : first(n - i);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, x + i)));
+  }
+}
+
+inline void score_tile(const float* q, int R, int DP, const float* tile, int ts, int n,
+                       float* out, int os) {
+  int r = 0;
+  for (; r + 4 <= R; r += 4) score_rows<4>(q + r * DP, DP, tile, ts, n, out + r * os, os);
+  switch (R - r) {
+    case 3: score_rows<3>(q + r * DP, DP, tile, ts, n, out + r * os, os); break;
+    case 2: score_rows<2>(q + r * DP, DP, tile, ts, n, out + r * os, os); break;
+    case 1: score_rows<1>(q + r * DP, DP, tile, ts, n, out + r * os, os); break;
+  }
+}
+
+inline void accumulate_tile(const float* w, int ws, int R, int n, const float* tile, int ts,
+                            float* acc, int DP, int d0, int d1) {
+  int r = 0;
+  for (; r + 4 <= R; r += 4) accumulate_rows<4>(w + r * ws, ws, n, tile, ts, acc + r * DP, DP, d0, d1);
+  switch (R - r) {
+    case 3: accumulate_rows<3>(w + r * ws, ws, n, tile, ts, acc + r * DP, DP, d0, d1); break;
+    case 2: accumulate_rows<2>(w + r * ws, ws, n, tile, ts, acc + r * DP, DP, d0, d1); break;
+    case 1: accumulate_rows<1>(w + r * ws, ws, n, tile, ts, acc + r * DP, DP, d0, d1); break;
+  }
+}
+
+inline float dot(const float* a, const float* b, int n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+  int j = 0;
+  for (; j + 32 <= n; j += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16), _mm512_loadu_ps(b + j + 16), s1);
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : first(n - j);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + j), _mm512_maskz_loadu_ps(m, b + j), s0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+inline void axpy(float a, const float* x, float* y, int n) {
+  const __m512 av = _mm512_set1_ps(a);
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : first(n - j);
+    _mm512_mask_storeu_ps(y + j, m, _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, x + j),
+                                                    _mm512_maskz_loadu_ps(m, y + j)));
+  }
+}
+
+inline float exp_shifted(float* s, int n, float m) {
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 mv = _mm512_set1_ps(m);
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : first(n - j);
+    __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), mv));
+    _mm512_mask_storeu_ps(s + j, k, e);
+    acc = _mm512_mask_add_ps(acc, k, acc, e);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
