@@ -75,20 +75,6 @@ constexpr int NSEG = 5;            // and the call's new tokens (exact, not yet 
 // ---------------------------------------------------------------- scalars
 template <typename T> inline float to_f(T x) { return static_cast<float>(x); }
 
-inline int read_index(const void* p, at::ScalarType t, int64_t i) {
-  switch (t) {
-    case at::kByte: return static_cast<const uint8_t*>(p)[i];
-    case at::kShort: return static_cast<const int16_t*>(p)[i];
-    default: return static_cast<const int32_t*>(p)[i];
-  }
-}
-
-// A K record's packed position (16 bits held in an int16, or int32).
-inline uint32_t read_position(const void* idx, at::ScalarType t, int64_t i) {
-  if (t == at::kShort) return static_cast<uint16_t>(static_cast<const int16_t*>(idx)[i]);
-  return static_cast<uint32_t>(static_cast<const int32_t*>(idx)[i]);
-}
-
 // ---------------------------------------------------------------- segments
 // One segment of one store, with pointers already offset to a (batch, head).
 struct Seg {
@@ -233,11 +219,6 @@ struct Scratch {
     qs_key = qb_key = nullptr;
     pa_blk = -1;
     std::fill(pa.begin(), pa.end(), 0.0f);
-  }
-  // The low-rank A rows of tokens [t0, t0+n), transposed: at[k * CHUNK + j].
-  void load_a(const int8_t* lr_a, int rk, int64_t t0, int n) {
-    for (int j = 0; j < n; ++j)
-      for (int k = 0; k < rk; ++k) at[k * CHUNK + j] = static_cast<float>(lr_a[(t0 + j) * rk + k]);
   }
   float* tile_row(int j) { return tile.data() + j * ts; }
 };

@@ -31,25 +31,53 @@ inline void half_row(const at::Half* x, int n, float* out) {
 // records of record tiles [j0, j1) are [ptr[j0], ptr[j1]), in token order; a
 // record's token is its tile's 256-token base plus the stored low byte. Only
 // a chunk starting or ending inside a record tile skips records of it.
-void k_outliers(const Seg& K, int64_t t0, int n, Scratch& sc) {
+// Positions are 16 bits (read unsigned from the int16 tensor) or 32.
+template <typename I>
+void k_outliers_as(const Seg& K, const I* positions, int64_t t0, int n, Scratch& sc) {
   const uint32_t channel_mask = (1u << K.channel_bits) - 1;
   for (int64_t t = t0; t < t0 + n;) {
     int64_t blk = t / K.block;
     int lo = static_cast<int>(t - blk * K.block);
     int hi = static_cast<int>(std::min<int64_t>(t0 + n - blk * K.block, K.block));
     const int32_t* ptr = K.out_ptr + blk * K.ptrs;
-    const int64_t first = blk * K.k2;            // the block's records: k2 = 2k * D of them
+    const I* pos = positions + blk * K.k2;       // the block's records: k2 = 2k * D of them
+    const int8_t* val = K.out_val + blk * K.k2;
+    const int shift = static_cast<int>(t0 - blk * K.block);     // block offset of tile row 0
     for (int j = lo / TILE; j * TILE < hi; ++j) {
       const int base = (j * TILE) & ~255;
       for (int r = ptr[j]; r < ptr[j + 1]; ++r) {
-        uint32_t pos = read_position(K.out_idx, K.idx_type, first + r);
-        int tok = base + static_cast<int>((pos >> K.channel_bits) & 255);
+        const uint32_t p = pos[r];
+        const int tok = base + static_cast<int>((p >> K.channel_bits) & 255);
         if (tok < lo || tok >= hi) continue;
-        sc.tile_row(static_cast<int>(blk * K.block + tok - t0))[pos & channel_mask] +=
-            static_cast<float>(K.out_val[first + r]) * K.out_unit;
+        sc.tile_row(tok - shift)[p & channel_mask] += static_cast<float>(val[r]) * K.out_unit;
       }
     }
     t = blk * K.block + hi;
+  }
+}
+
+inline void k_outliers(const Seg& K, int64_t t0, int n, Scratch& sc) {
+  if (K.idx_type == at::kShort) k_outliers_as(K, static_cast<const uint16_t*>(K.out_idx), t0, n, sc);
+  else k_outliers_as(K, static_cast<const uint32_t*>(K.out_idx), t0, n, sc);
+}
+
+// V outliers of tokens [t0, t0+n) into the tile: 2k (channel, steps) per
+// token; channels are one byte up to 256 of them (outliers.index_dtype).
+template <typename I>
+inline void v_outliers_as(const Seg& V, const I* idx, int64_t t0, int n, Scratch& sc) {
+  const int8_t* val = V.out_val + t0 * V.k2;
+  idx += t0 * V.k2;
+  for (int j = 0; j < n; ++j, idx += V.k2, val += V.k2) {
+    float* row = sc.tile_row(j);
+    for (int e = 0; e < V.k2; ++e) row[idx[e]] += static_cast<float>(val[e]) * V.out_unit;
+  }
+}
+
+inline void v_outliers(const Seg& V, int64_t t0, int n, Scratch& sc) {
+  switch (V.idx_type) {
+    case at::kByte: return v_outliers_as(V, static_cast<const uint8_t*>(V.out_idx), t0, n, sc);
+    case at::kShort: return v_outliers_as(V, static_cast<const int16_t*>(V.out_idx), t0, n, sc);
+    default: return v_outliers_as(V, static_cast<const int32_t*>(V.out_idx), t0, n, sc);
   }
 }
 
@@ -81,6 +109,26 @@ void rebuild_tile(const Seg& s, int64_t t0, int n, int D, Scratch& sc) {
         for (int d = g * s.group; d < (g + 1) * s.group; ++d) row[d] = row[d] * sg + zg;
       }
     }
+  }
+}
+
+// The low-rank A rows of tokens [t0, t0+n), transposed: at[k * CHUNK + j].
+// The rank is a template argument where it is the paper's (r_g = 2, r_p = 4),
+// so the strided byte reads vectorize.
+template <int RK>
+inline void load_a_rank(const int8_t* a, int n, float* at) {
+  for (int k = 0; k < RK; ++k)
+    for (int j = 0; j < n; ++j) at[k * CHUNK + j] = static_cast<float>(a[j * RK + k]);
+}
+
+inline void load_a(const Seg& s, int64_t t0, int n, Scratch& sc) {
+  const int8_t* a = s.lr_a + t0 * s.rank;
+  switch (s.rank) {
+    case 2: return load_a_rank<2>(a, n, sc.at.data());
+    case 4: return load_a_rank<4>(a, n, sc.at.data());
+    default:
+      for (int k = 0; k < s.rank; ++k)
+        for (int j = 0; j < n; ++j) sc.at[k * CHUNK + j] = static_cast<float>(a[j * s.rank + k]);
   }
 }
 
@@ -127,7 +175,7 @@ void score_chunk(const Problem& P, const Seg& K, int64_t t0, int n, Scratch& sc)
   // (q . B_blk diag(s)) . A_t: q's rank-space image once per block, then a
   // rank-long dot per token
   const int rk = K.rank;
-  sc.load_a(K.lr_a, rk, t0, n);
+  load_a(K, t0, n, sc);
   for (int j0 = 0; j0 < n;) {
     int64_t blk = (t0 + j0) / K.block;
     int j1 = static_cast<int>(std::min<int64_t>(n, (blk + 1) * K.block - t0));
@@ -163,20 +211,21 @@ void value_chunk(const Problem& P, const Seg& V, int64_t t0, int n, Scratch& sc,
   float* acc = st.acc.data();
   const bool fold = !V.exact && !V.channel;
   load_tile(V, t0, n, D, sc);
-  for (int j = 0; j < n && V.k2; ++j)      // sparse V: 2k channels per token, steps into the codes
-    for (int e = 0; e < V.k2; ++e) {
-      int64_t at = (t0 + j) * V.k2 + e;
-      sc.tile_row(j)[read_index(V.out_idx, V.idx_type, at)] += static_cast<float>(V.out_val[at]) * V.out_unit;
-    }
+  if (V.k2) v_outliers(V, t0, n, sc);
   if (!fold && !V.exact) rebuild_tile(V, t0, n, D, sc);
   if (!fold) {
     accumulate_tile(p, CHUNK, R, n, sc.tile.data(), sc.ts, acc, DP, 0, DP);
   } else {
     const int ng = D / V.group;
     for (int g = 0; g < ng; ++g) {
-      for (int j = 0; j < n; ++j) {
-        sc.sa[j] = to_f(V.scale[(t0 + j) * ng + g]);
-        sc.za[j] = to_f(V.zero[(t0 + j) * ng + g]);
+      if (ng == 1) {
+        half_row(V.scale + t0, n, sc.sa.data());
+        half_row(V.zero + t0, n, sc.za.data());
+      } else {
+        for (int j = 0; j < n; ++j) {
+          sc.sa[j] = to_f(V.scale[(t0 + j) * ng + g]);
+          sc.za[j] = to_f(V.zero[(t0 + j) * ng + g]);
+        }
       }
       for (int r = 0; r < R; ++r) {
         const float* pr = p + r * CHUNK;
@@ -192,7 +241,7 @@ void value_chunk(const Problem& P, const Seg& V, int64_t t0, int n, Scratch& sc,
   }
   if (V.exact || !V.rank) return;
   const int rk = V.rank;
-  sc.load_a(V.lr_a, rk, t0, n);
+  load_a(V, t0, n, sc);
   for (int j0 = 0; j0 < n;) {
     int64_t blk = (t0 + j0) / V.block;
     int j1 = static_cast<int>(std::min<int64_t>(n, (blk + 1) * V.block - t0));
