@@ -69,6 +69,13 @@ def _command(cxx: str, out: pathlib.Path) -> list[str]:
             str(SOURCE), f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}", "-o", str(out)]
 
 
+def library_path() -> pathlib.Path:
+    """Where the built library for these sources, torch and flags lives."""
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in [SOURCE, *HEADERS]) + " ".join(
+        [torch.__version__, _compiler(), *FLAGS]).encode()).hexdigest()[:16]
+    return cache_dir() / f"gear_attention_cpu_{key}.so"
+
+
 @functools.lru_cache(maxsize=1)
 def load() -> None:
     """Build (once per machine) and load the kernel; raises RuntimeError with
@@ -76,9 +83,7 @@ def load() -> None:
     if hasattr(torch.ops.gear, "attention_cpu"):
         return
     cxx = _compiler()
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in [SOURCE, *HEADERS]) + " ".join(
-        [torch.__version__, cxx, *FLAGS]).encode()).hexdigest()[:16]
-    path = cache_dir() / f"gear_attention_cpu_{key}.so"
+    path = library_path()
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         log.warning("gear: building the CPU attention kernel (once per machine, ~15 s) into %s", path)
