@@ -2,53 +2,41 @@
 
 Job: out = softmax(cap(q K^T * scale) + mask) V for q [B, Hq, 1, D] (cap: x, or
 softcap * tanh(x / softcap), Gemma 2; a per-head sink logit, gpt-oss, joins
-the softmax's denominator in the combine step), where K and V
-are a layer's `KVStore`s (layout in `segment`), without ever materialising the
-dense K/V. Neighbours: `segment` / `store` (the layout read here),
-`packing` (planar bit fields), `ops` (routes decode attention here on CUDA).
+the softmax's denominator in the combine step), where K and V are a layer's
+`KVStore`s (layout in `segment`), without ever materialising the dense K/V.
+Neighbours: `decode_tiles` (the inner loops: dequantization, GEAR terms,
+online softmax), `decode_plan` (constexprs, split count, autotune configs),
+`segment` / `store` (the layout read here), `ops` (routes decode attention
+here on CUDA).
 
-Algorithm (split-K flash decoding, two kernels):
+Algorithm (split-K flash decoding, one launch plus one combine):
 
-* The store is four segments: its exact sinks (the prompt's first tokens,
+* A (batch, KV head)'s keys are one flat work list of tiles over five
+  segments, in key order: the exact sinks (the prompt's first tokens,
   shadowing the prefill block's), the prefill block (one block of P tokens),
-  the decode segment (blocks of n_b tokens in a reserved capacity) and the
-  exact buffer (one block of n_b tokens). `_partial_kernel` is launched once
-  per segment; each program takes one (batch, KV head) and a contiguous range
-  of "work items", an item being one tile of BT tokens inside one block. Tiles
-  never straddle a block, because the low-rank factor B and the K outliers are
-  per block: a block of n_b = 20 tokens is one 32-token tile with 12 masked
-  rows (we iterate block by block rather than gathering per-token block ids, so
-  each block's B is read once per tile, not once per token).
-* All G = Hq / Hkv query heads of a KV head are the rows of one [GP, E] q tile
-  (GP = G padded to >= 16 rows for tl.dot), so each K/V byte is read once.
-* Codes are unpacked in registers: a [BT, W] byte tile is shifted by every
-  field at once into [BT, PB, W] and flattened, giving an "extended channel"
-  axis e = field * WP + byte (channel field * W + byte, see `packing`). q, the
-  scales and the accumulator all live on that axis, so no interleaving is done.
-* GEAR terms: low-rank K adds ((q . B_blk) s) . A_t to the scores and low-rank
-  V adds ((p . A) s) . B_blk^T to the accumulator (A and B int8, s the block's
-  fp32 scale per rank): two tl.dots each, the rank padded to 16 with zeros,
-  instead of a dense [BT, D] rebuild (one reduction across the tile per rank
-  was 14-23 % slower on an H100). Outliers are int8 counts of units of their
-  group's step (`outliers.steps`; OUT_UNIT steps a unit): a sparse [BT, E] tile added to
-  the codes before the scales apply, folded or not, so they cost no dot of
-  their own. V: 2k channel indices per token. K: per block, 2k token
-  offsets per channel, sorted, so a tile's entries are one run per channel
-  that continues where the previous tile's stopped; only a program that
-  starts mid-block binary-searches for its place. A block over SPAN tokens
-  stores offsets within SPAN-token spans and each span's end entry (tiles,
-  powers of two up to 64, never cross a span). A 32k-token prefill block
-  thus costs no scratch and no atomics (an earlier version pre-scattered its
-  2 % outliers into a [B, Hq, P] fp32 score correction: 28 % more bytes for
-  GEAR-2 at batch 16, context 32k, and 43M atomic adds).
+  the decode blocks (n_b tokens each in a reserved capacity; a tile never
+  straddles a block, since the low-rank B and the K outliers are per block),
+  the exact buffer, and the call's new token. The grid is (B * Hkv, S): the
+  list's live length is computed in the kernel from the store's lengths (a
+  device tensor), and program s takes the s-th of S equal contiguous ranges,
+  running one pipelined pass (`decode_tiles`) per segment its range meets.
+  S comes from the SM count and the static work (`decode_plan.num_splits`,
+  FlashAttention-2's wave-efficiency rule), so the grid depends on static
+  shapes only and one compiled graph / CUDA graph serves every decode step.
+* All G = Hq / Hkv query heads of a KV head are the rows of one [GP, E] q
+  tile (GP = G padded to >= 16 rows for tl.dot), so each K/V byte is read
+  once.
 * Online softmax in base 2 (q is pre-scaled by scale * log2 e); each program
   writes its normalised partial output and log-sum-exp, `_combine_kernel`
-  merges the partials of every segment.
+  merges the S partials of each query row.
+* The prefill tile, warps and pipeline stages are autotuned on a GPU over
+  `decode_plan.TILE_CONFIGS`, pruned by its register / shared-memory model and
+  keyed on head dim, bits, method (ranks, outliers, stats axes) and GQA ratio;
+  the interpreter runs `DEFAULT_TILE_CONFIG`.
 
-The grid depends only on static shapes (segment capacities, the sinks'
-count); the live lengths (prefill, decode, buffer tokens) are read inside the
-kernel from a device tensor, so one compiled graph / CUDA graph serves every
-decode step.
+`sm90_build_specs()` lists every configuration the launcher can produce, for
+the no-GPU sm_90a build checks (tests/test_kernel_sm90_build.py,
+benchmarks/kernel_model.py).
 """
 from __future__ import annotations
 
@@ -60,297 +48,113 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import outliers
 from ..compressed_kv import KVStore
 from ..config import CodecConfig
-from ..packing import packed_width
-from ..segment import Segment, SegmentLayout
 from ..store import KERNEL_PARTS
+from . import decode_plan
+from .decode_plan import DEFAULT_TILE_CONFIG, TILE_CONFIGS, TileConfig, pow2
+from .decode_tiles import LOG2E, compressed_pass, exact_pass
 
-_LOG2E = 1.4426950408889634           # the kernels compute exp2: natural-log quantities are scaled by it
-LOG2E: tl.constexpr = tl.constexpr(_LOG2E)     # the same, inside the kernels
-SPAN: tl.constexpr = tl.constexpr(256)   # tokens a one-byte K-outlier offset spans (the layout before tile-CSR records; goes with the walk)
-
-
-@triton.jit
-def _codes_tile(codes, t, ok_t, W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr,
-                E: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr):
-    """Unpacked codes [BT, E] (fp32) of tokens t: every bit field of a byte
-    tile at once, flattened onto the extended channel axis."""
-    j = tl.arange(0, WP)
-    byte = tl.load(codes + t[:, None] * W + j[None, :],
-                   mask=ok_t[:, None] & (j < W)[None, :], other=0).to(tl.int32)
-    shift = tl.arange(0, PB) * BITS
-    fields = (byte[:, None, :] >> shift[None, :, None]) & ((1 << BITS) - 1)
-    return tl.reshape(fields, (BT, E)).to(tl.float32)
+_LOG2E = 1.4426950408889634           # the kernel computes exp2: natural-log quantities are scaled by it
 
 
 @triton.jit
-def _dequant_tile(codes, scale, zero, steps, t, ok_t, ch, ok_c, group,
-                  D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr,
-                  E: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, EXACT: tl.constexpr,
-                  AXIS_CHANNEL: tl.constexpr):
-    """The [BT, E] fp32 tile of tokens t (segment-relative) on the extended
-    channel axis: (codes + outliers' steps) * scale + zero (exact storage: the values)."""
-    ok = ok_t[:, None] & ok_c[None, :]
-    if EXACT:
-        x = tl.load(codes + t[:, None] * D + ch[None, :], mask=ok, other=0.0).to(tl.float32)
+def _segment_range(w0, w1, off, n):
+    """The part [lo, hi) of a segment's n items (starting at `off` in the
+    work list) that the work range [w0, w1) covers."""
+    lo = tl.minimum(tl.maximum(w0 - off, 0), n)
+    hi = tl.minimum(tl.maximum(w1 - off, 0), n)
+    return lo, hi
+
+
+@triton.jit
+def _segment_parts(head, N, NBLK, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop,
+                   Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi, k_group, v_group, k_k2,
+                   D: tl.constexpr, W: tl.constexpr, K_CHANNEL: tl.constexpr,
+                   V_CHANNEL: tl.constexpr, R: tl.constexpr, VK2: tl.constexpr):
+    """A compressed segment's part pointers moved to head `head` (parts are
+    contiguous [B, H, ...], N token slots, NBLK blocks)."""
+    Kc += head * N * W
+    Vc += head * N * W
+    if K_CHANNEL:
+        Ks += head * (N // k_group) * D
+        Kz += head * (N // k_group) * D
     else:
-        c = _codes_tile(codes, t, ok_t, W, WP, PB, E, BT, BITS) + steps
-        if AXIS_CHANNEL:   # one (scale, zero) per channel per `group` tokens
-            sidx = (t // group)[:, None] * D + ch[None, :]
-        else:              # one (scale, zero) per token per `group` channels
-            sidx = t[:, None] * (D // group) + (ch // group)[None, :]
-        s = tl.load(scale + sidx, mask=ok, other=0.0).to(tl.float32)
-        z = tl.load(zero + sidx, mask=ok, other=0.0).to(tl.float32)
-        x = tl.where(ok, c * s + z, 0.0)
-    return x
-
-
-@triton.jit
-def _span_run(oend, blk, spans, k2, tile0, ch, ok_c, D: tl.constexpr, SPANS: tl.constexpr):
-    """Per channel, the entries of block blk's K-outlier column that lie in
-    the span holding the tile (which never crosses one): (first, end), and
-    the span's first token offset. Without span ends (SPANS false: blocks up
-    to SPAN tokens) that is the whole column."""
-    if SPANS:
-        span = tile0 // SPAN
-        row = (blk * spans + span) * D + ch
-        first = tl.load(oend + row - D, mask=ok_c & (ch * 0 + span > 0), other=0).to(tl.int32)
-        end = tl.load(oend + row, mask=ok_c, other=0).to(tl.int32)
-        return first, end, span * SPAN
-    return ch * 0, ch * 0 + k2, tile0 * 0
-
-
-@triton.jit
-def _lower_bound(oidx, blk, k2, first, end, base, ch, ok_c, target, D: tl.constexpr,
-                 LOGK: tl.constexpr):
-    """Per channel, the first entry in [first, end) of block blk's sorted
-    K-outlier column whose token offset (base + stored) is >= target (end if
-    none): LOGK = bit_length(k2) halvings."""
-    lo = first
-    hi = end
-    for _ in tl.static_range(LOGK):
-        mid = (lo + hi) // 2
-        live = lo < hi
-        v = base + tl.load(oidx + (blk * k2 + mid) * D + ch, mask=ok_c & live, other=0).to(tl.int32)
-        lo = tl.where(live & (v < target), mid + 1, lo)
-        hi = tl.where(live & (v >= target), mid, hi)
-    return lo
-
-
-@triton.jit
-def _k_outlier_row(oidx, ptr, blk, k2, end, base, tile_end, ch, ok_c, D: tl.constexpr):
-    """Each channel's entry at ptr: (its table offset, its token offset, and
-    whether it falls before tile_end, i.e. in the tile)."""
-    at = (blk * k2 + ptr) * D + ch
-    ok = ok_c & (ptr < end)
-    tok = tl.where(ok, base + tl.load(oidx + at, mask=ok, other=0).to(tl.int32), tile_end)
-    return at, tok, tok < tile_end
-
-
-@triton.jit
-def _k_outlier_tile(oval, oidx, ptr, blk, k2, end, base, t_blk, tile_end, ch, ok_c,
-                    D: tl.constexpr, BT: tl.constexpr, E: tl.constexpr):
-    """K outliers of the tile's tokens as a dense [BT, E] fp32 tile of units
-    (added to the codes), and each channel's next unread entry. Block blk's
-    table lists, per channel, 2k token offsets in ascending order
-    (`outliers.select`; in a block over SPAN tokens, base + stored, up to the
-    span's end entry); ptr is each channel's first
-    entry at or after the tile's start, so the tile's entries are the run from
-    ptr up to tile_end, read a row at a time for all channels at once (the
-    longest run sets the trip count: a few rows at s = 2 %)."""
-    sp = tl.zeros([BT, E], tl.float32)
-    at, tok, hit = _k_outlier_row(oidx, ptr, blk, k2, end, base, tile_end, ch, ok_c, D)
-    while tl.max(hit.to(tl.int32), axis=0) > 0:
-        val = tl.load(oval + at, mask=hit, other=0).to(tl.float32)
-        sp += tl.where(t_blk[:, None] == tok[None, :], val[None, :], 0.0)
-        ptr += hit.to(tl.int32)
-        at, tok, hit = _k_outlier_row(oidx, ptr, blk, k2, end, base, tile_end, ch, ok_c, D)
-    return sp, ptr
-
-
-@triton.jit
-def _v_outlier_tile(oval, oidx, t, ok_t, ch, k2, BT: tl.constexpr, E: tl.constexpr):
-    """V outliers of tokens t as a dense [BT, E] fp32 tile of units (added to
-    the codes): each token's table row holds 2k channel indices."""
-    sp = tl.zeros([BT, E], tl.float32)
-    for o in range(k2):
-        oi = tl.load(oidx + t * k2 + o, mask=ok_t, other=0).to(tl.int32)
-        ov = tl.load(oval + t * k2 + o, mask=ok_t, other=0).to(tl.float32)
-        sp += tl.where(ch[None, :] == oi[:, None], ov[:, None], 0.0)
-    return sp
-
-
-@triton.jit
-def _mma(a, b, DT: tl.constexpr, FP32_DOT: tl.constexpr):
-    """a @ b with both operands rounded to DT (the query dtype), fp32 accumulate.
-    FP32_DOT runs the product in exact fp32 on the rounded values: for fp32 q,
-    and for bf16 under the interpreter, whose bf16 dot is wrong."""
-    if FP32_DOT:
-        return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), input_precision="ieee")
-    return tl.dot(a.to(DT), b.to(DT))
-
-
-@triton.jit
-def _low_rank_tile(A, B, S, t, ok_t, blk, ch, ok_c, D: tl.constexpr, R: tl.constexpr,
-                   RP: tl.constexpr):
-    """Block blk's low-rank factors for the tile's tokens t: B_blk [E, RP],
-    its per-rank scales [RP] and A_t [BT, RP] (fp32; ranks past R are zero, so
-    the products run at tl.dot's smallest width instead of one reduction
-    across the tile per rank)."""
-    r = tl.arange(0, RP)
-    ok_r = r < R
-    b = tl.load(B + (blk * D + ch)[:, None] * R + r[None, :], mask=ok_c[:, None] & ok_r[None, :],
-                other=0).to(tl.float32)
-    s = tl.load(S + blk * R + r, mask=ok_r, other=0.0).to(tl.float32)
-    a = tl.load(A + t[:, None] * R + r[None, :], mask=ok_t[:, None] & ok_r[None, :],
-                other=0).to(tl.float32)
-    return b, s, a
-
-
-@triton.jit
-def _tile_scores(q, Kc, Ks, Kz, Ka, Kb, Kls, ksp, t, ok_t, blk, ch, ok_c, k_group, stats_row,
-                 DT: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-                 PB: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr,
-                 EXACT: tl.constexpr, K_CHANNEL: tl.constexpr, K_FOLD: tl.constexpr,
-                 R: tl.constexpr, RP: tl.constexpr, FP32_DOT: tl.constexpr):
-    """q . k_t for the tile's tokens t ([GP, BT], base-2 units): the codes
-    with the outliers' units ksp, then the low-rank term of block blk.
-    stats_row: the tile's row of (scale, zero) where they fold (K_FOLD)."""
-    if K_FOLD:
-        # the tile shares one (scale, zero) row: q.k_t = (q*s).c_t + q.z, so the
-        # codes go to tl.dot as they are (with the outliers' units: exact in
-        # fp16, and in bf16 below 8 bits)
-        c = _codes_tile(Kc, t, ok_t, W, WP, PB, E, BT, BITS) + ksp
-        sk = tl.load(Ks + stats_row * D + ch, mask=ok_c, other=0.0).to(tl.float32)
-        zk = tl.load(Kz + stats_row * D + ch, mask=ok_c, other=0.0).to(tl.float32)
-        s = _mma(q * sk[None, :], tl.trans(c), DT, FP32_DOT) + tl.sum(q * zk[None, :], axis=1)[:, None]
+        Ks += head * N * (D // k_group)
+        Kz += head * N * (D // k_group)
+    if V_CHANNEL:
+        Vs += head * (N // v_group) * D
+        Vz += head * (N // v_group) * D
     else:
-        k = _dequant_tile(Kc, Ks, Kz, ksp, t, ok_t, ch, ok_c, k_group,
-                          D, W, WP, PB, E, BT, BITS, EXACT, K_CHANNEL)
-        s = _mma(q, tl.trans(k), DT, FP32_DOT)
-    if R > 0:   # low-rank K: q . (A_t diag(s) B_blk^T) = ((q . B_blk) s) . A_t, two small products
-        bk, sr, a = _low_rank_tile(Ka, Kb, Kls, t, ok_t, blk, ch, ok_c, D, R, RP)
-        s += _mma(_mma(q, bk, DT, FP32_DOT) * sr[None, :], tl.trans(a), DT, FP32_DOT)
-    return s
+        Vs += head * N * (D // v_group)
+        Vz += head * N * (D // v_group)
+    Kov += head * NBLK * k_k2 * D           # K outlier records: 2k * D per block
+    Koi += head * NBLK * k_k2 * D
+    Kop += head * NBLK * (tl.cdiv(N // NBLK, 16) + 1)   # and a pointer per 16 tokens, plus one
+    Vov += head * N * VK2
+    Voi += head * N * VK2
+    if R > 0:
+        Ka += head * N * R
+        Va += head * N * R
+        Kb += head * NBLK * D * R
+        Vb += head * NBLK * D * R
+        Kls += head * NBLK * R
+        Vls += head * NBLK * R
+    return Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi
 
 
 @triton.jit
-def _masked(s, Mask, row0, pos, ok_g, ok_t, mask_sl, MASK_KIND: tl.constexpr):
-    """s with the attention mask applied: row0 + pos * mask_sl addresses each
-    (query head, key position); keys before the mask's first column (pos < 0,
-    a sliding window's short mask) are hidden."""
-    ok_m = ok_g[:, None] & (ok_t & (pos >= 0))[None, :]
-    mp = Mask + row0[:, None] + pos[None, :] * mask_sl
-    if MASK_KIND == 1:   # bool, True = keep
-        keep = tl.load(mp, mask=ok_m, other=1)
-        s = tl.where(keep != 0, s, float("-inf"))
-    else:                # additive, natural log: times log2(e) for base 2
-        s += tl.load(mp, mask=ok_m, other=0.0).to(tl.float32) * LOG2E
-    return tl.where((pos >= 0)[None, :], s, float("-inf"))
-
-
-@triton.jit
-def _tile_values(p, Vc, Vs, Vz, Va, Vb, Vls, vsp, t, ok_t, blk, ch, ok_c, v_group,
-                 DT: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-                 PB: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr,
-                 EXACT: tl.constexpr, V_CHANNEL: tl.constexpr, V_FOLD: tl.constexpr,
-                 R: tl.constexpr, RP: tl.constexpr, FP32_DOT: tl.constexpr):
-    """p . v over the tile's tokens t ([GP, E]): the codes with the outliers'
-    units vsp, then the low-rank term of block blk."""
-    if V_FOLD:
-        # one (scale, zero) per token: p.v = (p*s).c + (p.z) on every channel
-        c = _codes_tile(Vc, t, ok_t, W, WP, PB, E, BT, BITS) + vsp
-        sv = tl.load(Vs + t, mask=ok_t, other=0.0).to(tl.float32)
-        zv = tl.load(Vz + t, mask=ok_t, other=0.0).to(tl.float32)
-        out = _mma(p * sv[None, :], c, DT, FP32_DOT) + tl.sum(p * zv[None, :], axis=1)[:, None]
-    else:
-        v = _dequant_tile(Vc, Vs, Vz, vsp, t, ok_t, ch, ok_c, v_group,
-                          D, W, WP, PB, E, BT, BITS, EXACT, V_CHANNEL)
-        out = _mma(p, v, DT, FP32_DOT)
-    if R > 0:   # low-rank V: sum_t p_t A_t diag(s) B_blk^T = ((p . A) s) . B_blk^T
-        bv, sr, a = _low_rank_tile(Va, Vb, Vls, t, ok_t, blk, ch, ok_c, D, R, RP)
-        out += _mma(_mma(p, a, DT, FP32_DOT) * sr[None, :], tl.trans(bv), DT, FP32_DOT)
-    return out
-
-
-@triton.jit
-def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi, Voe,
-                    Lens, Mask, PO, PLSE,
-                    qk_scale, cap, Hkv, N, NBLK, BLOCK, TPB, ITEMS, SPLIT0, S_TOTAL, T_NEW, N_SINK,
-                    k_group, v_group, k_k2, v_k2, k_spans, mask_sb, mask_sh, mask_sl, mask_len,
-                    SEG: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                    W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr, E: tl.constexpr,
-                    BITS: tl.constexpr, EXACT: tl.constexpr, K_CHANNEL: tl.constexpr,
-                    V_CHANNEL: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr,
-                    MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, K_OUT: tl.constexpr,
-                    LOGK: tl.constexpr, K_SPANS: tl.constexpr, V_OUT: tl.constexpr, K_FOLD: tl.constexpr,
-                    V_FOLD: tl.constexpr, SOFTCAP: tl.constexpr, OUT_UNIT: tl.constexpr):
+def _attention_kernel(
+        Q, Lens, Mask, PO, PLSE, Sk, Sv,
+        PKc, PKs, PKz, PKa, PKb, PKls, PKov, PKoi, PKop, PVc, PVs, PVz, PVa, PVb, PVls, PVov, PVoi, PVop,
+        DKc, DKs, DKz, DKa, DKb, DKls, DKov, DKoi, DKop, DVc, DVs, DVz, DVa, DVb, DVls, DVov, DVoi, DVop,
+        Bk, Bv, Nk, Nv,
+        qk_scale, cap, Hkv, S, P_CAP, D_CAP, d_block, BUF_CAP, N_SINK, T_NEW,
+        pk_group, pv_group, dk_group, dv_group, pk_k2, dk_k2,
+        mask_sb, mask_sh, mask_sl, mask_len,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+        PB: tl.constexpr, E: tl.constexpr, BITS: tl.constexpr, STORE_EXACT: tl.constexpr,
+        K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr, K_GROUP: tl.constexpr,
+        P_R: tl.constexpr, D_R: tl.constexpr, RP: tl.constexpr, P_K_FOLD: tl.constexpr,
+        D_K_ROW_TILE: tl.constexpr, V_FOLD: tl.constexpr, P_K_OUT: tl.constexpr, D_K_OUT: tl.constexpr,
+        CB: tl.constexpr, P_KRPT: tl.constexpr, D_KC: tl.constexpr,
+        VK2: tl.constexpr, OUT_UNIT: tl.constexpr, MAGIC: tl.constexpr, FP32_DOT: tl.constexpr,
+        SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, SBT: tl.constexpr, DBT: tl.constexpr,
+        D_TPB: tl.constexpr, XBT: tl.constexpr, NBT: tl.constexpr, BT: tl.constexpr,
+        STAGES: tl.constexpr):
+    """Program (b * Hkv + kv head, s): the s-th of S ranges of the work list
+    (sinks, prefill, decode, buffer, new token), as a partial output."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // Hkv
     kvh = pid_bh % Hkv
+    head = pid_bh.to(tl.int64)
     n_pre = tl.load(Lens).to(tl.int32)
     n_dec = tl.load(Lens + 1).to(tl.int32)
     n_buf = tl.load(Lens + 2).to(tl.int32)
-    t_first = n_pre * 0  # the segment's first token read
-    if SEG == 0:         # the sinks shadow the block's first N_SINK tokens
-        n_valid = n_pre
-        pos0 = n_pre * 0
-        t_first += N_SINK
-    elif SEG == 1:
-        n_valid = n_dec
-        pos0 = n_pre
-    elif SEG == 2:
-        n_valid = n_buf
-        pos0 = n_pre + n_dec
-    elif SEG == 3:       # the call's new token, not yet in the store
-        n_valid = n_pre * 0 + T_NEW
-        pos0 = n_pre + n_dec + n_buf
-    else:                # the store's exact sinks: the first N_SINK keys
-        n_valid = n_pre * 0 + N_SINK
-        pos0 = n_pre * 0
+
+    # the work list: each segment's live tiles, in key order
+    items_s = tl.cdiv(N_SINK, SBT)
+    p_tile0 = N_SINK // BT                  # the sinks shadow the prefill block's first tokens
+    items_p = tl.maximum(tl.cdiv(n_pre, BT) - p_tile0, 0)
+    if STORE_EXACT:
+        items_d = tl.cdiv(n_dec, DBT)
+    else:
+        items_d = tl.cdiv(n_dec, d_block) * D_TPB
+    items_b = tl.cdiv(n_buf, XBT)
+    items_n = tl.cdiv(T_NEW, NBT)
+    total = items_s + items_p + items_d + items_b + items_n
+    per = tl.cdiv(total, S)
+    w0 = split * per
+    w1 = tl.minimum(w0 + per, total)
     # key position -> mask column: the mask's last column is the newest key (a
     # longer mask starts earlier; a shorter one, a sliding window's, hides the keys before it)
-    pos0 += mask_len - (n_pre + n_dec + n_buf + T_NEW)
-
-    # per-(batch, KV head) base pointers; all parts are contiguous [B, H, ...]
-    head = pid_bh.to(tl.int64)
-    if EXACT:
-        Kc += head * N * D
-        Vc += head * N * D
-    else:
-        Kc += head * N * W
-        Vc += head * N * W
-        if K_CHANNEL:
-            Ks += head * (N // k_group) * D
-            Kz += head * (N // k_group) * D
-        else:
-            Ks += head * N * (D // k_group)
-            Kz += head * N * (D // k_group)
-        if V_CHANNEL:
-            Vs += head * (N // v_group) * D
-            Vz += head * (N // v_group) * D
-        else:
-            Vs += head * N * (D // v_group)
-            Vz += head * N * (D // v_group)
-        Kov += head * NBLK * k_k2 * D
-        Koi += head * NBLK * k_k2 * D
-        Koe += head * NBLK * k_spans * D
-        Vov += head * N * v_k2
-        Voi += head * N * v_k2
-        if R > 0:
-            Ka += head * N * R
-            Va += head * N * R
-            Kb += head * NBLK * D * R
-            Vb += head * NBLK * D * R
-            Kls += head * NBLK * R
-            Vls += head * NBLK * R
+    shift = mask_len - (n_pre + n_dec + n_buf + T_NEW)
 
     g = tl.arange(0, GP)
     ok_g = g < G
     qrow = (b * Hkv * G + kvh * G + g).to(tl.int64)     # q heads of this KV head
+    mrow = b * mask_sb + (kvh * G + g) * mask_sh
     e = tl.arange(0, E)
     ch = (e // WP) * W + e % WP                           # extended axis -> channel
     ok_c = (e % WP < W) & (ch < D)
@@ -365,60 +169,72 @@ def _partial_kernel(Q, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Koe, Vc, Vs, Vz, Va, V
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, E], tl.float32)
-    kptr = ch * 0          # per channel: next unread entry of the block's K-outlier table
-    # items past the live length are skipped (a bound read from memory cannot
-    # be a loop bound under the interpreter), so idle programs write an empty partial
-    start = split * ITEMS
-    end = tl.minimum(start + ITEMS, tl.cdiv(n_valid, BLOCK) * TPB)
-    for it in range(0, ITEMS):
-        item = start + it
-        if item < end:
-            blk = item // TPB
-            t_blk = (item % TPB) * BT + tl.arange(0, BT)
-            t = blk * BLOCK + t_blk
-            ok_t = (t_blk < BLOCK) & (t < n_valid) & (t >= t_first)
+    acc_z = tl.zeros([GP], tl.float32)    # V's zero points, folded out of acc (`decode_tiles`)
 
-            ksp = tl.zeros([BT, E], tl.float32)   # K outliers' units, joining the codes
-            if K_OUT:
-                tile0 = (item % TPB) * BT
-                # the entries of the tile's span, the span's first token offset
-                run0, run_end, span0 = _span_run(Koe, blk, k_spans, k_k2, tile0, ch, ok_c, D, K_SPANS)
-                if tile0 == 0:       # a block's first tile starts its table
-                    kptr = kptr * 0
-                elif it == 0:        # a program starting mid-block searches for its place
-                    kptr = _lower_bound(Koi, blk, k_k2, run0, run_end, span0, ch, ok_c, tile0, D, LOGK)
-                ksp, kptr = _k_outlier_tile(Kov, Koi, kptr, blk, k_k2, run_end, span0, t_blk,
-                                            tile0 + BT, ch, ok_c, D, BT, E)
-                ksp = ksp * OUT_UNIT
-            s = _tile_scores(q, Kc, Ks, Kz, Ka, Kb, Kls, ksp, t, ok_t, blk, ch, ok_c, k_group,
-                             (blk * BLOCK + (item % TPB) * BT) // k_group, DT, D, W, WP, PB, E, BT,
-                             BITS, EXACT, K_CHANNEL, K_FOLD, R, RP, FP32_DOT)
-            if SOFTCAP:
-                # s is in base-2 units (q carries log2 e); so is cap: cap tanh(s / cap)
-                s = cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
-            if MASK_KIND != 0:
-                s = _masked(s, Mask, b * mask_sb + (kvh * G + g) * mask_sh, pos0 + t, ok_g, ok_t,
-                            mask_sl, MASK_KIND)
-            s = tl.where(ok_t[None, :], s, float("-inf"))
-
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-
-            vsp = tl.zeros([BT, E], tl.float32)   # V outliers' units, joining the codes
-            if V_OUT:
-                vsp = _v_outlier_tile(Vov, Voi, t, ok_t, ch, v_k2, BT, E) * OUT_UNIT
-            acc += _tile_values(p, Vc, Vs, Vz, Va, Vb, Vls, vsp, t, ok_t, blk, ch, ok_c, v_group, DT,
-                                D, W, WP, PB, E, BT, BITS, EXACT, V_CHANNEL, V_FOLD, R, RP, FP32_DOT)
-            m_i = m_new
+    lo, hi = _segment_range(w0, w1, 0, items_s)
+    if lo < hi:
+        m_i, l_i, acc, acc_z = exact_pass(
+            m_i, l_i, acc, acc_z, q, Sk + head * N_SINK * D, Sv + head * N_SINK * D, lo, hi, 0, 0, N_SINK,
+            shift, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl, DT, D, SBT, 1, FP32_DOT, SOFTCAP, MASK_KIND)
+    off = items_s
+    lo, hi = _segment_range(w0, w1, off, items_p)
+    if lo < hi:
+        if STORE_EXACT:
+            m_i, l_i, acc, acc_z = exact_pass(
+                m_i, l_i, acc, acc_z, q, PKc + head * P_CAP * D, PVc + head * P_CAP * D, lo, hi, p_tile0,
+                N_SINK, n_pre, shift, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+                DT, D, BT, STAGES, FP32_DOT, SOFTCAP, MASK_KIND)
+        else:
+            kc, ks, kz, ka, kb, kls, kov, koi, kop, vc, vs, vz, va, vb, vls, vov, voi = _segment_parts(
+                head, P_CAP, 1, PKc, PKs, PKz, PKa, PKb, PKls, PKov, PKoi, PKop,
+                PVc, PVs, PVz, PVa, PVb, PVls, PVov, PVoi, pk_group, pv_group, pk_k2,
+                D, W, K_CHANNEL, V_CHANNEL, P_R, VK2)
+            m_i, l_i, acc, acc_z = compressed_pass(
+                m_i, l_i, acc, acc_z, q, Q, qrow, qk_scale, lo, hi, p_tile0, N_SINK, n_pre, shift,
+                kc, ks, kz, ka, kb, kls, kov, koi, kop, vc, vs, vz, va, vb, vls, vov, voi,
+                P_CAP, pk_group, pv_group, pk_k2 * D, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+                DT, D, W, WP, PB, E, GP, BT, 1, True, BITS, K_CHANNEL, V_CHANNEL, P_K_FOLD,
+                K_CHANNEL and K_GROUP % BT == 0, V_FOLD, P_R, RP, P_K_OUT, CB, P_KRPT * BT, VK2,
+                OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND, STAGES)
+    off += items_p
+    lo, hi = _segment_range(w0, w1, off, items_d)
+    if lo < hi:
+        if STORE_EXACT:
+            m_i, l_i, acc, acc_z = exact_pass(
+                m_i, l_i, acc, acc_z, q, DKc + head * D_CAP * D, DVc + head * D_CAP * D, lo, hi, 0, 0,
+                n_dec, n_pre + shift, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+                DT, D, DBT, STAGES, FP32_DOT, SOFTCAP, MASK_KIND)
+        else:
+            kc, ks, kz, ka, kb, kls, kov, koi, kop, vc, vs, vz, va, vb, vls, vov, voi = _segment_parts(
+                head, D_CAP, D_CAP // d_block, DKc, DKs, DKz, DKa, DKb, DKls, DKov, DKoi, DKop,
+                DVc, DVs, DVz, DVa, DVb, DVls, DVov, DVoi, dk_group, dv_group, dk_k2,
+                D, W, K_CHANNEL, V_CHANNEL, D_R, VK2)
+            m_i, l_i, acc, acc_z = compressed_pass(
+                m_i, l_i, acc, acc_z, q, Q, qrow, qk_scale, lo, hi, 0, 0, n_dec, n_pre + shift,
+                kc, ks, kz, ka, kb, kls, kov, koi, kop, vc, vs, vz, va, vb, vls, vov, voi,
+                d_block, dk_group, dv_group, dk_k2 * D, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+                DT, D, W, WP, PB, E, GP, DBT, D_TPB, False, BITS, K_CHANNEL, V_CHANNEL, False,
+                D_K_ROW_TILE, V_FOLD, D_R, RP, D_K_OUT, CB, D_KC, VK2,
+                OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND, STAGES)
+    off += items_d
+    lo, hi = _segment_range(w0, w1, off, items_b)
+    if lo < hi:
+        m_i, l_i, acc, acc_z = exact_pass(
+            m_i, l_i, acc, acc_z, q, Bk + head * BUF_CAP * D, Bv + head * BUF_CAP * D, lo, hi, 0, 0, n_buf,
+            n_pre + n_dec + shift, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+            DT, D, XBT, 1, FP32_DOT, SOFTCAP, MASK_KIND)
+    off += items_b
+    lo, hi = _segment_range(w0, w1, off, items_n)
+    if lo < hi:     # the call's new token, not yet in the store
+        m_i, l_i, acc, acc_z = exact_pass(
+            m_i, l_i, acc, acc_z, q, Nk + head * T_NEW * D, Nv + head * T_NEW * D, lo, hi, 0, 0, T_NEW,
+            n_pre + n_dec + n_buf + shift, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+            DT, D, NBT, 1, FP32_DOT, SOFTCAP, MASK_KIND)
 
     has = l_i > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    o = (acc + acc_z[:, None]) / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    slot = qrow * S_TOTAL + SPLIT0 + split
+    slot = qrow * S + split
     tl.store(PO + slot[:, None] * D + ch[None, :], o, mask=ok_g[:, None] & ok_c[None, :])
     tl.store(PLSE + slot, lse, mask=ok_g)
 
@@ -454,19 +270,23 @@ def _combine_kernel(PO, PLSE, Out, Sinks, S_TOTAL, Hq, D: tl.constexpr, DP: tl.c
     tl.store(Out + row * D + d, (acc / l).to(Out.dtype.element_ty), mask=ok_d)
 
 
-# Launch heuristics. Programs per (batch, KV head): enough for about four per
-# SM, so that each SM has programs to switch between while one waits on
-# memory. Tokens per tile: >= 16 for tl.dot; up to 64, since on an H100 the
-# kernel is latency-bound, not bandwidth-bound, and moving more bytes per
-# iteration pays (benchmarks/results/decode_attention_sweep_h100.md, batch 16,
-# context 32k: 32 -> 64 tokens took none 1171 -> 961 us, kcvt-4 2063 -> 1284,
-# kivi-2 2174 -> 2114, gear-4 11468 -> 8890; 128 was slower for gear-4).
-# Warps: 8 once a tile holds >= 4096 values (enough independent loads for 256
-# threads), else 4.
-PROGRAMS_PER_SM = 4
-TILE_MIN, TILE_MAX = 16, 64
-WIDE_TILE = 4096
+
 COMBINE_CHUNK = 64     # partials the combine kernel merges per iteration (registers: SC x DP)
+# what changes the best tile config: head dim, bits, method (stats axes and
+# groups, ranks, outliers), query dtype, GQA ratio
+AUTOTUNE_KEY = ("D", "BITS", "G", "STORE_EXACT", "K_CHANNEL", "V_CHANNEL", "K_GROUP", "P_R", "D_R",
+                "P_K_OUT", "VK2", "V_FOLD", "MAGIC", "FP32_DOT")
+
+
+def _prune(configs, named_args, **kwargs):
+    a = {**named_args, **kwargs}
+    return decode_plan.prune_tile_configs(configs, a["E"], a["D"], a["BITS"] or 16, max(a["P_R"], a["D_R"]))
+
+
+_autotuned_kernel = triton.autotune(
+    configs=[triton.Config({"BT": c.tile, "STAGES": c.stages}, num_warps=c.warps, num_stages=c.stages)
+             for c in TILE_CONFIGS],
+    key=list(AUTOTUNE_KEY), prune_configs_by={"early_config_prune": _prune})(_attention_kernel)
 
 
 @functools.lru_cache(maxsize=8)
@@ -476,69 +296,12 @@ def _sm_count(device: torch.device) -> int:
     return 4   # interpreter: few programs run fastest
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+_PARTS = KERNEL_PARTS          # the parts the kernel reads per segment, in the one order store.py declares
 
 
-@dataclass(frozen=True)
-class _SegmentLaunch:
-    """One `_partial_kernel` launch: a segment of the store (or the call's
-    new token) and how its tokens split into tiles and work items."""
-
-    seg_id: int                  # 0 prefill block, 1 decode blocks, 2 buffer, 3 the new token, 4 sinks
-    k: Segment | None            # compressed parts (None: exact values, `exact_k`)
-    v: Segment | None
-    k_layout: SegmentLayout | None
-    v_layout: SegmentLayout | None
-    capacity: int                # token slots
-    block: int                   # tokens per block: the low-rank / K-outlier unit
-
-    @property
-    def exact(self) -> bool:
-        return self.k_layout is None or self.k_layout.exact
-
-    @property
-    def tile(self) -> int:
-        return min(TILE_MAX, max(TILE_MIN, _pow2(self.block)))
-
-    @property
-    def tiles_per_block(self) -> int:
-        return triton.cdiv(self.block, self.tile)
-
-    @property
-    def items(self) -> int:
-        return self.capacity // self.block * self.tiles_per_block
-
-
-def _segment_launches(ks: KVStore, vs: KVStore, k_new: torch.Tensor | None) -> list[_SegmentLaunch]:
-    """The sinks and the prefill block (where the prompt had them), the
-    decode blocks, the buffer and the call's new token."""
-    out = []
-    if n_sink := ks.sink.shape[2]:
-        out.append(_SegmentLaunch(4, None, None, None, None, n_sink, n_sink))
-    if n_pre := ks.prefill.codes.shape[2]:
-        out.append(_SegmentLaunch(0, ks.prefill, vs.prefill, ks.p_layout, vs.p_layout, n_pre, n_pre))
-    out.append(_SegmentLaunch(1, ks.decode, vs.decode, ks.d_layout, vs.d_layout,
-                              ks.decode.codes.shape[2], ks.d_layout.block))
-    n_buf = ks.buffer.shape[2]
-    out.append(_SegmentLaunch(2, None, None, None, None, n_buf, max(1, n_buf)))
-    if k_new is not None:
-        out.append(_SegmentLaunch(3, None, None, None, None, k_new.shape[2], max(1, k_new.shape[2])))
-    return out
-
-
-_PARTS = KERNEL_PARTS          # the parts both kernels read, in the one order store.py declares
-
-
-def _pointers(seg: Segment | None, exact: torch.Tensor | None, q: torch.Tensor) -> list[torch.Tensor]:
-    """The kernel's part pointers of one segment in `_PARTS` order (exact
-    values in the codes' place; q stands in for absent parts)."""
-    parts = [exact] + [None] * (len(_PARTS) - 1) if seg is None else [getattr(seg, name) for name in _PARTS]
-    return [(t if t is not None else q).contiguous() for t in parts]
-
-
-def _stats_group(layout: SegmentLayout) -> int:
-    return layout.token_group if layout.spec.axis == "channel" else layout.channel_group
+def _pointers(seg, q: torch.Tensor) -> list[torch.Tensor]:
+    """A segment's part tensors in `_PARTS` order (q stands in for absent parts)."""
+    return [(t if (t := getattr(seg, name)) is not None else q).contiguous() for name in _PARTS]
 
 
 def _mask_args(attn_mask: torch.Tensor | None, q: torch.Tensor, B: int, Hq: int):
@@ -561,15 +324,17 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
                             v_new: torch.Tensor | None, attn_mask: torch.Tensor | None,
                             scale: float, config: str, wrap=None,
                             num_splits: int | None = None, softcap: float = 0.0,
-                            sinks: torch.Tensor | None = None) -> torch.Tensor:
+                            sinks: torch.Tensor | None = None,
+                            tile_config: TileConfig | None = None) -> torch.Tensor:
     """Run the kernels (eagerly, or through `wrap` = torch.library.wrap_triton
     inside the triton_op). q [B, Hq, 1, D]; k_parts / v_parts in
-    `StoreLayout.names` order; k_new / v_new [B, Hkv, 1, D] (or None): the
-    call's new token, attended after the store; attn_mask None, bool (True =
+    `StoreLayout.names` order; k_new / v_new [B, Hkv, T, D] (or None): the
+    call's new tokens, attended after the store; attn_mask None, bool (True =
     keep) or additive, broadcastable to [B, Hq, 1, L_mask], its last column
     the newest key (keys before its first column are hidden: a sliding
-    window). `num_splits`: programs per (batch, KV head) over the token range
-    (default: about PROGRAMS_PER_SM per SM)."""
+    window). `num_splits`: programs per (batch, KV head) (default:
+    `decode_plan.num_splits`); `tile_config`: a fixed config instead of the
+    autotuner's choice (the interpreter always runs a fixed one)."""
     cfg = CodecConfig.from_json(config)
     ks, vs = KVStore(cfg, "k", k_parts), KVStore(cfg, "v", v_parts)
     B, Hq, T, D = q.shape
@@ -582,110 +347,36 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
         raise ValueError(f"gear decode attention: sinks must hold one logit per query head ({Hq}), "
                          f"got {sinks.numel()}.")
     launch = wrap if wrap is not None else (lambda kernel: kernel)
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     q_layout, q = q, q.contiguous()
-
-    # every segment takes the same work items (tiles) per program, so long
-    # segments get more programs
-    segments = _segment_launches(ks, vs, k_new)
-    if num_splits is None:
-        num_splits = max(1, triton.cdiv(PROGRAMS_PER_SM * _sm_count(q.device), B * Hkv))
-    items = max(1, triton.cdiv(sum(s.items for s in segments), num_splits))
-    s_total = sum(triton.cdiv(s.items, items) for s in segments)
-    po = torch.empty(B, Hq, s_total, D, dtype=torch.float32, device=q.device)
-    plse = torch.empty(B, Hq, s_total, dtype=torch.float32, device=q.device)
-    shared = _SharedArgs(q, ks.lengths.to(q.device), *_mask_args(attn_mask, q, B, Hq), po, plse,
-                         scale, softcap, Hkv, items, s_total, 0 if k_new is None else k_new.shape[2],
-                         ks.sink.shape[2], ks.d_layout.spec.bits)
-    split0 = 0
-    for seg in segments:
-        exact_k, exact_v = {2: (ks.buffer, vs.buffer), 3: (k_new, v_new), 4: (ks.sink, vs.sink)}.get(
-            seg.seg_id, (None, None))
-        splits = triton.cdiv(seg.items, items)
-        _launch_partial(launch, shared, seg, _pointers(seg.k, exact_k, q), _pointers(seg.v, exact_v, q),
-                        (B * Hkv, splits), split0)
-        split0 += splits
+    mask, mask_kind, ms, mask_len = _mask_args(attn_mask, q, B, Hq)
+    t_new = 0 if k_new is None else k_new.shape[2]
+    plan = decode_plan.plan(ks.layout, vs.layout, q_dtype=q.dtype, heads=Hq, kv_heads=Hkv,
+                            prefill_tokens=ks.prefill.codes.shape[2], decode_tokens=ks.decode.codes.shape[2],
+                            sink_tokens=ks.sink.shape[2], buffer_tokens=ks.buffer.shape[2], new_tokens=t_new,
+                            mask_kind=mask_kind, softcap=softcap, interpret=interpret)
+    splits = num_splits or decode_plan.num_splits(B * Hkv, plan.tiles, _sm_count(q.device))
+    po = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
+    plse = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
+    tensors = [q, ks.lengths.to(q.device), mask, po, plse, ks.sink.contiguous(), vs.sink.contiguous(),
+               *_pointers(ks.prefill, q), *_pointers(vs.prefill, q), *_pointers(ks.decode, q),
+               *_pointers(vs.decode, q), ks.buffer.contiguous(), vs.buffer.contiguous(),
+               q if k_new is None else k_new.contiguous(), q if v_new is None else v_new.contiguous()]
+    if tile_config is None and not interpret:
+        kernel, tiling = _autotuned_kernel, {}
+    else:
+        c = tile_config or DEFAULT_TILE_CONFIG
+        kernel, tiling = _attention_kernel, dict(BT=c.tile, STAGES=c.stages, num_warps=c.warps,
+                                                 num_stages=c.stages)
+    launch(kernel)[(B * Hkv, splits)](
+        *tensors, scale * _LOG2E, softcap * _LOG2E, Hkv, splits, **plan.scalars,
+        mask_sb=ms[0], mask_sh=ms[1], mask_sl=ms[2], mask_len=mask_len, **plan.consts, **tiling)
 
     out = torch.empty_like(q)
     launch(_combine_kernel)[(B * Hq,)](po, plse, out, q if sinks is None else sinks.contiguous(),
-                                       s_total, Hq, D=D, DP=_pow2(D),
-                                       SC=min(COMBINE_CHUNK, max(16, _pow2(s_total))), SINKS=sinks is not None)
+                                       splits, Hq, D=D, DP=pow2(D),
+                                       SC=min(COMBINE_CHUNK, max(16, pow2(splits))), SINKS=sinks is not None)
     return out if q_layout.is_contiguous() else torch.empty_like(q_layout).copy_(out)
-
-
-@dataclass(frozen=True)
-class _SharedArgs:
-    """What every segment's launch shares."""
-
-    q: torch.Tensor
-    lengths: torch.Tensor
-    mask: torch.Tensor
-    mask_kind: int
-    mask_strides: tuple
-    mask_len: int
-    partial_out: torch.Tensor
-    partial_lse: torch.Tensor
-    scale: float
-    softcap: float
-    kv_heads: int
-    items: int
-    s_total: int
-    new_tokens: int
-    sink_tokens: int
-    bits: int
-
-
-def _partial_meta(seg: _SegmentLaunch, q_dtype: torch.dtype, Hq: int, Hkv: int, D: int, bits: int,
-                  mask_kind: int, softcap: float) -> tuple[dict, dict, int]:
-    """`_partial_kernel`'s runtime scalars and constexprs for one segment, and
-    its warp count."""
-    kl, vl, exact, block, bt = seg.k_layout, seg.v_layout, seg.exact, seg.block, seg.tile
-    if exact:       # the sinks, the buffer or the new token (or method none): values of any float dtype
-        k_group = v_group = 1
-        k_k2 = v_k2 = rank = k_spans = 0
-        nblk = 1
-        w, pb, wp = D, 1, max(16, _pow2(D))
-        e = wp
-    else:
-        k_group, v_group = _stats_group(kl), _stats_group(vl)
-        k_k2, v_k2, k_spans = 2 * kl.outliers_per_side, 2 * vl.outliers_per_side, kl.spans
-        rank, nblk = kl.rank, seg.capacity // block
-        w, pb = packed_width(D, bits), 8 // bits
-        wp = max(_pow2(w), 16 // pb)
-        e = pb * wp
-    # fold scale/zero into the dot products where one (scale, zero) covers a K
-    # tile's rows (a channel-axis group spanning the tile) or a V token's whole
-    # row; outliers' steps join the codes either way
-    fold_k = (not exact and kl.spec.axis == "channel"
-              and (k_group == block or (k_group % bt == 0 and block % bt == 0)))
-    fold_v = not exact and vl.spec.axis == "token" and v_group == D
-    fp32_dot = q_dtype == torch.float32 or (
-        q_dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
-    scalars = dict(N=seg.capacity, NBLK=nblk, BLOCK=block, TPB=seg.tiles_per_block,
-                   k_group=k_group, v_group=v_group, k_k2=k_k2, v_k2=v_k2, k_spans=k_spans)
-    consts = dict(
-        SEG=seg.seg_id, G=Hq // Hkv, GP=max(16, _pow2(Hq // Hkv)), D=D, W=w, WP=wp, PB=pb, E=e,
-        BITS=0 if exact else bits, EXACT=exact,
-        K_CHANNEL=not exact and kl.spec.axis == "channel",
-        V_CHANNEL=not exact and vl.spec.axis == "channel",
-        R=rank, RP=max(16, _pow2(rank)), BT=bt, MASK_KIND=mask_kind, FP32_DOT=fp32_dot, K_OUT=k_k2 > 0,
-        LOGK=k_k2.bit_length(), K_SPANS=k_spans > 0, V_OUT=v_k2 > 0, K_FOLD=fold_k, V_FOLD=fold_v,
-        SOFTCAP=softcap > 0, OUT_UNIT=outliers.unit(bits))
-    return scalars, consts, 8 if bt * e >= WIDE_TILE else 4
-
-
-def _launch_partial(launch, a: _SharedArgs, seg: _SegmentLaunch, k_ptrs: list, v_ptrs: list,
-                    grid: tuple, split0: int) -> None:
-    """One `_partial_kernel` launch over `seg`'s tiles."""
-    q = a.q
-    B, Hq, _, D = q.shape
-    sc, consts, warps = _partial_meta(seg, q.dtype, Hq, a.kv_heads, D, a.bits, a.mask_kind, a.softcap)
-    ms = a.mask_strides
-    launch(_partial_kernel)[grid](
-        q, *k_ptrs, *v_ptrs, a.lengths, a.mask, a.partial_out, a.partial_lse,
-        a.scale * _LOG2E, a.softcap * _LOG2E, a.kv_heads, sc["N"], sc["NBLK"], sc["BLOCK"], sc["TPB"],
-        a.items, split0, a.s_total, a.new_tokens, a.sink_tokens, sc["k_group"], sc["v_group"],
-        sc["k_k2"], sc["v_k2"], sc["k_spans"], ms[0], ms[1], ms[2], a.mask_len,
-        **consts, num_warps=warps)
 
 
 # ---- what the launcher can produce, for the no-GPU sm_90a build checks ----
@@ -705,72 +396,65 @@ class BuildSpec:
     num_stages: int
 
 
-_BUILD_METHODS = (("none", 16), ("kcvt", 4), ("kcvt", 8), ("kivi", 2), ("kivi", 4), ("per_token", 4),
-                  ("gear", 2), ("gear", 4), ("gear_l", 4))
-_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-                    torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16", torch.int32: "i32",
-                    torch.int64: "i64"}
+BUILD_METHODS = (("none", 16), ("kcvt", 4), ("kcvt", 8), ("kivi", 2), ("kivi", 4), ("per_token", 4),
+                 ("gear", 2), ("gear", 4), ("gear_l", 4))
+_TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+                torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16", torch.int32: "i32",
+                torch.int64: "i64"}
 
 
 def sm90_build_specs(head_dims=(64, 128), context: int = 32768, gqa: int = 4) -> list[BuildSpec]:
     """Every configuration the launcher produces for representative shapes:
-    each method / bits in `_BUILD_METHODS` at each head dim, a `context`-token
-    prefill block with 4 exact sinks, fp16 queries with `gqa` query heads per
-    KV head and a bool mask; plus a bf16 and an fp32 query variant, softcap, and
-    the combine kernel with and without sinks. Built from the same layouts and
-    `_partial_meta` the launcher uses, so they change together."""
+    each method / bits of BUILD_METHODS at each head dim, a `context`-token
+    prefill block, 4 exact sinks, 4 decode blocks, `gqa` query heads per KV
+    head: fp16 queries with a bool mask under every tile config the
+    autotuner keeps, and at the default config bf16 (additive mask, softcap)
+    and fp32 (no mask); then the combine kernel with and without sinks. Built
+    from the same layouts, `decode_plan.plan` and pruning as the launcher."""
     from ..config import GearConfig
     from ..store import StoreLayout
     specs = []
-    variants = [(torch.float16, 1, 0.0)] + [(dt, 2, 30.0) for dt in (torch.bfloat16, torch.float32)]
     for D in head_dims:
-        for method, bits in _BUILD_METHODS:
-            for qdt, mask_kind, softcap in variants if (method, bits) == ("gear", 4) else variants[:1]:
-                cfg = GearConfig(method=method, bits=bits if method != "none" else 4)
-                kl, vl = (StoreLayout.build(cfg, kind, D, torch.float16, context, 4) for kind in "kv")
-                for seg in _layout_launches(kl, vl):
-                    sc, consts, warps = _partial_meta(seg, qdt, gqa * 8, 8, D, kl.decode.spec.bits,
-                                                      mask_kind, softcap)
-                    sig = _partial_signature(seg, qdt, mask_kind, sc, consts)
-                    name = f"partial-{method}{bits}-d{D}-{_TORCH_TO_TRITON[qdt]}-seg{seg.seg_id}"
-                    specs.append(BuildSpec(name, _partial_kernel, sig, consts, warps, 1))
+        for method, bits in BUILD_METHODS:
+            cfg = GearConfig(method=method, bits=bits if method != "none" else 4)
+            for qdt, mask_kind, softcap in ((torch.float16, 1, 0.0), (torch.bfloat16, 2, 30.0),
+                                            (torch.float32, 0, 0.0)):
+                kl, vl = (StoreLayout.build(cfg, kind, D, qdt, context, 4) for kind in "kv")
+                plan = decode_plan.plan(kl, vl, q_dtype=qdt, heads=gqa * 8, kv_heads=8,
+                                        prefill_tokens=context, decode_tokens=4 * kl.decode.block,
+                                        sink_tokens=4, buffer_tokens=kl.buffer_tokens, new_tokens=1,
+                                        mask_kind=mask_kind, softcap=softcap, interpret=False)
+                c = plan.consts
+                configs = (decode_plan.prune_tile_configs(TILE_CONFIGS, c["E"], D, c["BITS"] or 16,
+                                                          max(c["P_R"], c["D_R"]))
+                           if qdt == torch.float16 else [DEFAULT_TILE_CONFIG])
+                sig = _signature(kl, vl, qdt, mask_kind, c)
+                for t in configs:
+                    name = (f"attention-{method}{bits}-d{D}-{_TRITON_TYPE[qdt]}"
+                            f"-bt{t.tile}w{t.warps}s{t.stages}")
+                    specs.append(BuildSpec(name, _attention_kernel, sig, dict(c, BT=t.tile, STAGES=t.stages),
+                                           t.warps, t.stages))
     for sinks in (False, True):
         for D in head_dims:
-            consts = dict(D=D, DP=_pow2(D), SC=COMBINE_CHUNK, SINKS=sinks)
+            consts = dict(D=D, DP=pow2(D), SC=COMBINE_CHUNK, SINKS=sinks)
             sig = {n: "constexpr" if n in consts else "i32" for n in _combine_kernel.arg_names}
             sig.update(PO="*fp32", PLSE="*fp32", Out="*fp16", Sinks="*fp16")
             specs.append(BuildSpec(f"combine-d{D}-sinks{int(sinks)}", _combine_kernel, sig, consts, 4, 1))
     return specs
 
 
-def _layout_launches(kl, vl) -> list[_SegmentLaunch]:
-    """`_segment_launches` from two `StoreLayout`s (a decode capacity of 4 blocks)."""
-    out = [_SegmentLaunch(4, None, None, None, None, kl.sink_tokens, kl.sink_tokens)] if kl.sink_tokens else []
-    out.append(_SegmentLaunch(0, None, None, kl.prefill, vl.prefill, kl.prefill.block, kl.prefill.block))
-    out.append(_SegmentLaunch(1, None, None, kl.decode, vl.decode, 4 * kl.decode.block, kl.decode.block))
-    out.append(_SegmentLaunch(2, None, None, None, None, kl.buffer_tokens, kl.buffer_tokens))
-    out.append(_SegmentLaunch(3, None, None, None, None, 1, 1))
-    return out
-
-
-def _partial_signature(seg: _SegmentLaunch, qdt: torch.dtype, mask_kind: int, scalars: dict,
-                       consts: dict) -> dict:
-    """`_partial_kernel`'s argument types for one segment's launch."""
-    q = "*" + _TORCH_TO_TRITON[qdt]
-    sig = {}
-    for prefix, layout in (("K", seg.k_layout), ("V", seg.v_layout)):
-        dtypes = {} if seg.exact else {p.name: p.dtype for p in layout.parts}
-        for arg, part in zip(("c", "s", "z", "a", "b", "ls", "ov", "oi", "oe"), _PARTS):
-            dt = dtypes.get(part)
-            sig[prefix + arg] = "*" + _TORCH_TO_TRITON[dt] if dt is not None else q
-    sig.update(Q=q, Lens="*i64", Mask=(q if mask_kind == 2 else "*u8") if mask_kind else q,
-               PO="*fp32", PLSE="*fp32", qk_scale="fp32", cap="fp32")
-    for n in _partial_kernel.arg_names:
-        if n in consts:
-            sig[n] = "constexpr"
-        elif n not in sig:
-            sig[n] = "i32"
-    return {n: sig[n] for n in _partial_kernel.arg_names}
+def _signature(kl, vl, qdt: torch.dtype, mask_kind: int, consts: dict) -> dict:
+    """`_attention_kernel`'s argument types for stores of layouts kl / vl."""
+    q = "*" + _TRITON_TYPE[qdt]
+    held = "*" + _TRITON_TYPE[kl.dtype]
+    sig = dict(Q=q, Lens="*i64", Mask={0: q, 1: "*u8", 2: q}[mask_kind], PO="*fp32", PLSE="*fp32",
+               Sk=held, Sv=held, Bk=held, Bv=held, Nk=held, Nv=held, qk_scale="fp32", cap="fp32")
+    for prefix, layout in (("PK", kl.prefill), ("PV", vl.prefill), ("DK", kl.decode), ("DV", vl.decode)):
+        dtypes = {p.name: p.dtype for p in layout.parts}
+        for arg, part in zip(("c", "s", "z", "a", "b", "ls", "ov", "oi", "op"), _PARTS):
+            sig[prefix + arg] = "*" + _TRITON_TYPE[dtypes[part]] if part in dtypes else q
+    names = _attention_kernel.arg_names
+    return {n: "constexpr" if n in consts or n in ("BT", "STAGES") else sig.get(n, "i32") for n in names}
 
 
 @torch.library.triton_op("gear::attention_triton", mutates_args=())

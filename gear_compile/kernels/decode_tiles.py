@@ -1,0 +1,376 @@
+"""The inner loops of the Triton decode attention: one pass over a segment's tiles.
+
+Job: given the online-softmax state of one program (running max m, sum l,
+output accumulator acc [GP, E] and acc_z [GP], the value zero points folded
+out of acc), a pass reads the tiles [lo, hi) of one segment of the store and
+folds them into that state. `decode_attention` owns the kernel that calls
+the passes (one per segment, in the order of its flat work list), the split
+of that list over programs, and the launcher. Neighbours: `segment` /
+`outliers` (the layout read here), `packing` (planar bit fields).
+
+Every pass loop is `tl.range(lo, hi, num_stages=STAGES)` with its bounds
+computed before it, and every load in the loop body is masked, never under
+an `if`, so Triton software-pipelines the loads of tile i + 1.. while tile i
+computes. (The Triton interpreter runs the same loop: with the index patch in
+`kernels/__init__` it takes a bound read from memory.)
+
+Axes: a tile holds BT tokens by E "extended channels" (e = field * WP + byte:
+every bit field of a byte tile unpacked at once, `packing`'s planar order),
+GP rows are the query heads of one KV head (padded to 16 for tl.dot).
+
+Dequantization (issue 28, item 2), fp16 queries (MAGIC): a code c of b <= 8
+bits becomes fp16 without a conversion instruction: (c | 0x6400) read as fp16
+is 1024 + c exactly (fp16 has 10 mantissa bits), minus 1024 in fp16; then
+x = c * s + z is one fp16 FMA (packed two per instruction). The old path
+(int32 -> fp32 -> fp16 per code: I2F + F2F) is kept where the dot is not
+fp16: bf16 (an fp16 FMA could overflow a bf16 model's range) and fp32.
+Scale/zero folding (q' = q * s, q . z) is done where one stats row covers the
+whole segment (K on the channel axis with one group per block: KCVT's
+prefill block), once before the loop; per tile it would cost a cross-lane
+reduction of q . z every tile, more than the one packed FMA per two codes
+that dequantizing costs. V with one (s, z) per token folds s into p (one
+multiply per score instead of per code) and accumulates p . z in acc_z [GP],
+added to every channel once at the end.
+
+GEAR terms (item 3): low-rank K adds ((q . B_blk) s) . A_t to the scores and
+low-rank V adds ((p . A) s) . B_blk^T to the output. In a one-block segment
+(the prefill block) q . B diag(s) is computed once before the loop, and V's
+p . A is accumulated in rank space [GP, RP] through the loop and B^T applied
+once after it: one small tl.dot per tile each for K and V. A multi-block
+segment's tile is one block (n_b <= BT), so per tile is per block there.
+
+Outliers (item 4). K's are tile-CSR records (`outliers.records`): a tile's
+records are the contiguous run [ptr[tile0 / 16], ptr[(tile0 + BT) / 16]) of
+its block, read as one masked window of KC records and added at score
+level: record (t, c, val) adds q[c] s(t, c) val unit to the score of token
+t, the [GP, KC] products put at their tokens by a one-hot [KC, BT] tl.dot.
+No walk, no branch, no load depending on another beyond the two pointers.
+A tile with more than KC records (`decode_plan.record_window` sizes KC at
+1.5x the block's mean) is masked out of the pipelined loop, which raises a
+flag; if the flag is up after the loop, a plain loop reads those tiles again
+with their records in KC-record windows, so no record is ever dropped and
+the common case pays one flag. V's are per token (2k channel indices):
+added to the codes as a dense [BT, E] tile, 2k compare-selects per code.
+"""
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)   # the scores are in base 2
+
+
+@triton.jit
+def _codes_tile(codes, t, ok_t, W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr,
+                E: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr):
+    """Unpacked codes [BT, E] of tokens t (fp16 with MAGIC, else fp32): every
+    bit field of a byte tile at once, flattened onto the extended channel axis."""
+    j = tl.arange(0, WP)
+    byte = tl.load(codes + t[:, None] * W + j[None, :], mask=ok_t[:, None] & (j < W)[None, :], other=0)
+    if MAGIC:
+        shift = (tl.arange(0, PB) * BITS).to(tl.uint16)
+        fields = (byte.to(tl.uint16)[:, None, :] >> shift[None, :, None]) & ((1 << BITS) - 1)
+        x = (fields | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    else:
+        shift = tl.arange(0, PB) * BITS
+        x = ((byte.to(tl.int32)[:, None, :] >> shift[None, :, None]) & ((1 << BITS) - 1)).to(tl.float32)
+    return tl.reshape(x, (BT, E))
+
+
+@triton.jit
+def _mma(a, b, DT: tl.constexpr, FP32_DOT: tl.constexpr):
+    """a @ b with both operands rounded to DT (the query dtype), fp32 accumulate.
+    FP32_DOT runs the product in exact fp32 on the rounded values: for fp32 q,
+    and for bf16 under the interpreter, whose bf16 dot is wrong."""
+    if FP32_DOT:
+        return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), input_precision="ieee")
+    return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def _stats(scale, zero, t0, t, ok_t, ch, ok_c, group, D: tl.constexpr, AXIS_CHANNEL: tl.constexpr,
+           ROW_TILE: tl.constexpr, MAGIC: tl.constexpr):
+    """(scale, zero) of the tile's places, [BT, E] or, with ROW_TILE (the
+    tile, first token t0, inside one channel-axis row), the row [1, E]: fp16
+    with MAGIC."""
+    if AXIS_CHANNEL:   # one (scale, zero) per channel per `group` tokens
+        if ROW_TILE:
+            sidx = (t0 // group) * D + ch[None, :]
+            ok = ok_c[None, :]
+        else:
+            sidx = (t // group)[:, None] * D + ch[None, :]
+            ok = ok_t[:, None] & ok_c[None, :]
+    else:              # one (scale, zero) per token per `group` channels
+        sidx = t[:, None] * (D // group) + (ch // group)[None, :]
+        ok = ok_t[:, None] & ok_c[None, :]
+    s = tl.load(scale + sidx, mask=ok, other=0.0)
+    z = tl.load(zero + sidx, mask=ok, other=0.0)
+    if not MAGIC:
+        s = s.to(tl.float32)
+        z = z.to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _stats_at(scale, t, c, ok, group, D: tl.constexpr, AXIS_CHANNEL: tl.constexpr):
+    """K's scale (fp32) at places (token t, channel c)."""
+    if AXIS_CHANNEL:
+        sidx = (t // group) * D + c
+    else:
+        sidx = t * (D // group) + c // group
+    return tl.load(scale + sidx, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _k_record_scores(Kov, Koi, Ks, Q, qrow, ok_g, qk_scale, r_lo, r_hi, tile_t0, tile_at, group,
+                     D: tl.constexpr, CB: tl.constexpr, C: tl.constexpr, BT: tl.constexpr,
+                     K_CHANNEL: tl.constexpr, OUT_UNIT: tl.constexpr, DT: tl.constexpr,
+                     FP32_DOT: tl.constexpr):
+    """The scores [GP, BT] that the K outlier records [r_lo, min(r_lo + C,
+    r_hi)) add to a tile whose first token is tile_t0 in the segment
+    (tile_at in its block): record r adds val_r units at (t_r, c_r), so
+    q . k_t gains q[c_r] * s(t_r, c_r) * val_r * unit at t_r. Each record's
+    q[c_r] is read back from Q (L1-resident) for the live query rows, and a
+    one-hot [C, BT] tl.dot puts the C products at their tokens: no walk, no
+    branch, no dependent load beyond the window's."""
+    r = r_lo + tl.arange(0, C)
+    ok_r = r < r_hi
+    val = tl.load(Kov + r, mask=ok_r, other=0).to(tl.float32)
+    pos = tl.load(Koi + r, mask=ok_r, other=0).to(tl.int32) & ((1 << (CB + 8)) - 1)
+    c = pos & ((1 << CB) - 1)
+    t_in = ((pos >> CB) & 255) - tile_at % 256       # kernel tiles never cross 256 tokens
+    w = val * (OUT_UNIT * qk_scale) * _stats_at(Ks, tile_t0 + t_in, c, ok_r, group, D, K_CHANNEL)
+    qc = tl.load(Q + qrow[:, None] * D + c[None, :], mask=ok_g[:, None] & ok_r[None, :], other=0.0)
+    onehot = tl.where((t_in[:, None] == tl.arange(0, BT)[None, :]) & ok_r[:, None], 1.0, 0.0)
+    return _mma(qc.to(tl.float32) * w[None, :], onehot, DT, FP32_DOT)
+
+
+@triton.jit
+def _v_outlier_units(oval, oidx, t, ok_t, ch, K2: tl.constexpr, BT: tl.constexpr, E: tl.constexpr):
+    """V outliers of tokens t as a dense [BT, E] fp32 tile of units (added to
+    the codes): each token's table row holds K2 = 2k channel indices."""
+    sp = tl.zeros([BT, E], tl.float32)
+    for o in tl.static_range(K2):
+        oi = tl.load(oidx + t * K2 + o, mask=ok_t, other=0).to(tl.int32)
+        ov = tl.load(oval + t * K2 + o, mask=ok_t, other=0).to(tl.float32)
+        sp += tl.where(ch[None, :] == oi[:, None], ov[:, None], 0.0)
+    return sp
+
+
+@triton.jit
+def _finish_scores(s, cap, Mask, mrow, pos, ok_g, ok_t, mask_sl, SOFTCAP: tl.constexpr,
+                   MASK_KIND: tl.constexpr):
+    """Scores [GP, BT] after the soft cap (s and cap in base-2 units:
+    cap tanh(s / cap)) and the attention mask (mrow + pos * mask_sl
+    addresses each (query head, key position); keys before the mask's first
+    column, pos < 0, are hidden), -inf outside the tile's live tokens."""
+    if SOFTCAP:
+        s = cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
+    if MASK_KIND != 0:
+        ok_m = ok_g[:, None] & (ok_t & (pos >= 0))[None, :]
+        mp = Mask + mrow[:, None] + pos[None, :] * mask_sl
+        if MASK_KIND == 1:   # bool, True = keep
+            keep = tl.load(mp, mask=ok_m, other=1)
+            s = tl.where(keep != 0, s, float("-inf"))
+        else:                # additive, natural log: times log2(e) for base 2
+            s += tl.load(mp, mask=ok_m, other=0.0).to(tl.float32) * LOG2E
+        s = tl.where((pos >= 0)[None, :], s, float("-inf"))
+    return tl.where(ok_t[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i):
+    """Online softmax over one more tile of base-2 scores s: (p, the factor
+    alpha rescaling what was accumulated so far, new max, new sum)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def exact_pass(m_i, l_i, acc, acc_z, q, Xk, Xv, lo, hi, tile0, t_first, n_valid, pos0,
+               ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+               DT: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, STAGES: tl.constexpr,
+               FP32_DOT: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Tiles [lo, hi) of a segment of exact K/V values (Xk, Xv [N, D] of this
+    head): tile i holds tokens (tile0 + i) * BT + [0, BT), those in
+    [t_first, n_valid) live; key position = pos0 + token."""
+    for i in tl.range(lo, hi, num_stages=STAGES):
+        t = (tile0 + i) * BT + tl.arange(0, BT)
+        ok_t = (t < n_valid) & (t >= t_first)
+        ok = ok_t[:, None] & ok_c[None, :]
+        k = tl.load(Xk + t[:, None] * D + ch[None, :], mask=ok, other=0.0)
+        v = tl.load(Xv + t[:, None] * D + ch[None, :], mask=ok, other=0.0)
+        s = _finish_scores(_mma(q, tl.trans(k), DT, FP32_DOT), cap, Mask, mrow, pos0 + t, ok_g, ok_t,
+                           mask_sl, SOFTCAP, MASK_KIND)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+        acc = acc * alpha[:, None] + _mma(p, v, DT, FP32_DOT)
+        acc_z = acc_z * alpha
+    return m_i, l_i, acc, acc_z
+
+
+@triton.jit
+def _compressed_tile(m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Q, qrow, qk_scale, item, t_first, n_valid,
+                     pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
+                     block, k_group, v_group, k2d, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+                     DT: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                     PB: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, TPB: tl.constexpr,
+                     ONE_BLOCK: tl.constexpr, BITS: tl.constexpr, K_CHANNEL: tl.constexpr,
+                     V_CHANNEL: tl.constexpr, K_FOLD: tl.constexpr, K_ROW_TILE: tl.constexpr,
+                     V_FOLD: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, K_OUT: tl.constexpr,
+                     CB: tl.constexpr, KC: tl.constexpr, OVERFLOW: tl.constexpr, VK2: tl.constexpr,
+                     OUT_UNIT: tl.constexpr, MAGIC: tl.constexpr, FP32_DOT: tl.constexpr,
+                     SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr):
+    """One tile of a compressed segment folded into the online-softmax
+    state, and whether its K outlier records overflow the KC-record window.
+    OVERFLOW false (the main loop): a tile that overflows is skipped whole
+    (every load masked) for the overflow pass; OVERFLOW true: only such a
+    tile is read, its records in KC-record windows (a loop, so that no
+    record is ever dropped)."""
+    r = tl.arange(0, RP)
+    ok_r = r < R
+    CDT: tl.constexpr = tl.float16 if MAGIC else tl.float32   # what codes dequantize in
+    if ONE_BLOCK:
+        blk = item * 0
+        tile_at = item * BT                    # the tile's first token in its block
+    else:
+        blk = item // TPB
+        tile_at = (item % TPB) * BT
+    t_blk = tile_at + tl.arange(0, BT)
+    t = blk * block + t_blk
+    ok_t = (t_blk < block) & (t < n_valid) & (t >= t_first)
+    over = item * 0
+    if K_OUT:      # the tile's records: [ptr[tile_at / 16], ptr[(tile_at + BT) / 16]) of the block's
+        ptrs = Kop + blk * (tl.cdiv(block, 16) + 1)
+        r_lo = tl.load(ptrs + tile_at // 16)
+        r_hi = tl.load(ptrs + tl.minimum((tile_at + BT) // 16, tl.cdiv(block, 16)))
+        over = tl.where(r_hi - r_lo > KC, 1, 0)
+        # (tl.where, not &: the interpreter turns a bool tile & a bool scalar into int32)
+        if OVERFLOW:
+            ok_t = tl.where(over != 0, ok_t, False)
+        else:
+            ok_t = tl.where(over == 0, ok_t, False)
+
+    # scores: q . k_t, k = (codes + outlier units) * s + z, plus low rank
+    c = _codes_tile(Kc, t, ok_t, W, WP, PB, E, BT, BITS, MAGIC)
+    if K_FOLD:
+        s = _mma(qk, tl.trans(c), DT, FP32_DOT) + qz[:, None]
+    else:
+        sk, zk = _stats(Ks, Kz, blk * block + tile_at, t, ok_t, ch, ok_c, k_group, D, K_CHANNEL,
+                        K_ROW_TILE, MAGIC)
+        s = _mma(q, tl.trans(c * sk + zk), DT, FP32_DOT)
+    if K_OUT:
+        rec_v = Kov + blk * k2d
+        rec_i = Koi + blk * k2d
+        if OVERFLOW:
+            for w0 in range(r_lo, r_hi, KC):
+                s += _k_record_scores(rec_v, rec_i, Ks, Q, qrow, ok_g, qk_scale, w0, r_hi,
+                                      blk * block + tile_at, tile_at, k_group, D, CB, KC, BT, K_CHANNEL,
+                                      OUT_UNIT, DT, FP32_DOT)
+        else:
+            s += _k_record_scores(rec_v, rec_i, Ks, Q, qrow, ok_g, qk_scale, r_lo,
+                                  tl.where(over != 0, r_lo, r_hi), blk * block + tile_at, tile_at,
+                                  k_group, D, CB, KC, BT, K_CHANNEL, OUT_UNIT, DT, FP32_DOT)
+    if R > 0:
+        a = tl.load(Ka + t[:, None] * R + r[None, :], mask=ok_t[:, None] & ok_r[None, :], other=0)
+        if not ONE_BLOCK:   # a tile is one block: its q . B diag(s)
+            bk = tl.load(Kb + (blk * D + ch)[:, None] * R + r[None, :],
+                         mask=ok_c[:, None] & ok_r[None, :], other=0)
+            sr = tl.load(Kls + blk * R + r, mask=ok_r, other=0.0)
+            qb = _mma(q, bk.to(tl.float32), DT, FP32_DOT) * sr[None, :]
+        s += _mma(qb, tl.trans(a.to(tl.float32)), DT, FP32_DOT)
+    s = _finish_scores(s, cap, Mask, mrow, pos0 + t, ok_g, ok_t, mask_sl, SOFTCAP, MASK_KIND)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+
+    # values: p . v, v = (codes + outlier units) * s + z, plus low rank
+    c = _codes_tile(Vc, t, ok_t, W, WP, PB, E, BT, BITS, MAGIC)
+    if VK2 > 0:
+        c += (_v_outlier_units(Vov, Voi, t, ok_t, ch, VK2, BT, E) * OUT_UNIT).to(CDT)
+    acc = acc * alpha[:, None]
+    acc_z = acc_z * alpha
+    if V_FOLD:   # one (s, z) per token: p . v = (p s) . c + p . z
+        sv = tl.load(Vs + t, mask=ok_t, other=0.0).to(tl.float32)
+        zv = tl.load(Vz + t, mask=ok_t, other=0.0).to(tl.float32)
+        acc += _mma(p * sv[None, :], c, DT, FP32_DOT)
+        acc_z += tl.sum(p * zv[None, :], axis=1)
+    else:
+        sv, zv = _stats(Vs, Vz, blk * block + tile_at, t, ok_t, ch, ok_c, v_group, D, V_CHANNEL, False,
+                        MAGIC)
+        acc += _mma(p, c * sv + zv, DT, FP32_DOT)
+    if R > 0:
+        a = tl.load(Va + t[:, None] * R + r[None, :], mask=ok_t[:, None] & ok_r[None, :], other=0)
+        if ONE_BLOCK:   # rank space; B^T once after the loop
+            acc_r = acc_r * alpha[:, None] + _mma(p, a.to(tl.float32), DT, FP32_DOT)
+        else:
+            bv = tl.load(Vb + (blk * D + ch)[:, None] * R + r[None, :],
+                         mask=ok_c[:, None] & ok_r[None, :], other=0)
+            sr = tl.load(Vls + blk * R + r, mask=ok_r, other=0.0)
+            pa = _mma(p, a.to(tl.float32), DT, FP32_DOT) * sr[None, :]
+            acc += _mma(pa, tl.trans(bv.to(tl.float32)), DT, FP32_DOT)
+    return m_i, l_i, acc, acc_z, acc_r, over
+
+
+@triton.jit
+def compressed_pass(m_i, l_i, acc, acc_z, q, Q, qrow, qk_scale, lo, hi, tile0, t_first, n_valid, pos0,
+                    Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
+                    block, k_group, v_group, k2d, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+                    DT: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                    PB: tl.constexpr, E: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
+                    TPB: tl.constexpr, ONE_BLOCK: tl.constexpr, BITS: tl.constexpr,
+                    K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr, K_FOLD: tl.constexpr,
+                    K_ROW_TILE: tl.constexpr, V_FOLD: tl.constexpr, R: tl.constexpr,
+                    RP: tl.constexpr, K_OUT: tl.constexpr, CB: tl.constexpr, KC: tl.constexpr,
+                    VK2: tl.constexpr, OUT_UNIT: tl.constexpr, MAGIC: tl.constexpr,
+                    FP32_DOT: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
+                    STAGES: tl.constexpr):
+    """Tiles [lo, hi) of a compressed segment (this head's parts): item i is
+    tile (tile0 + i) % TPB of block (tile0 + i) // TPB (ONE_BLOCK: the
+    segment is one block of `block` tokens and every tile is in it), its
+    tokens in [t_first, n_valid) live; key position = pos0 + token. K's
+    outlier records (tile-CSR, `outliers.records`) are read in a window of
+    KC records per tile; the rare tile holding more is skipped by the
+    pipelined loop and read after it by an overflow loop (any order of tiles
+    gives the same online softmax)."""
+    r = tl.arange(0, RP)
+    ok_r = r < R
+    # hoisted out of the loop (see the module docstring): K's folded stats
+    # when one row covers the segment, the one block's low-rank q . B diag(s)
+    qk = q
+    qz = tl.zeros([GP], tl.float32)
+    if K_FOLD:
+        sk = tl.load(Ks + ch, mask=ok_c, other=0.0).to(tl.float32)
+        zk = tl.load(Kz + ch, mask=ok_c, other=0.0).to(tl.float32)
+        qk = q * sk[None, :]
+        qz = tl.sum(q * zk[None, :], axis=1)
+    qb = tl.zeros([GP, RP], tl.float32)
+    acc_r = tl.zeros([GP, RP], tl.float32)
+    if R > 0:
+        if ONE_BLOCK:
+            bk = tl.load(Kb + ch[:, None] * R + r[None, :], mask=ok_c[:, None] & ok_r[None, :], other=0)
+            sr = tl.load(Kls + r, mask=ok_r, other=0.0)
+            qb = _mma(q, bk.to(tl.float32), DT, FP32_DOT) * sr[None, :]
+    overflowed = lo * 0
+    for i in tl.range(lo, hi, num_stages=STAGES):
+        m_i, l_i, acc, acc_z, acc_r, over = _compressed_tile(
+            m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Q, qrow, qk_scale, tile0 + i, t_first, n_valid,
+            pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
+            block, k_group, v_group, k2d, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+            DT, D, W, WP, PB, E, BT, TPB, ONE_BLOCK, BITS, K_CHANNEL, V_CHANNEL, K_FOLD, K_ROW_TILE,
+            V_FOLD, R, RP, K_OUT, CB, KC, False, VK2, OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND)
+        overflowed = overflowed | over
+    if K_OUT:
+        if overflowed != 0:
+            for i in range(lo, hi):
+                m_i, l_i, acc, acc_z, acc_r, over = _compressed_tile(
+                    m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Q, qrow, qk_scale, tile0 + i, t_first,
+                    n_valid, pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov,
+                    Voi, block, k_group, v_group, k2d, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+                    DT, D, W, WP, PB, E, BT, TPB, ONE_BLOCK, BITS, K_CHANNEL, V_CHANNEL, K_FOLD,
+                    K_ROW_TILE, V_FOLD, R, RP, K_OUT, CB, KC, True, VK2, OUT_UNIT, MAGIC, FP32_DOT,
+                    SOFTCAP, MASK_KIND)
+    if R > 0:
+        if ONE_BLOCK:
+            bv = tl.load(Vb + ch[:, None] * R + r[None, :], mask=ok_c[:, None] & ok_r[None, :], other=0)
+            sr = tl.load(Vls + r, mask=ok_r, other=0.0)
+            acc += _mma(acc_r * sr[None, :], tl.trans(bv.to(tl.float32)), DT, FP32_DOT)
+    return m_i, l_i, acc, acc_z
