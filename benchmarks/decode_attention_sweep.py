@@ -5,8 +5,9 @@ fastest SDPA. Two knobs:
   splits  programs per (batch, KV head) over the token range (0: the
           launcher's default, about PROGRAMS_PER_SM per SM): does the kernel
           lack parallelism (too few loads in flight)?
-  tile    the most tokens a program loads per iteration (the launcher's
-          TILE_MAX): does each iteration move too few bytes?
+  tile    the prefill tile's tokens per iteration (a fixed
+          `decode_plan.TileConfig` instead of the autotuner's choice):
+          does each iteration move too few bytes?
 
 A kernel that is bandwidth-bound barely moves with either; one that is
 latency-bound speeds up with both. Writes decode_attention_sweep.md (one row
@@ -80,33 +81,32 @@ def sweep(args, bench) -> tuple[float, list[dict]]:
                       args.iters, args.warmup)[0]
     dense.clear()       # the stores below need the memory
     peak = bench.peak_gbps(argparse.Namespace(peak_gbps=None), args.device)
-    rows, default_tile = [], kernel.TILE_MAX
-    try:
-        for spec in args.methods:
-            method, _, bits = spec.partition(":")
-            cfg = GearConfig.from_options(dict(method=method, bits=int(bits or 4)))
-            ks, vs = (bench.build_store(cfg, kind, B, Hkv, L - 1, D, dev, dtype) for kind in "kv")
-            moved = bench.live_bytes(ks) + bench.live_bytes(vs)
-            text = cfg.to_json()
-            ref = torch.ops.gear.attention_reference(q, ks.tensors(), vs.tensors(), k_new, v_new, None,
-                                                     D ** -0.5, False, text).float()
-            for tile in args.tiles:
-                kernel.TILE_MAX = tile
-                for splits in args.splits:
-                    def call():
-                        return kernel.decode_attention_launch(q, ks.tensors(), vs.tensors(), k_new,
-                                                              v_new, None, D ** -0.5, text,
-                                                              num_splits=splits or None)
-                    err = (call().float() - ref).abs().max().item()
-                    us = time_us(call, args.iters, args.warmup)[0]
-                    gbps = moved / (us * 1e-6) / 1e9
-                    rows.append(dict(method=spec, tile=tile, splits=splits or "default", us=us,
-                                     gbps=gbps, peak=f"{100 * gbps / peak:.0f}%" if peak else "n/a",
-                                     speedup=sdpa_us / us, err=err))
-                    print(f"{spec:8s} tile {tile:4d} splits {splits or 'default':>7} {us:9.1f} us "
-                          f"{gbps:8.1f} GB/s  x{sdpa_us / us:.2f} vs SDPA  max err {err:.1e}", flush=True)
-    finally:
-        kernel.TILE_MAX = default_tile
+    rows = []
+    for spec in args.methods:
+        method, _, bits = spec.partition(":")
+        cfg = GearConfig.from_options(dict(method=method, bits=int(bits or 4)))
+        ks, vs = (bench.build_store(cfg, kind, B, Hkv, L - 1, D, dev, dtype) for kind in "kv")
+        moved = bench.live_bytes(ks) + bench.live_bytes(vs)
+        text = cfg.to_json()
+        ref = torch.ops.gear.attention_reference(q, ks.tensors(), vs.tensors(), k_new, v_new, None,
+                                                 D ** -0.5, False, text).float()
+        for tile in args.tiles:
+            for splits in args.splits:
+                def call():
+                    return kernel.decode_attention_launch(q, ks.tensors(), vs.tensors(), k_new,
+                                                          v_new, None, D ** -0.5, text,
+                                                          num_splits=splits or None,
+                                                          tile_config=kernel.TileConfig(
+                                                              tile, kernel.DEFAULT_TILE_CONFIG.warps,
+                                                              kernel.DEFAULT_TILE_CONFIG.stages))
+                err = (call().float() - ref).abs().max().item()
+                us = time_us(call, args.iters, args.warmup)[0]
+                gbps = moved / (us * 1e-6) / 1e9
+                rows.append(dict(method=spec, tile=tile, splits=splits or "default", us=us,
+                                 gbps=gbps, peak=f"{100 * gbps / peak:.0f}%" if peak else "n/a",
+                                 speedup=sdpa_us / us, err=err))
+                print(f"{spec:8s} tile {tile:4d} splits {splits or 'default':>7} {us:9.1f} us "
+                      f"{gbps:8.1f} GB/s  x{sdpa_us / us:.2f} vs SDPA  max err {err:.1e}", flush=True)
     return sdpa_us, rows
 
 

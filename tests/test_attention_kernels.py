@@ -294,6 +294,36 @@ def test_k_outliers_of_a_long_block_keep_their_256_token_base(impl):
         assert (out.float() - ref).abs().max().item() < TOL[torch.float16], splits
 
 
+@pytest.mark.skipif("triton" not in IMPLS, reason="needs a CUDA GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("margin", [0.01, 1.5])
+def test_triton_k_record_windows_overflow_without_dropping_a_record(monkeypatch, margin):
+    """The Triton kernel reads a tile's K outlier records in a fixed window
+    (`decode_plan.record_window`: margin x the mean per tile); a tile holding
+    more is skipped by the pipelined loop and read by the overflow path.
+    Margin 0.01 shrinks the window to one record per token, under the mean
+    (1.28 at D = 64), so the tiles overflow; the default, 1.5, leaves them in
+    the window (test_k_outliers_clustered_in_one_tile mixes the two). Either
+    way every record counts."""
+    from gear_compile.kernels import decode_plan
+    monkeypatch.setattr(decode_plan, "RECORD_MARGIN", margin)
+    gen = torch.Generator().manual_seed(7)
+    cfg = GearConfig(method="gear", bits=4, group_size=16, decode_capacity=64)
+    ks, vs = _stores(cfg, 1, 2, 64, 600, 45, torch.float16, gen)
+    tile = decode_plan.DEFAULT_TILE_CONFIG.tile
+    window = decode_plan.record_window(ks.p_layout, 1) * tile
+    ptr = ks.prefill.out_ptr[:, :, 0].long()                       # [B, H, record tiles + 1]
+    per = tile // outliers.TILE
+    ends = torch.clamp(torch.arange(per, ptr.shape[-1] - 1 + per, per), max=ptr.shape[-1] - 1)
+    counts = ptr[..., ends] - ptr[..., ends - per]                 # records per kernel tile
+    over = (counts > window).float().mean().item()
+    assert over > 0.5 if margin < 1 else over == 0, (window, counts)
+    q = torch.randn(1, 4, 1, 64, generator=gen).half()
+    ref = reference(q, ks, vs, None, None, None, 0.125)
+    for splits in (1, 3):                                          # 3: programs start mid-block
+        out = attend("triton", q, ks, vs, None, None, None, 0.125, num_splits=splits)
+        assert (out.float() - ref).abs().max().item() < TOL[torch.float16], splits
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_constant_vectors_count_each_outlier_once(impl):
     """A K channel and some V tokens constant (nonzero): every entry ties, and
