@@ -7,6 +7,7 @@ The whole user surface:
     gear_compile.explain(model, input_ids, method="gear")  # what gets rewritten
     gear_compile.kv_bytes(cache)                           # bytes actually held
     gear_compile.kv_breakdown(cache)                       # ... used vs reserved, by kind
+    gear_compile.lorc.calibrate(model, input_ids)          # before compiling with lorc > 0
 
 Options are documented on `GearConfig`. Modules: `config` (options),
 `packing`/`quantize`/`outliers`/`lowrank`/`segment` (the codec), `rotation` (the
@@ -19,12 +20,13 @@ C++ on CPU, Triton on CUDA), `cli` (`gear-compile inspect`).
 """
 from __future__ import annotations
 
+from . import lorc
 from .backend import gear_backend
 from .compressed_kv import CompressedKV, KVBytes, dense_bytes, kv_breakdown, kv_bytes
 from .config import GearConfig
 from .explain import explain
 
-__all__ = ["compile", "explain", "kv_bytes", "kv_breakdown", "KVBytes", "dense_bytes", "gear_backend",
+__all__ = ["compile", "explain", "lorc", "kv_bytes", "kv_breakdown", "KVBytes", "dense_bytes", "gear_backend",
            "GearConfig", "CompressedKV"]
 __version__ = "0.1.0"
 
@@ -51,6 +53,8 @@ def compile(model, dynamic: bool | None = None, **options):
 
     import torch
     config = GearConfig.from_options(options)
+    if config.lorc and config.lorc_basis == "calibrated":
+        lorc.require_calibration(list(model.parameters()))     # before compiling, not at the first call
     original = getattr(model.forward, "_torchdynamo_orig_callable", model.forward)
     compiled = torch.compile(original, backend="gear", dynamic=dynamic, options=_as_options(config))
 

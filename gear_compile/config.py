@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lorc import SCHEDULES as LORC_SCHEDULES
+from .lorc import SCHEDULES as LORC_SCHEDULES, USER_BASES as LORC_BASES
 from .packing import ceil_div
 
 METHODS = ("gear", "gear_l", "kcvt", "kivi", "per_token", "none")
@@ -375,7 +375,7 @@ class CodecConfig:
         return max([8] + groups)
 
 
-COMPILE_OPTIONS = ("inductor", "kernel", "dump_graphs", "lorc", "lorc_schedule", "lorc_sinks")
+COMPILE_OPTIONS = ("inductor", "kernel", "dump_graphs", "lorc", "lorc_schedule", "lorc_sinks", "lorc_basis")
 
 
 @dataclass(frozen=True)
@@ -402,6 +402,12 @@ class GearConfig(CodecConfig):
                  when `lorc.calibrate` has seen the model, else progressive.
     lorc_sinks   the first tokens of a sequence whose K and V a LoRC cache
                  keeps exact (attention sinks; 0: none).
+    lorc_basis   where LoRC's factors come from: calibrated (the default:
+                 the statistics `gear_compile.lorc.calibrate(model, input_ids)`
+                 recorded; compiling without them raises, since the weights
+                 alone can wreck a model: +145,000 % perplexity on SmolLM2 at
+                 lorc=0.6) or weights (the paper's SVD of the projection
+                 weights, only when asked for by name).
     """
 
     inductor: bool = True
@@ -410,12 +416,14 @@ class GearConfig(CodecConfig):
     lorc: float = 0.0
     lorc_schedule: str = "auto"
     lorc_sinks: int = 4
+    lorc_basis: str = "calibrated"
 
     def __post_init__(self):
         super().__post_init__()
         _check_choice("kernel", self.kernel, KERNELS)
         _check_choice("lorc_schedule", self.lorc_schedule, LORC_SCHEDULES)
         _check_int("lorc_sinks", self.lorc_sinks, 0)
+        _check_choice("lorc_basis", self.lorc_basis, LORC_BASES)
         if isinstance(self.lorc, bool) or not isinstance(self.lorc, (int, float)) or not 0 <= self.lorc < 1:
             raise ValueError(f"gear options: lorc must be a number in [0, 1) (the fraction of the K/V "
                              f"cache removed; 0 = off), got {self.lorc!r}.")
@@ -444,7 +452,8 @@ class GearConfig(CodecConfig):
         return codec_of(self)
 
     def describe(self) -> str:
-        lorc = f" + lorc={self.lorc:g} {self.lorc_schedule}, {self.lorc_sinks} sinks" if self.lorc else ""
+        lorc = (f" + lorc={self.lorc:g} {self.lorc_schedule}, {self.lorc_sinks} sinks"
+                + (", weights' basis" if self.lorc_basis == "weights" else "")) if self.lorc else ""
         return super().describe() + lorc
 
 

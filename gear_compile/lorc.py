@@ -86,6 +86,19 @@ from torch.utils.weak import WeakIdKeyDictionary
 SCHEDULES = ("auto", "calibrated", "progressive", "uniform")
 PER = ("layer", "head")
 BASES = ("loss", "moment", "weights")
+USER_BASES = ("calibrated", "weights")    # the `lorc_basis` option: calibrate's records, or the weights alone
+CALIBRATION_HINT = ("run gear_compile.lorc.calibrate(model, input_ids) first, on text like yours (2,048 tokens "
+                    "or more; benchmarks/lorc.py uses 8,192), or ask for the paper's weights-only factors "
+                    "by name with lorc_basis='weights'")
+
+
+def require_calibration(weights) -> None:
+    """Raise unless `calibrate` has recorded statistics for one of `weights`
+    (LoRC's default basis needs them: without, the factors are the weights'
+    alone, which can wreck a model)."""
+    if not any(w in MOMENTS for w in weights):
+        raise ValueError("gear options: lorc > 0 with lorc_basis='calibrated' (the default), but the model "
+                         "has not been calibrated: " + CALIBRATION_HINT + ".")
 
 
 @dataclass(frozen=True)

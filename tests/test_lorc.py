@@ -237,7 +237,7 @@ def test_full_rank_lorc_reproduces_eager_generation(kv_heads):
     model = tiny_model("llama", num_key_value_heads=kv_heads)
     ids = torch.randint(0, 256, (2, 30))
     dense = model.generate(ids, max_new_tokens=12, do_sample=False)
-    _compiled(model, method="none", lorc=1e-4)        # every rank full: the basis is a rotation
+    _compiled(model, method="none", lorc=1e-4, lorc_basis="weights")        # every rank full: the basis is a rotation
     try:
         out = model.generate(ids, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
         assert torch.equal(out.sequences, dense)
@@ -256,7 +256,7 @@ def test_left_padded_batch_keeps_each_rows_positions():
     mask = torch.ones_like(ids)
     ids[0, :5], mask[0, :5] = 0, 0
     dense = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
-    _compiled(model, method="none", lorc=1e-4)
+    _compiled(model, method="none", lorc=1e-4, lorc_basis="weights")
     try:
         assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False), dense)
     finally:
@@ -280,7 +280,7 @@ def test_compiled_lorc_is_the_benchmarks_latent_cache(codec, sinks):
     finally:
         method.teardown(model)
     dense = _logits(model, None, ids)
-    _compiled(model, lorc=0.5, lorc_sinks=sinks, **codec)
+    _compiled(model, lorc=0.5, lorc_sinks=sinks, lorc_basis="weights", **codec)
     try:
         compiled = _logits(model, None, ids)
     finally:
@@ -303,7 +303,7 @@ def test_the_first_tokens_are_kept_exact_and_cropped_with_the_cache():
         model(ids)                                         # eager: the projections' outputs
     for h in hooks:
         h.remove()
-    _compiled(model, method="gear", bits=4, lorc=0.6)
+    _compiled(model, method="gear", bits=4, lorc=0.6, lorc_basis="weights")
     try:
         cache = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True).past_key_values
         short = model.generate(ids[:, :2], max_new_tokens=3, do_sample=False,
@@ -333,7 +333,7 @@ def test_lorc_cuts_kv_bytes_by_the_ranks_and_explain_reports_them():
                                                      return_dict_in_generate=True).past_key_values)
     finally:
         _uncompile(model)
-    _compiled(model, method="none", lorc=0.5)
+    _compiled(model, method="none", lorc=0.5, lorc_basis="weights")
     try:
         cache = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True).past_key_values
     finally:
@@ -351,7 +351,7 @@ def test_lorc_cuts_kv_bytes_by_the_ranks_and_explain_reports_them():
     held = gear_compile.kv_bytes(cache) - lengths_bytes - sinks_bytes
     assert abs(held / (exact - lengths_bytes) - expected) < 0.01
     assert gear_compile.kv_bytes(out.past_key_values) > 0
-    report = gear_compile.explain(model, ids, method="none", lorc=0.5)
+    report = gear_compile.explain(model, ids, method="none", lorc=0.5, lorc_basis="weights")
     decode = [s for s in report.sites if s.phase == "decode"]
     for site, rk, rv in zip(decode, ranks["k"], ranks["v"]):
         assert f"LoRC ranks K {rk} / V {rv} of 32" in site.reason
@@ -363,9 +363,9 @@ def test_a_model_lorc_cannot_read_is_reported_and_left_exact():
     model = tiny_model("gpt2")
     ids = torch.randint(0, 256, (1, 20))
     dense = model.generate(ids, max_new_tokens=8, do_sample=False)
-    report = gear_compile.explain(model, ids, method="none", lorc=0.5)
+    report = gear_compile.explain(model, ids, method="none", lorc=0.5, lorc_basis="weights")
     assert report.sites and all("LoRC not applied: " in s.reason for s in report.sites if s.rewritten)
-    _compiled(model, method="none", lorc=0.5)
+    _compiled(model, method="none", lorc=0.5, lorc_basis="weights")
     try:
         assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), dense)
     finally:
@@ -376,7 +376,7 @@ def test_beam_search_keeps_the_latent_cache():
     model = tiny_model("llama")
     ids = torch.randint(0, 256, (1, 24))
     dense = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False)
-    _compiled(model, method="none", lorc=1e-4)
+    _compiled(model, method="none", lorc=1e-4, lorc_basis="weights")
     try:
         out = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False, return_dict_in_generate=True)
         assert torch.equal(out.sequences, dense)
@@ -432,10 +432,16 @@ def test_calibration_reaches_the_compiled_factors():
     finally:
         lorc.MOMENTS.clear()
         lorc.FISHER.clear()
-    _compiled(model, method="none", lorc=0.5)                     # the weights' factors: different
+    with pytest.raises(ValueError, match=r"not been calibrated: run gear_compile.lorc.calibrate\(model, "
+                                         r"input_ids\) first.*2,048 tokens.*lorc_basis='weights'"):
+        _compiled(model, method="none", lorc=0.5)                 # uncalibrated: refused before compiling
+    with pytest.raises(Exception, match=r"not been calibrated"):  # torch.compile's route: at the first call
+        model.forward = torch.compile(model.forward, backend="gear", options={"method": "none", "lorc": 0.5})
+        _logits(model, None, ids)
+    _uncompile(model)
+    _compiled(model, method="none", lorc=0.5, lorc_basis="weights")   # asked for by name: the weights' factors
     try:
-        with pytest.warns(UserWarning, match=r"lorc without calibration.*lorc.calibrate\(model, input_ids\)"):
-            assert not torch.allclose(_logits(model, None, ids), sim, atol=1e-4)
+        assert not torch.allclose(_logits(model, None, ids), sim, atol=1e-4)
     finally:
         _uncompile(model)
     with pytest.raises(ValueError, match=r"no torch.nn.Linear named \['qkv'\]"):
@@ -451,7 +457,7 @@ def test_two_models_with_different_ranks_in_one_process():
     try:
         for model, removed in ((first, 0.5), (second, 0.25)):
             import gear_compile
-            gear_compile.compile(model, inductor=False, method="none", lorc=removed)
+            gear_compile.compile(model, inductor=False, method="none", lorc=removed, lorc_basis="weights")
             cache = model.generate(ids, max_new_tokens=4, do_sample=False,
                                    return_dict_in_generate=True).past_key_values
             ranks = [layer.keys.store.buffer.shape[-1] for layer in cache.layers]

@@ -54,7 +54,6 @@ Neighbours: `passes.match` (the sites), `passes.rewrite` (emits the nodes),
 from __future__ import annotations
 
 import operator
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -210,15 +209,14 @@ def plan(sites: list[tuple[AttentionSite, LoRCSite]], weights: dict, config: Gea
     projections = [((weights[s.key.weight], _maybe(weights, s.key.bias)),
                     (weights[s.value.weight], _maybe(weights, s.value.bias))) for _, s in sites]
     tensors = [t for layer in projections for pair in layer for t in pair if t is not None]
-    key = (_identity(tensors), config.lorc, config.lorc_schedule, config.rank_unit)
+    key = (_identity(tensors), config.lorc, config.lorc_schedule, config.rank_unit, config.lorc_basis)
     plans = _PLANS.setdefault(tensors[0], {})
     if key not in plans:
-        plans[key] = lorc.plan(projections, 1.0 - config.lorc, config.lorc_schedule, config.rank_unit)
-        if not any(w in lorc.MOMENTS for layer in projections for w, _ in layer):
-            warnings.warn("gear: lorc without calibration factors the K/V weights alone (the paper's SVD), "
-                          "which can wreck a model (on SmolLM2-135M, 60 % removed took perplexity from 35 to "
-                          "27,411); run gear_compile.lorc.calibrate(model, input_ids) on some text first",
-                          stacklevel=2)
+        weights_only = config.lorc_basis == "weights"
+        if not weights_only:
+            lorc.require_calibration([w for layer in projections for w, _ in layer])
+        plans[key] = lorc.plan(projections, 1.0 - config.lorc, config.lorc_schedule, config.rank_unit,
+                               basis="weights" if weights_only else "loss")
     chosen = plans[key]
     for (site, s), layer, pair in zip(sites, projections, chosen.factors):
         if not site.key.compressed:
@@ -226,7 +224,7 @@ def plan(sites: list[tuple[AttentionSite, LoRCSite]], weights: dict, config: Gea
             continue
         for proj, (w, b), past in ((s.key, layer[0], site.key.past), (s.value, layer[1], site.value.past)):
             rank = int(_value(past).store.buffer.shape[-1])   # a SymInt where another model's ranks differ
-            proj.factors = _factors(w, b, rank, chosen.loss_aware)
+            proj.factors = _factors(w, b, rank, chosen.loss_aware, config.lorc_basis == "weights")
     return chosen.schedule
 
 
@@ -235,9 +233,11 @@ def _identity(tensors) -> tuple:
     return tuple((id(t), t._version, id(lorc.MOMENTS.get(t)), id(lorc.FISHER.get(t))) for t in tensors)
 
 
-def _factors(weight: torch.Tensor, bias: torch.Tensor | None, rank: int, loss_aware: bool) -> lorc.Factors:
-    moment, fisher = lorc.MOMENTS.get(weight), lorc.FISHER.get(weight) if loss_aware else None
-    key = (_identity([t for t in (weight, bias) if t is not None]), rank, loss_aware)
+def _factors(weight: torch.Tensor, bias: torch.Tensor | None, rank: int, loss_aware: bool,
+             weights_only: bool) -> lorc.Factors:
+    moment = None if weights_only else lorc.MOMENTS.get(weight)
+    fisher = lorc.FISHER.get(weight) if loss_aware else None
+    key = (_identity([t for t in (weight, bias) if t is not None]), rank, loss_aware, weights_only)
     cached = _FACTORS.setdefault(weight, {})
     if key not in cached:
         with torch.no_grad():
