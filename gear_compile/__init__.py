@@ -44,8 +44,8 @@ def compile(model, dynamic: bool | None = None, **options):
 
     Calls run with Dynamo's C++ symbolic-shape guards: a decode graph takes
     every layer's store as inputs whose capacity is dynamic, and checking
-    their shape relations in Python took 13.5 ms of each step's cache lookup
-    for a 30-layer model (torch.profiler, 2-core CPU), 3.9 ms in C++.
+    their shape relations in Python is a large share of each step's cache
+    lookup for a 30-layer model; in C++ a fraction of it.
     (`torch.compile(..., backend="gear")` users get the same by setting
     `torch._dynamo.config.enable_cpp_symbolic_shape_guards = True`.)
     """

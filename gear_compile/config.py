@@ -98,23 +98,18 @@ class CodecConfig:
                  quarter when a flush finds it full). kv_bytes counts it.
     rotate       none, k, v or kv: store those heads rotated by a randomised
                  Hadamard transform (`rotation`), folded into q and the output
-                 so attention is unchanged. On SmolLM2 it took KIVI-2 from
-                 +23.6 / +22.1 % perplexity to +10.6 / +8.0 % and GEAR(KIVI-2)
-                 from +9.1 / +9.7 % to +8.7 / +5.5 %; KCVT-4 moved both ways
-                 (benchmarks/results/quality_rotated.md).
+                 so attention is unchanged. It spreads a channel's outliers
+                 over all channels, which helps the per-channel-grouped 2-bit
+                 backbones most (benchmarks/results/quality_rotated.md).
     sink_tokens  the first tokens of each sequence also held exact, and kept
                  out of their quantization groups (attention sinks: the first
                  token draws much of every head's attention, and its K/V, far
                  from the rest, stretch the ranges of the groups it falls in).
                  They shadow their places in the prefill block, whose groups
-                 stay where they were. On SmolLM2's held-out text (P = 64 /
-                 512; benchmarks/results/quality_sinks.md against
-                 quality_nosinks.md) 4 of them took GEAR 4-bit from +0.24 /
-                 +0.28 % perplexity to +0.11 / +0.16 %, GEAR 2-bit from +9.1 /
-                 +9.7 % to +6.2 / +7.0 %, KIVI-2 from +23.6 / +22.1 % to +11.6
-                 / +14.3 % and KCVT-4 from +0.75 / +2.27 % to +0.36 / +0.26 %,
-                 for 4 tokens of K/V in the held dtype a layer. 0: none (the
-                 paper's layout). No sinks without a prefill block (a streamed,
+                 stay where they were. 4 of them, 4 tokens of K/V a layer,
+                 roughly halve every method's perplexity gap on SmolLM2
+                 (benchmarks/results/quality_sinks.md against
+                 quality_nosinks.md). 0: none (the paper's layout). No sinks without a prefill block (a streamed,
                  sliding-window store; a kivi prompt shorter than a group).
     """
 
@@ -176,17 +171,14 @@ class CodecConfig:
 
         group_size: 32 up to head dim 64, else 64. At head dim 64 the paper's
         g = 64 makes every V token a single group and spans 64 tokens of K per
-        (scale, zero); g = 32 took GEAR(KIVI-2) on SmolLM2 from +12.5 / +15.8 %
-        perplexity to +10.2 / +7.6 % (benchmarks/results/quality_g32.md) for 1
-        more bit of scales per 32 values.
+        (scale, zero); g = 32 costs 1 more bit of scales per 32 values and
+        buys a clearly lower perplexity at 2 bits (benchmarks/results/quality_g32.md).
         backbone at 4 bits: kivi up to head dim 64 where its groups fit (g
         divides the head dim and a buffer_size the user set), else kcvt. KCVT's one
-        (scale, zero) per channel per block spans all of a block's tokens;
-        on SmolLM2 (head dim 64) KIVI's 32-token groups took GEAR-L 4-bit from
-        +0.78 / +1.35 % to -0.08 / -0.15 % and GEAR 4-bit from +0.37 / +0.50 %
-        to +0.31 / +0.05 % (benchmarks/results/quality.md at d5380dc), in fewer bytes on that
-        1k-token passage but 14 % more at an 8k prompt, where KCVT's per-block
-        scales amortise (benchmarks/results/generate_throughput_cpu_kivi4.md)."""
+        (scale, zero) per channel per block spans all of a block's tokens,
+        which costs quality at small head dims (benchmarks/results/quality.md);
+        at head dim 128 (the paper's models) its per-block scales amortise into
+        fewer bytes (benchmarks/results/generate_throughput_cpu_kivi4.md)."""
         chosen = {}
         if self.group_size is None:
             chosen["group_size"] = 32 if head_dim <= 64 else 64

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from .packing import ceil_div
+
 
 def count_per_side(ratio: float, length: int) -> int:
     """Outliers kept at each end of a vector of `length` entries (round half up),
@@ -83,7 +85,7 @@ def record_dtype(head_dim: int) -> torch.dtype:
 
 def record_tiles(block: int) -> int:
     """TILE-token record tiles of a K block (the last may be short)."""
-    return -(-block // TILE)
+    return ceil_div(block, TILE)
 
 
 def records(vals: torch.Tensor, idx: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:

@@ -8,7 +8,8 @@ What a LoRC site looks like (Llama-style attention, Dynamo's torch-level graph):
   k_new  = k_pre * cos + rotate_half(k_pre) * sin      (RoPE; or k_new = k_pre)
   keys   = cat([past_k, k_new], dim=-2)  ->  attention
 
-What the rewrite makes of it (`rewrite` calls `prefill_latent`, `rebuild_past`):
+What the rewrite makes of it (`rewrite` calls `latent`, `sinks`, `rebuild_past`,
+`attend_latent_values`):
 
   prefill: the prompt attends its exact K/V, as without LoRC; the cache holds
       the latents [B, 1, T, r] = k_lin D (`lorc.project`), compressed by the
