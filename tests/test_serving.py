@@ -1,0 +1,162 @@
+"""transformers' continuous batching over the compressed paged pool
+(`serving.enable`), against transformers' own continuous batching and
+against generate() with the same method, on a tiny random Llama."""
+import inspect
+
+import pytest
+import torch
+import transformers as tf
+from transformers import ContinuousBatchingConfig, GenerationConfig
+from transformers.generation.continuous_batching import cache as cb_cache
+from transformers.generation.continuous_batching import continuous_api
+
+from gear_compile import serving
+
+NEW = 40
+
+
+def tiny_llama(peaked=1.0):
+    config = tf.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                            max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(peaked)    # sharper logits: fewer near-ties for lossy methods to flip
+    return model
+
+
+def prompts(lengths=(40, 170, 9, 100, 64, 3)):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(1, 256, (n,), generator=gen).tolist() for n in lengths]
+
+
+def greedy(**kw):
+    return GenerationConfig(max_new_tokens=NEW, do_sample=False, eos_token_id=-1, pad_token_id=0, **kw)
+
+
+def cb_config():
+    # 48-token batches: prompts longer than that are prefilled in chunks, beside decode rows
+    return ContinuousBatchingConfig(page_size=16, max_batch_tokens=48, num_blocks=128)
+
+
+def tokens(out):
+    return {k: list(v.generated_tokens) for k, v in out.items()}
+
+
+def test_transformers_hooks_are_what_serving_overrides():
+    """The hooks `serving` relies on, as transformers 5.17-5.25 name them."""
+    update = inspect.signature(cb_cache.PagedAttentionCache.update).parameters
+    assert list(update) == ["self", "key_states", "value_states", "layer_idx", "kwargs"]
+    for name in ("can_store_request_tokens", "extend_read_and_write_indices", "free_blocks",
+                 "free_all_requests", "prepare_fork_request", "compute_free_capacity"):
+        assert hasattr(cb_cache.PagedAttentionCache, name), name
+    assert continuous_api.PagedAttentionCache is cb_cache.PagedAttentionCache
+    assert hasattr(continuous_api.ContinuousBatchingManager, "_create_batch_processor")
+    assert getattr(cb_cache.PagedAttentionCache.update, "_torchdynamo_disable", False), \
+        "update is traceable now: the compiler route (match its index_copy / index_select) may serve better"
+
+
+def test_method_none_is_transformers_continuous_batching_token_for_token():
+    model = tiny_llama()
+    inputs = prompts()
+    want = tokens(model.generate_batch(inputs, generation_config=greedy(), continuous_batching_config=cb_config()))
+    serving.enable(model, kv_budget_bytes=2_000_000, method="none")
+    got = tokens(model.generate_batch(inputs, generation_config=greedy(), continuous_batching_config=cb_config()))
+    assert got == want and all(len(v) == NEW for v in got.values())
+    assert model._gear_paged_pool.whole(), "pages not all returned after the run"
+    assert model.config._attn_implementation == "sdpa"      # restored when the manager stops
+
+
+def test_queued_when_full_never_corrupted_and_refused_when_too_big():
+    """A pool of two tails: six requests run two at a time, exact; a request
+    larger than the whole pool is refused with a message."""
+    model = tiny_llama()
+    inputs = prompts()
+    want = tokens(model.generate_batch(inputs, generation_config=greedy(), continuous_batching_config=cb_config()))
+    serving.enable(model, kv_budget_bytes=400_000, max_requests=2, method="none")
+    got = tokens(model.generate_batch(inputs, generation_config=greedy(), continuous_batching_config=cb_config()))
+    assert got == want
+    pool = model._gear_paged_pool
+    assert pool.whole()
+    too_long = [[1] * (pool.n_pages + 1) * pool.page_tokens]
+    manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
+    with pytest.raises(ValueError, match="Raise kv_budget_bytes"):
+        manager.add_request(too_long[0], max_new_tokens=NEW)
+
+
+def test_requests_join_mid_run_and_stream():
+    """Manager API: a second wave added after the first has produced tokens,
+    one request streamed token by token; all equal transformers' outputs."""
+    model = tiny_llama()
+    inputs = prompts()
+    want = list(tokens(model.generate_batch(inputs, generation_config=greedy(),
+                                            continuous_batching_config=cb_config())).values())
+    serving.enable(model, kv_budget_bytes=2_000_000, method="none")
+    manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
+    manager.start()
+    try:
+        first = [manager.add_request(x, request_id=f"a{i}", max_new_tokens=NEW) for i, x in enumerate(inputs[:3])]
+        seen = manager.get_result(timeout=60)               # the first wave is running
+        assert seen is not None
+        streamed = manager.add_request(inputs[3], request_id="s", max_new_tokens=NEW, streaming=True)
+        late = [manager.add_request(x, request_id=f"b{i}", max_new_tokens=NEW) for i, x in enumerate(inputs[4:])]
+        chunks = []
+        for out in manager.request_id_iter(streamed):
+            chunks.append(len(out.generated_tokens))
+            if out.is_finished():
+                stream_tokens = list(out.generated_tokens)
+                break
+        results = {seen.request_id: seen}
+        while len(results) < len(first) + len(late):
+            out = manager.get_result(timeout=60)
+            assert out is not None, "a request was lost"
+            results[out.request_id] = out
+    finally:
+        manager.stop(block=True, timeout=30)
+    assert len(chunks) > 1 and chunks == sorted(chunks)     # tokens arrived as they were made
+    assert stream_tokens == want[3]
+    assert [list(results[r].generated_tokens) for r in first + late] == want[:3] + want[4:]
+    assert model._gear_paged_pool.whole()
+
+
+def test_num_return_sequences_forks_share_pages(monkeypatch):
+    """Children forked from their parent after its prefill share its
+    compressed pages; with top_k=1 every child continues as the parent."""
+    model = tiny_llama()
+    inputs = prompts((100, 20))
+    cfg = GenerationConfig(max_new_tokens=NEW, do_sample=True, top_k=1, num_return_sequences=3, eos_token_id=-1,
+                           pad_token_id=0)
+    serving.enable(model, kv_budget_bytes=2_000_000, method="gear", bits=8)
+    forks = []
+    fork = serving.PagedPool.fork
+    monkeypatch.setattr(serving.PagedPool, "fork", lambda self, s, d: forks.append((s, len(self.pages(s))))
+                        or fork(self, s, d))
+    got = tokens(model.generate_batch(inputs, generation_config=cfg, continuous_batching_config=cb_config()))
+    assert len(got) == 6 and all(len(v) == NEW for v in got.values())
+    assert sorted(forks) == [("req_0", 1), ("req_0", 1), ("req_1", 0), ("req_1", 0)]   # 100 tokens: an 80-token page
+    for rid in ("req_0", "req_1"):
+        assert got[f"{rid}__child#0"] == got[f"{rid}__child#1"] == got[rid]
+    assert model._gear_paged_pool.whole()
+
+
+@pytest.mark.parametrize("method,bits", [("gear", 4), pytest.param("kivi", 2, marks=pytest.mark.slow)])
+def test_lossy_quality_per_request_close_to_generate_with_the_same_method(method, bits):
+    """Each request's greedy tokens agree with the dense ones about as long
+    as generate() with the same method agrees with dense generate()."""
+    import gear_compile
+    model = tiny_llama(peaked=4.0)
+    inputs = prompts((120, 200, 80))
+    dense = [model.generate(torch.tensor([x]), generation_config=greedy())[0, len(x):].tolist() for x in inputs]
+    compiled = gear_compile.compile(tiny_llama(peaked=4.0), method=method, bits=bits, inductor=False)
+    ref = [compiled.generate(torch.tensor([x]), generation_config=greedy())[0, len(x):].tolist() for x in inputs]
+    serving.enable(model, kv_budget_bytes=2_000_000, method=method, bits=bits)
+    got = list(tokens(model.generate_batch(inputs, generation_config=greedy(),
+                                           continuous_batching_config=cb_config())).values())
+
+    def agree(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+
+    for d, r, g in zip(dense, ref, got):
+        assert agree(d, g) >= min(agree(d, r), NEW) - 8, (method, agree(d, g), agree(d, r))
+    assert sum(agree(d, g) for d, g in zip(dense, got)) >= 0.75 * sum(agree(d, r) for d, r in zip(dense, ref))
