@@ -21,7 +21,7 @@ import torch
 from gear_compile.kernels import cpu
 from test_attention_kernels import _check
 
-ISAS = ["avx512", "avx2", "scalar"]
+ISAS = ["avx512vnni", "avx512", "avx2", "scalar"]
 
 
 def _cpu_flags() -> set[str]:
@@ -99,7 +99,8 @@ def test_the_paths_agree_to_float_rounding():
 def test_auto_picks_the_best_set_the_cpu_reports():
     flags = _cpu_flags()
     avx2 = {"avx2", "fma", "f16c"} <= flags
-    best = "avx512" if avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else \
+    avx512 = avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    best = "avx512vnni" if avx512 and "avx512_vnni" in flags else "avx512" if avx512 else \
         "avx2" if avx2 else "scalar"
     with forced("auto"):
         assert cpu.isa() == best
@@ -108,7 +109,7 @@ def test_auto_picks_the_best_set_the_cpu_reports():
 def test_a_missing_set_or_an_unknown_name_is_refused():
     cpu.load()
     before = cpu.isa()
-    with pytest.raises(RuntimeError, match="one of auto, avx512, avx2, scalar"):
+    with pytest.raises(RuntimeError, match="one of auto, avx512vnni, avx512, avx2, scalar"):
         cpu.isa("sse9")
     for isa in ISAS:
         if not _has(isa):

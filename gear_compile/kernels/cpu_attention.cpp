@@ -61,6 +61,7 @@ constexpr int CHUNK = 64;          // tokens scored per softmax update
 constexpr int MIN_SPLIT = 256;     // fewest tokens worth a work item of their own
 constexpr int TILE = 16;           // tokens a K-outlier pointer covers (outliers.py: TILE)
 constexpr int TOKEN_BITS = 8;      // a K record's token field: its offset mod 256 (outliers.py)
+constexpr int MAX_QUADS = 64;      // integer dots: code dword fields a row (4 channels each), D <= 256
 
 // Fields of one segment's descriptor (store.py: KERNEL_FIELDS): how it is
 // quantized (GROUP 0: the whole block; BLOCK 0: the whole segment; outlier
@@ -196,6 +197,11 @@ struct Problem {
   int64_t mask_len = 0;
   float softcap = 0.0f;           // > 0: scores -> softcap * tanh(scores / softcap)
   const float* sinks = nullptr;   // [Hq] or null: one more logit per query head, value 0
+  // folded K scores by integer dots (cpu_simd_avx512.h: vnni_limbs, vnni_scores), or null
+  void (*int_limbs)(const float* q, int D, int nch, uint8_t* h, uint8_t* m, uint8_t* l,
+                    float* scale) = nullptr;
+  void (*int_scores)(const uint8_t* codes, int W, int bits, int n, const int32_t* limbs,
+                     const float* scale, int R, float* out, int os) = nullptr;
 };
 
 // Per-thread buffers; rows of DP floats (zero padding keeps dot products exact).
@@ -204,7 +210,8 @@ struct Problem {
 // V's current block waits in `pa` for its one pass through B^T.
 struct Scratch {
   int ts;                         // tile row stride: room for DP floats or PB*W codes
-  std::vector<float> q, qs, qz, qb, pa, w, score, row, row2, tile, at, sa, za, brow;
+  std::vector<float> q, qs, qz, qb, pa, w, score, row, row2, tile, at, sa, za, brow, lscale;
+  std::vector<int32_t> limbs;     // q*s as integer limbs (quantize_limbs), with their row scales
   const void* qs_key = nullptr;   // the scale row q*s and q.z were computed for
   const void* qb_key = nullptr;   // the B block qb = q.B diag(s) was computed for
   int64_t pa_blk = -1;            // V's block whose p.A `pa` holds (-1: none)
@@ -213,7 +220,8 @@ struct Scratch {
         q(P.R * P.DP, 0.0f), qs(P.R * P.DP, 0.0f), qz(P.R), qb(P.R * std::max(maxrank, 1)),
         pa(P.R * std::max(maxrank, 1), 0.0f), w(P.R * CHUNK), score(P.R * CHUNK),
         row(ts, 0.0f), row2(ts, 0.0f), tile(CHUNK * ts, 0.0f), at(std::max(maxrank, 1) * CHUNK),
-        sa(CHUNK), za(CHUNK), brow(std::max(maxrank, 1) * P.DP, 0.0f) {}
+        sa(CHUNK), za(CHUNK), brow(std::max(maxrank, 1) * P.DP, 0.0f), lscale(P.R),
+        limbs(P.int_scores ? P.R * 3 * MAX_QUADS : 0) {}
   // A new segment of the walk: nothing computed for another may be reused.
   void start_segment() {
     qs_key = qb_key = nullptr;
@@ -280,8 +288,9 @@ namespace gear_cpu::avx512 {
 namespace gear_cpu {
 
 // ---------------------------------------------------------------- dispatch
-enum class Isa { scalar, avx2, avx512 };
-constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
+// avx512vnni: the AVX-512 walk with the folded K scores by VNNI integer dots
+enum class Isa { scalar, avx2, avx512, avx512vnni };
+constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512", "avx512vnni"};
 
 bool supported(Isa isa) {
 #ifdef GEAR_X86_DISPATCH
@@ -293,6 +302,7 @@ bool supported(Isa isa) {
     case Isa::avx2: return avx2;
     case Isa::avx512: return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case Isa::avx512vnni: return supported(Isa::avx512) && __builtin_cpu_supports("avx512vnni");
   }
   return false;
 #else
@@ -301,18 +311,18 @@ bool supported(Isa isa) {
 }
 
 Isa parse_isa(const std::string& name) {
-  for (int i = 2; i >= 0; --i) {
+  for (int i = 3; i >= 0; --i) {
     Isa isa = static_cast<Isa>(i);
     if (name == kIsaNames[i]) {
       TORCH_CHECK(supported(isa), "gear attention_cpu: instruction set '", name,
                   "' is not available on this CPU (or this build); choose one of those below it in "
-                  "avx512 > avx2 > scalar, or 'auto'.");
+                  "avx512vnni > avx512 > avx2 > scalar, or 'auto'.");
       return isa;
     }
   }
-  TORCH_CHECK(name == "auto", "gear attention_cpu: instruction set must be one of auto, avx512, avx2, "
-              "scalar, got '", name, "'.");
-  for (Isa isa : {Isa::avx512, Isa::avx2}) if (supported(isa)) return isa;
+  TORCH_CHECK(name == "auto", "gear attention_cpu: instruction set must be one of auto, avx512vnni, "
+              "avx512, avx2, scalar, got '", name, "'.");
+  for (Isa isa : {Isa::avx512vnni, Isa::avx512, Isa::avx2}) if (supported(isa)) return isa;
   return Isa::scalar;
 }
 
@@ -332,9 +342,13 @@ std::string cpu_isa(c10::string_view name) {
   return kIsaNames[active_isa().load()];
 }
 
-void run_items(const Problem& P, const Plan& L, float* part) {
+void run_items(Problem& P, const Plan& L, float* part) {
   switch (static_cast<Isa>(active_isa().load())) {
 #ifdef GEAR_X86_DISPATCH
+    case Isa::avx512vnni:
+      P.int_limbs = avx512::vnni_limbs;
+      P.int_scores = avx512::vnni_scores;
+      return avx512::run_items(P, L, part);
     case Isa::avx512: return avx512::run_items(P, L, part);
     case Isa::avx2: return avx2::run_items(P, L, part);
 #endif

@@ -31,9 +31,10 @@ inline void half_row(const at::Half* x, int n, float* out) {
 // records of record tiles [j0, j1) are [ptr[j0], ptr[j1]), in token order; a
 // record's token is its tile's 256-token base plus the stored low byte. Only
 // a chunk starting or ending inside a record tile skips records of it.
-// Positions are 16 bits (read unsigned from the int16 tensor) or 32.
-template <typename I>
-void k_outliers_as(const Seg& K, const I* positions, int64_t t0, int n, Scratch& sc) {
+// Positions are 16 bits (read unsigned from the int16 tensor) or 32. Each
+// record goes to add(token - t0, channel, value in steps).
+template <typename I, typename Add>
+void k_outliers_as(const Seg& K, const I* positions, int64_t t0, int n, Add add) {
   const uint32_t channel_mask = (1u << K.channel_bits) - 1;
   for (int64_t t = t0; t < t0 + n;) {
     int64_t blk = t / K.block;
@@ -42,23 +43,24 @@ void k_outliers_as(const Seg& K, const I* positions, int64_t t0, int n, Scratch&
     const int32_t* ptr = K.out_ptr + blk * K.ptrs;
     const I* pos = positions + blk * K.k2;       // the block's records: k2 = 2k * D of them
     const int8_t* val = K.out_val + blk * K.k2;
-    const int shift = static_cast<int>(t0 - blk * K.block);     // block offset of tile row 0
+    const int shift = static_cast<int>(t0 - blk * K.block);     // block offset of token t0
     for (int j = lo / TILE; j * TILE < hi; ++j) {
       const int base = (j * TILE) & ~255;
       for (int r = ptr[j]; r < ptr[j + 1]; ++r) {
         const uint32_t p = pos[r];
         const int tok = base + static_cast<int>((p >> K.channel_bits) & 255);
         if (tok < lo || tok >= hi) continue;
-        sc.tile_row(tok - shift)[p & channel_mask] += static_cast<float>(val[r]) * K.out_unit;
+        add(tok - shift, p & channel_mask, static_cast<float>(val[r]) * K.out_unit);
       }
     }
     t = blk * K.block + hi;
   }
 }
 
-inline void k_outliers(const Seg& K, int64_t t0, int n, Scratch& sc) {
-  if (K.idx_type == at::kShort) k_outliers_as(K, static_cast<const uint16_t*>(K.out_idx), t0, n, sc);
-  else k_outliers_as(K, static_cast<const uint32_t*>(K.out_idx), t0, n, sc);
+template <typename Add>
+inline void k_outliers(const Seg& K, int64_t t0, int n, Add add) {
+  if (K.idx_type == at::kShort) k_outliers_as(K, static_cast<const uint16_t*>(K.out_idx), t0, n, add);
+  else k_outliers_as(K, static_cast<const uint32_t*>(K.out_idx), t0, n, add);
 }
 
 // V outliers of tokens [t0, t0+n) into the tile: 2k (channel, steps) per
@@ -143,13 +145,34 @@ void load_b(const Seg& s, int64_t blk, int D, int DP, Scratch& sc) {
   }
 }
 
+// q' = q*s (sc.qs) as 21-bit integers in three signed-byte limbs, for the
+// integer dots (P.int_limbs, P.int_scores): q'_d ~ scale * (2^14 h + 2^7 m + l),
+// l and m in [0, 127], h in [-64, 64], scale = max_d |q'_d| / 2^20 per row
+// (so the rounding is at most 2^-21 of the row's largest entry). Limb l of
+// row r is a byte per channel, PB*W channels (zero past D): the four bytes
+// of a code dword's field f at column c are channels f*W + 4c .. f*W + 4c + 3,
+// so the bytes read as int32 are the broadcasts the dots need.
+void quantize_limbs(const Problem& P, const Seg& K, Scratch& sc) {
+  const int nch = (8 / K.bits) * K.W, nu = nch / 4;
+  for (int r = 0; r < P.R; ++r) {
+    auto limb = [&](int l) { return reinterpret_cast<uint8_t*>(sc.limbs.data() + (r * 3 + l) * nu); };
+    P.int_limbs(sc.qs.data() + r * P.DP, P.D, nch, limb(0), limb(1), limb(2), sc.lscale.data() + r);
+  }
+}
+
 // Scores of tokens [t0, t0+n) of a K segment into sc.score[r * CHUNK + j].
+// Folded K by integer dots where the set has them (P.int_scores): the codes
+// are never turned into floats, and the outliers join the scores as
+// q'_c * steps instead of joining the codes.
 void score_chunk(const Problem& P, const Seg& K, int64_t t0, int n, Scratch& sc) {
   const int R = P.R, D = P.D, DP = P.DP;
   float* score = sc.score.data();
   const bool fold = !K.exact && K.channel;   // per-channel stats fold into q
-  load_tile(K, t0, n, D, sc);
-  if (K.k2) k_outliers(K, t0, n, sc);
+  const bool int_dots = fold && P.int_scores && K.W % 4 == 0 && (8 / K.bits) * (K.W / 4) <= MAX_QUADS;
+  if (!int_dots) {
+    load_tile(K, t0, n, D, sc);
+    if (K.k2) k_outliers(K, t0, n, [&](int j, uint32_t c, float v) { sc.tile_row(j)[c] += v; });
+  }
   if (!fold && !K.exact) rebuild_tile(K, t0, n, D, sc);
   if (!fold) {
     score_tile(sc.q.data(), R, DP, sc.tile.data(), sc.ts, n, score, CHUNK);
@@ -164,8 +187,18 @@ void score_chunk(const Problem& P, const Seg& K, int64_t t0, int n, Scratch& sc)
           for (int d = 0; d < D; ++d) sc.qs[r * DP + d] = sc.q[r * DP + d] * sc.row[d];
         half_row(K.zero + group * D, D, sc.row.data());
         score_tile(sc.q.data(), R, DP, sc.row.data(), 0, 1, sc.qz.data(), 1);
+        if (int_dots) quantize_limbs(P, K, sc);
       }
-      score_tile(sc.qs.data(), R, DP, sc.tile_row(j0), sc.ts, j1 - j0, score + j0, CHUNK);
+      if (int_dots) {
+        P.int_scores(static_cast<const uint8_t*>(K.data) + (t0 + j0) * K.W, K.W, K.bits, j1 - j0,
+                     sc.limbs.data(), sc.lscale.data(), R, score + j0, CHUNK);
+        if (K.k2)
+          k_outliers(K, t0 + j0, j1 - j0, [&](int j, uint32_t c, float v) {
+            for (int r = 0; r < R; ++r) score[r * CHUNK + j0 + j] += sc.qs[r * DP + c] * v;
+          });
+      } else {
+        score_tile(sc.qs.data(), R, DP, sc.tile_row(j0), sc.ts, j1 - j0, score + j0, CHUNK);
+      }
       for (int r = 0; r < R; ++r)
         for (int j = j0; j < j1; ++j) score[r * CHUNK + j] += sc.qz[r];
       j0 = j1;

@@ -166,3 +166,79 @@ inline float exp_shifted(float* s, int n, float m) {
   }
   return _mm512_reduce_add_ps(acc);
 }
+
+// ------------------------------------------------------------ VNNI integer dots
+// Folded K scores out[r][j] = q'_r . c_j for n tokens of packed rows (planar,
+// `bits` a code, W bytes a row, W a multiple of 4) by vpdpbusd (unsigned code
+// bytes times signed bytes, four at a time into int32): q' is held as 21-bit
+// integers in three signed-byte limbs (kernel: quantize_limbs), so a score is
+// scale_r * (2^14 h + 2^7 m + l) of three integer dots (vnni_limbs). Tokens sit in the
+// lanes (16 at a time): a gather takes dword column c of 16 rows, i.e. the
+// bytes 4c..4c+3 of each, whose bit field f holds channels f*W + 4c + i; the
+// q' limb bytes of those four channels are broadcast. No horizontal sums, no
+// float codes. Compiled with VNNI on top of the namespace's AVX-512 and
+// called only where the CPU has it (cpu_attention.cpp: `active_isa`).
+// limbs: [R][3][PB * W/4] int32, field-major; NU = PB * W/4 <= 64 (D <= 256).
+// One row of q' as its limbs: h, m, l a byte per channel for nch channels
+// (zero past D), *scale = max |q'| / 2^20 (1 for a zero row).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+void vnni_limbs(const float* q, int D, int nch, uint8_t* h, uint8_t* m, uint8_t* l, float* scale) {
+  __m512 mx = _mm512_setzero_ps();
+  for (int d = 0; d < D; d += 16)
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(D - d >= 16 ? 0xFFFF : first(D - d), q + d)));
+  const float top = _mm512_reduce_max_ps(mx);
+  *scale = top > 0.0f ? top * 0x1p-20f : 1.0f;
+  const __m512 inv = _mm512_set1_ps(1.0f / *scale);
+  const __m512i low7 = _mm512_set1_epi32(127);
+  for (int d = 0; d < nch; d += 16) {
+    const __mmask16 in = D - d >= 16 ? 0xFFFF : D > d ? first(D - d) : 0;
+    const __mmask16 out = nch - d >= 16 ? 0xFFFF : first(nch - d);
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, q + d), inv));
+    _mm512_mask_cvtepi32_storeu_epi8(h + d, out, _mm512_srai_epi32(v, 14));
+    _mm512_mask_cvtepi32_storeu_epi8(m + d, out, _mm512_and_si512(_mm512_srli_epi32(v, 7), low7));
+    _mm512_mask_cvtepi32_storeu_epi8(l + d, out, _mm512_and_si512(v, low7));
+  }
+}
+
+template <int NR>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+inline void vnni_rows(const __m512i* u, int nu, const int32_t* limbs, const float* scale,
+                      float* out, int os, __mmask16 m) {
+  __m512i acc[NR][3];
+  for (int r = 0; r < NR; ++r)
+    for (int l = 0; l < 3; ++l) acc[r][l] = _mm512_setzero_si512();
+  for (int e = 0; e < nu; ++e)
+    for (int r = 0; r < NR; ++r)
+      for (int l = 0; l < 3; ++l)
+        acc[r][l] = _mm512_dpbusd_epi32(acc[r][l], u[e], _mm512_set1_epi32(limbs[(r * 3 + l) * nu + e]));
+  for (int r = 0; r < NR; ++r) {
+    __m512 s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_set1_ps(16384.0f),
+                               _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][1]), _mm512_set1_ps(128.0f)));
+    s = _mm512_mul_ps(_mm512_add_ps(s, _mm512_cvtepi32_ps(acc[r][2])), _mm512_set1_ps(scale[r]));
+    _mm512_mask_storeu_ps(out + r * os, m, s);
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+void vnni_scores(const uint8_t* codes, int W, int bits, int n, const int32_t* limbs,
+                 const float* scale, int R, float* out, int os) {
+  const int cols = W / 4, pb = 8 / bits, nu = pb * cols;
+  const __m512i fieldmask = _mm512_set1_epi8(static_cast<char>((1 << bits) - 1));
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(cols));
+  __m512i u[64];
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : first(n - j);
+    const int* base = reinterpret_cast<const int*>(codes + static_cast<int64_t>(j) * W);
+    for (int c = 0; c < cols; ++c) {
+      __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m,
+                                              _mm512_add_epi32(rows, _mm512_set1_epi32(c)), base, 4);
+      for (int f = 0; f < pb; ++f)
+        u[f * cols + c] = bits == 8 ? g : _mm512_and_si512(_mm512_srli_epi32(g, f * bits), fieldmask);
+    }
+    int r = 0;
+    for (; r + 3 <= R; r += 3) vnni_rows<3>(u, nu, limbs + r * 3 * nu, scale + r, out + r * os + j, os, m);
+    if (R - r == 2) vnni_rows<2>(u, nu, limbs + r * 3 * nu, scale + r, out + r * os + j, os, m);
+    else if (R - r == 1) vnni_rows<1>(u, nu, limbs + r * 3 * nu, scale + r, out + r * os + j, os, m);
+  }
+}
