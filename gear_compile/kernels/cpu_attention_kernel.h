@@ -314,9 +314,7 @@ void attend_chunk(const Problem& P, const Seg& K, const Seg& V, int64_t t0, int 
         s[j] = col < 0 ? -INFINITY : s[j] + mask_value(P, b, kvh * P.G + g, i, col);
       }
     }
-    float mx = -INFINITY;
-    for (int j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
-    float m_new = std::max(st.m[r], mx);
+    float m_new = std::max(st.m[r], max_of(s, n));
     float m_use = m_new == -INFINITY ? 0.0f : m_new;
     float alpha = st.m[r] == -INFINITY ? 0.0f : exp_neg(st.m[r] - m_use);
     st.l[r] = st.l[r] * alpha + exp_shifted(s, n, m_use);

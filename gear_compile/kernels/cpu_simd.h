@@ -20,6 +20,7 @@
 //   score_tile       out[r][j] = q_r . tile_j         (R rows x n tokens)
 //   accumulate_tile  acc_r[d] += sum_j w[r][j] tile_j[d]   for d in [d0, d1)
 //   exp_shifted      s[j] = exp(s[j] - m), returning the sum
+//   max_of           max_j s[j] (-inf for n = 0)
 //   dot, axpy        one vector: sum_j a[j] b[j];  y[j] += a x[j]
 #pragma once
 

@@ -156,6 +156,17 @@ inline void axpy(float a, const float* x, float* y, int n) {
   for (; j < n; ++j) y[j] += a * x[j];
 }
 
+inline float max_of(const float* s, int n) {
+  __m256 mv = _mm256_set1_ps(-INFINITY);
+  int j = 0;
+  for (; j + 8 <= n; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + j));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  for (; j < n; ++j) m = s[j] > m ? s[j] : m;
+  return m;
+}
+
 inline float exp_shifted(float* s, int n, float m) {
   __m256 acc = _mm256_setzero_ps(), mv = _mm256_set1_ps(m);
   int j = 0;

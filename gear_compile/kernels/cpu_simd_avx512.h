@@ -155,6 +155,15 @@ inline void axpy(float a, const float* x, float* y, int n) {
   }
 }
 
+inline float max_of(const float* s, int n) {
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : first(n - j);
+    mv = _mm512_mask_max_ps(mv, k, mv, _mm512_maskz_loadu_ps(k, s + j));
+  }
+  return _mm512_reduce_max_ps(mv);
+}
+
 inline float exp_shifted(float* s, int n, float m) {
   __m512 acc = _mm512_setzero_ps();
   const __m512 mv = _mm512_set1_ps(m);

@@ -50,6 +50,12 @@ inline void axpy(float a, const float* x, float* y, int n) {
   for (int j = 0; j < n; ++j) y[j] += a * x[j];
 }
 
+inline float max_of(const float* s, int n) {
+  float m = -INFINITY;
+  for (int j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
+  return m;
+}
+
 inline float exp_shifted(float* s, int n, float m) {
   float sum = 0.0f;
   for (int j = 0; j < n; ++j) sum += (s[j] = exp_neg(s[j] - m));
