@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -54,37 +55,97 @@ HERE = Path(__file__).resolve().parent
 CI_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2",
             "gpt_neox", "gpt_bigcode", "falcon", "starcoder2", "xglm", "bloom"]
 
-# tiny sizes, set on each config that has the attribute
+# tiny sizes, set on each config whose defaults have the attribute
 SIZES = {
     "hidden_size": 128, "n_embd": 128, "d_model": 128, "n_embed": 128,
-    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2,
     "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "n_heads": 4,
     "num_key_value_heads": 2, "num_kv_heads": 2, "multi_query_group_num": 2,
-    "head_dim": 32,
+    "head_dim": 32, "swa_head_dim": 32, "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2,
     "intermediate_size": 256, "n_inner": 256, "ffn_dim": 256, "ffn_hidden_size": 256,
-    "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64,
+    "intermediate_size_mlp": 256, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
-    "vocab_size": 512, "max_position_embeddings": 512, "n_positions": 512,
-    "sliding_window": 128, "rotary_dim": 16,
+    "n_group": 1, "topk_group": 1, "num_expert_group": 1, "num_experts_per_token": 2,
+    "n_shared_experts": 1, "kv_n_heads": 2, "moe_num_experts": 4, "moe_top_k": 2, "unpadded_vocab_size": 512,
+    "vocab_size": 512, "max_position_embeddings": 512, "n_positions": 512, "max_seq_len": 512,
+    "vocab_size_per_layer_input": 512, "hidden_size_global": 128, "encoder_hash_byte_group_vocab": 512, "hidden_size_per_layer_input": 16,
+    "sliding_window": 128, "sliding_window_size": 128, "rotary_dim": 16,
+    # linear-attention / state-space layers of the hybrids
+    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 32,
+    "linear_value_head_dim": 32, "linear_head_dim": 32, "mamba_n_heads": 8, "mamba_d_head": 32,
+    "mamba_head_dim": 32, "n_mamba_heads": 2, "mamba_d_state": 16, "state_size": 16,
 }
+# MLA (DeepSeek V2 / V3 and their kin): the cache holds a latent of kv_lora_rank and one rotary key
+# part of qk_rope_head_dim; the head dims derive from these, so head_dim is not set
+MLA = {"kv_lora_rank": 32, "q_lora_rank": 16, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 32}
+LAYERS, HYBRID_LAYERS = 2, 4
+# per-layer lists (one entry a layer) and index lists (the layers of one kind) that follow the layer count
+PER_LAYER = ("layer_types", "layers_block_type", "mlp_layer_types", "block_types", "attention_layers",
+             "activation_sparsity_pattern")
+LAYER_INDICES = ("full_attn_idxs", "hybrid_layer_ids", "attn_layer_indices")
+# what a layer type that holds an attention KV cache is called (the rest: recurrent, linear, MLP)
+ATTENTION_KINDS = re.compile(r"attention|attn|global|local|hybrid|sliding")
+NOT_ATTENTION_KINDS = re.compile(r"linear_attention|mamba|recurrent|mlp|moe|dense|sparse")
+# a MoE's sizes, set where the defaults leave them None but the model has experts
+MOE = ("num_experts_per_tok", "n_routed_experts", "num_experts", "num_local_experts", "n_shared_experts")
+_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+_LINEAR, _FULL = "linear_attention", "full_attention"
+# a family's own rule where the generic one does not reach, and why
+FAMILY = {
+    # attention every 8 layers from layer 4 by default: none in the tiny model
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
+    # its shared attention block is tied across the hybrid layers: two of them
+    "zamba": dict(num_hidden_layers=4, layers_block_type=[_LINEAR, "hybrid"] * 2),
+    # every layer a Mamba layer by default: attention layers are given by index
+    "bamba": dict(num_hidden_layers=4, attn_layer_indices=[3]),
+    "granitemoehybrid": dict(num_hidden_layers=4, layer_types=[_LINEAR] * 3 + [_FULL]),
+    # the pattern of three blocks repeats over the layers
+    "recurrent_gemma": dict(num_hidden_layers=3),
+    # its layer list is built from (pattern, repeats)
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
+    # hidden_size * expand must equal num_heads * head_dim
+    "mamba2": dict(num_heads=8),
+    # the layers split into input, recurrent (looped) and output blocks, each an attention + an MLP
+    "dory": dict(num_hidden_layers=4, layer_types=None, n_input_layers=1, n_recurrent_layers=2,
+                 n_output_layers=1),
+    # the last layers reuse the caches of earlier ones of their kind (KV sharing)
+    "gemma3n_text": dict(num_hidden_layers=4, layer_types=["sliding_attention", _FULL] * 2,
+                         activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0], num_kv_shared_layers=2),
+    # the defaults leave these unset, and the model reads them: layer_types (None), the
+    # indexer's sizes (None), the rope parameters of its layer type ({}), attn_config's rope_theta
+    "lfm2_moe": dict(num_hidden_layers=4, num_dense_layers=1, layer_types=["conv", _FULL] * 2),
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=32,
+                           indexer_budget=64, indexer_compress_ratio=4),
+    "cohere_compass_text": dict(rope_parameters={_FULL: _ROPE}),
+    "dbrx": dict(attn_config=dict(rope_theta=10000.0, clip_qkv=8.0)),
+    # a sliding layer's head_dim must equal its qk_nope_head_dim (scaled to 24) + qk_rope_head_dim
+    "dots3_note_text": dict(head_dim=40),
+    # only one expert a token is supported
+    "zaya": dict(num_experts_per_tok=1),
+}
+FAMILY["qwen4_exp"] = dict(text_config=FAMILY["qwen4_exp_text"])
+FAMILY["dots3_note"] = dict(text_config=FAMILY["dots3_note_text"])
 PROMPT, NEW_TOKENS = 200, 12
 MAX_PARAMETERS = 50_000_000      # a "tiny" model past this would take the machine's memory
 
 
 def tiny_config(model_type: str):
-    """A tiny random config of `model_type`, or raise ValueError(why not)."""
+    """A tiny random config of `model_type`, built through its constructor
+    (so derived fields follow), or raise ValueError(why not)."""
     from transformers import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
     if MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type].endswith("ForConditionalGeneration"):
         raise ValueError("a multimodal wrapper (its text model is swept under its own entry)")
+    if MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type].endswith("AssistantForCausalLM"):
+        raise ValueError("a speculative-decoding drafter: every layer reads the target model's KV cache "
+                         "(num_kv_shared_layers = num_hidden_layers), it holds none of its own")
     cls = CONFIG_MAPPING[model_type]
     default = cls()
     if getattr(default, "is_encoder_decoder", False):
         raise ValueError("encoder-decoder")
     if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         raise ValueError("an encoder family (masked LM; a decoder only as is_decoder=True)")
-    config = cls(**_tiny_kwargs(cls, default))
+    config = cls(**_merged(_tiny_kwargs(cls, default), FAMILY.get(model_type, {})))
     for key, value in _in_vocabulary(config.to_dict()).items():
         if key.endswith("token_id"):
             setattr(config, key, value)
@@ -92,19 +153,98 @@ def tiny_config(model_type: str):
 
 
 def _tiny_kwargs(cls, default) -> dict:
-    """SIZES for the attributes `default` has (derived properties, e.g.
-    falcon's head_dim, are not set), and the same for each nested sub-config
-    (a composite model's text_config, ...: left at its defaults it would
-    build a full-size model)."""
-    kwargs = {k: v for k, v in SIZES.items()
-              if hasattr(default, k) and not isinstance(getattr(cls, k, None), property)}
-    if getattr(default, "sliding_window", None) is None:
-        kwargs.pop("sliding_window", None)
+    """SIZES (and MLA's) for the attributes `default` has (read from its
+    dict: a per-layer attribute is not read as a global), the layer count and
+    every per-layer list that follows it (`_tiny_layers`), and the same for
+    each nested sub-config (a composite model's text_config, ...: left at its
+    defaults it would build a full-size model)."""
+    fields = default.to_dict()
+    kwargs = {k: v for k, v in SIZES.items() if fields.get(k) is not None}
+    if any(fields.get(k) is not None for k in MOE + ("moe_intermediate_size",)):
+        kwargs.update({k: SIZES[k] for k in MOE if k in fields})
+    if fields.get("kv_lora_rank"):
+        # the rotary embedding's head_dim is the rope part where the family says so
+        rope_head = fields.get("head_dim") == fields.get("qk_rope_head_dim")
+        kwargs.pop("head_dim", None)
+        kwargs.update({k: v for k, v in MLA.items() if fields.get(k) is not None})
+        kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", 4)
+        if rope_head:
+            kwargs["head_dim"] = MLA["qk_rope_head_dim"]
+    kwargs.update(_tiny_layers(fields))
+    if fields.get("per_layer_config"):
+        kwargs["per_layer_config"] = _tiny_per_layer(fields, kwargs)
     for name in getattr(cls, "sub_configs", {}):
         sub = getattr(default, name, None)
         if sub is not None and hasattr(sub, "to_dict"):
             kwargs[name] = _in_vocabulary(dict(sub.to_dict(), **_tiny_kwargs(type(sub), sub)))
     return kwargs
+
+
+def _tiny_layers(fields: dict) -> dict:
+    """The layer count, with the per-layer lists cut to it. A model without
+    per-layer lists gets LAYERS; a hybrid gets HYBRID_LAYERS taken from its
+    own pattern: its first three layers and then the first layer of a kind
+    not among them (an attention layer, where the first three have none),
+    so the tiny model keeps at least one layer of each of the first kinds
+    and one attention layer."""
+    count = next((k for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in fields), None)
+    if count is None:
+        return {}
+    total = fields[count]
+    lists = {k: fields[k] for k in PER_LAYER if isinstance(fields.get(k), list) and len(fields[k]) == total}
+    pattern = next(iter(lists.values()), [])
+    if len(set(map(str, pattern))) <= 1 and not any(isinstance(fields.get(k), list) for k in LAYER_INDICES):
+        return {count: LAYERS, **{k: v[:LAYERS] for k, v in lists.items()}}
+    picked = list(range(min(3, total)))
+    kinds = [pattern[i] for i in picked] if pattern else []
+    rest = [j for j in range(len(picked), total) if not pattern or pattern[j] not in kinds]
+    attention = [j for j in rest if pattern and _attention_kind(pattern[j])]
+    picked.append((attention or rest or [min(len(picked), total - 1)])[0])
+    out = {count: len(picked)}
+    out.update({k: [v[i] for i in picked] for k, v in lists.items()})
+    for key in LAYER_INDICES:
+        if isinstance(fields.get(key), list):
+            kept = [picked.index(i) for i in fields[key] if i in picked]
+            out[key] = kept or [len(picked) - 1]
+    return out
+
+
+def _tiny_per_layer(fields: dict, kwargs: dict) -> dict:
+    """A per-layer config (layer index -> the attributes that layer sets
+    apart, e.g. Gemma 4's wider global head_dim) moved onto the tiny layers:
+    each kind's attributes (its first entry's) onto every tiny layer of that
+    kind, their sizes scaled as the global ones were (a head dim in
+    proportion, so a layer keeps a head dim unlike the others)."""
+    kinds, tiny = fields.get("layer_types") or [], kwargs.get("layer_types") or []
+    scale = {**SIZES, **MLA}
+    out = {}
+    for key, attributes in fields["per_layer_config"].items():
+        kind = kinds[int(key)] if int(key) < len(kinds) else None
+        for j in (j for j, k in enumerate(tiny) if k == kind):
+            out.setdefault(str(j).zfill(len(key)) if isinstance(key, str) else j, {
+                k: _scaled(k, v, fields, kwargs.get(k, scale.get(k, v))) for k, v in attributes.items()})
+    return out
+
+
+def _scaled(name: str, value, fields: dict, tiny):
+    """A per-layer size: a head dim in proportion to the global one, others the tiny size."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return value
+    if name.endswith("head_dim") and fields.get(name) and isinstance(tiny, int):
+        return max(1, value * tiny // fields[name])
+    return tiny
+
+
+def _merged(options: dict, family: dict) -> dict:
+    """`family` over `options`, nested dicts (a sub-config's) merged key by key."""
+    out = dict(options)
+    for k, v in family.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _attention_kind(kind) -> bool:
+    return isinstance(kind, str) and bool(ATTENTION_KINDS.search(kind)) and not NOT_ATTENTION_KINDS.search(kind)
 
 
 def _in_vocabulary(options: dict) -> dict:
@@ -251,36 +391,53 @@ def headline(rows: list[dict]) -> str:
             f"(target 100 %: {wrong} wrong, {errors} errors)")
 
 
-def write(rows: list[dict], args, path: Path, command: str | None = None) -> None:
+def provenance(argv: list[str]) -> str:
+    """Where a row comes from: the command, the installed transformers, the
+    commit (with "+" where the working tree differs from it)."""
     import transformers
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    dirty = "+" if git("status", "--porcelain", "--", "../gear_compile", str(Path(__file__).name)) else ""
+    return (f"`python benchmarks/arch_coverage.py {' '.join(argv)}`, transformers {transformers.__version__}, "
+            f"commit {git('rev-parse', '--short', 'HEAD')}{dirty}")
+
+
+def write(rows: list[dict], args, path: Path) -> None:
+    """The table (a row's `run` numbers its provenance, listed below it) and the rows as JSON."""
+    runs = list(dict.fromkeys(r.get("provenance", "not recorded") for r in rows))
     lines = [
         "# Architecture coverage: unmodified decoders through the gear backend", "",
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}",
-        f"- command: `{command or 'python benchmarks/arch_coverage.py ' + ' '.join(sys.argv[1:])}`",
-        f"- tiny random configs (see `SIZES`), prompt {PROMPT} tokens, exact check over {NEW_TOKENS} "
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}",
+        f"- tiny random configs built through each config's constructor (`tiny_config`: `SIZES`, `MLA`, "
+        f"hybrid patterns, `FAMILY`), prompt {PROMPT} tokens, exact check over {NEW_TOKENS} "
         f"greedy tokens, GEAR 4-bit over {args.steps} decode steps; "
-        "kv %: bytes held vs the same cache dense in the model's dtype; "
+        "kv %: bytes held vs the same cache dense in the model's dtype (attention layers' K/V; a hybrid's "
+        "recurrent states are exact and not counted); "
         "logits err: largest relative L2 error of a decode step's logits vs eager while the tokens agree",
         f"- **{headline(rows)}**", "",
         "| arch | status | sites rewritten / found | none == eager | compressed layers | kv % | "
-        "logits err | graphs | fallbacks / reason |",
-        "|---|---|---:|---|---:|---:|---:|---:|---|"]
+        "logits err | graphs | run | fallbacks / reason |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        run = runs.index(r.get("provenance", "not recorded")) + 1
         if r["status"] == "not built":
             continue
         if "sites" not in r:
-            lines.append(f"| {r['arch']} | {r['status']} | | | | | | | {r.get('reason', '')} |")
+            lines.append(f"| {r['arch']} | {r['status']} | | | | | | | {run} | {r.get('reason', '')} |")
             continue
         notes = "; ".join(r["fallbacks"]) or ("report and run disagree" if not r["agree"] else "")
         lines.append(
             f"| {r['arch']} | {r['status']} | {r['rewritten']} / {r['sites']} | "
             f"{'yes' if r['exact'] else 'NO'} | {r['compressed_layers']} / {r['attention_layers']} | "
-            f"{100 * r['kv_ratio']:.0f} | {r['logits_error']:.3f} | {r['graphs']} | "
+            f"{100 * r['kv_ratio']:.0f} | {r['logits_error']:.3f} | {r['graphs']} | {run} | "
             f"{notes.replace('|', '/')} |")
     skipped = [r for r in rows if r["status"] == "not built"]
     if skipped:
-        lines += ["", "## Not built offline", ""] + [f"- {r['arch']}: {r['reason']}" for r in skipped]
+        lines += ["", "## Not built", ""] + [
+            f"- {r['arch']}: {r['reason']} (run {runs.index(r.get('provenance', 'not recorded')) + 1})"
+            for r in skipped]
+    lines += ["", "## Runs", ""] + [f"{i}. {run}" for i, run in enumerate(runs, 1)]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     path.with_suffix(".json").write_text(json.dumps(rows, indent=1))
 
@@ -302,9 +459,10 @@ def main(argv=None):
         print(json.dumps(sweep_one(args.worker, args.steps)))
         return
     if args.merge:
-        rows = sorted((r for f in args.merge for r in json.loads(f.read_text())), key=lambda r: r["arch"])
-        write(rows, args, args.out, command=f"python benchmarks/arch_coverage.py --steps {args.steps}, "
-                                            f"rows of {len(args.merge)} run(s) with --only, merged")
+        # the last run of an architecture wins; each row keeps its own provenance
+        rows = {r["arch"]: r for f in args.merge for r in json.loads(f.read_text())}
+        rows = sorted(rows.values(), key=lambda r: r["arch"])
+        write(rows, args, args.out)
         print(headline(rows))
         return
     known = architectures()
@@ -312,11 +470,11 @@ def main(argv=None):
     unknown = sorted(set(chosen) - set(known))
     if unknown:
         p.error(f"unknown model type(s) {unknown}; valid: {' '.join(known)}")
-    rows = []
+    rows, origin = [], provenance(sys.argv[1:] if argv is None else argv)
     for i, arch in enumerate(chosen):
         t0 = time.perf_counter()
         print(f"[{i + 1}/{len(chosen)}] {arch} ...", end=" ", flush=True)
-        row = spawn(arch, args.steps, args.timeout)
+        row = dict(spawn(arch, args.steps, args.timeout), provenance=origin)
         rows.append(row)
         print(f"{row['status']} ({time.perf_counter() - t0:.0f} s) {row.get('reason', '')}", flush=True)
         write(rows, args, args.out)

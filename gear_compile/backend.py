@@ -60,11 +60,22 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
             raise RuntimeError(
                 f"gear: {site.layer}'s cache holds LoRC latents but this graph cannot rebuild them "
                 f"({site.reason or 'options without lorc'}); generate with the options the cache was made with")
+    new_gm, plan = gm, RewritePlan(inputs=[None] * len(example_inputs), outputs=[TensorOut()] * _num_outputs(gm))
+    compiled = None
     if any(s.rewritable for s in sites):
-        new_gm, plan = rewrite(gm, sites, config, lorc_sites)
-    else:
-        new_gm, plan = gm, RewritePlan(inputs=[None] * len(example_inputs),
-                                       outputs=[TensorOut()] * _num_outputs(gm))
+        try:
+            new_gm, plan = rewrite(gm, sites, config, lorc_sites)
+            compiled = _lower(new_gm, plan.flatten_inputs(example_inputs), config, mode)
+        except Exception as e:       # noqa: BLE001 - a site we cannot handle falls back, never raises
+            if any(s.key is not None and s.key.compressed for s in sites if s.rewritable):
+                raise                # a compressed cache cannot be read exactly by the stock graph
+            log.warning("gear: graph left exact: its rewrite does not compile (%s: %s)", type(e).__name__, e)
+            for site in (s for s in sites if s.rewritable):
+                site.rewritable = False
+                site.reason = f"the rewritten graph does not compile ({type(e).__name__}: " \
+                              f"{str(e).splitlines()[0][:120]}); left exact"
+            new_gm, plan = gm, RewritePlan(inputs=[None] * len(example_inputs),
+                                           outputs=[TensorOut()] * _num_outputs(gm))
     graph_report = GraphReport.build(gm, new_gm, sites, config)
     record(graph_report)
     log.info("gear: graph %d: %s", graph_report.index, graph_report.summary())
@@ -75,7 +86,8 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
     if dump_dir:
         path = graph_report.write(dump_dir)
         log.info("gear: graph diff written to %s", path)
-    compiled = _lower(new_gm, plan.flatten_inputs(example_inputs), config, mode)
+    if compiled is None:
+        compiled = _lower(new_gm, plan.flatten_inputs(example_inputs), config, mode)
     return wrap(compiled, plan, config)
 
 

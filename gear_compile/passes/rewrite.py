@@ -330,8 +330,13 @@ def _mutates(node: fx.Node) -> bool:
     result into its input, whose loss changed every rank's activations)."""
     if node.is_impure():
         return True
+    if node.op == "call_function" and "nesting" in getattr(node.target, "__name__", "") and \
+            "functorch" in getattr(node.target, "__module__", ""):
+        return True              # vmap's level pushes and pops (the mask functions'): a stack, kept whole
     if node.op == "call_function" and getattr(node.target, "__module__", None) == "_operator":
-        return False             # operator.not_, and_, or_: pure, whatever their names say
+        # x[i] = y writes into x (Jamba's Mamba layer); operator.not_, and_, or_: pure,
+        # whatever their names say
+        return node.target in (operator.setitem, operator.delitem)
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     return node.op in ("call_method", "call_function") and isinstance(name, str) \
         and name.endswith("_") and not name.endswith("__")
