@@ -452,7 +452,7 @@ def machine_lines(args, device: str) -> list[str]:
           f"{torch.get_num_threads()} torch threads"
     name = {"cuda": f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
             if device == "cuda" else "",
-            "cpu": f"{cpu}; {_cpu_model()}",
+            "cpu": f"{cpu}; {_cpu_model()}; kernel path {_cpu_isa()}",
             "interpret": f"{cpu}, Triton interpreter: latencies are the interpreter's, NOT a "
                          "measurement; this run checks the script",
             "bytes": f"{cpu} (byte counts only, no timing)"}[device]
@@ -461,6 +461,12 @@ def machine_lines(args, device: str) -> list[str]:
             f"gear_compile {getattr(gear_compile, '__version__', '?')}",
             f"- command: `python benchmarks/decode_attention.py {' '.join(args.argv)}`"] + (
                 [f"- gear / gear_l option overrides: {args.overrides}"] if args.overrides else [])
+
+
+def _cpu_isa() -> str:
+    """The instruction set the C++ kernel runs (gear_compile.kernels.cpu.isa)."""
+    from gear_compile.kernels import cpu
+    return cpu.isa() if cpu.available() else "unavailable (reference path)"
 
 
 def _cpu_model() -> str:

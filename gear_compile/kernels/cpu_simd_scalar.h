@@ -1,5 +1,7 @@
 // The portable micro-kernels (contract: cpu_simd.h): plain loops, for any CPU
-// and for checking the vector sets against. Included by cpu_attention.cpp
+// and for checking the vector sets against. `omp simd reduction` lets the
+// compiler reorder the sums into vectors (the build has -fopenmp; torch's
+// threads are not involved), which plain -O3 may not do for floats. Included by cpu_attention.cpp
 // inside namespace gear_cpu::scalar, compiled for the build's baseline target
 // (no #pragma once: each set is included into its own namespace).
 
@@ -28,6 +30,7 @@ inline void score_tile(const float* q, int R, int DP, const float* tile, int ts,
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < n; ++j) {
       float s = 0.0f;
+#pragma omp simd reduction(+ : s)
       for (int d = 0; d < DP; ++d) s += q[r * DP + d] * tile[j * ts + d];
       out[r * os + j] = s;
     }
@@ -42,6 +45,7 @@ inline void accumulate_tile(const float* w, int ws, int R, int n, const float* t
 
 inline float dot(const float* a, const float* b, int n) {
   float s = 0.0f;
+#pragma omp simd reduction(+ : s)
   for (int j = 0; j < n; ++j) s += a[j] * b[j];
   return s;
 }
