@@ -64,8 +64,8 @@ transformers' StaticCache under torch.compile(mode="reduce-overhead") (SDPA
 attention), gear4 / kivi2 the compressed cache reserved for prompt + new tokens
 (`runtime.reserving`, what generate(cache_implementation="static") does) under
 the gear backend with Inductor's CUDA graphs. Dense runs at batch 1, then at the
-largest batch its batch-1 memory predicts fits (80 % of that after an out of
-memory, up to 3 tries): that batch is the one every method is timed at. Each
+largest batch its batch-1 memory predicts fits (at most --max-batch; 80 % of
+that after an out of memory, up to 3 tries): that batch is the one every method is timed at. Each
 method's peak memory at batch 1 and at that batch gives its memory per sequence,
 hence the largest batch it fits in the GPU's memory ("fits (est.)": a line
 through two measured points, not a run). Results: generate_throughput_gpu_graphs.{md,json}.
@@ -359,7 +359,8 @@ def graphs_worker(spec: dict) -> dict:
         del cache, run
         if spec.get("search") and batch == 1:
             per_seq = max(1, memory() - weights) if cuda else 1
-            batches = [max(2, int((0.92 * device_bytes - weights) / per_seq))] if cuda else [2]
+            batches = [min(spec["max_batch"], max(2, int((0.92 * device_bytes - weights) / per_seq)))
+                       if cuda else 2]
     return dict(spec, runs=runs, weights_gib=weights / 2**30, device_gib=device_bytes / 2**30)
 
 
@@ -472,7 +473,8 @@ def gpu_graphs_grid(args) -> list[dict]:
     for method in args.methods:
         search = dense_batch is None
         spec = dict(model=model, method=method, prompt=args.gpu_prompt, new_tokens=args.gpu_new_tokens,
-                    device=args.device, graphs=True, batches=[1] if search else [1, dense_batch], search=search)
+                    device=args.device, graphs=True, batches=[1] if search else [1, dense_batch], search=search,
+                    max_batch=args.max_batch)
         t0 = time.perf_counter()
         row = spawn(spec, args.timeout)
         ok = [r for r in row.get("runs", []) if not r["oom"]]
