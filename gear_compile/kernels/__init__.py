@@ -1,7 +1,8 @@
 """Kernels that read the compressed KV layout (`store`, `segment`) directly.
 
-`cpu` + `cpu_attention.cpp` + `cpu_simd.h`: attention over a store on the
-CPU (C++, built once per machine at first use).
+`cpu` + `cpu_attention.cpp` (+ `cpu_attention_kernel.h`, `cpu_simd*.h`):
+attention over a store on the CPU (C++, built once per machine at first use,
+one walk per instruction set picked at run time).
 `decode_attention`: Triton flash-decoding of one query token per sequence
 against a layer's compressed K and V (dequantization, low-rank and outlier
 terms fused), for CUDA.
