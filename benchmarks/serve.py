@@ -1,0 +1,255 @@
+"""Serving benchmark: transformers' continuous batching with its own dense paged
+cache against the compressed paged pool (`gear_compile.serving`), under the
+same KV memory budget.
+
+Usage:
+  python benchmarks/serve.py                       # the full CPU run: 64 requests, prompts 256-4096, 64-256 new
+  python benchmarks/serve.py --requests 12 --prompt-max 1024 --new-min 32 --new-max 64 --budgets-mib 48 96
+  python benchmarks/serve.py --gpu                 # Llama-3-8B-shaped random fp16 weights on CUDA
+
+Each (budget, method) cell runs in a fresh process (its own peak RSS), the
+cells in turn, method after method within a budget, so that drifts of the
+shared machine hit every method alike. A cell loads the model, sizes the KV
+store to the budget (dense: transformers' `num_blocks` of the model's dtype;
+GEAR: `serving.enable(model, kv_budget_bytes=...)`), adds every request at
+once through the manager API (`init_continuous_batching`, `add_request`,
+`get_result`: the loop `generate_batch` runs, which cannot give each request
+its own max_new_tokens) and waits for all of them. Greedy decoding, no EOS.
+
+Reported per cell: requests/s and output tokens/s (wall time from the first
+add to the last result), the largest number of requests holding KV at once
+(the scheduler's active requests, read at every forward), TTFT (first token
+time minus creation) and TPOT (mean time between a request's tokens), p50 /
+p99 over requests, KV bytes allocated, and the process's peak RSS above its
+RSS after loading the weights. Results: benchmarks/results/serve_<device>.{md,json,png}.
+
+Methods: dense (transformers' paged cache, "sdpa"), gear4 / gear2
+(method="gear", 4 / 2 bits), kivi2 (method="kivi", 2 bits).
+GPU mode (--gpu): a random-weight fp16 model shaped like Llama-3-8B (32
+layers, GQA 32/8, head dim 128), dense with transformers' CUDA graphs where
+its continuous batching uses them; the pool runs without (its bookkeeping is
+Python between layers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+METHODS = {"dense": None, "gear4": dict(method="gear", bits=4), "gear2": dict(method="gear", bits=2),
+           "kivi2": dict(method="kivi", bits=2)}
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--prompt-min", type=int, default=256)
+    p.add_argument("--prompt-max", type=int, default=4096)
+    p.add_argument("--new-min", type=int, default=64)
+    p.add_argument("--new-max", type=int, default=256)
+    p.add_argument("--budgets-mib", type=float, nargs="+", default=[128, 256, 512])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--max-batch-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--out", default=None, help="results stem (default results/serve_<cpu|gpu>)")
+    p.add_argument("--cell", nargs=2, metavar=("METHOD", "BUDGET_MIB"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def load(args):
+    import torch
+    import transformers as tf
+    if not args.gpu:        # the GGUF dequantized once (~25 s), its weights then loaded in each cell
+        cached = os.path.expanduser("~/.cache/gear_compile/smollm2-135m-fp32.pt")
+        if not os.path.exists(cached):
+            from gear_compile.models import load_smollm2
+            model = load_smollm2(torch.float32)[0]
+            config = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            torch.save(dict(config=config, state=model.state_dict()), cached)
+        saved = torch.load(cached)
+        config = tf.LlamaConfig.from_dict(saved["config"])
+        config._attn_implementation = "sdpa"
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        model.load_state_dict(saved["state"])
+        return model
+    config = tf.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=16384)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return tf.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float16,
+                                                   attn_implementation="sdpa").eval()
+
+
+def workload(args, vocab: int):
+    import torch
+    g = torch.Generator().manual_seed(args.seed)
+    lengths = torch.randint(args.prompt_min, args.prompt_max + 1, (args.requests,), generator=g).tolist()
+    new = torch.randint(args.new_min, args.new_max + 1, (args.requests,), generator=g).tolist()
+    return [(torch.randint(1, vocab, (n,), generator=g).tolist(), m) for n, m in zip(lengths, new)]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_cell(args, method: str, budget: int) -> dict:
+    import torch
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from gear_compile import serving
+    model = load(args)
+    base_rss = rss_bytes()
+    text = model.config.get_text_config()
+    page = 64
+    gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb = dict(page_size=page, max_batch_tokens=args.max_batch_tokens, max_memory_percent=0.9)
+    if METHODS[method] is None:
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        block = page * text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * model.dtype.itemsize
+        cb["num_blocks"] = max(1, budget // block)
+        cb["use_cuda_graph"] = bool(args.gpu)
+    else:
+        serving.enable(model, kv_budget_bytes=budget, **METHODS[method])
+    manager = model.init_continuous_batching(generation_config=gen,
+                                             continuous_batching_config=ContinuousBatchingConfig(**cb))
+    active = []
+    forward = model.forward
+
+    def counting(*a, **k):
+        active.append(len(manager.batch_processor.scheduler.active_requests))
+        return forward(*a, **k)
+
+    model.forward = counting
+    reqs = workload(args, text.vocab_size)
+    manager.start()
+    results = {}
+    try:
+        t0 = time.perf_counter()
+        for i, (ids, new) in enumerate(reqs):
+            manager.add_request(ids, request_id=f"r{i}", max_new_tokens=new, record_timestamps=True)
+        while len(results) < len(reqs):
+            out = manager.get_result(timeout=600)
+            if out is None:
+                raise RuntimeError(f"{method}: no result in 600 s ({len(results)} of {len(reqs)} done)")
+            if out.is_finished():
+                results[out.request_id] = out
+        wall = time.perf_counter() - t0
+        cache = manager.batch_processor.cache
+        kv = cache.gear_pool.nbytes() if METHODS[method] else cache.cache_tensor.numel() * cache.cache_tensor.element_size()
+    finally:
+        manager.stop(block=True, timeout=60)
+    errors = [r for r, o in results.items() if o.error is not None]
+    wrong = [f"r{i}" for i, (_, new) in enumerate(reqs) if len(results[f"r{i}"].generated_tokens) != new]
+    ttft = [o.timestamps[0] - o.created_time for o in results.values()]
+    tpot = [(o.timestamps[-1] - o.timestamps[0]) / (len(o.timestamps) - 1) for o in results.values()
+            if len(o.timestamps) > 1]
+    out_tokens = sum(len(o.generated_tokens) for o in results.values())
+    return dict(method=method, budget_mib=budget / 2**20, kv_bytes=kv, requests=len(reqs), wall_s=wall,
+                requests_per_s=len(reqs) / wall, output_tok_per_s=out_tokens / wall,
+                max_concurrent=max(active), ttft_p50=_pct(ttft, 50), ttft_p99=_pct(ttft, 99),
+                tpot_p50=_pct(tpot, 50), tpot_p99=_pct(tpot, 99),
+                peak_rss_above_weights_mib=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss) / 2**20,
+                errors=errors, wrong_lengths=wrong,
+                pool_whole=bool(model._gear_paged_pool.whole()) if METHODS[method] else None)
+
+
+def _pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+def table(rows) -> str:
+    head = ("| budget MiB | method | KV MiB held | max concurrent | x dense | req/s | out tok/s | x dense | "
+            "TTFT p50 / p99 s | TPOT p50 / p99 ms | peak RSS above weights MiB | lost/wrong | pool whole |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    dense = {r["budget_mib"]: r for r in rows if r["method"] == "dense"}
+    for r in rows:
+        d = dense.get(r["budget_mib"])
+        conc = f"{r['max_concurrent'] / d['max_concurrent']:.2f}" if d else "-"
+        tok = f"{r['output_tok_per_s'] / d['output_tok_per_s']:.2f}" if d else "-"
+        lines.append(f"| {r['budget_mib']:g} | {r['method']} | {r['kv_bytes'] / 2**20:.1f} | {r['max_concurrent']} | "
+                     f"{conc} | {r['requests_per_s']:.3f} | {r['output_tok_per_s']:.1f} | {tok} | "
+                     f"{r['ttft_p50']:.1f} / {r['ttft_p99']:.1f} | {1e3 * r['tpot_p50']:.0f} / "
+                     f"{1e3 * r['tpot_p99']:.0f} | {r['peak_rss_above_weights_mib']:.0f} | "
+                     f"{len(r['errors'])}/{len(r['wrong_lengths'])} | {r['pool_whole']} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["budget_mib"])
+        x = [r["budget_mib"] for r in rs]
+        ax[0].plot(x, [r["output_tok_per_s"] for r in rs], "o-", label=m)
+        ax[1].plot(x, [r["max_concurrent"] for r in rs], "o-", label=m)
+    for a, t in zip(ax, ("output tokens/s", "max concurrent requests")):
+        a.set_xlabel("KV memory budget (MiB)")
+        a.set_ylabel(t)
+        a.set_xscale("log", base=2)
+        a.grid(alpha=0.3)
+    ax[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.cell:
+        print("CELL " + json.dumps(run_cell(args, args.cell[0], int(float(args.cell[1]) * 2**20))), flush=True)
+        return
+    import torch
+    import transformers
+    rows = []
+    passthrough = list(argv if argv is not None else sys.argv[1:])
+    for budget in args.budgets_mib:
+        for method in args.methods:
+            cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--cell", method, str(budget)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("CELL ")), None)
+            if line is None:
+                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+                raise SystemExit(f"cell {method} @ {budget} MiB failed")
+            rows.append(json.loads(line[5:]))
+            r = rows[-1]
+            print(f"{budget:g} MiB {method}: {r['output_tok_per_s']:.1f} tok/s, {r['max_concurrent']} concurrent, "
+                  f"{r['wall_s']:.0f} s", flush=True)
+    stem = args.out or os.path.join(RESULTS, "serve_gpu" if args.gpu else "serve_cpu")
+    device = torch.cuda.get_device_name() if args.gpu else _cpu_name()
+    command = "python benchmarks/serve.py " + " ".join(passthrough)
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(command=command, device=device, torch=torch.__version__,
+                       transformers=transformers.__version__, rows=rows), f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# Serving: transformers' continuous batching, dense vs the compressed paged pool\n\n"
+                f"`{command}`\n\n{device}; torch {torch.__version__}, transformers {transformers.__version__}; "
+                f"{args.requests} requests, prompts {args.prompt_min}-{args.prompt_max}, "
+                f"{args.new_min}-{args.new_max} new tokens, max_batch_tokens {args.max_batch_tokens}; "
+                f"cells run one after another in fresh processes (see the script's docstring).\n\n"
+                + table(rows) + "\n")
+    plot(rows, stem + ".png")
+    print(table(rows))
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor()
+    return f"{name}, {os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    main()
