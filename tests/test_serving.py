@@ -160,3 +160,53 @@ def test_lossy_quality_per_request_close_to_generate_with_the_same_method(method
     for d, r, g in zip(dense, ref, got):
         assert agree(d, g) >= min(agree(d, r), NEW) - 8, (method, agree(d, g), agree(d, r))
     assert sum(agree(d, g) for d, g in zip(dense, got)) >= 0.75 * sum(agree(d, r) for d, r in zip(dense, ref))
+
+
+@pytest.mark.parametrize("n", [40, pytest.param(500, marks=pytest.mark.slow)])
+def test_random_arrivals_lose_and_corrupt_nothing(n):
+    """n requests of random lengths arriving at random moments into a pool
+    that holds a few at a time (method none): every one comes back, equal to
+    transformers' own continuous batching of the same prompts, and the pool
+    is whole at the end."""
+    import random
+    import threading
+    import time
+    rng = random.Random(n)
+    model = tiny_llama(peaked=4.0)
+    inputs = [[rng.randrange(1, 256) for _ in range(rng.randrange(1, 120))] for _ in range(n)]
+    new = [rng.randrange(1, 24) for _ in range(n)]
+    manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
+    manager.start()
+    try:
+        ids = [manager.add_request(x, request_id=f"d{i}", max_new_tokens=m) for i, (x, m) in
+               enumerate(zip(inputs, new))]
+        want = {}
+        while len(want) < n:
+            out = manager.get_result(timeout=60)
+            assert out is not None, "transformers' own run lost a request"
+            want[out.request_id] = list(out.generated_tokens)
+    finally:
+        manager.stop(block=True, timeout=30)
+    serving.enable(model, kv_budget_bytes=1_000_000, max_requests=6, method="none")
+    manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
+    manager.start()
+
+    def arrive():
+        for i, (x, m) in enumerate(zip(inputs, new)):
+            time.sleep(rng.random() * 0.01)
+            manager.add_request(x, request_id=f"g{i}", max_new_tokens=m)
+
+    feeder = threading.Thread(target=arrive)
+    feeder.start()
+    got = {}
+    try:
+        while len(got) < n:
+            out = manager.get_result(timeout=60)
+            assert out is not None, f"lost: {n - len(got)} requests never came back"
+            assert out.error is None, out.error
+            got[out.request_id] = list(out.generated_tokens)
+    finally:
+        feeder.join()
+        manager.stop(block=True, timeout=30)
+    assert [got[f"g{i}"] for i in range(n)] == [want[d] for d in ids]
+    assert model._gear_paged_pool.whole()
