@@ -149,10 +149,10 @@ def run_cell(args, method: str, budget: int) -> dict:
         manager.stop(block=True, timeout=60)
     errors = [r for r, o in results.items() if o.error is not None]
     wrong = [f"r{i}" for i, (_, new) in enumerate(reqs) if len(results[f"r{i}"].generated_tokens) != new]
-    ttft = [o.timestamps[0] - o.created_time for o in results.values()]
-    tpot = [(o.timestamps[-1] - o.timestamps[0]) / (len(o.timestamps) - 1) for o in results.values()
-            if len(o.timestamps) > 1]
-    out_tokens = sum(len(o.generated_tokens) for o in results.values())
+    done = [o for o in results.values() if o.error is None and o.timestamps]
+    ttft = [o.timestamps[0] - o.created_time for o in done]
+    tpot = [(o.timestamps[-1] - o.timestamps[0]) / (len(o.timestamps) - 1) for o in done if len(o.timestamps) > 1]
+    out_tokens = sum(len(o.generated_tokens) for o in done)
     return dict(method=method, budget_mib=budget / 2**20, kv_bytes=kv, requests=len(reqs), wall_s=wall,
                 requests_per_s=len(reqs) / wall, output_tok_per_s=out_tokens / wall,
                 max_concurrent=max(active), ttft_p50=_pct(ttft, 50), ttft_p99=_pct(ttft, 99),
