@@ -202,6 +202,8 @@ struct Problem {
                     float* scale) = nullptr;
   void (*int_scores)(const uint8_t* codes, int W, int bits, int n, const int32_t* limbs,
                      const float* scale, int R, float* out, int os) = nullptr;
+  void (*int_lowrank)(const int8_t* a, int rk, int n, const int32_t* limbs, const int32_t* bias,
+                      const float* scale, int R, float* out, int os) = nullptr;
 };
 
 // Per-thread buffers; rows of DP floats (zero padding keeps dot products exact).
@@ -212,6 +214,8 @@ struct Scratch {
   int ts;                         // tile row stride: room for DP floats or PB*W codes
   std::vector<float> q, qs, qz, qb, pa, w, score, row, row2, tile, at, sa, za, brow, lscale;
   std::vector<int32_t> limbs;     // q*s as integer limbs (quantize_limbs), with their row scales
+  std::vector<int32_t> lr_limbs, lr_bias;   // q.B diag(s) as limbs (quantize_rank_limbs)
+  std::vector<float> lr_scale;
   const void* qs_key = nullptr;   // the scale row q*s and q.z were computed for
   const void* qb_key = nullptr;   // the B block qb = q.B diag(s) was computed for
   int64_t pa_blk = -1;            // V's block whose p.A `pa` holds (-1: none)
@@ -221,7 +225,8 @@ struct Scratch {
         pa(P.R * std::max(maxrank, 1), 0.0f), w(P.R * CHUNK), score(P.R * CHUNK),
         row(ts, 0.0f), row2(ts, 0.0f), tile(CHUNK * ts, 0.0f), at(std::max(maxrank, 1) * CHUNK),
         sa(CHUNK), za(CHUNK), brow(std::max(maxrank, 1) * P.DP, 0.0f), lscale(P.R),
-        limbs(P.int_scores ? P.R * 3 * MAX_QUADS : 0) {}
+        limbs(P.int_scores ? P.R * 3 * MAX_QUADS : 0), lr_limbs(P.R * 3), lr_bias(P.R * 3),
+        lr_scale(P.R) {}
   // A new segment of the walk: nothing computed for another may be reused.
   void start_segment() {
     qs_key = qb_key = nullptr;
@@ -348,6 +353,7 @@ void run_items(Problem& P, const Plan& L, float* part) {
     case Isa::avx512vnni:
       P.int_limbs = avx512::vnni_limbs;
       P.int_scores = avx512::vnni_scores;
+      P.int_lowrank = avx512::vnni_lowrank;
       return avx512::run_items(P, L, part);
     case Isa::avx512: return avx512::run_items(P, L, part);
     case Isa::avx2: return avx2::run_items(P, L, part);

@@ -160,6 +160,23 @@ void quantize_limbs(const Problem& P, const Seg& K, Scratch& sc) {
   }
 }
 
+// q.B diag(s) (sc.qb, R rows of rk) as limbs for P.int_lowrank: one dword
+// per row and limb (rk <= 4 bytes), and each one's bias 128 * sum of its
+// signed bytes (the kernel feeds A + 128).
+void quantize_rank_limbs(const Problem& P, int rk, Scratch& sc) {
+  for (int r = 0; r < P.R; ++r) {
+    int32_t* w = sc.lr_limbs.data() + r * 3;
+    P.int_limbs(sc.qb.data() + r * rk, rk, 4, reinterpret_cast<uint8_t*>(w), reinterpret_cast<uint8_t*>(w + 1),
+                reinterpret_cast<uint8_t*>(w + 2), sc.lr_scale.data() + r);
+    for (int l = 0; l < 3; ++l) {
+      const uint32_t word = static_cast<uint32_t>(w[l]);
+      int32_t sum = 0;
+      for (int i = 0; i < 4; ++i) sum += static_cast<int8_t>(static_cast<uint8_t>(word >> (8 * i)));
+      sc.lr_bias[r * 3 + l] = 128 * sum;
+    }
+  }
+}
+
 // Scores of tokens [t0, t0+n) of a K segment into sc.score[r * CHUNK + j].
 // Folded K by integer dots where the set has them (P.int_scores): the codes
 // are never turned into floats, and the outliers join the scores as
@@ -207,8 +224,10 @@ void score_chunk(const Problem& P, const Seg& K, int64_t t0, int n, Scratch& sc)
   if (K.exact || !K.rank) return;
   // (q . B_blk diag(s)) . A_t: q's rank-space image once per block, then a
   // rank-long dot per token
+  // (integer dots where the folded K takes them and A's rows fit a dword)
   const int rk = K.rank;
-  load_a(K, t0, n, sc);
+  const bool int_lr = int_dots && (rk == 1 || rk == 2 || rk == 4);
+  if (!int_lr) load_a(K, t0, n, sc);
   for (int j0 = 0; j0 < n;) {
     int64_t blk = (t0 + j0) / K.block;
     int j1 = static_cast<int>(std::min<int64_t>(n, (blk + 1) * K.block - t0));
@@ -216,10 +235,16 @@ void score_chunk(const Problem& P, const Seg& K, int64_t t0, int n, Scratch& sc)
       sc.qb_key = K.lr_b + blk * D * rk;
       load_b(K, blk, D, DP, sc);
       score_tile(sc.q.data(), R, DP, sc.brow.data(), DP, rk, sc.qb.data(), rk);
+      if (int_lr) quantize_rank_limbs(P, rk, sc);
     }
-    for (int r = 0; r < R; ++r)
-      for (int k = 0; k < rk; ++k)
-        axpy(sc.qb[r * rk + k], sc.at.data() + k * CHUNK + j0, score + r * CHUNK + j0, j1 - j0);
+    if (int_lr) {
+      P.int_lowrank(K.lr_a + (t0 + j0) * rk, rk, j1 - j0, sc.lr_limbs.data(), sc.lr_bias.data(),
+                    sc.lr_scale.data(), R, score + j0, CHUNK);
+    } else {
+      for (int r = 0; r < R; ++r)
+        for (int k = 0; k < rk; ++k)
+          axpy(sc.qb[r * rk + k], sc.at.data() + k * CHUNK + j0, score + r * CHUNK + j0, j1 - j0);
+    }
     j0 = j1;
   }
 }

@@ -251,3 +251,32 @@ void vnni_scores(const uint8_t* codes, int W, int bits, int n, const int32_t* li
     else if (R - r == 1) vnni_rows<1>(u, nu, limbs + r * 3 * nu, scale + r, out + r * os + j, os, m);
   }
 }
+
+// The low-rank K term by the same integer dots: out[r][j] += (q.B diag(s))_r . A_j
+// for n tokens whose rank-rk rows of A (int8, rk 1, 2 or 4) fit a dword each.
+// vpdpbusd wants the unsigned operand: A + 128 (its bytes xor 0x80), whose
+// excess 128 * sum_k limb_k per row and limb is `bias`, taken off in int32
+// (exact). limbs: [R][3] int32 (vnni_limbs of the rank-space row, rk bytes).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+void vnni_lowrank(const int8_t* a, int rk, int n, const int32_t* limbs, const int32_t* bias,
+                  const float* scale, int R, float* out, int os) {
+  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : first(n - j);
+    __m512i u;
+    if (rk == 4) u = _mm512_maskz_loadu_epi32(m, a + j * 4);
+    else if (rk == 2) u = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, a + j * 2));
+    else u = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, a + j));
+    u = _mm512_xor_si512(u, flip);             // bytes past rk meet zero limb bytes
+    for (int r = 0; r < R; ++r) {
+      __m512 s = _mm512_setzero_ps();
+      for (int l = 0; l < 3; ++l) {
+        __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_set1_epi32(limbs[r * 3 + l])),
+                                     _mm512_set1_epi32(bias[r * 3 + l]));
+        s = _mm512_fmadd_ps(s, _mm512_set1_ps(128.0f), _mm512_cvtepi32_ps(d));
+      }
+      float* o = out + r * os + j;
+      _mm512_mask_storeu_ps(o, m, _mm512_fmadd_ps(s, _mm512_set1_ps(scale[r]), _mm512_maskz_loadu_ps(m, o)));
+    }
+  }
+}
