@@ -74,7 +74,8 @@ class KVAppend:
 @dataclass
 class AttentionSite:
     index: int
-    form: str                       # "sdpa", "eager", "bmm", or "unknown" (reported, never rewritten)
+    form: str                       # "sdpa", "eager", "bmm", "rebuild" (a cache read back densely),
+                                    # or "unknown" (reported, never rewritten)
     output: fx.Node                 # node holding the attention output [B, Hq, T, D]
     query: fx.Node
     key: KVAppend | None
@@ -97,7 +98,9 @@ class AttentionSite:
 
     @property
     def head_dim(self) -> int:
-        return _value(self.key.new).shape[-1]
+        """The narrower of K's and V's head dims (a rebuild site's stores may differ: MLA's latent
+        and rope key part): the one the codec's groups must fit."""
+        return min(_value(a.new).shape[-1] for a in (self.key, self.value) if a is not None)
 
     @property
     def phase(self) -> str:
@@ -462,7 +465,102 @@ def find_sites(graph: fx.Graph) -> list[AttentionSite]:
         site = sdpa_site(node, len(sites)) or eager_site(node, len(sites)) or bmm_site(node, len(sites))
         if site is not None:
             sites.append(site)
-    return sites + unknown_sites(graph, sites, len(sites))
+    sites += rebuild_sites(graph, sites, len(sites))
+    return _absorbed(sites + unknown_sites(graph, sites, len(sites)))
+
+
+# ---- caches read by something other than a recognised attention -----------
+def rebuild_sites(graph: fx.Graph, sites: list[AttentionSite], first: int) -> list[AttentionSite]:
+    """A "rebuild" site for each pair of KV-appends (a cache update's keys
+    then values) that no rewritable site consumes, whose pasts are only
+    appended to and whose appends are stored back whole: the cache is
+    compressed, and each decode step rebuilds its past densely in front of
+    the append, so whatever reads the append (MLA's latent up-projection,
+    ALiBi scores through baddbmm, a differential attention) reads what it
+    read before, from the compressed cache. The attention is not fused with
+    the store: the past is materialised for the step."""
+    taken = {a.node for site in sites if site.rewritable for a in (site.key, site.value)}
+    appends = [a for a in map(kv_append, graph.nodes) if a is not None and a.node not in taken
+               and any(u.op == "output" for u in a.node.users)]
+    found, pending = [], None
+    for append in appends:
+        if pending is None:
+            pending = append
+            continue
+        site = AttentionSite(first + len(found), "rebuild", pending.node, None, pending, append)
+        site.reason = _rebuilds(pending) or _rebuilds(append) or _consistent_pasts(site)
+        if not site.reason:
+            site.rewritable = True
+            site.reason = (f"cache compressed, read back densely before {_reader(pending)} / {_reader(append)} "
+                           f"(the attention that reads it is not fused: {_why_not_attention(pending, sites)})")
+            found.append(site)
+            pending = None
+        else:
+            pending = append     # not a pair: the next append may start one
+    return found
+
+
+def _absorbed(sites: list[AttentionSite]) -> list[AttentionSite]:
+    """`sites` less the attentions (recognised but not rewritable, or
+    unknown) of a rebuild site's layer that read its appends: they run as
+    the model wrote them, over the rebuilt past, and the rebuild site says so."""
+    gone = set()
+    for rebuild in (s for s in sites if s.form == "rebuild" and s.rewritable):
+        reached = _downstream([rebuild.key.node, rebuild.value.node])
+        readers = [s for s in sites if not s.rewritable and s.output in reached and s.layer == rebuild.layer]
+        if readers:
+            rebuild.reason = rebuild.reason.rsplit(" (the attention", 1)[0] + \
+                f" (the attention that reads it, left as written: {readers[0].form}: {readers[0].reason})"
+            gone.update(id(s) for s in readers)
+    return [s for s in sites if id(s) not in gone]
+
+
+def _downstream(nodes: list[fx.Node], limit: int = 400) -> set:
+    """Nodes computed from `nodes` (within `limit`), through in-place writes
+    too: `buffer[..., :d].copy_(x)` makes `buffer` computed from x."""
+    seen, frontier = set(), list(nodes)
+    while frontier and len(seen) < limit:
+        node = frontier.pop()
+        if node in seen or node.op == "output":
+            continue
+        seen.add(node)
+        for user in node.users:
+            frontier.append(user)
+            if user.op in ("call_method", "call_function") and str(getattr(user.target, "__name__", user.target)) \
+                    .endswith("_") and user.args and isinstance(user.args[0], fx.Node):
+                written = user.args[0]
+                while is_call(written, operator.getitem):
+                    written = written.args[0]
+                frontier.append(written)
+    return seen
+
+
+def _rebuilds(append: KVAppend) -> str | None:
+    """Why the cache of `append` cannot be compressed and rebuilt: its past is
+    read by more than its append, or the append is not stored back once."""
+    readers = [u for u in append.past.users if u is not append.node and not _dead(u)]
+    if readers:
+        return f"the cached {append.past.name} is also read by {readers[0].name}"
+    if sum(u.op == "output" for u in append.node.users) != 1:
+        return f"the appended cache {append.node.name} is not stored back once"
+    return None
+
+
+def _consistent_pasts(site: AttentionSite) -> str | None:
+    if site.key.compressed != site.value.compressed:
+        return "K and V caches disagree (one compressed, one dense)"
+    return None
+
+
+def _reader(append: KVAppend) -> str:
+    readers = [u.name for u in append.node.users if u.op != "output"]
+    return readers[0] if readers else "nothing"
+
+
+def _why_not_attention(append: KVAppend, sites: list[AttentionSite]) -> str:
+    """The reason of the recognised site over these K/V, if any, else what reads them."""
+    reasons = [s.reason for s in sites if not s.rewritable and s.key is not None and s.key.node is append.node]
+    return reasons[0] if reasons else f"no attention form reads {append.node.name} directly"
 
 
 # ---- what no form covers --------------------------------------------------

@@ -252,6 +252,27 @@ class _Rewriter:
             self.replaced[self.node(append.stored)] = (
                 DecodeOut(self.placeholders.index(past), written, append.keep), None if written else new)
 
+    def rebuild_decode(self, site: AttentionSite) -> None:
+        """A "rebuild" site (`match.rebuild_sites`): each past rebuilt densely
+        (`gear::dequantize`) in front of its append, which the model reads as
+        before; one new token is then written into the store's buffer."""
+        tokens = _value(site.key.new).shape[2]
+        written = 1 if tokens == 1 else 0
+        for append, kind in ((site.key, "k"), (site.value, "v")):
+            past, cat, new = self.node(append.past), self.node(append.node), self.node(append.new)
+            parts, store = self.inner_placeholders(past), _value(append.past).store
+            with self.graph.inserting_before(cat):
+                rebuilt = self.graph.call_function(torch.ops.gear.dequantize.default, (
+                    parts, self.config.codec.to_json(), kind, self.size(_value(append.past).shape[2]),
+                    _value(append.new).dtype))
+            rebuilt.meta["example_value"] = _value(append.past)
+            cat.replace_input_with(past, rebuilt)
+            if written:
+                with self.graph.inserting_before(cat.next):       # in order, after the append
+                    buffer_write(self.graph, store.layout, parts, new, _value(append.new).dtype)
+            self.replaced[self.node(append.stored)] = (
+                DecodeOut(self.placeholders.index(past), written, append.keep), None if written else new)
+
     def prefill(self, site: AttentionSite) -> None:
         for append, kind in ((site.key, "k"), (site.value, "v")):
             stored, windowed = self.node(append.stored), append.keep is not None
@@ -300,6 +321,8 @@ def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], config: GearConfig, 
         if site.index in lorc_sites:
             lo = lorc_sites[site.index]
             rewriter.lorc_decode(site, lo) if site.key.compressed else rewriter.lorc_prefill(site, lo)
+        elif site.form == "rebuild" and site.key.compressed:
+            rewriter.rebuild_decode(site)
         elif site.key.compressed:
             rewriter.decode(site)
         else:
