@@ -212,7 +212,7 @@ struct Problem {
 // V's current block waits in `pa` for its one pass through B^T.
 struct Scratch {
   int ts;                         // tile row stride: room for DP floats or PB*W codes
-  std::vector<float> q, qs, qz, qb, pa, w, score, row, row2, tile, at, sa, za, brow, lscale;
+  std::vector<float> q, qs, qz, qb, pa, w, score, row, row2, tile, at, sa, za, sg, zg, brow, lscale;
   std::vector<int32_t> limbs;     // q*s as integer limbs (quantize_limbs), with their row scales
   std::vector<int32_t> lr_limbs, lr_bias;   // q.B diag(s) as limbs (quantize_rank_limbs)
   std::vector<float> lr_scale;
@@ -224,7 +224,7 @@ struct Scratch {
         q(P.R * P.DP, 0.0f), qs(P.R * P.DP, 0.0f), qz(P.R), qb(P.R * std::max(maxrank, 1)),
         pa(P.R * std::max(maxrank, 1), 0.0f), w(P.R * CHUNK), score(P.R * CHUNK),
         row(ts, 0.0f), row2(ts, 0.0f), tile(CHUNK * ts, 0.0f), at(std::max(maxrank, 1) * CHUNK),
-        sa(CHUNK), za(CHUNK), brow(std::max(maxrank, 1) * P.DP, 0.0f), lscale(P.R),
+        sa(CHUNK * P.D), za(CHUNK * P.D), sg(CHUNK), zg(CHUNK), brow(std::max(maxrank, 1) * P.DP, 0.0f), lscale(P.R),
         limbs(P.int_scores ? P.R * 3 * MAX_QUADS : 0), lr_limbs(P.R * 3), lr_bias(P.R * 3),
         lr_scale(P.R) {}
   // A new segment of the walk: nothing computed for another may be reused.

@@ -209,9 +209,9 @@ void score_chunk(const Problem& P, const Seg& K, int64_t t0, int n, Scratch& sc)
       if (int_dots) {
         P.int_scores(static_cast<const uint8_t*>(K.data) + (t0 + j0) * K.W, K.W, K.bits, j1 - j0,
                      sc.limbs.data(), sc.lscale.data(), R, score + j0, CHUNK);
-        if (K.k2)
-          k_outliers(K, t0 + j0, j1 - j0, [&](int j, uint32_t c, float v) {
-            for (int r = 0; r < R; ++r) score[r * CHUNK + j0 + j] += sc.qs[r * DP + c] * v;
+        if (K.k2)                           // (pointers by value: nothing reloaded per record)
+          k_outliers(K, t0 + j0, j1 - j0, [out = score + j0, qs = sc.qs.data(), R, DP](int j, uint32_t c, float v) {
+            for (int r = 0; r < R; ++r) out[r * CHUNK + j] += qs[r * DP + c] * v;
           });
       } else {
         score_tile(sc.qs.data(), R, DP, sc.tile_row(j0), sc.ts, j1 - j0, score + j0, CHUNK);
@@ -275,21 +275,23 @@ void value_chunk(const Problem& P, const Seg& V, int64_t t0, int n, Scratch& sc,
     accumulate_tile(p, CHUNK, R, n, sc.tile.data(), sc.ts, acc, DP, 0, DP);
   } else {
     const int ng = D / V.group;
+    half_row(V.scale + t0 * ng, n * ng, sc.sa.data());   // the chunk's [n, ng] stats at once
+    half_row(V.zero + t0 * ng, n * ng, sc.za.data());
     for (int g = 0; g < ng; ++g) {
-      if (ng == 1) {
-        half_row(V.scale + t0, n, sc.sa.data());
-        half_row(V.zero + t0, n, sc.za.data());
-      } else {
+      const float *sg = sc.sa.data(), *zg = sc.za.data();
+      if (ng > 1) {                         // group g's column
         for (int j = 0; j < n; ++j) {
-          sc.sa[j] = to_f(V.scale[(t0 + j) * ng + g]);
-          sc.za[j] = to_f(V.zero[(t0 + j) * ng + g]);
+          sc.sg[j] = sc.sa[j * ng + g];
+          sc.zg[j] = sc.za[j * ng + g];
         }
+        sg = sc.sg.data();
+        zg = sc.zg.data();
       }
       for (int r = 0; r < R; ++r) {
         const float* pr = p + r * CHUNK;
         float* wr = sc.w.data() + r * CHUNK;
-        for (int j = 0; j < n; ++j) wr[j] = pr[j] * sc.sa[j];
-        float z = dot(pr, sc.za.data(), n);
+        for (int j = 0; j < n; ++j) wr[j] = pr[j] * sg[j];
+        float z = dot(pr, zg, n);
         const int d1 = ng == 1 ? D : (g + 1) * V.group;
         for (int d = g * V.group; d < d1; ++d) acc[r * DP + d] += z;
       }
