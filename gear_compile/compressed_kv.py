@@ -219,24 +219,42 @@ def kv_bytes(obj) -> int:
     outlier values and indices, the streaming buffer and the lengths, as allocated on the
     device (the reserved decode capacity included). For a dense tensor or cache:
     numel * element size. Caches are walked through their `layers` (keys and
-    values); tuples and lists are summed.
+    values, and a hybrid layer's exact states: `STATE_KINDS`); tuples and
+    lists are summed.
     """
     if isinstance(obj, CompressedKV):
         return obj.store.nbytes()
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if hasattr(obj, "layers"):
-        return sum(kv_bytes(getattr(layer, name)) for layer in obj.layers
-                   for name in ("keys", "values") if getattr(layer, name, None) is not None)
+        return kv_breakdown(obj).held
     if isinstance(obj, (tuple, list)):
         return sum(kv_bytes(o) for o in obj)
     raise TypeError(f"kv_bytes: expected a tensor, CompressedKV or cache, got {type(obj).__name__}.")
 
 
+# a hybrid layer's other cached tensors, held exact and counted as their own kind: a linear-attention /
+# state-space layer's conv and recurrent states (transformers' LinearAttentionCacheLayerMixin), a sparse
+# attention's indexer keys (DynamicIndexedLayer)
+STATE_KINDS = {"conv_states": "recurrent state", "recurrent_states": "recurrent state",
+               "indexer_keys": "indexer keys"}
+
+
+def _states(layer) -> KVBytes:
+    kinds = {}
+    for name, kind in STATE_KINDS.items():
+        held = getattr(layer, name, None)
+        for t in (held.values() if isinstance(held, dict) else [held]):
+            if isinstance(t, torch.Tensor):
+                kinds[kind] = kinds.get(kind, 0) + t.numel() * t.element_size()
+    return KVBytes(kinds)
+
+
 @dataclass(frozen=True)
 class KVBytes:
     """What a cache's bytes hold (`kv_breakdown`): `kinds` maps each kind of
-    `store.BYTE_KINDS` (plus "dense" for K/V stored densely) to bytes.
+    `store.BYTE_KINDS` (plus "dense" for K/V stored densely, and a hybrid's
+    exact states, `STATE_KINDS`) to bytes.
 
     held      every byte allocated (= kv_bytes)
     reserved  room allocated ahead of need: decode capacity not yet filled
@@ -271,8 +289,9 @@ def kv_breakdown(obj) -> KVBytes:
     if isinstance(obj, torch.Tensor):
         return KVBytes({"dense": obj.numel() * obj.element_size()})
     if hasattr(obj, "layers"):
-        obj = [getattr(layer, name) for layer in obj.layers for name in ("keys", "values")
-               if getattr(layer, name, None) is not None]
+        return sum((kv_breakdown(getattr(layer, name)) for layer in obj.layers for name in ("keys", "values")
+                    if isinstance(getattr(layer, name, None), torch.Tensor)),
+                   sum((_states(layer) for layer in obj.layers), KVBytes({})))
     if isinstance(obj, (tuple, list)):
         return sum((kv_breakdown(o) for o in obj), KVBytes({}))
     raise TypeError(f"kv_breakdown: expected a tensor, CompressedKV or cache, got {type(obj).__name__}.")
