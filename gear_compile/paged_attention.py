@@ -1,7 +1,9 @@
 """Attention over a paged pool's compressed pages, through its block table:
 the torch reference of paged flash-decoding.
 
-One call serves one layer of a continuous-batching step: rows of different
+`block_table(pool, rows)` describes a continuous-batching step once (every
+layer reads the same pages); `attend(pool, layer, table, ...)` serves one
+layer: rows of different
 lengths side by side (decode rows of one new token, prefill chunks of many),
 each row's queries against its own past (compressed pages, exact sinks and
 tail, as `paged.PagedPool` holds them before this step's `commit`) and its
@@ -18,10 +20,10 @@ Kernels: the C++ (`kernels/cpu_attention.cpp`) and Triton
 (`kernels/decode_attention.py`) kernels read a store's segments today. To
 read pages in place a kernel takes, per layer, the pool's slabs
 (`pool.slabs[kind].parts()`: page p of layer l at row p * layers + l, with
-the decode `SegmentLayout` of `pool.layouts[kind]`), a block table (each
-row's page ids, padded), each row's tail slot and tail length
-(`pool.tail[slot, :n, layer]`), its sinks and its new tokens; `attend`
-below is the reference it must match. Those files belong to the kernels'
+the decode `SegmentLayout` of `pool.layouts[kind]`) and a `BlockTable`
+(each row's page ids, tail slot and length, whether its sinks are in use),
+with the layer's queries and new K/V; `attend` below is the reference it
+must match. Those files belong to the kernels'
 owners; this module does not call them yet.
 Neighbours: `paged` (the pool), `serving` (calls `attend` as transformers'
 attention function).
@@ -30,40 +32,110 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from dataclasses import dataclass
 
 from .paged import PagedPool
 
 
-def attend(pool: PagedPool, layer: int, rows: list[tuple[str, int]], q: torch.Tensor, k_new: torch.Tensor,
-           v_new: torch.Tensor, scale: float, chunk_pages: int = 64) -> torch.Tensor:
-    """Attention of one layer for a batch of rows.
+@dataclass
+class _Pages:
+    """A chunk of (row, page) pairs: row index [P], page ids [P], and the
+    mask of a first page's sink places [P, 1, 1, page_tokens] (None: no
+    sinks)."""
+    row: torch.Tensor
+    page: torch.Tensor
+    mask: torch.Tensor | None
 
-    rows: (request id, T) in the order of the token axis; q [1, Hq, sum T, D],
-    k_new / v_new [1, Hkv, sum T, D] this step's K/V (not yet committed).
-    Returns [sum T, Hq, D] in q's dtype.
-    """
+
+@dataclass
+class _Prefill:
+    start: int
+    T: int
+    pages: list[_Pages]
+    slot: int
+    tail: int
+    sinks: bool      # its sinks are read exact (it has a compressed page)
+    fresh: bool      # no past at all: plain causal SDPA
+
+
+@dataclass
+class BlockTable:
+    """A step's rows as attention reads them, the same for every layer.
+    Decode rows (one new token each): their token index, page chunks, tail
+    slots and the mask of their exact part [R, s + page_tokens + 1] (sinks
+    in use, tail places held, the new token). Prefill rows: one `_Prefill`
+    each."""
+    decode_tok: torch.Tensor
+    decode_pages: list[_Pages]
+    decode_slots: torch.Tensor
+    decode_exact: torch.Tensor
+    prefill: list[_Prefill]
+
+
+def block_table(pool: PagedPool, rows: list[tuple[str, int]], chunk_pages: int = 64,
+                device: torch.device | str = "cpu") -> BlockTable:
+    """The block table of rows (request id, T), in the order of the token
+    axis, over what the pool holds before this step's commit; pages are
+    rebuilt chunk_pages (row, page) pairs at a time."""
+    start, dec, pre = 0, [], []
+    for rid, T in rows:
+        held = rid in pool.requests
+        pages, slot, tail = (pool.pages(rid), pool.slot(rid), pool.tail_tokens(rid)) if held else ([], 0, 0)
+        if T == 1:
+            dec.append((start, pages, slot, tail))
+        elif T > 1:
+            pre.append(_Prefill(start, T, _chunks(pool, [pages], chunk_pages, device), slot, tail,
+                                bool(pages) and pool.sink_tokens > 0, not pages and not tail))
+        start += T
+    n, s = pool.page_tokens, pool.sink_tokens
+    tail = torch.tensor([d[3] for d in dec], dtype=torch.long, device=device)
+    has_pages = torch.tensor([bool(d[1]) for d in dec], device=device)
+    exact = torch.cat([has_pages[:, None].expand(len(dec), s),
+                       torch.arange(n, device=device) < tail[:, None],
+                       torch.ones(len(dec), 1, dtype=torch.bool, device=device)], 1)
+    return BlockTable(torch.tensor([d[0] for d in dec], dtype=torch.long, device=device),
+                      _chunks(pool, [d[1] for d in dec], chunk_pages, device),
+                      torch.tensor([d[2] for d in dec], dtype=torch.long, device=device), exact, pre)
+
+
+def _chunks(pool, page_lists, chunk_pages, device) -> list[_Pages]:
+    pairs = [(r, p, j == 0) for r, pages in enumerate(page_lists) for j, p in enumerate(pages)]
+    out = []
+    for c in range(0, len(pairs), chunk_pages):
+        row, page, first = (torch.tensor(x, device=device) for x in zip(*pairs[c:c + chunk_pages]))
+        mask = None
+        if pool.sink_tokens:
+            mask = ~(first[:, None] & (torch.arange(pool.page_tokens, device=device) < pool.sink_tokens))
+            mask = mask[:, None, None, :]
+        out.append(_Pages(row, page, mask))
+    return out
+
+
+def attend(pool: PagedPool, layer: int, table: BlockTable, q: torch.Tensor, k_new: torch.Tensor,
+           v_new: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one layer for a step's rows (`block_table`): q [1, Hq,
+    sum T, D], k_new / v_new [1, Hkv, sum T, D] this step's K/V (not yet
+    committed). Returns [sum T, Hq, D] in q's dtype."""
     Hq, D = q.shape[1], q.shape[-1]
     H = k_new.shape[1]
-    G = Hq // H
     out = q.new_empty(q.shape[2], Hq, D)
-    starts, decode = [], []
-    start = 0
-    for i, (rid, T) in enumerate(rows):
-        starts.append(start)
-        if T == 1:
-            decode.append(i)
-        elif T > 1:
-            sl = slice(start, start + T)
-            out[sl] = _prefill_row(pool, layer, rid, q[0, :, sl], k_new[0, :, sl], v_new[0, :, sl], scale,
-                                   chunk_pages)
-        start += T
-    if decode:
-        tok = torch.tensor([starts[i] for i in decode], device=q.device)
-        rids = [rows[i][0] for i in decode]
-        qd = q[0, :, tok].transpose(0, 1).reshape(len(decode), H, G, D)          # [R, H, G, D]
-        o = _decode_rows(pool, layer, rids, qd, k_new[0, :, tok].transpose(0, 1),
-                         v_new[0, :, tok].transpose(0, 1), scale, chunk_pages)    # [R, H, G, D]
-        out[tok] = o.reshape(len(decode), Hq, D).to(out.dtype)
+    for row in table.prefill:
+        sl = slice(row.start, row.start + row.T)
+        out[sl] = _prefill_row(pool, layer, row, q[0, :, sl], k_new[0, :, sl], v_new[0, :, sl], scale)
+    R = table.decode_tok.numel()
+    if R:
+        tok = table.decode_tok
+        qd = q[0, :, tok].transpose(0, 1).reshape(R, H, Hq // H, D).float()          # [R, H, G, D]
+        partials = [(c.row, *_partial(qd[c.row], *pool.page_kv(layer, c.page, torch.float32), c.mask, scale))
+                    for c in table.decode_pages]
+        slots = table.decode_slots
+        new = torch.stack([k_new[0, :, tok], v_new[0, :, tok]], 0).permute(2, 0, 1, 3)[:, None]  # [R, 1, 2, H, D]
+        exact = torch.cat([pool.sink[slots, :, layer].float(), pool.tail[slots, :, layer].float(),
+                           new.float()], 1)                                        # the new token as computed
+        k, v = (exact[:, :, i].transpose(1, 2) for i in (0, 1))                      # [R, H, W, D]
+        partials.append((torch.arange(R, device=q.device),
+                         *_partial(qd, k, v, table.decode_exact[:, None, None, :], scale)))
+        out[tok] = _merge(partials, R).reshape(R, Hq, D).to(out.dtype)
     return out
 
 
@@ -93,66 +165,22 @@ def _merge(partials, rows: int):
     return O / L[..., None]
 
 
-def _page_partials(pool, layer, page_lists, q, scale, chunk_pages):
-    """Partials of each row's queries q [R, H, Q, D] (float32) over its
-    compressed pages, chunk_pages (row, page) pairs at a time; a first
-    page's sink places are masked (the sinks are read exact)."""
-    pairs = [(r, p, j == 0) for r, pages in enumerate(page_lists) for j, p in enumerate(pages)]
-    out, n, s = [], pool.page_tokens, pool.sink_tokens
-    for c in range(0, len(pairs), chunk_pages):
-        chunk = pairs[c:c + chunk_pages]
-        row = torch.tensor([r for r, _, _ in chunk], device=q.device)
-        k, v = pool.page_kv(layer, torch.tensor([p for _, p, _ in chunk], device=q.device), torch.float32)
-        mask = None
-        if s:
-            first = torch.tensor([f for _, _, f in chunk], device=q.device)
-            mask = ~(first[:, None] & (torch.arange(n, device=q.device) < s))[:, None, None, :]
-        out.append((row, *_partial(q[row], k, v, mask, scale)))
-    return out
-
-
-def _decode_rows(pool, layer, rids, q, k_new, v_new, scale, chunk_pages):
-    """Decode rows: q [R, H, G, D], k_new / v_new [R, H, D]. The exact part
-    of every row is [sinks | tail (fixed width, masked past its length) |
-    the new token], one batched partial."""
-    R, H, G, D = q.shape
-    qf = q.float()
-    page_lists = [pool.pages(r) for r in rids]
-    partials = _page_partials(pool, layer, page_lists, qf, scale, chunk_pages)
-    slots = torch.tensor([pool.slot(r) for r in rids], device=q.device)
-    n_tail = torch.tensor([pool.tail_tokens(r) for r in rids], device=q.device)
-    has_pages = torch.tensor([bool(p) for p in page_lists], device=q.device)
-    sink = pool.sink[slots, :, layer]                       # [R, s, 2, H, D]
-    tail = pool.tail[slots, :, layer]                       # [R, page, 2, H, D]
-    new = torch.stack([k_new, v_new], 1)[:, None]           # [R, 1, 2, H, D]
-    exact = torch.cat([sink.float(), tail.float(), new.float()], 1)   # the new token as computed
-    mask = torch.cat([has_pages[:, None].expand(R, sink.shape[1]),
-                      torch.arange(pool.page_tokens, device=q.device) < n_tail[:, None],
-                      torch.ones(R, 1, dtype=torch.bool, device=q.device)], 1)
-    k, v = (exact[:, :, i].transpose(1, 2) for i in (0, 1))  # [R, H, W, D]
-    rows = torch.arange(R, device=q.device)
-    partials.append((rows, *_partial(qf, k, v, mask[:, None, None, :], scale)))
-    return _merge(partials, R)
-
-
-def _prefill_row(pool, layer, rid, q, k_new, v_new, scale, chunk_pages):
+def _prefill_row(pool, layer, row: _Prefill, q, k_new, v_new, scale):
     """One prefill chunk: q [Hq, T, D], k_new / v_new [H, T, D]. Returns
     [T, Hq, D]. Without a past, plain causal SDPA over the chunk."""
     Hq, T, D = q.shape
     H = k_new.shape[0]
     G = Hq // H
-    pages = pool.pages(rid) if rid in pool.requests else []
-    n_tail = pool.tail_tokens(rid) if rid in pool.requests else 0
-    if not pages and not n_tail:
+    if row.fresh:
         o = F.scaled_dot_product_attention(q[None], k_new[None], v_new[None], is_causal=True, scale=scale,
                                            enable_gqa=G > 1)
         return o[0].transpose(0, 1)
     qf = q.float().reshape(1, H, G * T, D)                  # query g * T + t
-    partials = _page_partials(pool, layer, [pages], qf, scale, chunk_pages)
-    slot = pool.slot(rid)
-    past = [pool.tail[slot, :n_tail, layer]]
-    if pages:
-        past.insert(0, pool.sink[slot, :, layer])
+    partials = [(c.row, *_partial(qf[c.row], *pool.page_kv(layer, c.page, torch.float32), c.mask, scale))
+                for c in row.pages]
+    past = [pool.tail[row.slot, :row.tail, layer]]
+    if row.sinks:
+        past.insert(0, pool.sink[row.slot, :, layer])
     past = torch.cat(past).float()                          # [P, 2, H, D]
     k = torch.cat([past[:, 0].transpose(0, 1), k_new.float()], 1)[None]     # [1, H, P + T, D]
     v = torch.cat([past[:, 1].transpose(0, 1), v_new.float()], 1)[None]

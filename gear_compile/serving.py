@@ -50,7 +50,7 @@ from transformers.generation.continuous_batching.utils import find_head_dim, fin
 
 from .config import GearConfig
 from .paged import PagedPool
-from .paged_attention import attend
+from .paged_attention import attend, block_table
 
 log = logging.getLogger("gear_compile")
 ATTENTION = "gear_paged"
@@ -61,7 +61,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     batch; returns ([1, T, Hq, D], None) as sdpa does."""
     cache: GearPagedCache = kwargs["gear_paged"]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = attend(cache.gear_pool, module.layer_idx, cache.step_rows, query, key, value, scale)
+    out = attend(cache.gear_pool, module.layer_idx, cache.table, query, key, value, scale)
     if module.layer_idx == cache.gear_pool.layers - 1:
         cache.commit_step()
     return out[None], None
@@ -86,6 +86,7 @@ class GearPagedCache(cb_cache.PagedAttentionCache):
         self.device = device
         self._rows: list[tuple[str, int, int]] = []   # (request, past, new tokens) of the batch being prepared
         self.step_rows: list[tuple[str, int]] = []    # (request, new tokens) of the batch running
+        self.table = None                               # its block table (`paged_attention.block_table`)
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._new_batch = True
 
@@ -149,6 +150,7 @@ class GearPagedCache(cb_cache.PagedAttentionCache):
                 raise RuntimeError(f"gear paged cache: request {rid} holds {held} tokens where transformers "
                                    f"resumes it at {past}")
         self.step_rows = [(rid, T) for rid, _, T in self._rows]
+        self.table = block_table(self.gear_pool, self.step_rows, device=self.gear_pool.tail.device)
         self._new_batch = True
 
     def commit_step(self) -> None:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from gear_compile.config import CodecConfig
 from gear_compile.paged import PagedPool, PoolFull
-from gear_compile.paged_attention import attend
+from gear_compile.paged_attention import attend, block_table
 
 L, H, D = 2, 2, 32
 
@@ -111,7 +111,8 @@ def test_varlen_rows_decode_beside_prefill_match_dense_over_what_is_held(method,
     q = torch.randn(1, Hq, total, D, generator=gen)
     new = torch.randn(L, 2, H, total, D, generator=gen)
     layer, scale = 1, D ** -0.5
-    got = attend(pool, layer, rows, q, new[layer, 0][None], new[layer, 1][None], scale, chunk_pages=1)
+    table = block_table(pool, rows, chunk_pages=1)
+    got = attend(pool, layer, table, q, new[layer, 0][None], new[layer, 1][None], scale)
     start = 0
     for rid, T in rows:
         kv = torch.cat([held(pool, rid, layer), new[layer, :, :, start:start + T]], 2)
