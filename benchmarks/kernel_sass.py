@@ -12,10 +12,13 @@ the bundled nvdisasm / cuobjdump, and report
   shared          Triton's dynamic shared memory (pipeline buffers, layout
                   conversions), from its metadata
   the main loop   found by its backward branch in the SASS control flow: the
-                  loop holding the most tensor-core ops (then the longest);
-                  software pipelining peels a prologue and an epilogue off
-                  the source loop, and the backward branch is the steady
-                  state, so its body is what one iteration costs
+                  loop doing the most tensor-core flops, the first in the
+                  code among equals (a kernel whose passes follow its work
+                  list, sinks then prefill block then decode blocks, has its
+                  long pass first), the longest where no loop uses tensor
+                  cores (fp32 products as FFMAs); software pipelining peels a prologue and
+                  an epilogue off the source loop, and the backward branch is
+                  the steady state, so its body is what one iteration costs
   per iteration   SASS counts in that body, per thread (each SASS line runs
                   once per warp): async copies (LDGSTS = cp.async, UTMALDG /
                   UBLKCP = TMA), tensor-core ops (HMMA / HGMMA / IMMA ...),
@@ -95,7 +98,7 @@ class SassReport:
     local_ops: int            # LDL / STL lines anywhere in the kernel
     shared_bytes: int         # Triton's dynamic shared memory (its pipeline buffers, layout shuffles)
     instructions: int         # SASS lines of the whole kernel
-    loops: int                # backward branches in the kernel
+    loops: list               # every loop: {"start", "end" (SASS addresses), family -> count}
     main_loop: dict           # family -> count per iteration, plus "all" and "inner_loops"
     main_loop_sass: list = field(default_factory=list, repr=False)
 
@@ -221,26 +224,31 @@ def mma_flops(op: str) -> int:
 
 
 def loops(lines, labels) -> list[tuple[int, int]]:
-    """(first address, branch address) of every backward branch."""
+    """(first address, branch address) of every backward branch (a branch to
+    itself, the trap after EXIT, is no loop)."""
     out = []
     for addr, ins in lines:
         if opcode(ins).split(".")[0] == "BRA" and (m := _TARGET.search(ins)):
             start = labels.get(m.group(1))
-            if start is not None and start <= addr:
+            if start is not None and start < addr:
                 out.append((start, addr))
     return out
 
 
 def main_loop_of(lines, found) -> tuple[list[str], dict[str, int]]:
     """The main loop's SASS lines and their family counts (with `inner_loops`):
-    of the backward branches `found`, the one holding the most tensor-core
-    ops, then the longest. ([], {}) without loops."""
+    of the backward branches `found`, the one doing the most tensor-core
+    flops, the first among equals; without tensor-core work anywhere, the
+    longest. ([], {}) without loops."""
     def body(span):
         return [ins for addr, ins in lines if span[0] <= addr <= span[1]]
 
     if not found:
         return [], {}
-    span = max(found, key=lambda s: (family_counts(body(s))["mma"], s[1] - s[0]))
+    if any(family_counts(body(s))["mma_flops"] for s in found):
+        span = max(found, key=lambda s: (family_counts(body(s))["mma_flops"], -s[0]))
+    else:       # no tensor-core work (fp32 products run as FFMAs): the longest loop
+        span = max(found, key=lambda s: (len(body(s)), -s[0]))
     counts = family_counts(body(span))
     counts["inner_loops"] = sum(span[0] <= a <= b <= span[1] and (a, b) != span for a, b in found)
     return body(span), counts
@@ -255,7 +263,9 @@ def analyze(build: Build, kernel) -> SassReport:
     return SassReport(name=build.name, kernel=build.fn.__name__, num_warps=build.num_warps, num_stages=build.num_stages,
                       regs=regs, stack_bytes=stack, local_ops=family_counts([i for _, i in lines])["local"],
                       shared_bytes=int(kernel.metadata.shared), instructions=len(lines),
-                      loops=len(found), main_loop=main_loop, main_loop_sass=main_sass)
+                      loops=[dict(start=a, end=b, **family_counts([i for x, i in lines if a <= x <= b]))
+                             for a, b in sorted(found)],
+                      main_loop=main_loop, main_loop_sass=main_sass)
 
 
 def report(spec_or_build) -> SassReport:
