@@ -140,12 +140,13 @@ def _lower(gm: fx.GraphModule, example_inputs, config: GearConfig, mode: str | N
         if config.inductor:
             from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx
+            from torch.torch_version import TorchVersion
             # No size asserts: a decode graph takes every inner tensor of every
             # layer's store as an input (~900 for a 30-layer model), which
             # Dynamo's guards have already checked; Inductor's wrapper would
             # re-assert each one with a Python call at every step.
             patches = dict(list_mode_options(mode) if mode else {}, size_asserts=False)
-            if torch.__version__ < "2.13":
+            if TorchVersion(torch.__version__) < (2, 13):     # a version comparison, not a string one
                 # torch 2.11's vectorised C++ bounds check of the decode graph's
                 # buffer write names a temporary it never declares (the compile
                 # fails); 2.13 is fine, 2.12 untested. The write's position is
