@@ -288,6 +288,7 @@ def sweep_one(model_type: str, steps: int = 50) -> dict:
     import transformers as tf
 
     import gear_compile
+    from gear_compile.compressed_kv import STATE_KINDS
     from gear_compile.report import collect
     row = dict(arch=model_type)
     try:
@@ -337,8 +338,13 @@ def sweep_one(model_type: str, steps: int = 50) -> dict:
     row["compressed_layers"] = compressed
     # a generate() that returns no cache (mpt) or one without attention layers (xLSTM's)
     attention_cache = cache is not None and hasattr(cache, "layers")
-    row["kv_ratio"] = 0.0 if not attention_cache else \
-        gear_compile.kv_bytes(cache) / max(1, gear_compile.dense_bytes(cache, model.dtype))
+    # the attention layers' K/V only: a hybrid's recurrent states (and a sparse attention's indexer
+    # keys) are held exact and counted apart (`STATE_KINDS`)
+    split = gear_compile.kv_breakdown(cache) if attention_cache else None
+    row["state_bytes"] = 0 if split is None else sum(split.kinds.get(k, 0) for k in set(STATE_KINDS.values()))
+    row["kv_ratio"] = 0.0 if split is None else \
+        (split.held - row["state_bytes"]) / max(1, gear_compile.dense_bytes(cache, model.dtype))
+    row["forms"] = sorted({s.form for s in sites if s.rewritten})
     decode = [s for g in reports for s in g.sites if s.phase == "decode"]
     # layers the report says are compressed: by module path, or (a model that
     # runs one attention module for several cache layers, e.g. HRM's

@@ -5,7 +5,11 @@ Specification: for each family, `method="none"` generates the eager tokens,
 the report and the run agree (every layer reported rewritten ends compressed,
 no other does), and a lossy 4-bit cache stays close to eager; the families
 whose attention the matcher reads are fully rewritten and their cache shrinks;
-the others are reported, with their reasons. The full sweep is the benchmark.
+the others are reported, with their reasons. One of each newer family too: an
+MLA model (its latent cache compressed), a hybrid (its attention layer
+compressed, its recurrent states exact and counted apart) and a model whose
+layers differ in head dim. The tiny configs keep what sets each family apart.
+The full sweep is the benchmark.
 """
 import pytest
 
@@ -29,13 +33,45 @@ def test_a_family_is_rewritten_or_reported_and_never_wrong(arch):
         assert row["graphs"] <= 3, row
 
 
+# an MLA model, a hybrid (Mamba + attention), a model with a wider head dim on its global layers
+NEW_FAMILIES = ["deepseek_v2", "jamba", "gemma4_text"]
+
+
+@pytest.mark.parametrize("arch", NEW_FAMILIES)
+def test_a_newer_family_is_fully_rewritten_and_its_attention_cache_shrinks(arch):
+    row = sweep.sweep_one(arch, steps=8)
+    assert row["status"] == "full" and row["exact"] and row["agree"], row
+    assert row["kv_ratio"] < 0.45 and row["logits_error"] < 0.3, row
+    if arch == "deepseek_v2":         # the latent and the rope key part, read back before the up-projection
+        assert row["forms"] == ["rebuild"], row
+    if arch == "jamba":               # the Mamba layer's states are held exact and counted apart
+        assert row["state_bytes"] > 0, row
+
+
+def test_the_tiny_configs_keep_what_sets_a_family_apart():
+    mla = sweep.tiny_config("deepseek_v2")
+    assert (mla.kv_lora_rank, mla.q_lora_rank, mla.qk_rope_head_dim) == (32, 16, 16)
+    assert mla.qk_head_dim == mla.qk_nope_head_dim + mla.qk_rope_head_dim      # derived by the constructor
+    hybrid = sweep.tiny_config("qwen3_next")
+    assert hybrid.num_hidden_layers == 4 and "full_attention" in hybrid.layer_types \
+        and "linear_attention" in hybrid.layer_types
+    assert "full_attention" in sweep.tiny_config("granitemoehybrid").layer_types   # its defaults have none
+    gemma4 = sweep.tiny_config("gemma4_text")
+    dims = {gemma4.per_layer_config[i].head_dim if hasattr(gemma4, "per_layer_config") else None
+            for i in range(gemma4.num_hidden_layers)}
+    assert len(dims) == 2, dims                                  # the global layer's wider head dim
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        sweep.tiny_config("bart")
+
+
 def test_the_table_and_the_headline_count_what_was_swept(tmp_path):
     rows = [dict(arch="a", status="full", sites=4, rewritten=4, fallbacks=[], exact=True, agree=True,
                  compressed_layers=2, attention_layers=2, kv_ratio=0.3, logits_error=0.01, graphs=2),
             dict(arch="b", status="WRONG", sites=4, rewritten=4, fallbacks=[], exact=True, agree=False,
                  compressed_layers=0, attention_layers=2, kv_ratio=1.0, logits_error=0.0, graphs=2),
             dict(arch="c", status="error", reason="RuntimeError: boom"),
-            dict(arch="d", status="not built", reason="encoder-decoder")]
+            dict(arch="d", status="not built", reason="encoder-decoder",
+                 provenance="`python benchmarks/arch_coverage.py --only d`, transformers 5.25.0, commit abc")]
     assert sweep.headline(rows).startswith("3 architectures with an attention KV cache swept: "
                                            "1 fully rewritten (33.3 %")
     assert "33.3 % correct (target 100 %: 1 wrong, 1 errors)" in sweep.headline(rows)
@@ -45,8 +81,9 @@ def test_the_table_and_the_headline_count_what_was_swept(tmp_path):
     assert [r["arch"] for r in shown] == ["a", "b", "c"]            # d was not built: listed below
     assert row(shown, arch="b") == {
         "arch": "b", "status": "WRONG", "sites rewritten / found": "4 / 4", "none == eager": "yes",
-        "compressed layers": "0 / 2", "kv %": "100", "logits err": "0.000", "graphs": "2",
+        "compressed layers": "0 / 2", "kv %": "100", "logits err": "0.000", "graphs": "2", "run": "1",
         "fallbacks / reason": "report and run disagree"}
     assert row(shown, arch="c")["status"] == "error"
     assert row(shown, arch="c")["fallbacks / reason"] == "RuntimeError: boom"
-    assert "- d: encoder-decoder" in text
+    assert "- d: encoder-decoder (run 2)" in text
+    assert "1. not recorded" in text and "2. `python benchmarks/arch_coverage.py --only d`" in text
