@@ -118,7 +118,9 @@ def run_cell(args, method: str, budget: int) -> dict:
         cb["num_blocks"] = max(1, budget // block)
         cb["use_cuda_graph"] = bool(args.gpu)
     else:
-        serving.enable(model, kv_budget_bytes=budget, **METHODS[method])
+        # tails sized for this traffic's mean request (prompt + new tokens), as a server would
+        typical = (args.prompt_min + args.prompt_max + args.new_min + args.new_max) // 2
+        serving.enable(model, kv_budget_bytes=budget, typical_tokens=typical, **METHODS[method])
     manager = model.init_continuous_batching(generation_config=gen,
                                              continuous_batching_config=ContinuousBatchingConfig(**cb))
     active = []

@@ -19,8 +19,9 @@ continuous batching work this way). This pool holds:
           prefill block does); readers take tokens < s from here
 
 Pages and tail slots come from one byte budget (`budget_bytes`): the slots
-take `max_requests` tails (by default a quarter of the budget) and the rest
-is pages. `reserve` admits tokens only when whole pages are free for them,
+take `max_requests` tails (given; or as many as requests of `typical_tokens`
+fill the budget with; by default a quarter of the budget) and the rest is
+pages. `reserve` admits tokens only when whole pages are free for them,
 so a request that does not fit is refused (the caller queues it), never
 written past its pages; `free` returns them. A step's new tokens are held by
 the caller until `commit`, which compresses every page they fill, of every
@@ -62,7 +63,7 @@ class PagedPool:
 
     def __init__(self, config: CodecConfig, layers: int, heads: int, head_dim: int, dtype: torch.dtype,
                  budget_bytes: int, page_tokens: int | None = None, max_requests: int | None = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", typical_tokens: int | None = None):
         self.config = codec_of(config).for_head_dim(head_dim)
         self.layers, self.heads, self.head_dim, self.dtype = layers, heads, head_dim, dtype
         self.held = self.config.held_dtype(dtype)
@@ -77,7 +78,9 @@ class PagedPool:
         token_bytes = layers * 2 * heads * head_dim * self.held.itemsize
         self.tail_bytes = (self.page_tokens + self.sink_tokens) * token_bytes
         self.page_bytes = layers * sum(_part_bytes(self.layouts[k], heads, self.page_tokens) for k in "kv")
-        if max_requests is None:
+        if max_requests is None and typical_tokens:    # a tail for each request of that length
+            max_requests = budget_bytes // (self.tail_bytes + typical_tokens // self.page_tokens * self.page_bytes)
+        if not max_requests:
             max_requests = max(1, budget_bytes // 4 // self.tail_bytes)
         n_pages = (budget_bytes - max_requests * self.tail_bytes) // self.page_bytes
         if n_pages < 1:

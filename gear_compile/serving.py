@@ -181,7 +181,8 @@ class GearBatchingManager(continuous_api.ContinuousBatchingManager):
         text = model.config.get_text_config()
         self.pool = PagedPool(settings["config"].codec, text.num_hidden_layers, find_num_key_value_heads(text),
                               find_head_dim(text), model.dtype, settings["kv_budget_bytes"],
-                              settings["page_tokens"], settings["max_requests"], model.device)
+                              settings["page_tokens"], settings["max_requests"], model.device,
+                              settings["typical_tokens"])
         model._gear_paged_pool = self.pool
         super().__init__(model, generation_config, cb, workload_hints)
 
@@ -219,18 +220,19 @@ class GearBatchingManager(continuous_api.ContinuousBatchingManager):
 
 
 def enable(model, kv_budget_bytes: int, page_tokens: int | None = None, max_requests: int | None = None,
-           **options):
+           typical_tokens: int | None = None, **options):
     """Serve `model` with compressed paged KV: `model.generate_batch(...)` and
     the manager API then keep K/V in a `PagedPool` of `kv_budget_bytes`
     (pages of `page_tokens`, default the smallest whole number of codec
-    blocks >= 64; `max_requests` exact tails, default a quarter of the
-    budget). options: `GearConfig`'s (method, bits, ...). Returns the model."""
+    blocks >= 64; `max_requests` exact tails, or as many as requests of
+    `typical_tokens` fill the budget with, by default a quarter of it).
+    options: `GearConfig`'s (method, bits, ...). Returns the model."""
     config = GearConfig.from_options(options)
     text = model.config.get_text_config()
     if "sliding_attention" in cb_cache.group_layers_by_attn_type(text):
         raise ValueError("gear paged pool: sliding-window layers are not supported under continuous batching")
     settings = dict(config=config, kv_budget_bytes=int(kv_budget_bytes), page_tokens=page_tokens,
-                    max_requests=max_requests)
+                    max_requests=max_requests, typical_tokens=typical_tokens)
     original = type(model).init_continuous_batching
 
     def init_continuous_batching(generation_config=None, continuous_batching_config=None, workload_hints=None):

@@ -120,3 +120,12 @@ def test_varlen_rows_decode_beside_prefill_match_dense_over_what_is_held(method,
         torch.testing.assert_close(got[start:start + T].transpose(0, 1), want, atol=1e-5, rtol=1e-4,
                                    msg=lambda m: f"{rid}: {m}")
         start += T
+
+
+def test_tails_sized_for_typical_requests():
+    """typical_tokens: as many tails as requests of that length fill the
+    budget with (pages for all of them fit beside)."""
+    pool = pool_of(typical_tokens=300)
+    per_request = pool.tail_bytes + 300 // pool.page_tokens * pool.page_bytes
+    assert pool.max_requests == 3_000_000 // per_request
+    assert pool.n_pages >= pool.max_requests * (300 // pool.page_tokens)

@@ -83,6 +83,7 @@ def test_queued_when_full_never_corrupted_and_refused_when_too_big():
     manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
     with pytest.raises(ValueError, match="Raise kv_budget_bytes"):
         manager.add_request(too_long[0], max_new_tokens=NEW)
+    assert f"{pool.n_pages} pages" in manager.describe() and "prefix sharing" in manager.describe()
 
 
 def test_requests_join_mid_run_and_stream():
