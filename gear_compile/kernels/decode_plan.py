@@ -114,6 +114,7 @@ class Plan:
 
 
 RECORD_MARGIN = 1.5   # a K tile's record window: this many times the block's mean records per tile
+RECORD_CHUNK = 32     # the smallest window: the records `decode_tiles` puts in one one-hot product
 
 
 def record_window(layout: SegmentLayout, tile: int) -> int:
@@ -127,7 +128,7 @@ def record_window(layout: SegmentLayout, tile: int) -> int:
     if not k2d:
         return 0
     if tile >= layout.block:
-        return max(16, pow2(k2d))
+        return max(RECORD_CHUNK, pow2(k2d))
     return pow2(math.ceil(RECORD_MARGIN * k2d * tile / layout.block))
 
 

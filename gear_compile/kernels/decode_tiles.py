@@ -21,9 +21,15 @@ GP rows are the query heads of one KV head (padded to 16 for tl.dot).
 Dequantization (issue 28, item 2), fp16 queries (MAGIC): a code c of b <= 8
 bits becomes fp16 without a conversion instruction: (c | 0x6400) read as fp16
 is 1024 + c exactly (fp16 has 10 mantissa bits), minus 1024 in fp16; then
-x = c * s + z is one fp16 FMA (packed two per instruction). The old path
-(int32 -> fp32 -> fp16 per code: I2F + F2F) is kept where the dot is not
-fp16: bf16 (an fp16 FMA could overflow a bf16 model's range) and fp32.
+x = c * s + z is one fp16 FMA (packed two per instruction). Chosen over the
+int8 / fp16 tl.dot per bit plane because it needs no second dot per plane
+and no asm (so the interpreter runs the same code). In the sm_90a SASS
+(benchmarks/kernel_sass.py, d 128, 64-token tile, 8 warps, 3 stages) the
+main loop of KCVT-4 has 5 conversion instructions per thread for the 64
+K and 64 V codes each thread unpacks (KIVI-2: 4), about 0.08 per code,
+where the int32 -> fp32 -> fp16 path costs 2 per code (I2F + F2F). That
+path is kept where the dot is not fp16: bf16 (an fp16 FMA could overflow a
+bf16 model's range) and fp32.
 Scale/zero folding (q' = q * s, q . z) is done where one stats row covers the
 whole segment (K on the channel axis with one group per block: KCVT's
 prefill block), once before the loop; per tile it would cost a cross-lane
@@ -119,6 +125,9 @@ def _stats_at(scale, t, c, ok, group, D: tl.constexpr, AXIS_CHANNEL: tl.constexp
     return tl.load(scale + sidx, mask=ok, other=0.0).to(tl.float32)
 
 
+RECORD_CHUNK: tl.constexpr = tl.constexpr(32)   # records per one-hot product (registers: 32 x BT)
+
+
 @triton.jit
 def _k_record_scores(Kov, Koi, Ks, Q, qrow, ok_g, qk_scale, r_lo, r_hi, tile_t0, tile_at, group,
                      D: tl.constexpr, CB: tl.constexpr, C: tl.constexpr, BT: tl.constexpr,
@@ -129,18 +138,24 @@ def _k_record_scores(Kov, Koi, Ks, Q, qrow, ok_g, qk_scale, r_lo, r_hi, tile_t0,
     (tile_at in its block): record r adds val_r units at (t_r, c_r), so
     q . k_t gains q[c_r] * s(t_r, c_r) * val_r * unit at t_r. Each record's
     q[c_r] is read back from Q (L1-resident) for the live query rows, and a
-    one-hot [C, BT] tl.dot puts the C products at their tokens: no walk, no
-    branch, no dependent load beyond the window's."""
-    r = r_lo + tl.arange(0, C)
-    ok_r = r < r_hi
-    val = tl.load(Kov + r, mask=ok_r, other=0).to(tl.float32)
-    pos = tl.load(Koi + r, mask=ok_r, other=0).to(tl.int32) & ((1 << (CB + 8)) - 1)
-    c = pos & ((1 << CB) - 1)
-    t_in = ((pos >> CB) & 255) - tile_at % 256       # kernel tiles never cross 256 tokens
-    w = val * (OUT_UNIT * qk_scale) * _stats_at(Ks, tile_t0 + t_in, c, ok_r, group, D, K_CHANNEL)
-    qc = tl.load(Q + qrow[:, None] * D + c[None, :], mask=ok_g[:, None] & ok_r[None, :], other=0.0)
-    onehot = tl.where((t_in[:, None] == tl.arange(0, BT)[None, :]) & ok_r[:, None], 1.0, 0.0)
-    return _mma(qc.to(tl.float32) * w[None, :], onehot, DT, FP32_DOT)
+    tl.dot per chunk of the window with the one-hot [RECORD_CHUNK, BT] that
+    holds each record's factor at its token puts the products there (chunks
+    bound the registers the one-hot takes): no walk, no branch, no dependent load beyond the window's."""
+    out = tl.zeros([qrow.shape[0], BT], tl.float32)
+    for j in tl.static_range(C // RECORD_CHUNK):
+        r = r_lo + j * RECORD_CHUNK + tl.arange(0, RECORD_CHUNK)
+        ok_r = r < r_hi
+        val = tl.load(Kov + r, mask=ok_r, other=0).to(tl.float32)
+        pos = tl.load(Koi + r, mask=ok_r, other=0).to(tl.int32) & ((1 << (CB + 8)) - 1)
+        c = pos & ((1 << CB) - 1)
+        t_in = ((pos >> CB) & 255) - tile_at % 256       # kernel tiles never cross 256 tokens
+        w = val * (OUT_UNIT * qk_scale) * _stats_at(Ks, tile_t0 + t_in, c, ok_r, group, D, K_CHANNEL)
+        qc = tl.load(Q + qrow[:, None] * D + c[None, :], mask=ok_g[:, None] & ok_r[None, :], other=0.0)
+        # the one-hot carries w (one rounding to DT, as the codes' dot has), q[c_r] stays exact
+        w = w.to(DT)
+        at = (t_in[:, None] == tl.arange(0, BT)[None, :]) & ok_r[:, None]
+        out += _mma(qc, tl.where(at, w[:, None], tl.zeros_like(w)[:, None]), DT, FP32_DOT)
+    return out
 
 
 @triton.jit
