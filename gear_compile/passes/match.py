@@ -424,10 +424,14 @@ def _consistent(site: AttentionSite) -> str | None:
     if q is not None and k is not None and q.shape[1] % k.shape[1]:
         return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
     if k is not None and v is not None and k.shape[-1] != v.shape[-1]:
-        return f"V's head dim {v.shape[-1]} differs from K's {k.shape[-1]} (e.g. MiMo's v_head_dim)"
+        return f"{HEAD_DIMS_DIFFER} {v.shape[-1]} differs from K's {k.shape[-1]} (e.g. MiMo's v_head_dim)"
     if site.key.keep != site.value.keep:
         return f"K and V keep different windows ({site.key.keep} and {site.value.keep} tokens)"
     return None
+
+
+# the fused attention ops take K and V of one head dim; such a layer's cache is rebuilt instead
+HEAD_DIMS_DIFFER = "V's head dim"
 
 
 def _sizes_for(node: fx.Node, chain: list) -> bool:
@@ -479,7 +483,8 @@ def rebuild_sites(graph: fx.Graph, sites: list[AttentionSite], first: int) -> li
     ALiBi scores through baddbmm, a differential attention) reads what it
     read before, from the compressed cache. The attention is not fused with
     the store: the past is materialised for the step."""
-    taken = {a.node for site in sites if site.rewritable for a in (site.key, site.value)}
+    taken = {a.node for site in sites if site.rewritable or not site.reason.startswith(HEAD_DIMS_DIFFER)
+             for a in (site.key, site.value) if a is not None}
     appends = [a for a in map(kv_append, graph.nodes) if a is not None and a.node not in taken
                and any(u.op == "output" for u in a.node.users)]
     found, pending = [], None
@@ -488,7 +493,8 @@ def rebuild_sites(graph: fx.Graph, sites: list[AttentionSite], first: int) -> li
             pending = append
             continue
         site = AttentionSite(first + len(found), "rebuild", pending.node, None, pending, append)
-        site.reason = _rebuilds(pending) or _rebuilds(append) or _consistent_pasts(site)
+        site.reason = _rebuilds(pending) or _rebuilds(append) or _consistent_pasts(site) or \
+            next((f"its attention's {r.reason}" for r in _readers(site, sites) if _escaping_reason(r)), "")
         if not site.reason:
             site.rewritable = True
             site.reason = (f"cache compressed, read back densely before {_reader(pending)} / {_reader(append)} "
@@ -506,13 +512,25 @@ def _absorbed(sites: list[AttentionSite]) -> list[AttentionSite]:
     the model wrote them, over the rebuilt past, and the rebuild site says so."""
     gone = set()
     for rebuild in (s for s in sites if s.form == "rebuild" and s.rewritable):
-        reached = _downstream([rebuild.key.node, rebuild.value.node])
-        readers = [s for s in sites if not s.rewritable and s.output in reached and s.layer == rebuild.layer]
+        readers = _readers(rebuild, sites)
         if readers:
             rebuild.reason = rebuild.reason.rsplit(" (the attention", 1)[0] + \
                 f" (the attention that reads it, left as written: {readers[0].form}: {readers[0].reason})"
             gone.update(id(s) for s in readers)
     return [s for s in sites if id(s) not in gone]
+
+
+def _readers(rebuild: AttentionSite, sites: list[AttentionSite]) -> list[AttentionSite]:
+    """The sites left exact, in the rebuild site's layer, computed from its appends."""
+    reached = _downstream([rebuild.key.node, rebuild.value.node])
+    return [s for s in sites if s.form != "rebuild" and not s.rewritable and s.output in reached
+            and s.layer == rebuild.layer]
+
+
+def _escaping_reason(site: AttentionSite) -> bool:
+    """Its attention's weights are read outside it (output_attentions): the
+    user asked for that attention as written; its cache is left exact too."""
+    return site.reason.startswith("intermediate ")
 
 
 def _downstream(nodes: list[fx.Node], limit: int = 400) -> set:
