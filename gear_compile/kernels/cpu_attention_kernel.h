@@ -63,6 +63,61 @@ inline void k_outliers(const Seg& K, int64_t t0, int n, Add add) {
   else k_outliers_as(K, static_cast<const uint32_t*>(K.out_idx), t0, n, add);
 }
 
+// The K outliers of tokens [t0, t0+n) folded into the scores of R rows:
+// out[r * CHUNK + j] += q'_r,c * steps, q' = qs (rows DP apart). The same
+// walk as k_outliers_as, written out with the row count a template argument
+// where it is small (the GQA ratio; 0: R at run time) so that a record's
+// adds stay in registers instead of a closure's spilled fields.
+template <int NR, typename I>
+void k_outliers_folded_as(const Seg& K, const I* positions, int64_t t0, int n, const float* qs,
+                          int DP, int R, float* out) {
+  const int rows = NR ? NR : R;
+  const int cbits = K.channel_bits;
+  const uint32_t cmask = (1u << cbits) - 1;
+  const float unit = K.out_unit;
+  for (int64_t t = t0; t < t0 + n;) {
+    const int64_t blk = t / K.block;
+    const int lo = static_cast<int>(t - blk * K.block);
+    const int hi = static_cast<int>(std::min<int64_t>(t0 + n - blk * K.block, K.block));
+    const int32_t* ptr = K.out_ptr + blk * K.ptrs;
+    const I* pos = positions + blk * K.k2;
+    const int8_t* val = K.out_val + blk * K.k2;
+    const int shift = static_cast<int>(t0 - blk * K.block);     // block offset of token t0
+    for (int j = lo / TILE; j * TILE < hi; ++j) {
+      const int base = (j * TILE) & ~255;
+      const bool inside = j * TILE >= lo && (j + 1) * TILE <= hi;
+      for (int r = ptr[j]; r < ptr[j + 1]; ++r) {
+        const uint32_t p = pos[r];
+        const int tok = base + static_cast<int>((p >> cbits) & 255);
+        if (!inside && (tok < lo || tok >= hi)) continue;
+        const float v = static_cast<float>(val[r]) * unit;
+        const float* q = qs + (p & cmask);
+        float* o = out + (tok - shift);
+        for (int i = 0; i < rows; ++i) o[i * CHUNK] += q[i * DP] * v;
+      }
+    }
+    t = blk * K.block + hi;
+  }
+}
+
+template <int NR>
+inline void k_outliers_folded_rows(const Seg& K, int64_t t0, int n, const float* qs, int DP, int R, float* out) {
+  if (K.idx_type == at::kShort)
+    k_outliers_folded_as<NR>(K, static_cast<const uint16_t*>(K.out_idx), t0, n, qs, DP, R, out);
+  else
+    k_outliers_folded_as<NR>(K, static_cast<const uint32_t*>(K.out_idx), t0, n, qs, DP, R, out);
+}
+
+inline void k_outliers_folded(const Seg& K, int64_t t0, int n, const float* qs, int DP, int R, float* out) {
+  switch (R) {
+    case 1: return k_outliers_folded_rows<1>(K, t0, n, qs, DP, R, out);
+    case 2: return k_outliers_folded_rows<2>(K, t0, n, qs, DP, R, out);
+    case 3: return k_outliers_folded_rows<3>(K, t0, n, qs, DP, R, out);
+    case 4: return k_outliers_folded_rows<4>(K, t0, n, qs, DP, R, out);
+    default: return k_outliers_folded_rows<0>(K, t0, n, qs, DP, R, out);
+  }
+}
+
 // V outliers of tokens [t0, t0+n) into the tile: 2k (channel, steps) per
 // token; channels are one byte up to 256 of them (outliers.index_dtype).
 template <typename I>
@@ -209,10 +264,7 @@ void score_chunk(const Problem& P, const Seg& K, int64_t t0, int n, Scratch& sc)
       if (int_dots) {
         P.int_scores(static_cast<const uint8_t*>(K.data) + (t0 + j0) * K.W, K.W, K.bits, j1 - j0,
                      sc.limbs.data(), sc.lscale.data(), R, score + j0, CHUNK);
-        if (K.k2)                           // (pointers by value: nothing reloaded per record)
-          k_outliers(K, t0 + j0, j1 - j0, [out = score + j0, qs = sc.qs.data(), R, DP](int j, uint32_t c, float v) {
-            for (int r = 0; r < R; ++r) out[r * CHUNK + j] += qs[r * DP + c] * v;
-          });
+        if (K.k2) k_outliers_folded(K, t0 + j0, j1 - j0, sc.qs.data(), DP, R, score + j0);
       } else {
         score_tile(sc.qs.data(), R, DP, sc.tile_row(j0), sc.ts, j1 - j0, score + j0, CHUNK);
       }
