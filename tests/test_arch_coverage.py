@@ -72,9 +72,13 @@ def test_the_table_and_the_headline_count_what_was_swept(tmp_path):
             dict(arch="c", status="error", reason="RuntimeError: boom"),
             dict(arch="d", status="not built", reason="encoder-decoder",
                  provenance="`python benchmarks/arch_coverage.py --only d`, transformers 5.25.0, commit abc")]
-    assert sweep.headline(rows).startswith("3 architectures with an attention KV cache swept: "
+    assert sweep.headline(rows).startswith("3 buildable architectures with an attention KV cache, 3 swept: "
                                            "1 fully rewritten (33.3 %")
-    assert "33.3 % correct (target 100 %: 1 wrong, 1 errors)" in sweep.headline(rows)
+    assert "33.3 % of those swept correct (target 100 %: 1 wrong, 1 errors)" in sweep.headline(rows)
+    # a decoder built but not swept counts in the denominator, not as correct or wrong
+    pending = rows + [dict(arch="e", status="pending", reason="not swept")]
+    assert sweep.headline(pending).startswith("4 buildable architectures with an attention KV cache, 3 swept "
+                                              "(1 built but not swept yet): 1 fully rewritten (25.0 %")
     sweep.write(rows, type("Args", (), {"steps": 20})(), tmp_path / "cov")
     text = (tmp_path / "cov.md").read_text()
     shown = table(text)
