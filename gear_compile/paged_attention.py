@@ -30,9 +30,10 @@ attention function).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from dataclasses import dataclass
 
 from .paged import PagedPool
 

@@ -185,6 +185,7 @@ class GearBatchingManager(continuous_api.ContinuousBatchingManager):
                               settings["typical_tokens"])
         model._gear_paged_pool = self.pool
         super().__init__(model, generation_config, cb, workload_hints)
+        log.info(self.describe())
 
     def switch_to_cb_friendly_attn(self, model, auto_switch_to_flash: bool = True) -> None:
         if model.config._attn_implementation != ATTENTION:
