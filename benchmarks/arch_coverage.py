@@ -311,7 +311,7 @@ def sweep_one(model_type: str, steps: int = 50, build_only: bool = False) -> dic
         prompt = torch.randint(3, 256, (1, PROMPT), generator=torch.Generator().manual_seed(0))
         original = model.forward
         with torch.no_grad():
-            eager_tokens, eager_logits, cache = _generate(model, prompt, max(steps, NEW_TOKENS))
+            eager_tokens, eager_logits, cache = _generate(model, prompt, 2 if build_only else max(steps, NEW_TOKENS))
             row["attention_layers"], _ = _attention_layers(cache)
     except Exception as e:       # noqa: BLE001 - the tiny config itself does not run
         return dict(row, status="not built",
@@ -376,11 +376,10 @@ def architectures() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def spawn(model_type: str, steps: int, timeout: float, build_only: bool = False) -> dict:
+def spawn(model_type: str, steps: int, timeout: float) -> dict:
     """`sweep_one` in a fresh process (fresh Dynamo state; a hang or a crash
     of the interpreter is a row, not the end of the sweep)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", model_type, "--steps", str(steps)] + \
-        (["--build-only"] if build_only else [])
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", model_type, "--steps", str(steps)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -476,7 +475,7 @@ def main(argv=None):
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(sweep_one(args.worker, args.steps, args.build_only)))
+        print(json.dumps(sweep_one(args.worker, args.steps)))
         return
     if args.merge:
         # the last run of an architecture wins; each row keeps its own provenance
@@ -494,7 +493,9 @@ def main(argv=None):
     for i, arch in enumerate(chosen):
         t0 = time.perf_counter()
         print(f"[{i + 1}/{len(chosen)}] {arch} ...", end=" ", flush=True)
-        row = dict(spawn(arch, args.steps, args.timeout, args.build_only), provenance=origin)
+        # building compiles nothing: in this process (a fresh one per entry is most of the time)
+        row = sweep_one(arch, build_only=True) if args.build_only else spawn(arch, args.steps, args.timeout)
+        row["provenance"] = origin
         rows.append(row)
         print(f"{row['status']} ({time.perf_counter() - t0:.0f} s) {row.get('reason', '')}", flush=True)
         write(rows, args, args.out)
