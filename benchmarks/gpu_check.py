@@ -75,13 +75,15 @@ def steps(args, out: Path) -> list[Step]:
     return [
         Step("warm", [py, "benchmarks/gpu_check.py", "--warm", str(args.sms)], 60),
         Step("tests", [py, "-m", "pytest", "-q", "-m", "not slow", *xdist, "-p", "no:cacheprovider",
-                       "tests/test_backend_triton_kernel.py", "tests/test_attention_kernels.py", "-k", "triton",
+                       "tests/test_backend_triton_kernel.py", "tests/test_attention_kernels.py",
+                       "-k", "triton",
                        f"--junitxml={out / 'tests.xml'}"], 120),
         Step("cell", [py, "benchmarks/decode_attention.py", *CELL, "--iters", "20", "--warmup", "3",
                       "--max-seconds", "80", "--out", str(out)], 100),
         Step("sweep", [py, "benchmarks/decode_attention_sweep.py", "--batch", "16", "--context", "32768",
                        "--iters", "10", "--warmup", "2", "--out", str(out)], 45),
-        Step("e2e", [py, "benchmarks/generate_throughput.py", "--gpu", "--graphs", "--gpu-model", args.e2e_model,
+        Step("e2e", [py, "benchmarks/generate_throughput.py", "--gpu", "--graphs",
+                     "--gpu-model", args.e2e_model,
                      "--gpu-prompt", str(args.e2e_prompt), "--gpu-new-tokens", "32", "--max-batch", "64",
                      "--timeout", "140", "--out", str(out)], 150),
     ]
@@ -185,12 +187,13 @@ def machine_lines(argv) -> list[str]:
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "gear_compile", "benchmarks/*.py"],
                            cwd=ROOT, capture_output=True, text=True).stdout.strip()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
-    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                            capture_output=True, text=True).stdout.strip() if torch.cuda.is_available() else ""
+    driver = "" if not torch.cuda.is_available() else subprocess.run(
+        ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+        capture_output=True, text=True).stdout.strip()
     return [f"- device: {gpu}{f', driver {driver}' if driver else ''}, CUDA {torch.version.cuda}; "
             f"{os.cpu_count()} CPU cores, {platform.platform()}",
-            f"- torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}, "
-            f"Python {platform.python_version()}",
+            f"- torch {torch.__version__}, triton {triton.__version__}, "
+            f"transformers {transformers.__version__}, Python {platform.python_version()}",
             f"- code: {commit}{' with uncommitted changes' if dirty else ''}",
             f"- command: `python benchmarks/gpu_check.py {' '.join(argv)}`"]
 
@@ -243,7 +246,8 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("gpu_check.py needs a CUDA GPU (--dry-run prints its commands anywhere).")
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     head = machine_lines(argv)
     for step in todo:
         run_step(step, env)

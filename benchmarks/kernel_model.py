@@ -219,7 +219,7 @@ def round_cycles(r: kernel_sass.SassReport, k: int, tile_bytes: float, device: D
     own_issue = r.num_warps * loop["all"] / 4 / issue_rate
     bytes_per_cycle = device.hbm_gbps * 1e9 * device.hbm_efficiency / device.sms / (device.clock_ghz * 1e9)
     in_flight = max(1, r.num_stages - 1) if loop.get("async_copy") else 1
-    exposed = 2 * device.dram_latency_cycles / in_flight + loop.get("inner_loops", 0) * device.dram_latency_cycles
+    exposed = (2 / in_flight + loop.get("inner_loops", 0)) * device.dram_latency_cycles
     return dict(memory=k * tile_bytes / bytes_per_cycle, issue=k * own_issue,
                 tensor=k * r.num_warps * loop.get("mma_flops", 0) / device.mma_flops_per_cycle,
                 latency=own_issue + exposed)
@@ -239,8 +239,7 @@ def predict_launch(r: kernel_sass.SassReport, programs: int, iterations: int, ti
             cycles += count * iterations * max(parts.values())
             bound = bound or parts
     us = cycles / (device.clock_ghz * 1e3)
-    return dict(us=us, resident=k, waves=programs / slots, wave_eff=programs / (math.ceil(programs / slots) * slots),
-                limit=max(bound, key=bound.get), per_tile=bound)
+    return dict(us=us, resident=k, waves=programs / slots, limit=max(bound, key=bound.get), per_tile=bound)
 
 
 def predict(cfg, method: str, bits: int, moved: int, dense: int, B: int, Hq: int, Hkv: int, D: int,

@@ -160,7 +160,8 @@ def compile_sm90(build: Build):
     from triton.compiler import ASTSource
 
     return triton.compile(ASTSource(build.fn, build.signature, build.constexprs, build.attrs),
-                          target=target(), options=dict(num_warps=build.num_warps, num_stages=build.num_stages))
+                          target=target(),
+                          options=dict(num_warps=build.num_warps, num_stages=build.num_stages))
 
 
 def disassemble(cubin: bytes) -> tuple[str, str]:
@@ -260,7 +261,8 @@ def analyze(build: Build, kernel) -> SassReport:
     found = loops(lines, labels)
     main_sass, main_loop = main_loop_of(lines, found)
     regs, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
-    return SassReport(name=build.name, kernel=build.fn.__name__, num_warps=build.num_warps, num_stages=build.num_stages,
+    return SassReport(name=build.name, kernel=build.fn.__name__, num_warps=build.num_warps,
+                      num_stages=build.num_stages,
                       regs=regs, stack_bytes=stack, local_ops=family_counts([i for _, i in lines])["local"],
                       shared_bytes=int(kernel.metadata.shared), instructions=len(lines),
                       loops=[dict(start=a, end=b, **family_counts([i for x, i in lines if a <= x <= b]))
