@@ -376,3 +376,22 @@ SLOW = [(m, b, D, Hq, Hkv, P, n)
 @pytest.mark.parametrize("case", SLOW, ids=lambda c: "-".join(map(str, c)))
 def test_grid(impl, case):
     _check(impl, *case, dtype=torch.float16)
+
+
+def test_triton_launch_plan_splits_and_tile_configs():
+    """The Triton launcher's host-side choices (`decode_plan`): the split
+    count follows FlashAttention-2's wave-efficiency rule (batch 16 x 8 KV
+    heads on an H100's 132 SMs: 2 splits fill 97 % of 264 program slots),
+    is bounded by the work, and the autotuner's key names kernel arguments
+    (a wrong name fails only at a GPU launch) over configs the pruning model
+    keeps."""
+    from gear_compile.kernels import decode_attention as da, decode_plan as dp
+    assert dp.num_splits(128, 512 * 64, 132) == 2
+    assert dp.num_splits(1 * 8, 512 * 64, 132) >= 132 * dp.PROGRAMS_PER_SM // 8 * dp.WAVE_EFFICIENCY
+    assert dp.num_splits(8, 8, 132) == 2                       # 8 tiles: at least 4 a split
+    assert set(da.AUTOTUNE_KEY) <= set(da._attention_kernel.arg_names)
+    kept = dp.prune_tile_configs(dp.TILE_CONFIGS, 128, 128, 4, 4)
+    assert dp.DEFAULT_TILE_CONFIG in kept and len(kept) < len(dp.TILE_CONFIGS)
+    assert all(8 <= c.tile * 128 / (32 * c.warps) <= 64 for c in kept)
+    # method none moves 2 fp16 rows a token: 4 stages of 128 tokens exceed the shared-memory budget
+    assert dp.TileConfig(128, 8, 4) not in dp.prune_tile_configs(dp.TILE_CONFIGS, 128, 128, 16, 0)

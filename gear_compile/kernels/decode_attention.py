@@ -278,15 +278,15 @@ AUTOTUNE_KEY = ("D", "BITS", "G", "STORE_EXACT", "K_CHANNEL", "V_CHANNEL", "K_GR
                 "P_K_OUT", "VK2", "V_FOLD", "MAGIC", "FP32_DOT")
 
 
-def _prune(configs, named_args, **kwargs):
-    a = {**named_args, **kwargs}
-    return decode_plan.prune_tile_configs(configs, a["E"], a["D"], a["BITS"] or 16, max(a["P_R"], a["D_R"]))
-
-
-_autotuned_kernel = triton.autotune(
-    configs=[triton.Config({"BT": c.tile, "STAGES": c.stages}, num_warps=c.warps, num_stages=c.stages)
-             for c in TILE_CONFIGS],
-    key=list(AUTOTUNE_KEY), prune_configs_by={"early_config_prune": _prune})(_attention_kernel)
+@functools.lru_cache(maxsize=32)
+def _autotuned_kernel(configs: tuple[TileConfig, ...]):
+    """`_attention_kernel` autotuned over `configs` (pruned on the host by
+    `decode_plan.prune_tile_configs`, so the autotuner needs no pruning hook
+    of its own, which torch's wrap_triton would have to support)."""
+    return triton.autotune(
+        configs=[triton.Config({"BT": c.tile, "STAGES": c.stages}, num_warps=c.warps, num_stages=c.stages)
+                 for c in configs],
+        key=list(AUTOTUNE_KEY))(_attention_kernel)
 
 
 @functools.lru_cache(maxsize=8)
@@ -363,7 +363,10 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
                *_pointers(vs.decode, q), ks.buffer.contiguous(), vs.buffer.contiguous(),
                q if k_new is None else k_new.contiguous(), q if v_new is None else v_new.contiguous()]
     if tile_config is None and not interpret:
-        kernel, tiling = _autotuned_kernel, {}
+        c = plan.consts
+        configs = decode_plan.prune_tile_configs(TILE_CONFIGS, c["E"], D, c["BITS"] or 16,
+                                                 max(c["P_R"], c["D_R"]))
+        kernel, tiling = _autotuned_kernel(tuple(configs)), {}
     else:
         c = tile_config or DEFAULT_TILE_CONFIG
         kernel, tiling = _attention_kernel, dict(BT=c.tile, STAGES=c.stages, num_warps=c.warps,

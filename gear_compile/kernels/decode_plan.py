@@ -63,18 +63,12 @@ def stage_bytes(tile: int, D: int, bits: int, rank: int) -> int:
     return tile * 2 * (row + rank)
 
 
-def prune_tile_configs(configs, E: int, D: int, bits: int, rank: int) -> list:
-    """The configs (TileConfig, or triton.Config with BT / num_warps /
-    num_stages) that the pruning model above keeps; at least the default."""
-    def fields(c):
-        return (c.tile, c.warps, c.stages) if isinstance(c, TileConfig) else \
-            (c.kwargs["BT"], c.num_warps, c.num_stages)
+def prune_tile_configs(configs, E: int, D: int, bits: int, rank: int) -> list[TileConfig]:
+    """The configs that the pruning model above keeps (at least the default)."""
     lo, hi = VALUES_PER_THREAD
-    kept = [c for c in configs
-            if lo <= fields(c)[0] * E / (32 * fields(c)[1]) <= hi
-            and fields(c)[2] * stage_bytes(fields(c)[0], D, bits, rank) <= SMEM_BUDGET]
-    return kept or [c for c in configs if fields(c) == (DEFAULT_TILE_CONFIG.tile, DEFAULT_TILE_CONFIG.warps,
-                                                        DEFAULT_TILE_CONFIG.stages)]
+    kept = [c for c in configs if lo <= c.tile * E / (32 * c.warps) <= hi
+            and c.stages * stage_bytes(c.tile, D, bits, rank) <= SMEM_BUDGET]
+    return kept or [DEFAULT_TILE_CONFIG]
 
 
 # ---- the split over programs ------------------------------------------------

@@ -92,6 +92,16 @@ def _mma(a, b, DT: tl.constexpr, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _factor(x, MAGIC: tl.constexpr):
+    """An int8 low-rank factor as a dot operand: straight to fp16 with fp16
+    queries (one exact conversion), else through fp32 (the interpreter's
+    int8 -> bf16 cast is wrong)."""
+    if MAGIC:
+        return x.to(tl.float16)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _stats(scale, zero, t0, t, ok_t, ch, ok_c, group, D: tl.constexpr, AXIS_CHANNEL: tl.constexpr,
            ROW_TILE: tl.constexpr, MAGIC: tl.constexpr):
     """(scale, zero) of the tile's places, [BT, E] or, with ROW_TILE (the
@@ -159,15 +169,15 @@ def _k_record_scores(Kov, Koi, Ks, Q, qrow, ok_g, qk_scale, r_lo, r_hi, tile_t0,
 
 
 @triton.jit
-def _v_outlier_units(oval, oidx, t, ok_t, ch, K2: tl.constexpr, BT: tl.constexpr, E: tl.constexpr):
-    """V outliers of tokens t as a dense [BT, E] fp32 tile of units (added to
-    the codes): each token's table row holds K2 = 2k channel indices."""
-    sp = tl.zeros([BT, E], tl.float32)
+def _with_v_outliers(c, oval, oidx, t, ok_t, ch, unit, K2: tl.constexpr):
+    """Codes c [BT, E] of tokens t with their V outliers' units added: each
+    token's table row holds K2 = 2k channel indices (a select per code and
+    entry, in c's own dtype: no second [BT, E] tile)."""
     for o in tl.static_range(K2):
         oi = tl.load(oidx + t * K2 + o, mask=ok_t, other=0).to(tl.int32)
-        ov = tl.load(oval + t * K2 + o, mask=ok_t, other=0).to(tl.float32)
-        sp += tl.where(ch[None, :] == oi[:, None], ov[:, None], 0.0)
-    return sp
+        ov = (tl.load(oval + t * K2 + o, mask=ok_t, other=0).to(tl.float32) * unit).to(c.dtype)
+        c = tl.where(ch[None, :] == oi[:, None], c + ov[:, None], c)
+    return c
 
 
 @triton.jit
@@ -244,7 +254,6 @@ def _compressed_tile(m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Q, qrow, qk_sca
     record is ever dropped)."""
     r = tl.arange(0, RP)
     ok_r = r < R
-    CDT: tl.constexpr = tl.float16 if MAGIC else tl.float32   # what codes dequantize in
     if ONE_BLOCK:
         blk = item * 0
         tile_at = item * BT                    # the tile's first token in its block
@@ -292,15 +301,15 @@ def _compressed_tile(m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Q, qrow, qk_sca
             bk = tl.load(Kb + (blk * D + ch)[:, None] * R + r[None, :],
                          mask=ok_c[:, None] & ok_r[None, :], other=0)
             sr = tl.load(Kls + blk * R + r, mask=ok_r, other=0.0)
-            qb = _mma(q, bk.to(tl.float32), DT, FP32_DOT) * sr[None, :]
-        s += _mma(qb, tl.trans(a.to(tl.float32)), DT, FP32_DOT)
+            qb = _mma(q, _factor(bk, MAGIC), DT, FP32_DOT) * sr[None, :]
+        s += _mma(qb, tl.trans(_factor(a, MAGIC)), DT, FP32_DOT)
     s = _finish_scores(s, cap, Mask, mrow, pos0 + t, ok_g, ok_t, mask_sl, SOFTCAP, MASK_KIND)
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
 
     # values: p . v, v = (codes + outlier units) * s + z, plus low rank
     c = _codes_tile(Vc, t, ok_t, W, WP, PB, E, BT, BITS, MAGIC)
     if VK2 > 0:
-        c += (_v_outlier_units(Vov, Voi, t, ok_t, ch, VK2, BT, E) * OUT_UNIT).to(CDT)
+        c = _with_v_outliers(c, Vov, Voi, t, ok_t, ch, OUT_UNIT, VK2)
     acc = acc * alpha[:, None]
     acc_z = acc_z * alpha
     if V_FOLD:   # one (s, z) per token: p . v = (p s) . c + p . z
@@ -315,13 +324,13 @@ def _compressed_tile(m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Q, qrow, qk_sca
     if R > 0:
         a = tl.load(Va + t[:, None] * R + r[None, :], mask=ok_t[:, None] & ok_r[None, :], other=0)
         if ONE_BLOCK:   # rank space; B^T once after the loop
-            acc_r = acc_r * alpha[:, None] + _mma(p, a.to(tl.float32), DT, FP32_DOT)
+            acc_r = acc_r * alpha[:, None] + _mma(p, _factor(a, MAGIC), DT, FP32_DOT)
         else:
             bv = tl.load(Vb + (blk * D + ch)[:, None] * R + r[None, :],
                          mask=ok_c[:, None] & ok_r[None, :], other=0)
             sr = tl.load(Vls + blk * R + r, mask=ok_r, other=0.0)
-            pa = _mma(p, a.to(tl.float32), DT, FP32_DOT) * sr[None, :]
-            acc += _mma(pa, tl.trans(bv.to(tl.float32)), DT, FP32_DOT)
+            pa = _mma(p, _factor(a, MAGIC), DT, FP32_DOT) * sr[None, :]
+            acc += _mma(pa, tl.trans(_factor(bv, MAGIC)), DT, FP32_DOT)
     return m_i, l_i, acc, acc_z, acc_r, over
 
 
@@ -363,7 +372,7 @@ def compressed_pass(m_i, l_i, acc, acc_z, q, Q, qrow, qk_scale, lo, hi, tile0, t
         if ONE_BLOCK:
             bk = tl.load(Kb + ch[:, None] * R + r[None, :], mask=ok_c[:, None] & ok_r[None, :], other=0)
             sr = tl.load(Kls + r, mask=ok_r, other=0.0)
-            qb = _mma(q, bk.to(tl.float32), DT, FP32_DOT) * sr[None, :]
+            qb = _mma(q, _factor(bk, MAGIC), DT, FP32_DOT) * sr[None, :]
     overflowed = lo * 0
     for i in tl.range(lo, hi, num_stages=STAGES):
         m_i, l_i, acc, acc_z, acc_r, over = _compressed_tile(
@@ -387,5 +396,5 @@ def compressed_pass(m_i, l_i, acc, acc_z, q, Q, qrow, qk_scale, lo, hi, tile0, t
         if ONE_BLOCK:
             bv = tl.load(Vb + ch[:, None] * R + r[None, :], mask=ok_c[:, None] & ok_r[None, :], other=0)
             sr = tl.load(Vls + r, mask=ok_r, other=0.0)
-            acc += _mma(acc_r * sr[None, :], tl.trans(bv.to(tl.float32)), DT, FP32_DOT)
+            acc += _mma(acc_r * sr[None, :], tl.trans(_factor(bv, MAGIC)), DT, FP32_DOT)
     return m_i, l_i, acc, acc_z
