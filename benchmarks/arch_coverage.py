@@ -67,7 +67,8 @@ SIZES = {
     "n_group": 1, "topk_group": 1, "num_expert_group": 1, "num_experts_per_token": 2,
     "n_shared_experts": 1, "kv_n_heads": 2, "moe_num_experts": 4, "moe_top_k": 2, "unpadded_vocab_size": 512,
     "vocab_size": 512, "max_position_embeddings": 512, "n_positions": 512, "max_seq_len": 512,
-    "vocab_size_per_layer_input": 512, "hidden_size_global": 128, "encoder_hash_byte_group_vocab": 512, "hidden_size_per_layer_input": 16,
+    "vocab_size_per_layer_input": 512, "hidden_size_per_layer_input": 16,
+    "hidden_size_global": 128, "encoder_hash_byte_group_vocab": 512,
     "sliding_window": 128, "sliding_window_size": 128, "rotary_dim": 16,
     # linear-attention / state-space layers of the hybrids
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 32,
