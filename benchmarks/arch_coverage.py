@@ -65,7 +65,7 @@ SIZES = {
     "intermediate_size_mlp": 256, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "n_group": 1, "topk_group": 1, "num_expert_group": 1, "num_experts_per_token": 2,
-    "n_shared_experts": 1, "kv_n_heads": 2, "moe_num_experts": 4, "moe_top_k": 2, "unpadded_vocab_size": 512,
+    "n_shared_experts": 1, "moe_k": 2, "index_num_heads": 2, "kv_n_heads": 2, "moe_num_experts": 4, "moe_top_k": 2, "unpadded_vocab_size": 512,
     "vocab_size": 512, "max_position_embeddings": 512, "n_positions": 512, "max_seq_len": 512,
     "vocab_size_per_layer_input": 512, "hidden_size_per_layer_input": 16,
     "hidden_size_global": 128, "encoder_hash_byte_group_vocab": 512,
@@ -73,7 +73,7 @@ SIZES = {
     # linear-attention / state-space layers of the hybrids
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 32,
     "linear_value_head_dim": 32, "linear_head_dim": 32, "mamba_n_heads": 8, "mamba_d_head": 32,
-    "mamba_head_dim": 32, "n_mamba_heads": 2, "mamba_d_state": 16, "state_size": 16,
+    "mamba_d_ssm": 256, "mamba_head_dim": 32, "n_mamba_heads": 2, "mamba_d_state": 16, "state_size": 16,
 }
 # MLA (DeepSeek V2 / V3 and their kin): the cache holds a latent of kv_lora_rank and one rotary key
 # part of qk_rope_head_dim; the head dims derive from these, so head_dim is not set
@@ -160,7 +160,10 @@ def _tiny_kwargs(cls, default) -> dict:
     each nested sub-config (a composite model's text_config, ...: left at its
     defaults it would build a full-size model)."""
     fields = default.to_dict()
-    kwargs = {k: v for k, v in SIZES.items() if fields.get(k) is not None}
+    # every size the config has, unset ones too (head_dim None: derived unless given); a window only
+    # where the family has one
+    kwargs = {k: v for k, v in SIZES.items() if k in fields and
+              (fields[k] is not None or not k.startswith("sliding_window"))}
     if any(fields.get(k) is not None for k in MOE + ("moe_intermediate_size",)):
         kwargs.update({k: SIZES[k] for k in MOE if k in fields})
     if fields.get("kv_lora_rank"):
