@@ -21,6 +21,7 @@ Neighbours: `store` (the layout, the streaming logic, the native operations),
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -79,8 +80,7 @@ class CompressedKV(torch.Tensor):
     def __init__(self, store: KVStore, length: int | None = None):
         self.store = store
         # the traceable-subclass protocol reads inner tensors as attributes
-        for name, tensor in zip(store.tensor_names(), store.tensors()):
-            setattr(self, name, tensor)
+        self.__dict__.update(zip(_flat(store).names, store.tensors()))
 
     @classmethod
     def of(cls, store: KVStore, length: int | None = None) -> CompressedKV:
@@ -92,16 +92,16 @@ class CompressedKV(torch.Tensor):
         buffer's and the prefill block's included, which never change.)"""
         kv = cls(store, length)
         kv._dynamo_weak_dynamic_indices = {2}
-        for name, tensor in zip(store.tensor_names(), store.tensors()):
-            if store.layout.grows(name) and tensor.shape[2] > 1 and \
-                    not hasattr(tensor, "_dynamo_weak_dynamic_indices"):
-                torch._dynamo.maybe_mark_dynamic(tensor, 2)
+        tensors = store.tensors()
+        for i in _flat(store).growing:       # a grown segment holds new tensors, to mark once each
+            if tensors[i].shape[2] > 1 and not hasattr(tensors[i], "_dynamo_weak_dynamic_indices"):
+                torch._dynamo.maybe_mark_dynamic(tensors[i], 2)
         return kv
 
     # traceable-subclass protocol: inner tensors by name, config as metadata
     def __tensor_flatten__(self):
-        return list(self.store.tensor_names()), (self.store.config.to_json(), self.store.kind,
-                                                 self.store.logical, self.store.dtype)
+        flat = _flat(self.store)
+        return flat.names, flat.meta
 
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
@@ -150,6 +150,33 @@ class CompressedKV(torch.Tensor):
         log.debug("gear: %s on a CompressedKV runs on its dense reconstruction", func)
         args, kwargs = pytree.tree_map_only(CompressedKV, lambda t: t.dequantize(), (args, kwargs))
         return func(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class _Flat:
+    """What flattening a store gives, the same at every decode step: the
+    inner tensors' names, the metadata (the config's JSON, ...), and the
+    positions of the tensors that grow."""
+
+    names: list
+    meta: tuple
+    growing: tuple
+
+
+# store -> _Flat. Dynamo's guards flatten every CompressedKV input at every
+# call (60 for a 30-layer model) and the runtime wraps as many outputs: built
+# once per store, not per call (the config's JSON alone is ~10 us to write).
+_FLAT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _flat(store: KVStore) -> _Flat:
+    flat = _FLAT.get(store)
+    if flat is None:
+        names = store.tensor_names()
+        flat = _Flat(list(names), (store.config.to_json(), store.kind, store.logical, store.dtype),
+                     tuple(i for i, name in enumerate(names) if store.layout.grows(name)))
+        _FLAT[store] = flat
+    return flat
 
 
 def _batch_dim(dim: int) -> bool:
