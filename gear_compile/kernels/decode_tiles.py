@@ -97,8 +97,10 @@ def _factor(x, MAGIC: tl.constexpr):
     queries (one exact conversion), else through fp32 (the interpreter's
     int8 -> bf16 cast is wrong)."""
     if MAGIC:
-        return x.to(tl.float16)
-    return x.to(tl.float32)
+        y = x.to(tl.float16)
+    else:
+        y = x.to(tl.float32)
+    return y   # one return: the compiler unifies every return's type, constexpr branches included
 
 
 @triton.jit
