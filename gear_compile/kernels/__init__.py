@@ -5,7 +5,9 @@ attention over a store on the CPU (C++, built once per machine at first use,
 one walk per instruction set picked at run time).
 `decode_attention`: Triton flash-decoding of one query token per sequence
 against a layer's compressed K and V (dequantization, low-rank and outlier
-terms fused), for CUDA.
+terms fused), for CUDA; its inner loops are in `decode_tiles`, its
+host-side launch decisions (constexprs, splits, autotune configs) in
+`decode_plan`.
 Importing a Triton kernel module needs triton but not CUDA; on a machine
 without a GPU run them under TRITON_INTERPRET=1 (set before importing
 triton), for which this package patches one interpreter incompatibility with
