@@ -2,9 +2,12 @@
 transformers, unmodified, compiled with the gear backend.
 
 For each `model_type` of transformers' causal-LM auto mapping a tiny random
-config is built offline (2 layers, 4 query / 2 KV heads, head dim 32, a small
-vocabulary; sliding windows of 16 tokens where the family has one) and, in a
-fresh process, fed a 200-token random prompt:
+config is built offline through the config's constructor, so derived fields
+follow (`tiny_config`: 2 layers, 4 query / 2 KV heads, head dim 32, a small
+vocabulary, windows of 128 tokens where the family has one; MLA ranks 32 / 16
+/ 16; a hybrid's own layer pattern cut to 4 layers with an attention layer;
+per-layer configs moved onto the tiny layers; `FAMILY` where a family needs
+its own rule, with why) and, in a fresh process, fed a 200-token random prompt:
 
   exact     `method="none"` generates the eager model's greedy tokens (12)
   sites     attention sites found, rewritten, and left exact (with reasons),
@@ -19,12 +22,17 @@ fresh process, fed a 200-token random prompt:
 A row is `full` (all of the above, every site rewritten), `partial` (correct;
 some sites left exact, each reported), `WRONG` (tokens differ from eager with
 method none, or the report and the run disagree), `error` (a crash, with its
-message), or `n/a` (no attention KV cache, e.g. a recurrent model). Models
-that cannot be built offline are listed with the reason.
+message), `n/a` (no attention KV cache, e.g. a recurrent model), or
+`pending` (`--build-only`: it builds and generates eagerly, not swept yet;
+counted in the headline's denominator). Entries not built are listed with the
+reason: an encoder, an encoder-decoder, a multimodal wrapper whose text model
+has its own entry, a drafter that holds no cache, or the error.
 
-    python benchmarks/arch_coverage.py                 # every architecture (~1 h on 2 cores)
+    python benchmarks/arch_coverage.py                 # every architecture (hours on 2 busy cores)
     python benchmarks/arch_coverage.py --only llama gemma2
     python benchmarks/arch_coverage.py --ci            # the families CI runs
+    python benchmarks/arch_coverage.py --build-only    # every entry built and run eagerly (~10 min)
+    python benchmarks/arch_coverage.py --merge a.json b.json   # one table; a later file's row wins
 
 Writes `benchmarks/results/arch_coverage.{md,json}` and prints the headline:
 % fully rewritten, % correct. `tests/test_arch_coverage.py` runs `sweep_one`
