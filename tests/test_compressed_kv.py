@@ -73,7 +73,8 @@ def test_kv_bytes_of_a_gear_kcvt_key_store_equals_a_hand_count():
                + 16 * 4 * 1      # B: 16 x 4, int8, one block
                + 4 * 4           # the block's scale per rank, fp32
                + 2 * 16 * 1      # outlier values: 1 a side (0.1 x 10) per channel, int8 steps
-               + 2 * 16 * 1)     # outlier indices: uint8 (a block of 10 tokens)
+               + 2 * 16 * 2      # their positions: (token, channel) records, 16 bits each
+               + 2 * 4)          # record-tile pointers: ceil(10 / 16) + 1, int32
     decode = (8 * 8              # codes for all 8 reserved tokens (4 used)
               + 2 * 16 * 2 * 2   # scale + zero per channel for each of 2 blocks
               + 8 * 2 * 1        # A: rank r_g = 2 per reserved token, int8
@@ -82,12 +83,12 @@ def test_kv_bytes_of_a_gear_kcvt_key_store_equals_a_hand_count():
     buffer = 4 * 16 * 2          # n_b fp16 tokens, 1 used
     sinks = 4 * 16 * 2           # the first 4 tokens, exact fp16 (the block still holds their places)
     lengths = 3 * 8              # int64 token counts of the three segments
-    assert kv_bytes(kv) == heads * (prefill + decode + buffer + sinks) + lengths == 1768
+    assert kv_bytes(kv) == heads * (prefill + decode + buffer + sinks) + lengths == 1848
     # reserved: the second decode block (codes, scale/zero, A, B and its scales) and 3 empty buffer slots
     split = kv_breakdown(kv)
-    assert split.held == 1768 and split.reserved == heads * ((4 * 8 + 16 * 2 * 2 + 4 * 2 + 16 * 2 + 2 * 4)
+    assert split.held == 1848 and split.reserved == heads * ((4 * 8 + 16 * 2 * 2 + 4 * 2 + 16 * 2 + 2 * 4)
                                                              + 3 * 16 * 2) == 480
-    assert split.used == 1768 - 480 and split.kinds["lengths"] == 24 and split.kinds["exact sinks"] == 256
+    assert split.used == 1848 - 480 and split.kinds["lengths"] == 24 and split.kinds["exact sinks"] == 256
     assert split.kinds["low-rank"] == heads * (10 * 4 + 16 * 4 + 4 * 4 + 4 * 2 + 16 * 2 + 2 * 4)
 
 
