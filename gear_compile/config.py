@@ -109,8 +109,9 @@ class CodecConfig:
                  stay where they were. 4 of them, 4 tokens of K/V a layer,
                  roughly halve every method's perplexity gap on SmolLM2
                  (benchmarks/results/quality_sinks.md against
-                 quality_nosinks.md). 0: none (the paper's layout). No sinks without a prefill block (a streamed,
-                 sliding-window store; a kivi prompt shorter than a group).
+                 quality_nosinks.md). 0: none (the paper's layout). No sinks
+                 without a prefill block (a streamed, sliding-window store; a
+                 kivi prompt shorter than a group).
     """
 
     method: str = "gear"
@@ -318,7 +319,9 @@ class CodecConfig:
         a token group)."""
         if not self.compresses:
             return 0
-        if isinstance(prefill_block, int) and 0 < prefill_block <= self.sink_tokens:
+        # a user's own value only: the default's 4 sinks may well cover a short prompt
+        if isinstance(prefill_block, int) and 0 < prefill_block <= self.sink_tokens \
+                and self.sink_tokens > CodecConfig.sink_tokens:
             _warn_once(f"gear: sink_tokens={self.sink_tokens} covers the whole {prefill_block}-token "
                        f"prefill block, so none of the prompt is compressed (sinks are the first few "
                        f"tokens; the default is 4)")
@@ -397,8 +400,8 @@ class GearConfig(CodecConfig):
     lorc_basis   where LoRC's factors come from: calibrated (the default:
                  the statistics `gear_compile.lorc.calibrate(model, input_ids)`
                  recorded; compiling without them raises, since the weights
-                 alone can wreck a model: +145,000 % perplexity on SmolLM2 at
-                 lorc=0.6) or weights (the paper's SVD of the projection
+                 alone can wreck a model's perplexity: benchmarks/results/lorc.md)
+                 or weights (the paper's SVD of the projection
                  weights, only when asked for by name).
     """
 

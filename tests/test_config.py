@@ -56,3 +56,7 @@ def test_sinks_covering_the_whole_prompt_warn(caplog):
     warnings, _ = _generate_logs(caplog, method="gear", sink_tokens=10000)
     assert any("sink_tokens=10000 covers the whole" in w for w in warnings)
     assert CodecConfig(method="gear").sinks(64) == 4 and CodecConfig(method="none", sink_tokens=9).sinks(64) == 0
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gear_compile"):                  # the default 4 on a short prompt
+        assert CodecConfig(method="gear").sinks(3) == 3
+    assert not any("covers the whole" in r.getMessage() for r in caplog.records)
