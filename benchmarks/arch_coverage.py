@@ -287,6 +287,18 @@ def _logits_error(tokens, logits, ref_tokens, ref_logits) -> float:
                for i in range(1, same + 1)) if same else 0.0
 
 
+def crash(e: BaseException) -> str:
+    """A crash in one line: the exception's first line and, where it wraps
+    another (Dynamo's BackendCompilerFailed says only "backend='gear'
+    raised:" on its first), the first line of the innermost one: the cause."""
+    text, inner = f"{type(e).__name__}: {e}".strip().splitlines()[0], e
+    while (wrapped := getattr(inner, "inner_exception", None) or inner.__cause__) is not None:
+        inner = wrapped
+    if inner is not e:
+        text += f" {type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0]}"
+    return text
+
+
 def _attention_layers(cache) -> tuple[int, int]:
     """(layers holding K/V, of which compressed) of a generate() cache."""
     from gear_compile import CompressedKV
@@ -327,7 +339,7 @@ def sweep_one(model_type: str, steps: int = 50, build_only: bool = False) -> dic
             row["attention_layers"], _ = _attention_layers(cache)
     except Exception as e:       # noqa: BLE001 - the tiny config itself does not run
         return dict(row, status="not built",
-                    reason=f"the tiny config does not run eagerly: {type(e).__name__}: {e}".splitlines()[0][:300])
+                    reason=f"the tiny config does not run eagerly: {crash(e)}"[:300])
     if build_only:
         return dict(row, status="pending" if row["attention_layers"] else "n/a",
                     reason="builds and generates eagerly; not swept through the gear backend in this run"
@@ -346,7 +358,7 @@ def sweep_one(model_type: str, steps: int = 50, build_only: bool = False) -> dic
             model.forward = original
             torch._dynamo.reset()
     except Exception as e:       # noqa: BLE001 - a crash is a row of the table, not the end of the sweep
-        return dict(row, status="error", reason=f"{type(e).__name__}: {e}".splitlines()[0][:300])
+        return dict(row, status="error", reason=crash(e)[:300])
     sites = [s for g in reports for s in g.sites]
     row.update(
         sites=len(sites), rewritten=sum(s.rewritten for s in sites),

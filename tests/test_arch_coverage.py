@@ -87,3 +87,19 @@ def test_the_table_and_the_headline_count_what_was_swept(tmp_path):
     assert row(shown, arch="c")["fallbacks / reason"] == "RuntimeError: boom"
     assert "- d: encoder-decoder (run 2)" in text
     assert "1. not recorded" in text and "2. `python benchmarks/arch_coverage.py --only d`" in text
+
+
+def test_a_backend_crash_is_reported_with_its_cause():
+    """Dynamo's BackendCompilerFailed says "backend='gear' raised:" on its
+    first line and holds the cause apart (raised `from None`): the row names the cause."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def gear():
+        pass
+    cause = RuntimeError("your tensor may have escaped from inside a function being vmapped\nmore")
+    try:
+        raise BackendCompilerFailed(gear, cause, None) from None
+    except BackendCompilerFailed as e:
+        assert sweep.crash(e) == ("BackendCompilerFailed: backend='gear' raised: RuntimeError: your tensor "
+                                  "may have escaped from inside a function being vmapped")
+    assert sweep.crash(ValueError("boom\nsecond line")) == "ValueError: boom"
