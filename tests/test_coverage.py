@@ -67,6 +67,52 @@ def test_an_unrecognised_attention_is_reported_and_its_cache_rebuilt_in_front_of
                     torch.testing.assert_close(g, w)
 
 
+class Differential(torch.nn.Module):
+    """DiffLlama's form: V's heads split in two halves, each attended over the whole K."""
+
+    def forward(self, q, past_k, new_k, past_v, new_v):
+        k, v = _cat(past_k, new_k), _cat(past_v, new_v)
+        v1, v2 = (half.repeat(1, 2, 1, 1) for half in torch.chunk(v, 2, dim=1))
+        return F.scaled_dot_product_attention(q, k, v1) - 0.5 * F.scaled_dot_product_attention(q, k, v2), k, v
+
+
+class ValueMasked(torch.nn.Module):
+    """Doge's form: a mask computed from the whole V cache, then SDPA over it."""
+
+    def forward(self, q, past_k, new_k, past_v, new_v):
+        k, v = _cat(past_k, new_k), _cat(past_v, new_v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=v.mean(-1)[:, :, None, :]), k, v
+
+
+class Layer(torch.nn.Module):
+    """An attention as a submodule, so its sites carry a layer's module path, as in a model."""
+
+    def __init__(self, attention):
+        super().__init__()
+        self.self_attn = attention
+
+    def forward(self, *inputs):
+        return self.self_attn(*inputs)
+
+
+@pytest.mark.parametrize("module,why", [(Differential, "K/V do not come from a KV-append"),
+                                        (ValueMasked, "is also read by mean")])
+def test_a_recognised_attention_it_cannot_fuse_has_its_cache_rebuilt_in_front_of_it(module, why):
+    """An SDPA whose V is not the appended cache itself (split into halves),
+    or whose appended V is also read elsewhere (a mask computed from it), is
+    not fused; the cache is compressed and rebuilt before those readers, and
+    the attention is named in the rebuild site's reason."""
+    inputs, fn = _inputs(), Layer(module())
+    report = gear_compile.explain(fn, *inputs, method="gear", bits=4)
+    assert [(s.form, s.rewritten) for s in report.sites] == [("rebuild", True)], report.text()
+    assert why in report.sites[0].reason and "left as written: sdpa" in report.sites[0].reason
+    for method in ("none", "gear"):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend="gear", options=dict(method=method, inductor=False))
+        got, want = compiled(*inputs), fn(*inputs)
+        torch.testing.assert_close(got[0], want[0])
+
+
 def test_heads_the_group_size_does_not_divide_fall_back_instead_of_crashing():
     model = tiny_model("llama", head_dim=32)
     prompt = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))

@@ -476,15 +476,16 @@ def find_sites(graph: fx.Graph) -> list[AttentionSite]:
 # ---- caches read by something other than a recognised attention -----------
 def rebuild_sites(graph: fx.Graph, sites: list[AttentionSite], first: int) -> list[AttentionSite]:
     """A "rebuild" site for each pair of KV-appends (a cache update's keys
-    then values) that no rewritable site consumes, whose pasts are only
+    then values) that no rewritable site consumes (those of a recognised
+    attention that cannot be fused too: V split into halves, a mask computed
+    from the appended V, V's head dim unlike K's), whose pasts are only
     appended to and whose appends are stored back whole: the cache is
     compressed, and each decode step rebuilds its past densely in front of
     the append, so whatever reads the append (MLA's latent up-projection,
     ALiBi scores through baddbmm, a differential attention) reads what it
     read before, from the compressed cache. The attention is not fused with
     the store: the past is materialised for the step."""
-    taken = {a.node for site in sites if site.rewritable or not site.reason.startswith(HEAD_DIMS_DIFFER)
-             for a in (site.key, site.value) if a is not None}
+    taken = {a.node for site in sites if site.rewritable for a in (site.key, site.value)}
     appends = [a for a in map(kv_append, graph.nodes) if a is not None and a.node not in taken
                and any(u.op == "output" for u in a.node.users)]
     found, pending = [], None
