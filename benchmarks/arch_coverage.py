@@ -41,7 +41,9 @@ on the CI set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import platform
 import re
@@ -299,6 +301,30 @@ def crash(e: BaseException) -> str:
     return text
 
 
+@contextlib.contextmanager
+def recompile_limits():
+    """The functions that hit Dynamo's recompile limit meanwhile, as reasons
+    (a list filled on exit). Such a frame runs eagerly from then on, reading
+    its compressed cache back dense, so its layers end uncompressed: e.g. a
+    MoE whose routing sizes go through `.tolist()`, a guard that changes at
+    every step."""
+    hits, dynamo = [], logging.getLogger("torch._dynamo")
+
+    class Hits(logging.Handler):
+        def emit(self, record):
+            if str(record.msg).startswith("torch._dynamo hit config.") and len(record.args) >= 4:
+                limit, value, function, reason = record.args[:4]
+                hits.append(f"Dynamo's {limit} ({value}) hit in {str(function).split(' (')[0]}: it runs "
+                            f"eagerly from then on, its cache read back dense (last recompile: "
+                            f"{str(reason).split('#')[0].strip()})")
+    handler = Hits()
+    dynamo.addHandler(handler)
+    try:
+        yield hits
+    finally:
+        dynamo.removeHandler(handler)
+
+
 def _attention_layers(cache) -> tuple[int, int]:
     """(layers holding K/V, of which compressed) of a generate() cache."""
     from gear_compile import CompressedKV
@@ -353,7 +379,7 @@ def sweep_one(model_type: str, steps: int = 50, build_only: bool = False) -> dic
             torch._dynamo.reset()
 
             gear_compile.compile(model, method="gear", bits=4)
-            with collect() as reports:
+            with collect() as reports, recompile_limits() as limits:
                 tokens, logits, cache = _generate(model, prompt, steps)
             model.forward = original
             torch._dynamo.reset()
@@ -362,7 +388,7 @@ def sweep_one(model_type: str, steps: int = 50, build_only: bool = False) -> dic
     sites = [s for g in reports for s in g.sites]
     row.update(
         sites=len(sites), rewritten=sum(s.rewritten for s in sites),
-        fallbacks=sorted({f"{s.form}: {s.reason}" for s in sites if not s.rewritten}),
+        fallbacks=sorted({f"{s.form}: {s.reason}" for s in sites if not s.rewritten} | set(limits)),
         graphs=len(reports),
         logits_error=_logits_error(tokens, logits, eager_tokens, eager_logits))
     layers, compressed = _attention_layers(cache)

@@ -12,6 +12,7 @@ layers differ in head dim. The tiny configs keep what sets each family apart.
 The full sweep is the benchmark.
 """
 import pytest
+import torch
 
 import arch_coverage as sweep
 from rendered import row, table
@@ -103,3 +104,23 @@ def test_a_backend_crash_is_reported_with_its_cause():
         assert sweep.crash(e) == ("BackendCompilerFailed: backend='gear' raised: RuntimeError: your tensor "
                                   "may have escaped from inside a function being vmapped")
     assert sweep.crash(ValueError("boom\nsecond line")) == "ValueError: boom"
+
+
+def route(x, counts):
+    """A MoE's split by routing counts (`.tolist()`: a graph break, then a guard on the counts' values)."""
+    return torch.cat([part * i for i, part in enumerate(x.split(counts.tolist()))])
+
+
+def test_a_function_past_dynamos_recompile_limit_is_named():
+    """A frame that hits the recompile limit runs eagerly from then on (its
+    cache read back dense): the row names it and the guard that failed, here
+    a MoE's routing sizes through `.tolist()`, as JetMoE's are."""
+    compiled = torch.compile(route, backend="eager")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1), sweep.recompile_limits() as hits:
+        for counts in ([1, 3], [2, 2], [3, 1]):
+            compiled(torch.ones(4), torch.tensor(counts))
+    torch._dynamo.reset()
+    assert len(hits) == 1, hits
+    assert hits[0].startswith("Dynamo's recompile_limit (1) hit in 'torch_dynamo_resume_in_route_at_") and \
+        "runs eagerly from then on" in hits[0] and "(last recompile: " in hits[0], hits
