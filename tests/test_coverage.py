@@ -113,6 +113,41 @@ def test_a_recognised_attention_it_cannot_fuse_has_its_cache_rebuilt_in_front_of
         torch.testing.assert_close(got[0], want[0])
 
 
+class TwoLayers(torch.nn.Module):
+    """Two einsum attentions, the first one's past keys also read outside its append."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Layer(EinsumScores(past_key_read=True)), Layer(EinsumScores())
+
+    def forward(self, q, past_k0, past_v0, past_k1, past_v1, new):
+        out, k0, v0 = self.first(q, past_k0, new, past_v0, new)
+        out, k1, v1 = self.second(out, past_k1, new, past_v1, new)
+        return out, k0, v0, k1, v1
+
+
+class EinsumScores(torch.nn.Module):
+    def __init__(self, past_key_read=False):
+        super().__init__()
+        self.past_key_read = past_key_read
+
+    def forward(self, q, past_k, new_k, past_v, new_v):
+        out, k, v = einsum_scores(q, past_k, new_k, past_v, new_v)
+        return (out + past_k.mean() if self.past_key_read else out), k, v
+
+
+def test_a_rebuild_site_pairs_one_layers_keys_and_values():
+    """The first layer's keys cannot be rebuilt (its past is also read): its
+    values are left exact with them, not paired with the next layer's keys."""
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, 2, *shape, generator=g) for shape in ((1, 16), (9, 16), (9, 16), (9, 16), (9, 16),
+                                                                   (1, 16))]
+    report = gear_compile.explain(TwoLayers(), *inputs, method="gear", bits=4)
+    rebuilt = [s.layer for s in report.sites if s.form == "rebuild"]
+    assert rebuilt == ["second.self_attn"], report.text()
+    assert all(s.layer == "first.self_attn" for s in report.sites if not s.rewritten), report.text()
+
+
 def test_heads_the_group_size_does_not_divide_fall_back_instead_of_crashing():
     model = tiny_model("llama", head_dim=32)
     prompt = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))

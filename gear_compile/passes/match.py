@@ -91,10 +91,7 @@ class AttentionSite:
 
     @property
     def layer(self) -> str:
-        stack = self.output.meta.get("nn_module_stack") or {}
-        if stack:
-            return module_path(list(stack.values())[-1][0])
-        return f"site {self.index}"
+        return _module_of(self.output) or f"site {self.index}"
 
     @property
     def head_dim(self) -> int:
@@ -494,7 +491,8 @@ def rebuild_sites(graph: fx.Graph, sites: list[AttentionSite], first: int) -> li
             pending = append
             continue
         site = AttentionSite(first + len(found), "rebuild", pending.node, None, pending, append)
-        site.reason = _rebuilds(pending) or _rebuilds(append) or _consistent_pasts(site) or \
+        site.reason = _rebuilds(pending) or _rebuilds(append) or _one_layer(pending, append) or \
+            _consistent_pasts(site) or \
             next((f"its attention's {r.reason}" for r in _readers(site, sites) if _escaping_reason(r)), "")
         if not site.reason:
             site.rewritable = True
@@ -563,6 +561,21 @@ def _rebuilds(append: KVAppend) -> str | None:
     if sum(u.op == "output" for u in append.node.users) != 1:
         return f"the appended cache {append.node.name} is not stored back once"
     return None
+
+
+def _one_layer(key: KVAppend, value: KVAppend) -> str | None:
+    """Why two appends are not one layer's keys and values: they are made in
+    different modules (a layer whose keys' cache cannot be rebuilt leaves its
+    values' append unpaired; the next layer's keys are not their partner)."""
+    paths = [_module_of(a.node) for a in (key, value)]
+    if None not in paths and paths[0] != paths[1]:
+        return f"{key.node.name} and {value.node.name} are appended in different layers ({paths[0]}, {paths[1]})"
+    return None
+
+
+def _module_of(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    return module_path(list(stack.values())[-1][0]) if stack else None
 
 
 def _consistent_pasts(site: AttentionSite) -> str | None:
