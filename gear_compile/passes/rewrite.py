@@ -155,6 +155,8 @@ class _Rewriter:
 
     def size(self, value):
         """A node (or int) for the size `value`: a SymInt placeholder of the graph."""
+        if isinstance(value, torch.SymInt) and value.node.maybe_as_int() is not None:
+            value = value.node.maybe_as_int()        # a window's length: a constant once the window is full
         if isinstance(value, int):
             return value
         for ph in self.placeholders:
