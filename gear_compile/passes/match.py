@@ -476,15 +476,15 @@ def rebuild_sites(graph: fx.Graph, sites: list[AttentionSite], first: int) -> li
     then values) that no rewritable site consumes (those of a recognised
     attention that cannot be fused too: V split into halves, a mask computed
     from the appended V, V's head dim unlike K's), whose pasts are only
-    appended to and whose appends are stored back whole: the cache is
+    appended to and whose appends are stored back (whole, or a sliding
+    window's last tokens, as the fused sites' are): the cache is
     compressed, and each decode step rebuilds its past densely in front of
     the append, so whatever reads the append (MLA's latent up-projection,
     ALiBi scores through baddbmm, a differential attention) reads what it
     read before, from the compressed cache. The attention is not fused with
     the store: the past is materialised for the step."""
     taken = {a.node for site in sites if site.rewritable for a in (site.key, site.value)}
-    appends = [a for a in map(kv_append, graph.nodes) if a is not None and a.node not in taken
-               and any(u.op == "output" for u in a.node.users)]
+    appends = [a for a in map(_kept_append, graph.nodes) if a is not None and a.node not in taken]
     found, pending = [], None
     for append in appends:
         if pending is None:
@@ -558,9 +558,24 @@ def _rebuilds(append: KVAppend) -> str | None:
     readers = [u for u in append.past.users if u is not append.node and not _dead(u)]
     if readers:
         return f"the cached {append.past.name} is also read by {readers[0].name}"
-    if sum(u.op == "output" for u in append.node.users) != 1:
+    if sum(u.op == "output" for u in append.stored.users) != 1:
         return f"the appended cache {append.node.name} is not stored back once"
     return None
+
+
+def _kept_append(node) -> KVAppend | None:
+    """`kv_append(node)` where the cache keeps it: the append itself returned
+    to be stored back, or (a sliding-window layer) its last `keep` tokens,
+    then set as the append's `stored`."""
+    append = kv_append(node)
+    if append is None or any(u.op == "output" for u in node.users):
+        return append
+    windows = [(u, keep) for u in node.users
+               if (keep := window_slice(u)) is not None and any(v.op == "output" for v in u.users)]
+    if len(windows) != 1:
+        return None
+    append.stored, append.keep = windows[0]
+    return append
 
 
 def _one_layer(key: KVAppend, value: KVAppend) -> str | None:
@@ -581,6 +596,8 @@ def _module_of(node: fx.Node) -> str | None:
 def _consistent_pasts(site: AttentionSite) -> str | None:
     if site.key.compressed != site.value.compressed:
         return "K and V caches disagree (one compressed, one dense)"
+    if site.key.keep != site.value.keep:
+        return f"K and V keep different windows ({site.key.keep} and {site.value.keep} tokens)"
     return None
 
 
