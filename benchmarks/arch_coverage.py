@@ -304,7 +304,7 @@ def crash(e: BaseException) -> str:
 @contextlib.contextmanager
 def recompile_limits():
     """The functions that hit Dynamo's recompile limit meanwhile, as reasons
-    (a list filled on exit). Such a frame runs eagerly from then on, reading
+    (a list filled as they hit it). Such a frame runs eagerly from then on, reading
     its compressed cache back dense, so its layers end uncompressed: e.g. a
     MoE whose routing sizes go through `.tolist()`, a guard that changes at
     every step."""
