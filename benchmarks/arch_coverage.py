@@ -17,7 +17,8 @@ its own rule, with why) and, in a fresh process, fed a 200-token random prompt:
             the model's dtype, the logits error vs eager while the tokens agree,
             and the graphs compiled
   agree     the report and the run agree: every layer reported rewritten ends
-            with a compressed cache
+            with a compressed cache (unless Dynamo gave up compiling its frame,
+            which then runs eagerly: `status`)
 
 A row is `full` (all of the above, every site rewritten), `partial` (correct;
 some sites left exact, each reported), `WRONG` (tokens differ from eager with
@@ -409,16 +410,27 @@ def sweep_one(model_type: str, steps: int = 50, build_only: bool = False) -> dic
     per_graph = [sum(s.rewritten for s in g.sites if s.phase == "decode") for g in reports]
     reported = max([len({s.layer for s in decode if s.rewritten})] + per_graph)
     row["agree"] = compressed == reported or (not decode and compressed == 0)
-    if not row["attention_layers"] and compressed == 0:
-        row["status"] = "n/a"         # attention without a cache (e.g. openai-gpt) has nothing to compress
+    row["status"] = status(row, layers, gave_up=bool(limits) and compressed < reported)
+    if row["status"] == "n/a":        # attention without a cache (e.g. openai-gpt) has nothing to compress
         row["reason"] = "no attention KV cache"
-    elif not row["exact"] or not row["agree"]:
-        row["status"] = "WRONG"
-    elif sites and row["rewritten"] == len(sites) and compressed == layers:
-        row["status"] = "full"
-    else:
-        row["status"] = "partial"
     return row
+
+
+def status(row: dict, layers: int, gave_up: bool = False) -> str:
+    """A swept row's status (see the module doc) from its `exact`, `agree`,
+    sites and layers; `layers` holding K/V in the GEAR run's cache. Where
+    Dynamo gave up compiling a frame (its recompile limit: `gave_up`), that
+    frame ran eagerly from then on and read its cache back dense, so fewer
+    layers end compressed than the compiled graphs rewrote: the row names
+    the frame (`recompile_limits`) and is partial, not WRONG, while its
+    tokens equal eager's."""
+    if not row["attention_layers"] and row["compressed_layers"] == 0:
+        return "n/a"
+    if not row["exact"] or not (row["agree"] or gave_up):
+        return "WRONG"
+    if row["sites"] and row["rewritten"] == row["sites"] and row["compressed_layers"] == layers:
+        return "full"
+    return "partial"
 
 
 def architectures() -> list[str]:

@@ -124,3 +124,16 @@ def test_a_function_past_dynamos_recompile_limit_is_named():
     assert len(hits) == 1, hits
     assert hits[0].startswith("Dynamo's recompile_limit (1) hit in 'torch_dynamo_resume_in_route_at_") and \
         "runs eagerly from then on" in hits[0] and "(last recompile: " in hits[0], hits
+
+
+def test_a_frame_dynamo_gave_up_on_is_partial_while_its_tokens_are_exact():
+    """CPM-Ant feeds the whole sequence at every step: each step recompiles
+    until Dynamo's limit, then the frame runs eagerly and its cache is read
+    back dense. Fewer layers end compressed than were reported rewritten;
+    that is partial (the row names the frame), WRONG only if tokens differ."""
+    row = dict(attention_layers=2, compressed_layers=0, exact=True, agree=False, sites=4, rewritten=4)
+    assert sweep.status(row, 2) == "WRONG"
+    assert sweep.status(row, 2, gave_up=True) == "partial"
+    assert sweep.status(dict(row, exact=False), 2, gave_up=True) == "WRONG"
+    assert sweep.status(dict(row, compressed_layers=2, agree=True), 2) == "full"
+    assert sweep.status(dict(row, attention_layers=0), 0) == "n/a"
