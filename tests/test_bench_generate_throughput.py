@@ -49,6 +49,17 @@ def test_the_report_lists_every_run_and_failures_without_breaking(tmp_path, monk
     assert (tmp_path / "generate_throughput_cpu.png").stat().st_size > 0
 
 
+def test_side_by_side_rows_alone_report_their_ratio_and_verdict_with_the_lone_columns_blank(tmp_path):
+    args = bench.parse_args(["--out", str(tmp_path), "--side-only", "--prompts", "8192", "--batch", "1"])
+    rows = [dict(method=m, batch=1, prompt=8192, tok_s=t)
+            for m, t in (("dense-eager", 10.0), ("dense-inductor", 9.0), ("gear4", 12.0))]
+    text = bench.write_cpu(args, rows)
+    gear = table_row(table(text), method="gear4")
+    assert (gear["decode tok/s"], gear["vs dense-eager"], gear["alone tok/s"], gear["RSS +MiB"]) == (
+        "12.00", "1.20x", "", "")
+    assert "prompt 8192: GEAR-4 1.20x the faster dense (dense-eager) (target >= 1.3x: MISSED)" in text
+
+
 def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--methods", "gear9"])
