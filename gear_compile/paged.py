@@ -23,11 +23,15 @@ take `max_requests` tails (given; or as many as requests of `typical_tokens`
 fill the budget with; by default a quarter of the budget) and the rest is
 pages. `reserve` admits tokens only when whole pages are free for them,
 so a request that does not fit is refused (the caller queues it), never
-written past its pages; `free` returns them. A step's new tokens are held by
-the caller until `commit`, which compresses every page they fill, of every
-request and layer, in one batched call per K/V: outside the per-token
-work, as `store.flush_stores` is for `generate()`. Attention reads the pool
-through `page_segment`, `tails` and `sinks` (`paged_attention`).
+written past its pages; `free` returns them. A step's new tokens are
+accounted once (`plan`) and written one layer at a time (`write`, right
+after that layer's attention under `serving`): tokens into the tails,
+and every page they fill compressed, `pages_at_once` pages per codec call,
+outside the per-token work, as `store.flush_stores` is for `generate()`.
+A step's K/V is thus never stacked over its layers, and the codec's fp32
+temporaries stay those of a few pages (benchmarks/results/serve_cpu_memory.md).
+Attention reads the pool through `page_kv`, `tail` and `sink`
+(`paged_attention`).
 Forking (`fork`) shares a request's compressed pages (reference counts) and
 copies its tail and sinks.
 Neighbours: `segment` (the codec), `store` (layouts and byte kinds),
@@ -53,6 +57,20 @@ class _Request:
     tail: int = 0                   # exact tokens in its tail
 
 
+@dataclass
+class _Write:
+    """One row of a step (`PagedPool.plan`): the request's tail slot, the
+    row's tokens [start, start + T) of the step, the tail's length before
+    it, the pages it fills (in order) and whether the first of them is the
+    request's first page (it sets the sinks)."""
+    slot: int
+    start: int
+    T: int
+    tail: int
+    pages: list[int]
+    first: bool
+
+
 class PoolFull(RuntimeError):
     """A request asked for more pages or tail slots than the pool has free."""
 
@@ -60,6 +78,8 @@ class PoolFull(RuntimeError):
 class PagedPool:
     """Pages of compressed K/V for `layers` layers of `heads` KV heads of
     `head_dim`, in `budget_bytes` (module docstring)."""
+
+    pages_at_once = 16      # pages of a layer per codec call (`_compress`)
 
     def __init__(self, config: CodecConfig, layers: int, heads: int, head_dim: int, dtype: torch.dtype,
                  budget_bytes: int, page_tokens: int | None = None, max_requests: int | None = None,
@@ -169,63 +189,80 @@ class PagedPool:
 
     # -- writing ----------------------------------------------------------
     def commit(self, rows: list[tuple[str, int]], kv: torch.Tensor) -> None:
-        """Append each row's new tokens: rows (request id, T) in the order of
-        kv's token axis, kv [layers, 2, H, sum T, D] (a row whose request was
-        freed meanwhile is skipped). Tokens go into the tails; every page
-        that fills is compressed, all of them in one call per K/V."""
-        kv = kv.to(self.held)
-        pos, tok, pages, firsts, targets = [], [], [], [], []
-        start = 0
+        """Append each row's new tokens, every layer: rows (request id, T) in
+        the order of kv's token axis, kv [layers, 2, H, sum T, D]. The
+        `plan` then `write` of each layer, as a step that has every layer's
+        K/V at hand."""
+        step = self.plan(rows)
+        for layer in range(self.layers):
+            self.write(step, layer, kv[layer, 0], kv[layer, 1])
+
+    def plan(self, rows: list[tuple[str, int]]) -> list[_Write]:
+        """A step's writes: rows (request id, T) in the order of the step's
+        token axis (a row whose request was freed meanwhile, or of no token,
+        is skipped). The requests' pages and tails are accounted at once;
+        their data is written layer by layer (`write`), so that a caller
+        holds one layer's new K/V at a time, never the step's whole stack.
+        Raises PoolFull, with nothing changed, when a row fills more pages
+        than its request reserved."""
+        todo, start = [], 0
         for rid, T in rows:
             r = self.requests.get(rid)
-            if r is None or T == 0:
-                start += T
-                continue
-            if r.tail + T < self.page_tokens:      # the common decode step: into the tail
-                pos += [(r.slot, r.tail + i) for i in range(T)]
-                tok += range(start, start + T)
-                r.tail += T
-            else:
-                x = torch.cat([self.tail[r.slot, :r.tail], kv[..., start:start + T, :].permute(3, 0, 1, 2, 4)])
-                full = x.shape[0] // self.page_tokens
+            if r is not None and T:
+                full = (r.tail + T) // self.page_tokens
                 if full > len(r.reserved):
                     raise PoolFull(f"paged pool: request {rid} wrote {full} pages with "
                                    f"{len(r.reserved)} reserved (reserve before writing)")
-                for i in range(full):
-                    page = x[i * self.page_tokens:(i + 1) * self.page_tokens]
-                    if not r.pages and self.sink_tokens:
-                        self.sink[r.slot] = page[:self.sink_tokens]
-                        page = torch.cat([page[self.sink_tokens:self.sink_tokens + 1].expand(
-                            self.sink_tokens, *page.shape[1:]), page[self.sink_tokens:]])
-                    target = r.reserved.pop(0)
-                    r.pages.append(target)
-                    pages.append(page)
-                    targets.append(target)
-                rest = x[full * self.page_tokens:]
-                self.tail[r.slot, :rest.shape[0]] = rest
-                r.tail = rest.shape[0]
+                todo.append((r, _Write(r.slot, start, T, r.tail, r.reserved[:full], not r.pages)))
             start += T
+        for r, w in todo:
+            r.pages += w.pages
+            del r.reserved[:len(w.pages)]
+            r.tail = w.tail + w.T - len(w.pages) * self.page_tokens
+        return [w for _, w in todo]
+
+    def write(self, step: list[_Write], layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One layer's data of a `plan`ned step: k, v [H, sum T, D]. Tokens
+        go into the tails; the pages they fill are compressed,
+        `pages_at_once` per codec call (`_compress`)."""
+        kv = torch.stack([k, v], 1).to(self.held)              # [H, 2, sum T, D]
+        pos, tok, pages, targets = [], [], [], []
+        for w in step:
+            if not w.pages:                        # the common decode step: into the tail
+                pos += [(w.slot, w.tail + i) for i in range(w.T)]
+                tok += range(w.start, w.start + w.T)
+                continue
+            x = torch.cat([self.tail[w.slot, :w.tail, layer],
+                           kv[:, :, w.start:w.start + w.T].permute(2, 1, 0, 3)])     # [n, 2, H, D]
+            for i, target in enumerate(w.pages):
+                page = x[i * self.page_tokens:(i + 1) * self.page_tokens]
+                if i == 0 and w.first and self.sink_tokens:
+                    self.sink[w.slot, :, layer] = page[:self.sink_tokens]
+                    page = torch.cat([page[self.sink_tokens:self.sink_tokens + 1].expand(
+                        self.sink_tokens, *page.shape[1:]), page[self.sink_tokens:]])
+                pages.append(page)
+                targets.append(target)
+            rest = x[len(w.pages) * self.page_tokens:]
+            self.tail[w.slot, :rest.shape[0], layer] = rest
         if pos:
             slots, places = zip(*pos)
-            self.tail[list(slots), list(places)] = kv[..., list(tok), :].permute(3, 0, 1, 2, 4)
+            self.tail[list(slots), list(places), layer] = kv[:, :, list(tok)].permute(2, 1, 0, 3)
         if pages:
-            self._compress(torch.stack(pages), targets)
+            self._compress(torch.stack(pages), targets, layer)
 
-    def _compress(self, pages: torch.Tensor, targets: list[int], rows_at_once: int = 32) -> None:
-        """pages [P, page_tokens, layers, 2, H, D] into page slots `targets`,
-        `rows_at_once` (page, layer) rows per codec call: the codec's fp32
-        temporaries are about ten times its input, and a 512-token prefill
-        chunk of SmolLM2 compressed at once peaked 147 MiB above the pool."""
-        P, L = pages.shape[0], self.layers
-        rows = (torch.tensor(targets, device=pages.device)[:, None] * L
-                + torch.arange(L, device=pages.device)).flatten()
+    def _compress(self, pages: torch.Tensor, targets: list[int], layer: int) -> None:
+        """One layer's pages [P, page_tokens, 2, H, D] into page slots
+        `targets`, `pages_at_once` per codec call: the codec's fp32
+        temporaries are about ten times its input. Each page is compressed
+        on its own (the codec's batch axis), so the grouping changes no
+        stored byte (tests/test_paged.py)."""
+        rows = torch.tensor(targets, device=pages.device) * self.layers + layer
         for i, kind in enumerate("kv"):
-            x = pages[:, :, :, i].permute(0, 2, 3, 1, 4).reshape(P * L, self.heads, self.page_tokens,
-                                                                 self.head_dim)  # [P*L, H, page, D]
-            for a in range(0, P * L, rows_at_once):
-                packed = compress(x[a:a + rows_at_once], self.layouts[kind])
+            for a in range(0, pages.shape[0], self.pages_at_once):
+                x = pages[a:a + self.pages_at_once, :, i].transpose(1, 2).contiguous()   # [p, H, page, D]
+                packed = compress(x, self.layouts[kind])
                 for name, t in packed.parts().items():
-                    getattr(self.slabs[kind], name).index_copy_(0, rows[a:a + rows_at_once], t)
+                    getattr(self.slabs[kind], name).index_copy_(0, rows[a:a + self.pages_at_once], t)
 
     # -- reading ----------------------------------------------------------
     def pages(self, rid: str) -> list[int]:

@@ -12,7 +12,9 @@ dense copy of its sequence: pages are rebuilt `chunk_pages` at a time, each
 chunk's scores reduced to a partial softmax (running max m, sum l, output
 o), and the partials of a row merged at the end, as split-K flash-decoding
 does. Decode rows go through one batched walk of (row, page) pairs; a
-prefill chunk is a row of its own (its queries are many). A chunk whose
+prefill chunk is a row of its own (its queries are many), its pages read
+as few at a time as keep its scores under `SCORES_BYTES` and folded into
+one running partial, so its memory does not grow with its past. A chunk whose
 request has no past is plain causal SDPA, exactly what transformers
 computes.
 
@@ -36,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from .paged import PagedPool
+
+SCORES_BYTES = 8 << 20      # a prefill row's fp32 scores per partial (`_prefill_row`)
 
 
 @dataclass
@@ -144,12 +148,13 @@ def _partial(q, k, v, mask, scale):
     """Partial softmax of q [N, H, Q, D] over k/v [N, H, K, D]; mask
     broadcastable to [N, H, Q, K] (True: attend). Returns m, l [N, H, Q]
     and the unnormalised output o [N, H, Q, D] (m = -inf where nothing is
-    attended, with l = 0 and o = 0)."""
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    attended, with l = 0 and o = 0). The scores are updated in place: one
+    score-sized buffer, not one per step."""
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
+        s.masked_fill_(~mask, float("-inf"))
     m = s.amax(-1)
-    p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m)[..., None])
+    p = s.sub_(torch.where(torch.isinf(m), 0.0, m)[..., None]).exp_()
     return m, p.sum(-1), torch.matmul(p, v)
 
 
@@ -168,7 +173,10 @@ def _merge(partials, rows: int):
 
 def _prefill_row(pool, layer, row: _Prefill, q, k_new, v_new, scale):
     """One prefill chunk: q [Hq, T, D], k_new / v_new [H, T, D]. Returns
-    [T, Hq, D]. Without a past, plain causal SDPA over the chunk."""
+    [T, Hq, D]. Without a past, plain causal SDPA over the chunk. With one,
+    its pages are read a few at a time as one key run (the queries are not
+    copied per page) and folded into a running partial, so the fp32 scores
+    stay under `SCORES_BYTES` however long the past."""
     Hq, T, D = q.shape
     H = k_new.shape[0]
     G = Hq // H
@@ -176,18 +184,36 @@ def _prefill_row(pool, layer, row: _Prefill, q, k_new, v_new, scale):
         o = F.scaled_dot_product_attention(q[None], k_new[None], v_new[None], is_causal=True, scale=scale,
                                            enable_gqa=G > 1)
         return o[0].transpose(0, 1)
-    qf = q.float().reshape(1, H, G * T, D)                  # query g * T + t
-    partials = [(c.row, *_partial(qf[c.row], *pool.page_kv(layer, c.page, torch.float32), c.mask, scale))
-                for c in row.pages]
+    qf = q.float().reshape(H, G * T, D)                     # query g * T + t
+    per = max(1, SCORES_BYTES // (4 * Hq * T * pool.page_tokens))      # pages a partial reads
+    acc = None
+    for c in row.pages:
+        for a in range(0, c.page.numel(), per):
+            k, v = (x.transpose(0, 1).reshape(H, -1, D)                 # [H, p * page_tokens, D]
+                    for x in pool.page_kv(layer, c.page[a:a + per], torch.float32))
+            mask = None if c.mask is None else c.mask[a:a + per].reshape(1, 1, -1)
+            acc = _fold(acc, _partial(qf, k, v, mask, scale))
     past = [pool.tail[row.slot, :row.tail, layer]]
     if row.sinks:
         past.insert(0, pool.sink[row.slot, :, layer])
     past = torch.cat(past).float()                          # [P, 2, H, D]
-    k = torch.cat([past[:, 0].transpose(0, 1), k_new.float()], 1)[None]     # [1, H, P + T, D]
-    v = torch.cat([past[:, 1].transpose(0, 1), v_new.float()], 1)[None]
+    k = torch.cat([past[:, 0].transpose(0, 1), k_new.float()], 1)          # [H, P + T, D]
+    v = torch.cat([past[:, 1].transpose(0, 1), v_new.float()], 1)
     t = torch.arange(T, device=q.device).repeat(G)          # each query's position in the chunk
-    j = torch.arange(k.shape[2], device=q.device) - past.shape[0]
-    mask = (j[None, :] <= t[:, None])[None, None]           # the past, and the chunk causally
-    partials.append((torch.zeros(1, dtype=torch.long, device=q.device), *_partial(qf, k, v, mask, scale)))
-    o = _merge(partials, 1)[0].reshape(H, G, T, D)
+    j = torch.arange(k.shape[1], device=q.device) - past.shape[0]
+    mask = (j[None, :] <= t[:, None])[None]                 # the past, and the chunk causally
+    _, l, o = _fold(acc, _partial(qf, k, v, mask, scale))
+    o = (o / l[..., None]).reshape(H, G, T, D)
     return o.permute(2, 0, 1, 3).reshape(T, Hq, D).to(q.dtype)
+
+
+def _fold(acc, part):
+    """Two partials (m, l, o) of the same queries as one (log-sum-exp
+    weights, flash attention's running update); acc None: part itself."""
+    if acc is None:
+        return part
+    (m1, l1, o1), (m2, l2, o2) = acc, part
+    m = torch.maximum(m1, m2)
+    at = torch.where(torch.isinf(m), 0.0, m)                # nothing attended yet: weights 0
+    w1, w2 = torch.exp(m1 - at), torch.exp(m2 - at)
+    return m, l1 * w1 + l2 * w2, o1 * w1[..., None] + o2 * w2[..., None]

@@ -21,9 +21,12 @@ and this module uses exactly those two:
                 refused at `add_request` with a message.
   attention     "gear_paged", registered with `AttentionInterface`: each
                 layer's queries attend the pool's pages through the block
-                table (`paged_attention.attend`); after the last layer the
-                step's tokens are committed (`PagedPool.commit`: pages that
-                fill are compressed in one batched call per K/V).
+                table (`paged_attention.attend`), then that layer's new
+                K/V are written (`PagedPool.write`: the pages they fill
+                compressed a few at a time) and dropped, so a step never
+                holds every layer's K/V at once; the step's pages and
+                tails were accounted before its first layer
+                (`PagedPool.plan`).
 
 `enable` sets the model's `init_continuous_batching` (an instance attribute)
 to build a `GearBatchingManager`, so `generate_batch`,
@@ -62,8 +65,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     cache: GearPagedCache = kwargs["gear_paged"]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = attend(cache.gear_pool, module.layer_idx, cache.table, query, key, value, scale)
-    if module.layer_idx == cache.gear_pool.layers - 1:
-        cache.commit_step()
+    cache.gear_pool.write(cache.step, module.layer_idx, key[0], value[0])
     return out[None], None
 
 
@@ -87,7 +89,7 @@ class GearPagedCache(cb_cache.PagedAttentionCache):
         self._rows: list[tuple[str, int, int]] = []   # (request, past, new tokens) of the batch being prepared
         self.step_rows: list[tuple[str, int]] = []    # (request, new tokens) of the batch running
         self.table = None                               # its block table (`paged_attention.block_table`)
-        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.step = []                                  # its writes (`PagedPool.plan`)
         self._new_batch = True
 
     # -- admission: the pool decides ---------------------------------------
@@ -135,11 +137,10 @@ class GearPagedCache(cb_cache.PagedAttentionCache):
 
     @torch.compiler.disable
     def update(self, key_states, value_states, layer_idx, kwargs):
-        """Keep the layer's new K/V [1, H, T, D] for the commit after the last
-        layer; attention reads them as they are."""
+        """Hand the layer's new K/V [1, H, T, D] to attention as they are
+        (it writes them into the pool after reading the pool's past)."""
         if layer_idx == 0:
             self._start_step()
-        self._pending[layer_idx] = (key_states[0], value_states[0])
         kwargs["gear_paged"] = self
         return key_states, value_states
 
@@ -151,14 +152,8 @@ class GearPagedCache(cb_cache.PagedAttentionCache):
                                    f"resumes it at {past}")
         self.step_rows = [(rid, T) for rid, _, T in self._rows]
         self.table = block_table(self.gear_pool, self.step_rows, device=self.gear_pool.tail.device)
+        self.step = self.gear_pool.plan(self.step_rows)
         self._new_batch = True
-
-    def commit_step(self) -> None:
-        """The step's tokens into the pool (after the last layer's attention)."""
-        layers = [self._pending[i] for i in range(self.gear_pool.layers)]
-        kv = torch.stack([torch.stack(kv) for kv in layers])     # [layers, 2, H, T, D]
-        self.gear_pool.commit(self.step_rows, kv)
-        self._pending.clear()
 
 
 def _final_len(state) -> int:

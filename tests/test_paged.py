@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gear_compile import paged_attention
 from gear_compile.config import CodecConfig
 from gear_compile.paged import PagedPool, PoolFull
 from gear_compile.paged_attention import attend, block_table
+from gear_compile.segment import compress
 
 L, H, D = 2, 2, 32
 
@@ -129,3 +131,51 @@ def test_tails_sized_for_typical_requests():
     per_request = pool.tail_bytes + 300 // pool.page_tokens * pool.page_bytes
     assert pool.max_requests == 3_000_000 // per_request
     assert pool.n_pages >= pool.max_requests * (300 // pool.page_tokens)
+
+
+@pytest.mark.parametrize("method,bits", [("gear", 4), ("gear", 2), ("kivi", 2)])
+def test_pages_written_layer_by_layer_a_few_at_once_equal_one_codec_call_over_all(method, bits):
+    """The pool compresses a step's pages one layer at a time, pages_at_once
+    per codec call (its memory bound); the stored bytes equal the codec run
+    once over every page of every layer."""
+    gen = torch.Generator().manual_seed(2)
+    pool = pool_of(method, bits)
+    pool.pages_at_once = 2
+    n, s = pool.page_tokens, pool.sink_tokens
+    seqs = feed(pool, [3 * n + 5, 2 * n, n + 1], gen)
+    pages, rows = [], []
+    for rid, x in seqs.items():
+        for j, page in enumerate(pool.pages(rid)):
+            for layer in range(L):
+                kv = x[layer, :, :, j * n:(j + 1) * n].to(pool.held)          # [2, H, n, D]
+                if j == 0 and s:                                               # the sinks' places
+                    kv[:, :, :s] = kv[:, :, s:s + 1]
+                pages.append(kv)
+                rows.append(page * L + layer)
+    assert len(pages) == 6 * L
+    for i, kind in enumerate("kv"):
+        want = compress(torch.stack([p[i] for p in pages]), pool.layouts[kind])
+        for name, t in want.parts().items():
+            assert torch.equal(getattr(pool.slabs[kind], name)[rows], t), (kind, name)
+
+
+@pytest.mark.parametrize("scores_bytes", [1, paged_attention.SCORES_BYTES])
+def test_a_prefill_chunk_reads_a_long_past_a_few_pages_at_a_time(monkeypatch, scores_bytes):
+    """A prefill chunk beside decode rows, its past five pages and a tail:
+    read one page per partial (SCORES_BYTES=1) or all at once, it matches
+    dense attention over what is held."""
+    monkeypatch.setattr(paged_attention, "SCORES_BYTES", scores_bytes)
+    gen = torch.Generator().manual_seed(3)
+    pool = pool_of("gear", 4)
+    feed(pool, [5 * pool.page_tokens + 10, 70], gen)
+    rows = [("r0", 9), ("r1", 1)]
+    q = torch.randn(1, 2 * H, 10, D, generator=gen)
+    new = torch.randn(2, H, 10, D, generator=gen)
+    scale = D ** -0.5
+    got = attend(pool, 0, block_table(pool, rows), q, new[0][None], new[1][None], scale)
+    start = 0
+    for rid, T in rows:
+        kv = torch.cat([held(pool, rid, 0), new[:, :, start:start + T]], 2)
+        want = dense_attention(q[0, :, start:start + T], kv[0], kv[1], kv.shape[2] - T, scale)
+        torch.testing.assert_close(got[start:start + T].transpose(0, 1), want, atol=1e-5, rtol=1e-4)
+        start += T

@@ -211,3 +211,26 @@ def test_random_arrivals_lose_and_corrupt_nothing(n):
         manager.stop(block=True, timeout=30)
     assert [got[f"g{i}"] for i in range(n)] == [want[d] for d in ids]
     assert model._gear_paged_pool.whole()
+
+
+def test_each_layer_is_written_right_after_its_attention(monkeypatch):
+    """A step's K/V go into the pool one layer at a time, each right after
+    that layer's attention, with that layer's own tokens: no step holds
+    every layer's K/V at once (the peak-memory fix of issue 31)."""
+    model = tiny_llama()
+    serving.enable(model, kv_budget_bytes=2_000_000, method="gear", bits=4)
+    events = []
+    attend, write = serving.attend, serving.PagedPool.write
+    monkeypatch.setattr(serving, "attend", lambda pool, layer, table, q, k, *a: events.append(
+        ("attend", layer, k.shape[2])) or attend(pool, layer, table, q, k, *a))
+    monkeypatch.setattr(serving.PagedPool, "write", lambda self, step, layer, k, v: events.append(
+        ("write", layer, k.shape[1])) or write(self, step, layer, k, v))
+    got = tokens(model.generate_batch(prompts((100, 20)), generation_config=greedy(),
+                                      continuous_batching_config=cb_config()))
+    assert all(len(v) == NEW for v in got.values())
+    layers = model.config.num_hidden_layers
+    assert len(events) % (2 * layers) == 0 and events
+    for at in range(0, len(events), 2):
+        (a, la, ta), (w, lw, tw) = events[at], events[at + 1]
+        assert (a, w) == ("attend", "write") and la == lw == at // 2 % layers and ta == tw
+    assert model._gear_paged_pool.whole()
