@@ -6,6 +6,8 @@ Usage:
   python benchmarks/serve.py                       # the full CPU run: 64 requests, prompts 256-4096, 64-256 new
   python benchmarks/serve.py --requests 12 --prompt-max 1024 --new-min 32 --new-max 64 --budgets-mib 48 96
   python benchmarks/serve.py --gpu                 # Llama-3-8B-shaped random fp16 weights on CUDA
+  python benchmarks/serve.py --memory --requests 6 --prompt-min 256 --prompt-max 512 --new-min 16 \
+      --new-max 32 --methods dense gear4 gear2     # peak RSS at the same concurrency
 
 Each (budget, method) cell runs in a fresh process (its own peak RSS), the
 cells in turn, method after method within a budget, so that drifts of the
@@ -21,8 +23,19 @@ add to the last result), the largest number of requests holding KV at once
 (the scheduler's active requests, read at every forward), TTFT (first token
 time minus creation) and TPOT (mean time between a request's tokens), p50 /
 p99 over requests, KV bytes allocated, and the process's peak RSS above its
-RSS after loading the weights (the peak reset there, /proc/self/clear_refs).
+RSS after loading the weights (the heap trimmed and the peak reset there:
+`reset_peak`).
 Results: benchmarks/results/serve_<device>.{md,json,png}.
+
+Memory mode (--memory): every method gets the KV budget that holds all the
+requests at once (dense: their blocks; the pool: their pages and a tail
+each), so each runs the same requests at the same concurrency and peak RSS
+above the weights compares like for like (issue 31's target: the pool's at
+most 0.5x dense's). Each cell also says which phase raised the peak and by
+how much: VmHWM read at the entry and exit of the model's forward, its MLPs
+and attentions, the pool's write and the codec, each rise charged to the
+innermost phase running (the rest of the forward: embeddings, norms,
+projections, the LM head). Results: benchmarks/results/serve_<device>_memory.*.
 
 Methods: dense (transformers' paged cache, "sdpa"), gear4 / gear2
 (method="gear", 4 / 2 bits), kivi2 (method="kivi", 2 bits).
@@ -34,6 +47,7 @@ Python between layers).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -58,6 +72,7 @@ def parse(argv=None):
     p.add_argument("--max-batch-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--memory", action="store_true", help="each method's budget holds every request at once")
     p.add_argument("--out", default=None, help="results stem (default results/serve_<cpu|gpu>)")
     p.add_argument("--cell", nargs=2, metavar=("METHOD", "BUDGET_MIB"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -105,9 +120,14 @@ def rss_bytes(field: str = "VmRSS") -> int:
 def reset_peak() -> None:
     """Start the peak (VmHWM) from now: loading the weights peaks higher than
     serving (the state dict and the model both held), which would hide the
-    serving peak."""
+    serving peak. The heap's free pages go back to the OS first (glibc's
+    malloc_trim): left resident, the loader's freed tensors would let a
+    cell's first allocations (the KV store) fill them without raising RSS,
+    by how much depending on the load, not on the method."""
+    import ctypes
     import gc
     gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
@@ -118,10 +138,16 @@ def run_cell(args, method: str, budget: int) -> dict:
 
     from gear_compile import serving
     model = load(args)
-    reset_peak()
-    base_rss = rss_bytes()
     text = model.config.get_text_config()
     page = 64
+    reqs = workload(args, text.vocab_size)
+    if args.memory:
+        budget = memory_budget(model, method, reqs, page)
+    rises = PeakPhases(model) if args.memory else None
+    reset_peak()
+    base_rss = rss_bytes()
+    if rises:
+        rises.start()
     gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0)
     cb = dict(page_size=page, max_batch_tokens=args.max_batch_tokens, max_memory_percent=0.9)
     if METHODS[method] is None:
@@ -132,18 +158,19 @@ def run_cell(args, method: str, budget: int) -> dict:
     else:
         # tails sized for this traffic's mean request (prompt + new tokens), as a server would
         typical = (args.prompt_min + args.prompt_max + args.new_min + args.new_max) // 2
-        serving.enable(model, kv_budget_bytes=budget, typical_tokens=typical, **METHODS[method])
+        sizing = dict(max_requests=len(reqs)) if args.memory else dict(typical_tokens=typical)
+        serving.enable(model, kv_budget_bytes=budget, **sizing, **METHODS[method])
     manager = model.init_continuous_batching(generation_config=gen,
                                              continuous_batching_config=ContinuousBatchingConfig(**cb))
     active = []
     forward = model.forward
 
+    @functools.wraps(forward)       # its signature: transformers passes logits_to_keep only if it sees it
     def counting(*a, **k):
         active.append(len(manager.batch_processor.scheduler.active_requests))
         return forward(*a, **k)
 
     model.forward = counting
-    reqs = workload(args, text.vocab_size)
     manager.start()
     results = {}
     try:
@@ -173,8 +200,76 @@ def run_cell(args, method: str, budget: int) -> dict:
                 max_concurrent=max(active), ttft_p50=_pct(ttft, 50), ttft_p99=_pct(ttft, 99),
                 tpot_p50=_pct(tpot, 50), tpot_p99=_pct(tpot, 99),
                 peak_rss_above_weights_mib=(rss_bytes("VmHWM") - base_rss) / 2**20,
+                peak_rises_mib=rises.mib() if rises else None,
                 errors=errors, wrong_lengths=wrong,
                 pool_whole=bool(model._gear_paged_pool.whole()) if METHODS[method] else None)
+
+
+def memory_budget(model, method: str, reqs, page: int) -> int:
+    """KV bytes that hold every request of `reqs` at once: dense, each
+    request's `page`-token blocks of its prompt and new tokens; the pool,
+    its pages (as `serving` reserves them) and a tail each."""
+    from gear_compile.config import GearConfig
+    from gear_compile.paged import PagedPool
+    text = model.config.get_text_config()
+    heads, layers = text.num_key_value_heads, text.num_hidden_layers
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    if METHODS[method] is None:
+        block = page * layers * 2 * heads * head_dim * model.dtype.itemsize
+        return sum(-(-(len(ids) + new) // page) for ids, new in reqs) * block
+    codec = GearConfig.from_options(METHODS[method]).codec      # sizes only: a pool on "meta"
+    pool = PagedPool(codec, layers, heads, head_dim, model.dtype, 2**30, max_requests=1, device="meta")
+    pages = sum((len(ids) + new - 1) // pool.page_tokens for ids, new in reqs)
+    return len(reqs) * pool.tail_bytes + pages * pool.page_bytes
+
+
+class PeakPhases:
+    """Which phase raised the process's peak RSS (VmHWM), and by how much:
+    VmHWM is read at the entry and exit of each wrapped function, and a rise
+    since the last read is charged to the innermost phase then running."""
+
+    def __init__(self, model):
+        import torch.nn.functional as F
+
+        from gear_compile import paged, serving
+        self.gain: dict[str, int] = {}
+        self.stack = ["outside the forward (KV allocation, scheduling)"]
+        self.last = 0
+        self._wrap(type(model), "forward", "forward: embeddings, norms, projections, LM head")
+        for m in {type(x) for x in model.modules() if type(x).__name__.endswith("MLP")}:
+            self._wrap(m, "forward", "MLP")
+        self._wrap(F, "scaled_dot_product_attention", "attention over exact K/V (sdpa)")
+        self._wrap(serving, "attend", "attention over the pool (paged_attention.attend)")
+        self._wrap(paged.PagedPool, "write", "pool write (tails, pages)")
+        self._wrap(paged, "compress", "codec (segment.compress of filled pages)")
+
+    def _note(self) -> None:
+        peak = rss_bytes("VmHWM")
+        if peak > self.last:
+            label = self.stack[-1]
+            self.gain[label] = self.gain.get(label, 0) + peak - self.last
+            self.last = peak
+
+    def _wrap(self, owner, name: str, label: str) -> None:
+        f = getattr(owner, name)
+
+        @functools.wraps(f)
+        def phase(*a, **k):
+            self._note()
+            self.stack.append(label)
+            try:
+                return f(*a, **k)
+            finally:
+                self._note()
+                self.stack.pop()
+        setattr(owner, name, phase)
+
+    def start(self) -> None:
+        self.last = rss_bytes("VmHWM")
+
+    def mib(self) -> dict[str, float]:
+        self._note()
+        return {k: round(v / 2**20, 1) for k, v in sorted(self.gain.items(), key=lambda kv: -kv[1])}
 
 
 def _pct(xs, q):
@@ -196,6 +291,20 @@ def table(rows) -> str:
                      f"{r['ttft_p50']:.1f} / {r['ttft_p99']:.1f} | {1e3 * r['tpot_p50']:.0f} / "
                      f"{1e3 * r['tpot_p99']:.0f} | {r['peak_rss_above_weights_mib']:.0f} | "
                      f"{len(r['errors'])}/{len(r['wrong_lengths'])} | {r['pool_whole']} |")
+    return "\n".join(lines)
+
+
+def memory_table(rows) -> str:
+    head = ("| method | requests | max concurrent | KV budget MiB | KV MiB allocated | peak RSS above weights MiB | "
+            "x dense | lost/wrong | peak raised by (MiB) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    for r in rows:
+        ratio = f"{r['peak_rss_above_weights_mib'] / dense['peak_rss_above_weights_mib']:.2f}" if dense else "-"
+        rises = "; ".join(f"{k} {v:g}" for k, v in r["peak_rises_mib"].items())
+        lines.append(f"| {r['method']} | {r['requests']} | {r['max_concurrent']} | {r['budget_mib']:.1f} | "
+                     f"{r['kv_bytes'] / 2**20:.1f} | {r['peak_rss_above_weights_mib']:.0f} | {ratio} | "
+                     f"{len(r['errors'])}/{len(r['wrong_lengths'])} | {rises} |")
     return "\n".join(lines)
 
 
@@ -228,7 +337,7 @@ def main(argv=None):
     import transformers
     rows = []
     passthrough = list(argv if argv is not None else sys.argv[1:])
-    for budget in args.budgets_mib:
+    for budget in [0] if args.memory else args.budgets_mib:    # --memory: each method's own budget
         for method in args.methods:
             cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--cell", method, str(budget)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -238,23 +347,28 @@ def main(argv=None):
                 raise SystemExit(f"cell {method} @ {budget} MiB failed")
             rows.append(json.loads(line[5:]))
             r = rows[-1]
-            print(f"{budget:g} MiB {method}: {r['output_tok_per_s']:.1f} tok/s, {r['max_concurrent']} concurrent, "
-                  f"{r['wall_s']:.0f} s", flush=True)
-    stem = args.out or os.path.join(RESULTS, "serve_gpu" if args.gpu else "serve_cpu")
+            print(f"{r['budget_mib']:.1f} MiB {method}: {r['output_tok_per_s']:.1f} tok/s, {r['max_concurrent']} "
+                  f"concurrent, peak RSS +{r['peak_rss_above_weights_mib']:.0f} MiB, {r['wall_s']:.0f} s", flush=True)
+    stem = args.out or os.path.join(RESULTS, ("serve_gpu" if args.gpu else "serve_cpu")
+                                    + ("_memory" if args.memory else ""))
     device = torch.cuda.get_device_name() if args.gpu else _cpu_name()
     command = "python benchmarks/serve.py " + " ".join(passthrough)
     with open(stem + ".json", "w") as f:
         json.dump(dict(command=command, device=device, torch=torch.__version__,
                        transformers=transformers.__version__, rows=rows), f, indent=1)
+    text = memory_table(rows) if args.memory else table(rows)
+    title = ("peak RSS at the same concurrency, dense vs the compressed paged pool" if args.memory
+             else "dense vs the compressed paged pool")
     with open(stem + ".md", "w") as f:
-        f.write(f"# Serving: transformers' continuous batching, dense vs the compressed paged pool\n\n"
+        f.write(f"# Serving: transformers' continuous batching, {title}\n\n"
                 f"`{command}`\n\n{device}; torch {torch.__version__}, transformers {transformers.__version__}; "
                 f"{args.requests} requests, prompts {args.prompt_min}-{args.prompt_max}, "
                 f"{args.new_min}-{args.new_max} new tokens, max_batch_tokens {args.max_batch_tokens}; "
                 f"cells run one after another in fresh processes (see the script's docstring).\n\n"
-                + table(rows) + "\n")
-    plot(rows, stem + ".png")
-    print(table(rows))
+                + text + "\n")
+    if not args.memory:
+        plot(rows, stem + ".png")
+    print(text)
 
 
 def _cpu_name() -> str:
