@@ -14,7 +14,11 @@
 // No BF16/FP16 arithmetic: the codes are exact in either, but the other
 // operand is not. Rounding q*s or the softmax weights to bf16 (fp16) moved
 // fp32 outputs of the kernel tests' stores by ~4e-4 (~4e-5), 40x (4x) the
-// fp32 bound, where VNNI's 21-bit integer limbs stay within 6e-7.
+// fp32 bound, where VNNI's 21-bit integer limbs stay within 6e-7. On SmolLM2's
+// real q/K/V (benchmarks/results/cpu_lowp_error.md) the scores in bf16 / fp16
+// move the output by up to 3.7 % / 0.9 % of its scale, p.V in bf16 by 0.4 %:
+// all above even a bf16 model's own output rounding (0.2 %). Only p.V with fp16
+// operands and fp32 sums (0.05 %) would pass, for bf16 models alone.
 //
 // Each set defines, for rows of DP floats (DP: the head dim rounded up to
 // 16) and tiles of one row per token, `ts` floats apart, whose padding past
