@@ -7,9 +7,12 @@ read by more than its append is not; the function's results are unchanged.
 The model-level check (DeepSeek V2: method none equals eager, GEAR-4 shrinks
 the latent cache) is in tests/test_arch_coverage.py.
 """
+import operator
+
 import torch
 
 import gear_compile
+from gear_compile.passes.match import find_sites
 
 
 def _latent_cache_update(past_latent, past_rope, latent, rope, up):
@@ -45,3 +48,27 @@ def test_the_results_are_unchanged():
     got = torch.compile(_latent_cache_update, backend="gear", options={"method": "none", "inductor": False})(*args)
     for g, e in zip(got, _latent_cache_update(*args)):
         torch.testing.assert_close(g, e)       # the caches come back compressed, read densely here
+
+
+
+def test_a_past_whose_length_is_read_first_is_still_rebuilt():
+    """A past read for its length before its append (DeepSeek V3.2's sparse
+    attention, AXK2, HY V4: `past.size()` on the first layer's keys, which
+    the mask's sizes come from) is a rebuild site: the rebuilt past answers
+    the size. Any other read of the past still keeps it exact."""
+    def graph(other_read):
+        g = torch.fx.Graph()
+        q, past_k, new_k, past_v, new_v = (g.placeholder(n) for n in ("q", "past_k", "new_k", "past_v", "new_v"))
+        length = g.call_function(operator.getitem, (g.call_method("size", (past_k,)), 2))
+        k = g.call_function(torch.cat, ([past_k, new_k],), {"dim": -2})
+        v = g.call_function(torch.cat, ([past_v, new_v],), {"dim": -2})
+        scores = g.call_function(torch.einsum, ("bhtd,bhsd->bhts", q, k))
+        out = g.call_function(torch.matmul, (g.call_function(torch.softmax, (scores, -1)), v))
+        extra = g.call_method(other_read, (past_k,)) if other_read else length
+        g.output((out, k, v, extra, length))
+        return g
+    sites = find_sites(graph(None))
+    rebuilt = [(s.form, s.rewritable) for s in sites if s.form != "unknown"]
+    assert rebuilt == [("rebuild", True)], [s.reason for s in sites]
+    sites = find_sites(graph("mean"))
+    assert not any(s.rewritable for s in sites) and "also read by mean" in " ".join(s.reason for s in sites)

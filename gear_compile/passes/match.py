@@ -554,8 +554,11 @@ def _downstream(nodes: list[fx.Node], limit: int = 400) -> set:
 
 def _rebuilds(append: KVAppend) -> str | None:
     """Why the cache of `append` cannot be compressed and rebuilt: its past is
-    read by more than its append, or the append is not stored back once."""
-    readers = [u for u in append.past.users if u is not append.node and not _dead(u)]
+    read by more than its append and size queries (the rebuilt past answers
+    those: `cache.get_seq_length()` reads the first layer's keys' length), or
+    the append is not stored back once."""
+    readers = [u for u in append.past.users if u is not append.node and not _dead(u)
+               and not is_call(u, "size")]
     if readers:
         return f"the cached {append.past.name} is also read by {readers[0].name}"
     if sum(u.op == "output" for u in append.stored.users) != 1:
@@ -626,7 +629,8 @@ _SCORE_FEATURES = (
 def unknown_sites(graph: fx.Graph, sites: list[AttentionSite], first: int) -> list[AttentionSite]:
     """A site for each softmax outside every recognised site's chain (the
     attention forms the matcher does not read) and each KV-append no site
-    consumes, with the reason found on the way to its scores."""
+    consumes, with the reason found on the way to its scores (an append's:
+    why no rebuild site took it)."""
     covered = {n for site in sites for n in site.chain} | {site.output for site in sites}
     appends = {a.node for site in sites for a in (site.key, site.value) if a is not None}
     unknown = []
@@ -634,9 +638,9 @@ def unknown_sites(graph: fx.Graph, sites: list[AttentionSite], first: int) -> li
         if is_call(node, F.softmax, "softmax", torch.softmax) and node not in covered \
                 and _scores_of_a_product(node):
             reason = f"attention form not recognised ({_score_features(node)}); left exact"
-        elif kv_append(node) is not None and node not in appends and \
-                any(u.op == "output" for u in node.users):
-            reason = "a KV-append whose attention was not recognised; left exact"
+        elif (append := _kept_append(node)) is not None and node not in appends:
+            reason = (f"a KV-append whose attention was not recognised; left exact, its cache not rebuilt: "
+                      f"{_rebuilds(append) or 'no other append of its layer to pair it with'}")
         else:
             continue
         site = AttentionSite(first + len(unknown), "unknown", node, None, None, None, reason=reason)

@@ -256,19 +256,21 @@ class _Rewriter:
 
     def rebuild_decode(self, site: AttentionSite) -> None:
         """A "rebuild" site (`match.rebuild_sites`): each past rebuilt densely
-        (`gear::dequantize`) in front of its append, which the model reads as
-        before; one new token is then written into the store's buffer."""
+        (`gear::dequantize`) in front of its append (or of a size query read
+        before it), which the model reads as before; one new token is then
+        written into the store's buffer."""
         tokens = _value(site.key.new).shape[2]
         written = 1 if tokens == 1 else 0
         for append, kind in ((site.key, "k"), (site.value, "v")):
             past, cat, new = self.node(append.past), self.node(append.node), self.node(append.new)
             parts, store = self.inner_placeholders(past), _value(append.past).store
-            with self.graph.inserting_before(cat):
+            first = next(n for n in self.graph.nodes if n in past.users)    # the append, or a size query
+            with self.graph.inserting_before(first):
                 rebuilt = self.graph.call_function(torch.ops.gear.dequantize.default, (
                     parts, self.config.codec.to_json(), kind, self.size(_value(append.past).shape[2]),
                     _value(append.new).dtype))
             rebuilt.meta["example_value"] = _value(append.past)
-            cat.replace_input_with(past, rebuilt)
+            past.replace_all_uses_with(rebuilt)
             if written:
                 with self.graph.inserting_before(cat.next):       # in order, after the append
                     buffer_write(self.graph, store.layout, parts, new, _value(append.new).dtype)
