@@ -28,7 +28,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor
 
-from . import rotation
+from . import ops  # noqa: F401 - registers gear::dequantize, which reading the tensor densely calls
 from .config import CodecConfig
 from .store import RESERVED_KINDS, KVStore
 
@@ -44,25 +44,6 @@ def implements(*ops):
             NATIVE[op] = handler
         return handler
     return register
-
-
-@torch.library.custom_op("gear::dequantize", mutates_args=())
-def dequantize_parts(parts: list[torch.Tensor], config: str, kind: str, length: int,
-                     dtype: torch.dtype) -> torch.Tensor:
-    """The exact dense [B, H, length, D] reconstruction, in `dtype`, of a
-    flattened store's newest `length` tokens, unrotated where the store is
-    rotated (`rotation`). An opaque op, so tracing (Dynamo, AOT) never reads
-    the lengths' values."""
-    cfg = CodecConfig.from_json(config)
-    dense = KVStore(cfg, kind, parts).dequantize(dtype)
-    dense = dense[:, :, dense.shape[2] - length:]
-    return rotation.unrotate(dense) if cfg.rotates(kind) else dense
-
-
-@dequantize_parts.register_fake
-def _dequantize_parts_fake(parts, config, kind, length, dtype):
-    B, H, _, D = parts[1].shape       # the buffer
-    return parts[1].new_empty(B, H, length, D, dtype=dtype)
 
 
 class CompressedKV(torch.Tensor):

@@ -1,6 +1,10 @@
 """The compressed-cache custom ops that the rewrite emits (namespace `gear`).
 
   gear::kv_prefill(x, config, kind, streamed) -> parts   compress a prompt's K or V
+  gear::dequantize(parts, config, kind, length, dtype) -> x   a store read back
+                                                    densely (LoRC's rebuild, a
+                                                    rebuild site, a CompressedKV
+                                                    used as a plain tensor)
   gear::attention_<impl>(q, k_parts, v_parts, k_new, v_new, mask, scale,
                          is_causal, ..., softcap, sinks) -> out   attention over a
                                                     store plus the call's new tokens
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import rotation
 from .config import CodecConfig, GearConfig, codec_of
 from .store import KVStore, StoreLayout
 
@@ -54,6 +59,25 @@ def _kv_prefill_fake(x, config, kind, streamed=False):
     layout = StoreLayout.build(cfg, kind, D, x.dtype, n_pre, cfg.sinks(n_pre))
     shapes = layout.shapes(B, H, cfg.decode_capacity_for(cfg.streamed_tokens(int(P)) if streamed else 0))
     return [x.new_empty(shape, dtype=dtype) for shape, dtype in shapes]
+
+
+@torch.library.custom_op("gear::dequantize", mutates_args=())
+def dequantize_parts(parts: list[torch.Tensor], config: str, kind: str, length: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The exact dense [B, H, length, D] reconstruction, in `dtype`, of a
+    flattened store's newest `length` tokens, unrotated where the store is
+    rotated (`rotation`). An opaque op, so tracing (Dynamo, AOT) never reads
+    the lengths' values."""
+    cfg = CodecConfig.from_json(config)
+    dense = KVStore(cfg, kind, parts).dequantize(dtype)
+    dense = dense[:, :, dense.shape[2] - length:]
+    return rotation.unrotate(dense) if cfg.rotates(kind) else dense
+
+
+@dequantize_parts.register_fake
+def _dequantize_parts_fake(parts, config, kind, length, dtype):
+    B, H, _, D = parts[1].shape       # the buffer
+    return parts[1].new_empty(B, H, length, D, dtype=dtype)
 
 
 # ---------------------------------------------------------------- attention

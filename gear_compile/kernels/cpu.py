@@ -15,12 +15,12 @@ lacks. `isa()` reports or forces the set; $GEAR_CPU_ISA (avx512, avx2,
 scalar, auto) sets it for a whole process.
 
 Why C++ and not Inductor-generated loops: measured on the 2-core CPU machine
-(DESIGN.md, "The decode step as a graph"), Inductor's best formulation of
-attention over packed codes reached 0.45-0.84x fp32 SDPA at 8k-32k tokens;
-this kernel's numbers are in benchmarks/results/decode_attention_cpu.md.
+(the "decode step as a graph" study of the project's design notes, which are not
+part of this repository), Inductor's best formulation of attention over packed codes
+reached 0.45-0.84x fp32 SDPA at 8k-32k tokens; this kernel's numbers are in
+benchmarks/results/decode_attention_cpu.md.
 Neighbours: `store` (the descriptor the kernel reads), `ops` (routes CPU
-attention here, the fake implementation), `backend` (builds it before
-rewriting a CPU graph).
+attention here, builds the kernel on first use, the fake implementation).
 """
 from __future__ import annotations
 
