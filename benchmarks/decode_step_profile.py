@@ -5,7 +5,7 @@ Usage:
   python benchmarks/decode_step_profile.py --prompts 3072 --steps 16 --methods dense gear4 gear2
 
 SmolLM2-135M (fp32), one copy per method, each with its own forward code
-object (`generate_throughput.own_forward`: Dynamo's caches stay apart); dense
+object (`decode_methods.own_forward`: Dynamo's caches stay apart); dense
 is transformers' eager DynamicCache, gearN `gear_compile.compile(model,
 method="gear", bits=N)` (Inductor). For each prompt length every method
 answers once to compile and warm up, then the methods take turns, --rounds
@@ -110,7 +110,7 @@ def load(options):
     sys.path.insert(0, str(HERE))
     import gear_compile
     from gear_compile.models import load_smollm2
-    from generate_throughput import own_forward
+    from decode_methods import own_forward
     model, _ = load_smollm2()
     own_forward(model)
     if options is not None:

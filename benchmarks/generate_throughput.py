@@ -71,7 +71,8 @@ method's peak memory at batch 1 and at that batch gives its memory per sequence,
 hence the largest batch it fits in the GPU's memory ("fits (est.)": a line
 through two measured points, not a run). Results: generate_throughput_gpu_graphs.{md,json}.
 
-Neighbours: gear_compile (the backend), gear_compile.models (SmolLM2),
+Neighbours: decode_methods (the methods and their set-up), gear_compile (the
+backend), gear_compile.models (SmolLM2),
 quality_methods (the peer's cache and byte count).
 """
 from __future__ import annotations
@@ -87,22 +88,10 @@ import sys
 import time
 from pathlib import Path
 
+from decode_methods import METHODS, cache_bytes, own_forward, setup
 from gear_compile.hf_compat import cache_kwarg
 
 HERE = Path(__file__).parent
-METHODS = {
-    "dense-eager": None,
-    "dense-inductor": "inductor",
-    "gear4": dict(method="gear", bits=4),
-    "gear4-kcvt": dict(method="gear", bits=4, backbone="kcvt"),
-    "gear4-nosinks": dict(method="gear", bits=4, sink_tokens=0),
-    "gear2": dict(method="gear", bits=2),
-    "kivi2": dict(method="kivi", bits=2),
-    "quanto4": {"peer": 4},
-    "lorc30": dict(method="none", lorc=0.3),
-    "gear4-lorc30": dict(method="gear", bits=4, lorc=0.3),
-    "dense-static": "static",          # StaticCache + torch.compile(mode="reduce-overhead") (--graphs)
-}
 GPU_MODELS = {   # LlamaConfig fields
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
@@ -168,48 +157,6 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def setup(model, method: str, device: str):
-    """Prepare `model` for `method`; returns a function making a fresh cache."""
-    import torch
-    from transformers import DynamicCache
-
-    import gear_compile
-    options = METHODS[method]
-    if options == "inductor":
-        model.forward = torch.compile(model.forward)
-    elif options == "static":
-        from transformers import StaticCache
-        model.forward = torch.compile(model.forward, mode="reduce-overhead")
-        return lambda max_cache_len: StaticCache(config=model.config, max_cache_len=max_cache_len)
-    elif isinstance(options, dict) and "peer" in options:
-        sys.path.insert(0, str(HERE))
-        from quality_methods import ensure_peer
-        ensure_peer()
-        from transformers import QuantizedCache
-        return lambda: QuantizedCache(backend="quanto", config=model.config, nbits=options["peer"])
-    elif options is not None:
-        if options.get("lorc"):
-            sys.path.insert(0, str(HERE))
-            import quality_data as qd
-            from transformers import AutoTokenizer
-
-            from gear_compile.models import SMOLLM2_GGUF, smollm2_dir
-            tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
-            gear_compile.lorc.calibrate(model, qd.Corpus(tokenizer, False).passage("dev", 2048))
-        gear_compile.compile(model, **options)
-    return lambda: DynamicCache(config=model.config)
-
-
-def cache_bytes(cache, method: str) -> int:
-    import gear_compile
-    if isinstance(METHODS[method], dict) and "peer" in METHODS[method]:
-        sys.path.insert(0, str(HERE))
-        from quality_methods import tensor_bytes
-        return sum(tensor_bytes(getattr(layer, n, None)) for layer in cache.layers
-                   for n in ("_quantized_keys", "_quantized_values", "keys", "values"))
-    return gear_compile.kv_bytes(cache)
-
-
 def decode_run(model, make_cache, batch: int, prompt: int, new_tokens: int, device: str,
                last_logits: bool = False) -> dict:
     """Prefill then `new_tokens` greedy steps; timings of each call. last_logits:
@@ -255,18 +202,6 @@ def cpu_worker(spec: dict) -> dict:
     cache = run.pop("cache")
     return dict(spec, **run, rss_mib=peak_rss_mib() - base, kv_mib=cache_bytes(cache, spec["method"]) / 2**20,
                 graphs=counters["stats"]["unique_graphs"], threads=torch.get_num_threads())
-
-
-def own_forward(model):
-    """Give `model` a forward whose code object is its own, so that Dynamo
-    keeps its compiled code apart from other models' (side-by-side runs
-    would otherwise walk each other's cache entries and guards)."""
-    import types
-    fn = model.forward.__func__
-    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
-                              fn.__defaults__, fn.__closure__)
-    copy.__dict__.update(fn.__dict__)
-    model.forward = types.MethodType(copy, model)
 
 
 def side_by_side_worker(spec: dict) -> dict:

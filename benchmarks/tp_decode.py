@@ -13,11 +13,11 @@ ranks (SmolLM2's 3 KV heads do not split over 2). It is saved once, then
 and its own compiled code, prefills the same prompt, then the methods take
 their decode steps in turn, one each, round after round (every rank runs
 the same calls, as its collectives require); "tok/s" = batch / median step
-time on rank 0. Methods: `generate_throughput.METHODS` (dense-eager,
+time on rank 0. Methods: `decode_methods.METHODS` (dense-eager,
 dense-inductor, gear4, ...). Threads per rank: the cores divided by N.
 
 Results: benchmarks/results/generate_throughput_tp_<device>.{md,json}.
-Neighbours: generate_throughput (the launcher's options, the methods,
+Neighbours: generate_throughput (the launcher's options), decode_methods (the methods,
 `own_forward`), tests/tp_worker.py (the correctness check of the same setting).
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def rank_main(spec: dict) -> None:
     import gear_compile
     from gear_compile.hf_compat import cache_kwarg
     sys.path.insert(0, str(HERE))
-    from generate_throughput import cache_bytes, own_forward, setup
+    from decode_methods import cache_bytes, own_forward, setup
 
     device = spec["device"]
     batch, prompt = spec["batch"], spec["prompt"]
