@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import gear_compile
-from gear_compile.compressed_kv import CompressedKV
 from gear_compile.config import GearConfig
-from gear_compile.hf_compat import cache_of
 from gear_compile.models import tiny_model
 from gear_compile.passes.match import EAGER
 from gear_compile.passes.pattern import Call, Capture, match
@@ -160,27 +158,24 @@ def einsum_attention(module, query, key, value, attention_mask, scaling=None, dr
     return (torch.softmax(scores, dim=-1) @ value).transpose(1, 2).contiguous(), None
 
 
-@pytest.mark.parametrize("prompt", [30, 7])
-def test_a_sliding_window_cache_read_by_an_unrecognised_attention_is_rebuilt(prompt):
+def test_a_sliding_window_cache_read_by_an_unrecognised_attention_stays_exact():
     """A sliding-window layer (the cache keeps the append's last W - 1
-    tokens) whose attention the matcher does not read: its window is
-    compressed and rebuilt in front of the append, exactly under method
-    none, whether the prompt starts past the window or grows past it."""
+    tokens) whose attention the matcher does not read is left exact and
+    reported: its window is not rebuilt (rebuilt, Gemma 3n's tokens changed
+    under method none), and generation equals eager past the window."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import eager_mask
 
-    from test_sliding_window import WINDOW, generate, windowed_model
+    from test_sliding_window import generate, windowed_model
     AttentionInterface.register("einsum", einsum_attention)
     AttentionMaskInterface.register("einsum", eager_mask)
-    ids = torch.randint(1, 256, (1, prompt), generator=torch.Generator().manual_seed(3))
-    want = generate(windowed_model("einsum"), ids).sequences
+    ids = torch.randint(1, 256, (1, 30), generator=torch.Generator().manual_seed(3))
+    want = generate(windowed_model("einsum"), ids, steps=20).sequences
     report = gear_compile.explain(windowed_model("einsum"), ids, method="none", inductor=False)
-    assert {(s.form, s.rewritten) for s in report.sites} == {("rebuild", True)}, report.text()
+    assert report.sites and not any(s.rewritten for s in report.sites), report.text()
+    assert all("scores through einsum" in s.reason for s in report.sites), report.text()
     model = gear_compile.compile(windowed_model("einsum"), method="none", buffer_size=4, inductor=False)
-    out = generate(model, ids)
-    assert torch.equal(out.sequences, want)
-    layers = cache_of(out).layers
-    assert all(isinstance(layer.keys, CompressedKV) and layer.keys.shape[2] == WINDOW - 1 for layer in layers)
+    assert torch.equal(generate(model, ids, steps=20).sequences, want)
 
 
 def test_heads_the_group_size_does_not_divide_fall_back_instead_of_crashing():

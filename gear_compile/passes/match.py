@@ -476,8 +476,7 @@ def rebuild_sites(graph: fx.Graph, sites: list[AttentionSite], first: int) -> li
     then values) that no rewritable site consumes (those of a recognised
     attention that cannot be fused too: V split into halves, a mask computed
     from the appended V, V's head dim unlike K's), whose pasts are only
-    appended to and whose appends are stored back (whole, or a sliding
-    window's last tokens, as the fused sites' are): the cache is
+    appended to and whose appends are stored back whole: the cache is
     compressed, and each decode step rebuilds its past densely in front of
     the append, so whatever reads the append (MLA's latent up-projection,
     ALiBi scores through baddbmm, a differential attention) reads what it
@@ -567,18 +566,13 @@ def _rebuilds(append: KVAppend) -> str | None:
 
 
 def _kept_append(node) -> KVAppend | None:
-    """`kv_append(node)` where the cache keeps it: the append itself returned
-    to be stored back, or (a sliding-window layer) its last `keep` tokens,
-    then set as the append's `stored`."""
+    """`kv_append(node)` where the cache keeps the append itself (returned to
+    be stored back). A sliding-window layer's (the cache keeps the append's
+    last tokens) is not rebuilt: rebuilding its window changed Gemma 3n's
+    tokens under method none after a few decode steps (cause not found; a
+    windowed Mistral and MiMo stayed exact), so such a layer stays exact."""
     append = kv_append(node)
-    if append is None or any(u.op == "output" for u in node.users):
-        return append
-    windows = [(u, keep) for u in node.users
-               if (keep := window_slice(u)) is not None and any(v.op == "output" for v in u.users)]
-    if len(windows) != 1:
-        return None
-    append.stored, append.keep = windows[0]
-    return append
+    return append if append is not None and any(u.op == "output" for u in node.users) else None
 
 
 def _one_layer(key: KVAppend, value: KVAppend) -> str | None:
@@ -599,8 +593,6 @@ def _module_of(node: fx.Node) -> str | None:
 def _consistent_pasts(site: AttentionSite) -> str | None:
     if site.key.compressed != site.value.compressed:
         return "K and V caches disagree (one compressed, one dense)"
-    if site.key.keep != site.value.keep:
-        return f"K and V keep different windows ({site.key.keep} and {site.value.keep} tokens)"
     return None
 
 
