@@ -1,0 +1,136 @@
+"""Peak RSS of one generate()-style run at a long prompt, dense against GEAR,
+and which phase raised it: the prefill, the prompt stores' compression,
+Inductor's compile, the decode steps.
+
+Usage:
+  python benchmarks/generate_memory.py --prompt 8192 --methods dense gear4
+
+Each method runs in a fresh process: SmolLM2-135M (fp32, `models.load_smollm2`),
+the heap trimmed (glibc's malloc_trim) and the peak reset (/proc/self/clear_refs)
+after loading, then a prefill of a random prompt and `--steps` greedy steps
+through the model's forward with `logits_to_keep=1`, as generate() calls it
+(the logits of every prompt token, 1.5 GiB at 8k, would hide the rest).
+dense: transformers' DynamicCache, eager; gear4 / gear2: `gear_compile.compile`.
+VmHWM is read at the entry and exit of each phase (the prefill and decode
+calls; the codec in the prompt stores, `store.compress`; Inductor's
+`compile_fx`; and, for dense only, whose forward is not traced, the MLPs,
+SDPA and the LM head), each rise charged to the innermost phase running.
+The phase that raised the peak is where it was reached, not all it holds:
+what is resident then (weights aside) includes the KV written so far.
+Results: benchmarks/results/serve_cpu_memory.md (its generate() section).
+Neighbours: serve.py (the same measure under continuous batching).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import subprocess
+import sys
+
+METHODS = {"dense": None, "gear4": dict(method="gear", bits=4), "gear2": dict(method="gear", bits=2)}
+
+
+def rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+class Phases:
+    """VmHWM rises charged to the innermost phase running."""
+
+    def __init__(self):
+        self.stack, self.gain, self.last = ["outside a call"], {}, rss_bytes("VmHWM")
+
+    def note(self) -> None:
+        peak = rss_bytes("VmHWM")
+        if peak > self.last:
+            self.gain[self.stack[-1]] = self.gain.get(self.stack[-1], 0) + peak - self.last
+            self.last = peak
+
+    def run(self, label: str, f, *a, **k):
+        self.note()
+        self.stack.append(label)
+        try:
+            return f(*a, **k)
+        finally:
+            self.note()
+            self.stack.pop()
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        f = getattr(owner, name)
+        setattr(owner, name, functools.wraps(f)(lambda *a, **k: self.run(label, f, *a, **k)))
+
+
+def worker(method: str, prompt: int, steps: int) -> dict:
+    import ctypes
+    import gc
+
+    import torch
+    import torch._inductor.compile_fx as compile_fx
+    import torch.nn.functional as F
+    from transformers import DynamicCache
+
+    import gear_compile
+    from gear_compile import store
+    from gear_compile.models import load_smollm2
+    model, _ = load_smollm2()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = rss_bytes("VmRSS")
+    phases = Phases()
+    if METHODS[method]:
+        gear_compile.compile(model, **METHODS[method])
+    phases.wrap(store, "compress", "codec (prompt stores)")
+    phases.wrap(compile_fx, "compile_fx", "Inductor compile")
+    if METHODS[method] is None:      # eager: Dynamo would trace these wrappers
+        phases.wrap(F, "scaled_dot_product_attention", "SDPA")
+        phases.wrap(model.lm_head, "forward", "LM head")
+        phases.wrap(type(model.model.layers[0].mlp), "forward", "MLP")
+    ids = torch.randint(100, model.config.vocab_size - 100, (1, prompt), generator=torch.Generator().manual_seed(0))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        for step in range(steps + 1):
+            label = "prefill" if step == 0 else ("decode step 1" if step == 1 else "later decode steps")
+            out = phases.run(label, model, input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            ids = out.logits[:, -1:].argmax(-1)
+            del out
+    phases.note()
+    return dict(method=method, prompt=prompt, peak_above_weights_mib=(rss_bytes("VmHWM") - base) / 2**20,
+                kv_mib=gear_compile.kv_bytes(cache) / 2**20,
+                rises_mib={k: round(v / 2**20, 1) for k, v in sorted(phases.gain.items(), key=lambda kv: -kv[1])})
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--prompt", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--methods", nargs="+", default=["dense", "gear4"], choices=list(METHODS))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print("ROW " + json.dumps(worker(args.worker, args.prompt, args.steps)), flush=True)
+        return
+    rows = []
+    for method in args.methods:
+        proc = subprocess.run([sys.executable, __file__, "--prompt", str(args.prompt), "--steps", str(args.steps),
+                               "--worker", method], capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)
+        if line is None:
+            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+            raise SystemExit(f"{method} failed")
+        rows.append(json.loads(line[4:]))
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    print("| method | prompt | KV MiB | peak RSS above weights MiB | x dense | peak raised by (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['peak_above_weights_mib'] / dense['peak_above_weights_mib']:.2f}" if dense else "-"
+        rises = "; ".join(f"{k} {v:g}" for k, v in r["rises_mib"].items() if v > 0)
+        print(f"| {r['method']} | {r['prompt']} | {r['kv_mib']:.1f} | {r['peak_above_weights_mib']:.0f} | {ratio} | "
+              f"{rises} |")
+
+
+if __name__ == "__main__":
+    main()
