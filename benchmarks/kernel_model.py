@@ -55,7 +55,6 @@ gear_compile.kernels.decode_attention (the launcher it records).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
@@ -140,22 +139,6 @@ def meta_store(cfg, kind: str, B: int, H: int, L: int, D: int):
     return store
 
 
-@contextlib.contextmanager
-def sm_count(n: int):
-    """The launcher's SM count set to n (it reads `_sm_count(device)`, 4 off
-    a GPU) in every loaded kernel module that has one."""
-    mods = [m for name, m in list(sys.modules.items())
-            if name.startswith("gear_compile.kernels") and hasattr(m, "_sm_count")]
-    saved = [m._sm_count for m in mods]
-    for m in mods:
-        m._sm_count = lambda device: n
-    try:
-        yield
-    finally:
-        for m, fn in zip(mods, saved):
-            m._sm_count = fn
-
-
 def record_launches(cfg, B: int, Hq: int, Hkv: int, D: int, L: int, device: Device) -> list[Launch]:
     """The launches `decode_attention_launch` makes for one decode query over
     the cell's stores (plus its own new token, as the benchmark times it)."""
@@ -172,9 +155,8 @@ def record_launches(cfg, B: int, Hq: int, Hkv: int, D: int, L: int, device: Devi
                 return lambda *args, **kwargs: found.append(Launch(kernel, tuple(grid), args, kwargs))
         return Grid()
 
-    with sm_count(device.sms):
-        decode_attention_launch(q, ks.tensors(), vs.tensors(), new, new, None, D ** -0.5,
-                                cfg.to_json(), wrap=wrap)
+    decode_attention_launch(q, ks.tensors(), vs.tensors(), new, new, None, D ** -0.5,
+                            cfg.to_json(), wrap=wrap, sm_count=device.sms)
     return found
 
 

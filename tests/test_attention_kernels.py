@@ -395,3 +395,45 @@ def test_triton_launch_plan_splits_and_tile_configs():
     assert all(8 <= c.tile * 128 / (32 * c.warps) <= 64 for c in kept)
     # method none moves 2 fp16 rows a token: 4 stages of 128 tokens exceed the shared-memory budget
     assert dp.TileConfig(128, 8, 4) not in dp.prune_tile_configs(dp.TILE_CONFIGS, 128, 128, 16, 0)
+
+
+def test_triton_launch_splits_over_the_given_sm_count():
+    """`sm_count` is the SM count the split rule fills (the kernel model
+    passes its device's): the launch's grid has the splits `num_splits`
+    gives for it, whatever device the query is on."""
+    from gear_compile.kernels import decode_plan as dp
+    gen = torch.Generator().manual_seed(0)
+    cfg = GearConfig(method="gear", bits=4)
+    ks, vs = _stores(cfg, 2, 2, 64, 700, 3, torch.float16, gen)
+    q = torch.randn(2, 8, 1, 64, generator=gen).half()
+    k, v = KVStore(cfg, "k", ks.tensors()), KVStore(cfg, "v", vs.tensors())
+    tiles = dp.plan(k.layout, v.layout, q_dtype=q.dtype, heads=8, kv_heads=2,
+                    prefill_tokens=k.prefill.codes.shape[2], decode_tokens=k.decode.codes.shape[2],
+                    sink_tokens=k.sink.shape[2], buffer_tokens=k.buffer.shape[2], new_tokens=0,
+                    mask_kind=0, softcap=0.0, interpret=True).tiles
+    grids = []
+
+    def record(kernel):
+        class Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: grids.append(tuple(grid))
+        return Grid()
+    for sms in (1, 132):
+        grids.clear()
+        decode_attention_launch(q, ks.tensors(), vs.tensors(), None, None, None, 0.125, cfg.to_json(),
+                                wrap=record, sm_count=sms)
+        assert grids[0] == (2 * 2, dp.num_splits(2 * 2, tiles, sms)), sms
+    assert dp.num_splits(4, tiles, 1) < dp.num_splits(4, tiles, 132)     # the count matters here
+
+
+def test_triton_rank_axis_is_wider_than_the_query_rows():
+    """With tensor cores the low-rank axis RP is padded past the GP query
+    rows (a [GP, RP] rank-space dot with RP <= GP makes Triton lay the whole
+    dot chain's warps along M: `decode_plan.rank_width`); fp32 FMA products
+    keep tl.dot's smallest 16. Either way it holds the rank."""
+    from gear_compile.kernels import decode_plan as dp
+    for gp, rank in ((16, 4), (16, 2), (32, 4), (16, 40)):
+        rp = dp.rank_width(gp, rank, tensor_cores=True)
+        assert rp > gp and rp >= rank and rp & (rp - 1) == 0, (gp, rank, rp)
+    assert dp.rank_width(16, 4, tensor_cores=False) == 16
+    assert dp.rank_width(16, 40, tensor_cores=False) == 64

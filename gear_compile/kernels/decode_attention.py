@@ -154,6 +154,7 @@ def _attention_kernel(
     g = tl.arange(0, GP)
     ok_g = g < G
     qrow = (b * Hkv * G + kvh * G + g).to(tl.int64)     # q heads of this KV head
+    Qg = Q + (b * Hkv * G + kvh * G).to(tl.int64) * D    # their first row
     mrow = b * mask_sb + (kvh * G + g) * mask_sh
     e = tl.arange(0, E)
     ch = (e // WP) * W + e % WP                           # extended axis -> channel
@@ -190,7 +191,7 @@ def _attention_kernel(
                 PVc, PVs, PVz, PVa, PVb, PVls, PVov, PVoi, pk_group, pv_group, pk_k2,
                 D, W, K_CHANNEL, V_CHANNEL, P_R, VK2)
             m_i, l_i, acc, acc_z = compressed_pass(
-                m_i, l_i, acc, acc_z, q, Q, qrow, qk_scale, lo, hi, p_tile0, N_SINK, n_pre, shift,
+                m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, p_tile0, N_SINK, n_pre, shift,
                 kc, ks, kz, ka, kb, kls, kov, koi, kop, vc, vs, vz, va, vb, vls, vov, voi,
                 P_CAP, pk_group, pv_group, pk_k2 * D, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
                 DT, D, W, WP, PB, E, GP, BT, 1, True, BITS, K_CHANNEL, V_CHANNEL, P_K_FOLD,
@@ -210,7 +211,7 @@ def _attention_kernel(
                 DVc, DVs, DVz, DVa, DVb, DVls, DVov, DVoi, dk_group, dv_group, dk_k2,
                 D, W, K_CHANNEL, V_CHANNEL, D_R, VK2)
             m_i, l_i, acc, acc_z = compressed_pass(
-                m_i, l_i, acc, acc_z, q, Q, qrow, qk_scale, lo, hi, 0, 0, n_dec, n_pre + shift,
+                m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, 0, 0, n_dec, n_pre + shift,
                 kc, ks, kz, ka, kb, kls, kov, koi, kop, vc, vs, vz, va, vb, vls, vov, voi,
                 d_block, dk_group, dv_group, dk_k2 * D, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
                 DT, D, W, WP, PB, E, GP, DBT, D_TPB, False, BITS, K_CHANNEL, V_CHANNEL, False,
@@ -325,7 +326,8 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
                             scale: float, config: str, wrap=None,
                             num_splits: int | None = None, softcap: float = 0.0,
                             sinks: torch.Tensor | None = None,
-                            tile_config: TileConfig | None = None) -> torch.Tensor:
+                            tile_config: TileConfig | None = None,
+                            sm_count: int | None = None) -> torch.Tensor:
     """Run the kernels (eagerly, or through `wrap` = torch.library.wrap_triton
     inside the triton_op). q [B, Hq, 1, D]; k_parts / v_parts in
     `StoreLayout.names` order; k_new / v_new [B, Hkv, T, D] (or None): the
@@ -334,7 +336,9 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
     the newest key (keys before its first column are hidden: a sliding
     window). `num_splits`: programs per (batch, KV head) (default:
     `decode_plan.num_splits`); `tile_config`: a fixed config instead of the
-    autotuner's choice (the interpreter always runs a fixed one)."""
+    autotuner's choice (the interpreter always runs a fixed one); `sm_count`:
+    the SMs that split rule fills (default: q's device's; the no-GPU
+    kernel model passes its device model's)."""
     cfg = CodecConfig.from_json(config)
     ks, vs = KVStore(cfg, "k", k_parts), KVStore(cfg, "v", v_parts)
     B, Hq, T, D = q.shape
@@ -355,7 +359,7 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
                             prefill_tokens=ks.prefill.codes.shape[2], decode_tokens=ks.decode.codes.shape[2],
                             sink_tokens=ks.sink.shape[2], buffer_tokens=ks.buffer.shape[2], new_tokens=t_new,
                             mask_kind=mask_kind, softcap=softcap, interpret=interpret)
-    splits = num_splits or decode_plan.num_splits(B * Hkv, plan.tiles, _sm_count(q.device))
+    splits = num_splits or decode_plan.num_splits(B * Hkv, plan.tiles, sm_count or _sm_count(q.device))
     po = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
     plse = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
     tensors = [q, ks.lengths.to(q.device), mask, po, plse, ks.sink.contiguous(), vs.sink.contiguous(),

@@ -126,6 +126,20 @@ def record_window(layout: SegmentLayout, tile: int) -> int:
     return pow2(math.ceil(RECORD_MARGIN * k2d * tile / layout.block))
 
 
+def rank_width(gp: int, rank: int, tensor_cores: bool) -> int:
+    """The low-rank axis: a power of two >= 16 (tl.dot's smallest K), and
+    with tensor cores wider than the GP query rows. Triton's mma-v2 layout
+    for a chain of tl.dots (AccelerateMatmul's warpsPerTileV2) gives the
+    whole chain the warps of the first dot it lays out, all on the M axis
+    when that dot's M >= N: one [GP, GP] rank-space dot would make every
+    warp compute every tile's scores, values and accumulator (sm_90a,
+    GEAR-L-4 d 128, 64-token tile, 8 warps: 9x the tensor-core ops, 255
+    registers and a 168-byte spill; padded: 231, none). fp32 products run
+    as FMAs, where the padding would only add work. The padding's columns
+    are masked zeros: the results are the same."""
+    return max(2 * gp if tensor_cores else 16, pow2(rank))
+
+
 def _group(layout: SegmentLayout) -> int:
     return layout.token_group if layout.spec.axis == "channel" else layout.channel_group
 
@@ -141,6 +155,7 @@ def plan(kl: StoreLayout, vl: StoreLayout, *, q_dtype: torch.dtype, heads: int, 
     pk, pv, dk, dv = kl.prefill, vl.prefill, kl.decode, vl.decode
     exact = dk.exact
     G = heads // kv_heads
+    gp = max(16, pow2(G))      # query rows of a tile: tl.dot's smallest M
     if exact:
         bits, w, pb, wp = 16, D, 1, max(16, pow2(D))
     else:
@@ -152,11 +167,11 @@ def plan(kl: StoreLayout, vl: StoreLayout, *, q_dtype: torch.dtype, heads: int, 
     dbt = _tile_for(d_block)
     fp32_dot = q_dtype == torch.float32 or (q_dtype == torch.bfloat16 and interpret)
     consts = dict(
-        G=G, GP=max(16, pow2(G)), D=D, W=w, WP=wp, PB=pb, E=pb * wp, BITS=0 if exact else bits,
+        G=G, GP=gp, D=D, W=w, WP=wp, PB=pb, E=pb * wp, BITS=0 if exact else bits,
         STORE_EXACT=exact, K_CHANNEL=k_channel, V_CHANNEL=not exact and dv.spec.axis == "channel",
         # KIVI's token groups inside the prefill block (0: one group per block, KCVT)
         K_GROUP=(pk.spec.group or 0) if k_channel else 0,
-        P_R=pk.rank, D_R=dk.rank, RP=max(16, pow2(max(pk.rank, dk.rank))),
+        P_R=pk.rank, D_R=dk.rank, RP=rank_width(gp, max(pk.rank, dk.rank), tensor_cores=not fp32_dot),
         P_K_FOLD=k_channel and not pk.spec.group,
         D_K_ROW_TILE=k_channel and (_group(dk) == d_block or (_group(dk) % dbt == 0 and d_block % dbt == 0)),
         V_FOLD=not exact and dv.spec.axis == "token" and _group(dv) == D,

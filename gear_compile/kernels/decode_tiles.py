@@ -49,19 +49,29 @@ Outliers (item 4). K's are tile-CSR records (`outliers.records`): a tile's
 records are the contiguous run [ptr[tile0 / 16], ptr[(tile0 + BT) / 16]) of
 its block, read as one masked window of KC records and added at score
 level: record (t, c, val) adds q[c] s(t, c) val unit to the score of token
-t, the [GP, KC] products put at their tokens by a one-hot [KC, BT] tl.dot.
+t, the [GP, KC] products put at their tokens by one-hot tl.dots that
+accumulate into the scores, RECORD_CHUNK records each. The one-hot is built
+token-major ([BT, RECORD_CHUNK], then transposed), so that a warp's lanes
+hold different records: built record-major, every lane of a warp decoded
+the same records (sm_90a, GEAR-4 d 128, 64-token tile, 8 warps: 342 -> 166
+loads and 4384 -> 2909 SASS lines a tile).
 No walk, no branch, no load depending on another beyond the two pointers.
 A tile with more than KC records (`decode_plan.record_window` sizes KC at
 1.5x the block's mean) is masked out of the pipelined loop, which raises a
 flag; if the flag is up after the loop, a plain loop reads those tiles again
-with their records in KC-record windows, so no record is ever dropped and
-the common case pays one flag. V's are per token (2k channel indices):
-added to the codes as a dense [BT, E] tile, 2k compare-selects per code.
+with their records one chunk a trip (the chunks add to the scores in the
+same order as in the window), so no record is ever dropped and the common
+case pays one flag. V's are per token (2k channel indices): added to the
+codes as a dense [BT, E] tile, 2k compare-selects per code.
 """
 import triton
 import triton.language as tl
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)   # the scores are in base 2
+# Conversion instructions a code costs in the main loop, as the dequantization above chose them
+# (issue 28, item 2), by MAGIC: none for fp16 queries, int32 -> fp32 -> the dot's dtype (I2F +
+# F2F) otherwise. tests/test_kernel_sm90_build.py holds the sm_90a SASS to these.
+CONVERSIONS_PER_CODE = {True: 0.0, False: 2.0}
 
 
 @triton.jit
@@ -86,9 +96,15 @@ def _mma(a, b, DT: tl.constexpr, FP32_DOT: tl.constexpr):
     """a @ b with both operands rounded to DT (the query dtype), fp32 accumulate.
     FP32_DOT runs the product in exact fp32 on the rounded values: for fp32 q,
     and for bf16 under the interpreter, whose bf16 dot is wrong."""
+    return _mma_acc(a, b, tl.zeros([a.shape[0], b.shape[1]], tl.float32), DT, FP32_DOT)
+
+
+@triton.jit
+def _mma_acc(a, b, acc, DT: tl.constexpr, FP32_DOT: tl.constexpr):
+    """acc + a @ b, acc the product's accumulator (operands as `_mma`'s)."""
     if FP32_DOT:
-        return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), input_precision="ieee")
-    return tl.dot(a.to(DT), b.to(DT))
+        return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a.to(DT), b.to(DT), acc)
 
 
 @triton.jit
@@ -128,10 +144,16 @@ def _stats(scale, zero, t0, t, ok_t, ch, ok_c, group, D: tl.constexpr, AXIS_CHAN
 
 
 @triton.jit
-def _stats_at(scale, t, c, ok, group, D: tl.constexpr, AXIS_CHANNEL: tl.constexpr):
-    """K's scale (fp32) at places (token t, channel c)."""
+def _stats_at(scale, t0, t, c, ok, group, D: tl.constexpr, AXIS_CHANNEL: tl.constexpr,
+              ROW_TILE: tl.constexpr):
+    """K's scale (fp32) at places (token t, channel c); with ROW_TILE (the
+    tile, first token t0, inside one channel-axis row) the row is the
+    tile's, one division a tile instead of one a place."""
     if AXIS_CHANNEL:
-        sidx = (t // group) * D + c
+        if ROW_TILE:
+            sidx = (t0 // group) * D + c
+        else:
+            sidx = (t // group) * D + c
     else:
         sidx = t * (D // group) + c // group
     return tl.load(scale + sidx, mask=ok, other=0.0).to(tl.float32)
@@ -141,19 +163,21 @@ RECORD_CHUNK: tl.constexpr = tl.constexpr(32)   # records per one-hot product (r
 
 
 @triton.jit
-def _k_record_scores(Kov, Koi, Ks, Q, qrow, ok_g, qk_scale, r_lo, r_hi, tile_t0, tile_at, group,
+def _k_record_scores(s, Kov, Koi, Ks, Qg, ok_g, qk_scale, r_lo, r_hi, tile_t0, tile_at, group,
                      D: tl.constexpr, CB: tl.constexpr, C: tl.constexpr, BT: tl.constexpr,
-                     K_CHANNEL: tl.constexpr, OUT_UNIT: tl.constexpr, DT: tl.constexpr,
-                     FP32_DOT: tl.constexpr):
-    """The scores [GP, BT] that the K outlier records [r_lo, min(r_lo + C,
+                     K_CHANNEL: tl.constexpr, K_ROW_TILE: tl.constexpr, OUT_UNIT: tl.constexpr,
+                     DT: tl.constexpr, FP32_DOT: tl.constexpr):
+    """Scores s [GP, BT] plus what the K outlier records [r_lo, min(r_lo + C,
     r_hi)) add to a tile whose first token is tile_t0 in the segment
     (tile_at in its block): record r adds val_r units at (t_r, c_r), so
     q . k_t gains q[c_r] * s(t_r, c_r) * val_r * unit at t_r. Each record's
-    q[c_r] is read back from Q (L1-resident) for the live query rows, and a
+    q[c_r] is read back from Qg, this KV head's query rows (L1-resident; 32-bit
+    offsets from one pointer), for the live rows, and a
     tl.dot per chunk of the window with the one-hot [RECORD_CHUNK, BT] that
-    holds each record's factor at its token puts the products there (chunks
-    bound the registers the one-hot takes): no walk, no branch, no dependent load beyond the window's."""
-    out = tl.zeros([qrow.shape[0], BT], tl.float32)
+    holds each record's factor at its token adds the products there, s the
+    products' accumulator (chunks bound the registers the one-hot takes): no
+    walk, no branch, no dependent load beyond the window's."""
+    g = tl.arange(0, ok_g.shape[0])
     for j in tl.static_range(C // RECORD_CHUNK):
         r = r_lo + j * RECORD_CHUNK + tl.arange(0, RECORD_CHUNK)
         ok_r = r < r_hi
@@ -161,13 +185,15 @@ def _k_record_scores(Kov, Koi, Ks, Q, qrow, ok_g, qk_scale, r_lo, r_hi, tile_t0,
         pos = tl.load(Koi + r, mask=ok_r, other=0).to(tl.int32) & ((1 << (CB + 8)) - 1)
         c = pos & ((1 << CB) - 1)
         t_in = ((pos >> CB) & 255) - tile_at % 256       # kernel tiles never cross 256 tokens
-        w = val * (OUT_UNIT * qk_scale) * _stats_at(Ks, tile_t0 + t_in, c, ok_r, group, D, K_CHANNEL)
-        qc = tl.load(Q + qrow[:, None] * D + c[None, :], mask=ok_g[:, None] & ok_r[None, :], other=0.0)
+        w = val * (OUT_UNIT * qk_scale) * _stats_at(Ks, tile_t0, tile_t0 + t_in, c, ok_r, group, D, K_CHANNEL,
+                                                    K_ROW_TILE)
+        qc = tl.load(Qg + g[:, None] * D + c[None, :], mask=ok_g[:, None] & ok_r[None, :], other=0.0)
         # the one-hot carries w (one rounding to DT, as the codes' dot has), q[c_r] stays exact
         w = w.to(DT)
-        at = (t_in[:, None] == tl.arange(0, BT)[None, :]) & ok_r[:, None]
-        out += _mma(qc, tl.where(at, w[:, None], tl.zeros_like(w)[:, None]), DT, FP32_DOT)
-    return out
+        # built token-major, [BT, RECORD_CHUNK], so that the records lie along the lanes of a warp
+        at = (tl.arange(0, BT)[:, None] == t_in[None, :]) & ok_r[None, :]
+        s = _mma_acc(qc, tl.trans(tl.where(at, w[None, :], tl.zeros_like(w)[None, :])), s, DT, FP32_DOT)
+    return s
 
 
 @triton.jit
@@ -237,7 +263,7 @@ def exact_pass(m_i, l_i, acc, acc_z, q, Xk, Xv, lo, hi, tile0, t_first, n_valid,
 
 
 @triton.jit
-def _compressed_tile(m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Q, qrow, qk_scale, item, t_first, n_valid,
+def _compressed_tile(m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Qg, qk_scale, item, t_first, n_valid,
                      pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
                      block, k_group, v_group, k2d, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
                      DT: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
@@ -289,14 +315,16 @@ def _compressed_tile(m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Q, qrow, qk_sca
         rec_v = Kov + blk * k2d
         rec_i = Koi + blk * k2d
         if OVERFLOW:
-            for w0 in range(r_lo, r_hi, KC):
-                s += _k_record_scores(rec_v, rec_i, Ks, Q, qrow, ok_g, qk_scale, w0, r_hi,
-                                      blk * block + tile_at, tile_at, k_group, D, CB, KC, BT, K_CHANNEL,
-                                      OUT_UNIT, DT, FP32_DOT)
+            # one chunk a trip: the overflow loop's registers stay those of one chunk, and the
+            # chunks add to s in the order the main loop's window adds them
+            for w0 in range(r_lo, r_hi, RECORD_CHUNK):
+                s = _k_record_scores(s, rec_v, rec_i, Ks, Qg, ok_g, qk_scale, w0, r_hi,
+                                     blk * block + tile_at, tile_at, k_group, D, CB, RECORD_CHUNK, BT,
+                                     K_CHANNEL, K_ROW_TILE, OUT_UNIT, DT, FP32_DOT)
         else:
-            s += _k_record_scores(rec_v, rec_i, Ks, Q, qrow, ok_g, qk_scale, r_lo,
-                                  tl.where(over != 0, r_lo, r_hi), blk * block + tile_at, tile_at,
-                                  k_group, D, CB, KC, BT, K_CHANNEL, OUT_UNIT, DT, FP32_DOT)
+            s = _k_record_scores(s, rec_v, rec_i, Ks, Qg, ok_g, qk_scale, r_lo,
+                                 tl.where(over != 0, r_lo, r_hi), blk * block + tile_at, tile_at,
+                                 k_group, D, CB, KC, BT, K_CHANNEL, K_ROW_TILE, OUT_UNIT, DT, FP32_DOT)
     if R > 0:
         a = tl.load(Ka + t[:, None] * R + r[None, :], mask=ok_t[:, None] & ok_r[None, :], other=0)
         if not ONE_BLOCK:   # a tile is one block: its q . B diag(s)
@@ -337,7 +365,7 @@ def _compressed_tile(m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Q, qrow, qk_sca
 
 
 @triton.jit
-def compressed_pass(m_i, l_i, acc, acc_z, q, Q, qrow, qk_scale, lo, hi, tile0, t_first, n_valid, pos0,
+def compressed_pass(m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, tile0, t_first, n_valid, pos0,
                     Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
                     block, k_group, v_group, k2d, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
                     DT: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
@@ -378,7 +406,7 @@ def compressed_pass(m_i, l_i, acc, acc_z, q, Q, qrow, qk_scale, lo, hi, tile0, t
     overflowed = lo * 0
     for i in tl.range(lo, hi, num_stages=STAGES):
         m_i, l_i, acc, acc_z, acc_r, over = _compressed_tile(
-            m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Q, qrow, qk_scale, tile0 + i, t_first, n_valid,
+            m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Qg, qk_scale, tile0 + i, t_first, n_valid,
             pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
             block, k_group, v_group, k2d, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
             DT, D, W, WP, PB, E, BT, TPB, ONE_BLOCK, BITS, K_CHANNEL, V_CHANNEL, K_FOLD, K_ROW_TILE,
@@ -388,7 +416,7 @@ def compressed_pass(m_i, l_i, acc, acc_z, q, Q, qrow, qk_scale, lo, hi, tile0, t
         if overflowed != 0:
             for i in range(lo, hi):
                 m_i, l_i, acc, acc_z, acc_r, over = _compressed_tile(
-                    m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Q, qrow, qk_scale, tile0 + i, t_first,
+                    m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Qg, qk_scale, tile0 + i, t_first,
                     n_valid, pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov,
                     Voi, block, k_group, v_group, k2d, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
                     DT, D, W, WP, PB, E, BT, TPB, ONE_BLOCK, BITS, K_CHANNEL, V_CHANNEL, K_FOLD,
