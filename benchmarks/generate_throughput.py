@@ -530,9 +530,10 @@ def verdict_cpu(rows) -> list[str]:
 def write_cpu(args, rows):
     head = ["# End-to-end decoding on the CPU: SmolLM2-135M-Instruct (fp32)", ""] + machine_lines(args) + [
         f"- {args.new_tokens} greedy decode steps after a random prompt. decode tok/s: the "
-        "methods side by side in one process, steps interleaved, batch / median step time; "
-        "alone: each method in a fresh process (start-up, memory, KV bytes, its own tok/s: "
-        "median of the last half of its steps)", ""]
+        "methods side by side in one process, steps interleaved, batch / median step time; " + (
+            "--side-only: no lone runs (their columns are blank)" if args.side_only else
+            "alone: each method in a fresh process (start-up, memory, KV bytes, its own tok/s: "
+            "median of the last half of its steps)"), ""]
     table = ["| batch | prompt | method | decode tok/s | vs dense-eager | alone tok/s | prefill s | "
              "first step s | start-up s | RSS +MiB | KV MiB | graphs |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
