@@ -65,7 +65,7 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
     if any(s.rewritable for s in sites):
         try:
             new_gm, plan = rewrite(gm, sites, config, lorc_sites)
-            compiled = _lower(new_gm, plan.flatten_inputs(example_inputs), config, mode)
+            compiled = _lower(new_gm, plan.compile_inputs(new_gm, example_inputs), config, mode)
         except Exception as e:       # noqa: BLE001 - a site we cannot handle falls back, never raises
             if any(s.key is not None and s.key.compressed for s in sites if s.rewritable):
                 raise                # a compressed cache cannot be read exactly by the stock graph
@@ -87,7 +87,7 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
         path = graph_report.write(dump_dir)
         log.info("gear: graph diff written to %s", path)
     if compiled is None:
-        compiled = _lower(new_gm, plan.flatten_inputs(example_inputs), config, mode)
+        compiled = _lower(new_gm, plan.compile_inputs(new_gm, example_inputs), config, mode)
     return wrap(compiled, plan, config)
 
 

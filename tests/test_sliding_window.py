@@ -67,16 +67,13 @@ def test_method_none_reproduces_eager_tokens_and_keeps_the_cache_compressed(attn
         assert len(layer.keys.store) <= 1.25 * (WINDOW - 1) + 2 * 4
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (at d6a184c too): with two sliding layers beside full ones "
-                   "and a prompt shorter than the window, the sliding caches' length is a size symbol that "
-                   "only their CompressedKV inputs bind; once the rewrite flattens them, Inductor's code reads "
-                   "it unbound (NameError s1). Stock Inductor and our AOT-only lowering are fine; passing the "
-                   "length as an input of its own did not mend it (Inductor binds SymInt inputs afresh)")
 def test_inductor_lowers_windows_not_yet_full_beside_full_attention_layers():
     config = tf.Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=WINDOW)
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(config).eval()     # sliding and full layers alternate
+    # the sliding caches' length, shorter than the window, is a size symbol only their flattened
+    # CompressedKV inputs bound: the rewrite passes it as an input of its own (rewrite.Flattened)
     report = gear_compile.explain(model, torch.randint(1, 256, (1, 7)), method="none", inductor=True)
     assert report.sites and all(s.rewritten for s in report.sites)
 

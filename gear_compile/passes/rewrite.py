@@ -77,13 +77,25 @@ class DecodeOut:
     keep: int | None = None
 
 
+@dataclass(frozen=True)
+class Flattened:
+    """A CompressedKV input passed as its `parts` inner tensors, then its
+    size along each of `sizes`: a size symbol that only the CompressedKV's
+    shape bound (a sliding-window cache's length, which the layer's mask is
+    sized by) needs an input of its own once the CompressedKV is gone, or
+    the compiled code reads a symbol it never binds."""
+
+    parts: int
+    sizes: tuple[int, ...] = ()
+
+
 @dataclass
 class RewritePlan:
     """How the compiled graph's calling convention differs from Dynamo's.
 
-    inputs[i]: None (passed as is) or the number of inner tensors the i-th
-    input (a CompressedKV) is flattened into. outputs[j]: what the j-th
-    output Dynamo expects is made of.
+    inputs[i]: None (passed as is) or, for a CompressedKV input, the dims
+    of its shape passed after its inner tensors (`Flattened`). outputs[j]:
+    what the j-th output Dynamo expects is made of.
     """
 
     inputs: list = field(default_factory=list)
@@ -91,12 +103,23 @@ class RewritePlan:
 
     def flatten_inputs(self, args) -> list:
         flat = []
-        for arg, n in zip(args, self.inputs):
-            if n is None:
+        for arg, spec in zip(args, self.inputs):
+            if spec is None:
                 flat.append(arg)
-            else:
-                flat += arg.store.tensors()
+                continue
+            flat += arg.store.tensors()
+            for dim in spec.sizes:
+                flat.append(arg.shape[dim])
         return flat
+
+    def compile_inputs(self, gm: fx.GraphModule, args) -> list:
+        """flatten_inputs for compiling `gm`: a size input goes in as the
+        SymInt its placeholder holds, not as the example's int. AOT autograd
+        gives every int input a fresh symbol, so an int would leave the
+        symbol the graph's shapes are written in unbound."""
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        return [_value(ph) if isinstance(x, int) and isinstance(_value(ph), torch.SymInt) else x
+                for ph, x in zip(placeholders, self.flatten_inputs(args), strict=True)]
 
 
 def copy_graph(gm: fx.GraphModule) -> fx.Graph:
@@ -120,6 +143,8 @@ class _Rewriter:
         self.by_name = {n.name: n for n in self.graph.nodes}
         self.placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         self.flattened: dict[fx.Node, list[fx.Node]] = {}
+        self.size_dims: dict[fx.Node, tuple[int, ...]] = {}     # flattened -> dims passed as sizes
+        self.bound = _bound_symbols(self.placeholders)
         self.replaced: dict[fx.Node, object] = {}     # cat node -> its output spec
 
     def node(self, original):
@@ -138,7 +163,26 @@ class _Rewriter:
                 nodes.append(node)
                 anchor = node
             self.flattened[ph] = nodes
+            self.size_dims[ph] = self.bind_sizes(ph, anchor)
         return self.flattened[ph]
+
+    def bind_sizes(self, ph: fx.Node, anchor: fx.Node) -> tuple[int, ...]:
+        """SymInt placeholders, after `anchor`, for the size symbols of the
+        CompressedKV input `ph` that no other input binds; their dims."""
+        dims = []
+        for dim, size in enumerate(_value(ph).shape):
+            symbol = _plain_symbol(size)
+            if symbol is None or symbol in self.bound:
+                continue
+            with self.graph.inserting_after(anchor):
+                anchor = self.graph.placeholder(f"{ph.name}_size{dim}")
+            # a SymInt whose own expression is the symbol: Inductor binds an input by that
+            # (not by what the shape env's replacements make of it)
+            anchor.meta["example_value"] = size.node.shape_env.create_symintnode(symbol, hint=size.node.hint)
+            anchor._dynamo_source = None
+            self.bound.add(symbol)
+            dims.append(dim)
+        return tuple(dims)
 
     def constant(self, tensor: torch.Tensor) -> fx.Node:
         """A get_attr node for `tensor`, kept on the module as `_gear_const_<i>`."""
@@ -310,8 +354,8 @@ class _Rewriter:
             if ph.users:
                 raise RuntimeError(f"gear rewrite: {ph.name} still has users {list(ph.users)} after rewriting")
             graph.erase_node(ph)
-        plan.inputs = [len(self.flattened[ph]) if ph in self.flattened else None
-                       for ph in self.placeholders]
+        plan.inputs = [Flattened(len(self.flattened[ph]), self.size_dims[ph]) if ph in self.flattened
+                       else None for ph in self.placeholders]
         graph.lint()
         return fx.GraphModule(gm, graph), plan
 
@@ -367,6 +411,26 @@ def _mutates(node: fx.Node) -> bool:
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     return node.op in ("call_method", "call_function") and isinstance(name, str) \
         and name.endswith("_") and not name.endswith("__")
+
+
+def _plain_symbol(size):
+    """The sympy symbol a SymInt size is, or None (an int, or an expression)."""
+    if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+        return size.node.expr
+    return None
+
+
+def _bound_symbols(placeholders: list[fx.Node]) -> set:
+    """The size symbols plain tensor inputs bind through their sizes and
+    strides. Not a CompressedKV's (the rewrite replaces its placeholder), and
+    not a SymInt input's: Dynamo may give one the symbol of another that its
+    guards equate, and the compiled code binds the SymInt's own."""
+    bound = set()
+    for ph in placeholders:
+        value = _value(ph)
+        if isinstance(value, torch.Tensor) and not hasattr(value, "store"):
+            bound |= {s for s in map(_plain_symbol, [*value.shape, *value.stride()]) if s is not None}
+    return bound
 
 
 def _attr_source(ph: fx.Node, name: str):
