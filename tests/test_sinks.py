@@ -81,8 +81,7 @@ def test_fp32_attention_of_a_bf16_model_is_rewritten_and_cast_back():
     model = tf.AutoModelForCausalLM.from_config(tiny_config("flint")).eval().to(torch.bfloat16)
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
     prompt = torch.randint(3, 256, (1, 60), generator=torch.Generator().manual_seed(0))
-    # AOT only: Inductor fails on sliding windows not yet full (test_sliding_window's xfail)
-    report = gear_compile.explain(model, prompt, method="none", inductor=False)
+    report = gear_compile.explain(model, prompt, method="none")
     assert report.sites and all(s.rewritten for s in report.sites), [s.reason for s in report.sites]
     with torch.no_grad():
         want_seq, want, _ = _logits(model, prompt, steps=25)
