@@ -23,49 +23,16 @@ Neighbours: serve.py (the same measure under continuous batching).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import subprocess
 import sys
 
+from peak_memory import PeakPhases, reset_peak, rss_bytes
+
 METHODS = {"dense": None, "gear4": dict(method="gear", bits=4), "gear2": dict(method="gear", bits=2)}
 
 
-def rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
-class Phases:
-    """VmHWM rises charged to the innermost phase running."""
-
-    def __init__(self):
-        self.stack, self.gain, self.last = ["outside a call"], {}, rss_bytes("VmHWM")
-
-    def note(self) -> None:
-        peak = rss_bytes("VmHWM")
-        if peak > self.last:
-            self.gain[self.stack[-1]] = self.gain.get(self.stack[-1], 0) + peak - self.last
-            self.last = peak
-
-    def run(self, label: str, f, *a, **k):
-        self.note()
-        self.stack.append(label)
-        try:
-            return f(*a, **k)
-        finally:
-            self.note()
-            self.stack.pop()
-
-    def wrap(self, owner, name: str, label: str) -> None:
-        f = getattr(owner, name)
-        setattr(owner, name, functools.wraps(f)(lambda *a, **k: self.run(label, f, *a, **k)))
-
-
 def worker(method: str, prompt: int, steps: int) -> dict:
-    import ctypes
-    import gc
-
     import torch
     import torch._inductor.compile_fx as compile_fx
     import torch.nn.functional as F
@@ -75,12 +42,9 @@ def worker(method: str, prompt: int, steps: int) -> dict:
     from gear_compile import store
     from gear_compile.models import load_smollm2
     model, _ = load_smollm2()
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    reset_peak()
     base = rss_bytes("VmRSS")
-    phases = Phases()
+    phases = PeakPhases("outside a call")
     if METHODS[method]:
         gear_compile.compile(model, **METHODS[method])
     phases.wrap(store, "compress", "codec (prompt stores)")
@@ -97,10 +61,9 @@ def worker(method: str, prompt: int, steps: int) -> dict:
             out = phases.run(label, model, input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             ids = out.logits[:, -1:].argmax(-1)
             del out
-    phases.note()
+    rises = phases.mib()
     return dict(method=method, prompt=prompt, peak_above_weights_mib=(rss_bytes("VmHWM") - base) / 2**20,
-                kv_mib=gear_compile.kv_bytes(cache) / 2**20,
-                rises_mib={k: round(v / 2**20, 1) for k, v in sorted(phases.gain.items(), key=lambda kv: -kv[1])})
+                kv_mib=gear_compile.kv_bytes(cache) / 2**20, rises_mib=rises)
 
 
 def main():

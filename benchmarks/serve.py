@@ -55,6 +55,8 @@ import subprocess
 import sys
 import time
 
+from peak_memory import PeakPhases, reset_peak, rss_bytes
+
 METHODS = {"dense": None, "gear4": dict(method="gear", bits=4), "gear2": dict(method="gear", bits=2),
            "kivi2": dict(method="kivi", bits=2)}
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -111,27 +113,6 @@ def workload(args, vocab: int):
     return [(torch.randint(1, vocab, (n,), generator=g).tolist(), m) for n, m in zip(lengths, new)]
 
 
-def rss_bytes(field: str = "VmRSS") -> int:
-    """The process's resident memory now (VmRSS) or its peak (VmHWM)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
-def reset_peak() -> None:
-    """Start the peak (VmHWM) from now: loading the weights peaks higher than
-    serving (the state dict and the model both held), which would hide the
-    serving peak. The heap's free pages go back to the OS first (glibc's
-    malloc_trim): left resident, the loader's freed tensors would let a
-    cell's first allocations (the KV store) fill them without raising RSS,
-    by how much depending on the load, not on the method."""
-    import ctypes
-    import gc
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def run_cell(args, method: str, budget: int) -> dict:
     import torch
     from transformers import ContinuousBatchingConfig, GenerationConfig
@@ -143,7 +124,7 @@ def run_cell(args, method: str, budget: int) -> dict:
     reqs = workload(args, text.vocab_size)
     if args.memory:
         budget = memory_budget(model, method, reqs, page)
-    rises = PeakPhases(model) if args.memory else None
+    rises = serving_phases(model) if args.memory else None
     reset_peak()
     base_rss = rss_bytes()
     if rises:
@@ -223,53 +204,20 @@ def memory_budget(model, method: str, reqs, page: int) -> int:
     return len(reqs) * pool.tail_bytes + pages * pool.page_bytes
 
 
-class PeakPhases:
-    """Which phase raised the process's peak RSS (VmHWM), and by how much:
-    VmHWM is read at the entry and exit of each wrapped function, and a rise
-    since the last read is charged to the innermost phase then running."""
+def serving_phases(model) -> PeakPhases:
+    """The phases of a continuous-batching step whose peak RSS rises are told apart."""
+    import torch.nn.functional as F
 
-    def __init__(self, model):
-        import torch.nn.functional as F
-
-        from gear_compile import paged, serving
-        self.gain: dict[str, int] = {}
-        self.stack = ["outside the forward (KV allocation, scheduling)"]
-        self.last = 0
-        self._wrap(type(model), "forward", "forward: embeddings, norms, projections, LM head")
-        for m in {type(x) for x in model.modules() if type(x).__name__.endswith("MLP")}:
-            self._wrap(m, "forward", "MLP")
-        self._wrap(F, "scaled_dot_product_attention", "attention over exact K/V (sdpa)")
-        self._wrap(serving, "attend", "attention over the pool (paged_attention.attend)")
-        self._wrap(paged.PagedPool, "write", "pool write (tails, pages)")
-        self._wrap(paged, "compress", "codec (segment.compress of filled pages)")
-
-    def _note(self) -> None:
-        peak = rss_bytes("VmHWM")
-        if peak > self.last:
-            label = self.stack[-1]
-            self.gain[label] = self.gain.get(label, 0) + peak - self.last
-            self.last = peak
-
-    def _wrap(self, owner, name: str, label: str) -> None:
-        f = getattr(owner, name)
-
-        @functools.wraps(f)
-        def phase(*a, **k):
-            self._note()
-            self.stack.append(label)
-            try:
-                return f(*a, **k)
-            finally:
-                self._note()
-                self.stack.pop()
-        setattr(owner, name, phase)
-
-    def start(self) -> None:
-        self.last = rss_bytes("VmHWM")
-
-    def mib(self) -> dict[str, float]:
-        self._note()
-        return {k: round(v / 2**20, 1) for k, v in sorted(self.gain.items(), key=lambda kv: -kv[1])}
+    from gear_compile import paged, serving
+    phases = PeakPhases("outside the forward (KV allocation, scheduling)")
+    phases.wrap(type(model), "forward", "forward: embeddings, norms, projections, LM head")
+    for m in {type(x) for x in model.modules() if type(x).__name__.endswith("MLP")}:
+        phases.wrap(m, "forward", "MLP")
+    phases.wrap(F, "scaled_dot_product_attention", "attention over exact K/V (sdpa)")
+    phases.wrap(serving, "attend", "attention over the pool (paged_attention.attend)")
+    phases.wrap(paged.PagedPool, "write", "pool write (tails, pages)")
+    phases.wrap(paged, "compress", "codec (segment.compress of filled pages)")
+    return phases
 
 
 def _pct(xs, q):
