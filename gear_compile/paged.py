@@ -12,11 +12,13 @@ continuous batching work this way). This pool holds:
           [pages * layers, H, rows per page, *row], page p of layer l at row
           p * layers + l (the codec's batch axis)
   tails   each request's newest tokens, fewer than a page, exact in the
-          codec's held dtype: [slots, page_tokens, layers, 2, H, D]
-  sinks   each request's first `sink_tokens` tokens, exact, [slots, s,
-          layers, 2, H, D]; in its first page those places hold copies of
+          codec's held dtype: [slots, layers, 2, H, page_tokens, D]
+  sinks   each request's first `sink_tokens` tokens, exact, [slots,
+          layers, 2, H, s, D]; in its first page those places hold copies of
           token s, so no group's range stretches to them (as a store's
           prefill block does); readers take tokens < s from here
+          (token-minor, as a store's buffer: one (slot, layer, K/V, head)'s
+          tokens are contiguous rows, which the C++ kernel reads in place)
 
 Pages and tail slots come from one byte budget (`budget_bytes`): the slots
 take `max_requests` tails (given; or as many as requests of `typical_tokens`
@@ -110,10 +112,11 @@ class PagedPool:
         self.n_pages, self.max_requests = int(n_pages), int(max_requests)
         self.slabs = {k: Segment.empty(self.layouts[k], self.n_pages * layers, heads, self.page_tokens, device)
                       for k in "kv"}
-        self.tail = torch.zeros(self.max_requests, self.page_tokens, layers, 2, heads, head_dim,
+        self.tail = torch.zeros(self.max_requests, layers, 2, heads, self.page_tokens, head_dim,
                                 dtype=self.held, device=device)
-        self.sink = torch.zeros(self.max_requests, self.sink_tokens, layers, 2, heads, head_dim,
+        self.sink = torch.zeros(self.max_requests, layers, 2, heads, self.sink_tokens, head_dim,
                                 dtype=self.held, device=device)
+        self.token_bytes = token_bytes
         self.refs = [0] * self.n_pages
         self.free_pages = list(range(self.n_pages - 1, -1, -1))
         self.free_slots = list(range(self.max_requests - 1, -1, -1))
@@ -232,21 +235,21 @@ class PagedPool:
                 pos += [(w.slot, w.tail + i) for i in range(w.T)]
                 tok += range(w.start, w.start + w.T)
                 continue
-            x = torch.cat([self.tail[w.slot, :w.tail, layer],
+            x = torch.cat([self.tail[w.slot, layer, :, :, :w.tail].permute(2, 0, 1, 3),
                            kv[:, :, w.start:w.start + w.T].permute(2, 1, 0, 3)])     # [n, 2, H, D]
             for i, target in enumerate(w.pages):
                 page = x[i * self.page_tokens:(i + 1) * self.page_tokens]
                 if i == 0 and w.first and self.sink_tokens:
-                    self.sink[w.slot, :, layer] = page[:self.sink_tokens]
+                    self.sink[w.slot, layer] = page[:self.sink_tokens].permute(1, 2, 0, 3)
                     page = torch.cat([page[self.sink_tokens:self.sink_tokens + 1].expand(
                         self.sink_tokens, *page.shape[1:]), page[self.sink_tokens:]])
                 pages.append(page)
                 targets.append(target)
             rest = x[len(w.pages) * self.page_tokens:]
-            self.tail[w.slot, :rest.shape[0], layer] = rest
+            self.tail[w.slot, layer, :, :, :rest.shape[0]] = rest.permute(1, 2, 0, 3)
         if pos:
-            slots, places = zip(*pos)
-            self.tail[list(slots), list(places), layer] = kv[:, :, list(tok)].permute(2, 1, 0, 3)
+            slots, places = (torch.tensor(x, device=kv.device) for x in zip(*pos))
+            self.tail[slots, layer, :, :, places] = kv[:, :, list(tok)].permute(2, 1, 0, 3)   # [N, 2, H, D]
         if pages:
             self._compress(torch.stack(pages), targets, layer)
 
@@ -301,7 +304,7 @@ class PagedPool:
                 held = t.numel() * t.element_size()
                 out[_KIND_OF_PART[name]] += held * used // self.n_pages
                 out["unused capacity"] += held - held * used // self.n_pages
-        token_bytes = self.tail[0, 0].numel() * self.tail.element_size()
+        token_bytes = self.token_bytes
         held = sum(r.tail for r in self.requests.values())
         out["buffer held"] = held * token_bytes
         out["buffer empty"] = self.tail.numel() * self.tail.element_size() - held * token_bytes

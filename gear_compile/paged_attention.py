@@ -18,15 +18,19 @@ one running partial, so its memory does not grow with its past. A chunk whose
 request has no past is plain causal SDPA, exactly what transformers
 computes.
 
-Kernels: the C++ (`kernels/cpu_attention.cpp`) and Triton
-(`kernels/decode_attention.py`) kernels read a store's segments today. To
-read pages in place a kernel takes, per layer, the pool's slabs
-(`pool.slabs[kind].parts()`: page p of layer l at row p * layers + l, with
-the decode `SegmentLayout` of `pool.layouts[kind]`) and a `BlockTable`
-(each row's page ids, tail slot and length, whether its sinks are in use),
-with the layer's queries and new K/V; `attend` below is the reference it
-must match. Those files belong to the kernels'
-owners; this module does not call them yet.
+Kernels: `attend(..., kernel="cpu")` (`attend_cpu`) runs the C++ paged
+kernel, `gear::paged_attention_cpu` (kernels/cpu_paged_attention.h): it
+takes, per layer, the pool's slabs (`kernel_slabs`: page p of layer l at
+row p * layers + l, with the decode `SegmentLayout` of `pool.layouts[kind]`)
+and the table's rows (`_kernel_rows`: each row's page ids, tail slot and
+length, whether its sinks are in use, where its new tokens start), with the
+layer's queries, the pool's tails and sinks and the step's new K/V, and
+reads every page, tail and sink where it lies (the store kernel's walk over
+the packed codes; tests/test_paged_kernel.py holds it to `attend` within
+the store kernel's bounds). All decode rows go in one call; a prefill chunk
+with a past in a call of its own (causal among its tokens); a chunk with no
+past is causal SDPA on either path. No Triton paged kernel yet: on CUDA
+`attend` is this reference.
 Neighbours: `paged` (the pool), `serving` (calls `attend` as transformers'
 attention function).
 """
@@ -37,7 +41,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import outliers
 from .paged import PagedPool
+from .store import KERNEL_PARTS
 
 SCORES_BYTES = 8 << 20      # a prefill row's fp32 scores per partial (`_prefill_row`)
 
@@ -61,6 +67,7 @@ class _Prefill:
     tail: int
     sinks: bool      # its sinks are read exact (it has a compressed page)
     fresh: bool      # no past at all: plain causal SDPA
+    kernel: tuple = ()   # its row for the C++ kernel (`_kernel_rows`)
 
 
 @dataclass
@@ -75,6 +82,7 @@ class BlockTable:
     decode_slots: torch.Tensor
     decode_exact: torch.Tensor
     prefill: list[_Prefill]
+    decode_kernel: tuple = ()   # the decode rows for the C++ kernel (`_kernel_rows`)
 
 
 def block_table(pool: PagedPool, rows: list[tuple[str, int]], chunk_pages: int = 64,
@@ -90,7 +98,8 @@ def block_table(pool: PagedPool, rows: list[tuple[str, int]], chunk_pages: int =
             dec.append((start, pages, slot, tail))
         elif T > 1:
             pre.append(_Prefill(start, T, _chunks(pool, [pages], chunk_pages, device), slot, tail,
-                                bool(pages) and pool.sink_tokens > 0, not pages and not tail))
+                                bool(pages) and pool.sink_tokens > 0, not pages and not tail,
+                                _kernel_rows([(start, pages, slot, tail)])))
         start += T
     n, s = pool.page_tokens, pool.sink_tokens
     tail = torch.tensor([d[3] for d in dec], dtype=torch.long, device=device)
@@ -100,7 +109,20 @@ def block_table(pool: PagedPool, rows: list[tuple[str, int]], chunk_pages: int =
                        torch.ones(len(dec), 1, dtype=torch.bool, device=device)], 1)
     return BlockTable(torch.tensor([d[0] for d in dec], dtype=torch.long, device=device),
                       _chunks(pool, [d[1] for d in dec], chunk_pages, device),
-                      torch.tensor([d[2] for d in dec], dtype=torch.long, device=device), exact, pre)
+                      torch.tensor([d[2] for d in dec], dtype=torch.long, device=device), exact, pre,
+                      _kernel_rows(dec))
+
+
+def _kernel_rows(rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows (start token, page ids, tail slot, tail length) as the C++
+    kernel's block table (host tensors, int64): page_ptr [N + 1], page_ids
+    [sum pages] and row_info [N, 4] = (slot, tail, sinks in use, start);
+    sinks are in use where the row has a compressed page (the kernel reads
+    none when the pool keeps no sinks)."""
+    lengths = torch.tensor([0] + [len(r[1]) for r in rows], dtype=torch.long)
+    ids = torch.tensor([p for r in rows for p in r[1]], dtype=torch.long)
+    info = torch.tensor([(r[2], r[3], int(bool(r[1])), r[0]) for r in rows], dtype=torch.long).reshape(-1, 4)
+    return lengths.cumsum(0), ids, info
 
 
 def _chunks(pool, page_lists, chunk_pages, device) -> list[_Pages]:
@@ -117,10 +139,13 @@ def _chunks(pool, page_lists, chunk_pages, device) -> list[_Pages]:
 
 
 def attend(pool: PagedPool, layer: int, table: BlockTable, q: torch.Tensor, k_new: torch.Tensor,
-           v_new: torch.Tensor, scale: float) -> torch.Tensor:
+           v_new: torch.Tensor, scale: float, kernel: str = "torch") -> torch.Tensor:
     """Attention of one layer for a step's rows (`block_table`): q [1, Hq,
     sum T, D], k_new / v_new [1, Hkv, sum T, D] this step's K/V (not yet
-    committed). Returns [sum T, Hq, D] in q's dtype."""
+    committed). Returns [sum T, Hq, D] in q's dtype. kernel: "torch" (this
+    reference) or "cpu" (`attend_cpu`)."""
+    if kernel == "cpu":
+        return attend_cpu(pool, layer, table, q, k_new, v_new, scale)
     Hq, D = q.shape[1], q.shape[-1]
     H = k_new.shape[1]
     out = q.new_empty(q.shape[2], Hq, D)
@@ -135,12 +160,65 @@ def attend(pool: PagedPool, layer: int, table: BlockTable, q: torch.Tensor, k_ne
                     for c in table.decode_pages]
         slots = table.decode_slots
         new = torch.stack([k_new[0, :, tok], v_new[0, :, tok]], 0).permute(2, 0, 1, 3)[:, None]  # [R, 1, 2, H, D]
-        exact = torch.cat([pool.sink[slots, :, layer].float(), pool.tail[slots, :, layer].float(),
-                           new.float()], 1)                                        # the new token as computed
-        k, v = (exact[:, :, i].transpose(1, 2) for i in (0, 1))                      # [R, H, W, D]
+        exact = torch.cat([pool.sink[slots, layer].float(), pool.tail[slots, layer].float(),
+                           new.float().permute(0, 2, 3, 1, 4)], 3)                 # the new token as computed
+        k, v = exact[:, 0], exact[:, 1]                                             # [R, H, W, D]
         partials.append((torch.arange(R, device=q.device),
                          *_partial(qd, k, v, table.decode_exact[:, None, None, :], scale)))
         out[tok] = _merge(partials, R).reshape(R, Hq, D).to(out.dtype)
+    return out
+
+
+def kernel_slabs(pool: PagedPool) -> tuple[list, list, list[int], list[int]]:
+    """The pool's slabs as the C++ kernel reads them: K's and V's parts in
+    their layout's order and each one's descriptor (store.KERNEL_FIELDS of
+    one segment: how it is quantized, then each part's index). Built once per
+    pool: the slabs are written in place, never reallocated."""
+    cached = getattr(pool, "_kernel_slabs", None)
+    if cached is None:
+        out = []
+        for kind in "kv":
+            layout = pool.layouts[kind]
+            names = layout.part_names
+            spec = layout.spec
+            group = 0 if spec.axis == "channel" and spec.group is None else (spec.group or layout.head_dim)
+            desc = [int(layout.exact), spec.bits, int(spec.axis == "channel"), group, layout.block,
+                    outliers.unit_shift(spec.bits)]
+            desc += [names.index(f) if f in names else -1 for f in KERNEL_PARTS]
+            out.append(([getattr(pool.slabs[kind], n) for n in names], desc))
+        cached = pool._kernel_slabs = (out[0][0], out[1][0], out[0][1], out[1][1])
+    return cached
+
+
+def attend_cpu(pool: PagedPool, layer: int, table: BlockTable, q: torch.Tensor, k_new: torch.Tensor,
+               v_new: torch.Tensor, scale: float) -> torch.Tensor:
+    """`attend` by the C++ kernel (`gear::paged_attention_cpu`,
+    kernels/cpu_paged_attention.h): every decode row in one call, each
+    prefill chunk with a past in a call of its own (causal among its
+    tokens); a chunk without a past is plain causal SDPA, as in `attend`.
+    The kernel reads the pages in the pool's slabs, the sinks, tails and new
+    tokens where they lie, through the table's rows (`_kernel_rows`)."""
+    from .kernels import cpu
+    cpu.load()
+    op = torch.ops.gear.paged_attention_cpu
+    k_parts, v_parts, k_desc, v_desc = kernel_slabs(pool)
+    Hq, D = q.shape[1], q.shape[-1]
+    kn, vn = k_new[0].contiguous(), v_new[0].contiguous()          # [H, sum T, D]
+    out = q.new_empty(q.shape[2], Hq, D)
+    for row in table.prefill:
+        sl = slice(row.start, row.start + row.T)
+        if row.fresh:
+            out[sl] = _prefill_row(pool, layer, row, q[0, :, sl], k_new[0, :, sl], v_new[0, :, sl], scale)
+        else:
+            o = op(q[:, :, sl], k_parts, v_parts, k_desc, v_desc, pool.tail, pool.sink, kn, vn, *row.kernel,
+                   layer, scale)
+            out[sl] = o[0].transpose(0, 1)
+    tok = table.decode_tok
+    if tok.numel():
+        qd = q[0, :, tok].transpose(0, 1)[:, :, None]                  # [R, Hq, 1, D]
+        o = op(qd, k_parts, v_parts, k_desc, v_desc, pool.tail, pool.sink, kn, vn, *table.decode_kernel,
+               layer, scale)
+        out[tok] = o[:, :, 0]
     return out
 
 
@@ -193,14 +271,14 @@ def _prefill_row(pool, layer, row: _Prefill, q, k_new, v_new, scale):
                     for x in pool.page_kv(layer, c.page[a:a + per], torch.float32))
             mask = None if c.mask is None else c.mask[a:a + per].reshape(1, 1, -1)
             acc = _fold(acc, _partial(qf, k, v, mask, scale))
-    past = [pool.tail[row.slot, :row.tail, layer]]
+    past = [pool.tail[row.slot, layer, :, :, :row.tail]]
     if row.sinks:
-        past.insert(0, pool.sink[row.slot, :, layer])
-    past = torch.cat(past).float()                          # [P, 2, H, D]
-    k = torch.cat([past[:, 0].transpose(0, 1), k_new.float()], 1)          # [H, P + T, D]
-    v = torch.cat([past[:, 1].transpose(0, 1), v_new.float()], 1)
+        past.insert(0, pool.sink[row.slot, layer])
+    past = torch.cat(past, 2).float()                       # [2, H, P, D]
+    k = torch.cat([past[0], k_new.float()], 1)              # [H, P + T, D]
+    v = torch.cat([past[1], v_new.float()], 1)
     t = torch.arange(T, device=q.device).repeat(G)          # each query's position in the chunk
-    j = torch.arange(k.shape[1], device=q.device) - past.shape[0]
+    j = torch.arange(k.shape[1], device=q.device) - past.shape[2]
     mask = (j[None, :] <= t[:, None])[None]                 # the past, and the chunk causally
     _, l, o = _fold(acc, _partial(qf, k, v, mask, scale))
     o = (o / l[..., None]).reshape(H, G, T, D)

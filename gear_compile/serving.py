@@ -21,7 +21,9 @@ and this module uses exactly those two:
                 refused at `add_request` with a message.
   attention     "gear_paged", registered with `AttentionInterface`: each
                 layer's queries attend the pool's pages through the block
-                table (`paged_attention.attend`), then that layer's new
+                table (`paged_attention.attend`: on the CPU the C++ paged
+                kernel, which reads the pages where they lie, `kernel`
+                "auto"; else the torch reference), then that layer's new
                 K/V are written (`PagedPool.write`: the pages they fill
                 compressed a few at a time) and dropped, so a step never
                 holds every layer's K/V at once; the step's pages and
@@ -36,7 +38,7 @@ it. What is left exact or off, and reported by `describe()`: prefix sharing
 decode fast path (a flash block-table kernel that writes the cache itself),
 CUDA graphs and async batching (the pool's Python bookkeeping runs between
 layers), and sliding-window layers (refused at `enable`).
-Neighbours: `paged` (the pool), `paged_attention` (the reference kernel),
+Neighbours: `paged` (the pool), `paged_attention` (attention: the reference and the C++ kernel's call),
 `config` (options).
 """
 from __future__ import annotations
@@ -64,7 +66,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     batch; returns ([1, T, Hq, D], None) as sdpa does."""
     cache: GearPagedCache = kwargs["gear_paged"]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = attend(cache.gear_pool, module.layer_idx, cache.table, query, key, value, scale)
+    out = attend(cache.gear_pool, module.layer_idx, cache.table, query, key, value, scale, cache.kernel)
     cache.gear_pool.write(cache.step, module.layer_idx, key[0], value[0])
     return out[None], None
 
@@ -78,7 +80,7 @@ class GearPagedCache(cb_cache.PagedAttentionCache):
     `gear_pool`."""
 
     def __init__(self, config, continuous_batching_config, device, distributed_helper, dtype=torch.float16,
-                 model_supports_logits_to_keep=False, *, gear_pool: PagedPool):
+                 model_supports_logits_to_keep=False, *, gear_pool: PagedPool, kernel: str = "torch"):
         self.gear_pool = gear_pool
         cb = continuous_batching_config
         # transformers' blocks only track requests here: as many as the pool can hold, and no bytes
@@ -89,6 +91,7 @@ class GearPagedCache(cb_cache.PagedAttentionCache):
         self._rows: list[tuple[str, int, int]] = []   # (request, past, new tokens) of the batch being prepared
         self.step_rows: list[tuple[str, int]] = []    # (request, new tokens) of the batch running
         self.table = None                               # its block table (`paged_attention.block_table`)
+        self.kernel = kernel                            # attention's: "cpu" (C++) or "torch" (`_kernel`)
         self.step = []                                  # its writes (`PagedPool.plan`)
         self._new_batch = True
 
@@ -174,6 +177,7 @@ class GearBatchingManager(continuous_api.ContinuousBatchingManager):
                                  use_async_batching=False, use_cuda_graph=False)
         self.settings = settings
         text = model.config.get_text_config()
+        self.kernel = _kernel(settings["kernel"], model.device)
         self.pool = PagedPool(settings["config"].codec, text.num_hidden_layers, find_num_key_value_heads(text),
                               find_head_dim(text), model.dtype, settings["kv_budget_bytes"],
                               settings["page_tokens"], settings["max_requests"], model.device,
@@ -200,7 +204,8 @@ class GearBatchingManager(continuous_api.ContinuousBatchingManager):
     def _create_batch_processor(self):
         # transformers builds its cache by name in this module: ours, for this call only
         original = continuous_api.PagedAttentionCache
-        continuous_api.PagedAttentionCache = lambda *a, **k: GearPagedCache(*a, **k, gear_pool=self.pool)
+        continuous_api.PagedAttentionCache = lambda *a, **k: GearPagedCache(*a, **k, gear_pool=self.pool,
+                                                                                kernel=self.kernel)
         try:
             return super()._create_batch_processor()
         finally:
@@ -211,24 +216,39 @@ class GearBatchingManager(continuous_api.ContinuousBatchingManager):
         return (f"gear paged pool: {self.settings['config'].describe()}; pages of {p.page_tokens} tokens "
                 f"({p.page_bytes} B each, {p.n_pages} pages), {p.max_requests} exact tails of "
                 f"{p.tail_bytes} B, {p.nbytes()} B in all; attention '{ATTENTION}' "
-                f"(paged_attention.attend); prefix sharing, decode fast path, CUDA graphs and async "
-                f"batching off")
+                f"(paged_attention.attend, kernel {self.kernel}); prefix sharing, decode fast path, CUDA graphs "
+                f"and async batching off")
+
+
+def _kernel(kernel: str, device) -> str:
+    """The attention kernel for `device`: "auto" picks the C++ kernel on the
+    CPU where it builds, else the torch reference; "cpu" insists on it."""
+    from .kernels import cpu
+    if kernel == "auto":
+        return "cpu" if torch.device(device).type == "cpu" and cpu.available() else "torch"
+    if kernel not in ("cpu", "torch"):
+        raise ValueError(f"gear paged pool: kernel must be auto, cpu or torch, got {kernel!r}")
+    if kernel == "cpu" and torch.device(device).type != "cpu":
+        raise ValueError("gear paged pool: the C++ paged kernel reads host memory; the model is on " + str(device))
+    return kernel
 
 
 def enable(model, kv_budget_bytes: int, page_tokens: int | None = None, max_requests: int | None = None,
-           typical_tokens: int | None = None, **options):
+           typical_tokens: int | None = None, kernel: str = "auto", **options):
     """Serve `model` with compressed paged KV: `model.generate_batch(...)` and
     the manager API then keep K/V in a `PagedPool` of `kv_budget_bytes`
     (pages of `page_tokens`, default the smallest whole number of codec
     blocks >= 64; `max_requests` exact tails, or as many as requests of
     `typical_tokens` fill the budget with, by default a quarter of it).
+    kernel: attention's ("auto": the C++ paged kernel on the CPU where it
+    builds, else the torch reference; "cpu"; "torch").
     options: `GearConfig`'s (method, bits, ...). Returns the model."""
     config = GearConfig.from_options(options)
     text = model.config.get_text_config()
     if "sliding_attention" in cb_cache.group_layers_by_attn_type(text):
         raise ValueError("gear paged pool: sliding-window layers are not supported under continuous batching")
     settings = dict(config=config, kv_budget_bytes=int(kv_budget_bytes), page_tokens=page_tokens,
-                    max_requests=max_requests, typical_tokens=typical_tokens)
+                    max_requests=max_requests, typical_tokens=typical_tokens, kernel=kernel)
     original = type(model).init_continuous_batching
 
     def init_continuous_batching(generation_config=None, continuous_batching_config=None, workload_hints=None):

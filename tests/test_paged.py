@@ -36,9 +36,9 @@ def held(pool, rid, layer):
         k, v = pool.page_kv(layer, torch.tensor(r.pages), torch.float32)
         kv = torch.stack([k, v]).permute(0, 2, 1, 3, 4).reshape(2, H, -1, D)
         s = pool.sink_tokens
-        kv[:, :, :s] = pool.sink[r.slot, :, layer].permute(1, 2, 0, 3).float()
+        kv[:, :, :s] = pool.sink[r.slot, layer].float()
         parts.append(kv)
-    parts.append(pool.tail[r.slot, :r.tail, layer].permute(1, 2, 0, 3).float())
+    parts.append(pool.tail[r.slot, layer, :, :, :r.tail].float())
     return torch.cat(parts, 2)
 
 
@@ -99,8 +99,12 @@ def dense_attention(q, k, v, past, scale):
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale)[0]
 
 
+KERNELS = ["torch", "cpu"]     # paged_attention.attend's reference and the C++ kernel (attend_cpu)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("method,bits", [("none", 4), ("gear", 4), ("kivi", 2)])
-def test_varlen_rows_decode_beside_prefill_match_dense_over_what_is_held(method, bits):
+def test_varlen_rows_decode_beside_prefill_match_dense_over_what_is_held(method, bits, kernel):
     """Rows of different pasts (none, tail only, pages and tail), decode rows
     beside prefill chunks, in one call; chunk_pages=1 makes every row's
     pages several partials to merge."""
@@ -114,7 +118,7 @@ def test_varlen_rows_decode_beside_prefill_match_dense_over_what_is_held(method,
     new = torch.randn(L, 2, H, total, D, generator=gen)
     layer, scale = 1, D ** -0.5
     table = block_table(pool, rows, chunk_pages=1)
-    got = attend(pool, layer, table, q, new[layer, 0][None], new[layer, 1][None], scale)
+    got = attend(pool, layer, table, q, new[layer, 0][None], new[layer, 1][None], scale, kernel=kernel)
     start = 0
     for rid, T in rows:
         kv = torch.cat([held(pool, rid, layer), new[layer, :, :, start:start + T]], 2)
@@ -159,8 +163,9 @@ def test_pages_written_layer_by_layer_a_few_at_once_equal_one_codec_call_over_al
             assert torch.equal(getattr(pool.slabs[kind], name)[rows], t), (kind, name)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("scores_bytes", [1, paged_attention.SCORES_BYTES])
-def test_a_prefill_chunk_reads_a_long_past_a_few_pages_at_a_time(monkeypatch, scores_bytes):
+def test_a_prefill_chunk_reads_a_long_past_a_few_pages_at_a_time(monkeypatch, scores_bytes, kernel):
     """A prefill chunk beside decode rows, its past five pages and a tail:
     read one page per partial (SCORES_BYTES=1) or all at once, it matches
     dense attention over what is held."""
@@ -172,7 +177,7 @@ def test_a_prefill_chunk_reads_a_long_past_a_few_pages_at_a_time(monkeypatch, sc
     q = torch.randn(1, 2 * H, 10, D, generator=gen)
     new = torch.randn(2, H, 10, D, generator=gen)
     scale = D ** -0.5
-    got = attend(pool, 0, block_table(pool, rows), q, new[0][None], new[1][None], scale)
+    got = attend(pool, 0, block_table(pool, rows), q, new[0][None], new[1][None], scale, kernel=kernel)
     start = 0
     for rid, T in rows:
         kv = torch.cat([held(pool, rid, 0), new[:, :, start:start + T]], 2)

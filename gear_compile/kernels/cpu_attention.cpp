@@ -270,6 +270,7 @@ struct Plan {
 namespace gear_cpu::scalar {
 #include "cpu_simd_scalar.h"
 #include "cpu_attention_kernel.h"
+#include "cpu_paged_attention.h"
 }  // namespace gear_cpu::scalar
 
 #ifdef GEAR_X86_DISPATCH
@@ -278,6 +279,7 @@ namespace gear_cpu::scalar {
 namespace gear_cpu::avx2 {
 #include "cpu_simd_avx2.h"
 #include "cpu_attention_kernel.h"
+#include "cpu_paged_attention.h"
 }  // namespace gear_cpu::avx2
 #pragma GCC pop_options
 
@@ -286,6 +288,7 @@ namespace gear_cpu::avx2 {
 namespace gear_cpu::avx512 {
 #include "cpu_simd_avx512.h"
 #include "cpu_attention_kernel.h"
+#include "cpu_paged_attention.h"
 }  // namespace gear_cpu::avx512
 #pragma GCC pop_options
 #endif
@@ -502,6 +505,11 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
 
 }  // namespace gear_cpu
 
+// the paged pool's attention (its op; its walk is included per set above)
+#define GEAR_PAGED_OP
+#include "cpu_paged_attention.h"
+#undef GEAR_PAGED_OP
+
 TORCH_LIBRARY_FRAGMENT(gear, m) {
   m.def("attention_cpu(Tensor q, Tensor[] k_parts, Tensor[] v_parts, Tensor? k_new, Tensor? v_new, "
         "Tensor? attn_mask, float scale, bool is_causal, int[] k_desc, int[] v_desc, "
@@ -509,6 +517,12 @@ TORCH_LIBRARY_FRAGMENT(gear, m) {
   // the instruction set in use ("" asks; a name or "auto" picks): no tensors,
   // so it is registered with its function, for every dispatch key
   m.def("cpu_isa(str name='') -> str", &gear_cpu::cpu_isa);
+  m.def("paged_attention_cpu(Tensor q, Tensor[] k_parts, Tensor[] v_parts, int[] k_desc, int[] v_desc, "
+        "Tensor tail, Tensor sink, Tensor k_new, Tensor v_new, Tensor page_ptr, Tensor page_ids, "
+        "Tensor row_info, int layer, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(gear, CPU, m) { m.impl("attention_cpu", &gear_cpu::attention_cpu); }
+TORCH_LIBRARY_IMPL(gear, CPU, m) {
+  m.impl("attention_cpu", &gear_cpu::attention_cpu);
+  m.impl("paged_attention_cpu", &gear_cpu::paged_attention_cpu);
+}
