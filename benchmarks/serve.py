@@ -38,11 +38,19 @@ innermost phase running (the rest of the forward: embeddings, norms,
 projections, the LM head). Results: benchmarks/results/serve_<device>_memory.*.
 
 Methods: dense (transformers' paged cache, "sdpa"), gear4 / gear2
-(method="gear", 4 / 2 bits), kivi2 (method="kivi", 2 bits).
+(method="gear", 4 / 2 bits), kivi2 (method="kivi", 2 bits). The pool's
+attention (--kernel): on the CPU by default the C++ paged kernel, which reads
+the pages in place (kernels/cpu_paged_attention.h); --kernel torch times the
+torch reference (paged_attention.attend), which rebuilds pages a chunk at a
+time. Each row records which ran.
 GPU mode (--gpu): a random-weight fp16 model shaped like Llama-3-8B (32
 layers, GQA 32/8, head dim 128), dense with transformers' CUDA graphs where
 its continuous batching uses them; the pool runs without (its bookkeeping is
-Python between layers).
+Python between layers) and attends with the torch reference on CUDA (no
+Triton paged kernel yet). Budgets default to 2, 4 and 8 GiB (an 8B model's
+token is 128 KiB of fp16 K/V: dense then holds about 7, 14 and 28 of the
+default workload's requests, so it is memory-bound at each). Results:
+benchmarks/results/serve_gpu.*.
 """
 from __future__ import annotations
 
@@ -69,15 +77,21 @@ def parse(argv=None):
     p.add_argument("--prompt-max", type=int, default=4096)
     p.add_argument("--new-min", type=int, default=64)
     p.add_argument("--new-max", type=int, default=256)
-    p.add_argument("--budgets-mib", type=float, nargs="+", default=[128, 256, 512])
+    p.add_argument("--budgets-mib", type=float, nargs="+", default=None,
+                   help="KV budgets (default 128 256 512 on the CPU; 2048 4096 8192 with --gpu)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--max-batch-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--memory", action="store_true", help="each method's budget holds every request at once")
+    p.add_argument("--kernel", default="auto", choices=["auto", "cpu", "torch"],
+                   help="the pool's attention: auto (the C++ paged kernel on the CPU), cpu, torch (the reference)")
     p.add_argument("--out", default=None, help="results stem (default results/serve_<cpu|gpu>)")
     p.add_argument("--cell", nargs=2, metavar=("METHOD", "BUDGET_MIB"), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.budgets_mib is None:        # an 8B model's token is 128 KiB in fp16: GiB budgets
+        args.budgets_mib = [2048, 4096, 8192] if args.gpu else [128, 256, 512]
+    return args
 
 
 def load(args):
@@ -101,7 +115,7 @@ def load(args):
                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=16384)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        return tf.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float16,
+        return tf.AutoModelForCausalLM.from_config(config, dtype=torch.float16,
                                                    attn_implementation="sdpa").eval()
 
 
@@ -140,7 +154,7 @@ def run_cell(args, method: str, budget: int) -> dict:
         # tails sized for this traffic's mean request (prompt + new tokens), as a server would
         typical = (args.prompt_min + args.prompt_max + args.new_min + args.new_max) // 2
         sizing = dict(max_requests=len(reqs)) if args.memory else dict(typical_tokens=typical)
-        serving.enable(model, kv_budget_bytes=budget, **sizing, **METHODS[method])
+        serving.enable(model, kv_budget_bytes=budget, kernel=args.kernel, **sizing, **METHODS[method])
     manager = model.init_continuous_batching(generation_config=gen,
                                              continuous_batching_config=ContinuousBatchingConfig(**cb))
     active = []
@@ -176,7 +190,8 @@ def run_cell(args, method: str, budget: int) -> dict:
     ttft = [o.timestamps[0] - o.created_time for o in done]
     tpot = [(o.timestamps[-1] - o.timestamps[0]) / (len(o.timestamps) - 1) for o in done if len(o.timestamps) > 1]
     out_tokens = sum(len(o.generated_tokens) for o in done)
-    return dict(method=method, budget_mib=budget / 2**20, kv_bytes=kv, requests=len(reqs), wall_s=wall,
+    return dict(method=method, kernel=manager.kernel if METHODS[method] else "sdpa",
+                budget_mib=budget / 2**20, kv_bytes=kv, requests=len(reqs), wall_s=wall,
                 requests_per_s=len(reqs) / wall, output_tok_per_s=out_tokens / wall,
                 max_concurrent=max(active), ttft_p50=_pct(ttft, 50), ttft_p99=_pct(ttft, 99),
                 tpot_p50=_pct(tpot, 50), tpot_p99=_pct(tpot, 99),
@@ -234,7 +249,8 @@ def table(rows) -> str:
         d = dense.get(r["budget_mib"])
         conc = f"{r['max_concurrent'] / d['max_concurrent']:.2f}" if d else "-"
         tok = f"{r['output_tok_per_s'] / d['output_tok_per_s']:.2f}" if d else "-"
-        lines.append(f"| {r['budget_mib']:g} | {r['method']} | {r['kv_bytes'] / 2**20:.1f} | {r['max_concurrent']} | "
+        name = r["method"] + (f" ({r['kernel']})" if r.get("kernel") not in (None, "sdpa") else "")
+        lines.append(f"| {r['budget_mib']:g} | {name} | {r['kv_bytes'] / 2**20:.1f} | {r['max_concurrent']} | "
                      f"{conc} | {r['requests_per_s']:.3f} | {r['output_tok_per_s']:.1f} | {tok} | "
                      f"{r['ttft_p50']:.1f} / {r['ttft_p99']:.1f} | {1e3 * r['tpot_p50']:.0f} / "
                      f"{1e3 * r['tpot_p99']:.0f} | {r['peak_rss_above_weights_mib']:.0f} | "
