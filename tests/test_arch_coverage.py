@@ -137,3 +137,25 @@ def test_a_frame_dynamo_gave_up_on_is_partial_while_its_tokens_are_exact():
     assert sweep.status(dict(row, exact=False), 2, gave_up=True) == "WRONG"
     assert sweep.status(dict(row, compressed_layers=2, agree=True), 2) == "full"
     assert sweep.status(dict(row, attention_layers=0), 0) == "n/a"
+
+
+def test_an_append_concatenated_with_entries_cached_apart_is_left_exact_and_said_so():
+    """DeepSeek V4's form: a sliding window's append, then the compressor's
+    long-range entries (cached apart) after it along the sequence, K = V. No
+    single cache's append is what the attention reads: the site falls back
+    exactly and its reason says why (not "the cached full is also read")."""
+    import gear_compile
+
+    def window_then_entries(q, past, new, entries):
+        full = torch.cat([past, new], dim=-2)
+        kv = torch.cat([full, entries], dim=2)
+        out = torch.nn.functional.scaled_dot_product_attention(q, kv, kv)
+        return out, full[:, :, -7:, :]
+
+    args = (torch.randn(1, 2, 1, 16), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 1, 16), torch.randn(1, 2, 3, 16))
+    report = gear_compile.explain(window_then_entries, *args, method="none", inductor=False)
+    assert report.sites and not any(s.rewritten for s in report.sites), report.text()
+    assert "no single cache's append is attended" in report.text(), report.text()
+    got = torch.compile(window_then_entries, backend="gear", options={"method": "none", "inductor": False})(*args)
+    for g, e in zip(got, window_then_entries(*args)):
+        torch.testing.assert_close(g, e)

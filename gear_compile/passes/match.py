@@ -364,7 +364,7 @@ def _attach_kv(site: AttentionSite, key, value):
     site.key, site.value = kv_append(k["kv"]), kv_append(v["kv"])
     reason = _from_appends(site, k["kv"], v["kv"])
     for append in (site.key, site.value):
-        reason = reason or _only_appended(site, append) or _stored_back(site, append)
+        reason = reason or _nested(append) or _only_appended(site, append) or _stored_back(site, append)
     site.reason = reason or _consistent(site)
     if site.reason:
         return
@@ -384,6 +384,18 @@ def _from_appends(site: AttentionSite, k_src, v_src) -> str | None:
         return ("K/V come from a StaticCache (index_copy_ into a cache-owned buffer): "
                 "that buffer is not a graph output, so it stays exact")
     return f"K/V do not come from a KV-append (found {src.name if isinstance(src, fx.Node) else src})"
+
+
+def _nested(append: KVAppend) -> str | None:
+    """The attended K/V are an append (the cache's past and new tokens)
+    concatenated along the sequence with something else (DeepSeek V4: a
+    sliding window's keys, then the compressor's long-range entries, cached
+    apart): no one cache's append is what the attention reads."""
+    if append is not None and kv_append(append.past) is not None:
+        return (f"K/V are the cache's append {append.past.name} concatenated with {getattr(append.new, 'name', append.new)} "
+                f"along the sequence (entries cached apart, e.g. DeepSeek V4's compressed long-range KV "
+                f"after its sliding window): no single cache's append is attended; left exact")
+    return None
 
 
 def _only_appended(site: AttentionSite, append: KVAppend) -> str | None:
