@@ -125,16 +125,15 @@ def meta_store(cfg, kind: str, B: int, H: int, L: int, D: int):
     """A store shaped as decode_attention.build_store makes it (a prompt of
     L - DECODE tokens, room grown for DECODE more), on the meta device: the
     launcher reads only shapes (its grid depends on nothing else)."""
-    from gear_compile.config import codec_of
+    from gear_compile.codec import resolve
     from gear_compile.store import KVStore, StoreLayout
 
-    config = codec_of(cfg).for_head_dim(D)
-    prompt = L - bench.DECODE
-    n_pre = config.prefill_tokens(prompt)
-    layout = StoreLayout.build(config, kind, D, torch.float16, n_pre, config.sinks(n_pre))
+    codec = resolve(cfg, D)
+    split = codec.split(L - bench.DECODE)
+    layout = StoreLayout.build(codec, kind, D, torch.float16, split.prefill, split.sinks)
     tensors = [torch.empty(shape, dtype=dtype, device="meta")
-               for shape, dtype in layout.shapes(B, H, config.decode_capacity_for(0))]
-    store = KVStore(cfg, kind, tensors, [n_pre, 0, prompt - n_pre])
+               for shape, dtype in layout.shapes(B, H, codec.decode_capacity_for(0))]
+    store = KVStore(cfg, kind, tensors, [split.prefill, 0, split.buffer])
     store.grow(bench.DECODE)
     return store
 

@@ -49,6 +49,7 @@ import time
 import torch
 
 from gear_compile.store import BYTE_KINDS, KVStore
+from gear_compile.codec import Codec, resolve
 from gear_compile.config import GearConfig
 from gear_compile.lowrank import relative_error
 
@@ -83,16 +84,16 @@ def kv_like(heads, tokens, head_dim, seed=0):
     return k.half(), v.half()
 
 
-def needed_capacity(config: GearConfig, prefill: int, generate: int) -> int:
+def needed_capacity(config: Codec, prefill: int, generate: int) -> int:
     """Decode tokens the run will flush into the decode segment."""
-    left = prefill - config.prefill_tokens(prefill)
+    left = config.split(prefill).buffer
     return (left + generate) // config.block_size * config.block_size
 
 
 def build(x, options, kind, prefill, capacity):
     """Prefill then append the rest one token at a time, as decoding does."""
     generate = x.shape[2] - prefill
-    config = GearConfig(**options).for_head_dim(x.shape[-1])      # the defaults the backend would choose
+    config = resolve(GearConfig(**options), x.shape[-1])      # the defaults the backend would choose
     reserve = needed_capacity(config, prefill, generate) if capacity == "needed" else int(capacity)
     config = dataclasses.replace(config, decode_capacity=max(1, reserve))
     store = KVStore.from_prefill(x[:, :, :prefill], config, kind)

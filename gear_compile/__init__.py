@@ -9,7 +9,28 @@ The whole user surface:
     gear_compile.kv_breakdown(cache)                       # ... used vs reserved, by kind
     gear_compile.lorc.calibrate(model, input_ids)          # before compiling with lorc > 0
 
-Options are documented on `GearConfig`. Modules: `config` (options),
+Options are documented on `GearConfig`.
+
+Glossary (one name each, used through the package, tests and benchmarks):
+  block      n_b tokens compressed together (`block_size`; the option is
+             `buffer_size`, as the paper's streaming buffer holds one block)
+  buffer     the exact newest tokens of a store, at most one block
+  backbone   the quantizer under GEAR (`quantizer`: kcvt, kivi, per_token)
+  group      g tokens (channel-axis stats) or channels (token-axis stats)
+             sharing one (scale, zero)
+  outliers   the sparse part: `outlier_ratio` s of each vector, s/2 a side
+  low rank   L = A B^T of a block's residual, rank r_p (prefill) / r_g (decode)
+  segment    uniformly compressed blocks (`segment`): the prefill block, or
+             the decode blocks; a store is two segments, a buffer, its sinks
+             and lengths
+  parts      the stored tensors of a segment (codes, scale, zero, lr_*, out_*)
+  sinks      a store's first tokens held exact (`sink_tokens`); not the
+             per-head logits some models add to the softmax (gpt-oss's),
+             which the attention ops take as `sink_logits`
+  codec      the options resolved for one head dim (`codec.Codec`)
+  rotated    a store holding x R, R an orthogonal per-head rotation (`rotate`)
+
+Modules: `config` (options), `codec` (options resolved for a head dim),
 `packing`/`quantize`/`outliers`/`lowrank`/`segment` (the codec), `rotation` (the
 `rotate` option), `store`
 (a layer's K or V store and its layout), `compressed_kv` (the cache tensor),
@@ -56,7 +77,7 @@ def compile(model, dynamic: bool | None = None, **options):
     if config.lorc and config.lorc_basis == "calibrated":
         lorc.require_calibration(list(model.parameters()))     # before compiling, not at the first call
     original = getattr(model.forward, "_torchdynamo_orig_callable", model.forward)
-    compiled = torch.compile(original, backend="gear", dynamic=dynamic, options=_as_options(config))
+    compiled = torch.compile(original, backend="gear", dynamic=dynamic, options=config.as_options())
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
@@ -70,7 +91,3 @@ def compile(model, dynamic: bool | None = None, **options):
         model.generate = static_generate(model, getattr(model.generate, "_gear_original", model.generate))
     return model
 
-
-def _as_options(config: GearConfig) -> dict:
-    import dataclasses
-    return dataclasses.asdict(config)

@@ -24,7 +24,7 @@ import pathlib
 import torch
 import torch.fx as fx
 
-from . import ops  # noqa: F401  (registers the gear ops)
+from . import codec, ops  # noqa: F401  (ops registers the gear ops)
 from .config import GearConfig
 from .passes import lorc as lorc_pass
 from .passes.match import _value, find_sites
@@ -46,7 +46,7 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
     config = _for_sites(GearConfig.from_options(options), sites)
     unfit = []
     for site in sites:
-        if site.rewritable and (reason := config.unfit(site.head_dim)):
+        if site.rewritable and (reason := codec.unfit(config, site.head_dim)):
             site.rewritable, site.reason = False, reason
             unfit.append(site)
     if unfit and not any(s.rewritable for s in sites):

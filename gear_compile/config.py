@@ -1,31 +1,20 @@
 """Options of the gear backend: two frozen, validated objects.
 
-`CodecConfig` is what a compressed store is: method, bits, groups, ranks,
-outliers, block and buffer sizes. Stores, the custom ops and the cache tensor
-carry it (as JSON), and every layout derives from it. `GearConfig` adds the
-options that only shape compilation (`inductor`, `kernel`, `dump_graphs`,
-`lorc`, `lorc_schedule`); `GearConfig.codec` drops them, so changing one of
-them never changes what a graph's ops or guards see.
+`CodecConfig` holds the options of what a compressed store is: method, bits,
+groups, ranks, outliers, block and buffer sizes. Stores, the custom ops and
+the cache tensor carry it (as JSON). Two of its options default by head dim;
+`codec.resolve(config, head_dim)` chooses them and gives the `Codec` every
+layout derives from. `GearConfig` adds the options that only shape
+compilation (`inductor`, `kernel`, `dump_graphs`, the `lorc_*` options);
+`GearConfig.codec` drops them, so changing one of them never changes what a
+graph's ops or guards see.
 `GearConfig.from_options(dict)` is the only door from user options (the dict
 that `torch.compile(..., options=...)` hands the backend) into the package.
-Every other module reads the derived fields (`key_spec`, `value_spec`,
-`block_size`, ...) and never re-interprets method names.
-
-Glossary (one name each):
-  block      n_b tokens compressed together (`block_size`; the option is
-             `buffer_size`, as the paper's streaming buffer holds one block)
-  buffer     the exact newest tokens of a store, at most one block
-  backbone   the quantizer under GEAR (`quantizer`: kcvt, kivi, per_token)
-  group      g tokens (channel-axis stats) or channels (token-axis stats)
-             sharing one (scale, zero)
-  outliers   the sparse part: `outlier_ratio` s of each vector, s/2 a side
-  low rank   L = A B^T of a block's residual, rank r_p (prefill) / r_g (decode)
-  segment    uniformly compressed blocks (`segment`): the prefill block, or
-             the decode blocks; a store is two segments, a buffer and lengths
-  parts      the stored tensors of a segment (codes, scale, zero, lr_*, out_*)
-  rotated    a store holding x R, R an orthogonal per-head rotation (`rotate`)
-Neighbours: `segment` (compresses with a `QuantSpec`), `store` (block
-and buffer sizes), `backend` (parses options).
+Every other module reads the derived fields (`quantizer`, `block_size`, a
+`Codec`'s specs, ...) and never re-interprets method names. The package's
+docstring holds the glossary of names.
+Neighbours: `codec` (the options resolved for a head dim), `backend` (parses
+options), `explain` (lists them).
 """
 from __future__ import annotations
 
@@ -38,36 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from .lorc import SCHEDULES as LORC_SCHEDULES, USER_BASES as LORC_BASES
-from .packing import ceil_div
 
 METHODS = ("gear", "gear_l", "kcvt", "kivi", "per_token", "none")
 BACKBONES = ("kcvt", "kivi", "per_token")
 BITS = (2, 4, 8)
 KERNELS = ("auto", "cpu", "triton", "torch")
 ROTATIONS = ("none", "k", "v", "kv")
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one of K or V is quantized.
-
-    axis="channel": statistics over tokens, one (scale, zero) per channel per
-    token group of `group` tokens (None: the whole block). axis="token": one
-    (scale, zero) per token per group of `group` channels (None: the whole head
-    dim). bits=16 means "stored exactly" (method none).
-    """
-
-    bits: int
-    axis: str
-    group: int | None
-
-    def unfit(self, head_dim: int) -> str | None:
-        """Why heads of `head_dim` cannot be stored with this spec (None: they
-        can). The one rule: per-token statistics over groups of `group`
-        channels need the group to divide the head dim."""
-        if self.axis == "token" and self.group and head_dim % self.group:
-            return f"group_size {self.group} does not divide head_dim {head_dim}"
-        return None
 
 
 @dataclass(frozen=True)
@@ -249,57 +214,6 @@ class CodecConfig:
             return self.buffer_size
         return 20 if self.quantizer in ("kcvt", "none") else self.group
 
-    @property
-    def initial_decode_capacity(self) -> int:
-        """decode_capacity rounded up to whole blocks, at least two: a part with
-        one row per block would otherwise start with a size-1 dim, which
-        Dynamo specialises, and recompile at the first growth."""
-        return max(2, ceil_div(self.decode_capacity, self.block_size)) * self.block_size
-
-    def decode_capacity_for(self, tokens: int) -> int:
-        """The decode capacity of a store whose prefill put `tokens` (whole
-        blocks) into decode blocks: the initial one, or room for one more block."""
-        return max(self.initial_decode_capacity, tokens + self.block_size)
-
-    def streamed_tokens(self, n: int) -> int:
-        """How many of n prefill tokens a streamed prefill (a sliding-window
-        layer's: no prefill block) compresses at once: its whole n_b blocks."""
-        return n // self.block_size * self.block_size
-
-    def key_spec(self) -> QuantSpec:
-        q = self.quantizer
-        if q == "none":
-            return QuantSpec(16, "token", None)
-        if q == "kcvt":
-            return QuantSpec(self.bits, "channel", None)
-        if q == "kivi":
-            return QuantSpec(self.bits, "channel", self.group)
-        return QuantSpec(self.bits, "token", self.group)
-
-    def value_spec(self) -> QuantSpec:
-        q = self.quantizer
-        if q == "none":
-            return QuantSpec(16, "token", None)
-        if q == "kcvt":
-            return QuantSpec(self.bits, "token", None)
-        return QuantSpec(self.bits, "token", self.group)
-
-    def unfit(self, head_dim: int) -> str | None:
-        """Why these options cannot store heads of `head_dim` (None: they can).
-        A site whose heads do not fit is left exact and reported with this."""
-        config = self.for_head_dim(head_dim)
-        for name in ("rank_prefill", "rank_decode"):
-            if config.uses_low_rank and getattr(config, name) > head_dim:
-                return (f"{name}={getattr(config, name)} exceeds head_dim {head_dim} (a residual of "
-                        f"{head_dim}-channel heads has at most that rank); {name}={head_dim} or less fits; "
-                        f"left exact")
-        for kind, spec in (("K", config.key_spec()), ("V", config.value_spec())):
-            if why := spec.unfit(head_dim):
-                divisors = [g for g in (64, 32, 16, 8) if head_dim % g == 0]
-                hint = f"; group_size={divisors[0]} fits" if divisors else ""
-                return f"{why} ({self.quantizer} groups {kind}'s channels){hint}; left exact"
-        return None
-
     def held_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype a store holds exact values in (the streaming buffer) for
         K/V of `dtype`: fp32 K/V in fp16 when compressing, since the codec's
@@ -326,13 +240,6 @@ class CodecConfig:
                        f"prefill block, so none of the prompt is compressed (sinks are the first few "
                        f"tokens; the default is 4)")
         return min(self.sink_tokens, prefill_block)
-
-    def prefill_tokens(self, n: int) -> int:
-        """How many of n prefill tokens form the prefill block (the rest go to the
-        buffer): kivi needs whole token groups, the others take all."""
-        if self.quantizer == "kivi":
-            return n // self.group * self.group
-        return n
 
     def describe(self) -> str:
         """The options in the paper's terms; sinks and rotation only where
@@ -365,9 +272,9 @@ class CodecConfig:
     @property
     def rank_unit(self) -> int:
         """LoRC ranks are multiples of this: 8, or the channel group of a
-        codec that groups channels (the latent is its head dim)."""
-        groups = [s.group for s in (self.key_spec(), self.value_spec()) if s.axis == "token" and s.group]
-        return max([8] + groups)
+        codec that groups channels (kivi's V, per_token's K and V: the
+        latent is their head dim)."""
+        return max(8, self.group) if self.quantizer in ("kivi", "per_token") else 8
 
 
 COMPILE_OPTIONS = ("inductor", "kernel", "dump_graphs", "lorc", "lorc_schedule", "lorc_sinks", "lorc_basis")
@@ -440,6 +347,11 @@ class GearConfig(CodecConfig):
         if unknown:
             raise ValueError(f"gear options: unknown option(s) {unknown}; valid options are {valid}.")
         return cls(**merged)
+
+    def as_options(self) -> dict:
+        """The options dict `from_options` turns back into this config: what
+        `torch.compile(..., backend="gear", options=...)` takes."""
+        return dataclasses.asdict(self)
 
     @property
     def codec(self) -> CodecConfig:

@@ -50,7 +50,7 @@ def explain(model_or_fn, *example_inputs, **options) -> Explanation:
     any function (called with example_inputs). options: see GearConfig.
     """
     config = GearConfig.from_options(options)
-    opts = {k: getattr(config, k) for k in config.__dataclass_fields__}
+    opts = config.as_options()
     torch._dynamo.reset()
     with collect() as reports, torch.no_grad():
         if hasattr(model_or_fn, "config") and hasattr(model_or_fn, "forward"):

@@ -5,7 +5,7 @@ orthonormalising A by QR at each iteration (subspace iteration; Vogels et al.,
 the paper's Algorithm 2). The start matrix is a fixed pseudo-random pattern, so
 compression is deterministic and needs no RNG state on any device.
 Neighbours: `segment` (stores A token-major and B per block, both int8, with
-the columns' scales per block: `pack`).
+the columns' scales per block: `to_int8`; `product` rebuilds L).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def power_iteration(residual: torch.Tensor, rank: int, iters: int):
     return A, B
 
 
-def pack(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def to_int8(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A [..., n, r] and B [..., d, r] as int8 with one fp32 scale per column
     pair: A B^T = A8 diag(s) B8^T. Each column of A and of B is scaled to
     [-127, 127]; s [..., r] is the product of the two columns' steps. A costs
@@ -54,8 +54,8 @@ def pack(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return a8, b8, top_a * top_b / (127.0 * 127.0)
 
 
-def unpack(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """A8 diag(s) B8^T in fp32: [..., n, d] from `pack`'s factors."""
+def product(a8: torch.Tensor, b8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A8 diag(s) B8^T in fp32: [..., n, d] from `to_int8`'s factors."""
     return (a8.float() * scale[..., None, :]) @ b8.float().transpose(-1, -2)
 
 

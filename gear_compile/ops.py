@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import rotation
+from .codec import resolve
 from .config import CodecConfig, GearConfig, codec_of
 from .store import KVStore, StoreLayout
 
@@ -53,11 +54,11 @@ def kv_prefill(x: torch.Tensor, config: str, kind: str, streamed: bool = False) 
 @kv_prefill.register_fake
 def _kv_prefill_fake(x, config, kind, streamed=False):
     B, H, P, D = x.shape
-    cfg = CodecConfig.from_json(config).for_head_dim(D)
+    codec = resolve(CodecConfig.from_json(config), D)
     # The prefill block's outlier count depends on its length: specialise on it.
-    n_pre = 0 if streamed else cfg.prefill_tokens(int(P))
-    layout = StoreLayout.build(cfg, kind, D, x.dtype, n_pre, cfg.sinks(n_pre))
-    shapes = layout.shapes(B, H, cfg.decode_capacity_for(cfg.streamed_tokens(int(P)) if streamed else 0))
+    split = codec.split(int(P), streamed)
+    layout = StoreLayout.build(codec, kind, D, x.dtype, split.prefill, split.sinks)
+    shapes = layout.shapes(B, H, codec.decode_capacity_for(split.decode))
     return [x.new_empty(shape, dtype=dtype) for shape, dtype in shapes]
 
 

@@ -12,7 +12,7 @@ per block; shapes, writing, growing and slicing derive from it):
   lr_a     int8 [B, H, N, r]        low-rank factor A, token-major
   lr_b     int8 [B, H, N/block, D, r]  low-rank factor B, one per block
   lr_s     fp32 [B, H, N/block, r]  per block, the scale of each column pair:
-                                    L = lr_a diag(lr_s) lr_b^T (`lowrank.pack`)
+                                    L = lr_a diag(lr_s) lr_b^T (`lowrank.to_int8`)
   out_val  int8, out_idx            outliers, values as int8 units of their
                                     group's step. V: [B, H, N, 2k] channel
                                     indices per token. K: per block, the
@@ -36,7 +36,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from . import lowrank, outliers, packing
-from .config import QuantSpec
+from .codec import QuantSpec
 from .quantize import FP16_MAX, dequantize as _dequant, quantize as _quant
 
 @dataclass(frozen=True)
@@ -215,7 +215,7 @@ def compress(x: torch.Tensor, layout: SegmentLayout, check_finite: bool = False)
         # NaN over every token and channel of the block
         residual = torch.nan_to_num(xf - approx, nan=0.0, posinf=0.0, neginf=0.0)
         residual = residual.reshape(B, H, nblk, layout.block, D)
-        a, seg.lr_b, seg.lr_s = lowrank.pack(*lowrank.power_iteration(residual, layout.rank,
+        a, seg.lr_b, seg.lr_s = lowrank.to_int8(*lowrank.power_iteration(residual, layout.rank,
                                                                        layout.power_iters))
         seg.lr_a = a.reshape(B, H, N, layout.rank)
     return seg
@@ -288,7 +288,7 @@ def dequantize(seg: Segment, layout: SegmentLayout, tokens: int | None,
                      seg.zero[:, :, :m, :, None]).reshape(B, H, m, D)
     if seg.lr_a is not None:
         a = seg.lr_a[:, :, :m].reshape(B, H, nblk, blk, layout.rank)
-        x = x + lowrank.unpack(a, seg.lr_b[:, :, :nblk], seg.lr_s[:, :, :nblk]).reshape(B, H, m, D)
+        x = x + lowrank.product(a, seg.lr_b[:, :, :nblk], seg.lr_s[:, :, :nblk]).reshape(B, H, m, D)
     return x[:, :, :n].to(dtype)
 
 

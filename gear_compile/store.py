@@ -40,7 +40,8 @@ import torch
 
 from . import outliers
 from .packing import ceil_div
-from .config import CodecConfig, codec_of
+from .codec import Codec, resolve
+from .config import CodecConfig
 from .segment import Segment, SegmentLayout, compress, dequantize
 
 HEAD = ("lengths", "buffer", "sink")
@@ -74,7 +75,7 @@ class StoreLayout:
     def build(cls, config: CodecConfig, kind: str, head_dim: int, dtype: torch.dtype,
               prefill_tokens: int, sink_tokens: int = 0) -> StoreLayout:
         """The layout of a store of K/V of `dtype` (held in `config.held_dtype(dtype)`)."""
-        config = codec_of(config).for_head_dim(head_dim)
+        config = resolve(config, head_dim)
         dtype = config.held_dtype(dtype)
         args = (config, kind, head_dim, dtype, prefill_tokens, sink_tokens)
         if all(isinstance(a, int) for a in (head_dim, prefill_tokens, sink_tokens)):
@@ -122,7 +123,7 @@ class StoreLayout:
 
 
 @functools.lru_cache(maxsize=256)
-def _layout(config: CodecConfig, kind: str, head_dim: int, dtype: torch.dtype,
+def _layout(config: Codec, kind: str, head_dim: int, dtype: torch.dtype,
             prefill_tokens: int, sink_tokens: int) -> StoreLayout:
     spec = config.key_spec() if kind == "k" else config.value_spec()
     s = config.outliers
@@ -153,7 +154,7 @@ class KVStore:
                  counts: list[int] | None = None, logical: tuple[int, int] | None = None,
                  dtype: torch.dtype | None = None):
         buffer, sink, p_codes = tensors[1:len(HEAD) + 1]
-        self.config, self.kind, self.logical = codec_of(config).for_head_dim(buffer.shape[-1]), kind, logical
+        self.config, self.kind, self.logical = resolve(config, buffer.shape[-1]), kind, logical
         self.dtype = dtype or buffer.dtype
         self.layout = StoreLayout.build(config, kind, buffer.shape[-1], buffer.dtype, p_codes.shape[2],
                                         sink.shape[2])
@@ -256,10 +257,9 @@ class KVStore:
         layer, whose oldest blocks then leave the window one at a time:
         `forget`)."""
         B, H, P, D = x.shape
-        config = codec_of(config).for_head_dim(D)
-        n_pre = 0 if streamed else config.prefill_tokens(P)
-        n_dec = config.streamed_tokens(P) if streamed else 0
-        n_sink = config.sinks(n_pre)
+        config = resolve(config, D)
+        split = config.split(P, streamed)
+        n_pre, n_dec, n_sink = split.prefill, split.decode, split.sinks
         layout = StoreLayout.build(config, kind, D, x.dtype, n_pre, n_sink)
         sink = x[:, :, :n_sink].to(layout.dtype, copy=True)
         if n_pre:
@@ -275,7 +275,7 @@ class KVStore:
             decode.write(compress(x[:, :, :n_dec], layout.decode, check_finite=check_finite),
                          layout.decode, 0)
         buffer = x.new_zeros(B, H, layout.buffer_tokens, D, dtype=layout.dtype)
-        rem = P - n_pre - n_dec
+        rem = split.buffer
         buffer[:, :, :rem] = x[:, :, n_pre + n_dec:]
         lengths = torch.tensor([n_pre, n_dec, rem], dtype=torch.int64, device=x.device)
         tensors = [lengths, buffer, sink] + list(prefill.parts().values()) + \
@@ -291,6 +291,16 @@ class KVStore:
         counts[2] += tokens
         self._counts = counts
         return counts[2] >= self.layout.buffer_tokens
+
+    def took_block(self, block: Segment, delta: torch.Tensor) -> None:
+        """Move the buffer's first n_b tokens into the decode segment as
+        `block` (their compressed form): written after the decode tokens, and
+        counted on the host and on the device, where `delta` (`_flush_delta`)
+        updates the lengths without a sync."""
+        n_pre, n_dec, n_buf = self.counts()
+        self.decode.write(block, self.layout.decode, n_dec)
+        self.lengths.add_(delta)
+        self._counts = [n_pre, n_dec + self.layout.decode.block, n_buf - self.layout.decode.block]
 
     def append(self, new: torch.Tensor, check_finite: bool = False) -> None:
         """Push new [B, H, T, D] (any T) through the buffer, compressing each
@@ -429,12 +439,8 @@ def flush_stores(stores: list[KVStore], check_finite: bool = False) -> None:
         batch = group[0].buffer.shape[0]
         delta = _flush_delta(n_b, device)
         for i, store in enumerate(group):
-            part = Segment(**{name: t[i * batch:(i + 1) * batch]
-                              for name, t in packed.parts().items()})
-            n_pre, n_dec, n_buf = store.counts()
-            store.decode.write(part, layout.decode, n_dec)
-            store.lengths.add_(delta)
-            store._counts = [n_pre, n_dec + n_b, n_buf - n_b]
+            store.took_block(Segment(**{name: t[i * batch:(i + 1) * batch]
+                                        for name, t in packed.parts().items()}), delta)
 
 
 @functools.lru_cache(maxsize=16)

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 import gear_compile
-from gear_compile.config import GearConfig
 from gear_compile.models import tiny_model
 from gear_compile.passes.match import EAGER
 from gear_compile.passes.pattern import Call, Capture, match
@@ -188,34 +187,6 @@ def test_heads_the_group_size_does_not_divide_fall_back_instead_of_crashing():
                for s in report.sites), [s.reason for s in report.sites]
     gear_compile.compile(model, method="kivi", bits=2, group_size=64, inductor=False)
     assert torch.equal(model.generate(prompt, max_new_tokens=40, do_sample=False), want)
-
-
-def test_the_default_group_size_follows_the_head_dim_and_a_set_one_is_kept():
-    config = GearConfig(method="kivi", bits=2)
-    assert [config.for_head_dim(d).group_size for d in (32, 64, 128, 256)] == [32, 32, 64, 64]
-    assert GearConfig(method="kivi", bits=2, group_size=64).for_head_dim(32).group_size == 64
-    assert "g by head dim" in config.describe() and "g=32, n_b=32" in config.for_head_dim(64).describe()
-    model = tiny_model("llama", head_dim=32)
-    prompt = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))
-    report = gear_compile.explain(model, prompt, method="kivi", bits=2, inductor=False)
-    assert report.sites and all(s.rewritten for s in report.sites), report.text()
-    assert all(g.config.group_size == 32 for g in report.graphs) and "g=32" in report.text()
-    with pytest.raises(ValueError, match=r"multiple of group_size=32 .*\(group_size=32: the defaults for "
-                                         r"head dim 32; set them to choose others\)"):
-        GearConfig(method="kivi", buffer_size=20).for_head_dim(32)
-
-
-def test_the_4_bit_backbone_is_kivi_where_its_groups_fit_up_to_head_dim_64_else_kcvt():
-    def backbone(d, **options):
-        return GearConfig(**dict(dict(method="gear", bits=4), **options)).for_head_dim(d).quantizer
-    assert [backbone(d) for d in (16, 32, 64, 96, 128)] == ["kcvt", "kivi", "kivi", "kcvt", "kcvt"]
-    assert backbone(64, buffer_size=20) == "kcvt"            # a set buffer_size kivi's groups do not divide
-    assert backbone(64, backbone="kcvt") == "kcvt" and backbone(128, backbone="kivi") == "kivi"
-    assert backbone(16, bits=2) == "kivi" and backbone(64, bits=8) == "kcvt"
-    assert GearConfig(method="gear_l", bits=4).for_head_dim(64).describe() == "gear_l(kivi-4, r=4/2, g=32, n_b=32)"
-    assert GearConfig(method="gear", bits=4).describe() == "gear(4 bits, backbone by head dim, r=4/2, s=0.02)"
-    with pytest.raises(RuntimeError, match="chosen per head dim"):
-        GearConfig(method="gear", bits=4).quantizer
 
 
 def test_a_softmax_over_a_linear_layer_is_not_reported_as_an_attention():

@@ -70,12 +70,3 @@ def test_a_rotated_codec_compiles_to_the_simulation_that_rotates_around_the_stor
     got, _ = decode_logits(gear_compile.compile(tiny_model("llama"), inductor=False, **options), 12)
     assert (sim - plain).abs().max() > 1e-2         # the rotation changes what the codec loses
     torch.testing.assert_close(got, sim, rtol=1e-3, atol=1e-3)
-
-
-def test_the_rotate_option_is_validated_and_described():
-    with pytest.raises(ValueError, match=r"rotate must be one of \['none', 'k', 'v', 'kv'\], got 'q'"):
-        GearConfig(rotate="q")
-    with pytest.raises(ValueError, match="rotate='kv' does not combine with lorc"):
-        GearConfig(rotate="kv", lorc=0.5)
-    assert GearConfig(method="kivi", bits=2, rotate="kv").describe().endswith(", KV rotated")
-    assert "rotate" not in GearConfig().to_json()            # the default keeps stores' JSON as it was

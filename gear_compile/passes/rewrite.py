@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ..codec import resolve
 from ..config import GearConfig
 from ..ops import attention_for
 from ..rotation import rotation
@@ -217,15 +218,14 @@ class _Rewriter:
                 parts = self.graph.call_function(torch.ops.gear.kv_prefill.default,
                                                  (x, self.config.codec.to_json(), kind, False))
                 dtype = _value(proj.pre).dtype
-                n_pre = self.config.prefill_tokens(int(_value(proj.pre).shape[2]))
-                n = len(StoreLayout.build(self.config, kind, proj.rank, dtype, n_pre).names)
+                n = self.prefill_outputs(kind, proj.rank, dtype, _value(proj.pre).shape[2], False)
                 outputs = [self.graph.call_function(operator.getitem, (parts, i)) for i in range(n)]
                 outputs.append(lorc_pass.sinks(self.graph, pre, self.config))
             self.replaced[stored] = (PrefillOut(kind, n + 1, dtype, None, (lo.heads, lo.head_dim)), outputs)
 
     def lorc_decode(self, site: AttentionSite, lo: lorc_pass.LoRCSite) -> None:
         tokens = _value(site.key.new).shape[2]
-        written = 1 if tokens == 1 else 0
+        written = _written(tokens)
         length = self.size(_value(site.key.past).shape[2])
         fold = lorc_pass.folds_values(site, tokens)
         for append, proj, kind in ((site.key, lo.key, "k"), (site.value, lo.value, "v")):
@@ -293,7 +293,7 @@ class _Rewriter:
                 attn = self.graph.call_method("to", (attn, want.dtype))
             attn.meta["example_value"] = want
         out.replace_all_uses_with(attn)
-        written = 1 if tokens == 1 else 0
+        written = _written(tokens)
         for append, past, new in ((site.key, k_past, k_new), (site.value, v_past, v_new)):
             self.replaced[self.node(append.stored)] = (
                 DecodeOut(self.placeholders.index(past), written, append.keep), None if written else new)
@@ -303,8 +303,7 @@ class _Rewriter:
         (`gear::dequantize`) in front of its append (or of a size query read
         before it), which the model reads as before; one new token is then
         written into the store's buffer."""
-        tokens = _value(site.key.new).shape[2]
-        written = 1 if tokens == 1 else 0
+        written = _written(_value(site.key.new).shape[2])
         for append, kind in ((site.key, "k"), (site.value, "v")):
             past, cat, new = self.node(append.past), self.node(append.node), self.node(append.new)
             parts, store = self.inner_placeholders(past), _value(append.past).store
@@ -329,9 +328,16 @@ class _Rewriter:
                 kept = self.rotated(stored, x) if self.config.rotates(kind) else stored
                 parts = self.graph.call_function(torch.ops.gear.kv_prefill.default,
                                                  (kept, self.config.codec.to_json(), kind, windowed))
-            n_pre = 0 if windowed else self.config.prefill_tokens(int(x.shape[2]))
-            n = len(StoreLayout.build(self.config, kind, x.shape[-1], x.dtype, n_pre).names)
+            n = self.prefill_outputs(kind, x.shape[-1], x.dtype, x.shape[2], windowed)
             self.replaced[stored] = (PrefillOut(kind, n, x.dtype, append.keep), parts)
+
+    def prefill_outputs(self, kind: str, head_dim: int, dtype: torch.dtype, prompt_tokens: int,
+                        streamed: bool) -> int:
+        """How many tensors `gear::kv_prefill` returns for this prompt: its
+        store layout's, whose prefill block `Codec.split` sizes."""
+        codec = resolve(self.config, head_dim)
+        prefill = codec.split(int(prompt_tokens), streamed).prefill
+        return len(StoreLayout.build(codec, kind, head_dim, dtype, prefill).names)
 
     def finish(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, RewritePlan]:
         graph, plan = self.graph, RewritePlan()
@@ -437,3 +443,10 @@ def _attr_source(ph: fx.Node, name: str):
     from torch._dynamo.source import AttrSource
     base = getattr(ph, "_dynamo_source", None)
     return AttrSource(base, name) if base is not None else None
+
+
+def _written(tokens) -> int:
+    """Tokens a decode graph writes into a store's buffer itself: a one-token
+    step's; the new tokens of a longer call are returned for the runtime to
+    append (`DecodeOut.written`)."""
+    return 1 if tokens == 1 else 0
