@@ -16,29 +16,30 @@ TINY = ("llama", "mistral", "qwen2", "gpt2", "mqa")
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
-    """A small eval-mode model of `arch` with deterministic random weights."""
+    """A small eval-mode model of `arch` with deterministic random weights.
+    `overrides` go to the config's constructor, so the fields it derives
+    (a head dim from the hidden size, a sliding window's layer types) follow."""
     import transformers as tf
     common = dict(vocab_size=256, max_position_embeddings=1024)
     gqa = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, **common)
     configs = {
-        "llama": lambda: tf.LlamaConfig(**gqa),
-        "mistral": lambda: tf.MistralConfig(**gqa, sliding_window=None),
-        "qwen2": lambda: tf.Qwen2Config(**gqa),
-        "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=1024,
-                                      vocab_size=256, attn_implementation="eager"),
-        "mqa": lambda: tf.GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, n_positions=1024,
-                                           vocab_size=256, multi_query=True),
+        "llama": (tf.LlamaConfig, gqa),
+        "mistral": (tf.MistralConfig, dict(gqa, sliding_window=None)),
+        "qwen2": (tf.Qwen2Config, gqa),
+        "gpt2": (tf.GPT2Config, dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024, vocab_size=256,
+                                     attn_implementation="eager")),
+        "mqa": (tf.GPTBigCodeConfig, dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024, vocab_size=256,
+                                          multi_query=True)),
         # attention sinks (a softmax column; a rescaled output), sliding-window layers
-        "gpt_oss": lambda: tf.GptOssConfig(**gqa, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-                                           sliding_window=64, attn_implementation="eager"),
-        "granite_swa": lambda: tf.GraniteSWAConfig(**gqa, sliding_window=64, attn_implementation="eager"),
+        "gpt_oss": (tf.GptOssConfig, dict(gqa, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                          sliding_window=64, attn_implementation="eager")),
+        "granite_swa": (tf.GraniteSWAConfig, dict(gqa, sliding_window=64, attn_implementation="eager")),
     }
     if arch not in configs:
         raise ValueError(f"tiny_model: arch must be one of {list(configs)}, got {arch!r}.")
-    config = configs[arch]()
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    cls, sizes = configs[arch]
+    config = cls(**dict(sizes, **overrides))
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config).eval()
     model.generation_config.eos_token_id = None

@@ -1,12 +1,22 @@
-"""Helpers shared by the model-level tests: the tiny models' prompt, a
-prefill followed by one call per token, the way decoding feeds a cache, and
-several-token calls with a crop after each, checked against eager."""
+"""Helpers shared by the model-level tests: the tiny models' prompt, greedy
+`generate`, a prefill followed by one call per token, the way decoding feeds
+a cache, and several-token calls with a crop after each, checked against
+eager."""
 import torch
 from transformers import DynamicCache
 
 from gear_compile.hf_compat import cache_kwarg
 
 PROMPT = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1))
+
+
+def greedy(model, ids, steps, **kwargs):
+    """`model.generate` greedily for exactly `steps` new tokens (no EOS stop),
+    without autograd; returns the generate output (`.sequences`, the cache,
+    and `.logits` where `output_logits=True` is passed)."""
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                              return_dict_in_generate=True, **kwargs)
 
 
 def decode_logits(model, steps=0, ids=PROMPT, *, tokens=None, cache=None):

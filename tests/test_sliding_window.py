@@ -18,29 +18,21 @@ import gear_compile
 from gear_compile.compressed_kv import CompressedKV
 from gear_compile.config import GearConfig
 from gear_compile.hf_compat import cache_of
+from gear_compile.models import tiny_model
 from gear_compile.store import KVStore
 
-from decoding import decode_logits
+from decoding import decode_logits, greedy
 from streams import streamed
 
 WINDOW = 16
 
 
 def windowed_model(attn="sdpa"):
-    config = tf.MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                              max_position_embeddings=1024, sliding_window=WINDOW,
-                              attn_implementation=attn)
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
-    return model
+    return tiny_model("mistral", sliding_window=WINDOW, attn_implementation=attn)
 
 
 def generate(model, ids, mask=None, steps=50):
-    with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
-                              return_dict_in_generate=True)
+    return greedy(model, ids, steps, attention_mask=mask)
 
 
 @pytest.mark.parametrize("attn,prompt", [("sdpa", 30), ("sdpa", 7), ("eager", 30)])

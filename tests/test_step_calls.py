@@ -20,7 +20,7 @@ from gear_compile.config import CodecConfig
 from gear_compile.models import tiny_model
 from gear_compile.store import KVStore
 
-from decoding import PROMPT
+from decoding import PROMPT, greedy
 
 N_B = 8
 
@@ -47,9 +47,6 @@ def calls(monkeypatch):
     return seen
 
 
-def _generate(model, new_tokens):
-    with torch.no_grad():
-        model.generate(PROMPT, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
 
 @pytest.mark.parametrize("method, bits", [("gear", 4), ("gear", 2), ("kivi", 2)])
@@ -57,13 +54,13 @@ def test_each_decode_step_makes_one_graph_call_and_wraps_each_store_once(calls, 
     model = gear_compile.compile(tiny_model("llama"), method=method, bits=bits, inductor=False,
                                  buffer_size=N_B, group_size=N_B, sink_tokens=4)
     layers = model.config.num_hidden_layers
-    _generate(model, 2 * N_B + 1)                 # compiles the prefill and decode graphs
+    greedy(model, PROMPT, 2 * N_B + 1)                 # compiles the prefill and decode graphs
     graphs = counters["stats"]["unique_graphs"]
     before = dict(calls)
-    _generate(model, 1)                           # the prefill and its token: no decode step
+    greedy(model, PROMPT, 1)                           # the prefill and its token: no decode step
     short = {k: calls[k] - before[k] for k in calls}
     before = dict(calls)
-    _generate(model, 2 * N_B + 1)                 # the same, then 2 n_b decode steps
+    greedy(model, PROMPT, 2 * N_B + 1)                 # the same, then 2 n_b decode steps
     long = {k: calls[k] - before[k] for k in calls}
     per_two_blocks = {k: long[k] - short[k] for k in calls}
     assert per_two_blocks == {"graph": 2 * N_B, "run": 2 * N_B, "CompressedKV": 2 * N_B * 2 * layers,

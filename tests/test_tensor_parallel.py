@@ -14,22 +14,17 @@ import sys
 
 import pytest
 import torch
-import transformers as tf
 
 import gear_compile
 from gear_compile.hf_compat import cache_of
+from gear_compile.models import tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPT, STEPS, RANKS = 150, 100, 2
 
 
 def tiny_llama():
-    config = tf.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
-    return model
+    return tiny_model("llama", hidden_size=256, intermediate_size=256)
 
 
 def single_process_gear_bytes() -> int:

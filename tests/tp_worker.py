@@ -16,13 +16,11 @@ import transformers as tf
 import gear_compile
 from gear_compile.hf_compat import cache_of
 
-from decoding import decode_logits  # tests/, the script's directory, is on sys.path
+from decoding import decode_logits, greedy  # tests/, the script's directory, is on sys.path
 
 
 def generate(model, ids, steps, **kwargs):
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True, **kwargs)
+    out = greedy(model, ids, steps, output_logits=True, **kwargs)
     return out.sequences[0, ids.shape[1]:].tolist(), torch.stack(out.logits, 1), cache_of(out)
 
 
