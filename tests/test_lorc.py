@@ -466,3 +466,114 @@ def test_two_models_with_different_ranks_in_one_process():
         for model in (first, second):
             model.__dict__.pop("forward", None)
         torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- the fused rebuild
+def _both_paths(monkeypatch, model, run, **options):
+    """run(model) under the fused kernel and under the replay path (K rebuilt
+    in torch over the whole past), same options."""
+    from gear_compile.passes import lorc as lorc_pass
+    out = []
+    for fused in (True, False):
+        monkeypatch.setattr(lorc_pass, "FUSED", fused)
+        _compiled(model, **options)
+        try:
+            out.append(run(model))
+        finally:
+            _uncompile(model)
+    return out
+
+
+CODECS = [{"method": "none"}, {"method": "gear", "bits": 4}]
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=["exact", "gear4"])
+def test_fused_rebuild_equals_replay_with_left_padding(monkeypatch, codec):
+    model = tiny_model("llama")
+    ids = torch.randint(1, 256, (3, 40))
+    mask = torch.ones_like(ids)
+    ids[0, :6], mask[0, :6] = 0, 0
+    ids[2, :3], mask[2, :3] = 0, 0
+
+    def run(m):
+        out = m.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                         output_scores=True, return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.scores, 1)
+
+    (seq_f, sc_f), (seq_r, sc_r) = _both_paths(monkeypatch, model, run, lorc=0.5, lorc_basis="weights", **codec)
+    assert torch.equal(seq_f, seq_r)
+    assert torch.allclose(sc_f, sc_r, atol=1e-4, rtol=0), (sc_f - sc_r).abs().max()
+
+
+def test_fused_rebuild_equals_replay_under_beam_search(monkeypatch):
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 30))
+
+    def run(m):
+        out = m.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True)
+        return out.sequences, out.sequences_scores
+
+    (seq_f, s_f), (seq_r, s_r) = _both_paths(monkeypatch, model, run, method="gear", bits=4, lorc=0.5,
+                                             lorc_basis="weights")
+    assert torch.equal(seq_f, seq_r) and torch.allclose(s_f, s_r, atol=1e-5)
+
+
+def test_fused_rebuild_equals_replay_after_a_crop(monkeypatch):
+    """Decode, crop the cache below where it was (a speculative decoder's
+    rollback, here into the exact sinks' range too), decode on."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (2, 60))
+
+    def run(m):
+        logits, cache = decode_logits(m, ids=ids[:, :30], tokens=ids[:, 30:38])
+        cache.crop(33 - cache.get_seq_length())
+        more, _ = decode_logits(m, ids=ids[:, 33:34], tokens=ids[:, 34:44], cache=cache)
+        cache.crop(3 - cache.get_seq_length())
+        last, _ = decode_logits(m, ids=ids[:, 3:4], tokens=ids[:, 4:10], cache=cache)
+        return torch.cat([logits, more, last], 1)
+
+    fused, replay = _both_paths(monkeypatch, model, run, method="gear", bits=4, lorc=0.5, lorc_basis="weights")
+    assert torch.allclose(fused, replay, atol=1e-4, rtol=0), (fused - replay).abs().max()
+
+
+def _decode_aten_graph(monkeypatch, **options):
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    import gear_compile
+    from gear_compile import backend
+    codes = []
+
+    def capture(gm, example_inputs):
+        codes.append(gm.code)
+        return gm
+
+    monkeypatch.setattr(backend, "_lower", lambda gm, inputs, *rest: aot_module_simplified(
+        gm, inputs, fw_compiler=capture))
+    model = tiny_model("llama")
+    try:
+        decode_logits(gear_compile.compile(model, **options), steps=2)
+    finally:
+        _uncompile(model)
+    return [c for c in codes if "lorc_attention_cpu" in c or "gear.dequantize" in c]
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=["exact", "gear4"])
+def test_the_decode_graph_never_dequantizes_the_latent_store(monkeypatch, codec):
+    (code,) = _decode_aten_graph(monkeypatch, lorc=0.5, lorc_basis="weights", **codec)
+    assert code.count("torch.ops.gear.lorc_attention_cpu.default") == 2        # one per layer
+    assert "gear.dequantize" not in code
+    # the RoPE tables of the past are computed once and shared by the layers
+    assert code.count("torch.ops.aten.cos.default") == 2                      # the new token's, the past's
+
+
+def test_explain_reports_which_path_rebuilds_k():
+    import gear_compile
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 30))
+    for kernel, said in (("auto", "LoRC K rebuilt inside the attention kernel"),
+                         ("torch", "LoRC K rebuilt by replay (dequantize, U^T, RoPE over the past): kernel='torch'")):
+        report = gear_compile.explain(model, ids, method="gear", bits=4, lorc=0.5, lorc_basis="weights",
+                                      kernel=kernel)
+        decode = [s for s in report.sites if s.phase == "decode"]
+        assert decode and all(said in s.reason for s in decode), [s.reason for s in decode]

@@ -526,3 +526,6 @@ TORCH_LIBRARY_IMPL(gear, CPU, m) {
   m.impl("attention_cpu", &gear_cpu::attention_cpu);
   m.impl("paged_attention_cpu", &gear_cpu::paged_attention_cpu);
 }
+
+// LoRC's decode attention, K rebuilt from latents tile by tile (its own header)
+#include "cpu_lorc_attention.h"

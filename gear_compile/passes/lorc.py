@@ -33,6 +33,19 @@ What the rewrite makes of it (`rewrite` calls `latent`, `sinks`, `rebuild_past`,
       fp32 upcast) V is rebuilt like K and the model's attention runs as it
       is. The new tokens' latents are what the graph writes into the buffer.
 
+  decode, fused (the default on CPU, `fused_attention`): the attention is
+      one `gear::lorc_attention_cpu` (kernels/cpu_lorc_attention.h) over the
+      latent stores: per tile, the latent codes are dequantized in registers,
+      times each KV head's U^T, rotated with the past's cos/sin (the graph's
+      own RoPE nodes replayed once per graph at the past's positions, rows of
+      their own), and scored by the head's query heads; V is attended as
+      latents and up-projected once. No whole-store dequantization is left
+      in the step. RoPE forms: rotate-half and interleaved, partial rotary
+      (`RopeForm`, found by running the rotation on a probe). The replay
+      path above stays for what the kernel does not cover (not CPU, another
+      kernel option, attention that is not plain, a rotating codec, another
+      rotation); `explain` says which path each site's K takes and why.
+
 So the cache holds r numbers per token and layer instead of H * d (plus
 the s exact sinks); each decode step pays for K's rebuild, L * r * H * d
 multiply-adds per layer, plus its RoPE, while V's attention reads r + s
@@ -55,6 +68,7 @@ Neighbours: `passes.match` (the sites), `passes.rewrite` (emits the nodes),
 from __future__ import annotations
 
 import operator
+import os
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +85,20 @@ _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 
 
 @dataclass
+class RopeForm:
+    """K's RoPE as the fused kernel applies it: k = k_pre * cos + rot(k_pre) * sin
+    over the first `rotary_dim` channels (the rest pass through); `mode` 1 is
+    rotate-half (rot = [-x2, x1]), 2 interleaved (rot pairs (-x_2i+1, x_2i));
+    `cos` / `sin` the graph's [B, 1, T, rotary_dim] tables of the new tokens,
+    which the decode graph recomputes at the past's positions."""
+
+    mode: int
+    rotary_dim: int
+    cos: fx.Node
+    sin: fx.Node
+
+
+@dataclass
 class Projection:
     """One of K or V of a LoRC site: its linear layer's weight and bias
     placeholders, the [B, H, T, d] node the latent is taken from (k_pre / v),
@@ -82,6 +110,7 @@ class Projection:
     pre: fx.Node
     positions: fx.Node | None = None
     factors: lorc.Factors | None = None
+    rope: RopeForm | str | None = None      # K's rotary form for the fused kernel, or why it has none
 
     @property
     def rank(self) -> int:
@@ -107,13 +136,13 @@ def find(site: AttentionSite) -> LoRCSite | str:
         return "a dense past that is not empty (its K is already rotated)"
     k_new, v_new = site.key.new, site.value.new
     rope = _rope(k_new)
-    k_pre, positions = rope if rope is not None else (k_new, None)
+    k_pre, positions, form = rope if rope is not None else (k_new, None, None)
     if rope is None and not _from_linear(k_new):
         return "K is not a linear layer's output, RoPE'd or not"
     key, value = _projection(k_pre), _projection(v_new)
     if isinstance(key, str) or isinstance(value, str):
         return key if isinstance(key, str) else value
-    key.positions = positions
+    key.positions, key.rope = positions, form
     _, H, T, d = _value(k_pre).shape
     if _value(v_new).shape[1:] != (H, T, d):
         return "V's heads differ from K's"
@@ -150,19 +179,102 @@ def _from_linear(node) -> bool:
 
 
 def _rope(k_new):
-    """k_new = k_pre * cos + rot(k_pre) * sin: (k_pre, the position tensor)."""
-    if not is_call(k_new, operator.add, torch.add) or len(k_new.args) != 2:
+    """k_new = k_pre * cos + rot(k_pre) * sin, or with partial rotary
+    cat([k_pre[..., :rd] * cos + rot(k_pre[..., :rd]) * sin, k_pre[..., rd:]], -1):
+    (k_pre, the position tensor, its `RopeForm` or why the fused kernel
+    cannot apply it)."""
+    full, rd, rotated = None, None, k_new
+    if is_call(k_new, torch.cat) and isinstance(k_new.args[0], (list, tuple)) and len(k_new.args[0]) == 2 \
+            and (k_new.args[1] if len(k_new.args) > 1 else k_new.kwargs.get("dim", 0)) in (-1, 3):
+        rotated, passed = k_new.args[0]
+        cut = _sliced(passed)
+        if cut is None or cut[2] is not None or not _from_linear(cut[0]):
+            return None
+        full, rd = cut[0], cut[1]
+    if not is_call(rotated, operator.add, torch.add) or len(rotated.args) != 2:
         return None
-    products = [a for a in k_new.args if is_call(a, operator.mul, torch.mul)]
+    products = [a for a in rotated.args if is_call(a, operator.mul, torch.mul)]
     if len(products) != 2:
         return None
     for first, second in (products, products[::-1]):
-        for k_pre in first.args:
-            if isinstance(k_pre, fx.Node) and _from_linear(k_pre) and _ancestor(k_pre, second):
-                cos = first.args[1] if first.args[0] is k_pre else first.args[0]
+        for x in first.args:
+            if not isinstance(x, fx.Node):
+                continue
+            if full is None:
+                found, k_pre = _from_linear(x), x
+            else:
+                found, k_pre = _sliced(x) == (full, None, rd), full
+            if found and _ancestor(x, second):
+                cos = first.args[1] if first.args[0] is x else first.args[0]
                 positions = _positions(cos, _value(k_new).shape[2])
-                return (k_pre, positions) if positions is not None else None
+                if positions is None:
+                    return None
+                return k_pre, positions, _form(x, second, cos, int(_value(x).shape[-1]))
     return None
+
+
+def _sliced(node):
+    """node = base[..., a:b] (a or b None): (base, a, b), else None."""
+    if not is_call(node, operator.getitem):
+        return None
+    base, index = node.args
+    if not isinstance(index, tuple) or len(index) != 2 or index[0] is not Ellipsis or \
+            not isinstance(index[1], slice) or index[1].step not in (None, 1):
+        return None
+    return base, index[1].start, index[1].stop
+
+
+def _form(x: fx.Node, second: fx.Node, cos, width: int) -> RopeForm | str:
+    """Which rotation `second` = rot(x) * sin applies, found by running the
+    nodes from x to rot(x) on a probe; RopeForm or why the kernel cannot."""
+    rot = next((a for a in second.args if isinstance(a, fx.Node) and (a is x or _ancestor(x, a))), None)
+    sin = second.args[1] if second.args[0] is rot else second.args[0]
+    if rot is None or not isinstance(sin, fx.Node) or not isinstance(cos, fx.Node):
+        return "its RoPE's cos / sin are not graph values"
+    T = _value(x).shape[2]
+    for table in (cos, sin):
+        shape = tuple(_value(table).shape)
+        if len(shape) != 4 or shape[1] != 1 or shape[3] != width or (shape[2] != T and shape[2] != 1):
+            return f"its RoPE tables {shape} are not [B, 1, T, {width}] (per head or per channel pair)"
+    if width % 2:
+        return "an odd rotary width"
+    shape = [int(d) if isinstance(d, int) else int(d.node.hint) for d in _value(x).shape]
+    probe = torch.arange(1, width + 1, dtype=torch.float32).expand(shape).to(_value(x).dtype)
+    try:
+        out = _run_chain(x, rot, probe)
+    except Exception as err:              # a chain the probe cannot run: keep the replay
+        return f"its rotation could not be probed ({type(err).__name__})"
+    if out is None or tuple(out.shape) != tuple(shape):
+        return "its rotation reads more than K"
+    out = out.float().reshape(-1, width)[0]
+    h = width // 2
+    idx = torch.arange(1, width + 1, dtype=torch.float32)
+    half = torch.cat([-idx[h:], idx[:h]])
+    pairs = torch.stack([-idx[1::2], idx[0::2]], -1).flatten()
+    if torch.equal(out, half):
+        return RopeForm(1, width, cos, sin)
+    if torch.equal(out, pairs):
+        return RopeForm(2, width, cos, sin)
+    return "its rotation is neither rotate-half nor interleaved"
+
+
+def _run_chain(source: fx.Node, target: fx.Node, x: torch.Tensor):
+    """The nodes from `source` to `target` run on x (None if they read
+    anything but source and constants)."""
+    g = fx.Graph()
+    env = {source: g.placeholder("x")}
+    needed = _ancestors(target) | {target}
+    for node in source.graph.nodes:
+        if node in env or node not in needed or not any(i in env for i in node.all_input_nodes):
+            continue
+        if any(i not in env for i in node.all_input_nodes) or node.op not in ("call_function", "call_method"):
+            return None
+        env[node] = g.node_copy(node, lambda n: env[n])
+    if target not in env:
+        return None
+    g.output(env[target])
+    with torch.no_grad():
+        return fx.GraphModule(torch.nn.Module(), g)(x)
 
 
 def _ancestor(a: fx.Node, b: fx.Node, depth: int = 12) -> bool:
@@ -359,11 +471,122 @@ def attend_latent_values(graph: fx.Graph, site: AttentionSite, lo: LoRCSite, q: 
                                               graph.call_function(torch.matmul, (probs, residual))))
 
 
+# ---------------------------------------------------------------- the fused kernel
+# GEAR_LORC_FUSED=0 keeps the replay path everywhere (the tests compare the two).
+FUSED = os.environ.get("GEAR_LORC_FUSED", "1") != "0"
+
+
+def choose_fused(site: AttentionSite, lo: LoRCSite, config: GearConfig, tokens) -> bool:
+    """Whether this decode site runs the fused kernel; the site's reason
+    (what `explain` shows) says which path its K takes, and why not the fused one."""
+    why = fused_reason(site, lo, config, tokens)
+    site.reason += ("; LoRC K rebuilt inside the attention kernel (no dequantized store)" if why is None
+                    else f"; LoRC K rebuilt by replay (dequantize, U^T, RoPE over the past): {why}")
+    return why is None
+
+
+def emit_fused(rw, site: AttentionSite, lo: LoRCSite, length, written: int) -> None:
+    """Rewrite the decode site `site` (for `Rewriter.lorc_decode`) as
+    `fused_attention`, its output replacing the attention's."""
+    from .rewrite import DecodeOut
+    out = rw.node(site.output)
+    with rw.graph.inserting_before(out):
+        attn, k_lat, v_lat = fused_attention(rw, site, lo, length, written)
+    out.replace_all_uses_with(attn)
+    for append, new in ((site.key, k_lat), (site.value, v_lat)):
+        past = rw.node(append.past)
+        rw.replaced[rw.node(append.stored)] = (DecodeOut(rw.placeholders.index(past), written),
+                                              None if written else new)
+
+
+def fused_reason(site: AttentionSite, lo: LoRCSite, config: GearConfig, tokens) -> str | None:
+    """Why this decode site's attention cannot run as `gear::lorc_attention_cpu`
+    (K rebuilt tile by tile inside the kernel), or None when it can."""
+    if not FUSED:
+        return "the fused kernel is switched off (GEAR_LORC_FUSED=0)"
+    if _value(site.query).device.type != "cpu":
+        return "not a CPU tensor (the fused rebuild is the C++ kernel's)"
+    if config.kernel not in ("auto", "cpu"):
+        return f"kernel={config.kernel!r}"
+    if not folds_values(site, tokens):
+        return "its attention is not plain (soft cap, sinks of its own, fp32 upcast or a causal past)"
+    if config.rotates("k") or config.rotates("v"):
+        return "the codec rotates its stores"
+    if lo.key.positions is not None and not isinstance(lo.key.rope, RopeForm):
+        return lo.key.rope or "its RoPE form is not recognised"
+    from ..kernels import cpu
+    if not cpu.available():
+        return "the C++ kernel is unavailable"
+    _register_fake()
+    return None
+
+
+def _register_fake():
+    if getattr(_register_fake, "done", False):
+        return
+    torch.library.register_fake("gear::lorc_attention_cpu")(
+        lambda q, *args: torch.empty_like(q))
+    _register_fake.done = True
+
+
+def per_head_up(up: torch.Tensor, site: LoRCSite) -> torch.Tensor:
+    """[H, r, d] fp32: each KV head's rows of U^T."""
+    return up.T.reshape(-1, site.heads, site.head_dim).transpose(0, 1).float().contiguous()
+
+
+def fused_attention(rw, site: AttentionSite, lo: LoRCSite, length, written: int) -> fx.Node:
+    """The site's attention as one `gear::lorc_attention_cpu` over the latent
+    stores (kernel: cpu_lorc_attention.h), the new tokens' latents written
+    after it. `rw` is the `Rewriter`; returns the output node."""
+    graph = rw.graph
+    k_parts = rw.inner_placeholders(rw.node(site.key.past))
+    v_parts = rw.inner_placeholders(rw.node(site.value.past))
+    k_layout, v_layout = (_value(a.past).store.layout for a in (site.key, site.value))
+    q_val = _value(site.query)
+    scale = site.scale if site.scale is not None else q_val.shape[-1] ** -0.5
+    form = lo.key.rope if lo.key.positions is not None else None
+    cos = sin = None
+    if form is not None:
+        cos, sin = _past_tables(rw, form, rw.node(lo.key.positions), length)
+    k_lat = latent(graph, rw.node(lo.key.pre), rw.constant(lo.key.factors.down))
+    v_lat = latent(graph, rw.node(lo.value.pre), rw.constant(lo.value.factors.down))
+    attn = graph.call_function(torch.ops.gear.lorc_attention_cpu.default, (
+        rw.node(site.query), k_parts[:-1], v_parts[:-1], k_parts[-1], v_parts[-1],
+        rw.node(site.key.new), v_lat, rw.constant(per_head_up(lo.key.factors.up, lo)),
+        rw.constant(per_head_up(lo.value.factors.up, lo)), cos, sin, rw.node(site.mask),
+        float(scale), bool(site.is_causal), list(k_layout.kernel_descriptor), list(v_layout.kernel_descriptor),
+        form.mode if form else 0, form.rotary_dim if form else 0))
+    attn.meta["example_value"] = q_val.new_empty(_value(site.output).shape)
+    if written:
+        rw.write_latent(lo.key, "k", k_parts, k_lat)
+        rw.write_latent(lo.value, "v", v_parts, v_lat)
+    return attn, k_lat, v_lat
+
+
+def _past_tables(rw, form: RopeForm, positions: fx.Node, length):
+    """cos and sin [B or 1, 1, length, rotary_dim] at the past's positions
+    (per row: the query's position less the past length, plus 0..L-1), the
+    graph's own RoPE nodes replayed on them; computed once per graph and
+    shared by its layers (their tables are the same nodes)."""
+    tables = rw.__dict__.setdefault("_lorc_tables", {})
+    if positions not in tables:
+        graph = rw.graph
+        first = graph.call_function(operator.getitem, (positions, (Ellipsis, slice(0, 1))))
+        offsets = graph.call_function(torch.arange, (length,), {"device": _value(positions).device})
+        past = graph.call_function(operator.add, (graph.call_function(operator.sub, (first, length)), offsets))
+        tables[positions] = {positions: past}
+    env = tables[positions]
+    return replay(rw.graph, rw.node(form.cos), env), replay(rw.graph, rw.node(form.sin), env)
+
+
 def replay(graph: fx.Graph, target: fx.Node, substitutes: dict) -> fx.Node:
     """A copy of the nodes that lead from `substitutes`' keys to `target`,
-    reading the substitutes instead; returns the copy of `target`."""
+    reading the substitutes instead; returns the copy of `target`. A dict
+    `substitutes` gains the copies, so a later replay from it reuses them."""
+    if target in substitutes:
+        return substitutes[target]
     needed = _ancestors(target) | {target}
-    env = dict(substitutes)
+    env = substitutes
     for node in list(graph.nodes):
         if node in needed and node not in env and any(i in env for i in node.all_input_nodes):
             env[node] = graph.node_copy(node, lambda n: env.get(n, n))

@@ -228,6 +228,8 @@ class _Rewriter:
         written = _written(tokens)
         length = self.size(_value(site.key.past).shape[2])
         fold = lorc_pass.folds_values(site, tokens)
+        if lorc_pass.choose_fused(site, lo, self.config, tokens):     # K rebuilt inside the kernel
+            return lorc_pass.emit_fused(self, site, lo, length, written)
         for append, proj, kind in ((site.key, lo.key, "k"), (site.value, lo.value, "v")):
             past, cat = self.node(append.past), self.node(append.node)
             parts = self.inner_placeholders(past)
