@@ -137,3 +137,6 @@ def test_bad_block_table_is_refused():
     q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 1, 64)
     with pytest.raises(RuntimeError, match="is not in the pool"):
         attend(pool, 0, table, q, k, k, 0.125, kernel="cpu")
+    table.decode_kernel = (ptr, ids, info)
+    with pytest.raises(RuntimeError, match="layer 2 of 2"):
+        attend(pool, L, table, q, k, k, 0.125, kernel="cpu")

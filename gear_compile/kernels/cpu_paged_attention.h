@@ -160,18 +160,22 @@ at::Tensor paged_attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, a
   const int64_t N = P.B, H = P.Hkv, T = P.T, D = P.D;
   const int64_t layers = tail.size(1), n = tail.size(4), s = sink.size(4), sum_t = kn.size(1);
   TORCH_CHECK(codes.size(0) % layers == 0, "gear paged_attention_cpu: slab rows must be pages * layers");
+  TORCH_CHECK(layer >= 0 && layer < layers, "gear paged_attention_cpu: layer ", layer, " of ", layers);
   TORCH_CHECK(page_ptr.numel() == N + 1 && row_info.numel() == N * 4,
               "gear paged_attention_cpu: page_ptr [N + 1] and row_info [N, 4] for ", N, " rows");
   const int64_t* pp = page_ptr.data_ptr<int64_t>();
   const int64_t* ids = page_ids.data_ptr<int64_t>();
   const int64_t* info = row_info.data_ptr<int64_t>();
   const int64_t n_pages = codes.size(0) / layers;
+  TORCH_CHECK(pp[0] == 0 && pp[N] <= page_ids.numel(), "gear paged_attention_cpu: page_ptr must start at 0 and "
+              "end within page_ids");
 
   // each row's positions; the split: a whole number of pages, about four items a thread
   std::vector<int64_t> totals(N);
   int64_t work = 0;
   for (int64_t r = 0; r < N; ++r) {
     const int64_t np = pp[r + 1] - pp[r], tl = info[r * 4 + 1], start = info[r * 4 + 3];
+    TORCH_CHECK(np >= 0, "gear paged_attention_cpu: page_ptr must not decrease (row ", r, ")");
     TORCH_CHECK(tl >= 0 && tl <= n && start >= 0 && start + T <= sum_t && info[r * 4] >= 0 &&
                 info[r * 4] < tail.size(0), "gear paged_attention_cpu: row ", r, " reads past its tail slot or "
                 "its new tokens");
