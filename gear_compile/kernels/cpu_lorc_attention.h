@@ -57,9 +57,16 @@ struct LorcPlan {
 
 }  // namespace gear_cpu
 
+// The rebuild's register block per set: GEAR_LORC_VW floats a vector, GEAR_LORC_NV
+// vectors of a K row per token (AVX-512: 4 tokens x 64 channels in 16 of its 32
+// registers; AVX2: 4 x 16 in 8 of 16).
 namespace gear_cpu::scalar {
 #define GEAR_LORC_WALK
+#define GEAR_LORC_VW 4
+#define GEAR_LORC_NV 2
 #include "cpu_lorc_attention.h"
+#undef GEAR_LORC_VW
+#undef GEAR_LORC_NV
 #undef GEAR_LORC_WALK
 }  // namespace gear_cpu::scalar
 
@@ -68,7 +75,11 @@ namespace gear_cpu::scalar {
 #pragma GCC target("avx2,fma,f16c")
 namespace gear_cpu::avx2 {
 #define GEAR_LORC_WALK
+#define GEAR_LORC_VW 8
+#define GEAR_LORC_NV 2
 #include "cpu_lorc_attention.h"
+#undef GEAR_LORC_VW
+#undef GEAR_LORC_NV
 #undef GEAR_LORC_WALK
 }  // namespace gear_cpu::avx2
 #pragma GCC pop_options
@@ -77,7 +88,11 @@ namespace gear_cpu::avx2 {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace gear_cpu::avx512 {
 #define GEAR_LORC_WALK
+#define GEAR_LORC_VW 16
+#define GEAR_LORC_NV 4
 #include "cpu_lorc_attention.h"
+#undef GEAR_LORC_VW
+#undef GEAR_LORC_NV
 #undef GEAR_LORC_WALK
 }  // namespace gear_cpu::avx512
 #pragma GCC pop_options
@@ -323,6 +338,58 @@ inline void lorc_latent_tile(const Seg& s, bool key, int64_t t0, int n, int widt
   }
 }
 
+// The rebuild K = C U^T of a tile: kt[j][:DP] = sum_k lat[j][k] u[k][:DP]
+// (lat rows ls apart, u and kt rows DP apart; DP a multiple of 16). NR tokens x
+// NV vectors of accumulators stay in registers over the whole rank: per latent
+// entry one broadcast, per U row NV loads, NR * NV multiply-adds (GCC's vector
+// extension, GEAR_LORC_VW floats: one register of the set).
+typedef float lorc_vec __attribute__((vector_size(4 * GEAR_LORC_VW)));
+constexpr int LORC_VW = GEAR_LORC_VW, LORC_NV = GEAR_LORC_NV;
+
+template <int NR, int NV>
+inline void lorc_rebuild_block(const float* lat, int ls, int rk, const float* u, int DP, float* kt) {
+  lorc_vec acc[NR][NV];
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = lorc_vec{};
+  for (int k = 0; k < rk; ++k) {
+    lorc_vec uk[NV];
+    for (int v = 0; v < NV; ++v) std::memcpy(&uk[v], u + k * DP + LORC_VW * v, sizeof(lorc_vec));
+    for (int r = 0; r < NR; ++r) {
+      const float x = lat[r * ls + k];
+      for (int v = 0; v < NV; ++v) acc[r][v] += x * uk[v];
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < NV; ++v) std::memcpy(kt + r * DP + LORC_VW * v, &acc[r][v], sizeof(lorc_vec));
+}
+
+template <int NV>
+inline void lorc_rebuild_rows(const float* lat, int ls, int rows, int rk, const float* u, int DP, float* kt) {
+  switch (rows) {
+    case 4: return lorc_rebuild_block<4, NV>(lat, ls, rk, u, DP, kt);
+    case 3: return lorc_rebuild_block<3, NV>(lat, ls, rk, u, DP, kt);
+    case 2: return lorc_rebuild_block<2, NV>(lat, ls, rk, u, DP, kt);
+    default: return lorc_rebuild_block<1, NV>(lat, ls, rk, u, DP, kt);
+  }
+}
+
+inline void lorc_rebuild(const float* lat, int ls, int n, int rk, const float* u, int DP, float* kt) {
+  for (int j = 0; j < n; j += 4) {
+    const int rows = std::min(4, n - j);
+    for (int d = 0; d < DP;) {
+      const float* lj = lat + j * ls;
+      float* kj = kt + j * DP + d;
+      if ((DP - d) >= LORC_NV * LORC_VW) {
+        lorc_rebuild_rows<LORC_NV>(lj, ls, rows, rk, u + d, DP, kj);
+        d += LORC_NV * LORC_VW;
+      } else {
+        lorc_rebuild_rows<1>(lj, ls, rows, rk, u + d, DP, kj);
+        d += LORC_VW;
+      }
+    }
+  }
+}
+
 // RoPE on the n K rows of the tile (DP apart), cos/sin rows DP.. apart:
 // k * cos + rot(k) * sin over the first rd channels.
 inline void lorc_rope(const LorcProblem& P, float* k, int n, const float* cos, const float* sin) {
@@ -432,9 +499,12 @@ void lorc_run_items(const LorcProblem& P, const LorcPlan& L, float* part) {
         for (int64_t t = a; t < z; t += CHUNK) {
           const int n = static_cast<int>(std::min<int64_t>(CHUNK, z - t));
           const int64_t g0 = L.pos0[sg] + t;                 // global index of the tile's first token
-          lorc_latent_tile(K, true, t, n, P.rk, sc.sk);
-          std::fill(sc.ktile.begin(), sc.ktile.begin() + n * DP, 0.0f);
-          accumulate_tile(sc.sk.tile.data(), sc.sk.ts, n, P.rk, uk, DP, sc.ktile.data(), DP, 0, DP);
+          if (K.exact && K.dtype == at::kFloat) {   // fp32 latents: read in place
+            lorc_rebuild(static_cast<const float*>(K.data) + t * K.W, K.W, n, P.rk, uk, DP, sc.ktile.data());
+          } else {
+            lorc_latent_tile(K, true, t, n, P.rk, sc.sk);
+            lorc_rebuild(sc.sk.tile.data(), sc.sk.ts, n, P.rk, uk, DP, sc.ktile.data());
+          }
           if (P.rope) lorc_rope(P, sc.ktile.data(), n, cos + g0 * P.rd, sin + g0 * P.rd);
           score_tile(sc.q.data(), R, DP, sc.ktile.data(), DP, n, sc.score.data(), CHUNK);
           lorc_softmax(P, L, g0, n, b, kvh, sc, st, lat);
