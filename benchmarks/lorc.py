@@ -29,6 +29,13 @@ the end of the pass (`KVStore.nbytes`, the exact buffer, held in fp16 for
 this fp32 model (`GearConfig.held_dtype`), included, as in quality.md) plus
 LoRC's sinks in the model's fp32.
 Outputs: benchmarks/results/lorc.md and lorc.png.
+
+    python benchmarks/lorc.py --bound                # results/lorc_bound.md
+
+prints instead the machine's measured FMA rate, each LoRC row's rebuild (its
+multiply-adds, its rate and share of the FMA rate, predicted against measured
+tok/s at a 2k prompt) and how many 8k-token sequences each of dense, GEAR-4,
+LoRC-30, GEAR-4 + LoRC-30 and GEAR-4 + LoRC-15 fits in a fixed KV budget.
 """
 from __future__ import annotations
 
@@ -216,6 +223,10 @@ def main(argv=None):
                    help="tokens of the dev passage (never scored) that lorc.calibrate reads")
     p.add_argument("--only", nargs="+", default=None, help="run only these labels (and dense)")
     p.add_argument("--prefix", default="lorc", help="output file prefix under benchmarks/results/")
+    p.add_argument("--score-text", default=qd.NOVEL,
+                   help="the novel scored: emma (same source as the calibration: its VOLUME III) or another "
+                        "of janeaustenr's (persuasion, prideprejudice, sensesensibility, mansfieldpark, "
+                        "northangerabbey): cross-source, calibration still on Emma's VOLUME I")
     p.add_argument("--no-install", action="store_true")
     args = p.parse_args(argv)
 
@@ -232,7 +243,7 @@ def main(argv=None):
     t0 = time.time()
     model, tok = qd.load_model(not args.no_install)
     corpus = qd.Corpus(tok, not args.no_install)
-    ids = corpus.passage("test", args.tokens)
+    ids = scored_ids(corpus, tok, args)
     log(f"lorc: model and text loaded in {time.time() - t0:.0f} s")
     if any(isinstance(m, LoRCMethod) and m.basis != "weights" for _, m in rows):
         t1 = time.time()
@@ -243,7 +254,10 @@ def main(argv=None):
               f"torch {torch.__version__}, transformers {transformers.__version__}, "
               f"python {platform.python_version()}",
               "command: `python " + " ".join([os.path.relpath(__file__, qd.REPO)] + (argv or sys.argv[1:])) + "`",
-              f"text: Emma, test passage (VOLUME III, CHAPTER I onward), first {args.tokens} tokens; "
+              (f"text: Emma, test passage (VOLUME III, CHAPTER I onward), first {args.tokens} tokens "
+               "(same source as the calibration text); " if args.score_text == qd.NOVEL else
+               f"text: {args.score_text} (janeaustenr), from its first chapter, first {args.tokens} tokens "
+               "(cross-source: another book than the calibration text); ") +
               "SmolLM2-135M-Instruct fp32 on CPU; protocol of quality.py (prefill P, then one token at a time)",
               "LoRC runs eagerly (module docstring): latents from k_proj / v_proj hooks, cached exactly or "
               "in GEAR KVStores, K rebuilt then RoPE'd at the cached positions",
@@ -255,7 +269,10 @@ def main(argv=None):
               "sinks: the first tokens kept exact (GearConfig.lorc_sinks)",
               "KV % of fp16: LoRC alone: the latents and sinks in fp16 over the dense K/V in fp16; GEAR and "
               "LoRC + GEAR: bytes the stores hold at the end (the exact buffer in fp16, LoRC's sinks in fp32 "
-              "and reserved decode capacity included)",
+              "and reserved decode capacity included). gear_compile.kv_bytes on a compiled LoRC-alone cache "
+              "is higher than the LoRC-alone figure here because it counts what is allocated: the decode "
+              "segment's reserved capacity and the empty buffer too (kv_breakdown's 'unused capacity' and "
+              "'buffer empty'); without them the two agree to the ranks (`--bound` prints both)",
               f"GEAR codecs: {', '.join(f'{g} = {GEAR_OPTIONS[g]}' for g in args.gear)}; under LoRC the "
               "latent is one 'head' per layer, its ranks in multiples of the codec's rank_unit at the model's head dim (8; 32 where KIVI groups 32 channels)"]
     results, plans = {}, {}
@@ -270,6 +287,20 @@ def main(argv=None):
             m.teardown(model)
         write_outputs(args, header, results, plans, model)
     log(f"lorc: done in {time.time() - t0:.0f} s")
+
+
+def scored_ids(corpus, tokenizer, args):
+    """[1, tokens] of the scored text: Emma's test passage, or (cross-source)
+    another novel from its first chapter heading on."""
+    if args.score_text == qd.NOVEL:
+        return corpus.passage("test", args.tokens)
+    text = qd.paragraphs(qd.novel_lines(args.score_text, not args.no_install))
+    starts = [i for i in (text.find("CHAPTER 1"), text.find("Chapter 1"), text.find("CHAPTER I")) if i >= 0]
+    start = min(starts) if starts else 0
+    ids = tokenizer(text[start:start + 200_000], return_tensors="pt", add_special_tokens=False).input_ids
+    if ids.shape[1] < args.tokens:
+        raise ValueError(f"{args.score_text} has only {ids.shape[1]} tokens, asked {args.tokens}")
+    return ids[:, :args.tokens]
 
 
 def write_outputs(args, header, results, plans, model):
@@ -373,5 +404,236 @@ def plot(results, path):
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- the compute bound (--bound)
+# LoRC's K is rebuilt each step: L * r_k * H_kv * d multiply-adds per layer
+# (RoPE makes each position's K its own: nothing folds into q). So its decode
+# speed is bounded by the machine's FMA rate, and what it buys is memory.
+BOUND_METHODS = {
+    "dense": None,
+    "GEAR-4": dict(method="gear", bits=4),
+    "LoRC-30": dict(method="none", lorc=0.3),
+    "GEAR-4 + LoRC-30": dict(method="gear", bits=4, lorc=0.3),
+    "GEAR-4 + LoRC-15": dict(method="gear", bits=4, lorc=0.15),
+}
+BASE_OF = {"LoRC-30": "dense", "GEAR-4 + LoRC-30": "GEAR-4", "GEAR-4 + LoRC-15": "GEAR-4"}
+
+
+def fma_rate(seconds: float = 2.0) -> float:
+    """The machine's fp32 multiply-adds per second on all of torch's threads:
+    the best of repeated 1024^3 sgemms (oneDNN / MKL reach ~90 % of peak)."""
+    import torch
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 1024 ** 3 / best
+
+
+def _median_step(model, ids, steps: int, warmup: int = 3):
+    """Prefill ids, then `steps` greedy one-token calls after `warmup`: the
+    median step in seconds and the cache."""
+    import statistics
+
+    import torch
+    from transformers import DynamicCache
+
+    from gear_compile.hf_compat import cache_kwarg
+    cache = DynamicCache(config=model.config)
+    kw = cache_kwarg(model, cache)
+    times = []
+    with torch.no_grad():
+        out = model(input_ids=ids, **kw, use_cache=True, logits_to_keep=1)
+        for i in range(warmup + steps):
+            nxt = out.logits[:, -1:].argmax(-1)
+            t = time.perf_counter()
+            out = model(input_ids=nxt, **kw, use_cache=True, logits_to_keep=1)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+    return statistics.median(times), cache
+
+
+def _kernel_time(cache, model, repeats: int = 20) -> float:
+    """Seconds a step spends in gear::lorc_attention_cpu: the op run on each
+    layer's latent stores of `cache` with a random query (best of repeats,
+    summed over layers)."""
+    import torch
+
+    from gear_compile.passes import lorc as lorc_pass
+    c = model.config
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    H, Hq = c.num_key_value_heads, c.num_attention_heads
+    total = 0.0
+    for layer in cache.layers:
+        ks, vs = layer.keys.store, layer.values.store
+        B, L = ks.buffer.shape[0], len(ks)
+        rk, rv = ks.buffer.shape[-1], vs.buffer.shape[-1]
+        uk, uv = torch.randn(H, rk, d) / rk ** 0.5, torch.randn(H, rv, d) / rv ** 0.5
+        q, k_new, v_lat = torch.randn(B, Hq, 1, d), torch.randn(B, H, 1, d), torch.randn(B, 1, 1, rv)
+        pos = torch.arange(L, dtype=torch.float32)[None, :, None] * torch.rand(d // 2)
+        cos = torch.cat([pos, pos], -1).cos()[:, None]
+        sin = torch.cat([pos, pos], -1).sin()[:, None]
+        args = (q, ks.tensors()[:-1], vs.tensors()[:-1], ks.lorc_sinks, vs.lorc_sinks, k_new, v_lat, uk, uv,
+                cos, sin, None, d ** -0.5, False, list(ks.layout.kernel_descriptor),
+                list(vs.layout.kernel_descriptor), 1, d)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.ops.gear.lorc_attention_cpu(*args)
+            times.append(time.perf_counter() - t)
+        total += min(times)
+    return total
+
+
+def rebuild_rate(L: int = 2048, heads: int = 3, group: int = 3, d: int = 64, rank: int = 128,
+                 repeats: int = 20) -> float:
+    """The rebuild's own rate, multiply-adds per second: the fused kernel on
+    exact fp32 latent stores at ranks `rank` and 2 * rank (SmolLM2's shape at
+    LoRC-30: r_k ~ 134), the difference in time over the difference in
+    multiply-adds (what the rest of the kernel costs cancels); best of repeats."""
+    import torch
+
+    from gear_compile.config import GearConfig
+    from gear_compile.kernels import cpu
+    from gear_compile.store import KVStore
+    cpu.load()
+    codec = GearConfig(method="none").codec
+    times = []
+    for rk in (rank, 2 * rank):
+        ks = KVStore.from_prefill(torch.randn(1, 1, L, rk), codec, "k")
+        vs = KVStore.from_prefill(torch.randn(1, 1, L, 32), codec, "v")
+        pos = torch.arange(L, dtype=torch.float32)[None, :, None] * torch.rand(d // 2)
+        cos, sin = torch.cat([pos, pos], -1).cos()[:, None], torch.cat([pos, pos], -1).sin()[:, None]
+        args = (torch.randn(1, heads * group, 1, d), ks.tensors(), vs.tensors(), torch.randn(1, heads, 4, d),
+                torch.randn(1, heads, 4, d), torch.randn(1, heads, 1, d), torch.randn(1, 1, 1, 32),
+                torch.randn(heads, rk, d), torch.randn(heads, 32, d), cos, sin, None, d ** -0.5, False,
+                list(ks.layout.kernel_descriptor), list(vs.layout.kernel_descriptor), 1, d)
+        run = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.ops.gear.lorc_attention_cpu(*args)
+            run.append(time.perf_counter() - t)
+        times.append(min(run))
+    extra = times[1] - times[0]
+    return L * rank * heads * d / extra if extra > 0 else float("nan")     # nan: timing noise won
+
+
+def _held_and_used(cache) -> tuple[int, int]:
+    """KV bytes as allocated (`gear_compile.kv_bytes`: the reserved decode
+    capacity and the empty buffer included) and those in use (without them)."""
+    import gear_compile
+    from gear_compile.store import RESERVED_KINDS
+    b = gear_compile.kv_breakdown(cache)
+    return b.held, b.held - sum(b.kinds.get(k, 0) for k in RESERVED_KINDS)
+
+
+def _rebuild_fmas(cache, model) -> int:
+    """K's rebuild per decode step: sum over layers of L * r_k * H_kv * d."""
+    c = model.config
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return sum(len(l.keys.store) * l.keys.store.buffer.shape[-1] * c.num_key_value_heads * d
+               for l in cache.layers)
+
+
+def bound_main(argv=None):
+    p = argparse.ArgumentParser(description="LoRC's compute bound and its capacity under a memory budget")
+    p.add_argument("--bound", action="store_true")
+    p.add_argument("--prompt", type=int, default=2048, help="prompt tokens of the speed rows (batch 1)")
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps per method")
+    p.add_argument("--context", type=int, default=8192, help="context of the capacity rows")
+    p.add_argument("--budget-gib", type=float, default=4.0, help="memory budget for the KV caches")
+    p.add_argument("--calibration-tokens", type=int, default=2048)
+    p.add_argument("--methods", nargs="+", default=list(BOUND_METHODS), choices=list(BOUND_METHODS))
+    p.add_argument("--prefix", default="lorc_bound", help="output file prefix under benchmarks/results/")
+    p.add_argument("--no-install", action="store_true")
+    args = p.parse_args(argv)
+    import torch
+    import transformers
+
+    import gear_compile
+    model, tok = qd.load_model(not args.no_install)
+    corpus = qd.Corpus(tok, not args.no_install)
+    if any(BOUND_METHODS[m] and BOUND_METHODS[m].get("lorc") for m in args.methods):
+        gear_compile.lorc.calibrate(model, corpus.passage("dev", args.calibration_tokens))
+    rate = fma_rate()
+    own = rebuild_rate()
+    log(f"bound: measured FMA rate {rate / 1e9:.1f} GFMA/s ({torch.get_num_threads()} threads); "
+        f"the rebuild's own {own / 1e9:.1f} GFMA/s ({100 * own / rate:.0f} %)")
+    prompt = corpus.passage("test", args.prompt)[:, :args.prompt]
+    long = corpus.passage("test", args.context)[:, :args.context]
+    rows = {}
+    for name in args.methods:
+        options = BOUND_METHODS[name]
+        if options is not None:
+            gear_compile.compile(model, **options)
+        try:
+            step, cache = _median_step(model, prompt, args.steps)
+            row = {"step": step, "kv": gear_compile.kv_bytes(cache)}
+            if options and options.get("lorc"):
+                row["fmas"] = _rebuild_fmas(cache, model)
+                row["kernel"] = _kernel_time(cache, model)
+            del cache
+            _, cache = _median_step(model, long, 1, warmup=0)
+            row["kv_context"], row["kv_context_used"] = _held_and_used(cache)
+            del cache
+        finally:
+            model.__dict__.pop("forward", None)
+            torch._dynamo.reset()
+        rows[name] = row
+        log(f"bound: {name}: {1 / row['step']:.2f} tok/s, KV at {args.context}: {row['kv_context'] / 2**20:.1f} MiB")
+    budget = args.budget_gib * 2 ** 30
+    lines = [f"# LoRC's compute bound and capacity: SmolLM2-135M-Instruct (fp32), CPU", "",
+             f"- machine: {cpu_name()}, {torch.get_num_threads()} threads, {platform.platform()}",
+             f"- torch {torch.__version__}, transformers {transformers.__version__}",
+             f"- command: `python benchmarks/lorc.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+             f"- measured FMA rate (fp32 sgemm 1024^3, best of 2 s): **{rate / 1e9:.1f} GFMA/s**",
+             f"- the rebuild's own rate (fused kernel at r_k 128 and 256, 2k tokens, 3 KV heads x 64: the "
+             f"difference in time over the difference in multiply-adds): **{own / 1e9:.1f} GFMA/s, "
+             f"{100 * own / rate:.0f} % of the FMA rate**",
+             "- rebuild: L * r_k * H_kv * d multiply-adds per layer and step (K under RoPE cannot fold into q); "
+             "kernel: the step's gear::lorc_attention_cpu calls, timed alone on the run's stores; "
+             "rebuild rate: rebuild FMAs / kernel time (the whole kernel counted as rebuild: a lower bound); "
+             "predicted: the base method's measured step plus the rebuild at the measured FMA rate",
+             "", f"## Speed (prompt {args.prompt}, batch 1, {args.steps} steps, methods one after another)", "",
+             "| method | tok/s | x dense | rebuild MFMA / step | kernel ms / step | rebuild GFMA/s | % of FMA rate "
+             "| predicted tok/s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    dense = rows.get("dense", {}).get("step")
+    for name, row in rows.items():
+        x = f"{dense / row['step']:.2f}x" if dense else ""
+        if "fmas" in row:
+            achieved = row["fmas"] / row["kernel"]
+            base = rows.get(BASE_OF[name], {}).get("step")
+            pred = f"{1 / (base + row['fmas'] / rate):.2f}" if base else ""
+            lines.append(f"| {name} | {1 / row['step']:.2f} | {x} | {row['fmas'] / 1e6:.1f} | {row['kernel'] * 1e3:.1f} "
+                         f"| {achieved / 1e9:.1f} | {100 * achieved / rate:.0f} % | {pred} |")
+        else:
+            lines.append(f"| {name} | {1 / row['step']:.2f} | {x} | | | | | |")
+    lines += ["", f"## Capacity: sequences of {args.context} tokens in a {args.budget_gib:g} GiB KV budget", "",
+              "| method | KV MiB / sequence, held | in use | held % of dense | sequences that fit (held) "
+              "| x GEAR-4 | fit (in use) | x GEAR-4 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    g4 = rows.get("GEAR-4")
+    for name, row in rows.items():
+        kv, used = row["kv_context"], row["kv_context_used"]
+        ref = f"{(budget // kv) / (budget // g4['kv_context']):.2f}x" if g4 else ""
+        ref_used = f"{(budget // used) / (budget // g4['kv_context_used']):.2f}x" if g4 else ""
+        pct = f"{100 * kv / rows['dense']['kv_context']:.1f} %" if "dense" in rows else ""
+        lines.append(f"| {name} | {kv / 2**20:.1f} | {used / 2**20:.1f} | {pct} | {int(budget // kv)} | {ref} "
+                     f"| {int(budget // used)} | {ref_used} |")
+    lines += ["", "held: `gear_compile.kv_bytes` (as allocated: the dense cache in the model's fp32; the "
+              "stores' reserved decode capacity and empty buffer, the exact buffer and sinks included); "
+              "in use: without the reserved room (`kv_breakdown`'s 'unused capacity' and 'buffer empty'). "
+              "The weights are not in the budget.",
+              "", "Quality of these rows: results/lorc.md (perplexity); LoRC pays where decoding is memory-bound "
+              "(many sequences or long contexts in a fixed memory), not in tok/s at batch 1, where the rebuild's "
+              "multiply-adds are added to a step that dense spends reading K."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(os.path.join(RESULTS, f"{args.prefix}.md"), "w") as f:
+        f.write(text)
+
+
 if __name__ == "__main__":
-    main()
+    bound_main() if "--bound" in sys.argv[1:] else main()
