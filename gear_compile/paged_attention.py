@@ -29,8 +29,11 @@ reads every page, tail and sink where it lies (the store kernel's walk over
 the packed codes; tests/test_paged_kernel.py holds it to `attend` within
 the store kernel's bounds). All decode rows go in one call; a prefill chunk
 with a past in a call of its own (causal among its tokens); a chunk with no
-past is causal SDPA on either path. No Triton paged kernel yet: on CUDA
-`attend` is this reference.
+past is causal SDPA on either path. `attend(..., kernel="triton")`
+(`attend_triton`) runs the Triton paged kernel on CUDA
+(kernels/paged_decode.py, tests/test_paged_triton.py): every decode row in
+one launch reading the pages in the slabs through the table; prefill chunks
+go to this reference.
 Neighbours: `paged` (the pool), `serving` (calls `attend` as transformers'
 attention function).
 """
@@ -143,9 +146,11 @@ def attend(pool: PagedPool, layer: int, table: BlockTable, q: torch.Tensor, k_ne
     """Attention of one layer for a step's rows (`block_table`): q [1, Hq,
     sum T, D], k_new / v_new [1, Hkv, sum T, D] this step's K/V (not yet
     committed). Returns [sum T, Hq, D] in q's dtype. kernel: "torch" (this
-    reference) or "cpu" (`attend_cpu`)."""
+    reference), "cpu" (`attend_cpu`) or "triton" (`attend_triton`)."""
     if kernel == "cpu":
         return attend_cpu(pool, layer, table, q, k_new, v_new, scale)
+    if kernel == "triton":
+        return attend_triton(pool, layer, table, q, k_new, v_new, scale)
     Hq, D = q.shape[1], q.shape[-1]
     H = k_new.shape[1]
     out = q.new_empty(q.shape[2], Hq, D)
@@ -219,6 +224,29 @@ def attend_cpu(pool: PagedPool, layer: int, table: BlockTable, q: torch.Tensor, 
         o = op(qd, k_parts, v_parts, k_desc, v_desc, pool.tail, pool.sink, kn, vn, *table.decode_kernel,
                layer, scale)
         out[tok] = o[:, :, 0]
+    return out
+
+
+def attend_triton(pool: PagedPool, layer: int, table: BlockTable, q: torch.Tensor, k_new: torch.Tensor,
+                  v_new: torch.Tensor, scale: float) -> torch.Tensor:
+    """`attend` with the decode rows by the Triton paged kernel
+    (`kernels.paged_decode.paged_decode`: one launch for all of them, the
+    pages read in the pool's slabs through the table's rows); prefill chunks
+    (a few per step) by the torch reference's `_prefill_row`."""
+    from .kernels.paged_decode import paged_decode
+    Hq, D = q.shape[1], q.shape[-1]
+    out = q.new_empty(q.shape[2], Hq, D)
+    for row in table.prefill:
+        sl = slice(row.start, row.start + row.T)
+        out[sl] = _prefill_row(pool, layer, row, q[0, :, sl], k_new[0, :, sl], v_new[0, :, sl], scale)
+    tok = table.decode_tok
+    if tok.numel():
+        rows = getattr(table, "_triton_rows", None)
+        if rows is None or rows[0].device != q.device:      # once a step: every layer reads the same rows
+            ptr, ids, info = table.decode_kernel
+            rows = table._triton_rows = (*(t.to(q.device) for t in (ptr, ids, info)),
+                                         int((ptr[1:] - ptr[:-1]).max()))
+        out[tok] = paged_decode(pool, layer, q[0, :, tok].transpose(0, 1), k_new[0], v_new[0], *rows, scale)
     return out
 
 

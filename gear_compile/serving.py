@@ -23,11 +23,12 @@ and this module uses exactly those two:
                 layer's queries attend the pool's pages through the block
                 table (`paged_attention.attend`: on the CPU the C++ paged
                 kernel, which reads the pages where they lie, `kernel`
-                "auto"; else the torch reference), then that layer's new
-                K/V are written (`PagedPool.write`: the pages they fill
-                compressed a few at a time) and dropped, so a step never
-                holds every layer's K/V at once; the step's pages and
-                tails were accounted before its first layer
+                "auto"; on CUDA the Triton paged kernel,
+                kernels/paged_decode.py; else the torch reference), then
+                that layer's new K/V are written (`PagedPool.write`: the
+                pages they fill compressed a few at a time) and dropped, so
+                a step never holds every layer's K/V at once; the step's
+                pages and tails were accounted before its first layer
                 (`PagedPool.plan`).
 
 `enable` sets the model's `init_continuous_batching` (an instance attribute)
@@ -91,7 +92,7 @@ class GearPagedCache(cb_cache.PagedAttentionCache):
         self._rows: list[tuple[str, int, int]] = []   # (request, past, new tokens) of the batch being prepared
         self.step_rows: list[tuple[str, int]] = []    # (request, new tokens) of the batch running
         self.table = None                               # its block table (`paged_attention.block_table`)
-        self.kernel = kernel                            # attention's: "cpu" (C++) or "torch" (`_kernel`)
+        self.kernel = kernel                            # attention's: "cpu" (C++), "triton" or "torch" (`_kernel`)
         self.step = []                                  # its writes (`PagedPool.plan`)
         self._new_batch = True
 
@@ -222,14 +223,23 @@ class GearBatchingManager(continuous_api.ContinuousBatchingManager):
 
 def _kernel(kernel: str, device) -> str:
     """The attention kernel for `device`: "auto" picks the C++ kernel on the
-    CPU where it builds, else the torch reference; "cpu" insists on it."""
+    CPU where it builds, the Triton paged kernel (kernels/paged_decode.py) on
+    CUDA, else the torch reference; "cpu" and "triton" insist on theirs."""
+    import os
+
     from .kernels import cpu
+    kind = torch.device(device).type
     if kernel == "auto":
-        return "cpu" if torch.device(device).type == "cpu" and cpu.available() else "torch"
-    if kernel not in ("cpu", "torch"):
-        raise ValueError(f"gear paged pool: kernel must be auto, cpu or torch, got {kernel!r}")
-    if kernel == "cpu" and torch.device(device).type != "cpu":
+        if kind == "cpu":
+            return "cpu" if cpu.available() else "torch"
+        return "triton" if kind == "cuda" else "torch"
+    if kernel not in ("cpu", "torch", "triton"):
+        raise ValueError(f"gear paged pool: kernel must be auto, cpu, triton or torch, got {kernel!r}")
+    if kernel == "cpu" and kind != "cpu":
         raise ValueError("gear paged pool: the C++ paged kernel reads host memory; the model is on " + str(device))
+    if kernel == "triton" and kind != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("gear paged pool: the Triton paged kernel runs on CUDA (or under TRITON_INTERPRET=1); "
+                         "the model is on " + str(device))
     return kernel
 
 
@@ -241,7 +251,8 @@ def enable(model, kv_budget_bytes: int, page_tokens: int | None = None, max_requ
     blocks >= 64; `max_requests` exact tails, or as many as requests of
     `typical_tokens` fill the budget with, by default a quarter of it).
     kernel: attention's ("auto": the C++ paged kernel on the CPU where it
-    builds, else the torch reference; "cpu"; "torch").
+    builds, the Triton paged kernel on CUDA, else the torch reference;
+    "cpu"; "triton"; "torch").
     options: `GearConfig`'s (method, bits, ...). Returns the model."""
     config = GearConfig.from_options(options)
     text = model.config.get_text_config()

@@ -1,0 +1,274 @@
+"""Paged flash-decoding in Triton: decode rows attending over a `PagedPool`'s
+compressed pages, read in place through the block table (issue 31, item 2).
+
+Job: the decode rows of a continuous-batching step (one new token each,
+pasts of any length), each row's queries q [R, Hq, D] against, in position
+order, its exact sinks (pool.sink), its compressed pages (page ids
+`page_ids[page_ptr[r] .. page_ptr[r + 1])`, page p of layer l at batch row
+p * layers + l of every slab part, the decode `SegmentLayout` of
+`pool.layouts[kind]`; the first page's first s places are shadowed by the
+sinks), its exact tail (pool.tail) and its new token (k_new / v_new). The
+torch reference is `paged_attention.attend`; `paged_attention.attend_triton`
+calls this on CUDA.
+
+Algorithm (split-K flash-decoding, one launch plus one combine):
+* Grid (R * Hkv, S) (2S with K outlier records, as `decode_attention`):
+  program (row, KV head, s) reads pages [s * per, (s + 1) * per) of the
+  row's block table, each page a compressed decode segment read by
+  `decode_tiles.compressed_pass` (the store kernel's tile loop: codes
+  dequantized in registers, low-rank and outlier terms fused) with the
+  segment's part pointers moved to that page's (slab row, head)
+  (`decode_attention._segment_parts`), so no page is gathered or
+  dequantized to memory. Program s = 0 also reads the exact sinks, tail and
+  new token (`decode_tiles.exact_pass`). `per` is a runtime int (the rows'
+  longest block table over S), so the compiled kernel serves every step.
+* The G = Hq / Hkv query heads of a KV head are the rows of one [GP, E]
+  query tile: each page tile is read once for all of them.
+* With K outlier records split over several tiles a block (GEAR), programs
+  S + s read the tiles of program s's pages whose records overflow their
+  window (`decode_tiles`' OVERFLOW pass), as partials of their own.
+* Each program writes its normalised partial and log-sum-exp; the store
+  kernel's `_combine_kernel` merges a row's partials.
+Everything the store kernel supports in a decode segment is read: exact
+("none"), KIVI / KCVT / per-token at 2/4/8 bits, GEAR's low rank and K/V
+outliers. Prefill chunks with a past are not handled here (`attend_triton`
+sends them to the reference).
+Neighbours: `decode_tiles` (tile loops), `decode_plan` (constexprs),
+`decode_attention` (segment pointers, combine), `paged` (the pool).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..store import KERNEL_PARTS, StoreLayout
+from . import decode_plan
+from .decode_attention import _combine_kernel, _segment_parts, COMBINE_CHUNK
+from .decode_plan import pow2
+from .decode_tiles import compressed_pass, exact_pass
+
+_LOG2E = 1.4426950408889634
+TILE = 64          # tokens of a page tile at most (a page is whole blocks; tiles never straddle one)
+WARPS, STAGES = 4, 2
+
+
+@triton.jit
+def _query(Q, qrow, ch, ok_g, ok_c, qk_scale, D: tl.constexpr):
+    """This KV head's query rows [GP, E], fp32, times qk_scale (on the
+    extended channel axis of `decode_tiles`)."""
+    return tl.load(Q + qrow[:, None] * D + ch[None, :], mask=ok_g[:, None] & ok_c[None, :],
+                   other=0.0).to(tl.float32) * qk_scale
+
+
+@triton.jit
+def _pages(m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo_p, hi_p, p0, PageIds, use_sinks, n_sink, layer, layers,
+           Hkv, kvh, page_tokens, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
+           d_block, dk_group, dv_group, dk_k2, ch, ok_c, ok_g, cap, Q, mrow,
+           DT: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr,
+           E: tl.constexpr, GP: tl.constexpr, BITS: tl.constexpr, STORE_EXACT: tl.constexpr,
+           K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr, D_R: tl.constexpr, RP: tl.constexpr,
+           D_K_ROW_TILE: tl.constexpr, V_FOLD: tl.constexpr, D_K_OUT: tl.constexpr, CB: tl.constexpr,
+           D_KC: tl.constexpr, VK2: tl.constexpr, OUT_UNIT: tl.constexpr, MAGIC: tl.constexpr,
+           FP32_DOT: tl.constexpr, DBT: tl.constexpr, D_TPB: tl.constexpr, STAGES: tl.constexpr,
+           OVERFLOW: tl.constexpr):
+    """Pages [lo_p, hi_p) of a row's block table (from p0 in PageIds), each a
+    compressed decode segment at slab row page * layers + layer, head kvh,
+    folded into the online-softmax state (OVERFLOW: only the tiles whose K
+    records overflow their window, `decode_tiles`). The first page's first
+    n_sink places are the sinks' (read exact elsewhere)."""
+    items = (page_tokens // d_block) * D_TPB       # tiles of a page
+    for j in range(lo_p, hi_p):
+        page = tl.load(PageIds + p0 + j)
+        seg = (page * layers + layer) * Hkv + kvh      # (slab row, head): int64
+        t_first = tl.where((j == 0) & use_sinks, n_sink, 0)
+        if STORE_EXACT:
+            if not OVERFLOW:
+                m_i, l_i, acc, acc_z = exact_pass(
+                    m_i, l_i, acc, acc_z, q, Kc + seg * page_tokens * D, Vc + seg * page_tokens * D,
+                    0, tl.cdiv(page_tokens, DBT), 0, t_first, page_tokens, 0, ch, ok_c, ok_g, cap, Q, mrow,
+                    0, DT, D, DBT, STAGES, FP32_DOT, False, 0)
+        else:
+            (kc, ks, kz, ka, kb, kls, kov, koi, kop,
+             vc, vs, vz, va, vb, vls, vov, voi) = _segment_parts(
+                seg, page_tokens, page_tokens // d_block, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop,
+                Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi, dk_group, dv_group, dk_k2, D, W, K_CHANNEL, V_CHANNEL,
+                D_R, VK2)
+            m_i, l_i, acc, acc_z = compressed_pass(
+                m_i, l_i, acc, acc_z, q, Qg, qk_scale, 0, items, 0, t_first, page_tokens, 0,
+                kc, ks, kz, ka, kb, kls, kov, koi, kop, vc, vs, vz, va, vb, vls, vov, voi,
+                d_block, dk_group, dv_group, dk_k2 * D, ch, ok_c, ok_g, cap, Q, mrow, 0,
+                DT, D, W, WP, PB, E, GP, DBT, D_TPB, False, BITS, K_CHANNEL, V_CHANNEL, False,
+                D_K_ROW_TILE, V_FOLD, D_R, RP, D_K_OUT, CB, D_KC, VK2,
+                OUT_UNIT, MAGIC, FP32_DOT, False, 0, STAGES, OVERFLOW)
+    return m_i, l_i, acc, acc_z
+
+
+@triton.jit
+def _paged_kernel(
+        Q, PO, PLSE, PagePtr, PageIds, RowInfo, Tail, Sink, Kn, Vn,
+        Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi, Vop,
+        qk_scale, Hkv, S, per, layer, layers, page_tokens, n_sink, sum_t,
+        d_block, dk_group, dv_group, dk_k2,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+        PB: tl.constexpr, E: tl.constexpr, BITS: tl.constexpr, STORE_EXACT: tl.constexpr,
+        K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr, D_R: tl.constexpr, RP: tl.constexpr,
+        D_K_ROW_TILE: tl.constexpr, V_FOLD: tl.constexpr, D_K_OUT: tl.constexpr, CB: tl.constexpr,
+        D_KC: tl.constexpr, VK2: tl.constexpr, OUT_UNIT: tl.constexpr, MAGIC: tl.constexpr,
+        FP32_DOT: tl.constexpr, DBT: tl.constexpr, D_TPB: tl.constexpr, SBT: tl.constexpr,
+        XBT: tl.constexpr, OVER: tl.constexpr, STAGES: tl.constexpr):
+    """Program (row * Hkv + KV head, s): pages [s * per, (s + 1) * per) of
+    the row (s < S), and for s = 0 its sinks, tail and new token; s >= S
+    (OVER): the overflowing K-record tiles of program s - S's pages."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    r = pid // Hkv
+    kvh = pid % Hkv
+    p0 = tl.load(PagePtr + r)
+    n_pages = (tl.load(PagePtr + r + 1) - p0).to(tl.int32)
+    slot = tl.load(RowInfo + r * 4)
+    n_tail = tl.load(RowInfo + r * 4 + 1).to(tl.int32)
+    sinks = tl.load(RowInfo + r * 4 + 2).to(tl.int32)
+    start = tl.load(RowInfo + r * 4 + 3)
+    use_sinks = (sinks != 0) & (n_sink > 0)
+    s_idx = split % S
+    lo_p = tl.minimum(s_idx * per, n_pages)
+    hi_p = tl.minimum(lo_p + per, n_pages)
+
+    Hq = Hkv * G
+    g = tl.arange(0, GP)
+    ok_g = g < G
+    qrow = (r * Hq + kvh * G + g).to(tl.int64)
+    Qg = Q + (r * Hq + kvh * G).to(tl.int64) * D
+    e = tl.arange(0, E)
+    ch = (e // WP) * W + e % WP
+    ok_c = (e % WP < W) & (ch < D)
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    cap = tl.zeros([], tl.float32)
+    mrow = g * 0
+    DT: tl.constexpr = Q.dtype.element_ty
+
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, E], tl.float32)
+    acc_z = tl.zeros([GP], tl.float32)
+    q = _query(Q, qrow, ch, ok_g, ok_c, qk_scale, D)
+    if split < S:
+        m_i, l_i, acc, acc_z = _pages(
+            m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo_p, hi_p, p0, PageIds, use_sinks, n_sink, layer, layers,
+            Hkv, kvh, page_tokens, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
+            d_block, dk_group, dv_group, dk_k2, ch, ok_c, ok_g, cap, Q, mrow,
+            DT, D, W, WP, PB, E, GP, BITS, STORE_EXACT, K_CHANNEL, V_CHANNEL, D_R, RP, D_K_ROW_TILE, V_FOLD,
+            D_K_OUT, CB, D_KC, VK2, OUT_UNIT, MAGIC, FP32_DOT, DBT, D_TPB, STAGES, False)
+        if split == 0:
+            H = Hkv
+            base = ((slot * layers + layer) * 2) * H + kvh          # (slot, layer, K, head): int64
+            if use_sinks:
+                m_i, l_i, acc, acc_z = exact_pass(
+                    m_i, l_i, acc, acc_z, q, Sink + base * n_sink * D, Sink + (base + H) * n_sink * D,
+                    0, tl.cdiv(n_sink, SBT), 0, 0, n_sink, 0, ch, ok_c, ok_g, cap, Q, mrow, 0,
+                    DT, D, SBT, 1, FP32_DOT, False, 0)
+            m_i, l_i, acc, acc_z = exact_pass(
+                m_i, l_i, acc, acc_z, q, Tail + base * page_tokens * D, Tail + (base + H) * page_tokens * D,
+                0, tl.cdiv(n_tail, XBT), 0, 0, n_tail, 0, ch, ok_c, ok_g, cap, Q, mrow, 0,
+                DT, D, XBT, 1, FP32_DOT, False, 0)
+            new = (kvh * sum_t + start) * D
+            m_i, l_i, acc, acc_z = exact_pass(
+                m_i, l_i, acc, acc_z, q, Kn + new, Vn + new, 0, 1, 0, 0, 1, 0, ch, ok_c, ok_g, cap, Q, mrow, 0,
+                DT, D, 16, 1, FP32_DOT, False, 0)
+    else:           # program S + s: the tiles of program s's pages whose K records overflow their window
+        if OVER:
+            m_i, l_i, acc, acc_z = _pages(
+                m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo_p, hi_p, p0, PageIds, use_sinks, n_sink, layer,
+                layers, Hkv, kvh, page_tokens, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls,
+                Vov, Voi, d_block, dk_group, dv_group, dk_k2, ch, ok_c, ok_g, cap, Q, mrow,
+                DT, D, W, WP, PB, E, GP, BITS, STORE_EXACT, K_CHANNEL, V_CHANNEL, D_R, RP, D_K_ROW_TILE,
+                V_FOLD, D_K_OUT, CB, D_KC, VK2, OUT_UNIT, MAGIC, FP32_DOT, DBT, D_TPB, STAGES, True)
+
+    has = l_i > 0
+    o = (acc + acc_z[:, None]) / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    n_slots = tl.num_programs(1)
+    at = qrow * n_slots + split
+    tl.store(PO + at[:, None] * D + ch[None, :], o, mask=ok_g[:, None] & ok_c[None, :])
+    tl.store(PLSE + at, lse, mask=ok_g)
+
+
+def _plan(pool, q_dtype: torch.dtype, heads: int, interpret: bool):
+    """The store kernel's constexprs and scalars for the pool's decode
+    layouts (pages of `page_tokens`: a whole number of decode blocks)."""
+    kl, vl = (StoreLayout.build(pool.config, kind, pool.head_dim, pool.dtype, 0) for kind in "kv")
+    assert kl.decode == pool.layouts["k"] and vl.decode == pool.layouts["v"], "pool and store layouts differ"
+    return decode_plan.plan(kl, vl, q_dtype=q_dtype, heads=heads, kv_heads=pool.heads, prefill_tokens=0,
+                            decode_tokens=pool.page_tokens, sink_tokens=max(1, pool.sink_tokens),
+                            buffer_tokens=pool.page_tokens, new_tokens=1, mask_kind=0, softcap=0.0,
+                            interpret=interpret)
+
+
+CONSTS = ("G", "GP", "D", "W", "WP", "PB", "E", "BITS", "STORE_EXACT", "K_CHANNEL", "V_CHANNEL", "D_R", "RP",
+          "D_K_ROW_TILE", "V_FOLD", "D_K_OUT", "CB", "D_KC", "VK2", "OUT_UNIT", "MAGIC", "FP32_DOT", "DBT",
+          "D_TPB", "SBT", "XBT")
+
+
+def kernel_consts(pool, q_dtype: torch.dtype, heads: int, interpret: bool) -> tuple[dict, dict]:
+    """(constexprs, scalars) of `_paged_kernel` for this pool (OVER apart)."""
+    plan = _plan(pool, q_dtype, heads, interpret)
+    c = {k: plan.consts[k] for k in CONSTS}
+    s = {k: plan.scalars[k] for k in ("d_block", "dk_group", "dv_group")}
+    s["dk_k2"] = plan.scalars["dk_k2"]
+    return c, s
+
+
+def overflow(consts: dict) -> bool:
+    """Whether the launch has overflow programs (K records, several tiles a block)."""
+    return bool(consts["D_K_OUT"] and consts["D_TPB"] > 1)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def paged_decode(pool, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                 page_ptr: torch.Tensor, page_ids: torch.Tensor, row_info: torch.Tensor, max_pages: int,
+                 scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """Decode rows' attention over the pool (module docstring): q [R, Hq, D]
+    (the rows' queries), k_new / v_new [Hkv, sum T, D] (the step's new K/V,
+    row r's token at row_info[r, 3]), page_ptr [R + 1], page_ids, row_info
+    [R, 4] = (slot, tail, sinks in use, start) on q's device (int64),
+    max_pages the longest row's page count. Returns [R, Hq, D] in q's dtype."""
+    R, Hq, D = q.shape
+    H = pool.heads
+    if Hq % H:
+        raise ValueError(f"gear paged decode: {Hq} query heads for {H} KV heads")
+    if not 0 <= layer < pool.layers:
+        raise ValueError(f"gear paged decode: layer {layer} of {pool.layers}")
+    out = torch.empty(R, Hq, D, dtype=q.dtype, device=q.device)     # (q may be a strided view)
+    if R == 0:
+        return out
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    consts, scalars = kernel_consts(pool, q.dtype, Hq, interpret)
+    tiles_per_page = pool.page_tokens // scalars["d_block"] * consts["D_TPB"]
+    if num_splits is None:
+        num_splits = decode_plan.num_splits(R * H, max(1, max_pages) * tiles_per_page, _sm_count(q.device))
+    S = max(1, min(num_splits, max(1, max_pages)))
+    per = max(1, -(-max_pages // S))
+    programs = 2 * S if overflow(consts) else S
+    q = q.contiguous()
+    po = torch.empty(R, Hq, programs, D, dtype=torch.float32, device=q.device)
+    plse = torch.empty(R, Hq, programs, dtype=torch.float32, device=q.device)
+    parts = []
+    for kind in "kv":
+        slab = pool.slabs[kind]
+        parts += [(t if (t := getattr(slab, name, None)) is not None else q) for name in KERNEL_PARTS]
+    args = [q, po, plse, page_ptr, page_ids, row_info, pool.tail, pool.sink, k_new.contiguous(),
+            v_new.contiguous(), *parts, scale * _LOG2E, H, S, per, layer, pool.layers, pool.page_tokens,
+            pool.sink_tokens, k_new.shape[1], *scalars.values()]
+    _paged_kernel[(R * H, programs)](*args, **consts, OVER=programs > S, STAGES=STAGES, num_warps=WARPS,
+                                     num_stages=STAGES)
+    _combine_kernel[(R * Hq,)](po, plse, out, q, programs, Hq, D=D, DP=pow2(D),
+                               SC=min(COMBINE_CHUNK, max(16, pow2(programs))), SINKS=False)
+    return out

@@ -1,0 +1,171 @@
+"""The Triton paged decode kernel (kernels/paged_decode.py, called by
+`paged_attention.attend_triton`) against the torch reference
+(`paged_attention.attend`) over the same pool: varlen decode rows (no past,
+a tail only, a whole page and no tail, many pages split over programs) with
+a prefill chunk beside them (the reference serves it), pages scattered
+through the pool, the exact sinks, GQA 1 / 3 / 4, every codec family the
+pool holds (exact, KIVI, KCVT, per-token, GEAR's low rank and outliers,
+including K-record tiles that overflow their window), the model dtypes.
+Run by the Triton interpreter on the CPU (conftest sets TRITON_INTERPRET=1)
+or compiled on a GPU where one is visible and TRITON_INTERPRET=0.
+
+Bounds: the store kernel's (tests/test_attention_kernels.py, TOL): the
+kernel rounds the dequantized tile and p to the query dtype before each
+tl.dot as the store kernel does; fp32 1e-5, fp16 1e-2, bf16 4e-2."""
+import os
+
+import pytest
+import torch
+
+from gear_compile.config import CodecConfig
+from gear_compile.paged import PagedPool
+from gear_compile.paged_attention import attend, block_table
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+L = 2
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU or TRITON_INTERPRET=1")
+
+
+def scattered_pool(H, D, dtype, lengths, gen, budget=6_000_000, kv=None, **codec):
+    """A pool holding requests r0.. of `lengths`, their pages scattered:
+    filler requests are fed first and some freed, so pages come back out of
+    order. kv: the requests' K/V [L, 2, H, sum lengths, D] (random)."""
+    pool = PagedPool(CodecConfig(**codec), L, H, D, dtype, budget, max_requests=24, device=DEVICE)
+    n = pool.page_tokens
+
+    def feed(rids_lengths, x=None):
+        for rid, m in rids_lengths:
+            assert pool.reserve(rid, m), (rid, m)
+        total = sum(m for _, m in rids_lengths)
+        if x is None:
+            x = torch.randn(L, 2, H, total, D, generator=gen)
+        pool.commit(rids_lengths, x.to(dtype).to(DEVICE))
+
+    feed([(f"f{i}", 2 * n + i) for i in range(5)])
+    for i in (0, 2, 3):
+        pool.free(f"f{i}")
+    feed([(f"r{i}", m) for i, m in enumerate(lengths)], kv)
+    return pool
+
+
+def compare(pool, rows, Hq, dtype, gen, layer=1):
+    H, D = pool.heads, pool.head_dim
+    total = sum(T for _, T in rows)
+    q = torch.randn(1, Hq, total, D, generator=gen).to(dtype).to(DEVICE)
+    k, v = (torch.randn(1, H, total, D, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
+    table = block_table(pool, rows, chunk_pages=3, device=DEVICE)
+    want = attend(pool, layer, table, q, k, v, D ** -0.5)
+    got = attend(pool, layer, table, q, k, v, D ** -0.5, kernel="triton")
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    err = (got.float() - want.float()).abs().max().item()
+    assert err < TOL[dtype], f"max abs error {err:.3g}"
+    return got
+
+
+# (method, bits, H, Hq, D): every codec family, GQA 1 / 3 / 4
+CASES = [("gear", 4, 2, 6, 64), ("gear", 2, 1, 4, 64), ("kivi", 2, 3, 3, 64), ("kivi", 4, 2, 8, 64),
+         ("gear_l", 4, 2, 8, 64), ("kcvt", 4, 2, 6, 64), ("kcvt", 2, 1, 3, 64), ("per_token", 4, 2, 4, 64),
+         ("none", 4, 2, 6, 32)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_decode_rows_of_every_length_beside_a_prefill_chunk(case):
+    method, bits, H, Hq, D = case
+    gen = torch.Generator().manual_seed(0)
+    pool = scattered_pool(H, D, torch.float32, [0, 0, 0, 0, 0, 0, 0], gen, method=method, bits=bits)
+    n = pool.page_tokens
+    lengths = [5, n, n + 1, 2 * n - 1, 6 * n + 7, 3 * n + 2]
+    for i, m in enumerate(lengths):                          # r1..r6 (r0: no past at all)
+        pool.free(f"r{i + 1}")
+        assert pool.reserve(f"r{i + 1}", m)
+    pool.commit([(f"r{i + 1}", m) for i, m in enumerate(lengths)],
+                torch.randn(L, 2, H, sum(lengths), D, generator=gen).to(DEVICE))
+    assert pool.reserve("r0", 0)
+    assert len(pool.pages("r5")) == 6 and pool.tail_tokens("r2") == 0 and pool.tail_tokens("r1") == 5
+    rows = [("r1", 1), ("r0", 1), ("r2", 1), ("r6", 9), ("r3", 1), ("r4", 1), ("r5", 1)]
+    compare(pool, rows, Hq, torch.float32, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method,bits", [("gear", 4), ("kivi", 2)])
+def test_model_dtypes(dtype, method, bits):
+    gen = torch.Generator().manual_seed(1)
+    pool = scattered_pool(2, 64, dtype, [200, 70, 3 * 64], gen, method=method, bits=bits)
+    compare(pool, [("r0", 1), ("r1", 1), ("r2", 1)], 6, dtype, gen)
+
+
+def test_sinks_shadow_the_first_page():
+    """The first page's first s places hold copies of token s; the kernel
+    reads the exact sinks there instead. Changing what the sinks hold moves
+    the kernel's output exactly as it moves the reference's."""
+    gen = torch.Generator().manual_seed(2)
+    pool = scattered_pool(2, 64, torch.float32, [150, 300], gen, method="gear", bits=4)
+    assert pool.sink_tokens > 0
+    rows = [("r0", 1), ("r1", 1)]
+    before = compare(pool, rows, 4, torch.float32, torch.Generator().manual_seed(9))
+    pool.sink.mul_(3.0)
+    after = compare(pool, rows, 4, torch.float32, torch.Generator().manual_seed(9))
+    assert (after - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("splits", [1, 3, 7])
+def test_split_count_does_not_change_the_result(splits):
+    """One long row's pages over 1, 3 or 7 programs, merged by log-sum-exp."""
+    from gear_compile.kernels.paged_decode import paged_decode
+    gen = torch.Generator().manual_seed(4)
+    pool = scattered_pool(1, 64, torch.float32, [9 * 64 + 9, 70], gen, method="kivi", bits=2)
+    rows = [("r0", 1), ("r1", 1)]
+    q = torch.randn(1, 4, 2, 64, generator=gen).to(DEVICE)
+    k, v = (torch.randn(1, 1, 2, 64, generator=gen).to(DEVICE) for _ in range(2))
+    table = block_table(pool, rows, device=DEVICE)
+    want = attend(pool, 0, table, q, k, v, 0.125)
+    ptr, ids, info = (t.to(DEVICE) for t in table.decode_kernel)
+    got = paged_decode(pool, 0, q[0].transpose(0, 1), k[0], v[0], ptr, ids, info, 9, 0.125, num_splits=splits)
+    assert (got - want).abs().max().item() < 1e-5
+
+
+def test_k_records_that_overflow_their_window():
+    """GEAR with 512-token blocks at d 64: a block is four 128-token tiles,
+    each reading a window of K outlier records (1.5x the block's mean,
+    a power of two) smaller than the block's; K whose outliers all lie in a
+    block's first tile overflow it, and the overflow programs read them
+    (none is dropped)."""
+    gen = torch.Generator().manual_seed(6)
+    H, D = 1, 64
+    n = 512
+    total = 2 * n + 3
+    kv = torch.randn(L, 2, H, total, D, generator=gen)
+    kv[:, 0, :, 5:45] *= 8.0                  # every channel's largest values in first-tile tokens
+    kv[:, 0, :, n + 5:n + 20] *= 8.0
+    pool = scattered_pool(H, D, torch.float32, [total], gen, budget=24_000_000, kv=kv, method="gear", bits=4,
+                          buffer_size=n)
+    assert pool.page_tokens == n
+    from gear_compile.kernels.paged_decode import kernel_consts, overflow
+    consts, _ = kernel_consts(pool, torch.float32, 4, INTERPRET)
+    assert overflow(consts) and consts["D_KC"] < pool.slabs["k"].out_val.shape[-1]    # the block's records
+    ptr = pool.slabs["k"].out_ptr[pool.pages("r0")[0] * L + 1, 0, 0]    # layer 1, page 0: first tile's records
+    assert (ptr[128 // 16] - ptr[0]).item() > consts["D_KC"]
+    compare(pool, [("r0", 1)], 4, torch.float32, gen)
+
+
+def test_refusals():
+    from gear_compile import serving
+    from gear_compile.kernels.paged_decode import paged_decode
+    gen = torch.Generator().manual_seed(5)
+    pool = scattered_pool(2, 64, torch.float32, [150], gen, method="gear", bits=4)
+    q = torch.randn(1, 4, 64).to(DEVICE)
+    k = torch.randn(2, 1, 64).to(DEVICE)
+    table = block_table(pool, [("r0", 1)], device=DEVICE)
+    ptr, ids, info = (t.to(DEVICE) for t in table.decode_kernel)
+    with pytest.raises(ValueError, match="layer 2 of 2"):
+        paged_decode(pool, L, q, k, k, ptr, ids, info, 2, 0.125)
+    with pytest.raises(ValueError, match="query heads"):
+        paged_decode(pool, 0, q[:, :3], k, k, ptr, ids, info, 2, 0.125)
+    assert serving._kernel("auto", "cuda") == "triton"
+    assert serving._kernel("auto", "cpu") in ("cpu", "torch")
+    with pytest.raises(ValueError, match="kernel must be"):
+        serving._kernel("cuda", "cpu")
