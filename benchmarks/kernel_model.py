@@ -66,6 +66,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import decode_attention as bench   # noqa: E402  (the byte model and the stores' recipe)
 import kernel_sass                  # noqa: E402
+from gear_compile.kernels import decode_plan   # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -239,9 +240,14 @@ def predict(cfg, method: str, bits: int, moved: int, dense: int, B: int, Hq: int
             continue        # not the main launch, or a config the GPU cannot launch (the autotuner skips it)
         bt = build.constexprs["BT"]
         tiles = B * Hkv * math.ceil(L / bt)
-        iterations = math.ceil(tiles / launch.programs)
-        p = predict_launch(r, launch.programs, iterations, moved / tiles, device)
-        p.update(build=build.name, report=r, programs=launch.programs, iterations=iterations, tile=bt)
+        # with K outlier records, half the grid are overflow programs: each scans its twin's range
+        # for tiles past their record window (rare) and exits; the other half carry the tiles
+        carriers = launch.programs
+        if decode_plan.overflow_programs(build.constexprs):
+            carriers //= 2
+        iterations = math.ceil(tiles / carriers)
+        p = predict_launch(r, carriers, iterations, moved / tiles, device)
+        p.update(build=build.name, report=r, programs=carriers, iterations=iterations, tile=bt)
         if best is None or p["us"] < best["us"]:
             best = p
     best["us"] += (len(launches) - 1) * device.launch_us

@@ -239,15 +239,22 @@ def loops(lines, labels) -> list[tuple[int, int]]:
 def main_loop_of(lines, found) -> tuple[list[str], dict[str, int]]:
     """The main loop's SASS lines and their family counts (with `inner_loops`):
     of the backward branches `found`, the one doing the most tensor-core
-    flops, the first among equals; without tensor-core work anywhere, the
-    longest. ([], {}) without loops."""
+    flops outside the loops nested in it (a rare path that repeats a tile
+    around an inner loop, GEAR's overflow programs, is not the main loop),
+    the first among equals; without tensor-core work anywhere, the longest.
+    ([], {}) without loops."""
     def body(span):
         return [ins for addr, ins in lines if span[0] <= addr <= span[1]]
+
+    def own_flops(span):    # its tensor-core flops outside the loops nested in it
+        inner = [(a, b) for a, b in found if span[0] <= a <= b <= span[1] and (a, b) != span]
+        return family_counts([ins for addr, ins in lines if span[0] <= addr <= span[1]
+                              and not any(a <= addr <= b for a, b in inner)])["mma_flops"]
 
     if not found:
         return [], {}
     if any(family_counts(body(s))["mma_flops"] for s in found):
-        span = max(found, key=lambda s: (family_counts(body(s))["mma_flops"], -s[0]))
+        span = max(found, key=lambda s: (own_flops(s), -s[0]))
     else:       # no tensor-core work (fp32 products run as FFMAs): the longest loop
         span = max(found, key=lambda s: (len(body(s)), -s[0]))
     counts = family_counts(body(span))

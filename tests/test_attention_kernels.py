@@ -395,12 +395,18 @@ def test_triton_launch_plan_splits_and_tile_configs():
     assert all(8 <= c.tile * 128 / (32 * c.warps) <= 64 for c in kept)
     # method none moves 2 fp16 rows a token: 4 stages of 128 tokens exceed the shared-memory budget
     assert dp.TileConfig(128, 8, 4) not in dp.prune_tile_configs(dp.TILE_CONFIGS, 128, 128, 16, 0)
+    # with outliers at most 16 values a thread (32 spill on sm_90a): at d 128 the 32-token tile,
+    # 8 warps, which the default sm_90a checks build in the default's place
+    kept = dp.prune_tile_configs(dp.TILE_CONFIGS, 128, 128, 4, 4, outliers=True)
+    assert kept == [dp.TileConfig(32, 8, 3), dp.TileConfig(32, 8, 4)]
+    assert dp.representative(kept) == dp.TileConfig(32, 8, 3)
 
 
 def test_triton_launch_splits_over_the_given_sm_count():
     """`sm_count` is the SM count the split rule fills (the kernel model
     passes its device's): the launch's grid has the splits `num_splits`
-    gives for it, whatever device the query is on."""
+    gives for it (twice, with K outlier records: each split's overflow
+    program), whatever device the query is on."""
     from gear_compile.kernels import decode_plan as dp
     gen = torch.Generator().manual_seed(0)
     cfg = GearConfig(method="gear", bits=4)
@@ -422,7 +428,8 @@ def test_triton_launch_splits_over_the_given_sm_count():
         grids.clear()
         decode_attention_launch(q, ks.tensors(), vs.tensors(), None, None, None, 0.125, cfg.to_json(),
                                 wrap=record, sm_count=sms)
-        assert grids[0] == (2 * 2, dp.num_splits(2 * 2, tiles, sms)), sms
+        # GEAR-4 has K outlier records: programs S.. 2S - 1 read the tiles overflowing their window
+        assert grids[0] == (2 * 2, 2 * dp.num_splits(2 * 2, tiles, sms)), sms
     assert dp.num_splits(4, tiles, 1) < dp.num_splits(4, tiles, 132)     # the count matters here
 
 

@@ -23,6 +23,10 @@ Algorithm (split-K flash decoding, one launch plus one combine):
   S comes from the SM count and the static work (`decode_plan.num_splits`,
   FlashAttention-2's wave-efficiency rule), so the grid depends on static
   shapes only and one compiled graph / CUDA graph serves every decode step.
+  With K outlier records (`decode_plan.overflow_programs`) the grid is
+  (B * Hkv, 2S): program S + s reads only the tiles of range s whose records
+  overflow their window (`decode_tiles`), which program s skipped, and
+  writes a partial of its own (no live tile: an empty partial, lse -inf).
 * All G = Hq / Hkv query heads of a KV head are the rows of one [GP, E] q
   tile (GP = G padded to >= 16 rows for tl.dot), so each K/V byte is read
   once.
@@ -65,6 +69,16 @@ def _segment_range(w0, w1, off, n):
     lo = tl.minimum(tl.maximum(w0 - off, 0), n)
     hi = tl.minimum(tl.maximum(w1 - off, 0), n)
     return lo, hi
+
+
+@triton.jit
+def _query(Q, qrow, ch, ok_g, ok_c, qk_scale, D: tl.constexpr):
+    """The query rows [GP, E] of this KV head, fp32, times qk_scale: loaded
+    by each pass that reads them (L2-resident), so that they are not live
+    in registers across the other passes' loops (at 255 registers ptxas
+    spilled them around every loop: GEAR-2 d 128, 8 warps)."""
+    return tl.load(Q + qrow[:, None] * D + ch[None, :], mask=ok_g[:, None] & ok_c[None, :],
+                   other=0.0).to(tl.float32) * qk_scale
 
 
 @triton.jit
@@ -145,7 +159,7 @@ def _attention_kernel(
     items_n = tl.cdiv(T_NEW, NBT)
     total = items_s + items_p + items_d + items_b + items_n
     per = tl.cdiv(total, S)
-    w0 = split * per
+    w0 = (split % S) * per
     w1 = tl.minimum(w0 + per, total)
     # key position -> mask column: the mask's last column is the newest key (a
     # longer mask starts earlier; a shorter one, a sliding window's, hides the keys before it)
@@ -163,8 +177,6 @@ def _attention_kernel(
     # fp64, and torch's mutation analysis traces them as Python floats
     qk_scale = tl.cast(qk_scale, tl.float32)
     cap = tl.cast(cap, tl.float32)
-    q = tl.load(Q + qrow[:, None] * D + ch[None, :], mask=ok_g[:, None] & ok_c[None, :],
-                other=0.0).to(tl.float32) * qk_scale
     DT: tl.constexpr = Q.dtype.element_ty
 
     m_i = tl.full([GP], float("-inf"), tl.float32)
@@ -172,70 +184,122 @@ def _attention_kernel(
     acc = tl.zeros([GP, E], tl.float32)
     acc_z = tl.zeros([GP], tl.float32)    # V's zero points, folded out of acc (`decode_tiles`)
 
-    lo, hi = _segment_range(w0, w1, 0, items_s)
-    if lo < hi:
-        m_i, l_i, acc, acc_z = exact_pass(
-            m_i, l_i, acc, acc_z, q, Sk + head * N_SINK * D, Sv + head * N_SINK * D, lo, hi, 0, 0, N_SINK,
-            shift, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl, DT, D, SBT, 1, FP32_DOT, SOFTCAP, MASK_KIND)
-    off = items_s
-    lo, hi = _segment_range(w0, w1, off, items_p)
-    if lo < hi:
-        if STORE_EXACT:
+    p_row_tile: tl.constexpr = K_CHANNEL and K_GROUP % BT == 0
+    if split < S:   # the s-th range, every tile but those whose K records overflow their window
+        lo, hi = _segment_range(w0, w1, 0, items_s)
+        if lo < hi:
+            q = _query(Q, qrow, ch, ok_g, ok_c, qk_scale, D)
             m_i, l_i, acc, acc_z = exact_pass(
-                m_i, l_i, acc, acc_z, q, PKc + head * P_CAP * D, PVc + head * P_CAP * D, lo, hi, p_tile0,
-                N_SINK, n_pre, shift, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
-                DT, D, BT, STAGES, FP32_DOT, SOFTCAP, MASK_KIND)
-        else:
-            kc, ks, kz, ka, kb, kls, kov, koi, kop, vc, vs, vz, va, vb, vls, vov, voi = _segment_parts(
-                head, P_CAP, 1, PKc, PKs, PKz, PKa, PKb, PKls, PKov, PKoi, PKop,
-                PVc, PVs, PVz, PVa, PVb, PVls, PVov, PVoi, pk_group, pv_group, pk_k2,
-                D, W, K_CHANNEL, V_CHANNEL, P_R, VK2)
-            m_i, l_i, acc, acc_z = compressed_pass(
-                m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, p_tile0, N_SINK, n_pre, shift,
-                kc, ks, kz, ka, kb, kls, kov, koi, kop, vc, vs, vz, va, vb, vls, vov, voi,
-                P_CAP, pk_group, pv_group, pk_k2 * D, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
-                DT, D, W, WP, PB, E, GP, BT, 1, True, BITS, K_CHANNEL, V_CHANNEL, P_K_FOLD,
-                K_CHANNEL and K_GROUP % BT == 0, V_FOLD, P_R, RP, P_K_OUT, CB, P_KRPT * BT, VK2,
-                OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND, STAGES)
-    off += items_p
-    lo, hi = _segment_range(w0, w1, off, items_d)
-    if lo < hi:
-        if STORE_EXACT:
+                m_i, l_i, acc, acc_z, q, Sk + head * N_SINK * D, Sv + head * N_SINK * D, lo, hi, 0, 0,
+                N_SINK, shift, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl, DT, D, SBT, 1, FP32_DOT, SOFTCAP,
+                MASK_KIND)
+        off = items_s
+        lo, hi = _segment_range(w0, w1, off, items_p)
+        if lo < hi:
+            if STORE_EXACT:
+                q = _query(Q, qrow, ch, ok_g, ok_c, qk_scale, D)
+                m_i, l_i, acc, acc_z = exact_pass(
+                    m_i, l_i, acc, acc_z, q, PKc + head * P_CAP * D, PVc + head * P_CAP * D, lo, hi, p_tile0,
+                    N_SINK, n_pre, shift, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+                    DT, D, BT, STAGES, FP32_DOT, SOFTCAP, MASK_KIND)
+            else:
+                q = _query(Q, qrow, ch, ok_g, ok_c, qk_scale, D)
+                (pkc, pks, pkz, pka, pkb, pkls, pkov, pkoi, pkop,
+                 pvc, pvs, pvz, pva, pvb, pvls, pvov, pvoi) = _segment_parts(
+                    head, P_CAP, 1, PKc, PKs, PKz, PKa, PKb, PKls, PKov, PKoi, PKop,
+                    PVc, PVs, PVz, PVa, PVb, PVls, PVov, PVoi,
+                    pk_group, pv_group, pk_k2, D, W, K_CHANNEL, V_CHANNEL, P_R, VK2)
+                m_i, l_i, acc, acc_z = compressed_pass(
+                    m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, p_tile0, N_SINK, n_pre, shift,
+                    pkc, pks, pkz, pka, pkb, pkls, pkov, pkoi, pkop,
+                    pvc, pvs, pvz, pva, pvb, pvls, pvov, pvoi,
+                    P_CAP, pk_group, pv_group, pk_k2 * D, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+                    DT, D, W, WP, PB, E, GP, BT, 1, True, BITS, K_CHANNEL, V_CHANNEL, P_K_FOLD,
+                    p_row_tile, V_FOLD, P_R, RP, P_K_OUT, CB, P_KRPT * BT, VK2,
+                    OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND, STAGES, False)
+        off += items_p
+        lo, hi = _segment_range(w0, w1, off, items_d)
+        if lo < hi:
+            if STORE_EXACT:
+                q = _query(Q, qrow, ch, ok_g, ok_c, qk_scale, D)
+                m_i, l_i, acc, acc_z = exact_pass(
+                    m_i, l_i, acc, acc_z, q, DKc + head * D_CAP * D, DVc + head * D_CAP * D, lo, hi, 0, 0,
+                    n_dec, n_pre + shift, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+                    DT, D, DBT, STAGES, FP32_DOT, SOFTCAP, MASK_KIND)
+            else:
+                q = _query(Q, qrow, ch, ok_g, ok_c, qk_scale, D)
+                (dkc, dks, dkz, dka, dkb, dkls, dkov, dkoi, dkop,
+                 dvc, dvs, dvz, dva, dvb, dvls, dvov, dvoi) = _segment_parts(
+                    head, D_CAP, D_CAP // d_block, DKc, DKs, DKz, DKa, DKb, DKls, DKov, DKoi, DKop,
+                    DVc, DVs, DVz, DVa, DVb, DVls, DVov, DVoi,
+                    dk_group, dv_group, dk_k2, D, W, K_CHANNEL, V_CHANNEL, D_R, VK2)
+                m_i, l_i, acc, acc_z = compressed_pass(
+                    m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, 0, 0, n_dec, n_pre + shift,
+                    dkc, dks, dkz, dka, dkb, dkls, dkov, dkoi, dkop,
+                    dvc, dvs, dvz, dva, dvb, dvls, dvov, dvoi,
+                    d_block, dk_group, dv_group, dk_k2 * D, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+                    DT, D, W, WP, PB, E, GP, DBT, D_TPB, False, BITS, K_CHANNEL, V_CHANNEL, False,
+                    D_K_ROW_TILE, V_FOLD, D_R, RP, D_K_OUT, CB, D_KC, VK2,
+                    OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND, STAGES, False)
+        off += items_d
+        lo, hi = _segment_range(w0, w1, off, items_b)
+        if lo < hi:
+            q = _query(Q, qrow, ch, ok_g, ok_c, qk_scale, D)
             m_i, l_i, acc, acc_z = exact_pass(
-                m_i, l_i, acc, acc_z, q, DKc + head * D_CAP * D, DVc + head * D_CAP * D, lo, hi, 0, 0,
-                n_dec, n_pre + shift, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
-                DT, D, DBT, STAGES, FP32_DOT, SOFTCAP, MASK_KIND)
-        else:
-            kc, ks, kz, ka, kb, kls, kov, koi, kop, vc, vs, vz, va, vb, vls, vov, voi = _segment_parts(
-                head, D_CAP, D_CAP // d_block, DKc, DKs, DKz, DKa, DKb, DKls, DKov, DKoi, DKop,
-                DVc, DVs, DVz, DVa, DVb, DVls, DVov, DVoi, dk_group, dv_group, dk_k2,
-                D, W, K_CHANNEL, V_CHANNEL, D_R, VK2)
-            m_i, l_i, acc, acc_z = compressed_pass(
-                m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, 0, 0, n_dec, n_pre + shift,
-                kc, ks, kz, ka, kb, kls, kov, koi, kop, vc, vs, vz, va, vb, vls, vov, voi,
-                d_block, dk_group, dv_group, dk_k2 * D, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
-                DT, D, W, WP, PB, E, GP, DBT, D_TPB, False, BITS, K_CHANNEL, V_CHANNEL, False,
-                D_K_ROW_TILE, V_FOLD, D_R, RP, D_K_OUT, CB, D_KC, VK2,
-                OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND, STAGES)
-    off += items_d
-    lo, hi = _segment_range(w0, w1, off, items_b)
-    if lo < hi:
-        m_i, l_i, acc, acc_z = exact_pass(
-            m_i, l_i, acc, acc_z, q, Bk + head * BUF_CAP * D, Bv + head * BUF_CAP * D, lo, hi, 0, 0, n_buf,
-            n_pre + n_dec + shift, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
-            DT, D, XBT, 1, FP32_DOT, SOFTCAP, MASK_KIND)
-    off += items_b
-    lo, hi = _segment_range(w0, w1, off, items_n)
-    if lo < hi:     # the call's new token, not yet in the store
-        m_i, l_i, acc, acc_z = exact_pass(
-            m_i, l_i, acc, acc_z, q, Nk + head * T_NEW * D, Nv + head * T_NEW * D, lo, hi, 0, 0, T_NEW,
-            n_pre + n_dec + n_buf + shift, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
-            DT, D, NBT, 1, FP32_DOT, SOFTCAP, MASK_KIND)
+                m_i, l_i, acc, acc_z, q, Bk + head * BUF_CAP * D, Bv + head * BUF_CAP * D, lo, hi, 0, 0,
+                n_buf, n_pre + n_dec + shift, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+                DT, D, XBT, 1, FP32_DOT, SOFTCAP, MASK_KIND)
+        off += items_b
+        lo, hi = _segment_range(w0, w1, off, items_n)
+        if lo < hi:     # the call's new token, not yet in the store
+            q = _query(Q, qrow, ch, ok_g, ok_c, qk_scale, D)
+            m_i, l_i, acc, acc_z = exact_pass(
+                m_i, l_i, acc, acc_z, q, Nk + head * T_NEW * D, Nv + head * T_NEW * D, lo, hi, 0, 0, T_NEW,
+                n_pre + n_dec + n_buf + shift, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+                DT, D, NBT, 1, FP32_DOT, SOFTCAP, MASK_KIND)
+    else:           # program S + s: the tiles of the s-th range that the program s skipped
+        if P_K_OUT:
+            lo, hi = _segment_range(w0, w1, items_s, items_p)
+            if lo < hi:
+                q = _query(Q, qrow, ch, ok_g, ok_c, qk_scale, D)
+                (pkc, pks, pkz, pka, pkb, pkls, pkov, pkoi, pkop,
+                 pvc, pvs, pvz, pva, pvb, pvls, pvov, pvoi) = _segment_parts(
+                    head, P_CAP, 1, PKc, PKs, PKz, PKa, PKb, PKls, PKov, PKoi, PKop,
+                    PVc, PVs, PVz, PVa, PVb, PVls, PVov, PVoi,
+                    pk_group, pv_group, pk_k2, D, W, K_CHANNEL, V_CHANNEL, P_R, VK2)
+                m_i, l_i, acc, acc_z = compressed_pass(
+                    m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, p_tile0, N_SINK, n_pre, shift,
+                    pkc, pks, pkz, pka, pkb, pkls, pkov, pkoi, pkop,
+                    pvc, pvs, pvz, pva, pvb, pvls, pvov, pvoi,
+                    P_CAP, pk_group, pv_group, pk_k2 * D, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+                    DT, D, W, WP, PB, E, GP, BT, 1, True, BITS, K_CHANNEL, V_CHANNEL, P_K_FOLD,
+                    p_row_tile, V_FOLD, P_R, RP, P_K_OUT, CB, P_KRPT * BT, VK2,
+                    OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND, STAGES, True)
+        if D_K_OUT and D_TPB > 1:   # (a tile that is its whole block holds its records: no overflow)
+            lo, hi = _segment_range(w0, w1, items_s + items_p, items_d)
+            if lo < hi:
+                q = _query(Q, qrow, ch, ok_g, ok_c, qk_scale, D)
+                (dkc, dks, dkz, dka, dkb, dkls, dkov, dkoi, dkop,
+                 dvc, dvs, dvz, dva, dvb, dvls, dvov, dvoi) = _segment_parts(
+                    head, D_CAP, D_CAP // d_block, DKc, DKs, DKz, DKa, DKb, DKls, DKov, DKoi, DKop,
+                    DVc, DVs, DVz, DVa, DVb, DVls, DVov, DVoi,
+                    dk_group, dv_group, dk_k2, D, W, K_CHANNEL, V_CHANNEL, D_R, VK2)
+                m_i, l_i, acc, acc_z = compressed_pass(
+                    m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, 0, 0, n_dec, n_pre + shift,
+                    dkc, dks, dkz, dka, dkb, dkls, dkov, dkoi, dkop,
+                    dvc, dvs, dvz, dva, dvb, dvls, dvov, dvoi,
+                    d_block, dk_group, dv_group, dk_k2 * D, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+                    DT, D, W, WP, PB, E, GP, DBT, D_TPB, False, BITS, K_CHANNEL, V_CHANNEL, False,
+                    D_K_ROW_TILE, V_FOLD, D_R, RP, D_K_OUT, CB, D_KC, VK2,
+                    OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND, STAGES, True)
 
     has = l_i > 0
     o = (acc + acc_z[:, None]) / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    slot = qrow * S + split
+    n_slots = S
+    if P_K_OUT or (D_K_OUT and D_TPB > 1):   # programs S.. 2S - 1: the overflowing tiles
+        n_slots = 2 * S
+    slot = qrow * n_slots + split
     tl.store(PO + slot[:, None] * D + ch[None, :], o, mask=ok_g[:, None] & ok_c[None, :])
     tl.store(PLSE + slot, lse, mask=ok_g)
 
@@ -360,8 +424,11 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
                             sink_tokens=ks.sink.shape[2], buffer_tokens=ks.buffer.shape[2], new_tokens=t_new,
                             mask_kind=mask_kind, softcap=softcap, interpret=interpret)
     splits = num_splits or decode_plan.num_splits(B * Hkv, plan.tiles, sm_count or _sm_count(q.device))
-    po = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
-    plse = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
+    # with K outlier records, programs S + s read the tiles of range s whose records overflow
+    # their window (the kernel's `split < S` branches), as partials of their own
+    programs = splits * (2 if decode_plan.overflow_programs(plan.consts) else 1)
+    po = torch.empty(B, Hq, programs, D, dtype=torch.float32, device=q.device)
+    plse = torch.empty(B, Hq, programs, dtype=torch.float32, device=q.device)
     tensors = [q, ks.lengths.to(q.device), mask, po, plse, ks.sink.contiguous(), vs.sink.contiguous(),
                *_pointers(ks.prefill, q), *_pointers(vs.prefill, q), *_pointers(ks.decode, q),
                *_pointers(vs.decode, q), ks.buffer.contiguous(), vs.buffer.contiguous(),
@@ -369,20 +436,21 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
     if tile_config is None and not interpret:
         c = plan.consts
         configs = decode_plan.prune_tile_configs(TILE_CONFIGS, c["E"], D, c["BITS"] or 16,
-                                                 max(c["P_R"], c["D_R"]))
+                                                 max(c["P_R"], c["D_R"]), decode_plan.has_outliers(c))
         kernel, tiling = _autotuned_kernel(tuple(configs)), {}
     else:
         c = tile_config or DEFAULT_TILE_CONFIG
         kernel, tiling = _attention_kernel, dict(BT=c.tile, STAGES=c.stages, num_warps=c.warps,
                                                  num_stages=c.stages)
-    launch(kernel)[(B * Hkv, splits)](
+    launch(kernel)[(B * Hkv, programs)](
         *tensors, scale * _LOG2E, softcap * _LOG2E, Hkv, splits, **plan.scalars,
         mask_sb=ms[0], mask_sh=ms[1], mask_sl=ms[2], mask_len=mask_len, **plan.consts, **tiling)
 
     out = torch.empty_like(q)
     launch(_combine_kernel)[(B * Hq,)](po, plse, out, q if sinks is None else sinks.contiguous(),
-                                       splits, Hq, D=D, DP=pow2(D),
-                                       SC=min(COMBINE_CHUNK, max(16, pow2(splits))), SINKS=sinks is not None)
+                                       programs, Hq, D=D, DP=pow2(D),
+                                       SC=min(COMBINE_CHUNK, max(16, pow2(programs))),
+                                       SINKS=sinks is not None)
     return out if q_layout.is_contiguous() else torch.empty_like(q_layout).copy_(out)
 
 
@@ -401,6 +469,7 @@ class BuildSpec:
     constexprs: dict
     num_warps: int
     num_stages: int
+    representative: bool = False   # the one of its kind the default checks build
 
 
 BUILD_METHODS = (("none", 16), ("kcvt", 4), ("kcvt", 8), ("kivi", 2), ("kivi", 4), ("per_token", 4),
@@ -415,8 +484,10 @@ def sm90_build_specs(head_dims=(64, 128), context: int = 32768, gqa: int = 4) ->
     each method / bits of BUILD_METHODS at each head dim, a `context`-token
     prefill block, 4 exact sinks, 4 decode blocks, `gqa` query heads per KV
     head: fp16 queries with a bool mask under every tile config the
-    autotuner keeps, and at the default config bf16 (additive mask, softcap)
-    and fp32 (no mask); then the combine kernel with and without sinks. Built
+    autotuner keeps, and at the representative one of those
+    (`decode_plan.representative`: the default where kept) bf16 (additive
+    mask, softcap) and fp32 (no mask); then the combine kernel with and
+    without sinks. Built
     from the same layouts, `decode_plan.plan` and pruning as the launcher."""
     from ..config import GearConfig
     from ..store import StoreLayout
@@ -432,15 +503,16 @@ def sm90_build_specs(head_dims=(64, 128), context: int = 32768, gqa: int = 4) ->
                                         sink_tokens=4, buffer_tokens=kl.buffer_tokens, new_tokens=1,
                                         mask_kind=mask_kind, softcap=softcap, interpret=False)
                 c = plan.consts
-                configs = (decode_plan.prune_tile_configs(TILE_CONFIGS, c["E"], D, c["BITS"] or 16,
-                                                          max(c["P_R"], c["D_R"]))
-                           if qdt == torch.float16 else [DEFAULT_TILE_CONFIG])
+                kept = decode_plan.prune_tile_configs(TILE_CONFIGS, c["E"], D, c["BITS"] or 16,
+                                                      max(c["P_R"], c["D_R"]), decode_plan.has_outliers(c))
+                rep = decode_plan.representative(kept)
+                configs = kept if qdt == torch.float16 else [rep]
                 sig = _signature(kl, vl, qdt, mask_kind, c)
                 for t in configs:
                     name = (f"attention-{method}{bits}-d{D}-{_TRITON_TYPE[qdt]}"
                             f"-bt{t.tile}w{t.warps}s{t.stages}")
                     specs.append(BuildSpec(name, _attention_kernel, sig, dict(c, BT=t.tile, STAGES=t.stages),
-                                           t.warps, t.stages))
+                                           t.warps, t.stages, representative=t == rep))
     for sinks in (False, True):
         for D in head_dims:
             consts = dict(D=D, DP=pow2(D), SC=COMBINE_CHUNK, SINKS=sinks)

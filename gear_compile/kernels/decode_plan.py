@@ -51,8 +51,14 @@ DEFAULT_TILE_CONFIG = TileConfig(64, 8, 3)   # where nothing is autotuned (the i
 # tile and the accumulator no longer fit 255 registers without spilling;
 # below 8 a warp's loads are too few to cover DRAM latency; and (2) its
 # stages' shared memory (K and V bytes of a tile, low-rank A rows, fp16
-# scores) fits SMEM_BUDGET.
+# scores) fits SMEM_BUDGET. With outliers (GEAR's K records and V's
+# per-token channels) at most OUTLIER_VALUES_PER_THREAD: the record window's
+# one-hot products and V's selects take the rest (sm_90a, fp16, GEAR-2 and
+# GEAR-4 at d 64 and 128, 3 stages: every config at 16 values a thread or
+# fewer builds with no stack, every one at 32 or more spills, 8-2584 bytes;
+# benchmarks/results/kernel_sass_sm90.md).
 VALUES_PER_THREAD = (8, 64)
+OUTLIER_VALUES_PER_THREAD = 16
 SMEM_BUDGET = 160 * 1024
 
 
@@ -63,9 +69,12 @@ def stage_bytes(tile: int, D: int, bits: int, rank: int) -> int:
     return tile * 2 * (row + rank)
 
 
-def prune_tile_configs(configs, E: int, D: int, bits: int, rank: int) -> list[TileConfig]:
+def prune_tile_configs(configs, E: int, D: int, bits: int, rank: int,
+                       outliers: bool = False) -> list[TileConfig]:
     """The configs that the pruning model above keeps (at least the default)."""
     lo, hi = VALUES_PER_THREAD
+    if outliers:
+        hi = OUTLIER_VALUES_PER_THREAD
     kept = [c for c in configs if lo <= c.tile * E / (32 * c.warps) <= hi
             and c.stages * stage_bytes(c.tile, D, bits, rank) <= SMEM_BUDGET]
     return kept or [DEFAULT_TILE_CONFIG]
@@ -108,7 +117,7 @@ class Plan:
 
 
 RECORD_MARGIN = 1.5   # a K tile's record window: this many times the block's mean records per tile
-RECORD_CHUNK = 32     # the smallest window: the records `decode_tiles` puts in one one-hot product
+RECORD_CHUNK = 64     # the smallest window: the records `decode_tiles` puts in one one-hot product
 
 
 def record_window(layout: SegmentLayout, tile: int) -> int:
@@ -116,14 +125,38 @@ def record_window(layout: SegmentLayout, tile: int) -> int:
     of two; 0 without K outliers): a tile that is its whole block holds
     exactly the block's 2k * D; otherwise RECORD_MARGIN times the block's
     mean per tile (for the prefill block, per token, `tile` 1: the kernel
-    multiplies by its autotuned tile). A tile holding more takes the
-    kernel's overflow path."""
+    multiplies by its autotuned tile). A tile holding more is read by the
+    kernel's overflow programs (`overflow_programs`)."""
     k2d = 2 * layout.outliers_per_side * layout.head_dim
     if not k2d:
         return 0
     if tile >= layout.block:
         return max(RECORD_CHUNK, pow2(k2d))
     return pow2(math.ceil(RECORD_MARGIN * k2d * tile / layout.block))
+
+
+def has_outliers(consts: dict) -> bool:
+    """Whether a launch of these constexprs reads outliers (K records or V's)."""
+    return bool(consts["P_K_OUT"] or consts["D_K_OUT"] or consts["VK2"])
+
+
+def representative(configs) -> TileConfig:
+    """The one config of a pruned list that the default sm_90a checks build:
+    the default if kept, else the kept one of its warps and stages with the
+    largest tile, else the first."""
+    d = DEFAULT_TILE_CONFIG
+    if d in configs:
+        return d
+    same = [c for c in configs if (c.warps, c.stages) == (d.warps, d.stages)]
+    return max(same, key=lambda c: c.tile) if same else configs[0]
+
+
+def overflow_programs(consts: dict) -> bool:
+    """Whether a launch of these constexprs has overflow programs (programs S..
+    2S - 1 read the tiles of ranges 0.. S - 1 whose K records overflow their
+    window): with K records in the prefill block, or in decode blocks split
+    into several tiles (a tile that is its whole block reads all its records)."""
+    return consts["P_K_OUT"] or (consts["D_K_OUT"] and consts["D_TPB"] > 1)
 
 
 def rank_width(gp: int, rank: int, tensor_cores: bool) -> int:
@@ -134,9 +167,10 @@ def rank_width(gp: int, rank: int, tensor_cores: bool) -> int:
     when that dot's M >= N: one [GP, GP] rank-space dot would make every
     warp compute every tile's scores, values and accumulator (sm_90a,
     GEAR-L-4 d 128, 64-token tile, 8 warps: 9x the tensor-core ops, 255
-    registers and a 168-byte spill; padded: 231, none). fp32 products run
-    as FMAs, where the padding would only add work. The padding's columns
-    are masked zeros: the results are the same."""
+    registers and a 168-byte spill; padded: 231, none). FMA products
+    (tensor_cores false) need no padding; every compiled product now runs
+    on tensor cores, fp32 ones as 3xTF32 (`decode_tiles._mma`). The
+    padding's columns are masked zeros: the results are the same."""
     return max(2 * gp if tensor_cores else 16, pow2(rank))
 
 
@@ -171,7 +205,7 @@ def plan(kl: StoreLayout, vl: StoreLayout, *, q_dtype: torch.dtype, heads: int, 
         STORE_EXACT=exact, K_CHANNEL=k_channel, V_CHANNEL=not exact and dv.spec.axis == "channel",
         # KIVI's token groups inside the prefill block (0: one group per block, KCVT)
         K_GROUP=(pk.spec.group or 0) if k_channel else 0,
-        P_R=pk.rank, D_R=dk.rank, RP=rank_width(gp, max(pk.rank, dk.rank), tensor_cores=not fp32_dot),
+        P_R=pk.rank, D_R=dk.rank, RP=rank_width(gp, max(pk.rank, dk.rank), tensor_cores=True),
         P_K_FOLD=k_channel and not pk.spec.group,
         D_K_ROW_TILE=k_channel and (_group(dk) == d_block or (_group(dk) % dbt == 0 and d_block % dbt == 0)),
         V_FOLD=not exact and dv.spec.axis == "token" and _group(dv) == D,

@@ -57,12 +57,18 @@ the same records (sm_90a, GEAR-4 d 128, 64-token tile, 8 warps: 342 -> 166
 loads and 4384 -> 2909 SASS lines a tile).
 No walk, no branch, no load depending on another beyond the two pointers.
 A tile with more than KC records (`decode_plan.record_window` sizes KC at
-1.5x the block's mean) is masked out of the pipelined loop, which raises a
-flag; if the flag is up after the loop, a plain loop reads those tiles again
-with their records one chunk a trip (the chunks add to the scores in the
-same order as in the window), so no record is ever dropped and the common
-case pays one flag. V's are per token (2k channel indices): added to the
-codes as a dense [BT, E] tile, 2k compare-selects per code.
+1.5x the block's mean) is masked out of the pipelined loop (OVERFLOW false)
+and read by a program of its own (OVERFLOW true: the kernel's programs
+S.. 2S - 1, one per range of the work list, each a partial the combine
+merges like the others): a vectorised scan of the range's record pointers,
+OVERFLOW_SCAN tiles a load, finds the overflowing tiles, and each is read
+with its records one RECORD_CHUNK a trip (the chunks add to the scores in
+the same order as in the window), so no record is ever dropped. The
+pipelined loop's program holds no code of that path: in the same program,
+after the loop, it left the main loop no registers to spare (sm_90a, GEAR-4
+d 128, 64-token tile, 8 warps: a 232-byte stack; as programs of their own,
+the main loops spill nothing). V's are per token (2k channel indices): added
+to the codes as a dense [BT, E] tile, 2k compare-selects per code.
 """
 import triton
 import triton.language as tl
@@ -94,8 +100,13 @@ def _codes_tile(codes, t, ok_t, W: tl.constexpr, WP: tl.constexpr, PB: tl.conste
 @triton.jit
 def _mma(a, b, DT: tl.constexpr, FP32_DOT: tl.constexpr):
     """a @ b with both operands rounded to DT (the query dtype), fp32 accumulate.
-    FP32_DOT runs the product in exact fp32 on the rounded values: for fp32 q,
-    and for bf16 under the interpreter, whose bf16 dot is wrong."""
+    FP32_DOT runs the product on fp32 values: for fp32 q, and for bf16 under
+    the interpreter, whose bf16 dot is wrong (the interpreter's dot is exact
+    fp32). Compiled, as 3xTF32 tensor-core products (hi * hi + hi * lo +
+    lo * hi, about fp32's accuracy; bf16 values are exact in it): as
+    input_precision="ieee" they ran as FMAs, whose operand layouts give each
+    thread a whole row of the reduction axis, and spilled 1.3-2.4 KB a thread
+    (sm_90a, GEAR-2 / GEAR-4 d 128, 64-token tile, 8 warps)."""
     return _mma_acc(a, b, tl.zeros([a.shape[0], b.shape[1]], tl.float32), DT, FP32_DOT)
 
 
@@ -103,7 +114,7 @@ def _mma(a, b, DT: tl.constexpr, FP32_DOT: tl.constexpr):
 def _mma_acc(a, b, acc, DT: tl.constexpr, FP32_DOT: tl.constexpr):
     """acc + a @ b, acc the product's accumulator (operands as `_mma`'s)."""
     if FP32_DOT:
-        return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), acc, input_precision="tf32x3")
     return tl.dot(a.to(DT), b.to(DT), acc)
 
 
@@ -159,7 +170,8 @@ def _stats_at(scale, t0, t, c, ok, group, D: tl.constexpr, AXIS_CHANNEL: tl.cons
     return tl.load(scale + sidx, mask=ok, other=0.0).to(tl.float32)
 
 
-RECORD_CHUNK: tl.constexpr = tl.constexpr(32)   # records per one-hot product (registers: 32 x BT)
+RECORD_CHUNK: tl.constexpr = tl.constexpr(64)   # records per one-hot product (registers: 32 x BT)
+OVERFLOW_SCAN: tl.constexpr = tl.constexpr(64)  # tiles whose record counts one overflow-scan load reads
 
 
 @triton.jit
@@ -275,11 +287,11 @@ def _compressed_tile(m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Qg, qk_scale, i
                      OUT_UNIT: tl.constexpr, MAGIC: tl.constexpr, FP32_DOT: tl.constexpr,
                      SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr):
     """One tile of a compressed segment folded into the online-softmax
-    state, and whether its K outlier records overflow the KC-record window.
-    OVERFLOW false (the main loop): a tile that overflows is skipped whole
-    (every load masked) for the overflow pass; OVERFLOW true: only such a
-    tile is read, its records in KC-record windows (a loop, so that no
-    record is ever dropped)."""
+    state. OVERFLOW false (the main loop): a tile whose K outlier records
+    overflow the KC-record window is skipped whole (every load masked) for
+    the overflow programs; OVERFLOW true: only such a tile is read, its
+    records one RECORD_CHUNK a trip (a loop, so that no record is ever
+    dropped)."""
     r = tl.arange(0, RP)
     ok_r = r < R
     if ONE_BLOCK:
@@ -361,7 +373,7 @@ def _compressed_tile(m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Qg, qk_scale, i
             sr = tl.load(Vls + blk * R + r, mask=ok_r, other=0.0)
             pa = _mma(p, _factor(a, MAGIC), DT, FP32_DOT) * sr[None, :]
             acc += _mma(pa, tl.trans(_factor(bv, MAGIC)), DT, FP32_DOT)
-    return m_i, l_i, acc, acc_z, acc_r, over
+    return m_i, l_i, acc, acc_z, acc_r
 
 
 @triton.jit
@@ -376,15 +388,16 @@ def compressed_pass(m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, tile0, t_firs
                     RP: tl.constexpr, K_OUT: tl.constexpr, CB: tl.constexpr, KC: tl.constexpr,
                     VK2: tl.constexpr, OUT_UNIT: tl.constexpr, MAGIC: tl.constexpr,
                     FP32_DOT: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
-                    STAGES: tl.constexpr):
+                    STAGES: tl.constexpr, OVERFLOW: tl.constexpr):
     """Tiles [lo, hi) of a compressed segment (this head's parts): item i is
     tile (tile0 + i) % TPB of block (tile0 + i) // TPB (ONE_BLOCK: the
     segment is one block of `block` tokens and every tile is in it), its
     tokens in [t_first, n_valid) live; key position = pos0 + token. K's
     outlier records (tile-CSR, `outliers.records`) are read in a window of
     KC records per tile; the rare tile holding more is skipped by the
-    pipelined loop and read after it by an overflow loop (any order of tiles
-    gives the same online softmax)."""
+    pipelined loop and read, OVERFLOW true, by an overflow program, which
+    runs only those tiles of [lo, hi) (each partial is an online softmax of
+    its own tiles; the combine merges them)."""
     r = tl.arange(0, RP)
     ok_r = r < R
     # hoisted out of the loop (see the module docstring): K's folded stats
@@ -403,25 +416,40 @@ def compressed_pass(m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, tile0, t_firs
             bk = tl.load(Kb + ch[:, None] * R + r[None, :], mask=ok_c[:, None] & ok_r[None, :], other=0)
             sr = tl.load(Kls + r, mask=ok_r, other=0.0)
             qb = _mma(q, _factor(bk, MAGIC), DT, FP32_DOT) * sr[None, :]
-    overflowed = lo * 0
-    for i in tl.range(lo, hi, num_stages=STAGES):
-        m_i, l_i, acc, acc_z, acc_r, over = _compressed_tile(
-            m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Qg, qk_scale, tile0 + i, t_first, n_valid,
-            pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
-            block, k_group, v_group, k2d, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
-            DT, D, W, WP, PB, E, BT, TPB, ONE_BLOCK, BITS, K_CHANNEL, V_CHANNEL, K_FOLD, K_ROW_TILE,
-            V_FOLD, R, RP, K_OUT, CB, KC, False, VK2, OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND)
-        overflowed = overflowed | over
-    if K_OUT:
-        if overflowed != 0:
-            for i in range(lo, hi):
-                m_i, l_i, acc, acc_z, acc_r, over = _compressed_tile(
+    if OVERFLOW:
+        # the tiles of [lo, hi) whose records overflow the window (rare): found by a vectorised
+        # scan of their record pointers, OVERFLOW_SCAN tiles a load, then read one by one
+        for j0 in range(lo, hi, OVERFLOW_SCAN):
+            it = j0 + tl.arange(0, OVERFLOW_SCAN)
+            ok_i = it < hi
+            if ONE_BLOCK:
+                blk_i = it * 0
+                at_i = (tile0 + it) * BT
+            else:
+                blk_i = (tile0 + it) // TPB
+                at_i = ((tile0 + it) % TPB) * BT
+            ptrs = Kop + blk_i * (tl.cdiv(block, 16) + 1)
+            rl = tl.load(ptrs + at_i // 16, mask=ok_i, other=0)
+            rh = tl.load(ptrs + tl.minimum((at_i + BT) // 16, tl.cdiv(block, 16)), mask=ok_i, other=0)
+            over = tl.where(ok_i, rh - rl > KC, False)
+            for k in range(0, tl.sum(over.to(tl.int32), axis=0)):
+                i = tl.min(tl.where(over, it, hi), axis=0)
+                m_i, l_i, acc, acc_z, acc_r = _compressed_tile(
                     m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Qg, qk_scale, tile0 + i, t_first,
                     n_valid, pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov,
                     Voi, block, k_group, v_group, k2d, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
                     DT, D, W, WP, PB, E, BT, TPB, ONE_BLOCK, BITS, K_CHANNEL, V_CHANNEL, K_FOLD,
                     K_ROW_TILE, V_FOLD, R, RP, K_OUT, CB, KC, True, VK2, OUT_UNIT, MAGIC, FP32_DOT,
                     SOFTCAP, MASK_KIND)
+                over = tl.where(it == i, False, over)
+    else:
+        for i in tl.range(lo, hi, num_stages=STAGES):
+            m_i, l_i, acc, acc_z, acc_r = _compressed_tile(
+                m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Qg, qk_scale, tile0 + i, t_first, n_valid,
+                pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
+                block, k_group, v_group, k2d, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+                DT, D, W, WP, PB, E, BT, TPB, ONE_BLOCK, BITS, K_CHANNEL, V_CHANNEL, K_FOLD, K_ROW_TILE,
+                V_FOLD, R, RP, K_OUT, CB, KC, False, VK2, OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND)
     if R > 0:
         if ONE_BLOCK:
             bv = tl.load(Vb + ch[:, None] * R + r[None, :], mask=ok_c[:, None] & ok_r[None, :], other=0)
