@@ -57,6 +57,14 @@ _KIND_OF_PART = {"codes": "codes", "scale": "scale/zero", "zero": "scale/zero", 
 # how it is quantized, then the index of each part in the flat list (-1: absent).
 KERNEL_PARTS = ("codes", "scale", "zero", "lr_a", "lr_b", "lr_s", "out_val", "out_idx", "out_ptr")
 KERNEL_FIELDS = ("exact", "bits", "channel_axis", "group", "block", "out_shift") + KERNEL_PARTS
+# How an exact segment (the sinks, the buffer) reads in those fields: values as they are
+# (16 bits: no codes to unpack), one per token, the whole segment one block, no outliers.
+EXACT_SEGMENT = dict(exact=1, bits=16, channel_axis=0, group=1, block=0, out_shift=0)
+# The segments of a store in position order, as every kernel walks them: the exact sinks
+# (which shadow the prefill block's first tokens), the prefill block, the decode blocks,
+# the buffer. The descriptor lists them in this order.
+SEGMENT_ORDER = ("sink", "prefill", "decode", "buffer")
+
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,11 @@ class StoreLayout:
         """Whether dim 2 of the named tensor grows with the decode capacity."""
         return name.startswith("d_")
 
+    def segments(self) -> list[tuple[str, SegmentLayout | None]]:
+        """(name, layout) of each segment in `SEGMENT_ORDER`; None for the
+        exact ones (sinks, buffer)."""
+        return [(name, getattr(self, name) if name in ("prefill", "decode") else None) for name in SEGMENT_ORDER]
+
     @functools.cached_property
     def kernel_descriptor(self) -> tuple[int, ...]:
         """What the CPU kernel needs beyond the tensors: [index of lengths,
@@ -108,17 +121,23 @@ class StoreLayout:
         the whole segment; out_shift: outlier counts are in 2^-out_shift
         steps; rank and outlier counts are read from the shapes)."""
         names = self.names
-        exact = [1, 16, 0, 1, 0, 0]
+
+        def segment(parts: dict, **how) -> list[int]:
+            fields = dict(how, **{f: parts.get(f, -1) for f in KERNEL_PARTS})
+            return [fields[f] for f in KERNEL_FIELDS]
+
         out = [names.index("lengths"), names.index("buffer")]
-        out += exact + [names.index("sink")] + [-1] * (len(KERNEL_PARTS) - 1)
-        for prefix, seg in (("p_", self.prefill), ("d_", self.decode)):
-            whole = seg is self.prefill
+        for name, seg in self.segments():
+            if seg is None:            # exact rows held as they are: one tensor, the codes' place
+                out += segment({"codes": names.index(name)}, **EXACT_SEGMENT)
+                continue
+            prefix = name[0] + "_"
             group = 0 if seg.spec.axis == "channel" and seg.spec.group is None else \
                 (seg.spec.group or seg.head_dim)
-            out += [int(seg.exact), seg.spec.bits, int(seg.spec.axis == "channel"), group,
-                    0 if whole else seg.block, outliers.unit_shift(seg.spec.bits)]
-            out += [names.index(prefix + f) if prefix + f in names else -1 for f in KERNEL_PARTS]
-        out += exact + [names.index("buffer")] + [-1] * (len(KERNEL_PARTS) - 1)
+            out += segment({f: names.index(prefix + f) for f in KERNEL_PARTS if prefix + f in names},
+                           exact=int(seg.exact), bits=seg.spec.bits, channel_axis=int(seg.spec.axis == "channel"),
+                           group=group, block=0 if seg is self.prefill else seg.block,
+                           out_shift=outliers.unit_shift(seg.spec.bits))
         return tuple(out)
 
 
