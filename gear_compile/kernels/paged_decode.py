@@ -52,7 +52,7 @@ from .decode_tiles import compressed_pass, exact_pass
 
 _LOG2E = 1.4426950408889634
 TILE = 64          # tokens of a page tile at most (a page is whole blocks; tiles never straddle one)
-WARPS, STAGES = 4, 2
+WARPS, STAGES = 8, 3
 
 
 @triton.jit
@@ -163,6 +163,8 @@ def _paged_kernel(
             DT, D, W, WP, PB, E, GP, BITS, STORE_EXACT, K_CHANNEL, V_CHANNEL, D_R, RP, D_K_ROW_TILE, V_FOLD,
             D_K_OUT, CB, D_KC, VK2, OUT_UNIT, MAGIC, FP32_DOT, DBT, D_TPB, STAGES, False)
         if split == 0:
+            # q loaded again (L2-resident): not live across the page loop's registers
+            q = _query(Q, qrow, ch, ok_g, ok_c, qk_scale, D)
             H = Hkv
             base = ((slot * layers + layer) * 2) * H + kvh          # (slot, layer, K, head): int64
             if use_sinks:
@@ -196,15 +198,44 @@ def _paged_kernel(
     tl.store(PLSE + at, lse, mask=ok_g)
 
 
-def _plan(pool, q_dtype: torch.dtype, heads: int, interpret: bool):
-    """The store kernel's constexprs and scalars for the pool's decode
-    layouts (pages of `page_tokens`: a whole number of decode blocks)."""
-    kl, vl = (StoreLayout.build(pool.config, kind, pool.head_dim, pool.dtype, 0) for kind in "kv")
-    assert kl.decode == pool.layouts["k"] and vl.decode == pool.layouts["v"], "pool and store layouts differ"
-    return decode_plan.plan(kl, vl, q_dtype=q_dtype, heads=heads, kv_heads=pool.heads, prefill_tokens=0,
-                            decode_tokens=pool.page_tokens, sink_tokens=max(1, pool.sink_tokens),
-                            buffer_tokens=pool.page_tokens, new_tokens=1, mask_kind=0, softcap=0.0,
+def _plan(config, head_dim: int, dtype: torch.dtype, page_tokens: int, sink_tokens: int, q_dtype: torch.dtype,
+          heads: int, kv_heads: int, interpret: bool):
+    """The store kernel's constexprs and scalars for a pool's decode layouts
+    (codec `config` resolved for head_dim, K/V of `dtype`, pages of
+    `page_tokens`: a whole number of decode blocks), with the page tile
+    (`_page_tile`)."""
+    kl, vl = (StoreLayout.build(config, kind, head_dim, dtype, 0) for kind in "kv")
+    plan = decode_plan.plan(kl, vl, q_dtype=q_dtype, heads=heads, kv_heads=kv_heads, prefill_tokens=0,
+                            decode_tokens=page_tokens, sink_tokens=max(1, sink_tokens),
+                            buffer_tokens=page_tokens, new_tokens=1, mask_kind=0, softcap=0.0,
                             interpret=interpret)
+    _page_tile(plan.consts, kl.decode)
+    return plan
+
+
+def _page_tile(c: dict, dk) -> None:
+    """The page tile DBT (in place, with what follows from it): the store
+    kernel's decode tile (a whole block, up to 128 tokens), halved while a
+    thread would hold more than `decode_plan`'s pruning bound of dequantized
+    values (VALUES_PER_THREAD, OUTLIER_VALUES_PER_THREAD with outliers) at
+    WARPS warps (sm_90a, GEAR-2 d 128, K records and V outliers: at a
+    64-token tile the page loop spilled 5 local loads / stores a trip; at 32
+    none, the 14 left are outside it)."""
+    if c["STORE_EXACT"]:
+        return
+    most = decode_plan.VALUES_PER_THREAD[1]
+    if decode_plan.has_outliers(c):
+        most = decode_plan.OUTLIER_VALUES_PER_THREAD
+    tile = c["DBT"]
+    while tile > 16 and tile * c["E"] / (32 * WARPS) > most:
+        tile //= 2
+    if tile == c["DBT"]:
+        return
+    block = dk.block
+    group = dk.token_group if dk.spec.axis == "channel" else dk.channel_group
+    c["DBT"], c["D_TPB"] = tile, triton.cdiv(block, tile)
+    c["D_KC"] = decode_plan.record_window(dk, tile)
+    c["D_K_ROW_TILE"] = c["K_CHANNEL"] and (group == block or (group % tile == 0 and block % tile == 0))
 
 
 CONSTS = ("G", "GP", "D", "W", "WP", "PB", "E", "BITS", "STORE_EXACT", "K_CHANNEL", "V_CHANNEL", "D_R", "RP",
@@ -214,7 +245,8 @@ CONSTS = ("G", "GP", "D", "W", "WP", "PB", "E", "BITS", "STORE_EXACT", "K_CHANNE
 
 def kernel_consts(pool, q_dtype: torch.dtype, heads: int, interpret: bool) -> tuple[dict, dict]:
     """(constexprs, scalars) of `_paged_kernel` for this pool (OVER apart)."""
-    plan = _plan(pool, q_dtype, heads, interpret)
+    plan = _plan(pool.config, pool.head_dim, pool.dtype, pool.page_tokens, pool.sink_tokens, q_dtype, heads,
+                 pool.heads, interpret)
     c = {k: plan.consts[k] for k in CONSTS}
     s = {k: plan.scalars[k] for k in ("d_block", "dk_group", "dv_group")}
     s["dk_k2"] = plan.scalars["dk_k2"]
@@ -272,3 +304,43 @@ def paged_decode(pool, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: 
     _combine_kernel[(R * Hq,)](po, plse, out, q, programs, Hq, D=D, DP=pow2(D),
                                SC=min(COMBINE_CHUNK, max(16, pow2(programs))), SINKS=False)
     return out
+
+
+# ---- what the launcher can produce, for the no-GPU sm_90a build checks ----
+
+BUILD_METHODS = (("none", 16), ("kivi", 2), ("kivi", 4), ("kcvt", 4), ("per_token", 4), ("gear", 2), ("gear", 4),
+                 ("gear_l", 4))
+
+
+def sm90_build_specs(head_dims=(128,), gqa: int = 4, q_dtypes=(torch.float16, torch.bfloat16)) -> list:
+    """`_paged_kernel` as `paged_decode` launches it for a pool of each
+    BUILD_METHODS codec (its default pages and sinks, 8 KV heads, `gqa`
+    query heads each), for benchmarks/kernel_sass.py and the sm_90a checks
+    (`decode_attention.BuildSpec`; the combine kernel is the store kernel's,
+    built by its own specs)."""
+    from ..config import CodecConfig, codec_of
+    from .decode_attention import _TRITON_TYPE, BuildSpec
+    specs = []
+    for D in head_dims:
+        for method, bits in BUILD_METHODS:
+            config = codec_of(CodecConfig(method=method, bits=bits if method != "none" else 4)).for_head_dim(D)
+            for qdt in q_dtypes:
+                layouts = {k: StoreLayout.build(config, k, D, qdt, 0).decode for k in "kv"}
+                block = layouts["k"].block
+                page = block * -(-64 // block)
+                sinks = min(config.sink_tokens, page - 1) if config.compresses else 0
+                plan = _plan(config, D, qdt, page, sinks, qdt, gqa * 8, 8, False)
+                c = {k: plan.consts[k] for k in CONSTS}
+                q = "*" + _TRITON_TYPE[qdt]
+                held = "*" + _TRITON_TYPE[config.held_dtype(qdt)]
+                sig = dict(Q=q, PO="*fp32", PLSE="*fp32", PagePtr="*i64", PageIds="*i64", RowInfo="*i64",
+                           Tail=held, Sink=held, Kn=held, Vn=held, qk_scale="fp32")
+                for prefix, kind in (("K", "k"), ("V", "v")):
+                    dtypes = {p.name: p.dtype for p in layouts[kind].parts}
+                    for arg, part in zip(("c", "s", "z", "a", "b", "ls", "ov", "oi", "op"), KERNEL_PARTS):
+                        sig[prefix + arg] = "*" + _TRITON_TYPE[dtypes[part]] if part in dtypes else q
+                consts = dict(c, OVER=overflow(c), STAGES=STAGES)
+                signature = {n: "constexpr" if n in consts else sig.get(n, "i32") for n in _paged_kernel.arg_names}
+                specs.append(BuildSpec(f"paged-{method}{bits}-d{D}-{_TRITON_TYPE[qdt]}", _paged_kernel, signature,
+                                       consts, WARPS, STAGES, representative=True))
+    return specs
