@@ -176,8 +176,8 @@ def test_refusals():
 # ptxas in a subprocess (TRITON_INTERPRET unset) and read by benchmarks/kernel_sass.py, as
 # tests/test_kernel_sm90_build.py does for the store kernel: ~1 min cold on 2 cores.
 SM90_SPILLS = {"paged-gear2-d128-fp16":
-               "GEAR-2 (low rank, K records, V outliers): 255 registers and a 32-byte stack, 14 local "
-               "loads / stores outside the page loop (none in it)"}
+               "GEAR-2 (low rank, K records, V outliers): 255 registers and a 32-byte stack: 14 local "
+               "loads / stores, none in a tile loop, two at the head of the page loop (once a page)"}
 _SM90 = {}
 
 

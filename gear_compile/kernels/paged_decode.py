@@ -219,8 +219,9 @@ def _page_tile(c: dict, dk) -> None:
     thread would hold more than `decode_plan`'s pruning bound of dequantized
     values (VALUES_PER_THREAD, OUTLIER_VALUES_PER_THREAD with outliers) at
     WARPS warps (sm_90a, GEAR-2 d 128, K records and V outliers: at a
-    64-token tile the page loop spilled 5 local loads / stores a trip; at 32
-    none, the 14 left are outside it)."""
+    64-token tile its tile loop spilled 5 local loads / stores a trip; at 32
+    none: of the 14 left, two are at the head of the page loop, once a
+    page, the rest outside it)."""
     if c["STORE_EXACT"]:
         return
     most = decode_plan.VALUES_PER_THREAD[1]
