@@ -138,3 +138,38 @@ def test_no_sinks_and_one_table_for_every_row():
     args = list(_case("gear", 4, 2, 64, s=0, pad=(0, 0), seed=3))
     args[9], args[10] = args[9][:1], args[10][:1]        # [1, 1, L, rd]: shared by the rows
     assert (fused(*args) - reference(*args)).abs().max().item() < 2e-5
+
+
+@pytest.mark.parametrize("rotation, expected", [
+    (lambda x: torch.cat([-x[..., 8:], x[..., :8]], -1), 1),
+    (lambda x: torch.stack([-x[..., 1::2], x[..., 0::2]], -1).flatten(-2), 2),
+    (lambda x: torch.cat([x[..., 8:], -x[..., :8]], -1), "neither rotate-half nor interleaved"),
+    (lambda x: x.flip(-1), "neither rotate-half nor interleaved"),
+], ids=["half", "interleaved", "negated", "flipped"])
+def test_rope_forms_are_told_apart_by_probing(rotation, expected):
+    """passes.lorc._form runs the graph's rotation on a probe: the two forms
+    the kernel applies are recognised, anything else keeps the replay with
+    the reason explain shows."""
+    import torch.fx as fx
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from gear_compile.passes import lorc as lorc_pass
+
+    def rope(k, cos, sin):
+        return k * cos + rotation(k) * sin
+
+    gm = fx.symbolic_trace(rope)
+    example = (torch.randn(2, 3, 5, 16), torch.randn(2, 1, 5, 16), torch.randn(2, 1, 5, 16))
+    ShapeProp(gm).propagate(*example)
+    for node in gm.graph.nodes:
+        if "tensor_meta" in node.meta:
+            node.meta["example_value"] = torch.empty(node.meta["tensor_meta"].shape)
+    k, cos, sin = (n for n in gm.graph.nodes if n.op == "placeholder")
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    first, second = out.args
+    form = lorc_pass._form(k, second, cos, 16)
+    if isinstance(expected, int):
+        assert isinstance(form, lorc_pass.RopeForm) and form.mode == expected and form.rotary_dim == 16
+        assert form.cos is cos and form.sin is sin
+    else:
+        assert isinstance(form, str) and expected in form
