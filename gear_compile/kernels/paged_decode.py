@@ -38,6 +38,7 @@ Neighbours: `decode_tiles` (tile loops), `decode_plan` (constexprs),
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -245,7 +246,17 @@ CONSTS = ("G", "GP", "D", "W", "WP", "PB", "E", "BITS", "STORE_EXACT", "K_CHANNE
 
 
 def kernel_consts(pool, q_dtype: torch.dtype, heads: int, interpret: bool) -> tuple[dict, dict]:
-    """(constexprs, scalars) of `_paged_kernel` for this pool (OVER apart)."""
+    """(constexprs, scalars) of `_paged_kernel` for this pool (OVER apart);
+    kept on the pool per query dtype and heads (every layer of every step
+    asks)."""
+    cache = pool.__dict__.setdefault("_triton_consts", {})
+    key = (q_dtype, heads, interpret)
+    if key not in cache:
+        cache[key] = _kernel_consts(pool, q_dtype, heads, interpret)
+    return cache[key]
+
+
+def _kernel_consts(pool, q_dtype: torch.dtype, heads: int, interpret: bool) -> tuple[dict, dict]:
     plan = _plan(pool.config, pool.head_dim, pool.dtype, pool.page_tokens, pool.sink_tokens, q_dtype, heads,
                  pool.heads, interpret)
     c = {k: plan.consts[k] for k in CONSTS}
@@ -259,6 +270,7 @@ def overflow(consts: dict) -> bool:
     return bool(consts["D_K_OUT"] and consts["D_TPB"] > 1)
 
 
+@functools.lru_cache(maxsize=8)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
