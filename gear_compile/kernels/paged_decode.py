@@ -29,10 +29,17 @@ Algorithm (split-K flash-decoding, one launch plus one combine):
   window (`decode_tiles`' OVERFLOW pass), as partials of their own.
 * Each program writes its normalised partial and log-sum-exp; the store
   kernel's `_combine_kernel` merges a row's partials.
+* Page tile (`_page_tile`): the store kernel's decode tile, halved to keep
+  a thread's dequantized values within `decode_plan`'s pruning bound at 8
+  warps. sm_90a (fp16 / bf16, d 64 and 128, GQA 4): no spill but GEAR-2 at
+  d 128 (a 32-byte stack, two local loads a page, none in a tile loop);
+  the tile loop issues cp.async (tests/test_paged_triton.py builds them).
 Everything the store kernel supports in a decode segment is read: exact
 ("none"), KIVI / KCVT / per-token at 2/4/8 bits, GEAR's low rank and K/V
 outliers. Prefill chunks with a past are not handled here (`attend_triton`
-sends them to the reference).
+sends them to the torch reference, which rebuilds a few pages at a time).
+Not yet: autotuned tiles / warps, CUDA graphs (the grid's split count
+follows the step's longest row), prefill chunks.
 Neighbours: `decode_tiles` (tile loops), `decode_plan` (constexprs),
 `decode_attention` (segment pointers, combine), `paged` (the pool).
 """
@@ -52,8 +59,7 @@ from .decode_plan import pow2
 from .decode_tiles import compressed_pass, exact_pass
 
 _LOG2E = 1.4426950408889634
-TILE = 64          # tokens of a page tile at most (a page is whole blocks; tiles never straddle one)
-WARPS, STAGES = 8, 3
+WARPS, STAGES = 8, 3    # fixed (no autotuning yet): the store kernel's default warps and stages
 
 
 @triton.jit
