@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import CodecConfig, codec_of
+from .codec import resolve
+from .config import CodecConfig
 from .segment import Segment, compress, dequantize
 from .store import BYTE_KINDS, StoreLayout, _KIND_OF_PART
 
@@ -86,7 +87,7 @@ class PagedPool:
     def __init__(self, config: CodecConfig, layers: int, heads: int, head_dim: int, dtype: torch.dtype,
                  budget_bytes: int, page_tokens: int | None = None, max_requests: int | None = None,
                  device: torch.device | str = "cpu", typical_tokens: int | None = None):
-        self.config = codec_of(config).for_head_dim(head_dim)
+        self.config = resolve(config, head_dim)
         self.layers, self.heads, self.head_dim, self.dtype = layers, heads, head_dim, dtype
         self.held = self.config.held_dtype(dtype)
         self.layouts = {kind: StoreLayout.build(self.config, kind, head_dim, dtype, 0).decode

@@ -366,6 +366,24 @@ void run_items(Problem& P, const Plan& L, float* part) {
 }
 
 // ---------------------------------------------------------------- the op
+// Points P (any op's problem: B, Hq, T; mask, mask_type, ms, mask_len) at the
+// attention mask broadcast to [B, Hq, T, len]; returns the tensor the pointer
+// reads, which the caller keeps alive while the walk runs (undefined: no mask).
+template <class Prob>
+at::Tensor bind_mask(Prob& P, const c10::optional<at::Tensor>& attn_mask, const char* op) {
+  if (!attn_mask.has_value()) return at::Tensor();
+  at::Tensor mask = *attn_mask;
+  while (mask.dim() < 4) mask = mask.unsqueeze(0);
+  mask = mask.expand({P.B, P.Hq, P.T, mask.size(3)});
+  P.mask = mask.data_ptr();
+  P.mask_type = mask.scalar_type();
+  TORCH_CHECK(P.mask_type == at::kBool || P.mask_type == at::kFloat || P.mask_type == at::kHalf ||
+              P.mask_type == at::kBFloat16, op, ": mask must be bool or float");
+  for (int i = 0; i < 4; ++i) P.ms[i] = mask.stride(i);
+  P.mask_len = mask.size(3);
+  return mask;
+}
+
 at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::TensorList v_parts,
                          const c10::optional<at::Tensor>& k_new, const c10::optional<at::Tensor>& v_new,
                          const c10::optional<at::Tensor>& attn_mask, double scale, bool is_causal,
@@ -408,18 +426,7 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
   }
   at::Tensor q = q_in.to(at::kFloat).mul(scale).contiguous();
   P.q = q.data_ptr<float>();
-  at::Tensor mask;
-  if (attn_mask.has_value()) {
-    mask = *attn_mask;
-    while (mask.dim() < 4) mask = mask.unsqueeze(0);
-    mask = mask.expand({P.B, P.Hq, P.T, mask.size(3)});
-    P.mask = mask.data_ptr();
-    P.mask_type = mask.scalar_type();
-    TORCH_CHECK(P.mask_type == at::kBool || P.mask_type == at::kFloat || P.mask_type == at::kHalf ||
-                P.mask_type == at::kBFloat16, "gear attention_cpu: mask must be bool or float");
-    for (int i = 0; i < 4; ++i) P.ms[i] = mask.stride(i);
-    P.mask_len = mask.size(3);
-  }
+  at::Tensor mask = bind_mask(P, attn_mask, "gear attention_cpu");
 
   Plan L;
   SegBase* ks = L.ks;

@@ -225,18 +225,7 @@ at::Tensor lorc_attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at
     P.sin = sin.data_ptr<float>();
     P.cs_b = rows == 1 ? 0 : L.past * P.rd;
   }
-  at::Tensor mask;
-  if (attn_mask.has_value()) {
-    mask = *attn_mask;
-    while (mask.dim() < 4) mask = mask.unsqueeze(0);
-    mask = mask.expand({P.B, P.Hq, P.T, mask.size(3)});
-    P.mask = mask.data_ptr();
-    P.mask_type = mask.scalar_type();
-    TORCH_CHECK(P.mask_type == at::kBool || P.mask_type == at::kFloat || P.mask_type == at::kHalf ||
-                P.mask_type == at::kBFloat16, "gear lorc_attention_cpu: mask must be bool or float");
-    for (int i = 0; i < 4; ++i) P.ms[i] = mask.stride(i);
-    P.mask_len = mask.size(3);
-  }
+  at::Tensor mask = bind_mask(P, attn_mask, "gear lorc_attention_cpu");
 
   // split each (batch, KV head)'s tokens as cpu_attention.cpp does
   const int64_t heads = static_cast<int64_t>(P.B) * P.Hkv;
