@@ -404,11 +404,15 @@ def sweep_one(model_type: str, steps: int = 50, build_only: bool = False) -> dic
         (split.held - row["state_bytes"]) / max(1, gear_compile.dense_bytes(cache, model.dtype))
     row["forms"] = sorted({s.form for s in sites if s.rewritten})
     decode = [s for g in reports for s in g.sites if s.phase == "decode"]
-    # layers the report says are compressed: by module path, or (a model that
-    # runs one attention module for several cache layers, e.g. HRM's
-    # recurrence) by rewritten decode sites in one graph
+    # layers the report says are compressed: by the cache layer each rewritten decode site reads,
+    # where every one is known (a module path is relative to a frame resumed after a graph break:
+    # Dbrx's two layers are both "norm_attn_norm.attn"); else by module path, or (a model that
+    # runs one attention module for several cache layers, e.g. HRM's recurrence) by rewritten
+    # decode sites in one graph
     per_graph = [sum(s.rewritten for s in g.sites if s.phase == "decode") for g in reports]
-    reported = max([len({s.layer for s in decode if s.rewritten})] + per_graph)
+    slots = {getattr(s, "cache_layer", None) for s in decode if s.rewritten}
+    reported = len(slots) if slots and None not in slots else \
+        max([len({s.layer for s in decode if s.rewritten})] + per_graph)
     row["agree"] = compressed == reported or (not decode and compressed == 0)
     row["status"] = status(row, layers, gave_up=bool(limits) and compressed < reported)
     if row["status"] == "n/a":        # attention without a cache (e.g. openai-gpt) has nothing to compress

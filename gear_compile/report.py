@@ -33,6 +33,7 @@ class SiteReport:
     phase: str
     rewritten: bool
     reason: str
+    cache_layer: str | None = None      # the cache layer read (`AttentionSite.cache_layer`), where known
 
     def line(self) -> str:
         status = "rewritten" if self.rewritten else "FALLBACK (exact)"
@@ -50,7 +51,7 @@ class GraphReport:
     @classmethod
     def build(cls, before: fx.GraphModule, after: fx.GraphModule, sites, config: GearConfig):
         return cls(index=next(_counter), config=config,
-                   sites=[SiteReport(s.layer, s.form, s.phase, s.rewritable, s.reason) for s in sites],
+                   sites=[SiteReport(s.layer, s.form, s.phase, s.rewritable, s.reason, s.cache_layer) for s in sites],
                    before=before.code, after=after.code)
 
     @property

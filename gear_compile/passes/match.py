@@ -94,6 +94,20 @@ class AttentionSite:
         return _module_of(self.output) or f"site {self.index}"
 
     @property
+    def cache_layer(self) -> str | None:
+        """The cache layer whose past the site reads, from its placeholder's
+        source (`...cache.layers[3].keys` -> "3"): the same in every graph,
+        where `layer` (a module path) is relative to a frame resumed after a
+        graph break (Dbrx's MoE: both layers' attention "norm_attn_norm.attn")."""
+        past = self.key.past if self.key is not None else None
+        if not isinstance(past, fx.Node) or past.op != "placeholder":
+            return None
+        name = getattr(getattr(past, "_dynamo_source", None), "name", None)    # a property, a method before
+        name = name() if callable(name) else name
+        found = re.search(r"layers\W*(\d+)", name if isinstance(name, str) else past.name)
+        return found.group(1) if found else None
+
+    @property
     def head_dim(self) -> int:
         """The narrower of K's and V's head dims (a rebuild site's stores may differ: MLA's latent
         and rope key part): the one the codec's groups must fit."""
