@@ -31,9 +31,10 @@ the store kernel's bounds). All decode rows go in one call; a prefill chunk
 with a past in a call of its own (causal among its tokens); a chunk with no
 past is causal SDPA on either path. `attend(..., kernel="triton")`
 (`attend_triton`) runs the Triton paged kernel on CUDA
-(kernels/paged_decode.py, tests/test_paged_triton.py): every decode row in
-one launch reading the pages in the slabs through the table; prefill chunks
-go to this reference.
+(kernels/paged_decode.py, tests/test_paged_triton.py): every decode row,
+and every token of a prefill chunk with a past as a row of its own, in one
+launch reading the pages in the slabs through the table; a chunk without a
+past is causal SDPA.
 Neighbours: `paged` (the pool), `serving` (calls `attend` as transformers'
 attention function).
 """
@@ -229,25 +230,52 @@ def attend_cpu(pool: PagedPool, layer: int, table: BlockTable, q: torch.Tensor, 
 
 def attend_triton(pool: PagedPool, layer: int, table: BlockTable, q: torch.Tensor, k_new: torch.Tensor,
                   v_new: torch.Tensor, scale: float) -> torch.Tensor:
-    """`attend` with the decode rows by the Triton paged kernel
-    (`kernels.paged_decode.paged_decode`: one launch for all of them, the
-    pages read in the pool's slabs through the table's rows); prefill chunks
-    (a few per step) by the torch reference's `_prefill_row`."""
+    """`attend` by the Triton paged kernel (`kernels.paged_decode.paged_decode`):
+    the decode rows and every token of a prefill chunk with a past (a row
+    of its own attending the chunk causally) in one launch, the pages read in
+    the pool's slabs through the table's rows (`_triton_rows`); a chunk
+    without a past is causal SDPA, as in `attend`."""
     from .kernels.paged_decode import paged_decode
     Hq, D = q.shape[1], q.shape[-1]
     out = q.new_empty(q.shape[2], Hq, D)
     for row in table.prefill:
-        sl = slice(row.start, row.start + row.T)
-        out[sl] = _prefill_row(pool, layer, row, q[0, :, sl], k_new[0, :, sl], v_new[0, :, sl], scale)
-    tok = table.decode_tok
+        if row.fresh:
+            sl = slice(row.start, row.start + row.T)
+            out[sl] = _prefill_row(pool, layer, row, q[0, :, sl], k_new[0, :, sl], v_new[0, :, sl], scale)
+    rows = getattr(table, "_triton_rows", None)
+    if rows is None or rows[0].device != q.device:      # once a step: every layer reads the same rows
+        rows = table._triton_rows = _triton_rows(table, q.device)
+    tok, ptr, ids, info, new_len, most = rows
     if tok.numel():
-        rows = getattr(table, "_triton_rows", None)
-        if rows is None or rows[0].device != q.device:      # once a step: every layer reads the same rows
-            ptr, ids, info = table.decode_kernel
-            rows = table._triton_rows = (*(t.to(q.device) for t in (ptr, ids, info)),
-                                         int((ptr[1:] - ptr[:-1]).max()))
-        out[tok] = paged_decode(pool, layer, q[0, :, tok].transpose(0, 1), k_new[0], v_new[0], *rows, scale)
+        out[tok] = paged_decode(pool, layer, q[0, :, tok].transpose(0, 1), k_new[0], v_new[0], ptr, ids, info,
+                                most, scale, new_len=new_len)
     return out
+
+
+def _triton_rows(table: BlockTable, device):
+    """The Triton kernel's rows of a step: each decode row, then each token t
+    of each prefill chunk with a past (its chunk's pages, tail and sinks; new
+    tokens [start, start + t + 1)). Returns their tokens, page_ptr,
+    page_ids, row_info, new_len (on `device`) and the most pages a row has."""
+    ptr, ids, info = table.decode_kernel
+    R = info.shape[0]
+    toks, counts, id_parts, infos, news = [table.decode_tok.cpu()], [ptr[1:] - ptr[:-1]], [ids], [info], \
+        [torch.ones(R, dtype=torch.long)]
+    for row in table.prefill:
+        if row.fresh:
+            continue
+        _, pids, pinfo = row.kernel
+        T = row.T
+        toks.append(torch.arange(row.start, row.start + T))
+        counts.append(torch.full((T,), pids.numel(), dtype=torch.long))
+        id_parts.append(pids.repeat(T))
+        infos.append(pinfo.expand(T, 4))
+        news.append(torch.arange(1, T + 1))
+    counts = torch.cat(counts)
+    page_ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    most = int(counts.max()) if counts.numel() else 0
+    return (torch.cat(toks).to(device), page_ptr.to(device), torch.cat(id_parts).to(device),
+            torch.cat(infos).contiguous().to(device), torch.cat(news).to(device), most)
 
 
 def _partial(q, k, v, mask, scale):

@@ -36,10 +36,13 @@ Algorithm (split-K flash-decoding, one launch plus one combine):
   the tile loop issues cp.async (tests/test_paged_triton.py builds them).
 Everything the store kernel supports in a decode segment is read: exact
 ("none"), KIVI / KCVT / per-token at 2/4/8 bits, GEAR's low rank and K/V
-outliers. Prefill chunks with a past are not handled here (`attend_triton`
-sends them to the torch reference, which rebuilds a few pages at a time).
+outliers. A prefill chunk with a past runs as one row per token (token t
+attends the row's past and the chunk's tokens [0, t], `new_len`), in the
+same launch as the decode rows: each of its tokens reads the pages again
+(GQA rows only share a tile; a chunk-wide query tile is not done).
 Not yet: autotuned tiles / warps, CUDA graphs (the grid's split count
-follows the step's longest row), prefill chunks.
+follows the step's longest row), a prefill chunk's tokens sharing page
+tiles.
 Neighbours: `decode_tiles` (tile loops), `decode_plan` (constexprs),
 `decode_attention` (segment pointers, combine), `paged` (the pool).
 """
@@ -115,7 +118,7 @@ def _pages(m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo_p, hi_p, p0, PageIds, use_s
 
 @triton.jit
 def _paged_kernel(
-        Q, PO, PLSE, PagePtr, PageIds, RowInfo, Tail, Sink, Kn, Vn,
+        Q, PO, PLSE, PagePtr, PageIds, RowInfo, NewLen, Tail, Sink, Kn, Vn,
         Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi, Vop,
         qk_scale, Hkv, S, per, layer, layers, page_tokens, n_sink, sum_t,
         d_block, dk_group, dv_group, dk_k2,
@@ -139,6 +142,7 @@ def _paged_kernel(
     n_tail = tl.load(RowInfo + r * 4 + 1).to(tl.int32)
     sinks = tl.load(RowInfo + r * 4 + 2).to(tl.int32)
     start = tl.load(RowInfo + r * 4 + 3)
+    n_new = tl.load(NewLen + r).to(tl.int32)
     use_sinks = (sinks != 0) & (n_sink > 0)
     s_idx = split % S
     lo_p = tl.minimum(s_idx * per, n_pages)
@@ -183,10 +187,10 @@ def _paged_kernel(
                 m_i, l_i, acc, acc_z, q, Tail + base * page_tokens * D, Tail + (base + H) * page_tokens * D,
                 0, tl.cdiv(n_tail, XBT), 0, 0, n_tail, 0, ch, ok_c, ok_g, cap, Q, mrow, 0,
                 DT, D, XBT, 1, FP32_DOT, False, 0)
-            new = (kvh * sum_t + start) * D
+            new = (kvh * sum_t + start) * D      # its new tokens [start, start + n_new)
             m_i, l_i, acc, acc_z = exact_pass(
-                m_i, l_i, acc, acc_z, q, Kn + new, Vn + new, 0, 1, 0, 0, 1, 0, ch, ok_c, ok_g, cap, Q, mrow, 0,
-                DT, D, 16, 1, FP32_DOT, False, 0)
+                m_i, l_i, acc, acc_z, q, Kn + new, Vn + new, 0, tl.cdiv(n_new, 16), 0, 0, n_new, 0, ch, ok_c,
+                ok_g, cap, Q, mrow, 0, DT, D, 16, 1, FP32_DOT, False, 0)
     else:           # program S + s: the tiles of program s's pages whose K records overflow their window
         if OVER:
             m_i, l_i, acc, acc_z = _pages(
@@ -285,12 +289,15 @@ def _sm_count(device: torch.device) -> int:
 
 def paged_decode(pool, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                  page_ptr: torch.Tensor, page_ids: torch.Tensor, row_info: torch.Tensor, max_pages: int,
-                 scale: float, num_splits: int | None = None) -> torch.Tensor:
-    """Decode rows' attention over the pool (module docstring): q [R, Hq, D]
-    (the rows' queries), k_new / v_new [Hkv, sum T, D] (the step's new K/V,
-    row r's token at row_info[r, 3]), page_ptr [R + 1], page_ids, row_info
-    [R, 4] = (slot, tail, sinks in use, start) on q's device (int64),
-    max_pages the longest row's page count. Returns [R, Hq, D] in q's dtype."""
+                 scale: float, num_splits: int | None = None, new_len: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows' attention over the pool (module docstring): q [R, Hq, D] (one
+    query token a row), k_new / v_new [Hkv, sum T, D] (the step's new K/V:
+    row r attends new tokens [row_info[r, 3], + new_len[r]); new_len None:
+    one each, a decode row), page_ptr [R + 1], page_ids, row_info [R, 4] =
+    (slot, tail, sinks in use, start), new_len [R], on q's device (int64),
+    max_pages the longest row's page count. Returns [R, Hq, D] in q's dtype.
+    A prefill chunk's token t is a row of its own with new_len t + 1 (its
+    causal mask)."""
     R, Hq, D = q.shape
     H = pool.heads
     if Hq % H:
@@ -315,7 +322,9 @@ def paged_decode(pool, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: 
     for kind in "kv":
         slab = pool.slabs[kind]
         parts += [(t if (t := getattr(slab, name, None)) is not None else q) for name in KERNEL_PARTS]
-    args = [q, po, plse, page_ptr, page_ids, row_info, pool.tail, pool.sink, k_new.contiguous(),
+    if new_len is None:
+        new_len = torch.ones(R, dtype=torch.long, device=q.device)
+    args = [q, po, plse, page_ptr, page_ids, row_info, new_len, pool.tail, pool.sink, k_new.contiguous(),
             v_new.contiguous(), *parts, scale * _LOG2E, H, S, per, layer, pool.layers, pool.page_tokens,
             pool.sink_tokens, k_new.shape[1], *scalars.values()]
     _paged_kernel[(R * H, programs)](*args, **consts, OVER=programs > S, STAGES=STAGES, num_warps=WARPS,
@@ -352,7 +361,7 @@ def sm90_build_specs(head_dims=(128,), gqa: int = 4, q_dtypes=(torch.float16, to
                 c = {k: plan.consts[k] for k in CONSTS}
                 q = "*" + _TRITON_TYPE[qdt]
                 held = "*" + _TRITON_TYPE[config.held_dtype(qdt)]
-                sig = dict(Q=q, PO="*fp32", PLSE="*fp32", PagePtr="*i64", PageIds="*i64", RowInfo="*i64",
+                sig = dict(Q=q, PO="*fp32", PLSE="*fp32", PagePtr="*i64", PageIds="*i64", RowInfo="*i64", NewLen="*i64",
                            Tail=held, Sink=held, Kn=held, Vn=held, qk_scale="fp32")
                 for prefix, kind in (("K", "k"), ("V", "v")):
                     dtypes = {p.name: p.dtype for p in layouts[kind].parts}
