@@ -39,15 +39,16 @@ projections, the LM head). Results: benchmarks/results/serve_<device>_memory.*.
 
 Methods: dense (transformers' paged cache, "sdpa"), gear4 / gear2
 (method="gear", 4 / 2 bits), kivi2 (method="kivi", 2 bits). The pool's
-attention (--kernel): on the CPU by default the C++ paged kernel, which reads
-the pages in place (kernels/cpu_paged_attention.h); --kernel torch times the
+attention (--kernel): by default the C++ paged kernel on the CPU and the
+Triton one on CUDA (kernels/cpu_paged_attention.h, kernels/paged_decode.py),
+both reading the pages in place; --kernel torch times the
 torch reference (paged_attention.attend), which rebuilds pages a chunk at a
 time. Each row records which ran.
 GPU mode (--gpu): a random-weight fp16 model shaped like Llama-3-8B (32
 layers, GQA 32/8, head dim 128), dense with transformers' CUDA graphs where
 its continuous batching uses them; the pool runs without (its bookkeeping is
-Python between layers) and attends with the torch reference on CUDA (no
-Triton paged kernel yet). Budgets default to 2, 4 and 8 GiB (an 8B model's
+Python between layers) and attends with the Triton paged kernel (decode rows
+and prefill chunks with a past). Budgets default to 2, 4 and 8 GiB (an 8B model's
 token is 128 KiB of fp16 K/V: dense then holds about 7, 14 and 28 of the
 default workload's requests, so it is memory-bound at each). Results:
 benchmarks/results/serve_gpu.*.
@@ -84,8 +85,9 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--memory", action="store_true", help="each method's budget holds every request at once")
-    p.add_argument("--kernel", default="auto", choices=["auto", "cpu", "torch"],
-                   help="the pool's attention: auto (the C++ paged kernel on the CPU), cpu, torch (the reference)")
+    p.add_argument("--kernel", default="auto", choices=["auto", "cpu", "triton", "torch"],
+                   help="the pool's attention: auto (the C++ paged kernel on the CPU, Triton on CUDA), cpu, "
+                        "triton, torch (the reference)")
     p.add_argument("--out", default=None, help="results stem (default results/serve_<cpu|gpu>)")
     p.add_argument("--cell", nargs=2, metavar=("METHOD", "BUDGET_MIB"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
