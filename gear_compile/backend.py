@@ -27,7 +27,8 @@ import torch.fx as fx
 from . import codec, ops  # noqa: F401  (ops registers the gear ops)
 from .config import GearConfig
 from .passes import lorc as lorc_pass
-from .passes.match import _value, find_sites
+from .passes.match import find_sites
+from .passes.pattern import example_value
 from .passes.rewrite import RewritePlan, TensorOut, rewrite
 from .report import GraphReport, record
 from .runtime import wrap
@@ -56,7 +57,7 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
     lorc_sites = _lorc_sites(gm, sites, example_inputs, config) if config.lorc else {}
     for site in sites:
         if site.key is not None and site.key.compressed and site.index not in lorc_sites and \
-                any(_value(a.past).store.logical is not None for a in (site.key, site.value)):
+                any(example_value(a.past).store.logical is not None for a in (site.key, site.value)):
             raise RuntimeError(
                 f"gear: {site.layer}'s cache holds LoRC latents but this graph cannot rebuild them "
                 f"({site.reason or 'options without lorc'}); generate with the options the cache was made with")

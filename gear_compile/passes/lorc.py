@@ -77,7 +77,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import lorc
 from ..config import GearConfig, codec_of
-from .match import AttentionSite, _value
+from .match import AttentionSite
+from .pattern import example_value
 from .pattern import is_call
 
 _LAYOUT_OPS = ("view", "reshape", "transpose", "contiguous", torch.reshape, torch.transpose)
@@ -127,12 +128,12 @@ class LoRCSite:
 
 def find(site: AttentionSite) -> LoRCSite | str:
     """The site's LoRC form, or why it has none."""
-    if site.key.compressed and (_value(site.key.past).store.logical is None or
-                                _value(site.value.past).store.logical is None):
+    if site.key.compressed and (example_value(site.key.past).store.logical is None or
+                                example_value(site.value.past).store.logical is None):
         return "its cache was stored without LoRC"
     if site.key.keep is not None or site.value.keep is not None:
         return "a sliding-window layer"
-    if not site.key.compressed and _value(site.key.past).numel() != 0:
+    if not site.key.compressed and example_value(site.key.past).numel() != 0:
         return "a dense past that is not empty (its K is already rotated)"
     k_new, v_new = site.key.new, site.value.new
     rope = _rope(k_new)
@@ -143,8 +144,8 @@ def find(site: AttentionSite) -> LoRCSite | str:
     if isinstance(key, str) or isinstance(value, str):
         return key if isinstance(key, str) else value
     key.positions, key.rope = positions, form
-    _, H, T, d = _value(k_pre).shape
-    if _value(v_new).shape[1:] != (H, T, d):
+    _, H, T, d = example_value(k_pre).shape
+    if example_value(v_new).shape[1:] != (H, T, d):
         return "V's heads differ from K's"
     return LoRCSite(key, value, H, d)
 
@@ -160,8 +161,8 @@ def _projection(pre: fx.Node) -> Projection | str:
     if not isinstance(weight, fx.Node) or weight.op != "placeholder" or \
             not (bias is None or (isinstance(bias, fx.Node) and bias.op == "placeholder")):
         return "the K/V projection's weight is not a model parameter"
-    B, H, T, d = _value(pre).shape
-    lin = _value(node)
+    B, H, T, d = example_value(pre).shape
+    lin = example_value(node)
     if tuple(lin.shape) != (B, T, H * d):
         return f"the projection's output {tuple(lin.shape)} is not the heads of K/V [B, T, {H} * {d}]"
     return Projection(weight, bias, pre)
@@ -206,10 +207,10 @@ def _rope(k_new):
                 found, k_pre = _sliced(x) == (full, None, rd), full
             if found and _ancestor(x, second):
                 cos = first.args[1] if first.args[0] is x else first.args[0]
-                positions = _positions(cos, _value(k_new).shape[2])
+                positions = _positions(cos, example_value(k_new).shape[2])
                 if positions is None:
                     return None
-                return k_pre, positions, _form(x, second, cos, int(_value(x).shape[-1]))
+                return k_pre, positions, _form(x, second, cos, int(example_value(x).shape[-1]))
     return None
 
 
@@ -231,15 +232,15 @@ def _form(x: fx.Node, second: fx.Node, cos, width: int) -> RopeForm | str:
     sin = second.args[1] if second.args[0] is rot else second.args[0]
     if rot is None or not isinstance(sin, fx.Node) or not isinstance(cos, fx.Node):
         return "its RoPE's cos / sin are not graph values"
-    T = _value(x).shape[2]
+    T = example_value(x).shape[2]
     for table in (cos, sin):
-        shape = tuple(_value(table).shape)
+        shape = tuple(example_value(table).shape)
         if len(shape) != 4 or shape[1] != 1 or shape[3] != width or (shape[2] != T and shape[2] != 1):
             return f"its RoPE tables {shape} are not [B, 1, T, {width}] (per head or per channel pair)"
     if width % 2:
         return "an odd rotary width"
-    shape = [int(d) if isinstance(d, int) else int(d.node.hint) for d in _value(x).shape]
-    probe = torch.arange(1, width + 1, dtype=torch.float32).expand(shape).to(_value(x).dtype)
+    shape = [int(d) if isinstance(d, int) else int(d.node.hint) for d in example_value(x).shape]
+    probe = torch.arange(1, width + 1, dtype=torch.float32).expand(shape).to(example_value(x).dtype)
     try:
         out = _run_chain(x, rot, probe)
     except Exception as err:              # a chain the probe cannot run: keep the replay
@@ -295,7 +296,7 @@ def _positions(cos: fx.Node, tokens):
         if node in seen or not isinstance(node, fx.Node):
             continue
         seen.add(node)
-        v = _value(node)
+        v = example_value(node)
         if isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dtype != torch.bool \
                 and 1 <= v.dim() <= 2 and v.shape[-1] == tokens:
             return node
@@ -336,7 +337,7 @@ def plan(sites: list[tuple[AttentionSite, LoRCSite]], weights: dict, config: Gea
             s.key.factors, s.value.factors = pair
             continue
         for proj, (w, b), past in ((s.key, layer[0], site.key.past), (s.value, layer[1], site.value.past)):
-            rank = int(_value(past).store.buffer.shape[-1])   # a SymInt where another model's ranks differ
+            rank = int(example_value(past).store.buffer.shape[-1])   # a SymInt where another model's ranks differ
             proj.factors = _factors(w, b, rank, chosen.loss_aware, config.lorc_basis == "weights")
     return chosen.schedule
 
@@ -383,7 +384,7 @@ def rebuild_past(graph: fx.Graph, site: LoRCSite, parts: list, config: GearConfi
     with `positions` (K under RoPE), the nodes from (pre, positions) to
     `new` replayed on it at the past's positions."""
     *store, exact = parts
-    latents = _past_latents(graph, store, config, kind, length, _value(pre).dtype)
+    latents = _past_latents(graph, store, config, kind, length, example_value(pre).dtype)
     rebuilt = _heads(graph, site, graph.call_function(torch.matmul, (graph.call_method("squeeze", (latents, 1)),
                                                                      graph.call_method("t", (up,)))))
     s = _sink_count(graph, exact)
@@ -393,7 +394,7 @@ def rebuild_past(graph: fx.Graph, site: LoRCSite, parts: list, config: GearConfi
     if positions is None:
         return rebuilt
     first = graph.call_function(operator.getitem, (positions, (Ellipsis, slice(0, 1))))
-    offsets = graph.call_function(torch.arange, (length,), {"device": _value(positions).device})
+    offsets = graph.call_function(torch.arange, (length,), {"device": example_value(positions).device})
     past = graph.call_function(operator.add, (graph.call_function(operator.sub, (first, length)), offsets))
     return replay(graph, new, {pre: rebuilt, positions: past})
 
@@ -401,7 +402,7 @@ def rebuild_past(graph: fx.Graph, site: LoRCSite, parts: list, config: GearConfi
 def _sink_count(graph: fx.Graph, exact: fx.Node):
     """How many sinks a store holds: 0, an int, or (when Dynamo made the
     count dynamic: prompts shorter than lorc_sinks) a node of the graph."""
-    s = _value(exact).shape[2]
+    s = example_value(exact).shape[2]
     return s if isinstance(s, int) else graph.call_method("size", (exact, 2))
 
 
@@ -422,7 +423,7 @@ def folds_values(site: AttentionSite, tokens) -> bool:
     """V's up-projection can move past the attention (`attend_latent_values`)
     when the attention is plain scaled-dot-product: no soft cap, no sinks,
     no top-left causal flag over a past."""
-    q, out = _value(site.query), _value(site.output)
+    q, out = example_value(site.query), example_value(site.output)
     return site.softcap is None and site.sinks is None and q.dtype == out.dtype and \
         (tokens == 1 or not site.is_causal)
 
@@ -443,12 +444,12 @@ def attend_latent_values(graph: fx.Graph, site: AttentionSite, lo: LoRCSite, q: 
     one-hot value columns whose outputs are their probabilities (module
     docstring). Returns the [B, Hq, T, d] output."""
     *store, exact = parts
-    dtype, s = _value(site.query).dtype, _sink_count(graph, exact)
+    dtype, s = example_value(site.query).dtype, _sink_count(graph, exact)
     past = _past_latents(graph, store, config, "v", length, dtype)
     latents = graph.call_function(torch.cat, ([past, new],), {"dim": 2})
     if s:
         tokens = graph.call_method("size", (latents, 2))
-        device = _value(site.query).device
+        device = example_value(site.query).device
         marks = graph.call_function(operator.eq, (
             graph.call_method("unsqueeze", (graph.call_function(torch.arange, (tokens,), {"device": device}), 1)),
             graph.call_function(torch.arange, (s,), {"device": device})))
@@ -466,7 +467,7 @@ def attend_latent_values(graph: fx.Graph, site: AttentionSite, lo: LoRCSite, q: 
     first = graph.call_function(operator.getitem, (past, (slice(None), 0, slice(0, s))))
     rebuilt = _heads(graph, lo, graph.call_function(torch.matmul, (first, graph.call_method("t", (up,)))))
     residual = graph.call_method("repeat_interleave", (graph.call_function(operator.sub, (exact, rebuilt)),
-                                                       _value(site.query).shape[1] // lo.heads), {"dim": 1})
+                                                       example_value(site.query).shape[1] // lo.heads), {"dim": 1})
     return graph.call_function(operator.add, (graph.call_function(torch.matmul, (mixed, up_heads)),
                                               graph.call_function(torch.matmul, (probs, residual))))
 
@@ -504,7 +505,7 @@ def fused_reason(site: AttentionSite, lo: LoRCSite, config: GearConfig, tokens) 
     (K rebuilt tile by tile inside the kernel), or None when it can."""
     if not FUSED:
         return "the fused kernel is switched off (GEAR_LORC_FUSED=0)"
-    if _value(site.query).device.type != "cpu":
+    if example_value(site.query).device.type != "cpu":
         return "not a CPU tensor (the fused rebuild is the C++ kernel's)"
     if config.kernel not in ("auto", "cpu"):
         return f"kernel={config.kernel!r}"
@@ -541,8 +542,8 @@ def fused_attention(rw, site: AttentionSite, lo: LoRCSite, length, written: int)
     graph = rw.graph
     k_parts = rw.inner_placeholders(rw.node(site.key.past))
     v_parts = rw.inner_placeholders(rw.node(site.value.past))
-    k_layout, v_layout = (_value(a.past).store.layout for a in (site.key, site.value))
-    q_val = _value(site.query)
+    k_layout, v_layout = (example_value(a.past).store.layout for a in (site.key, site.value))
+    q_val = example_value(site.query)
     scale = site.scale if site.scale is not None else q_val.shape[-1] ** -0.5
     form = lo.key.rope if lo.key.positions is not None else None
     cos = sin = None
@@ -556,7 +557,7 @@ def fused_attention(rw, site: AttentionSite, lo: LoRCSite, length, written: int)
         rw.constant(per_head_up(lo.value.factors.up, lo)), cos, sin, rw.node(site.mask),
         float(scale), bool(site.is_causal), list(k_layout.kernel_descriptor), list(v_layout.kernel_descriptor),
         form.mode if form else 0, form.rotary_dim if form else 0))
-    attn.meta["example_value"] = q_val.new_empty(_value(site.output).shape)
+    attn.meta["example_value"] = q_val.new_empty(example_value(site.output).shape)
     if written:
         rw.write_latent(lo.key, "k", k_parts, k_lat)
         rw.write_latent(lo.value, "v", v_parts, v_lat)
@@ -572,7 +573,7 @@ def _past_tables(rw, form: RopeForm, positions: fx.Node, length):
     if positions not in tables:
         graph = rw.graph
         first = graph.call_function(operator.getitem, (positions, (Ellipsis, slice(0, 1))))
-        offsets = graph.call_function(torch.arange, (length,), {"device": _value(positions).device})
+        offsets = graph.call_function(torch.arange, (length,), {"device": example_value(positions).device})
         past = graph.call_function(operator.add, (graph.call_function(operator.sub, (first, length)), offsets))
         tables[positions] = {positions: past}
     env = tables[positions]

@@ -46,7 +46,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..compressed_kv import CompressedKV
-from .pattern import Call, Capture, Either, Maybe, Through, is_call, match
+from .pattern import Call, Capture, Either, Maybe, Through, example_value, is_call, match
 
 _ROOT = re.compile(r"^L\['self'\]|^L\['args'\]\[0\]")   # Dynamo's name for the compiled model
 
@@ -68,7 +68,7 @@ class KVAppend:
 
     @property
     def compressed(self) -> bool:
-        return isinstance(_value(self.past), CompressedKV)
+        return isinstance(example_value(self.past), CompressedKV)
 
 
 @dataclass
@@ -111,7 +111,7 @@ class AttentionSite:
     def head_dim(self) -> int:
         """The narrower of K's and V's head dims (a rebuild site's stores may differ: MLA's latent
         and rope key part): the one the codec's groups must fit."""
-        return min(_value(a.new).shape[-1] for a in (self.key, self.value) if a is not None)
+        return min(example_value(a.new).shape[-1] for a in (self.key, self.value) if a is not None)
 
     @property
     def phase(self) -> str:
@@ -125,10 +125,6 @@ def module_path(source: str) -> str:
     model: "L['args'][0].model.layers.0.self_attn" -> "model.layers.0.self_attn",
     "L['self']" -> "model"."""
     return _ROOT.sub("", source).lstrip(".") or "model"
-
-
-def _value(node):
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
 MATMUL, SOFTMAX, TRANSPOSE = (torch.matmul, operator.matmul), (F.softmax, "softmax", torch.softmax), \
@@ -189,20 +185,20 @@ def _new_axis(index) -> str | None:
 
 
 def _one_per_head(node) -> str | None:
-    value = _value(node)
+    value = example_value(node)
     return None if value is not None and value.dim() == 1 else f"{node} is not one value a head"
 
 
 def _heads_into_batch(node) -> str | None:
     """x.reshape(B * H, -1, d) of a 4-D x [B, H, T, d]."""
-    x, flat = _value(node.args[0]), _value(node)
+    x, flat = example_value(node.args[0]), example_value(node)
     if x is None or flat is None or x.dim() != 4 or flat.dim() != 3 or flat.shape[-1] != x.shape[-1]:
         return "does not flatten 4-D heads into the batch"
     return None
 
 
 def _four_dims(node) -> str | None:
-    value = _value(node)
+    value = example_value(node)
     return None if value is not None and value.dim() == 4 else "not a 4-D attention output"
 
 
@@ -443,7 +439,7 @@ def _consistent(site: AttentionSite) -> str | None:
     """K and V agree with each other and with q."""
     if site.key.compressed != site.value.compressed:
         return "K and V caches disagree (one compressed, one dense)"
-    q, k, v = _value(site.query), _value(site.key.node), _value(site.value.node)
+    q, k, v = example_value(site.query), example_value(site.key.node), example_value(site.value.node)
     if q is not None and k is not None and q.shape[1] % k.shape[1]:
         return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
     if k is not None and v is not None and k.shape[-1] != v.shape[-1]:

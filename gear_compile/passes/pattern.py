@@ -36,6 +36,13 @@ from __future__ import annotations
 import torch.fx as fx
 
 
+def example_value(node):
+    """What an FX node of a Dynamo graph stands for: the fake tensor (or
+    SymInt, or list of them) Dynamo recorded as its example value, or AOT's
+    `val`; None for a non-node argument (a literal)."""
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
 def is_call(node, *targets) -> bool:
     """node calls one of `targets` (functions, or method names as strings)."""
     return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in targets

@@ -45,7 +45,8 @@ from ..ops import attention_for
 from ..rotation import rotation
 from ..store import StoreLayout
 from . import lorc as lorc_pass
-from .match import AttentionSite, _value
+from .match import AttentionSite
+from .pattern import example_value
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class RewritePlan:
         gives every int input a fresh symbol, so an int would leave the
         symbol the graph's shapes are written in unbound."""
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        return [_value(ph) if isinstance(x, int) and isinstance(_value(ph), torch.SymInt) else x
+        return [example_value(ph) if isinstance(x, int) and isinstance(example_value(ph), torch.SymInt) else x
                 for ph, x in zip(placeholders, self.flatten_inputs(args), strict=True)]
 
 
@@ -154,7 +155,7 @@ class _Rewriter:
     def inner_placeholders(self, ph: fx.Node) -> list[fx.Node]:
         """One placeholder per inner tensor of the CompressedKV input `ph`."""
         if ph not in self.flattened:
-            store = _value(ph).store
+            store = example_value(ph).store
             nodes, anchor = [], ph
             for name, tensor in zip(store.tensor_names(), store.tensors()):
                 with self.graph.inserting_after(anchor):
@@ -171,7 +172,7 @@ class _Rewriter:
         """SymInt placeholders, after `anchor`, for the size symbols of the
         CompressedKV input `ph` that no other input binds; their dims."""
         dims = []
-        for dim, size in enumerate(_value(ph).shape):
+        for dim, size in enumerate(example_value(ph).shape):
             symbol = _plain_symbol(size)
             if symbol is None or symbol in self.bound:
                 continue
@@ -205,7 +206,7 @@ class _Rewriter:
         if isinstance(value, int):
             return value
         for ph in self.placeholders:
-            if isinstance(_value(ph), torch.SymInt) and str(_value(ph)) == str(value):
+            if isinstance(example_value(ph), torch.SymInt) and str(example_value(ph)) == str(value):
                 return self.node(ph)
         raise LookupError(f"no placeholder holds the size {value}")
 
@@ -217,16 +218,16 @@ class _Rewriter:
                 x = lorc_pass.latent(self.graph, pre, self.constant(proj.factors.down))
                 parts = self.graph.call_function(torch.ops.gear.kv_prefill.default,
                                                  (x, self.config.codec.to_json(), kind, False))
-                dtype = _value(proj.pre).dtype
-                n = self.prefill_outputs(kind, proj.rank, dtype, _value(proj.pre).shape[2], False)
+                dtype = example_value(proj.pre).dtype
+                n = self.prefill_outputs(kind, proj.rank, dtype, example_value(proj.pre).shape[2], False)
                 outputs = [self.graph.call_function(operator.getitem, (parts, i)) for i in range(n)]
                 outputs.append(lorc_pass.sinks(self.graph, pre, self.config))
             self.replaced[stored] = (PrefillOut(kind, n + 1, dtype, None, (lo.heads, lo.head_dim)), outputs)
 
     def lorc_decode(self, site: AttentionSite, lo: lorc_pass.LoRCSite) -> None:
-        tokens = _value(site.key.new).shape[2]
+        tokens = example_value(site.key.new).shape[2]
         written = _written(tokens)
-        length = self.size(_value(site.key.past).shape[2])
+        length = self.size(example_value(site.key.past).shape[2])
         fold = lorc_pass.folds_values(site, tokens)
         if lorc_pass.choose_fused(site, lo, self.config, tokens):     # K rebuilt inside the kernel
             return lorc_pass.emit_fused(self, site, lo, length, written)
@@ -237,7 +238,7 @@ class _Rewriter:
                 out = self.node(site.output)
                 with self.graph.inserting_before(out):
                     new = lorc_pass.latent(self.graph, self.node(proj.pre), self.constant(proj.factors.down))
-                    up_heads = lorc_pass.up_projection(proj.factors.up, lo, _value(site.query).shape[1])
+                    up_heads = lorc_pass.up_projection(proj.factors.up, lo, example_value(site.query).shape[1])
                     attn = lorc_pass.attend_latent_values(
                         self.graph, site, lo, self.node(site.query), self.node(site.key.node),
                         self.node(site.mask), parts, new, self.config, length,
@@ -259,7 +260,7 @@ class _Rewriter:
                 DecodeOut(self.placeholders.index(past), written), None if written else new)
 
     def write_latent(self, proj, kind: str, parts: list, new: fx.Node) -> None:
-        dtype = _value(proj.pre).dtype
+        dtype = example_value(proj.pre).dtype
         buffer_write(self.graph, StoreLayout.build(self.config, kind, proj.rank, dtype, 0), parts, new, dtype)
 
     def decode(self, site: AttentionSite) -> None:
@@ -267,20 +268,20 @@ class _Rewriter:
         k_past, v_past = self.node(site.key.past), self.node(site.value.past)
         k_parts, v_parts = self.inner_placeholders(k_past), self.inner_placeholders(v_past)
         k_new, v_new = self.node(site.key.new), self.node(site.value.new)
-        q_val = _value(site.query)
+        q_val = example_value(site.query)
         scale = site.scale if site.scale is not None else q_val.shape[-1] ** -0.5
-        tokens = _value(site.key.new).shape[2]
+        tokens = example_value(site.key.new).shape[2]
         tokens = tokens if isinstance(tokens, int) else -1          # symbolic: several
         op = attention_for(q_val.device, self.config, tokens)
-        k_store, v_store = _value(site.key.past).store, _value(site.value.past).store
+        k_store, v_store = example_value(site.key.past).store, example_value(site.value.past).store
         rot_k, rot_v = self.config.rotates("k"), self.config.rotates("v")
-        want = _value(site.output)
+        want = example_value(site.output)
         with self.graph.inserting_before(out):
             q = self.node(site.query)
             if rot_k:
-                q, k_new = self.rotated(q, q_val), self.rotated(k_new, _value(site.key.new))
+                q, k_new = self.rotated(q, q_val), self.rotated(k_new, example_value(site.key.new))
             if rot_v:
-                v_new = self.rotated(v_new, _value(site.value.new))
+                v_new = self.rotated(v_new, example_value(site.value.new))
             attn = self.graph.call_function(op.op, op.args(
                 q, k_parts, v_parts, k_new, v_new, self.node(site.mask),
                 scale, site.is_causal, self.config, k_store.layout, v_store.layout, site.softcap,
@@ -288,7 +289,7 @@ class _Rewriter:
             attn.meta["example_value"] = q_val.new_empty(want.shape)
             if tokens == 1:
                 for parts, store, new in ((k_parts, k_store, k_new), (v_parts, v_store, v_new)):
-                    buffer_write(self.graph, store.layout, parts, new, _value(new).dtype)
+                    buffer_write(self.graph, store.layout, parts, new, example_value(new).dtype)
             if rot_v:
                 attn = self.rotated(attn, attn.meta["example_value"], inverse=True)
             if want.dtype != q_val.dtype:        # q upcast for fp32 attention: the output is cast back
@@ -305,27 +306,27 @@ class _Rewriter:
         (`gear::dequantize`) in front of its append (or of a size query read
         before it), which the model reads as before; one new token is then
         written into the store's buffer."""
-        written = _written(_value(site.key.new).shape[2])
+        written = _written(example_value(site.key.new).shape[2])
         for append, kind in ((site.key, "k"), (site.value, "v")):
             past, cat, new = self.node(append.past), self.node(append.node), self.node(append.new)
-            parts, store = self.inner_placeholders(past), _value(append.past).store
+            parts, store = self.inner_placeholders(past), example_value(append.past).store
             first = next(n for n in self.graph.nodes if n in past.users)    # the append, or a size query
             with self.graph.inserting_before(first):
                 rebuilt = self.graph.call_function(torch.ops.gear.dequantize.default, (
-                    parts, self.config.codec.to_json(), kind, self.size(_value(append.past).shape[2]),
-                    _value(append.new).dtype))
-            rebuilt.meta["example_value"] = _value(append.past)
+                    parts, self.config.codec.to_json(), kind, self.size(example_value(append.past).shape[2]),
+                    example_value(append.new).dtype))
+            rebuilt.meta["example_value"] = example_value(append.past)
             past.replace_all_uses_with(rebuilt)
             if written:
                 with self.graph.inserting_before(cat.next):       # in order, after the append
-                    buffer_write(self.graph, store.layout, parts, new, _value(append.new).dtype)
+                    buffer_write(self.graph, store.layout, parts, new, example_value(append.new).dtype)
             self.replaced[self.node(append.stored)] = (
                 DecodeOut(self.placeholders.index(past), written, append.keep), None if written else new)
 
     def prefill(self, site: AttentionSite) -> None:
         for append, kind in ((site.key, "k"), (site.value, "v")):
             stored, windowed = self.node(append.stored), append.keep is not None
-            x = _value(append.stored)
+            x = example_value(append.stored)
             with self.graph.inserting_before(stored.next):
                 kept = self.rotated(stored, x) if self.config.rotates(kind) else stored
                 parts = self.graph.call_function(torch.ops.gear.kv_prefill.default,
@@ -435,7 +436,7 @@ def _bound_symbols(placeholders: list[fx.Node]) -> set:
     guards equate, and the compiled code binds the SymInt's own."""
     bound = set()
     for ph in placeholders:
-        value = _value(ph)
+        value = example_value(ph)
         if isinstance(value, torch.Tensor) and not hasattr(value, "store"):
             bound |= {s for s in map(_plain_symbol, [*value.shape, *value.stride()]) if s is not None}
     return bound
