@@ -74,7 +74,6 @@ class StoreLayout:
     kind: str
     prefill: SegmentLayout
     decode: SegmentLayout
-    buffer_tokens: int
     head_dim: int
     dtype: torch.dtype
     sink_tokens: int = 0
@@ -98,7 +97,7 @@ class StoreLayout:
     def shapes(self, batch: int, heads: int, capacity) -> list[tuple[tuple, torch.dtype]]:
         """(shape, dtype) of every inner tensor, in order, for a decode capacity
         of `capacity` tokens."""
-        out = [((3,), torch.int64), ((batch, heads, self.buffer_tokens, self.head_dim), self.dtype),
+        out = [((3,), torch.int64), ((batch, heads, self.decode.block, self.head_dim), self.dtype),
                ((batch, heads, self.sink_tokens, self.head_dim), self.dtype)]
         for seg, tokens in ((self.prefill, self.prefill.block), (self.decode, capacity)):
             out += list(seg.shapes(batch, heads, tokens).values())
@@ -157,7 +156,7 @@ def _layout(config: Codec, kind: str, head_dim: int, dtype: torch.dtype,
     prefill_block = prefill_tokens if prefill_tokens > 0 else (spec.group or 1)
     return StoreLayout(kind, segment(prefill_block, config.rank_prefill),
                        segment(config.block_size, config.rank_decode),
-                       config.block_size, head_dim, dtype, sink_tokens)
+                       head_dim, dtype, sink_tokens)
 
 
 class KVStore:
@@ -293,7 +292,7 @@ class KVStore:
         if n_dec:
             decode.write(compress(x[:, :, :n_dec], layout.decode, check_finite=check_finite),
                          layout.decode, 0)
-        buffer = x.new_zeros(B, H, layout.buffer_tokens, D, dtype=layout.dtype)
+        buffer = x.new_zeros(B, H, layout.decode.block, D, dtype=layout.dtype)
         rem = split.buffer
         buffer[:, :, :rem] = x[:, :, n_pre + n_dec:]
         lengths = torch.tensor([n_pre, n_dec, rem], dtype=torch.int64, device=x.device)
@@ -309,7 +308,7 @@ class KVStore:
         counts = list(self.counts())
         counts[2] += tokens
         self._counts = counts
-        return counts[2] >= self.layout.buffer_tokens
+        return counts[2] >= self.layout.decode.block
 
     def took_block(self, block: Segment, delta: torch.Tensor) -> None:
         """Move the buffer's first n_b tokens into the decode segment as
@@ -325,7 +324,7 @@ class KVStore:
         """Push new [B, H, T, D] (any T) through the buffer, compressing each
         block that fills: the eager path of multi-token appends."""
         new = new.to(self.buffer.dtype)
-        n_b, done, T = self.layout.buffer_tokens, 0, new.shape[2]
+        n_b, done, T = self.layout.decode.block, 0, new.shape[2]
         while done < T:
             n_buf = self.counts()[2]
             take = min(n_b - n_buf, T - done)

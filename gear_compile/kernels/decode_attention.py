@@ -500,7 +500,7 @@ def sm90_build_specs(head_dims=(64, 128), context: int = 32768, gqa: int = 4) ->
                 kl, vl = (StoreLayout.build(cfg, kind, D, qdt, context, 4) for kind in "kv")
                 plan = decode_plan.plan(kl, vl, q_dtype=qdt, heads=gqa * 8, kv_heads=8,
                                         prefill_tokens=context, decode_tokens=4 * kl.decode.block,
-                                        sink_tokens=4, buffer_tokens=kl.buffer_tokens, new_tokens=1,
+                                        sink_tokens=4, buffer_tokens=kl.decode.block, new_tokens=1,
                                         mask_kind=mask_kind, softcap=softcap, interpret=False)
                 c = plan.consts
                 kept = decode_plan.prune_tile_configs(TILE_CONFIGS, c["E"], D, c["BITS"] or 16,
