@@ -26,7 +26,8 @@ Glossary (one name each, used through the package, tests and benchmarks):
   parts      the stored tensors of a segment (codes, scale, zero, lr_*, out_*)
   sinks      a store's first tokens held exact (`sink_tokens`); not the
              per-head logits some models add to the softmax (gpt-oss's),
-             which the attention ops take as `sink_logits`
+             which the attention ops' `sinks` argument carries (the op
+             schemas' name, kept until their next change)
   codec      the options resolved for one head dim (`codec.Codec`)
   rotated    a store holding x R, R an orthogonal per-head rotation (`rotate`)
 
