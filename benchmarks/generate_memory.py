@@ -4,6 +4,14 @@ Inductor's compile, the decode steps.
 
 Usage:
   python benchmarks/generate_memory.py --prompt 8192 --methods dense gear4
+  python benchmarks/generate_memory.py --prompt 8192 --prefill-chunk 1024 --warm
+
+--prefill-chunk N feeds the prompt N tokens per call, as a server's chunked
+prefill does (transformers' continuous batching, vLLM, SGLang): the
+activations of one chunk, not of the whole prompt, then sit beside the KV.
+--warm compiles first, on a short prompt in a cache of its own, and resets
+the peak after it, as a server warms up before it takes requests: the peak
+is then the steady state's, without Inductor's one-time compile.
 
 Each method runs in a fresh process: SmolLM2-135M (fp32, `models.load_smollm2`),
 the heap trimmed (glibc's malloc_trim) and the peak reset (/proc/self/clear_refs)
@@ -32,7 +40,7 @@ from peak_memory import PeakPhases, reset_peak, rss_bytes
 METHODS = {"dense": None, "gear4": dict(method="gear", bits=4), "gear2": dict(method="gear", bits=2)}
 
 
-def worker(method: str, prompt: int, steps: int) -> dict:
+def worker(method: str, prompt: int, steps: int, chunk: int = 0, warm: bool = False) -> dict:
     import torch
     import torch._inductor.compile_fx as compile_fx
     import torch.nn.functional as F
@@ -54,15 +62,28 @@ def worker(method: str, prompt: int, steps: int) -> dict:
         phases.wrap(model.lm_head, "forward", "LM head")
         phases.wrap(type(model.model.layers[0].mlp), "forward", "MLP")
     ids = torch.randint(100, model.config.vocab_size - 100, (1, prompt), generator=torch.Generator().manual_seed(0))
+    chunk = chunk or prompt
+    if warm:          # the graphs a run needs (a first chunk, a later chunk, a decode step), on a short prompt
+        with torch.no_grad():
+            short = DynamicCache(config=model.config)
+            for piece in (ids[:, :96], ids[:, 96:160], ids[:, 160:161], ids[:, 161:162]):
+                model(input_ids=piece, past_key_values=short, use_cache=True, logits_to_keep=1)
+            del short
+        reset_peak()
+        base = rss_bytes("VmRSS")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        for step in range(steps + 1):
-            label = "prefill" if step == 0 else ("decode step 1" if step == 1 else "later decode steps")
-            out = phases.run(label, model, input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for start in range(0, prompt, chunk):
+            out = phases.run("prefill", model, input_ids=ids[:, start:start + chunk], past_key_values=cache,
+                             use_cache=True, logits_to_keep=1)
+        for step in range(1, steps + 1):
             ids = out.logits[:, -1:].argmax(-1)
             del out
+            out = phases.run("decode step 1" if step == 1 else "later decode steps", model, input_ids=ids,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+        del out
     rises = phases.mib()
-    return dict(method=method, prompt=prompt, peak_above_weights_mib=(rss_bytes("VmHWM") - base) / 2**20,
+    return dict(method=method, prompt=prompt, chunk=chunk, warm=warm, peak_above_weights_mib=(rss_bytes("VmHWM") - base) / 2**20,
                 kv_mib=gear_compile.kv_bytes(cache) / 2**20, rises_mib=rises)
 
 
@@ -71,14 +92,18 @@ def main():
     p.add_argument("--prompt", type=int, default=8192)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--methods", nargs="+", default=["dense", "gear4"], choices=list(METHODS))
+    p.add_argument("--prefill-chunk", type=int, default=0, help="prompt tokens per call (0: the whole prompt)")
+    p.add_argument("--warm", action="store_true", help="compile on a short prompt first, then reset the peak")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print("ROW " + json.dumps(worker(args.worker, args.prompt, args.steps)), flush=True)
+        print("ROW " + json.dumps(worker(args.worker, args.prompt, args.steps, args.prefill_chunk, args.warm)),
+              flush=True)
         return
     rows = []
     for method in args.methods:
         proc = subprocess.run([sys.executable, __file__, "--prompt", str(args.prompt), "--steps", str(args.steps),
+                               "--prefill-chunk", str(args.prefill_chunk), *(["--warm"] if args.warm else []),
                                "--worker", method], capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)
         if line is None:
@@ -86,12 +111,12 @@ def main():
             raise SystemExit(f"{method} failed")
         rows.append(json.loads(line[4:]))
     dense = next((r for r in rows if r["method"] == "dense"), None)
-    print("| method | prompt | KV MiB | peak RSS above weights MiB | x dense | peak raised by (MiB) |")
-    print("|---|---|---|---|---|---|")
+    print("| method | prompt | chunk | warm | KV MiB | peak RSS above weights MiB | x dense | peak raised by (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['peak_above_weights_mib'] / dense['peak_above_weights_mib']:.2f}" if dense else "-"
         rises = "; ".join(f"{k} {v:g}" for k, v in r["rises_mib"].items() if v > 0)
-        print(f"| {r['method']} | {r['prompt']} | {r['kv_mib']:.1f} | {r['peak_above_weights_mib']:.0f} | {ratio} | "
+        print(f"| {r['method']} | {r['prompt']} | {r['chunk']} | {'yes' if r['warm'] else 'no'} | {r['kv_mib']:.1f} | {r['peak_above_weights_mib']:.0f} | {ratio} | "
               f"{rises} |")
 
 
