@@ -6,54 +6,21 @@ prefill chunk with a past beside them, the exact sinks, GQA ratios, every
 codec family, the model dtypes, pages scattered through the pool, every
 instruction set and thread count.
 
-Bounds: those of the store kernel's tests (tests/test_attention_kernels.py,
-TOL): both compute in fp32 and round once at the output, so the fp16 / bf16
-bounds are the output's rounding; fp32 1e-5."""
+Bounds: `pages.TOL`, the store kernel's tests'."""
 import pytest
 import torch
 
-from gear_compile.config import CodecConfig
 from gear_compile.kernels import cpu
-from gear_compile.paged import PagedPool
 from gear_compile.paged_attention import attend, block_table
 
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
-L = 2
+import pages
+from pages import L, scattered_pool
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the CPU kernel is not built")
 
 
-def scattered_pool(method, bits, H, D, dtype, lengths, gen, budget=6_000_000):
-    """A pool holding requests of `lengths`, their pages scattered: filler
-    requests are fed first and some freed, so pages come back out of order."""
-    pool = PagedPool(CodecConfig(method=method, bits=bits), L, H, D, dtype, budget, max_requests=24)
-    n = pool.page_tokens
-
-    def feed(rids_lengths):
-        for rid, m in rids_lengths:
-            assert pool.reserve(rid, m), (rid, m)
-        total = sum(m for _, m in rids_lengths)
-        pool.commit(rids_lengths, torch.randn(L, 2, H, total, D, generator=gen).to(dtype))
-
-    feed([(f"f{i}", 2 * n + i) for i in range(5)])
-    for i in (0, 2, 3):
-        pool.free(f"f{i}")
-    feed([(f"r{i}", m) for i, m in enumerate(lengths)])
-    return pool
-
-
 def compare(pool, rows, Hq, dtype, gen, layer=1):
-    H, D = pool.heads, pool.head_dim
-    total = sum(T for _, T in rows)
-    q = torch.randn(1, Hq, total, D, generator=gen).to(dtype)
-    k, v = (torch.randn(1, H, total, D, generator=gen).to(dtype) for _ in range(2))
-    table = block_table(pool, rows, chunk_pages=3)
-    want = attend(pool, layer, table, q, k, v, D ** -0.5)
-    got = attend(pool, layer, table, q, k, v, D ** -0.5, kernel="cpu")
-    assert got.dtype == want.dtype == dtype and got.shape == want.shape
-    err = (got.float() - want.float()).abs().max().item()
-    assert err < TOL[dtype], f"max abs error {err:.3g}"
-    return got
+    return pages.compare(pool, rows, Hq, dtype, gen, "cpu", layer)
 
 
 # (method, bits, H, Hq, D): every codec family, GQA 1 / 3 / 4
@@ -65,7 +32,7 @@ CASES = [("gear", 4, 2, 6, 64), ("gear", 2, 1, 4, 64), ("kivi", 2, 3, 3, 64), ("
 def test_decode_rows_of_every_length_and_a_prefill_chunk(case):
     method, bits, H, Hq, D = case
     gen = torch.Generator().manual_seed(0)
-    pool = scattered_pool(method, bits, H, D, torch.float32, [0, 0, 5, 0, 0, 0, 0], gen)
+    pool = scattered_pool(H, D, torch.float32, [0, 0, 5, 0, 0, 0, 0], gen, method=method, bits=bits)
     n = pool.page_tokens
     lengths = [5, n, n + 1, 2 * n - 1, 13 * n + 7, 3 * n + 2]
     for i, m in enumerate(lengths):                          # r1..r6 (r0: no past at all)
@@ -82,7 +49,7 @@ def test_decode_rows_of_every_length_and_a_prefill_chunk(case):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_model_dtypes(dtype):
     gen = torch.Generator().manual_seed(1)
-    pool = scattered_pool("gear", 4, 2, 64, dtype, [200, 70, 3 * 64], gen)
+    pool = scattered_pool(2, 64, dtype, [200, 70, 3 * 64], gen, method="gear", bits=4)
     compare(pool, [("r0", 1), ("r1", 4), ("r2", 1)], 6, dtype, gen)
 
 
@@ -91,7 +58,7 @@ def test_sinks_shadow_the_first_page():
     reads the exact sinks there instead. Changing what the sinks hold moves
     the kernel's output exactly as it moves the reference's."""
     gen = torch.Generator().manual_seed(2)
-    pool = scattered_pool("gear", 4, 2, 64, torch.float32, [150, 300], gen)
+    pool = scattered_pool(2, 64, torch.float32, [150, 300], gen, method="gear", bits=4)
     assert pool.sink_tokens > 0
     rows = [("r0", 1), ("r1", 1)]
     before = compare(pool, rows, 4, torch.float32, torch.Generator().manual_seed(9))
@@ -108,7 +75,7 @@ def test_every_instruction_set(isa):
         pytest.skip(f"{isa} not available on this CPU")
     try:
         gen = torch.Generator().manual_seed(3)
-        pool = scattered_pool("gear", 2, 2, 64, torch.float32, [700, 64, 90], gen)
+        pool = scattered_pool(2, 64, torch.float32, [700, 64, 90], gen, method="gear", bits=2)
         compare(pool, [("r0", 1), ("r1", 1), ("r2", 6)], 6, torch.float32, gen)
     finally:
         cpu.isa("auto")
@@ -119,7 +86,7 @@ def test_split_plan_does_not_change_the_result(threads):
     """One long row split over several items (the thread count sets how
     many) gives the reference's output."""
     gen = torch.Generator().manual_seed(4)
-    pool = scattered_pool("kivi", 2, 1, 64, torch.float32, [40 * 64 + 9], gen, budget=12_000_000)
+    pool = scattered_pool(1, 64, torch.float32, [40 * 64 + 9], gen, budget=12_000_000, method="kivi", bits=2)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -130,7 +97,7 @@ def test_split_plan_does_not_change_the_result(threads):
 
 def test_bad_block_table_is_refused():
     gen = torch.Generator().manual_seed(5)
-    pool = scattered_pool("gear", 4, 2, 64, torch.float32, [150], gen)
+    pool = scattered_pool(2, 64, torch.float32, [150], gen, method="gear", bits=4)
     table = block_table(pool, [("r0", 1)])
     ptr, ids, info = table.decode_kernel
     table.decode_kernel = (ptr, ids + pool.n_pages, info)

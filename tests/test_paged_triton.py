@@ -9,20 +9,19 @@ including K-record tiles that overflow their window), the model dtypes.
 Run by the Triton interpreter on the CPU (conftest sets TRITON_INTERPRET=1)
 or compiled on a GPU where one is visible and TRITON_INTERPRET=0.
 
-Bounds: the store kernel's (tests/test_attention_kernels.py, TOL): the
-kernel rounds the dequantized tile and p to the query dtype before each
-tl.dot as the store kernel does; fp32 1e-5, fp16 1e-2, bf16 4e-2."""
+Bounds: `pages.TOL`, the store kernel's tests' (the kernel rounds the
+dequantized tile and p to the query dtype before each tl.dot, as the store
+kernel does)."""
 import os
 
 import pytest
 import torch
 
-from gear_compile.config import CodecConfig
-from gear_compile.paged import PagedPool
 from gear_compile.paged_attention import attend, block_table
 
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
-L = 2
+import pages
+from pages import L
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 
@@ -30,40 +29,12 @@ pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU or TRITON_INTERPRET=1")
 
 
-def scattered_pool(H, D, dtype, lengths, gen, budget=6_000_000, kv=None, **codec):
-    """A pool holding requests r0.. of `lengths`, their pages scattered:
-    filler requests are fed first and some freed, so pages come back out of
-    order. kv: the requests' K/V [L, 2, H, sum lengths, D] (random)."""
-    pool = PagedPool(CodecConfig(**codec), L, H, D, dtype, budget, max_requests=24, device=DEVICE)
-    n = pool.page_tokens
-
-    def feed(rids_lengths, x=None):
-        for rid, m in rids_lengths:
-            assert pool.reserve(rid, m), (rid, m)
-        total = sum(m for _, m in rids_lengths)
-        if x is None:
-            x = torch.randn(L, 2, H, total, D, generator=gen)
-        pool.commit(rids_lengths, x.to(dtype).to(DEVICE))
-
-    feed([(f"f{i}", 2 * n + i) for i in range(5)])
-    for i in (0, 2, 3):
-        pool.free(f"f{i}")
-    feed([(f"r{i}", m) for i, m in enumerate(lengths)], kv)
-    return pool
+def scattered_pool(*args, **kwargs):
+    return pages.scattered_pool(*args, device=DEVICE, **kwargs)
 
 
 def compare(pool, rows, Hq, dtype, gen, layer=1):
-    H, D = pool.heads, pool.head_dim
-    total = sum(T for _, T in rows)
-    q = torch.randn(1, Hq, total, D, generator=gen).to(dtype).to(DEVICE)
-    k, v = (torch.randn(1, H, total, D, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
-    table = block_table(pool, rows, chunk_pages=3, device=DEVICE)
-    want = attend(pool, layer, table, q, k, v, D ** -0.5)
-    got = attend(pool, layer, table, q, k, v, D ** -0.5, kernel="triton")
-    assert got.dtype == want.dtype == dtype and got.shape == want.shape
-    err = (got.float() - want.float()).abs().max().item()
-    assert err < TOL[dtype], f"max abs error {err:.3g}"
-    return got
+    return pages.compare(pool, rows, Hq, dtype, gen, "triton", layer, DEVICE)
 
 
 # (method, bits, H, Hq, D): every codec family, GQA 1 / 3 / 4, the GPU models' head dim 128
