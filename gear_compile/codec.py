@@ -121,6 +121,8 @@ def resolve(config: CodecConfig, head_dim: int) -> Codec:
     the choices `CodecConfig.for_head_dim` makes, compile-only options dropped."""
     if type(config) is Codec:
         return config
+    if not isinstance(head_dim, int):            # tracing: a SymInt, which a cache cannot hash
+        return _resolve.__wrapped__(codec_of(config), head_dim)
     return _resolve(codec_of(config), head_dim)
 
 
