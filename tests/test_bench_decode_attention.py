@@ -105,9 +105,13 @@ def test_launch_sweep_checks_every_launch_against_the_reference(tmp_path):
     import decode_attention_sweep as sweep
 
     rows = sweep.main(["--device", "interpret", "--shape", "4/2/64", "--batch", "1", "--context", "300",
-                       "--methods", "kcvt:4", "gear:2", "--tiles", "16", "32", "--splits", "0", "3",
+                       "--methods", "kcvt:4", "gear:2", "--tiles", "32", "64", "--splits", "0", "3",
                        "--iters", "1", "--warmup", "0", "--out", str(tmp_path)])
     assert [(r["method"], r["tile"], r["splits"]) for r in rows] == [
-        (m, t, s) for m in ("kcvt:4", "gear:2") for t in (16, 32) for s in ("default", 3)]
+        (m, t, s) for m in ("kcvt:4", "gear:2") for t in (32, 64) for s in ("default", 3)]
     assert all(r["err"] < 1e-2 and r["us"] > 0 for r in rows)     # fp16 outputs
     assert (tmp_path / "decode_attention_sweep_interpreter.md").exists()
+    with pytest.raises(ValueError, match=r"tile_config.tile must be one of \[32, 64, 128\].*got 16"):
+        sweep.main(["--device", "interpret", "--shape", "4/2/64", "--batch", "1", "--context", "300",
+                    "--methods", "gear:2", "--tiles", "16", "--splits", "0", "--iters", "1", "--warmup", "0",
+                    "--out", str(tmp_path)])

@@ -440,6 +440,10 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
         kernel, tiling = _autotuned_kernel(tuple(configs)), {}
     else:
         c = tile_config or DEFAULT_TILE_CONFIG
+        tiles = sorted({t.tile for t in TILE_CONFIGS})
+        if c.tile not in tiles:         # e.g. 16: GEAR-2's K records read 2.5e-2 off the reference there
+            raise ValueError(f"gear decode attention: tile_config.tile must be one of {tiles} (the "
+                             f"kernel's tested tiles), got {c.tile}.")
         kernel, tiling = _attention_kernel, dict(BT=c.tile, STAGES=c.stages, num_warps=c.warps,
                                                  num_stages=c.stages)
     launch(kernel)[(B * Hkv, programs)](
