@@ -44,6 +44,19 @@ def tokens(out):
     return {k: list(v.generated_tokens) for k, v in out.items()}
 
 
+def collect(manager, n, each=lambda: None):
+    """The generated tokens of n requests by id, each back whole and without
+    an error (`each` runs after every result)."""
+    got = {}
+    while len(got) < n:
+        out = manager.get_result(timeout=60)
+        assert out is not None, f"lost: {n - len(got)} requests never came back"
+        assert out.error is None, out.error
+        got[out.request_id] = list(out.generated_tokens)
+        each()
+    return got
+
+
 def test_transformers_hooks_are_what_serving_overrides():
     """The hooks `serving` relies on, as transformers 5.17-5.25 name them."""
     update = inspect.signature(cb_cache.PagedAttentionCache.update).parameters
@@ -199,13 +212,8 @@ def test_random_arrivals_lose_and_corrupt_nothing(n):
 
     feeder = threading.Thread(target=arrive)
     feeder.start()
-    got = {}
     try:
-        while len(got) < n:
-            out = manager.get_result(timeout=60)
-            assert out is not None, f"lost: {n - len(got)} requests never came back"
-            assert out.error is None, out.error
-            got[out.request_id] = list(out.generated_tokens)
+        got = collect(manager, n)
     finally:
         feeder.join()
         manager.stop(block=True, timeout=30)
@@ -249,14 +257,8 @@ def test_random_arrivals_lossy_pool_loses_and_corrupts_nothing(n):
 
         feeder = threading.Thread(target=arrive)
         feeder.start()
-        got = {}
         try:
-            while len(got) < n:
-                out = manager.get_result(timeout=60)
-                assert out is not None, f"lost: {n - len(got)} requests never came back"
-                assert out.error is None, out.error
-                got[out.request_id] = list(out.generated_tokens)
-                done.release()
+            got = collect(manager, n, each=done.release)
         finally:
             feeder.join()
             manager.stop(block=True, timeout=30)
