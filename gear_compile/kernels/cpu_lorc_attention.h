@@ -19,7 +19,9 @@
 //   shadow the latents' first s tokens: K is rotated like the rest, V
 //   accumulates in head space (acc_d [R, d]).
 // * The call's new tokens: K exact and already rotated, V as latents.
-// Work items, splits and the log-sum-exp merge are cpu_attention.cpp's.
+// Work items: one per (batch row, split of its tokens); the row's KV heads walk
+// its shared latents together, so a latent tile is dequantized once, not once
+// a head. Partials merge by log-sum-exp as in cpu_attention.cpp.
 //
 // Included once, at the end of cpu_attention.cpp (after the dispatch); it
 // includes itself once per instruction set (GEAR_LORC_WALK) inside that
@@ -227,12 +229,13 @@ at::Tensor lorc_attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at
   }
   at::Tensor mask = bind_mask(P, attn_mask, "gear lorc_attention_cpu");
 
-  // split each (batch, KV head)'s tokens as cpu_attention.cpp does
+  // split each batch row's tokens (its KV heads walk them together) as
+  // cpu_attention.cpp splits a (batch, KV head)'s
   const int64_t heads = static_cast<int64_t>(P.B) * P.Hkv;
   const int64_t threads = at::get_num_threads();
   const int64_t most = std::max<int64_t>(1, L.total / MIN_SPLIT);
-  int64_t splits = std::max<int64_t>(1, (4 * threads + heads - 1) / heads);
-  while (splits < most && (heads * splits) % threads) ++splits;
+  int64_t splits = std::max<int64_t>(1, (4 * threads + P.B - 1) / P.B);
+  while (splits < most && (P.B * splits) % threads) ++splits;
   splits = std::min(splits, most);
   L.heads = heads;
   L.splits = splits;
@@ -291,7 +294,7 @@ TORCH_LIBRARY_IMPL(gear, CPU, m) { m.impl("lorc_attention_cpu", &gear_cpu::lorc_
 struct LorcScratch {
   Problem pk, pv;                  // shapes the codec helpers read: D = latent width
   Scratch sk, sv;
-  std::vector<float> q, score, ktile, vtile;
+  std::vector<float> score, ktile, vtile;
   static Problem latent(int width) {
     Problem p{};
     p.D = width;
@@ -301,7 +304,7 @@ struct LorcScratch {
   }
   LorcScratch(const LorcProblem& P, const LorcPlan& L)
       : pk(latent(P.rk)), pv(latent(P.rv)), sk(pk, L.maxrank, L.krow), sv(pv, L.maxrank, L.vrow),
-        q(P.R * P.DP, 0.0f), score(P.R * CHUNK), ktile(CHUNK * P.DP, 0.0f), vtile(CHUNK * P.DP, 0.0f) {}
+        score(P.R * CHUNK), ktile(CHUNK * P.DP, 0.0f), vtile(CHUNK * P.DP, 0.0f) {}
 };
 
 // Tokens [t0, t0+n) of a latent segment, dequantized into sc.tile (rows
@@ -404,7 +407,7 @@ inline void lorc_rope(const LorcProblem& P, float* k, int n, const float* cos, c
 // Scores, mask and online softmax of the R rows over tokens [t, t+n) (global
 // indices), the scores in sc.score; returns with them as the weights p.
 inline void lorc_softmax(const LorcProblem& P, const LorcPlan& L, int64_t t, int n, int b, int kvh,
-                         LorcScratch& sc, State& st, std::vector<float>& lat) {
+                         LorcScratch& sc, State& st, float* lat) {
   const int R = P.R, DP = P.DP, rvP = P.rvP;
   for (int r = 0; r < R; ++r) {
     const int g = r / P.T, i = r % P.T;
@@ -435,7 +438,7 @@ inline void lorc_softmax(const LorcProblem& P, const LorcPlan& L, int64_t t, int
     if (alpha != 1.0f) {
       float* acc = st.acc.data() + r * DP;
       for (int d = 0; d < DP; ++d) acc[d] *= alpha;
-      float* al = lat.data() + r * rvP;
+      float* al = lat + r * rvP;
       for (int k = 0; k < rvP; ++k) al[k] *= alpha;
     }
   }
@@ -447,39 +450,53 @@ inline void lorc_exact_k(const Seg& s, int64_t t0, int n, int D, LorcScratch& sc
   for (int j = 0; j < n; ++j) exact_row(s, t0 + j, D, sc.ktile.data() + j * DP);
 }
 
+// One work item per (batch row, split): the latents are shared by the layer's
+// KV heads, so each latent tile is dequantized once and then rebuilt, scored
+// and accumulated by every KV head in turn (each with its own U_k^T rows,
+// query rows and softmax state). Partials land per (row, KV head, split).
 void lorc_run_items(const LorcProblem& P, const LorcPlan& L, float* part) {
-  const int R = P.R, D = P.D, DP = P.DP, rvP = P.rvP;
+  const int R = P.R, D = P.D, DP = P.DP, rvP = P.rvP, H = P.Hkv;
   const int64_t stride = 2 + DP + rvP;
-  at::parallel_for(0, L.heads * L.splits, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, P.B * L.splits, 1, [&](int64_t begin, int64_t end) {
     LorcScratch sc(P, L);
-    std::vector<float> lat(static_cast<size_t>(R) * rvP);
+    std::vector<float> qh(static_cast<size_t>(H) * R * DP, 0.0f);
+    std::vector<float> lat(static_cast<size_t>(H) * R * rvP);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t head = item / L.splits, split = item % L.splits;
-      const int b = static_cast<int>(head / P.Hkv), kvh = static_cast<int>(head % P.Hkv);
-      for (int g = 0; g < P.G; ++g)
-        for (int i = 0; i < P.T; ++i)
-          std::memcpy(sc.q.data() + (g * P.T + i) * DP,
-                      P.q + ((static_cast<int64_t>(b) * P.Hq + kvh * P.G + g) * P.T + i) * D, D * sizeof(float));
-      State st(R, DP);
+      const int b = static_cast<int>(item / L.splits);
+      const int64_t split = item % L.splits;
+      for (int kvh = 0; kvh < H; ++kvh)
+        for (int g = 0; g < P.G; ++g)
+          for (int i = 0; i < P.T; ++i)
+            std::memcpy(qh.data() + (kvh * R + g * P.T + i) * DP,
+                        P.q + ((static_cast<int64_t>(b) * P.Hq + kvh * P.G + g) * P.T + i) * D, D * sizeof(float));
+      std::vector<State> st(H, State(R, DP));
       std::fill(lat.begin(), lat.end(), 0.0f);
-      const float* uk = P.uk + static_cast<int64_t>(kvh) * P.rk * DP;
       const float* cos = P.cos ? P.cos + b * P.cs_b : nullptr;
       const float* sin = P.sin ? P.sin + b * P.cs_b : nullptr;
       const int64_t lo = split * L.per_split, hi = std::min(L.total, lo + L.per_split);
+      // one KV head over the tile in sc.ktile (K rotated, tokens g0..g0+n):
+      // score, softmax, then the weighted V rows (vt, vs apart) into acc, acc_w
+      // wide: head space for the sinks, the head's latent accumulator otherwise
+      auto attend = [&](int kvh, int64_t g0, int n, const float* vt, int vs, float* acc, int acc_w) {
+        float* q = qh.data() + kvh * R * DP;
+        float* lh = lat.data() + kvh * R * rvP;
+        score_tile(q, R, DP, sc.ktile.data(), DP, n, sc.score.data(), CHUNK);
+        lorc_softmax(P, L, g0, n, b, kvh, sc, st[kvh], lh);
+        accumulate_tile(sc.score.data(), CHUNK, R, n, vt, vs, acc, acc_w, 0, acc_w);
+      };
       // the exact sinks: K before RoPE, V in head space
-      {
-        const Seg K = L.ksink.at(head), V = L.vsink.at(head);
+      for (int kvh = 0; kvh < H; ++kvh) {
+        const Seg K = L.ksink.at(b * H + kvh), V = L.vsink.at(b * H + kvh);
         for (int64_t t = lo; t < std::min<int64_t>(hi, P.s); t += CHUNK) {
           const int n = static_cast<int>(std::min<int64_t>(CHUNK, std::min<int64_t>(hi, P.s) - t));
           lorc_exact_k(K, t, n, D, sc, DP);
           if (P.rope) lorc_rope(P, sc.ktile.data(), n, cos + t * P.rd, sin + t * P.rd);
-          score_tile(sc.q.data(), R, DP, sc.ktile.data(), DP, n, sc.score.data(), CHUNK);
-          lorc_softmax(P, L, t, n, b, kvh, sc, st, lat);
           for (int j = 0; j < n; ++j) exact_row(V, t + j, D, sc.vtile.data() + j * DP);
-          accumulate_tile(sc.score.data(), CHUNK, R, n, sc.vtile.data(), DP, st.acc.data(), DP, 0, DP);
+          attend(kvh, t, n, sc.vtile.data(), DP, st[kvh].acc.data(), DP);
         }
       }
-      // the latent stores' segments, from token s on: K rebuilt, V folded
+      // the latent stores' segments, from token s on: each tile's latents
+      // dequantized once; per head K rebuilt and rotated, V folded
       for (int sg = 0; sg < NSTORE; ++sg) {
         const int64_t a = std::max({lo, L.pos0[sg] + L.first[sg], static_cast<int64_t>(P.s)}) - L.pos0[sg];
         const int64_t z = std::min(hi, L.pos0[sg] + L.lens[sg]) - L.pos0[sg];
@@ -488,38 +505,45 @@ void lorc_run_items(const LorcProblem& P, const LorcPlan& L, float* part) {
         for (int64_t t = a; t < z; t += CHUNK) {
           const int n = static_cast<int>(std::min<int64_t>(CHUNK, z - t));
           const int64_t g0 = L.pos0[sg] + t;                 // global index of the tile's first token
+          const float* kl;
+          int ks;
           if (K.exact && K.dtype == at::kFloat) {   // fp32 latents: read in place
-            lorc_rebuild(static_cast<const float*>(K.data) + t * K.W, K.W, n, P.rk, uk, DP, sc.ktile.data());
+            kl = static_cast<const float*>(K.data) + t * K.W;
+            ks = K.W;
           } else {
             lorc_latent_tile(K, true, t, n, P.rk, sc.sk);
-            lorc_rebuild(sc.sk.tile.data(), sc.sk.ts, n, P.rk, uk, DP, sc.ktile.data());
+            kl = sc.sk.tile.data();
+            ks = sc.sk.ts;
           }
-          if (P.rope) lorc_rope(P, sc.ktile.data(), n, cos + g0 * P.rd, sin + g0 * P.rd);
-          score_tile(sc.q.data(), R, DP, sc.ktile.data(), DP, n, sc.score.data(), CHUNK);
-          lorc_softmax(P, L, g0, n, b, kvh, sc, st, lat);
           lorc_latent_tile(V, false, t, n, P.rv, sc.sv);
-          accumulate_tile(sc.score.data(), CHUNK, R, n, sc.sv.tile.data(), sc.sv.ts, lat.data(), rvP, 0, rvP);
+          for (int kvh = 0; kvh < H; ++kvh) {
+            lorc_rebuild(kl, ks, n, P.rk, P.uk + static_cast<int64_t>(kvh) * P.rk * DP, DP, sc.ktile.data());
+            if (P.rope) lorc_rope(P, sc.ktile.data(), n, cos + g0 * P.rd, sin + g0 * P.rd);
+            attend(kvh, g0, n, sc.sv.tile.data(), sc.sv.ts, lat.data() + kvh * R * rvP, rvP);
+          }
         }
       }
       // the call's new tokens: K exact and rotated, V as latents
       if (L.total > L.past) {
-        const Seg K = L.knew.at(head), V = L.vnew.at(b);
+        const Seg V = L.vnew.at(b);
         const int64_t a = std::max(lo, L.past), z = hi;
         for (int64_t t = a; t < z; t += CHUNK) {
           const int n = static_cast<int>(std::min<int64_t>(CHUNK, z - t));
-          lorc_exact_k(K, t - L.past, n, D, sc, DP);
-          score_tile(sc.q.data(), R, DP, sc.ktile.data(), DP, n, sc.score.data(), CHUNK);
-          lorc_softmax(P, L, t, n, b, kvh, sc, st, lat);
           for (int j = 0; j < n; ++j) exact_row(V, t - L.past + j, P.rv, sc.sv.tile_row(j));
-          accumulate_tile(sc.score.data(), CHUNK, R, n, sc.sv.tile.data(), sc.sv.ts, lat.data(), rvP, 0, rvP);
+          for (int kvh = 0; kvh < H; ++kvh) {
+            lorc_exact_k(L.knew.at(b * H + kvh), t - L.past, n, D, sc, DP);
+            attend(kvh, t, n, sc.sv.tile.data(), sc.sv.ts, lat.data() + kvh * R * rvP, rvP);
+          }
         }
       }
-      float* out = part + item * R * stride;
-      for (int r = 0; r < R; ++r) {
-        out[r * stride] = st.m[r];
-        out[r * stride + 1] = st.l[r];
-        std::memcpy(out + r * stride + 2, st.acc.data() + r * DP, DP * sizeof(float));
-        std::memcpy(out + r * stride + 2 + DP, lat.data() + r * rvP, rvP * sizeof(float));
+      for (int kvh = 0; kvh < H; ++kvh) {
+        float* out = part + ((static_cast<int64_t>(b) * H + kvh) * L.splits + split) * R * stride;
+        for (int r = 0; r < R; ++r) {
+          out[r * stride] = st[kvh].m[r];
+          out[r * stride + 1] = st[kvh].l[r];
+          std::memcpy(out + r * stride + 2, st[kvh].acc.data() + r * DP, DP * sizeof(float));
+          std::memcpy(out + r * stride + 2 + DP, lat.data() + (kvh * R + r) * rvP, rvP * sizeof(float));
+        }
       }
     }
   });
