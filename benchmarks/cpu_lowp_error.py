@@ -12,7 +12,7 @@ operand bytes of the dots. This measures what each would cost in accuracy,
 before any is written in C++: SmolLM2-135M-Instruct reads --tokens tokens of
 Emma's held-out test passage (`quality_data`), and at the last position every
 layer's query (captured in front of its attention, RoPE applied) attends its
-past K/V, compressed by GEAR at --bits and rebuilt (`KVStore.dequantize`).
+past K/V, compressed by GEAR at --bits and rebuilt (`KVStore.decompress`).
 Each stage of the kernel is then emulated in low precision, alone:
 
   scores bf16   q . K in bf16 operands, fp32 sums (vdpbf16ps)
@@ -117,8 +117,8 @@ def main(argv=None):
         config = GearConfig(method="gear", bits=bits).codec
         worst = {name: 0.0 for name in ["codec", *STAGES]}
         for q, k, v in layers:
-            kq = KVStore.from_prefill(k[None], config, "k").dequantize(torch.float32)[0]
-            vq = KVStore.from_prefill(v[None], config, "v").dequantize(torch.float32)[0]
+            kq = KVStore.from_prefill(k[None], config, "k").decompress(torch.float32)[0]
+            vq = KVStore.from_prefill(v[None], config, "v").decompress(torch.float32)[0]
             exact = attention(q, kq, vq)
             worst["codec"] = max(worst["codec"], rel(exact, attention(q, k, v)))
             for name, stage in STAGES.items():

@@ -1,4 +1,4 @@
-"""Decode-attention latency: our kernels vs dense SDPA vs dequantize-then-SDPA
+"""Decode-attention latency: our kernels vs dense SDPA vs decompress-then-SDPA
 (what Hugging Face's QuantizedCache does each step).
 
 For each shape (query heads / KV heads / head dim), batch size, context
@@ -11,7 +11,7 @@ decode query (plus its own new token) against it, and reports
   GB/s      bytes the method moves / time: for the kernel, the live part of
             the store (codes, scales, zero points, low-rank factors, outliers,
             buffer; its partial outputs, under 1 %, are left out); for SDPA,
-            dense K and V; for dequantize+SDPA, the store plus writing and
+            dense K and V; for decompress+SDPA, the store plus writing and
             re-reading dense K/V
   % peak    GB/s / the device's peak bandwidth (--peak-gbps; known for H100
             SXM and H200)
@@ -325,7 +325,7 @@ def rotating(fn, copies):
 
 
 def measure(args, time_us, device: str, save) -> list[dict]:
-    """The timed grid: SDPA, then the kernel and dequantize+SDPA per method,
+    """The timed grid: SDPA, then the kernel and decompress+SDPA per method,
     for each shape, batch and context; save(rows) after each context, so a
     run cut short keeps what it measured."""
     dtype = torch.float32 if device == "cpu" else torch.float16
@@ -381,22 +381,22 @@ def measure_cell(args, time_us, device, dtype, shape, Hq, Hkv, D, B, L, scale) -
         moved = live_bytes(ks) + live_bytes(vs)
         text = cfg.to_json()
         calls[(method, bits)] = rotating(kernel_call(device, q, ks, vs, k_new, v_new, scale, cfg), copies)
-        calls[("deq", method, bits)] = rotating(lambda kp, vp, text=text: torch.ops.gear.attention_reference(
+        calls[("decompress", method, bits)] = rotating(lambda kp, vp, text=text: torch.ops.gear.attention_reference(
             q, kp, vp, k_new, v_new, None, scale, False, text), copies)
         meta[(method, bits)] = dict(method=method, bits=bits, bytes=moved, ceiling=dense / moved,
                                     backbone=backbone_of(method, cfg, D))
-        meta[("deq", method, bits)] = dict(method=f"dequantize+sdpa {method}", bits=bits,
+        meta[("decompress", method, bits)] = dict(method=f"decompress+sdpa {method}", bits=bits,
                                            bytes=moved + 2 * dense,
                                            ceiling=dense / (moved + 2 * dense))
-    if device == "cpu":      # kernels with SDPA; the slow dequantize+SDPA calls apart, fewer times
-        fast = {k: fn for k, fn in calls.items() if k[0] != "deq"}
-        slow = {k: fn for k, fn in calls.items() if k[0] == "deq"}
+    if device == "cpu":      # kernels with SDPA; the slow decompress+SDPA calls apart, fewer times
+        fast = {k: fn for k, fn in calls.items() if k[0] != "decompress"}
+        slow = {k: fn for k, fn in calls.items() if k[0] == "decompress"}
         timed = time_interleaved(fast, args.iters, args.warmup)
         timed.update(time_interleaved(slow, max(1, args.iters // 5), min(1, args.warmup)))
         results = {k: (us, "eager") for k, us in timed.items()}
     else:
         for key, fn in calls.items():
-            if key[0] == "deq":
+            if key[0] == "decompress":
                 results[key] = time_us(fn, max(1, args.iters // 5), min(2, args.warmup))
             else:
                 us, mode = time_us(fn, args.iters, args.warmup)
@@ -408,7 +408,7 @@ def measure_cell(args, time_us, device, dtype, shape, Hq, Hkv, D, B, L, scale) -
         us, mode = results[key][:2]
         row = dict(dict(ceiling=1.0), shape=shape, batch=B, context=L, us=us, mode=mode,
                    layers=n_copies, speedup=t_ref / us, **m)
-        if device == "cuda" and key != "sdpa" and key[0] != "deq":
+        if device == "cuda" and key != "sdpa" and key[0] != "decompress":
             row["eager_us"] = results[key][2]
         rows.append(row)
         if key != "sdpa":
@@ -525,21 +525,21 @@ CPU_TARGETS = [  # (bits, context, speedup over fp32 SDPA) of issue 10
 
 def verdict_cpu(rows) -> list[str]:
     """Issue 10's CPU targets: 4-bit >= 1.0x fp32 SDPA at 8k and >= 1.5x at 32k,
-    >= 4x dequantize-then-SDPA; 2-bit >= 1.5x at 32k (every GEAR variant and
+    >= 4x decompress-then-SDPA; 2-bit >= 1.5x at 32k (every GEAR variant and
     backbone, every shape and batch measured)."""
     out = ["## Targets (issue 10, CPU)", ""]
-    deq = {(r["shape"], r["batch"], r["context"], r["method"].split()[-1], r["bits"]): r["us"]
-           for r in rows if r["method"].startswith("dequantize")}
+    decompressed = {(r["shape"], r["batch"], r["context"], r["method"].split()[-1], r["bits"]): r["us"]
+                    for r in rows if r["method"].startswith("decompress")}
     for bits, L, need in CPU_TARGETS:
         for r in rows:
             if r["bits"] == bits and r["context"] == L and r["method"] in ("kcvt", "kivi", "gear_l", "gear"):
                 line = (f"- {r['shape']} batch {r['batch']} {r['method']}-{bits} at {L}: "
                         f"x{r['speedup']:.2f} vs fp32 SDPA (target >= x{need:g}: "
                         f"{'met' if r['speedup'] >= need else 'MISSED'})")
-                d = deq.get((r["shape"], r["batch"], L, r["method"], bits))
+                d = decompressed.get((r["shape"], r["batch"], L, r["method"], bits))
                 if bits == 4 and d:
                     ratio = d / r["us"]
-                    line += f"; x{ratio:.1f} vs dequantize+SDPA (target >= x4: {'met' if ratio >= 4 else 'MISSED'})"
+                    line += f"; x{ratio:.1f} vs decompress+SDPA (target >= x4: {'met' if ratio >= 4 else 'MISSED'})"
                 out.append(line)
     if len(out) == 2:
         out.append("(no measured row at the targets' contexts)")
@@ -553,9 +553,9 @@ def write_timed(args, rows, device):
     head = [f"# Decode attention, one layer: {what}", ""] + machine_lines(args, device) + [
         (f"- peak HBM bandwidth taken as {peak:g} GB/s" if peak else "- peak bandwidth: n/a")
         + f"; latencies are medians of {args.iters} timings after {args.warmup} warm-up calls"
-        + (" (dequantize+sdpa: "
+        + (" (decompress+sdpa: "
            f"{max(1, args.iters // 5)} after {min(2, args.warmup)})" if device == "cuda" else
-           ", SDPA and every kernel timed in turn, round by round (dequantize+sdpa: "
+           ", SDPA and every kernel timed in turn, round by round (decompress+sdpa: "
            f"{max(1, args.iters // 5)} rounds of its own)"),
         "- timing `graph`: replays of a CUDA graph of the call (GPU time only); `eager`: "
         "launches timed as they come. `eager us` (GPU kernel rows): the same call "
@@ -628,7 +628,7 @@ def main(argv=None):
 
 def plot(rows, path):
     """Speedup vs context: one panel per shape and batch, a line per method
-    and bit width (kernel solid, dequantize+sdpa dashed)."""
+    and bit width (kernel solid, decompress+sdpa dashed)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -645,7 +645,7 @@ def plot(rows, path):
             if (r["shape"], r["batch"]) == (shape, B) and "sdpa (" not in r["method"]:
                 lines.setdefault((r["method"], r["bits"]), []).append((r["context"], r["speedup"]))
         for (method, bits), pts in sorted(lines.items()):
-            style = "--" if method.startswith("dequantize") else "-"
+            style = "--" if method.startswith("decompress") else "-"
             ax.plot(*zip(*pts), style, marker="o", label=f"{method} {bits}b")
         ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
         ax.set(xscale="log", xlabel="context (tokens)", ylabel="speedup vs SDPA",

@@ -12,7 +12,7 @@ fastest SDPA. Two knobs:
 A kernel that is bandwidth-bound barely moves with either; one that is
 latency-bound speeds up with both. Writes decode_attention_sweep.md (one row
 per method and launch: us, GB/s of its live bytes, % of the device's peak,
-and the max abs error against dequantize + SDPA of the same store).
+and the max abs error against decompress + SDPA of the same store).
 
   python benchmarks/decode_attention_sweep.py --batch 16 --context 32768 \\
       --methods none kcvt:4 kivi:2 gear:4 --splits 0 32 --tiles 32 64 128

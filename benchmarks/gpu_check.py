@@ -27,7 +27,7 @@ out of time is reported as such, with its output's tail, and the next runs):
           the code it predicted)
   sweep   benchmarks/decode_attention_sweep.py at the same cell: the
           launch's tile configs and split counts, each checked against
-          dequantize + SDPA
+          decompress + SDPA
   e2e     benchmarks/generate_throughput.py --gpu --graphs: dense (StaticCache,
           CUDA graphs) vs GEAR-4 vs KIVI-2 (the static compressed cache under
           CUDA graphs) on a random-weight LLaMA-3-8B shape at an 8k prompt:
@@ -162,7 +162,7 @@ def table_rows(text: str) -> list[dict]:
 
 
 def joined_cell(measured_md: str, predicted_md: str) -> list[str]:
-    """The cell's measured kernel rows (not SDPA's, not dequantize+SDPA's)
+    """The cell's measured kernel rows (not SDPA's, not decompress+SDPA's)
     beside kernel_model's prediction for the same method and bits."""
     predicted = {(r["method"], r["bits"]): r for r in table_rows(predicted_md)}
     out = ["| method | bits | measured us | measured x SDPA | predicted us | predicted x SDPA | "

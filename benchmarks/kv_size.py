@@ -173,8 +173,8 @@ def main(argv=None):
             for name, b in s.breakdown().items():
                 parts[name] += b
         assert sum(parts.values()) == held, (parts, held)
-        ek = relative_error(k, stores[0].dequantize())
-        ev = relative_error(v, stores[1].dequantize())
+        ek = relative_error(k, stores[0].decompress())
+        ev = relative_error(v, stores[1].decompress())
         nk, nv = k.float().norm().item() ** 2, v.float().norm().item() ** 2
         ekv = math.sqrt((ek ** 2 * nk + ev ** 2 * nv) / (nk + nv))
         errors[label] = ekv

@@ -189,7 +189,7 @@ def layer_errors(model, ids, prefill: int, labels, methods):
                     chunk = rest[:, :, s:s + step]
                     store.grow(chunk.shape[2])
                     store.append(chunk)
-                row.append(relative_error(x, store.dequantize()))
+                row.append(relative_error(x, store.decompress()))
             rows.append(row)
         res[label] = rows
     return res

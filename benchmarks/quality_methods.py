@@ -38,7 +38,7 @@ import gear_compile
 from gear_compile.store import KVStore
 from gear_compile.config import GearConfig
 from gear_compile.rotation import rotation
-from gear_compile.segment import dequantize as seg_dequantize
+from gear_compile.segment import decompress as seg_decompress
 
 # (label, options); options None = dense, {"peer": bits} = QuantizedCache
 METHODS = [
@@ -144,8 +144,8 @@ class GearSimLayer(DynamicLayer):
                 continue
             if self.rec[i] is None:
                 self.pre = getattr(self, "pre", [None, None])
-                self.pre[i] = st.dequantize_prefill(st.dtype)
-            dec = seg_dequantize(st.decode, st.d_layout, n_dec, st.dtype)
+                self.pre[i] = st.decompress_prefill(st.dtype)
+            dec = seg_decompress(st.decode, st.d_layout, n_dec, st.dtype)
             self.rec[i] = (n_dec, torch.cat([self.pre[i], dec], dim=2))
 
     def get_seq_length(self) -> int:

@@ -24,10 +24,10 @@ Glossary (one name each, used through the package, tests and benchmarks):
              the decode blocks; a store is two segments, a buffer, its sinks
              and lengths
   parts      the stored tensors of a segment (codes, scale, zero, lr_*, out_*)
-  sinks      a store's first tokens held exact (`sink_tokens`); not the
-             per-head logits some models add to the softmax (gpt-oss's),
-             which the attention ops' `sinks` argument carries (the op
-             schemas' name, kept until their next change)
+  sinks      a store's first tokens held exact (`sink_tokens`, `lorc_sinks`)
+  sink logits  a model's per-head extra softmax logit, no value (`sink_logits`)
+  dequantize  quantization codes -> values (`quantize.dequantize`, the kernels)
+  decompress  a segment, store or cache -> its dense tensor (`KVStore.decompress`)
   codec      the options resolved for one head dim (`codec.Codec`)
   rotated    a store holding x R, R an orthogonal per-head rotation (`rotate`)
 

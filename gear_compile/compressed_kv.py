@@ -13,7 +13,7 @@ What generation itself does to a cache acts on the compressed store directly
 (`NATIVE`, torchao's `implements` table): beam-search reorders and batch
 selects (`index_select` / indexing on the batch dim), batch expansion
 (`repeat_interleave`), and cropping (a slice of the sequence dim). Any other
-op dequantizes and runs exactly (`__torch_dispatch__`, logged at debug
+op decompresses and runs exactly (`__torch_dispatch__`, logged at debug
 level), so no reader ever sees raw codes.
 Neighbours: `store` (the layout, the streaming logic, the native operations),
 `ops` (custom ops on the inner tensors), `runtime` (wraps stores after every call).
@@ -28,7 +28,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor
 
-from . import ops  # noqa: F401 - registers gear::dequantize, which reading the tensor densely calls
+from . import ops  # noqa: F401 - registers gear::decompress, which reading the tensor densely calls
 from .config import CodecConfig
 from .store import RESERVED_KINDS, KVStore
 
@@ -91,7 +91,7 @@ class CompressedKV(torch.Tensor):
                         dtype=dtype)
         return CompressedKV(store, outer_size[2])
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def decompress(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.store.logical is not None:
             if isinstance(self.store.buffer, FakeTensor):   # tracing: the shape is all Dynamo reads
                 return self.store.buffer.new_empty(self.shape, dtype=dtype or self.dtype)
@@ -99,7 +99,7 @@ class CompressedKV(torch.Tensor):
                 f"gear: this {self.store.kind.upper()} cache layer holds LoRC latents, which only the "
                 f"compiled graph turns back into K/V (K needs its RoPE at the cached positions); an op "
                 f"outside the graph asked for the dense tensor. Run without lorc for this use.")
-        dense = torch.ops.gear.dequantize(self.store.tensors(), self.store.config.to_json(),
+        dense = torch.ops.gear.decompress(self.store.tensors(), self.store.config.to_json(),
                                           self.store.kind, self.shape[2], self.dtype)
         return dense if dtype is None else dense.to(dtype)
 
@@ -129,7 +129,7 @@ class CompressedKV(torch.Tensor):
                 return out
         # every other op sees the exact dense reconstruction
         log.debug("gear: %s on a CompressedKV runs on its dense reconstruction", func)
-        args, kwargs = pytree.tree_map_only(CompressedKV, lambda t: t.dequantize(), (args, kwargs))
+        args, kwargs = pytree.tree_map_only(CompressedKV, lambda t: t.decompress(), (args, kwargs))
         return func(*args, **kwargs)
 
 

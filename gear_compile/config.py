@@ -290,7 +290,7 @@ class GearConfig(CodecConfig):
     kernel       attention over the compressed cache: auto (Triton on CUDA for
                  one-token decode, the C++ kernel on CPU, else the reference),
                  cpu (the C++ kernel, built on first use), triton, or torch (the
-                 reference: dequantize, then SDPA).
+                 reference: decompress, then SDPA).
     dump_graphs  a directory: write each compiled graph's before/after diff.
     lorc         LoRC: the fraction of the K/V cache removed by projecting
                  each layer's K / V onto low-rank factors of its projection

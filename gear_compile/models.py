@@ -31,7 +31,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
                                      attn_implementation="eager")),
         "mqa": (tf.GPTBigCodeConfig, dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024, vocab_size=256,
                                           multi_query=True)),
-        # attention sinks (a softmax column; a rescaled output), sliding-window layers
+        # sink logits (a softmax column; a rescaled output), sliding-window layers
         "gpt_oss": (tf.GptOssConfig, dict(gqa, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                                           sliding_window=64, attn_implementation="eager")),
         "granite_swa": (tf.GraniteSWAConfig, dict(gqa, sliding_window=64, attn_implementation="eager")),

@@ -48,7 +48,7 @@ import torch
 
 from .codec import resolve
 from .config import CodecConfig
-from .segment import Segment, compress, dequantize
+from .segment import Segment, compress, decompress
 from .store import BYTE_KINDS, StoreLayout, _KIND_OF_PART
 
 
@@ -285,7 +285,7 @@ class PagedPool:
         out = []
         for kind in "kv":
             seg = Segment(**{n: t.index_select(0, rows) for n, t in self.slabs[kind].parts().items()})
-            out.append(dequantize(seg, self.layouts[kind], None, dtype))
+            out.append(decompress(seg, self.layouts[kind], None, dtype))
         return out[0], out[1]
 
     # -- accounting -------------------------------------------------------

@@ -14,7 +14,7 @@ Attention is unchanged by it: scores (q R)(k R)^T = q k^T, and softmax(.)
 (V R) R^T = softmax(.) V. So the rewrite (`passes.rewrite`) multiplies q and
 the call's new K by R where K is rotated, the new V by R and the attention's
 output by R^T where V is rotated, and the kernels read the rotated store as
-any other. `gear::dequantize` (a cache read back densely) undoes it.
+any other. `gear::decompress` (a cache read back densely) undoes it.
 Neighbours: `config` (`rotate`, `CodecConfig.rotates`), `passes.rewrite`,
 `compressed_kv` (dense reads).
 """

@@ -37,7 +37,7 @@ import torch
 
 from . import lowrank, outliers, packing
 from .codec import QuantSpec
-from .quantize import FP16_MAX, dequantize as _dequant, quantize as _quant
+from .quantize import FP16_MAX, dequantize, quantize as _quant
 
 @dataclass(frozen=True)
 class Part:
@@ -259,7 +259,7 @@ def _steps_per_entry(scale: torch.Tensor, layout: SegmentLayout, tokens: int) ->
     return scale[:, :, :tokens].float().repeat_interleave(layout.channel_group, 3)
 
 
-def dequantize(seg: Segment, layout: SegmentLayout, tokens: int | None,
+def decompress(seg: Segment, layout: SegmentLayout, tokens: int | None,
                dtype: torch.dtype) -> torch.Tensor:
     """Rebuild the first `tokens` tokens (None: all) as [B, H, tokens, D] of `dtype`."""
     n_all = seg.codes.shape[2]
@@ -280,12 +280,12 @@ def dequantize(seg: Segment, layout: SegmentLayout, tokens: int | None,
         codes = codes + units * outliers.unit(layout.spec.bits)
     if layout.spec.axis == "channel":
         G = layout.token_group
-        x = _dequant(codes.reshape(B, H, m // G, G, D), seg.scale[:, :, :m // G, None],
-                     seg.zero[:, :, :m // G, None]).reshape(B, H, m, D)
+        x = dequantize(codes.reshape(B, H, m // G, G, D), seg.scale[:, :, :m // G, None],
+                        seg.zero[:, :, :m // G, None]).reshape(B, H, m, D)
     else:
         G = layout.channel_group
-        x = _dequant(codes.reshape(B, H, m, D // G, G), seg.scale[:, :, :m, :, None],
-                     seg.zero[:, :, :m, :, None]).reshape(B, H, m, D)
+        x = dequantize(codes.reshape(B, H, m, D // G, G), seg.scale[:, :, :m, :, None],
+                        seg.zero[:, :, :m, :, None]).reshape(B, H, m, D)
     if seg.lr_a is not None:
         a = seg.lr_a[:, :, :m].reshape(B, H, nblk, blk, layout.rank)
         x = x + lowrank.product(a, seg.lr_b[:, :, :nblk], seg.lr_s[:, :, :nblk]).reshape(B, H, m, D)
@@ -302,7 +302,7 @@ def _quantize_grouped(x: torch.Tensor, layout: SegmentLayout, floor: torch.Tenso
     xg = x.reshape(shape)
     min_scale = None if floor is None else floor.reshape(shape).amax(dim, keepdim=True)
     codes, scale, zero = _quant(xg, bits, dim=dim, min_scale=min_scale)
-    deq = _dequant(codes, scale, zero).reshape(B, H, N, D)
+    deq = dequantize(codes, scale, zero).reshape(B, H, N, D)
     return codes.reshape(B, H, N, D), scale.squeeze(dim), zero.squeeze(dim), deq
 
 

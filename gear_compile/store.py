@@ -42,7 +42,7 @@ from . import outliers
 from .packing import ceil_div
 from .codec import Codec, resolve
 from .config import CodecConfig
-from .segment import Segment, SegmentLayout, compress, dequantize
+from .segment import Segment, SegmentLayout, compress, decompress
 
 HEAD = ("lengths", "buffer", "sink")
 # What a store's bytes hold (`KVStore.breakdown`); the last two kinds before
@@ -408,7 +408,7 @@ class KVStore:
             whole, part = kept // n_b * n_b, kept % n_b
             if part:
                 block = self.decode.blocks(self.layout.decode, whole // n_b, 1)
-                buffer[:, :, :part] = dequantize(block, self.layout.decode, part, buffer.dtype)
+                buffer[:, :, :part] = decompress(block, self.layout.decode, part, buffer.dtype)
             counts = [n_pre, whole, part]
         else:
             counts = [n_pre, n_dec, length - n_pre - n_dec]
@@ -422,18 +422,18 @@ class KVStore:
         """A store like this one holding `tensors`."""
         return KVStore(self.config, self.kind, tensors, counts, self.logical, self.dtype)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def decompress(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense [B, H, L, D] K or V, in `dtype` (default: the dense K/V's)."""
         _, n_dec, n_buf = self.counts()
         dtype = dtype or self.dtype
-        parts = [self.dequantize_prefill(dtype), dequantize(self.decode, self.layout.decode, n_dec, dtype),
+        parts = [self.decompress_prefill(dtype), decompress(self.decode, self.layout.decode, n_dec, dtype),
                  self.buffer[:, :, :n_buf].to(dtype)]
         return torch.cat(parts, dim=2)
 
-    def dequantize_prefill(self, dtype: torch.dtype) -> torch.Tensor:
+    def decompress_prefill(self, dtype: torch.dtype) -> torch.Tensor:
         """The prefill block's tokens [B, H, n_pre, D] in `dtype`: the exact
         sinks, then the block's rebuilt tokens after them."""
-        prefill = dequantize(self.prefill, self.layout.prefill, self.counts()[0], dtype)
+        prefill = decompress(self.prefill, self.layout.prefill, self.counts()[0], dtype)
         return torch.cat([self.sink.to(dtype), prefill[:, :, self.sink.shape[2]:]], dim=2)
 
 

@@ -54,23 +54,24 @@ def _stores(cfg, B, Hkv, D, prefill, new, dtype, gen):
 
 
 def attend(impl, q, ks, vs, k_new, v_new, mask, scale, causal=False, num_splits=None, softcap=0.0,
-           sinks=None):
+           sink_logits=None):
     """One implementation's attention of q over the stores plus the new tokens."""
     if impl == "triton":
         on = on_triton_device
         out = decode_attention_launch(on(q), [on(t) for t in ks.tensors()], [on(t) for t in vs.tensors()],
                                       on(k_new), on(v_new), on(mask), scale, ks.config.to_json(),
-                                      num_splits=num_splits, softcap=softcap, sinks=on(sinks))
+                                      num_splits=num_splits, softcap=softcap,
+                                      sink_logits=on(sink_logits))
         return out.cpu()
     from gear_compile.kernels import cpu
     cpu.load()
     return torch.ops.gear.attention_cpu(q, ks.tensors(), vs.tensors(), k_new, v_new, mask, scale,
                                         causal, list(ks.layout.kernel_descriptor),
-                                        list(vs.layout.kernel_descriptor), softcap, sinks)
+                                        list(vs.layout.kernel_descriptor), softcap, sink_logits)
 
 
-def reference(q, ks, vs, k_new, v_new, mask, scale, causal=False, softcap=0.0, sinks=None):
-    K, V = ks.dequantize(torch.float32), vs.dequantize(torch.float32)   # the kernels compute in fp32
+def reference(q, ks, vs, k_new, v_new, mask, scale, causal=False, softcap=0.0, sink_logits=None):
+    K, V = ks.decompress(torch.float32), vs.decompress(torch.float32)   # the kernels compute in fp32
     if k_new is not None:
         K, V = torch.cat([K, k_new.float()], 2), torch.cat([V, v_new.float()], 2)
     T, L = q.shape[2], K.shape[2]
@@ -81,7 +82,7 @@ def reference(q, ks, vs, k_new, v_new, mask, scale, causal=False, softcap=0.0, s
         mask = F.pad(mask, (L - mask.shape[-1], 0), value=False if mask.dtype == torch.bool else -float("inf"))
     elif causal:
         mask = torch.ones(T, L, dtype=torch.bool).tril(L - T)
-    if softcap or sinks is not None:    # Gemma 2's soft-capped scores, gpt-oss's sinks: written out
+    if softcap or sink_logits is not None:    # Gemma 2's soft-capped scores, gpt-oss's sink logits: written out
         G = q.shape[1] // K.shape[1]
         K, V = K.repeat_interleave(G, 1), V.repeat_interleave(G, 1)
         scores = q.float() @ K.transpose(-1, -2) * scale
@@ -89,16 +90,16 @@ def reference(q, ks, vs, k_new, v_new, mask, scale, causal=False, softcap=0.0, s
             scores = torch.tanh(scores / softcap) * softcap
         if mask is not None:
             scores = scores.masked_fill(~mask, -float("inf")) if mask.dtype == torch.bool else scores + mask
-        if sinks is None:
+        if sink_logits is None:
             return scores.softmax(-1) @ V
-        sink = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
-        return torch.cat([scores, sink], -1).softmax(-1)[..., :-1] @ V
+        column = sink_logits.float().reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        return torch.cat([scores, column], -1).softmax(-1)[..., :-1] @ V
     return F.scaled_dot_product_attention(q.float(), K, V, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 def _check(impl, method, bits, D, Hq, Hkv, prefill, new, dtype=torch.float16, B=2,
-           mask=None, num_splits=None, mask_extra=0, T=1, causal=False, softcap=0.0, sinks=False,
-           **cfg_kw):
+           mask=None, num_splits=None, mask_extra=0, T=1, causal=False, softcap=0.0,
+           sink_logits=False, **cfg_kw):
     gen = torch.Generator().manual_seed(hash((method, bits, D, Hq, prefill, new)) % 2**31)
     cfg = GearConfig(method=method, bits=bits, group_size=cfg_kw.pop("group_size", 16),
                      decode_capacity=cfg_kw.pop("decode_capacity", 64), **cfg_kw)
@@ -118,11 +119,11 @@ def _check(impl, method, bits, D, Hq, Hkv, prefill, new, dtype=torch.float16, B=
                                keep[..., max(-mask_extra, 0):]], -1)
         if mask == "additive":
             attn_mask = torch.zeros(attn_mask.shape, dtype=dtype).masked_fill(~attn_mask, float("-inf"))
-    # sinks: one logit per query head, from far below the scores to far above
-    sinks = torch.linspace(-4, 4, Hq).to(dtype) if sinks else None
-    out = attend(impl, q, ks, vs, k_new, v_new, attn_mask, scale, causal, num_splits, softcap, sinks)
-    ref = reference(q, ks, vs, k_new, v_new, attn_mask, scale, causal, softcap, sinks)
-    if softcap or sinks is not None:    # the cap or the sinks change the result: not ignored
+    # sink logits: one per query head, from far below the scores to far above
+    sink_logits = torch.linspace(-4, 4, Hq).to(dtype) if sink_logits else None
+    out = attend(impl, q, ks, vs, k_new, v_new, attn_mask, scale, causal, num_splits, softcap, sink_logits)
+    ref = reference(q, ks, vs, k_new, v_new, attn_mask, scale, causal, softcap, sink_logits)
+    if softcap or sink_logits is not None:    # the cap or the sink logits change the result: not ignored
         assert (ref - reference(q, ks, vs, k_new, v_new, attn_mask, scale, causal)).abs().max() > 0.05
     assert out.shape == q.shape and out.dtype == dtype
     err = (out.float() - ref).abs().max().item()
@@ -193,9 +194,9 @@ def test_soft_capped_scores(impl, dtype):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_attention_sinks(impl, dtype):
-    _check(impl, "gear", 4, 64, 4, 2, 30, 23, B=2, mask="bool", dtype=dtype, sinks=True)
-    _check(impl, "kivi", 2, 64, 8, 1, 40, 30, B=1, dtype=dtype, sinks=True, num_splits=3)
+def test_sink_logits(impl, dtype):
+    _check(impl, "gear", 4, 64, 4, 2, 30, 23, B=2, mask="bool", dtype=dtype, sink_logits=True)
+    _check(impl, "kivi", 2, 64, 8, 1, 40, 30, B=1, dtype=dtype, sink_logits=True, num_splits=3)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -195,7 +195,7 @@ def test_reading_a_compressed_cache_gives_its_exact_reconstruction():
     _, cache = decode_logits(model, steps=20)
     keys = cache.layers[0].keys
     assert isinstance(keys, gear_compile.CompressedKV) and keys.shape[2] == PROMPT.shape[1] + 20
-    dense = keys.store.dequantize()
+    dense = keys.store.decompress()
     torch.testing.assert_close(keys * 1, dense)
     torch.testing.assert_close(keys[:, :, -3:], dense[:, :, -3:])
     assert "CompressedKV(shape=(1, 2, 31, 16)" in repr(keys)

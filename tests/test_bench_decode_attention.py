@@ -18,7 +18,7 @@ def test_cpu_run_times_the_kernel_against_sdpa_and_gives_a_verdict(tmp_path, mon
     text = (tmp_path / "decode_attention_cpu.md").read_text()
     rows = table(text)
     assert [r["method"] for r in rows if r["shape"] == "6/3/32"] == [
-        "fp32 sdpa (default)", "kivi", "dequantize+sdpa kivi", "gear", "dequantize+sdpa gear"]
+        "fp32 sdpa (default)", "kivi", "decompress+sdpa kivi", "gear", "decompress+sdpa gear"]
     assert {r["timing"] for r in rows} == {"eager"}
     # 2 MB of dense K/V per layer at most: cold runs cycle through several layers
     assert all(int(r["layers"]) >= 2 for r in rows)
@@ -26,7 +26,7 @@ def test_cpu_run_times_the_kernel_against_sdpa_and_gives_a_verdict(tmp_path, mon
     assert gear["GEAR +%"].startswith(("+", "-")) and float(gear["us"]) > 0
     assert float(gear["ceiling"]) > 2 and float(gear["GB/s"]) > 0
     assert "## Targets (issue 10, CPU)" in text
-    assert "- 4/2/64 batch 1 gear-4 at 400: x" in text and "vs dequantize+SDPA" in text
+    assert "- 4/2/64 batch 1 gear-4 at 400: x" in text and "vs decompress+SDPA" in text
     assert (tmp_path / "decode_attention_cpu.png").stat().st_size > 0
 
 
@@ -39,11 +39,11 @@ def test_timed_run_on_the_interpreter_writes_table_plot_and_verdict(tmp_path, mo
     rows = table(text)
     assert {r["timing"] for r in rows} == {"eager"}      # no CUDA graphs on the CPU
     assert [r["method"] for r in rows] == [
-        "fp16 sdpa (default)", "kivi", "dequantize+sdpa kivi", "gear", "dequantize+sdpa gear"]
+        "fp16 sdpa (default)", "kivi", "decompress+sdpa kivi", "gear", "decompress+sdpa gear"]
     assert row(rows, method="gear")["GEAR +%"].startswith(("+", "-"))    # GEAR time over its kivi backbone
-    # compressed bytes allow a speedup; dequantize+sdpa moves more than FP16
+    # compressed bytes allow a speedup; decompress+sdpa moves more than FP16
     assert float(row(rows, method="kivi")["ceiling"]) > 4
-    assert float(row(rows, method="dequantize+sdpa kivi")["ceiling"]) < 1
+    assert float(row(rows, method="decompress+sdpa kivi")["ceiling"]) < 1
     assert "## Targets at batch 1, context 400" in text
     assert "- 4/2/64 kivi 2-bit: x" in text and "target >= x5" in text
     assert "GEAR terms" in text

@@ -42,7 +42,7 @@ def test_batch_ops_keep_the_cache_compressed_and_equal_the_dense_op(op):
     kv = cache_tensor()
     out = op(kv)
     assert type(out) is CompressedKV and out.store.counts() == kv.store.counts()
-    assert torch.equal(out.dequantize(), op(kv.dequantize()))
+    assert torch.equal(out.decompress(), op(kv.decompress()))
     # the blocks were copied, not recompressed: the first sequence's codes match its source's
     assert torch.equal(out.store.prefill.codes[0], kv.store.prefill.codes[int(op(torch.arange(3))[0])])
 
@@ -57,11 +57,11 @@ def test_a_reordered_cache_owns_its_buffer_and_lengths():
 def test_a_crop_in_the_buffer_or_the_prefill_block_is_exact():
     kv = cache_tensor()                                      # counts (8, 32, 7) with kivi n_b=8
     n_pre, n_dec, n_buf = kv.store.counts()
-    dense = kv.dequantize()
+    dense = kv.decompress()
     for length in (n_pre + n_dec + 3, n_pre - 3):
         out = kv[..., :length, :]
         assert type(out) is CompressedKV and out.shape[2] == length
-        assert torch.equal(out.dequantize(), dense[:, :, :length])
+        assert torch.equal(out.decompress(), dense[:, :, :length])
     assert kv[..., :n_pre - 3, :].store.counts() == (n_pre - 3, 0, 0)
 
 
@@ -71,9 +71,9 @@ def test_a_crop_in_the_decode_blocks_reopens_only_the_cut_block():
     length = n_pre + 13                                       # one whole block, 5 tokens of the next
     out = kv[..., :-(len(kv.store) - length), :]
     assert out.store.counts() == (n_pre, 8, 5)
-    before = kv.dequantize()[:, :, :length]                   # the reopened tokens' rebuilt values,
+    before = kv.decompress()[:, :, :length]                   # the reopened tokens' rebuilt values,
     held = out.store.buffer.dtype                             # exactly, as the buffer holds them
-    assert torch.equal(out.dequantize(), torch.cat([before[:, :, :n_pre + 8],
+    assert torch.equal(out.decompress(), torch.cat([before[:, :, :n_pre + 8],
                                                     before[:, :, n_pre + 8:].to(held).float()], 2))
     kept = filled_decode_parts(out.store)
     reference = filled_decode_parts(kv.store)
@@ -90,7 +90,7 @@ def test_other_ops_run_on_the_exact_reconstruction():
     for op in (lambda t: t.index_select(2, torch.tensor([0, 5])), lambda t: t[:, :, 1::2],
                lambda t: t.repeat_interleave(2, dim=2)):
         out = op(kv)
-        assert type(out) is torch.Tensor and torch.equal(out, op(kv.dequantize()))
+        assert type(out) is torch.Tensor and torch.equal(out, op(kv.decompress()))
 
 
 def test_beam_search_keeps_a_lossy_cache_compressed_within_three_graphs():

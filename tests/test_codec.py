@@ -21,7 +21,7 @@ from gear_compile import outliers
 from gear_compile.store import StoreLayout
 from gear_compile.config import GearConfig
 from gear_compile.lowrank import power_iteration, relative_error
-from gear_compile.segment import compress, dequantize
+from gear_compile.segment import compress, decompress
 
 from streams import streamed
 
@@ -60,11 +60,11 @@ def options(method, bits, backbone):
 
 def segment_roundtrip(x, kind, **opts):
     layout = StoreLayout.build(GearConfig(**opts), kind, x.shape[-1], x.dtype, x.shape[2]).prefill
-    return dequantize(compress(x, layout), layout, None, x.dtype)
+    return decompress(compress(x, layout), layout, None, x.dtype)
 
 
 def store_roundtrip(x, kind, prefill, **opts):
-    return streamed(x, GearConfig(**opts), kind, prefill).dequantize()
+    return streamed(x, GearConfig(**opts), kind, prefill).decompress()
 
 
 def ordering_message(what, x, kind, results):
@@ -194,7 +194,7 @@ def test_outliers_stretch_no_range_and_come_back_within_half_a_step(offset):
     spread = torch.where(kept, x, -torch.inf).amax(-1) - torch.where(kept, x, torch.inf).amin(-1)
     assert seg.out_val.dtype == torch.int8 and seg.out_val.abs().max() < outliers.MAX_STEPS
     assert torch.allclose(seg.scale.float().squeeze(-1), spread / 15, rtol=1e-2)   # fp16 scale and zero
-    err = (dequantize(seg, layout, None, torch.float32) - x).abs()
+    err = (decompress(seg, layout, None, torch.float32) - x).abs()
     assert (err.gather(-1, idx.long()) <= seg.scale.float() / 2 + 1e-3).all()
 
 
@@ -264,7 +264,7 @@ def test_segment_reconstructs_in_the_input_dtype_within_the_backbone_half_step(d
     config = GearConfig(method="kcvt", bits=4)
     layout = StoreLayout.build(config, kind, 16, dtype, 30).prefill
     seg = compress(x, layout)
-    y = dequantize(seg, layout, None, dtype)
+    y = decompress(seg, layout, None, dtype)
     assert y.dtype == dtype and y.shape == x.shape
     step = seg.scale.float()     # [1, 2, 1, 16] per channel (K) or [1, 2, 30, 1] per token (V)
     rounding = torch.finfo(dtype).eps * x.float().abs() if dtype != torch.float32 else 0

@@ -32,7 +32,7 @@ def test_compressed_kv_has_the_dense_logical_shape_and_dtype():
 
 def test_compressed_kv_dequantize_equals_the_store_reconstruction():
     kv, _ = make_kv()
-    assert torch.equal(kv.dequantize(), kv.store.dequantize())
+    assert torch.equal(kv.decompress(), kv.store.decompress())
 
 
 @pytest.mark.parametrize("op", [
@@ -43,14 +43,14 @@ def test_any_other_op_runs_on_the_dense_reconstruction(op):
     kv, _ = make_kv()
     out = op(kv)
     assert type(out) is torch.Tensor
-    assert torch.equal(out, op(kv.dequantize()))
+    assert torch.equal(out, op(kv.decompress()))
 
 
 def test_flatten_then_unflatten_rebuilds_the_same_cache():
     kv, _ = make_kv()
     names, meta = kv.__tensor_flatten__()
     again = CompressedKV.__tensor_unflatten__({n: getattr(kv, n) for n in names}, meta, kv.shape, kv.stride())
-    assert again.shape == kv.shape and torch.equal(again.dequantize(), kv.dequantize())
+    assert again.shape == kv.shape and torch.equal(again.decompress(), kv.decompress())
 
 
 def test_repr_names_the_method_and_the_bytes_held():
@@ -158,9 +158,9 @@ def test_any_stream_round_trips_with_its_shape_an_exact_buffer_and_frozen_blocks
         for name, old in before.items():            # flushed blocks never change
             assert torch.equal(after[name][:, :, :old.shape[2]], old), name
     kv = CompressedKV(store)
-    y = kv.dequantize()
+    y = kv.decompress()
     assert kv.shape == y.shape == x.shape and y.dtype == dtype
-    assert torch.equal(y, store.dequantize())
+    assert torch.equal(y, store.decompress())
     n_buf = store.counts()[2]
     held = x[:, :, x.shape[2] - n_buf:].to(store.buffer.dtype).to(dtype)   # the buffer is exact,
     assert torch.equal(y[:, :, x.shape[2] - n_buf:], held)                  # in its held dtype

@@ -52,15 +52,15 @@ def forced(isa):
 
 # (method, bits, D, Hq, Hkv, prefill, new, keywords): tails of every width
 # (D = 96 and 40 leave 8 channels past a 16-float register), GQA ratios 1-8,
-# several query tokens, masks, fp32 / fp16 / bf16, soft-capping and sinks,
-# a long prefill block with many splits
+# several query tokens, masks, fp32 / fp16 / bf16, soft-capping and sink
+# logits, exact sink tokens, a long prefill block with many splits
 CASES = [
     ("gear", 4, 64, 9, 3, 300, 45, dict(dtype=torch.float32, B=1)),
     ("gear", 2, 96, 8, 1, 27, 30, dict(dtype=torch.float32, mask="bool", mask_extra=5)),
     ("gear", 4, 40, 4, 2, 45, 27, dict(T=5, causal=True, B=3, group_size=8)),
     ("gear_l", 4, 128, 4, 4, 50, 40, dict(dtype=torch.bfloat16)),
     ("kcvt", 8, 64, 6, 2, 21, 19, dict(mask="additive", B=3)),
-    ("kivi", 2, 64, 8, 1, 40, 30, dict(sinks=True, dtype=torch.float32)),
+    ("kivi", 2, 64, 8, 1, 40, 30, dict(sink_logits=True, dtype=torch.float32)),
     ("per_token", 4, 64, 4, 2, 16, 16, dict(softcap=2.0)),
     ("none", 4, 64, 4, 1, 9, 25, dict()),
     ("gear", 4, 64, 2, 1, 1000, 3, dict(B=1, sink_tokens=4)),

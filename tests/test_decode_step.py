@@ -60,12 +60,12 @@ def test_the_per_token_graph_writes_on_the_device_and_reads_nothing_on_the_host(
     assert code.count("torch.ops.gear.attention_cpu.default") == 2        # one per layer
     assert code.count("torch.ops.aten.index_copy") == 4                   # K and V buffers
     for host_work in ("_local_scalar_dense", ".item()", "tolist", "kv_prefill", "kv_append",
-                      "gear.dequantize", "nonzero"):
+                      "gear.decompress", "nonzero"):
         assert host_work not in code, host_work
 
 
 class _ReferenceLayer(DynamicLayer):
-    """Attention over the dequantized store plus the step's exact K/V; the
+    """Attention over the decompressed store plus the step's exact K/V; the
     step's tokens are appended (and a full block flushed) afterwards, or
     before attention with `compress_first` (the order the backend avoids)."""
 
@@ -83,9 +83,9 @@ class _ReferenceLayer(DynamicLayer):
         for store, new in zip(self.stores, (key_states, value_states)):
             if self.compress_first:
                 store.append(new)
-                out.append(store.dequantize())
+                out.append(store.decompress())
             else:
-                out.append(torch.cat([store.dequantize(), new], dim=2))
+                out.append(torch.cat([store.decompress(), new], dim=2))
                 store.append(new)
         return tuple(out)
 

@@ -14,7 +14,7 @@ MEASURED = """
 |---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|
 | 32/8/128 | 16 | 32768 | fp16 sdpa (CUDNN_ATTENTION) | 16 | 1 | graph | 699.7 |  | 3.07e+03 | 92% | 1.00 | 1.00 |  |
 | 32/8/128 | 16 | 32768 | kcvt | 4 | 1 | graph | 200.0 | 250.0 | 2.77e+03 | 83% | 3.87 | 3.50 |  |
-| 32/8/128 | 16 | 32768 | dequantize+sdpa kcvt | 4 | 1 | eager | 29788.1 |  | 163 | 5% | 0.44 | 0.02 |  |
+| 32/8/128 | 16 | 32768 | decompress+sdpa kcvt | 4 | 1 | eager | 29788.1 |  | 163 | 5% | 0.44 | 0.02 |  |
 | 32/8/128 | 16 | 32768 | gear | 2 | 1 | graph | 300.0 | 320.0 | 1e+03 | 30% | 5.21 | 2.33 | +50 |
 """
 PREDICTED = """
@@ -30,7 +30,7 @@ def test_the_cell_is_joined_with_the_prediction_of_its_method_and_bits():
     import gpu_check
     rows = gpu_check.joined_cell(MEASURED, PREDICTED)
     body = [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]
-    # SDPA and dequantize+SDPA rows are not the kernel's; gear 2 has no prediction
+    # SDPA and decompress+SDPA rows are not the kernel's; gear 2 has no prediction
     assert body == [["kcvt", "4", "200", "3.50", "250", "2.79", "0.80"],
                     ["gear", "2", "300", "2.33", "", "", ""]]
 

@@ -77,7 +77,7 @@ def _in_default_run(name: str) -> bool:
     tile config: the default where the pruning keeps it), GEAR-4's bf16 and
     fp32 variants, and the combine kernel."""
     if name.startswith("combine"):
-        return name == "combine-d128-sinks1"
+        return name == "combine-d128-sink_logits1"
     return _REPRESENTATIVE[name] and bool(re.fullmatch(r"attention-[a-z_]+\d+-d128-fp16-.*"
                                                        r"|attention-gear4-d128-(bf16|fp32)-.*", name))
 

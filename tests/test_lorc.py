@@ -555,16 +555,26 @@ def _decode_aten_graph(monkeypatch, **options):
         decode_logits(gear_compile.compile(model, **options), steps=2)
     finally:
         _uncompile(model)
-    return [c for c in codes if "lorc_attention_cpu" in c or "gear.dequantize" in c]
+    return [c for c in codes if "lorc_attention_cpu" in c or "gear.decompress" in c]
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=["exact", "gear4"])
-def test_the_decode_graph_never_dequantizes_the_latent_store(monkeypatch, codec):
+def test_the_decode_graph_never_decompresses_the_latent_store(monkeypatch, codec):
     (code,) = _decode_aten_graph(monkeypatch, lorc=0.5, lorc_basis="weights", **codec)
     assert code.count("torch.ops.gear.lorc_attention_cpu.default") == 2        # one per layer
-    assert "gear.dequantize" not in code
+    assert "gear.decompress" not in code
     # the RoPE tables of the past are computed once and shared by the layers
     assert code.count("torch.ops.aten.cos.default") == 2                      # the new token's, the past's
+
+
+def test_the_replayed_decode_graph_decompresses_the_latent_store(monkeypatch):
+    """The counterpart of the test above, so the op name it looks for is the
+    one the graph would hold: the replay path (kernel="torch") reads each
+    layer's K and V latent stores back densely with gear::decompress."""
+    (code,) = _decode_aten_graph(monkeypatch, method="gear", bits=4, lorc=0.5, lorc_basis="weights",
+                                 kernel="torch")
+    assert "lorc_attention_cpu" not in code
+    assert code.count("torch.ops.gear.decompress.default") == 4               # K and V, two layers
 
 
 def test_explain_reports_which_path_rebuilds_k():
@@ -572,7 +582,7 @@ def test_explain_reports_which_path_rebuilds_k():
     model = tiny_model("llama")
     ids = torch.randint(0, 256, (1, 30))
     for kernel, said in (("auto", "LoRC K rebuilt inside the attention kernel"),
-                         ("torch", "LoRC K rebuilt by replay (dequantize, U^T, RoPE over the past): kernel='torch'")):
+                         ("torch", "LoRC K rebuilt by replay (decompress, U^T, RoPE over the past): kernel='torch'")):
         report = gear_compile.explain(model, ids, method="gear", bits=4, lorc=0.5, lorc_basis="weights",
                                       kernel=kernel)
         decode = [s for s in report.sites if s.phase == "decode"]

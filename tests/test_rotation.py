@@ -39,7 +39,7 @@ def test_rotated_exact_storage_decodes_as_eager_and_reads_back_unrotated(rotate)
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)       # flushes crossed at 8 and 16
     for kind, name in (("k", "keys"), ("v", "values")):
         stored, want = getattr(cache.layers[0], name), getattr(dense.layers[0], name)
-        torch.testing.assert_close(stored.dequantize(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stored.decompress(), want, rtol=1e-5, atol=1e-5)
         held = stored.store.prefill.codes            # method none: the prefill block's values, as held
         rotated = want[:, :, :held.shape[2]] @ rotation(want.shape[-1], want.dtype, want.device)
         torch.testing.assert_close(held, rotated if kind in rotate else want[:, :, :held.shape[2]],

@@ -1,12 +1,14 @@
-"""Attention sinks: a per-head logit in the softmax's denominator whose value is zero.
+"""Sink logits: a per-head logit in the softmax's denominator whose value is zero
+(the model's attention sinks, `self_attn.sinks`; not the store's exact first
+tokens, `sink_tokens`, which test_store.py covers).
 
-Specification: both forms transformers writes (gpt-oss: the sinks as a
+Specification: both forms transformers writes (gpt-oss: the sink logits as a
 softmax column dropped after it; Granite SWA: the output rescaled by
 sigmoid(logsumexp(scores) - sink)) are rewritten, on their sliding-window
 and full layers alike; with exact storage the decode logits equal eager's
-while the sinks are large enough to change them; a lossy cache stays
-compressed and close (8 bits). The kernels' sink arithmetic is tested against the
-written-out softmax in test_attention_kernels.py.
+while the sink logits are large enough to change them; a lossy cache stays
+compressed and close (8 bits). The kernels' sink-logit arithmetic is tested
+against the written-out softmax in test_attention_kernels.py.
 """
 import pytest
 import torch
@@ -32,22 +34,22 @@ def _logits(model, prompt, steps=30):
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss", "granite_swa"])
-def test_sinks_are_rewritten_and_exact(arch):
+def test_sink_logits_are_rewritten_and_exact(arch):
     model = _model(arch)
     prompt = torch.randint(3, 256, (1, 90), generator=torch.Generator().manual_seed(0))
     report = gear_compile.explain(model, prompt, method="none")
-    assert report.sites and all(s.rewritten and "attention sinks" in s.reason for s in report.sites), \
+    assert report.sites and all(s.rewritten and "sink logits" in s.reason for s in report.sites), \
         [(s.form, s.reason) for s in report.sites]
     with torch.no_grad():
         want_seq, want, _ = _logits(model, prompt)
         original = model.forward
-        sinks = [layer.self_attn.sinks.clone() for layer in model.model.layers]
+        sink_logits = [layer.self_attn.sinks.clone() for layer in model.model.layers]
         for layer in model.model.layers:
             layer.self_attn.sinks.zero_()
         _, without, _ = _logits(model, prompt)
-        for layer, s in zip(model.model.layers, sinks):
+        for layer, s in zip(model.model.layers, sink_logits):
             layer.self_attn.sinks.copy_(s)
-        assert (without - want).abs().max() > 0.02            # the sinks matter here (500x the tolerance)
+        assert (without - want).abs().max() > 0.02            # the sink logits matter here (500x the tolerance)
 
         gear_compile.compile(model, method="none", inductor=False)
         got_seq, got, cache = _logits(model, prompt)
@@ -72,7 +74,7 @@ def test_sinks_are_rewritten_and_exact(arch):
 @pytest.mark.skipif(not hasattr(__import__("transformers"), "FlintConfig"),
                     reason="this transformers has no Flint model")
 def test_fp32_attention_of_a_bf16_model_is_rewritten_and_cast_back():
-    """Flint upcasts q and K to fp32 for its scores and has sinks (no row-max
+    """Flint upcasts q and K to fp32 for its scores and has sink logits (no row-max
     shift): in bf16 the rewritten decode attention runs on the stored bf16
     K/V and its fp32 output is cast back to the model's dtype, as eager does."""
     import transformers as tf

@@ -94,11 +94,11 @@ def test_forget_drops_whole_blocks_and_keeps_the_newest_tokens_exactly():
     prompt = KVStore.from_prefill(x[:, :, :10], config, "k", streamed=True)
     assert prompt.counts() == (0, 8, 2)                        # two whole blocks, two buffered
     store = streamed(x, config, "k", 10, streamed=True)
-    before, codes, (_, held, _) = store.dequantize(), store.decode.codes.clone(), store.counts()
+    before, codes, (_, held, _) = store.decompress(), store.decode.codes.clone(), store.counts()
     store.forget(15)
     n_pre, n_dec, n_buf = store.counts()
     assert n_pre == 0 and n_dec % 4 == 0 and 15 <= n_dec + n_buf <= 1.25 * 15 + 4 + 4
     assert store.lengths.tolist() == [n_pre, n_dec, n_buf]
-    assert torch.equal(store.dequantize(), before[:, :, -(n_dec + n_buf):])   # moved, not recompressed
+    assert torch.equal(store.decompress(), before[:, :, -(n_dec + n_buf):])   # moved, not recompressed
     dropped = held - n_dec                                     # whole blocks gone from the front
     assert torch.equal(store.decode.codes[:, :, :n_dec], codes[:, :, dropped:dropped + n_dec])

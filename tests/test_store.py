@@ -72,9 +72,9 @@ def test_the_buffer_holds_fp32_tokens_in_fp16_and_the_store_stays_the_models_dty
     n_buf = store.counts()[2]
     assert store.buffer.dtype == held and store.dtype == dtype and n_buf > 0
     assert torch.equal(store.buffer[:, :, :n_buf], x[:, :, 21 - n_buf:].to(held))
-    assert store.dequantize().dtype == dtype
+    assert store.decompress().dtype == dtype
     kv = CompressedKV(store)
-    assert kv.dtype == dtype and kv.dequantize().dtype == dtype
+    assert kv.dtype == dtype and kv.decompress().dtype == dtype
     names, meta = kv.__tensor_flatten__()
     again = CompressedKV.__tensor_unflatten__({n: getattr(kv, n) for n in names}, meta, kv.shape, kv.stride())
     assert again.dtype == dtype
@@ -112,9 +112,9 @@ def test_the_sinks_are_exact_and_stretch_no_group(method, kind):
         if name != "sink":
             assert torch.equal(store.tensors()[store.layout.names.index(name)],
                                alone.tensors()[alone.layout.names.index(name)]), name
-    dense = store.dequantize()
+    dense = store.decompress()
     assert torch.equal(dense[:, :, :4], x[:, :, :4])
-    assert torch.equal(dense[:, :, 4:], alone.dequantize()[:, :, 4:])
+    assert torch.equal(dense[:, :, 4:], alone.decompress()[:, :, 4:])
     assert store.breakdown()["exact sinks"] == 2 * 3 * 4 * 16 * 2
 
 
@@ -128,8 +128,8 @@ def test_a_prompt_shorter_than_the_sinks_is_all_sinks_and_a_crop_slices_them():
     assert len(store) == 8 and store.counts() == (3, 0, 5)
     crop = store.cropped(2)
     assert crop.counts() == (2, 0, 0) and crop.sink.shape[2] == 2
-    assert torch.equal(crop.dequantize(), x[:, :, :2])
-    assert torch.equal(store.cropped(6).dequantize(), store.dequantize()[:, :, :6])
+    assert torch.equal(crop.decompress(), x[:, :, :2])
+    assert torch.equal(store.cropped(6).decompress(), store.decompress()[:, :, :6])
 
 
 def test_the_lengths_live_on_the_device_of_the_cache_and_match_the_host_counts():
@@ -213,7 +213,7 @@ def test_appending_in_chunks_equals_appending_one_token_at_a_time(method):
     one = streamed(x, config, "v", 13, chunk=1)
     chunked = streamed(x, config, "v", 13, chunk=7)
     assert one.counts() == chunked.counts()
-    assert torch.equal(one.dequantize(), chunked.dequantize())
+    assert torch.equal(one.decompress(), chunked.decompress())
     assert all(torch.equal(a, b) for a, b in zip(filled_decode_parts(one).values(),
                                                  filled_decode_parts(chunked).values()))
 
@@ -238,7 +238,7 @@ def test_a_full_capacity_grows_at_the_flush_and_keeps_the_content():
     store = streamed(x, config, "k", 10, grow=False)
     assert store.capacity > 8 and store.counts() == (10, 20, 0)
     reference = streamed(x, GearConfig(method="kcvt", buffer_size=4, decode_capacity=40), "k", 10)
-    assert torch.equal(store.dequantize(), reference.dequantize())
+    assert torch.equal(store.decompress(), reference.decompress())
 
 
 def test_grow_leaves_the_tensors_alone_when_there_is_room():
@@ -253,10 +253,10 @@ def test_grow_adds_at_least_a_quarter_in_whole_blocks_and_keeps_the_content():
     x = torch.randn(1, 2, 60, 16)
     store = KVStore.from_prefill(x[:, :, :10], config, "k")
     store.append(x[:, :, 10:48])
-    before = store.dequantize()
+    before = store.decompress()
     store.grow(8)
     assert store.capacity == 52 and store.capacity % 4 == 0          # 40 + max(8 - 4, 40 // 4)
-    assert torch.equal(store.dequantize(), before)
+    assert torch.equal(store.decompress(), before)
     assert store.decode.codes is store.tensors()[store.layout.names.index("d_codes")]
 
 

@@ -110,7 +110,7 @@ def isa(name: str = "") -> str:
 
 
 def _attention_cpu_fake(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, is_causal,
-                        k_desc, v_desc, softcap=0.0, sinks=None):
+                        k_desc, v_desc, softcap=0.0, sink_logits=None):
     return torch.empty_like(q)
 
 
@@ -122,5 +122,5 @@ def available() -> bool:
         return True
     except (RuntimeError, OSError) as err:
         log.warning("gear: the CPU attention kernel is unavailable, attention falls back to "
-                    "the reference path (dequantize + SDPA): %s", err)
+                    "the reference path (decompress + SDPA): %s", err)
         return False

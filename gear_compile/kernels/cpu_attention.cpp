@@ -196,7 +196,7 @@ struct Problem {
   int64_t ms[4] = {0, 0, 0, 0};
   int64_t mask_len = 0;
   float softcap = 0.0f;           // > 0: scores -> softcap * tanh(scores / softcap)
-  const float* sinks = nullptr;   // [Hq] or null: one more logit per query head, value 0
+  const float* sink_logits = nullptr;   // [Hq] or null: one more logit per query head, value 0
   // folded K scores by integer dots (cpu_simd_avx512.h: vnni_limbs, vnni_scores), or null
   void (*int_limbs)(const float* q, int D, int nch, uint8_t* h, uint8_t* m, uint8_t* l,
                     float* scale) = nullptr;
@@ -388,7 +388,7 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
                          const c10::optional<at::Tensor>& k_new, const c10::optional<at::Tensor>& v_new,
                          const c10::optional<at::Tensor>& attn_mask, double scale, bool is_causal,
                          at::IntArrayRef k_desc, at::IntArrayRef v_desc, double softcap,
-                         const c10::optional<at::Tensor>& sinks_in) {
+                         const c10::optional<at::Tensor>& sink_logits_in) {
   TORCH_CHECK(q_in.dim() == 4, "gear attention_cpu: q must be [B, Hq, T, D]");
   TORCH_CHECK(k_desc.size() == 2 + NSTORE * NFIELDS && v_desc.size() == k_desc.size(),
               "gear attention_cpu: descriptor size mismatch");
@@ -417,12 +417,12 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
   P.R = P.G * P.T;
   P.causal = is_causal && P.T > 1;
   P.softcap = static_cast<float>(softcap);
-  at::Tensor sinks;
-  if (sinks_in.has_value()) {
-    sinks = sinks_in->to(at::kFloat).contiguous();
-    TORCH_CHECK(sinks.numel() == P.Hq, "gear attention_cpu: sinks must hold one logit per query head (",
-                P.Hq, "), got ", sinks.numel());
-    P.sinks = sinks.data_ptr<float>();
+  at::Tensor sink_logits;
+  if (sink_logits_in.has_value()) {
+    sink_logits = sink_logits_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(sink_logits.numel() == P.Hq, "gear attention_cpu: sink_logits must hold one logit per query "
+                "head (", P.Hq, "), got ", sink_logits.numel());
+    P.sink_logits = sink_logits.data_ptr<float>();
   }
   at::Tensor q = q_in.to(at::kFloat).mul(scale).contiguous();
   P.q = q.data_ptr<float>();
@@ -489,12 +489,12 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
     int b = static_cast<int>(head / P.Hkv), kvh = static_cast<int>(head % P.Hkv);
     for (int r = 0; r < R; ++r) {
       int g = r / P.T, i = r % P.T;
-      // a sink is one more logit in the denominator, with a zero value
-      float sink = P.sinks ? P.sinks[kvh * P.G + g] : -INFINITY;
-      float m = sink;
+      // a sink logit is one more logit in the denominator, with a zero value
+      float sink_logit = P.sink_logits ? P.sink_logits[kvh * P.G + g] : -INFINITY;
+      float m = sink_logit;
       for (int64_t s = 0; s < splits; ++s) m = std::max(m, part[((head * splits + s) * R + r) * stride]);
       float m_use = m == -INFINITY ? 0.0f : m;
-      float l = sink == -INFINITY ? 0.0f : std::exp(sink - m_use);
+      float l = sink_logit == -INFINITY ? 0.0f : std::exp(sink_logit - m_use);
       std::fill(merged.begin(), merged.end(), 0.0f);
       for (int64_t s = 0; s < splits; ++s) {
         const float* src = part.data() + ((head * splits + s) * R + r) * stride;
@@ -520,7 +520,7 @@ at::Tensor attention_cpu(const at::Tensor& q_in, at::TensorList k_parts, at::Ten
 TORCH_LIBRARY_FRAGMENT(gear, m) {
   m.def("attention_cpu(Tensor q, Tensor[] k_parts, Tensor[] v_parts, Tensor? k_new, Tensor? v_new, "
         "Tensor? attn_mask, float scale, bool is_causal, int[] k_desc, int[] v_desc, "
-        "float softcap=0., Tensor? sinks=None) -> Tensor");
+        "float softcap=0., Tensor? sink_logits=None) -> Tensor");
   // the instruction set in use ("" asks; a name or "auto" picks): no tensors,
   // so it is registered with its function, for every dispatch key
   m.def("cpu_isa(str name='') -> str", &gear_cpu::cpu_isa);

@@ -305,15 +305,15 @@ def _attention_kernel(
 
 
 @triton.jit
-def _combine_kernel(PO, PLSE, Out, Sinks, S_TOTAL, Hq, D: tl.constexpr, DP: tl.constexpr,
-                    SC: tl.constexpr, SINKS: tl.constexpr):
+def _combine_kernel(PO, PLSE, Out, SinkLogits, S_TOTAL, Hq, D: tl.constexpr, DP: tl.constexpr,
+                    SC: tl.constexpr, SINK_LOGITS: tl.constexpr):
     """Merge the S_TOTAL partials of one (batch, q head) by their log-sum-exp;
-    with SINKS, the head's sink logit (natural base) starts the denominator."""
+    with SINK_LOGITS, the head's sink logit (natural base) starts the denominator."""
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, DP)
     ok_d = d < D
-    if SINKS:
-        m = tl.load(Sinks + row % Hq).to(tl.float32) * LOG2E    # to base 2
+    if SINK_LOGITS:
+        m = tl.load(SinkLogits + row % Hq).to(tl.float32) * LOG2E    # to base 2
         l = tl.full([], 1.0, tl.float32)
     else:
         m = tl.full([], float("-inf"), tl.float32)
@@ -389,7 +389,7 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
                             v_new: torch.Tensor | None, attn_mask: torch.Tensor | None,
                             scale: float, config: str, wrap=None,
                             num_splits: int | None = None, softcap: float = 0.0,
-                            sinks: torch.Tensor | None = None,
+                            sink_logits: torch.Tensor | None = None,
                             tile_config: TileConfig | None = None,
                             sm_count: int | None = None) -> torch.Tensor:
     """Run the kernels (eagerly, or through `wrap` = torch.library.wrap_triton
@@ -411,9 +411,9 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
     Hkv = ks.buffer.shape[1]
     if Hq % Hkv:
         raise ValueError(f"gear decode attention: {Hq} query heads for {Hkv} KV heads.")
-    if sinks is not None and sinks.numel() != Hq:
-        raise ValueError(f"gear decode attention: sinks must hold one logit per query head ({Hq}), "
-                         f"got {sinks.numel()}.")
+    if sink_logits is not None and sink_logits.numel() != Hq:
+        raise ValueError(f"gear decode attention: sink_logits must hold one logit per query head ({Hq}), "
+                         f"got {sink_logits.numel()}.")
     launch = wrap if wrap is not None else (lambda kernel: kernel)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     q_layout, q = q, q.contiguous()
@@ -451,10 +451,10 @@ def decode_attention_launch(q: torch.Tensor, k_parts: list[torch.Tensor],
         mask_sb=ms[0], mask_sh=ms[1], mask_sl=ms[2], mask_len=mask_len, **plan.consts, **tiling)
 
     out = torch.empty_like(q)
-    launch(_combine_kernel)[(B * Hq,)](po, plse, out, q if sinks is None else sinks.contiguous(),
+    launch(_combine_kernel)[(B * Hq,)](po, plse, out, q if sink_logits is None else sink_logits.contiguous(),
                                        programs, Hq, D=D, DP=pow2(D),
                                        SC=min(COMBINE_CHUNK, max(16, pow2(programs))),
-                                       SINKS=sinks is not None)
+                                       SINK_LOGITS=sink_logits is not None)
     return out if q_layout.is_contiguous() else torch.empty_like(q_layout).copy_(out)
 
 
@@ -491,7 +491,7 @@ def sm90_build_specs(head_dims=(64, 128), context: int = 32768, gqa: int = 4) ->
     autotuner keeps, and at the representative one of those
     (`decode_plan.representative`: the default where kept) bf16 (additive
     mask, softcap) and fp32 (no mask); then the combine kernel with and
-    without sinks. Built
+    without sink logits. Built
     from the same layouts, `decode_plan.plan` and pruning as the launcher."""
     from ..config import GearConfig
     from ..store import StoreLayout
@@ -517,12 +517,12 @@ def sm90_build_specs(head_dims=(64, 128), context: int = 32768, gqa: int = 4) ->
                             f"-bt{t.tile}w{t.warps}s{t.stages}")
                     specs.append(BuildSpec(name, _attention_kernel, sig, dict(c, BT=t.tile, STAGES=t.stages),
                                            t.warps, t.stages, representative=t == rep))
-    for sinks in (False, True):
+    for sink_logits in (False, True):
         for D in head_dims:
-            consts = dict(D=D, DP=pow2(D), SC=COMBINE_CHUNK, SINKS=sinks)
+            consts = dict(D=D, DP=pow2(D), SC=COMBINE_CHUNK, SINK_LOGITS=sink_logits)
             sig = {n: "constexpr" if n in consts else "i32" for n in _combine_kernel.arg_names}
-            sig.update(PO="*fp32", PLSE="*fp32", Out="*fp16", Sinks="*fp16")
-            specs.append(BuildSpec(f"combine-d{D}-sinks{int(sinks)}", _combine_kernel, sig, consts, 4, 1))
+            sig.update(PO="*fp32", PLSE="*fp32", Out="*fp16", SinkLogits="*fp16")
+            specs.append(BuildSpec(f"combine-d{D}-sink_logits{int(sink_logits)}", _combine_kernel, sig, consts, 4, 1))
     return specs
 
 
@@ -545,9 +545,10 @@ def attention_triton(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: list
                      k_new: torch.Tensor | None, v_new: torch.Tensor | None,
                      attn_mask: torch.Tensor | None, scale: float, is_causal: bool,
                      config: str, softcap: float = 0.0,
-                     sinks: torch.Tensor | None = None) -> torch.Tensor:
+                     sink_logits: torch.Tensor | None = None) -> torch.Tensor:
     """gear::attention_triton: the launcher with its kernels wrapped, so
     Inductor sees (and emits) them in its output code. One query token: a
     single row needs no causal mask, so is_causal has no effect."""
     return decode_attention_launch(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, config,
-                                   wrap=torch.library.wrap_triton, softcap=softcap, sinks=sinks)
+                                   wrap=torch.library.wrap_triton, softcap=softcap,
+                                   sink_logits=sink_logits)

@@ -330,7 +330,7 @@ def paged_decode(pool, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: 
     _paged_kernel[(R * H, programs)](*args, **consts, OVER=programs > S, STAGES=STAGES, num_warps=WARPS,
                                      num_stages=STAGES)
     _combine_kernel[(R * Hq,)](po, plse, out, q, programs, Hq, D=D, DP=pow2(D),
-                               SC=min(COMBINE_CHUNK, max(16, pow2(programs))), SINKS=False)
+                               SC=min(COMBINE_CHUNK, max(16, pow2(programs))), SINK_LOGITS=False)
     return out
 
 

@@ -14,12 +14,12 @@ Each recognised form is declared as the code it matches (`passes.pattern`):
                      flattened into the batch                            (bmm)
                  ... with scores soft-capped: c * tanh(scores / c)    (Gemma 2)
                  ... with scores less their row max (a softmax ignores the shift)
-                 ... with attention sinks: a softmax column    (gpt-oss)
-                     or the output times sigmoid(lse - sink)   (Granite SWA)
+                 ... with sink logits: a softmax column    (gpt-oss)
+                     or the output times sigmoid(lse - sink_logit)   (Granite SWA)
 
-The patterns carry the forms' names (KV_APPEND, KV, EAGER, SINK_COLUMN,
-SINK_SCALE, BMM), each built from smaller ones as the model's code is, with
-validity checks (`_swaps`, `_training_dropout`, ...) as functions that return
+The patterns carry the forms' names (KV_APPEND, KV, EAGER, SINK_LOGIT_COLUMN,
+SINK_LOGIT_SCALE, BMM), each built from smaller ones as the model's code is,
+with validity checks (`_swaps`, `_training_dropout`, ...) as functions that return
 why a node does not fit; `sdpa_site`, `eager_site`, `bmm_site` read a match's
 captures into an `AttentionSite`. A new form is a new pattern and, where it
 has a new site field, the line reading it.
@@ -84,7 +84,7 @@ class AttentionSite:
     scale: float | None = None
     is_causal: bool = False
     softcap: float | None = None    # scores -> softcap * tanh(scores / softcap), before the mask
-    sinks: fx.Node | None = None    # per query head sink logits [Hq]: an extra softmax column, no value
+    sink_logits: fx.Node | None = None  # one logit per query head [Hq]: an extra softmax column, no value
     reason: str = ""
     rewritable: bool = False
     chain: list = field(default_factory=list)   # nodes between K/V and the output
@@ -235,23 +235,23 @@ def less_row_max(scores):
                       Call(operator.getitem, Call(("max", torch.max), Capture("unshifted"), check=_over_keys), 0)))
 
 
-# the sinks of each query head, broadcast to the scores
-PER_HEAD = Through(("reshape", "view", "expand", torch.reshape), Capture("sinks", check=_one_per_head))
-# gpt-oss: the sinks as a softmax column, dropped after it
-SINK_COLUMN = Call(torch.cat, [SCORES, PER_HEAD], check=_cat_on(-1, 3))
+# the sink logit of each query head, broadcast to the scores
+PER_HEAD = Through(("reshape", "view", "expand", torch.reshape), Capture("sink_logits", check=_one_per_head))
+# gpt-oss: the sink logits as a softmax column, dropped after it
+SINK_LOGIT_COLUMN = Call(torch.cat, [SCORES, PER_HEAD], check=_cat_on(-1, 3))
 PROBS = Either(
-    Call(operator.getitem, Call(SOFTMAX, less_row_max(SINK_COLUMN), name="probs"), (Ellipsis, slice(None, -1))),
+    Call(operator.getitem, Call(SOFTMAX, less_row_max(SINK_LOGIT_COLUMN), name="probs"), (Ellipsis, slice(None, -1))),
     Call(SOFTMAX, less_row_max(SCORES), name="probs"))
 # matmul(dropout(softmax(scores).to(dtype)), V)
 EAGER = Call(MATMUL, Through(("to", "type", "type_as", F.dropout), PROBS, check=_training_dropout),
              Capture("value"))
 
 # Granite SWA: attention * sigmoid(logsumexp(scores, -1) - sinks.view(1, -1, 1)).unsqueeze(-1),
-# which equals a sink column
-_LSE_LESS_SINK = Call(SUB, Call((torch.logsumexp, "logsumexp"), Capture("scores"), check=_over_keys), PER_HEAD)
+# which equals a sink-logit column
+_LSE_LESS_SINK_LOGIT = Call(SUB, Call((torch.logsumexp, "logsumexp"), Capture("scores"), check=_over_keys), PER_HEAD)
 _GATE = Through(("to", "unsqueeze", torch.unsqueeze),
-                Call(("sigmoid", torch.sigmoid), Through(("to", "float"), _LSE_LESS_SINK)))
-SINK_SCALE = Either(Call(MUL, Capture("attention"), _GATE), Call(MUL, _GATE, Capture("attention")))
+                Call(("sigmoid", torch.sigmoid), Through(("to", "float"), _LSE_LESS_SINK_LOGIT)))
+SINK_LOGIT_SCALE = Either(Call(MUL, Capture("attention"), _GATE), Call(MUL, _GATE, Capture("attention")))
 
 
 def _flat(name: str):
@@ -284,18 +284,18 @@ def sdpa_site(node, index):
 
 
 def eager_site(node, index):
-    """`EAGER`, with attention sinks as an extra softmax column (`SINK_COLUMN`)
-    or a rescaled output (`SINK_SCALE`)."""
+    """`EAGER`, with sink logits as an extra softmax column (`SINK_LOGIT_COLUMN`)
+    or a rescaled output (`SINK_LOGIT_SCALE`)."""
     if not (m := match(EAGER, node)):
         return None
     factor, softcap = float(m.get("factor", 1.0)), m.get("softcap")
     scale = factor if "scaling" not in m or m["scaling"].target in MUL else 1.0 / factor
     site = AttentionSite(index, "eager", node, m["query"], None, None, mask=m.get("mask"), scale=scale,
-                         softcap=None if softcap is None else float(softcap), sinks=m.get("sinks"))
+                         softcap=None if softcap is None else float(softcap), sink_logits=m.get("sink_logits"))
     chain = m.nodes[1:]
-    if site.sinks is None and len(node.users) == 1 and \
-            (gate := match(SINK_SCALE, next(iter(node.users)), attention=node, scores=m["probs"].args[0])):
-        site.output, site.sinks = gate.nodes[0], gate["sinks"]
+    if site.sink_logits is None and len(node.users) == 1 and \
+            (gate := match(SINK_LOGIT_SCALE, next(iter(node.users)), attention=node, scores=m["probs"].args[0])):
+        site.output, site.sink_logits = gate.nodes[0], gate["sink_logits"]
         chain += [node] + gate.nodes[1:]
     return _attend(site, chain, m["key"], m["value"])
 
@@ -383,7 +383,7 @@ def _attach_kv(site: AttentionSite, key, value):
                    f"{' via repeat_kv' if site.chain and site.form == 'sdpa' else ''}"
                    f"{f', sliding window keeping {site.key.keep} tokens' if site.key.keep else ''}"
                    f"{f', scores soft-capped at {site.softcap:g}' if site.softcap else ''}"
-                   f"{', attention sinks' if site.sinks is not None else ''}")
+                   f"{', sink logits' if site.sink_logits is not None else ''}")
 
 
 def _from_appends(site: AttentionSite, k_src, v_src) -> str | None:

@@ -285,7 +285,7 @@ class _Rewriter:
             attn = self.graph.call_function(op.op, op.args(
                 q, k_parts, v_parts, k_new, v_new, self.node(site.mask),
                 scale, site.is_causal, self.config, k_store.layout, v_store.layout, site.softcap,
-                self.node(site.sinks)))
+                self.node(site.sink_logits)))
             attn.meta["example_value"] = q_val.new_empty(want.shape)
             if tokens == 1:
                 for parts, store, new in ((k_parts, k_store, k_new), (v_parts, v_store, v_new)):
@@ -303,7 +303,7 @@ class _Rewriter:
 
     def rebuild_decode(self, site: AttentionSite) -> None:
         """A "rebuild" site (`match.rebuild_sites`): each past rebuilt densely
-        (`gear::dequantize`) in front of its append (or of a size query read
+        (`gear::decompress`) in front of its append (or of a size query read
         before it), which the model reads as before; one new token is then
         written into the store's buffer."""
         written = _written(example_value(site.key.new).shape[2])
@@ -312,7 +312,7 @@ class _Rewriter:
             parts, store = self.inner_placeholders(past), example_value(append.past).store
             first = next(n for n in self.graph.nodes if n in past.users)    # the append, or a size query
             with self.graph.inserting_before(first):
-                rebuilt = self.graph.call_function(torch.ops.gear.dequantize.default, (
+                rebuilt = self.graph.call_function(torch.ops.gear.decompress.default, (
                     parts, self.config.codec.to_json(), kind, self.size(example_value(append.past).shape[2]),
                     example_value(append.new).dtype))
             rebuilt.meta["example_value"] = example_value(append.past)
