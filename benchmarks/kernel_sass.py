@@ -40,6 +40,7 @@ attributes the runtime would compile).
   python benchmarks/kernel_sass.py                     # every sm90_build_specs() configuration
   python benchmarks/kernel_sass.py --sass NAME         # and NAME's main loop, line by line
   python benchmarks/kernel_sass.py --json out.json     # the reports as JSON
+  python benchmarks/kernel_sass.py --kernel lorc       # LoRC's kernel (kernels/lorc_launch.py's specs)
 
 Must run without TRITON_INTERPRET (under it `triton.jit` makes interpreted
 functions that do not compile). Neighbours: kernel_model.py (turns these
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -330,18 +332,23 @@ def as_json(found: dict) -> dict:
             for name, r in found.items()}
 
 
+SPEC_MODULES = {"store": "gear_compile.kernels.decode_attention", "lorc": "gear_compile.kernels.lorc_launch"}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="these configurations")
     p.add_argument("--sass", default=None, metavar="NAME", help="print NAME's main loop")
     p.add_argument("--json", type=Path, default=None, help="write the reports here")
+    p.add_argument("--kernel", choices=sorted(SPEC_MODULES), default="store",
+                   help="whose sm90_build_specs(): the store kernel's or LoRC's")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("kernel_sass.py compiles for sm_90a: run it without TRITON_INTERPRET=1.")
-    from gear_compile.kernels.decode_attention import sm90_build_specs
+    specs = importlib.import_module(SPEC_MODULES[args.kernel]).sm90_build_specs()
 
-    found = reports([s for s in sm90_build_specs() if args.only is None or s.name in args.only])
+    found = reports([s for s in specs if args.only is None or s.name in args.only])
     if args.sass in found and not isinstance(found[args.sass], str):
         print("\n".join(found[args.sass].main_loop_sass))
     print(table(found))

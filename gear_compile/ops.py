@@ -1,20 +1,20 @@
 """The compressed-cache custom ops that the rewrite emits (namespace `gear`).
 
   gear::kv_prefill(x, config, kind, streamed) -> parts   compress a prompt's K or V
-  gear::dequantize(parts, config, kind, length, dtype) -> x   a store read back
+  gear::decompress(parts, config, kind, length, dtype) -> x   a store read back
                                                     densely (LoRC's rebuild, a
                                                     rebuild site, a CompressedKV
                                                     used as a plain tensor)
   gear::attention_<impl>(q, k_parts, v_parts, k_new, v_new, mask, scale,
-                         is_causal, ..., softcap, sinks) -> out   attention over a
-                                                    store plus the call's new tokens
+                         is_causal, ..., softcap, sink_logits) -> out   attention
+                                                    over a store plus the call's new tokens
 
 `parts` is a store flattened in `StoreLayout.names` order; `config` is the
 `CodecConfig` as JSON. Attention sees the store as it was before the call
 and the call's new K/V (`k_new`, `v_new`, exact) as the newest keys; the
 mask's last column is the newest key, and keys before its first column are
 hidden (a sliding-window layer's older blocks); softcap > 0 caps the scaled
-scores at softcap * tanh(s / softcap) before the mask (Gemma 2); sinks
+scores at softcap * tanh(s / softcap) before the mask (Gemma 2); sink_logits
 [Hq] (or None) adds one logit per query head to the softmax's denominator,
 a key whose value is zero (gpt-oss, Granite SWA); the
 decode graph then writes the new token into the buffer (aten ops the rewrite
@@ -24,7 +24,7 @@ Implementations of attention, one schema:
   attention_cpu        C++ over the packed codes (`kernels/cpu_attention.cpp`)
   attention_triton     Triton flash-decoding, CUDA (`kernels/decode_attention`)
   attention_triton_interpreted   the same kernel under TRITON_INTERPRET=1 (CPU tests)
-  attention_reference  dequantize, then SDPA: the tests' reference, and the
+  attention_reference  decompress, then SDPA: the tests' reference, and the
                        fallback where no kernel applies
 
 `attention_for` picks one for a device and the `kernel` option.
@@ -62,21 +62,21 @@ def _kv_prefill_fake(x, config, kind, streamed=False):
     return [x.new_empty(shape, dtype=dtype) for shape, dtype in shapes]
 
 
-@torch.library.custom_op("gear::dequantize", mutates_args=())
-def dequantize_parts(parts: list[torch.Tensor], config: str, kind: str, length: int,
+@torch.library.custom_op("gear::decompress", mutates_args=())
+def decompress_parts(parts: list[torch.Tensor], config: str, kind: str, length: int,
                      dtype: torch.dtype) -> torch.Tensor:
     """The exact dense [B, H, length, D] reconstruction, in `dtype`, of a
     flattened store's newest `length` tokens, unrotated where the store is
     rotated (`rotation`). An opaque op, so tracing (Dynamo, AOT) never reads
     the lengths' values."""
     cfg = CodecConfig.from_json(config)
-    dense = KVStore(cfg, kind, parts).dequantize(dtype)
+    dense = KVStore(cfg, kind, parts).decompress(dtype)
     dense = dense[:, :, dense.shape[2] - length:]
     return rotation.unrotate(dense) if cfg.rotates(kind) else dense
 
 
-@dequantize_parts.register_fake
-def _dequantize_parts_fake(parts, config, kind, length, dtype):
+@decompress_parts.register_fake
+def _decompress_parts_fake(parts, config, kind, length, dtype):
     B, H, _, D = parts[1].shape       # the buffer
     return parts[1].new_empty(B, H, length, D, dtype=dtype)
 
@@ -92,13 +92,13 @@ def attention_reference(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: l
                         k_new: torch.Tensor | None, v_new: torch.Tensor | None,
                         attn_mask: torch.Tensor | None, scale: float, is_causal: bool,
                         config: str, softcap: float = 0.0,
-                        sinks: torch.Tensor | None = None) -> torch.Tensor:
+                        sink_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q [B, Hq, T, D] over a store and the new tokens: rebuild K
-    and V exactly as stored, then SDPA (or, soft-capped or with sinks, its
-    steps written out)."""
+    and V exactly as stored, then SDPA (or, soft-capped or with sink logits,
+    its steps written out)."""
     cfg = CodecConfig.from_json(config)
-    k = KVStore(cfg, "k", k_parts).dequantize(q.dtype)
-    v = KVStore(cfg, "v", v_parts).dequantize(q.dtype)
+    k = KVStore(cfg, "k", k_parts).decompress(q.dtype)
+    v = KVStore(cfg, "v", v_parts).decompress(q.dtype)
     if k_new is not None:
         k, v = torch.cat([k, k_new.to(q.dtype)], 2), torch.cat([v, v_new.to(q.dtype)], 2)
     T, L = q.shape[2], k.shape[2]
@@ -110,17 +110,17 @@ def attention_reference(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: l
             mask = F.pad(mask, (L - mask.shape[-1], 0), value=hidden)
     elif is_causal and T > 1:
         mask = _causal_bottom_right(T, L, q.device)
-    if softcap > 0 or sinks is not None:
-        out = _explicit_attention(q, k, v, mask, scale, softcap, sinks)
+    if softcap > 0 or sink_logits is not None:
+        out = _explicit_attention(q, k, v, mask, scale, softcap, sink_logits)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
     return torch.empty_like(q).copy_(out)       # laid out like q, as the fake says
 
 
-def _explicit_attention(q, k, v, mask, scale: float, softcap: float, sinks) -> torch.Tensor:
+def _explicit_attention(q, k, v, mask, scale: float, softcap: float, sink_logits) -> torch.Tensor:
     """Attention step by step in fp32: scores, soft-capped (softcap > 0),
-    masked, softmax with each head's sink as one more column (then dropped)."""
+    masked, softmax with each head's sink logit as one more column (then dropped)."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scores = q.float() @ k.float().transpose(-1, -2) * scale
@@ -128,8 +128,8 @@ def _explicit_attention(q, k, v, mask, scale: float, softcap: float, sinks) -> t
         scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    if sinks is not None:
-        column = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+    if sink_logits is not None:
+        column = sink_logits.float().reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
         probs = torch.cat([scores, column], -1).softmax(-1)[..., :-1]
     else:
         probs = scores.softmax(-1)
@@ -138,7 +138,7 @@ def _explicit_attention(q, k, v, mask, scale: float, softcap: float, sinks) -> t
 
 @attention_reference.register_fake
 def _attention_reference_fake(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, is_causal, config,
-                              softcap=0.0, sinks=None):
+                              softcap=0.0, sink_logits=None):
     return torch.empty_like(q)
 
 
@@ -147,18 +147,18 @@ def attention_triton_interpreted(q: torch.Tensor, k_parts: list[torch.Tensor],
                                  v_parts: list[torch.Tensor], k_new: torch.Tensor | None,
                                  v_new: torch.Tensor | None, attn_mask: torch.Tensor | None,
                                  scale: float, is_causal: bool, config: str,
-                                 softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                                 softcap: float = 0.0, sink_logits: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton decode kernel run eagerly (under TRITON_INTERPRET=1 on a CPU):
     how CPU tests exercise the kernel inside compiled graphs, since a
     triton_op's kernels only trace for a GPU."""
     from .kernels.decode_attention import decode_attention_launch
     return decode_attention_launch(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, config,
-                                   softcap=softcap, sinks=sinks)
+                                   softcap=softcap, sink_logits=sink_logits)
 
 
 @attention_triton_interpreted.register_fake
 def _attention_triton_interpreted_fake(q, k_parts, v_parts, k_new, v_new, attn_mask, scale,
-                                       is_causal, config, softcap=0.0, sinks=None):
+                                       is_causal, config, softcap=0.0, sink_logits=None):
     return torch.empty_like(q)
 
 
@@ -171,13 +171,13 @@ class AttentionOp:
 
     def args(self, q, k_parts, v_parts, k_new, v_new, mask, scale, is_causal,
              config: CodecConfig, k_layout: StoreLayout, v_layout: StoreLayout,
-             softcap: float | None = None, sinks=None) -> tuple:
+             softcap: float | None = None, sink_logits=None) -> tuple:
         common = (q, k_parts, v_parts, k_new, v_new, mask, float(scale), bool(is_causal))
         if self.descriptors:
             common += (list(k_layout.kernel_descriptor), list(v_layout.kernel_descriptor))
         else:
             common += (codec_of(config).to_json(),)
-        return common + (float(softcap or 0.0), sinks)
+        return common + (float(softcap or 0.0), sink_logits)
 
 
 def attention_for(device: torch.device, config: GearConfig, tokens: int) -> AttentionOp:

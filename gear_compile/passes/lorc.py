@@ -15,7 +15,7 @@ What the rewrite makes of it (`rewrite` calls `latent`, `sinks`, `rebuild_past`,
       the latents [B, 1, T, r] = k_lin D (`lorc.project`), compressed by the
       codec of `method` (`gear::kv_prefill`), and the first `lorc_sinks`
       tokens' k_pre / v exactly (the store's `lorc_sinks`).
-  decode: the past is a latent store. K's dequantized latents are rebuilt
+  decode: the past is a latent store. K's decompressed latents are rebuilt
       (times U^T, back to [B, H, L, d]), its sink rows are replaced by the
       exact ones, and its RoPE is replayed on them: the nodes between (k_pre,
       the positions) and k_new are copied with the rebuilt K and the past's
@@ -29,21 +29,22 @@ What the rewrite makes of it (`rewrite` calls `latent`, `sinks`, `rebuild_past`,
       value columns, column j one at token j and zero elsewhere, so the
       attention also returns each sink's probability p_j, and p_j times the
       sink's residual (its exact V less the V its latent rebuilds) is added.
-      Where the attention is not plain (soft cap, sinks of the model's own,
+      Where the attention is not plain (soft cap, the model's sink logits,
       fp32 upcast) V is rebuilt like K and the model's attention runs as it
       is. The new tokens' latents are what the graph writes into the buffer.
 
-  decode, fused (the default on CPU, `fused_attention`): the attention is
-      one `gear::lorc_attention_cpu` (kernels/cpu_lorc_attention.h) over the
-      latent stores: per tile, the latent codes are dequantized in registers,
+  decode, fused (the default, `fused_attention`): the attention is one
+      `gear::lorc_attention_cpu` (kernels/cpu_lorc_attention.h) on a CPU, or
+      `gear::lorc_attention_triton` (kernels/lorc_decode.py) on CUDA (both
+      by `fused_kernel`), over the latent stores: per tile, the latent codes are dequantized in registers,
       times each KV head's U^T, rotated with the past's cos/sin (the graph's
       own RoPE nodes replayed once per graph at the past's positions, rows of
       their own), and scored by the head's query heads; V is attended as
-      latents and up-projected once. No whole-store dequantization is left
+      latents and up-projected once. No whole-store decompression is left
       in the step. RoPE forms: rotate-half and interleaved, partial rotary
       (`RopeForm`, found by running the rotation on a probe). The replay
-      path above stays for what the kernel does not cover (not CPU, another
-      kernel option, attention that is not plain, a rotating codec, another
+      path above stays for what the kernels do not cover (another device or
+      kernel option, latents too wide for the Triton kernel, attention that is not plain, a rotating codec, another
       rotation); `explain` says which path each site's K takes and why.
 
 So the cache holds r numbers per token and layer instead of H * d (plus
@@ -414,17 +415,17 @@ def _heads(graph: fx.Graph, site: LoRCSite, lin: fx.Node) -> fx.Node:
 
 def _past_latents(graph: fx.Graph, parts: list, config: GearConfig, kind: str, length,
                   dtype: torch.dtype) -> fx.Node:
-    """The latent store's `length` tokens, dequantized: [B, 1, length, r] of `dtype`."""
-    return graph.call_function(torch.ops.gear.dequantize.default,
+    """The latent store's `length` tokens, decompressed: [B, 1, length, r] of `dtype`."""
+    return graph.call_function(torch.ops.gear.decompress.default,
                                (parts, codec_of(config).to_json(), kind, length, dtype))
 
 
 def folds_values(site: AttentionSite, tokens) -> bool:
     """V's up-projection can move past the attention (`attend_latent_values`)
-    when the attention is plain scaled-dot-product: no soft cap, no sinks,
+    when the attention is plain scaled-dot-product: no soft cap, no sink logits,
     no top-left causal flag over a past."""
     q, out = example_value(site.query), example_value(site.output)
-    return site.softcap is None and site.sinks is None and q.dtype == out.dtype and \
+    return site.softcap is None and site.sink_logits is None and q.dtype == out.dtype and \
         (tokens == 1 or not site.is_causal)
 
 
@@ -438,7 +439,7 @@ def attend_latent_values(graph: fx.Graph, site: AttentionSite, lo: LoRCSite, q: 
                          mask: fx.Node | None, parts: list, new: fx.Node, config: GearConfig, length,
                          up: fx.Node, up_heads: fx.Node) -> fx.Node:
     """softmax(q K^T) (C U^T) = (softmax(q K^T) C) U^T: attention over the
-    latents C (the past's, dequantized, then the new tokens'), one head
+    latents C (the past's, decompressed, then the new tokens'), one head
     shared by every KV head, then each query head's rows of U^T (`up_heads`).
     V itself is never rebuilt. The store's sinks (last of `parts`) enter as
     one-hot value columns whose outputs are their probabilities (module
@@ -481,8 +482,9 @@ def choose_fused(site: AttentionSite, lo: LoRCSite, config: GearConfig, tokens) 
     """Whether this decode site runs the fused kernel; the site's reason
     (what `explain` shows) says which path its K takes, and why not the fused one."""
     why = fused_reason(site, lo, config, tokens)
-    site.reason += ("; LoRC K rebuilt inside the attention kernel (no dequantized store)" if why is None
-                    else f"; LoRC K rebuilt by replay (dequantize, U^T, RoPE over the past): {why}")
+    site.reason += (f"; LoRC K rebuilt inside the attention kernel (gear::{fused_kernel(site, config)[0]}, "
+                    "no decompressed store)" if why is None
+                    else f"; LoRC K rebuilt by replay (decompress, U^T, RoPE over the past): {why}")
     return why is None
 
 
@@ -501,25 +503,52 @@ def emit_fused(rw, site: AttentionSite, lo: LoRCSite, length, written: int) -> N
 
 
 def fused_reason(site: AttentionSite, lo: LoRCSite, config: GearConfig, tokens) -> str | None:
-    """Why this decode site's attention cannot run as `gear::lorc_attention_cpu`
-    (K rebuilt tile by tile inside the kernel), or None when it can."""
+    """Why this decode site's attention cannot run as the fused op that
+    `fused_kernel` picks (K rebuilt tile by tile inside the kernel), or None
+    when it can."""
     if not FUSED:
         return "the fused kernel is switched off (GEAR_LORC_FUSED=0)"
-    if example_value(site.query).device.type != "cpu":
-        return "not a CPU tensor (the fused rebuild is the C++ kernel's)"
-    if config.kernel not in ("auto", "cpu"):
-        return f"kernel={config.kernel!r}"
+    op, why = fused_kernel(site, config)
+    if op is None:
+        return why
     if not folds_values(site, tokens):
-        return "its attention is not plain (soft cap, sinks of its own, fp32 upcast or a causal past)"
+        return "its attention is not plain (soft cap, sink logits, fp32 upcast or a causal past)"
     if config.rotates("k") or config.rotates("v"):
         return "the codec rotates its stores"
     if lo.key.positions is not None and not isinstance(lo.key.rope, RopeForm):
         return lo.key.rope or "its RoPE form is not recognised"
+    if op != "lorc_attention_cpu":
+        from ..kernels import lorc_launch
+        why = lorc_launch.unsupported(*(example_value(a.past).store.layout for a in (site.key, site.value)),
+                                      lo.head_dim)
+        return None if why is None else f"the Triton kernel: {why}"
     from ..kernels import cpu
     if not cpu.available():
         return "the C++ kernel is unavailable"
     _register_fake()
     return None
+
+
+def fused_kernel(site: AttentionSite, config: GearConfig) -> tuple[str | None, str | None]:
+    """(the fused op's name, None) for the site's device and `kernel`
+    option, or (None, why none): the C++ op on a CPU ("auto", "cpu"), the
+    Triton op on CUDA ("auto", "triton"), its interpreted twin on a CPU
+    with kernel="triton" under TRITON_INTERPRET=1 (the tests' model path)."""
+    device = example_value(site.query).device.type
+    if device == "cpu" and config.kernel in ("auto", "cpu"):
+        return "lorc_attention_cpu", None
+    if config.kernel in ("auto", "triton") and (device == "cuda" or (
+            device == "cpu" and config.kernel == "triton" and os.environ.get("TRITON_INTERPRET") == "1")):
+        try:
+            from ..kernels import lorc_launch  # noqa: F401  (registers the ops)
+        except ImportError as err:
+            return None, f"the Triton kernel cannot be imported ({err})"
+        return ("lorc_attention_triton" if device == "cuda" else "lorc_attention_triton_interpreted"), None
+    if device not in ("cpu", "cuda"):
+        return None, f"a {device} tensor (the fused kernels are C++ on a CPU and Triton on CUDA)"
+    if config.kernel == "triton":
+        return None, "kernel='triton' on a CPU tensor without TRITON_INTERPRET=1"
+    return None, f"kernel={config.kernel!r}" + (" on a CUDA tensor" if device == "cuda" else "")
 
 
 def _register_fake():
@@ -536,8 +565,8 @@ def per_head_up(up: torch.Tensor, site: LoRCSite) -> torch.Tensor:
 
 
 def fused_attention(rw, site: AttentionSite, lo: LoRCSite, length, written: int) -> fx.Node:
-    """The site's attention as one `gear::lorc_attention_cpu` over the latent
-    stores (kernel: cpu_lorc_attention.h), the new tokens' latents written
+    """The site's attention as one fused op (`fused_kernel`'s) over the latent
+    stores (kernels: cpu_lorc_attention.h, lorc_decode.py), the new tokens' latents written
     after it. `rw` is the `Rewriter`; returns the output node."""
     graph = rw.graph
     k_parts = rw.inner_placeholders(rw.node(site.key.past))
@@ -551,7 +580,8 @@ def fused_attention(rw, site: AttentionSite, lo: LoRCSite, length, written: int)
         cos, sin = _past_tables(rw, form, rw.node(lo.key.positions), length)
     k_lat = latent(graph, rw.node(lo.key.pre), rw.constant(lo.key.factors.down))
     v_lat = latent(graph, rw.node(lo.value.pre), rw.constant(lo.value.factors.down))
-    attn = graph.call_function(torch.ops.gear.lorc_attention_cpu.default, (
+    op = getattr(torch.ops.gear, fused_kernel(site, rw.config)[0]).default
+    attn = graph.call_function(op, (
         rw.node(site.query), k_parts[:-1], v_parts[:-1], k_parts[-1], v_parts[-1],
         rw.node(site.key.new), v_lat, rw.constant(per_head_up(lo.key.factors.up, lo)),
         rw.constant(per_head_up(lo.value.factors.up, lo)), cos, sin, rw.node(site.mask),
