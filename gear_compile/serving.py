@@ -52,9 +52,9 @@ import torch
 from transformers import AttentionInterface, ContinuousBatchingConfig
 from transformers.generation.continuous_batching import cache as cb_cache
 from transformers.generation.continuous_batching import continuous_api
-from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
 
 from .config import GearConfig
+from . import hf_compat
 from .paged import PagedPool
 from .paged_attention import attend, block_table
 
@@ -179,8 +179,8 @@ class GearBatchingManager(continuous_api.ContinuousBatchingManager):
         self.settings = settings
         text = model.config.get_text_config()
         self.kernel = _kernel(settings["kernel"], model.device)
-        self.pool = PagedPool(settings["config"].codec, text.num_hidden_layers, find_num_key_value_heads(text),
-                              find_head_dim(text), model.dtype, settings["kv_budget_bytes"],
+        self.pool = PagedPool(settings["config"].codec, text.num_hidden_layers, hf_compat.num_kv_heads(text),
+                              hf_compat.head_dim(text), model.dtype, settings["kv_budget_bytes"],
                               settings["page_tokens"], settings["max_requests"], model.device,
                               settings["typical_tokens"])
         model._gear_paged_pool = self.pool
@@ -253,7 +253,11 @@ def enable(model, kv_budget_bytes: int, page_tokens: int | None = None, max_requ
     kernel: attention's ("auto": the C++ paged kernel on the CPU where it
     builds, the Triton paged kernel on CUDA, else the torch reference;
     "cpu"; "triton"; "torch").
-    options: `GearConfig`'s (method, bits, ...). Returns the model."""
+    options: `GearConfig`'s (method, bits, ...). Returns the model.
+    Needs transformers 5.19 or newer (`hf_compat.serving_unsupported`)."""
+    unsupported = hf_compat.serving_unsupported()
+    if unsupported:
+        raise RuntimeError(unsupported)
     config = GearConfig.from_options(options)
     text = model.config.get_text_config()
     if "sliding_attention" in cb_cache.group_layers_by_attn_type(text):

@@ -218,10 +218,12 @@ def test_served_tokens_equal_the_reference_kernels(monkeypatch):
     than a page beside short ones, chunked prefill beside decode rows."""
     from transformers import GenerationConfig
 
-    from gear_compile import serving
+    from gear_compile import hf_compat, serving
     from test_serving import cb_config, prompts, tiny_llama, tokens
     if not INTERPRET:
         pytest.skip("the tiny model runs on the CPU: under the interpreter only")
+    if hf_compat.serving_unsupported():
+        pytest.skip(hf_compat.serving_unsupported())
     from gear_compile.kernels import paged_decode
     calls = []
     original = paged_decode.paged_decode
