@@ -15,6 +15,7 @@ import torch
 
 import gear_compile
 from gear_compile.graph_diff import NOTE, full_diff, readable_diff, wrap_signatures
+from gear_compile.hf_compat import cache_kwarg
 from gear_compile.models import tiny_model
 from gear_compile.passes.match import module_path
 
@@ -117,8 +118,9 @@ def test_module_paths_drop_dynamos_name_for_the_model():
 
 def test_a_4_layer_llama_diff_shows_one_layer_and_names_the_others(tmp_path):
     ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1))
-    report = gear_compile.explain(tiny_model("llama", num_hidden_layers=4), ids, method="gear", bits=4,
-                                  inductor=False)
+    model = tiny_model("llama", num_hidden_layers=4)
+    kw = next(iter(cache_kwarg(model, None)))       # the cache keyword: `cache` (newer 5.x) or `past_key_values`
+    report = gear_compile.explain(model, ids, method="gear", bits=4, inductor=False)
     prefill = report.graphs[0]
     assert "# layers 1-3: the same rewrite as layer 0" in prefill.diff()
     assert prefill.diff().count("torch.ops.gear.kv_prefill") == 2
@@ -128,8 +130,8 @@ def test_a_4_layer_llama_diff_shows_one_layer_and_names_the_others(tmp_path):
         assert len(graph.diff().splitlines()) < len(graph.diff(full=True).splitlines())
         assert re.search(r"^# layers? [0-9, -]+: the same rewrite as layer \d$", graph.diff(), re.M)
     decode = report.graphs[1].diff().splitlines()     # the cache's parameters change: one a line
-    assert "+    l_kwargs_cache_layers_0_keys_lengths," in decode
-    assert any(line.startswith("-    L_kwargs_cache_layers_0_keys :") and line.endswith(",") for line in decode)
+    assert f"+    l_kwargs_{kw}_layers_0_keys_lengths," in decode
+    assert any(line.startswith(f"-    L_kwargs_{kw}_layers_0_keys :") and line.endswith(",") for line in decode)
     assert [s.layer for s in report.sites] == [f"model.layers.{i}.self_attn" for i in range(4)] * 2
     assert "L[" not in report.text()
     path = report.write(str(tmp_path / "gear.diff"))

@@ -43,7 +43,8 @@ SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cpp")
 # Every header beside the source is part of the build's hash: a kernel added as
 # a header of its own (and included by the source) rebuilds without a list to edit.
 HEADERS = sorted(SOURCE.parent.glob("cpu_*.h"))
-FLAGS = ["-O3", "-std=gnu++17", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared",
+# C++20: torch 2.15's headers need it (std::strong_ordering, requires-clauses); 2.11-2.14's build under it too
+FLAGS = ["-O3", "-std=gnu++20", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared",
          "-fno-math-errno", "-w"]
 
 
