@@ -115,7 +115,13 @@ def attention_reference(q: torch.Tensor, k_parts: list[torch.Tensor], v_parts: l
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
-    return torch.empty_like(q).copy_(out)       # laid out like q, as the fake says
+    return _output(q, v.shape[-1]).copy_(out)
+
+
+def _output(q: torch.Tensor, value_dim: int) -> torch.Tensor:
+    """The attention's output buffer: laid out like q where V's head dim is
+    q's, else contiguous with V's (MiMo); the fake makes the same."""
+    return torch.empty_like(q) if value_dim == q.shape[-1] else q.new_empty((*q.shape[:-1], value_dim))
 
 
 def _explicit_attention(q, k, v, mask, scale: float, softcap: float, sink_logits) -> torch.Tensor:
@@ -139,7 +145,7 @@ def _explicit_attention(q, k, v, mask, scale: float, softcap: float, sink_logits
 @attention_reference.register_fake
 def _attention_reference_fake(q, k_parts, v_parts, k_new, v_new, attn_mask, scale, is_causal, config,
                               softcap=0.0, sink_logits=None):
-    return torch.empty_like(q)
+    return _output(q, q.shape[-1] if v_new is None else v_new.shape[-1])
 
 
 @torch.library.custom_op("gear::attention_triton_interpreted", mutates_args=())
@@ -180,16 +186,19 @@ class AttentionOp:
         return common + (float(softcap or 0.0), sink_logits)
 
 
-def attention_for(device: torch.device, config: GearConfig, tokens: int) -> AttentionOp:
+def attention_for(device: torch.device, config: GearConfig, tokens: int,
+                  one_head_dim: bool = True) -> AttentionOp:
     """The attention the rewrite emits for `tokens` query tokens on `device`.
 
     kernel="auto": Triton on CUDA for single-token decode, the C++ kernel on
     CPU (any number of tokens), the reference elsewhere. "triton" insists on
     the Triton kernel (on a CPU under TRITON_INTERPRET=1: interpreted), "cpu"
-    on the C++ kernel, "torch" takes the reference.
+    on the C++ kernel, "torch" takes the reference. K and V of two head dims
+    (`one_head_dim` False) take the reference whatever the option: the fused
+    kernels read both with one.
     """
     kernel = config.kernel
-    if kernel == "torch":
+    if kernel == "torch" or not one_head_dim:
         return AttentionOp(torch.ops.gear.attention_reference.default)
     if kernel in ("auto", "triton") and device.type == "cuda" and tokens == 1:
         try:

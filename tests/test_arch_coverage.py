@@ -30,8 +30,9 @@ def test_a_family_is_rewritten_and_never_wrong(arch):
     assert ("rebuild" in row["forms"]) == (arch in REBUILT), row
 
 
-# an MLA model, a hybrid (Mamba + attention), a model with a wider head dim on its global layers
-NEW_FAMILIES = ["deepseek_v2", "jamba", "gemma4_text"]
+# an MLA model, a hybrid (Mamba + attention), a model with a wider head dim on its global layers,
+# one whose V head dim is not K's (MiMo: attended by the reference, still compressed)
+NEW_FAMILIES = ["deepseek_v2", "jamba", "gemma4_text", "mimo_v2_flash"]
 
 
 @pytest.mark.parametrize("arch", NEW_FAMILIES)

@@ -383,7 +383,17 @@ def _attach_kv(site: AttentionSite, key, value):
                    f"{' via repeat_kv' if site.chain and site.form == 'sdpa' else ''}"
                    f"{f', sliding window keeping {site.key.keep} tokens' if site.key.keep else ''}"
                    f"{f', scores soft-capped at {site.softcap:g}' if site.softcap else ''}"
-                   f"{', sink logits' if site.sink_logits is not None else ''}")
+                   f"{', sink logits' if site.sink_logits is not None else ''}"
+                   f"{_unlike_head_dims(site)}")
+
+
+def _unlike_head_dims(site: AttentionSite) -> str:
+    dk, dv = head_dims(site)
+    if None in (dk, dv) or dk == dv:
+        return ""
+    return f", V's head dim {dv} unlike K's {dk}" + (
+        ": attended by the torch reference, which decompresses the store each step (the fused kernels "
+        "take one head dim)" if site.key.compressed else "")
 
 
 def _from_appends(site: AttentionSite, k_src, v_src) -> str | None:
@@ -436,21 +446,22 @@ def _stored_back(site: AttentionSite, append: KVAppend) -> str | None:
 
 
 def _consistent(site: AttentionSite) -> str | None:
-    """K and V agree with each other and with q."""
+    """K and V agree with each other and with q (their head dims may differ: `head_dims`)."""
     if site.key.compressed != site.value.compressed:
         return "K and V caches disagree (one compressed, one dense)"
-    q, k, v = example_value(site.query), example_value(site.key.node), example_value(site.value.node)
+    q, k = example_value(site.query), example_value(site.key.node)
     if q is not None and k is not None and q.shape[1] % k.shape[1]:
         return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
-    if k is not None and v is not None and k.shape[-1] != v.shape[-1]:
-        return f"{HEAD_DIMS_DIFFER} {v.shape[-1]} differs from K's {k.shape[-1]} (e.g. MiMo's v_head_dim)"
     if site.key.keep != site.value.keep:
         return f"K and V keep different windows ({site.key.keep} and {site.value.keep} tokens)"
     return None
 
 
-# the fused attention ops take K and V of one head dim; such a layer's cache is rebuilt instead
-HEAD_DIMS_DIFFER = "V's head dim"
+def head_dims(site: AttentionSite) -> tuple:
+    """K's and V's head dims (they differ in MiMo, whose v_head_dim is its
+    own), None where the graph does not say."""
+    k, v = example_value(site.key.node), example_value(site.value.node)
+    return (None if k is None else k.shape[-1]), (None if v is None else v.shape[-1])
 
 
 def _sizes_for(node: fx.Node, chain: list) -> bool:
@@ -497,8 +508,8 @@ def rebuild_sites(graph: fx.Graph, sites: list[AttentionSite], first: int) -> li
     """A "rebuild" site for each pair of KV-appends (a cache update's keys
     then values) that no rewritable site consumes (those of a recognised
     attention that cannot be fused too: V split into halves, a mask computed
-    from the appended V, V's head dim unlike K's), whose pasts are only
-    appended to and whose appends are stored back whole: the cache is
+    from the appended V), whose pasts are only appended to and whose appends
+    are stored back whole: the cache is
     compressed, and each decode step rebuilds its past densely in front of
     the append, so whatever reads the append (MLA's latent up-projection,
     ALiBi scores through baddbmm, a differential attention) reads what it

@@ -45,7 +45,7 @@ from ..ops import attention_for
 from ..rotation import rotation
 from ..store import StoreLayout
 from . import lorc as lorc_pass
-from .match import AttentionSite
+from .match import AttentionSite, head_dims
 from .pattern import example_value
 
 
@@ -272,7 +272,8 @@ class _Rewriter:
         scale = site.scale if site.scale is not None else q_val.shape[-1] ** -0.5
         tokens = example_value(site.key.new).shape[2]
         tokens = tokens if isinstance(tokens, int) else -1          # symbolic: several
-        op = attention_for(q_val.device, self.config, tokens)
+        dk, dv = head_dims(site)
+        op = attention_for(q_val.device, self.config, tokens, one_head_dim=None in (dk, dv) or dk == dv)
         k_store, v_store = example_value(site.key.past).store, example_value(site.value.past).store
         rot_k, rot_v = self.config.rotates("k"), self.config.rotates("v")
         want = example_value(site.output)
