@@ -82,8 +82,21 @@ def _in_default_run(name: str) -> bool:
                                                        r"|attention-gear4-d128-(bf16|fp32)-.*", name))
 
 
+# What an older Triton's compiler misses where 3.9's does not: the same kernel source
+# built with Triton 3.6 (what the lent GPUs run; `.ci/versions oldest`, 2026-12-07).
+OLDER_TRITON_MISSES = {
+    ("spill", r"attention-gear2-d128-fp16-bt32w8s3"): "Triton 3.6: a 40-byte stack (none with 3.9)",
+    ("spill", r"attention-none16-d128-fp16-bt64w8s3"): "Triton 3.6: an 8-byte stack (none with 3.9)",
+}
+
+
 def _known_miss(check: str, name: str) -> str | None:
-    for (c, pattern), reason in KNOWN_MISSES.items():
+    import triton
+    from torch.torch_version import TorchVersion
+    misses = dict(KNOWN_MISSES)
+    if TorchVersion(triton.__version__) < (3, 9):
+        misses.update(OLDER_TRITON_MISSES)
+    for (c, pattern), reason in misses.items():
         if c == check and re.fullmatch(pattern, name):
             return reason
     return None
