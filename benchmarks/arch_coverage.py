@@ -489,12 +489,14 @@ def provenance(argv: list[str]) -> str:
 def write(rows: list[dict], args, path: Path) -> None:
     """The table (a row's `run` numbers its provenance, listed below it) and the rows as JSON."""
     runs = list(dict.fromkeys(r.get("provenance", "not recorded") for r in rows))
+    steps = ("each run's `--steps` decode steps (its command under Runs)" if args.merge
+             else f"{args.steps} decode steps")
     lines = [
         "# Architecture coverage: unmodified decoders through the gear backend", "",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}",
         f"- tiny random configs built through each config's constructor (`tiny_config`: `SIZES`, `MLA`, "
         f"hybrid patterns, `FAMILY`), prompt {PROMPT} tokens, exact check over {NEW_TOKENS} "
-        f"greedy tokens, GEAR 4-bit over {args.steps} decode steps; "
+        f"greedy tokens, GEAR 4-bit over {steps}; "
         "kv %: bytes held vs the same cache dense in the model's dtype (attention layers' K/V; a hybrid's "
         "recurrent states are exact and not counted); "
         "logits err: largest relative L2 error of a decode step's logits vs eager while the tokens agree",
