@@ -77,7 +77,7 @@ def test_the_table_and_the_headline_count_what_was_swept(tmp_path):
     pending = rows + [dict(arch="e", status="pending", reason="not swept")]
     assert sweep.headline(pending).startswith("4 buildable architectures with an attention KV cache, 3 swept "
                                               "(1 built but not swept yet): 1 fully rewritten (25.0 %")
-    sweep.write(rows, type("Args", (), {"steps": 20})(), tmp_path / "cov")
+    sweep.write(rows, type("Args", (), {"steps": 20, "merge": None})(), tmp_path / "cov")
     text = (tmp_path / "cov.md").read_text()
     shown = table(text)
     assert [r["arch"] for r in shown] == ["a", "b", "c"]            # d was not built: listed below
