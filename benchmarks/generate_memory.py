@@ -9,9 +9,10 @@ Usage:
 --prefill-chunk N feeds the prompt N tokens per call, as a server's chunked
 prefill does (transformers' continuous batching, vLLM, SGLang): the
 activations of one chunk, not of the whole prompt, then sit beside the KV.
---warm compiles first, on a short prompt in a cache of its own, and resets
-the peak after it, as a server warms up before it takes requests: the peak
-is then the steady state's, without Inductor's one-time compile.
+--warm compiles first, on a short prompt in a cache of its own (three chunks
+of the run's size and two decode steps), and resets the peak after it, as a
+server warms up before it takes requests: the peak is then the steady
+state's, without Inductor's one-time compile.
 
 Each method runs in a fresh process: SmolLM2-135M (fp32, `models.load_smollm2`),
 the heap trimmed (glibc's malloc_trim) and the peak reset (/proc/self/clear_refs)
@@ -40,6 +41,14 @@ from peak_memory import PeakPhases, reset_peak, rss_bytes
 METHODS = {"dense": None, "gear4": dict(method="gear", bits=4), "gear2": dict(method="gear", bits=2)}
 
 
+def warm_up_pieces(ids, chunk: int) -> list:
+    """The calls of a chunked run at its own chunk size, as a server warms up: a first
+    chunk, two later ones (pasts of two lengths, so Dynamo's graph for them turns
+    dynamic and a longer past reuses it), then two decode steps."""
+    n = 3 * chunk
+    return [ids[:, s:s + chunk] for s in range(0, n, chunk)] + [ids[:, n:n + 1], ids[:, n + 1:n + 2]]
+
+
 def worker(method: str, prompt: int, steps: int, chunk: int = 0, warm: bool = False) -> dict:
     import torch
     import torch._inductor.compile_fx as compile_fx
@@ -63,10 +72,10 @@ def worker(method: str, prompt: int, steps: int, chunk: int = 0, warm: bool = Fa
         phases.wrap(type(model.model.layers[0].mlp), "forward", "MLP")
     ids = torch.randint(100, model.config.vocab_size - 100, (1, prompt), generator=torch.Generator().manual_seed(0))
     chunk = chunk or prompt
-    if warm:          # the graphs a run needs (a first chunk, a later chunk, a decode step), on a short prompt
+    if warm:          # the graphs a run needs, on a short prompt in a cache of its own
         with torch.no_grad():
             short = DynamicCache(config=model.config)
-            for piece in (ids[:, :96], ids[:, 96:160], ids[:, 160:161], ids[:, 161:162]):
+            for piece in warm_up_pieces(ids, chunk if chunk < prompt else 96):
                 model(input_ids=piece, past_key_values=short, use_cache=True, logits_to_keep=1)
             del short
         reset_peak()
