@@ -1,0 +1,12 @@
+"""benchmarks/generate_memory.py: the warm-up makes the calls of the run it
+precedes, so the graphs a chunked run needs are compiled before the peak is reset."""
+import torch
+
+import generate_memory as bench
+
+
+def test_the_warm_up_is_the_runs_own_calls_in_order():
+    ids = torch.arange(100)[None]
+    pieces = bench.warm_up_pieces(ids, 8)
+    assert [p.shape[1] for p in pieces] == [8, 8, 8, 1, 1]      # a first chunk, two later, two steps
+    assert torch.equal(torch.cat(pieces, 1), ids[:, :26])       # consecutive: each call extends the last
