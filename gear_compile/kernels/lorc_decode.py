@@ -50,6 +50,7 @@ replay path), a head dim above 256. Not yet: autotuned tiles / warps.
 import triton
 import triton.language as tl
 
+from .decode_attention import _segment_range
 from .decode_tiles import (RECORD_CHUNK, _codes_tile, _factor, _finish_scores, _mma, _mma_acc, _softmax_step,
                            _stats, _stats_at, _with_v_outliers)
 
@@ -343,8 +344,7 @@ def _lorc_kernel(
         w0 = split * per
         w1 = tl.minimum(w0 + per, n_items)
 
-        lo = tl.minimum(tl.maximum(w0, 0), items_c)
-        hi = tl.minimum(tl.maximum(w1, 0), items_c)
+        lo, hi = _segment_range(w0, w1, 0, items_c)
         if lo < hi:     # the codec's exact sinks (latents)
             m_i, l_i, acc = _latent_pass(
                 m_i, l_i, acc, Q, qrow, qk_scale, lo, hi, 0, S_LORC, N_SINK, 0, N_SINK,
@@ -355,8 +355,7 @@ def _lorc_kernel(
                 DT, D, DP, DC, MP, KD, KW, KWP, KPB, KE, VD, VW, VWP, VPB, VE, 0, True, False, False, False, 0, RP,
                 False, CB, 0, OUT_UNIT, False, FP32_DOT, MASK_KIND, CAUSAL, ROPE, SBT, 1, True, 1)
         off = items_c
-        lo = tl.minimum(tl.maximum(w0 - off, 0), items_p)
-        hi = tl.minimum(tl.maximum(w1 - off, 0), items_p)
+        lo, hi = _segment_range(w0, w1, off, items_p)
         if lo < hi:     # the prefill block
             pkc, pks, pkz, pka, pkb, pkls, pkov, pkoi, pkop = _store_parts(
                 brow, P_CAP, 1, PKc, PKs, PKz, PKa, PKb, PKls, PKov, PKoi, PKop, pk_group, pk_k2,
@@ -373,8 +372,7 @@ def _lorc_kernel(
                 P_ROW_TILE, P_R, RP, P_K_OUT, CB, VK2, OUT_UNIT, MAGIC, FP32_DOT,
                 MASK_KIND, CAUSAL, ROPE, BT, 1, True, STAGES)
         off += items_p
-        lo = tl.minimum(tl.maximum(w0 - off, 0), items_d)
-        hi = tl.minimum(tl.maximum(w1 - off, 0), items_d)
+        lo, hi = _segment_range(w0, w1, off, items_d)
         if lo < hi:     # the decode blocks
             dkc, dks, dkz, dka, dkb, dkls, dkov, dkoi, dkop = _store_parts(
                 brow, D_CAP, D_CAP // d_block, DKc, DKs, DKz, DKa, DKb, DKls, DKov, DKoi, DKop, dk_group, dk_k2,
@@ -395,8 +393,7 @@ def _lorc_kernel(
                 D_K_ROW_TILE, D_R, RP, D_K_OUT, CB, VK2, OUT_UNIT, MAGIC, FP32_DOT,
                 MASK_KIND, CAUSAL, ROPE, DBT, D_TPB, STORE_EXACT, STAGES)
         off += items_d
-        lo = tl.minimum(tl.maximum(w0 - off, 0), items_b)
-        hi = tl.minimum(tl.maximum(w1 - off, 0), items_b)
+        lo, hi = _segment_range(w0, w1, off, items_b)
         if lo < hi:     # the buffer (exact latents)
             m_i, l_i, acc = _latent_pass(
                 m_i, l_i, acc, Q, qrow, qk_scale, lo, hi, 0, S_LORC - n_pre - n_dec, n_buf, n_pre + n_dec, BUF_CAP,
@@ -407,8 +404,7 @@ def _lorc_kernel(
                 DT, D, DP, DC, MP, KD, KW, KWP, KPB, KE, VD, VW, VWP, VPB, VE, 0, True, False, False, False, 0, RP,
                 False, CB, 0, OUT_UNIT, False, FP32_DOT, MASK_KIND, CAUSAL, ROPE, XBT, 1, True, 1)
         off += items_b
-        lo = tl.minimum(tl.maximum(w0 - off, 0), items_n)
-        hi = tl.minimum(tl.maximum(w1 - off, 0), items_n)
+        lo, hi = _segment_range(w0, w1, off, items_n)
         for i in range(lo, hi):     # the call's new tokens: K exact and rotated, V as latents
             t = i * NBT + tl.arange(0, NBT)
             ok_t = t < T_NEW
