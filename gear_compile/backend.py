@@ -27,6 +27,7 @@ import torch.fx as fx
 from . import codec, ops  # noqa: F401  (ops registers the gear ops)
 from .config import GearConfig
 from .passes import lorc as lorc_pass
+from .passes import mla as mla_pass
 from .passes.match import find_sites
 from .passes.pattern import example_value
 from .passes.rewrite import RewritePlan, TensorOut, rewrite
@@ -55,6 +56,7 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
         log.warning("gear: the options leave every attention site of this graph uncompressed "
                     "(%d sites): %s", len(unfit), unfit[0].reason)
     lorc_sites = _lorc_sites(gm, sites, example_inputs, config) if config.lorc else {}
+    mla_forms = mla_pass.annotate([s for s in sites if s.index not in lorc_sites])
     for site in sites:
         if site.key is not None and site.key.compressed and site.index not in lorc_sites and \
                 any(example_value(a.past).store.logical is not None for a in (site.key, site.value)):
@@ -65,7 +67,7 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
     compiled = None
     if any(s.rewritable for s in sites):
         try:
-            new_gm, plan = rewrite(gm, sites, config, lorc_sites)
+            new_gm, plan = rewrite(gm, sites, config, lorc_sites, mla_forms)
             compiled = _lower(new_gm, plan.compile_inputs(new_gm, example_inputs), config, mode)
         except Exception as e:       # noqa: BLE001 - a site we cannot handle falls back, never raises
             if any(s.key is not None and s.key.compressed for s in sites if s.rewritable):

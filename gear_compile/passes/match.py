@@ -88,6 +88,9 @@ class AttentionSite:
     reason: str = ""
     rewritable: bool = False
     chain: list = field(default_factory=list)   # nodes between K/V and the output
+    reads: tuple = ()               # the K and V nodes the attention reads (before `KV`'s repeat / upcast)
+    readers: list = field(default_factory=list)  # a rebuild site's: the attentions left as written
+                                                 # that read its appends (`_absorbed`)
 
     @property
     def layer(self) -> str:
@@ -369,6 +372,7 @@ def _static_cache_write(node):
 def _attach_kv(site: AttentionSite, key, value):
     """K/V through `KV` from KV-appends whose caches are only appended to
     and stored back: the site is rewritable, else its reason says why not."""
+    site.reads = (key, value)
     k, v = match(KV, key), match(KV, value)
     site.chain += k.nodes + v.nodes
     site.key, site.value = kv_append(k["kv"]), kv_append(v["kv"])
@@ -547,15 +551,17 @@ def _absorbed(sites: list[AttentionSite]) -> list[AttentionSite]:
         if readers:
             rebuild.reason = rebuild.reason.rsplit(" (the attention", 1)[0] + \
                 f" (the attention that reads it, left as written: {readers[0].form}: {readers[0].reason})"
+            rebuild.readers = readers
             gone.update(id(s) for s in readers)
     return [s for s in sites if id(s) not in gone]
 
 
 def _readers(rebuild: AttentionSite, sites: list[AttentionSite]) -> list[AttentionSite]:
-    """The sites left exact, in the rebuild site's layer, computed from its appends."""
+    """The sites left exact, in the rebuild site's layer (module; a plain
+    function's graph is one layer), computed from its appends."""
     reached = _downstream([rebuild.key.node, rebuild.value.node])
     return [s for s in sites if s.form != "rebuild" and not s.rewritable and s.output in reached
-            and s.layer == rebuild.layer]
+            and _module_of(s.output) == _module_of(rebuild.output)]
 
 
 def _escaping_reason(site: AttentionSite) -> bool:

@@ -18,6 +18,9 @@ For each rewritable site (see `passes.match`):
       and up-projects the output (or, where attention is not plain, rebuilds
       V too and leaves the attention as it is), then writes the new tokens'
       latents.
+  rebuild (a cache read by what no form fuses, `match.rebuild_sites`): the
+      past is decompressed in front of its append each step; an MLA
+      layer's attention then reads the latent itself (`passes.mla`).
   sliding window (the cache keeps cat[:, :, -keep:]): prefill compresses
       the kept tokens into n_b blocks (streamed: no prefill block); decode
       attends the whole store, whose tokens older than the layer's mask are
@@ -45,6 +48,7 @@ from ..ops import attention_for
 from ..rotation import rotation
 from ..store import StoreLayout
 from . import lorc as lorc_pass
+from . import mla as mla_pass
 from .match import AttentionSite, head_dims
 from .pattern import example_value
 
@@ -138,8 +142,9 @@ def copy_graph(gm: fx.GraphModule) -> fx.Graph:
 class _Rewriter:
     """The state of one rewrite: the graph copy and what replaced what."""
 
-    def __init__(self, gm: fx.GraphModule, config: GearConfig):
+    def __init__(self, gm: fx.GraphModule, config: GearConfig, mla_forms: dict | None = None):
         self.gm = gm
+        self.mla_forms = mla_forms or {}
         self.graph = copy_graph(gm)
         self.config = config
         self.by_name = {n.name: n for n in self.graph.nodes}
@@ -306,7 +311,8 @@ class _Rewriter:
         """A "rebuild" site (`match.rebuild_sites`): each past rebuilt densely
         (`gear::decompress`) in front of its append (or of a size query read
         before it), which the model reads as before; one new token is then
-        written into the store's buffer."""
+        written into the store's buffer. An MLA layer's attention then reads
+        the latent itself (`passes.mla`), not its per-head up-projection."""
         written = _written(example_value(site.key.new).shape[2])
         for append, kind in ((site.key, "k"), (site.value, "v")):
             past, cat, new = self.node(append.past), self.node(append.node), self.node(append.new)
@@ -323,6 +329,9 @@ class _Rewriter:
                     buffer_write(self.graph, store.layout, parts, new, example_value(append.new).dtype)
             self.replaced[self.node(append.stored)] = (
                 DecodeOut(self.placeholders.index(past), written, append.keep), None if written else new)
+        if site.index in self.mla_forms:
+            mla_pass.absorb(self.graph, self.mla_forms[site.index], self.node,
+                            self.node(site.key.node), self.node(site.value.node))
 
     def prefill(self, site: AttentionSite) -> None:
         for append, kind in ((site.key, "k"), (site.value, "v")):
@@ -370,10 +379,12 @@ class _Rewriter:
         return fx.GraphModule(gm, graph), plan
 
 
-def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], config: GearConfig, lorc_sites=None):
+def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], config: GearConfig, lorc_sites=None,
+            mla_forms=None):
     """Returns (new GraphModule, RewritePlan). `sites` were found on gm.graph;
-    lorc_sites maps those that take LoRC to their `passes.lorc.LoRCSite`."""
-    rewriter = _Rewriter(gm, config)
+    lorc_sites maps those that take LoRC to their `passes.lorc.LoRCSite`,
+    mla_forms the MLA rebuild sites to their `passes.mla.MLAForm`."""
+    rewriter = _Rewriter(gm, config, mla_forms)
     lorc_sites = lorc_sites or {}
     for site in (s for s in sites if s.rewritable):
         if site.index in lorc_sites:

@@ -1,0 +1,93 @@
+"""Absorbed MLA attention (`passes.mla`): an MLA layer's decode step attends
+its compressed latent with W_uk folded into the query and W_uv into the
+output, never building the past's per-head K / V.
+
+Specification: `explain` says which sites absorb and which keep the rebuild
+(an attention the form does not cover: V not the latent's up-projection, K's
+rotary part not the cached one); the decode graph no longer calls the
+up-projection nor builds K; with method none a tiny DeepSeek V2 generates
+eager's tokens and logits, a bias on the up-projection (legal in the form,
+absent from the shipped models) included; with GEAR-4 the absorbed attention
+equals rebuild-then-attend over the same compressed cache.
+"""
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import arch_coverage as sweep
+import gear_compile
+from decoding import PROMPT, decode_logits, greedy
+from gear_compile.passes import mla
+
+HEADS, NOPE, ROPE, VALUE, RANK = 4, 16, 8, 24, 32
+
+
+def _mla_attention(past_latent, past_rope, latent, rope, q, w, rope_read=lambda r: r, value_read=lambda v: v):
+    """transformers' expand_kv and attention, as a function of the cache."""
+    latents = torch.cat([past_latent, latent], dim=-2)          # [B, 1, L, r]
+    ropes = torch.cat([past_rope, rope], dim=-2)                 # [B, 1, L, d_r]
+    kv = F.linear(latents, w).view(1, latents.shape[2], -1, NOPE + VALUE).transpose(1, 2)
+    k_nope, v = torch.split(kv, [NOPE, VALUE], dim=-1)
+    k = torch.cat([k_nope, rope_read(ropes).expand(-1, HEADS, -1, -1)], dim=-1)
+    return F.scaled_dot_product_attention(q, k, value_read(v)), latents, ropes
+
+
+def _args():
+    return [torch.randn(1, 1, 0, RANK), torch.randn(1, 1, 0, ROPE), torch.randn(1, 1, 40, RANK),
+            torch.randn(1, 1, 40, ROPE), torch.randn(1, HEADS, 40, NOPE + ROPE),
+            torch.randn(HEADS * (NOPE + VALUE), RANK)]
+
+
+def _reason(fn):
+    (site,) = gear_compile.explain(fn, *_args(), method="none", inductor=False).sites
+    assert site.form == "rebuild" and site.rewritten
+    return site.reason
+
+
+def test_the_up_projection_form_is_absorbed_and_others_keep_the_rebuild():
+    assert "decode steps absorb the attention" in _reason(_mla_attention)
+    for changed in (lambda *a: _mla_attention(*a, rope_read=lambda r: r * 2),       # K's rope: not the cache's
+                    lambda *a: _mla_attention(*a, value_read=torch.tanh)):          # V: not the up-projection
+        assert "read back densely" in _reason(changed)
+
+
+def _deepseek(bias_on_first_layer: bool = False):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(sweep.tiny_config("deepseek_v2")).eval()
+    if bias_on_first_layer:
+        up = model.model.layers[0].self_attn.kv_b_proj
+        up.bias = torch.nn.Parameter(torch.randn(up.out_features) * 0.5)
+    return model
+
+
+def test_method_none_generates_eagers_tokens_without_building_k_or_v(tmp_path):
+    model = _deepseek(bias_on_first_layer=True)          # layer 0 with a bias, layer 1 without
+    expected = greedy(model, PROMPT, 10, output_logits=True)
+    report = gear_compile.explain(model, PROMPT, method="none")
+    decode = [s for s in report.sites if s.phase == "decode"]
+    assert len(decode) == 2 and all("attention absorbed" in s.reason for s in decode), report.text()
+    gear_compile.compile(model, method="none", dump_graphs=str(tmp_path))
+    got = greedy(model, PROMPT, 10, output_logits=True)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=1e-4, atol=1e-4)
+    diffs = [p.read_text() for p in sorted(tmp_path.glob("*.diff"))]
+    decode_diff = next(d for d in diffs if "decompress" in d)
+    removed = [line for line in decode_diff.splitlines() if line.startswith("-")]
+    kept = [line for line in decode_diff.splitlines() if not line.startswith("-")]
+    assert any("kv_b_proj" in line and "linear" in line for line in removed)
+    assert not any("kv_b_proj" in line and "linear" in line for line in kept)
+    assert not any("new_empty" in line for line in kept)
+
+
+def test_gear4_absorbed_equals_rebuilding_k_and_v(monkeypatch):
+    """Same compressed cache, two ways of attending it."""
+    results = []
+    for absorbed in (True, False):
+        if not absorbed:
+            monkeypatch.setattr(mla, "annotate", lambda sites: {})
+        torch._dynamo.reset()
+        model = _deepseek()
+        gear_compile.compile(model, method="gear", bits=4)
+        results.append(decode_logits(model, steps=8)[0])
+    assert results[0].shape[1] == 9
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
