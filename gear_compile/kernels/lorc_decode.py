@@ -229,6 +229,10 @@ def _latent_pass(m_i, l_i, acc, Q, qrow, qk_scale, lo, hi, tile0, t_first, n_val
     tile in the one block of `block` tokens), its tokens in [t_first,
     n_valid) live; key position = pos0 + token."""
     for i in tl.range(lo, hi, num_stages=STAGES):
+        # the tile's block and tokens, as decode_tiles._compressed_tile finds them: written out
+        # again on purpose. A shared @triton.jit helper builds the same PTX, but the labels its
+        # inlining leaves (line info) cost ptxas 3-9 more spill instructions at 255 registers
+        # on sm_90a (lorc-gear4-r128: 31 -> 34, lorc-none16-r256: 43 -> 52)
         item = tile0 + i
         if ONE_BLOCK:
             blk = item * 0
