@@ -56,7 +56,7 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
         log.warning("gear: the options leave every attention site of this graph uncompressed "
                     "(%d sites): %s", len(unfit), unfit[0].reason)
     lorc_sites = _lorc_sites(gm, sites, example_inputs, config) if config.lorc else {}
-    mla_forms = mla_pass.annotate([s for s in sites if s.index not in lorc_sites])
+    mla_forms = mla_pass.annotate([s for s in sites if s.index not in lorc_sites]) if config.mla_absorb else {}
     for site in sites:
         if site.key is not None and site.key.compressed and site.index not in lorc_sites and \
                 any(example_value(a.past).store.logical is not None for a in (site.key, site.value)):

@@ -277,7 +277,8 @@ class CodecConfig:
         return max(8, self.group) if self.quantizer in ("kivi", "per_token") else 8
 
 
-COMPILE_OPTIONS = ("inductor", "kernel", "dump_graphs", "lorc", "lorc_schedule", "lorc_sinks", "lorc_basis")
+COMPILE_OPTIONS = ("inductor", "kernel", "dump_graphs", "mla_absorb", "lorc", "lorc_schedule", "lorc_sinks",
+                   "lorc_basis")
 
 
 @dataclass(frozen=True)
@@ -292,6 +293,10 @@ class GearConfig(CodecConfig):
                  cpu (the C++ kernel, built on first use), triton, or torch (the
                  reference: decompress, then SDPA).
     dump_graphs  a directory: write each compiled graph's before/after diff.
+    mla_absorb   an MLA layer's decode step attends its compressed latent with
+                 the up-projection folded into the query and the output (True,
+                 `passes.mla`), or decompresses the latent and runs the
+                 model's own up-projection and attention over it (False).
     lorc         LoRC: the fraction of the K/V cache removed by projecting
                  each layer's K / V onto low-rank factors of its projection
                  (`gear_compile.lorc`; 0: off). The cache holds the latents
@@ -315,6 +320,7 @@ class GearConfig(CodecConfig):
     inductor: bool = True
     kernel: str = "auto"
     dump_graphs: str | None = None
+    mla_absorb: bool = True
     lorc: float = 0.0
     lorc_schedule: str = "auto"
     lorc_sinks: int = 4
@@ -332,8 +338,9 @@ class GearConfig(CodecConfig):
         if self.lorc and self.rotate != "none":
             raise ValueError(f"gear options: rotate={self.rotate!r} does not combine with lorc "
                              f"(LoRC's latents are not heads); use one of them.")
-        if not isinstance(self.inductor, bool):
-            raise ValueError(f"gear options: inductor must be True or False, got {self.inductor!r}.")
+        for name in ("inductor", "mla_absorb"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"gear options: {name} must be True or False, got {getattr(self, name)!r}.")
 
     @classmethod
     def from_options(cls, options: dict | GearConfig | None = None, **overrides) -> GearConfig:

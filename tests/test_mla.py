@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM
 import arch_coverage as sweep
 import gear_compile
 from decoding import PROMPT, decode_logits, greedy
-from gear_compile.passes import mla
 
 HEADS, NOPE, ROPE, VALUE, RANK = 4, 16, 8, 24, 32
 
@@ -79,15 +78,15 @@ def test_method_none_generates_eagers_tokens_without_building_k_or_v(tmp_path):
     assert not any("new_empty" in line for line in kept)
 
 
-def test_gear4_absorbed_equals_rebuilding_k_and_v(monkeypatch):
-    """Same compressed cache, two ways of attending it."""
+def test_gear4_absorbed_equals_rebuilding_k_and_v():
+    """Same compressed cache, two ways of attending it (`mla_absorb`)."""
     results = []
-    for absorbed in (True, False):
-        if not absorbed:
-            monkeypatch.setattr(mla, "annotate", lambda sites: {})
-        torch._dynamo.reset()
+    for absorb in (True, False):
         model = _deepseek()
-        gear_compile.compile(model, method="gear", bits=4)
+        reasons = [s.reason for s in gear_compile.explain(model, PROMPT, method="gear", bits=4,
+                                                          mla_absorb=absorb).sites]
+        assert all(("absorb" in r) == absorb for r in reasons), reasons
+        gear_compile.compile(model, method="gear", bits=4, mla_absorb=absorb)
         results.append(decode_logits(model, steps=8)[0])
     assert results[0].shape[1] == 9
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)

@@ -31,6 +31,8 @@ attentions keep the rebuild.
 Neighbours: `passes.match` (the rebuild site and `readers`, the attention
 left as written over its appends), `passes.rewrite` (`absorb` at a decode
 rebuild site), `backend` (`annotate`, so `explain` says which sites absorb).
+The option `mla_absorb=False` keeps the rebuild (the tests and
+`benchmarks/mla_decode.py` compare the two).
 """
 from __future__ import annotations
 
