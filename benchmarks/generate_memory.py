@@ -44,9 +44,15 @@ METHODS = {"dense": None, "gear4": dict(method="gear", bits=4), "gear2": dict(me
 def warm_up_pieces(ids, chunk: int) -> list:
     """The calls of a chunked run at its own chunk size, as a server warms up: a first
     chunk, two later ones (pasts of two lengths, so Dynamo's graph for them turns
-    dynamic and a longer past reuses it), then two decode steps."""
+    dynamic and a longer past reuses it), then two decode steps. A step's ids are
+    a fresh [B, 1] tensor, as the run's argmax (and generate()'s next token) is: a
+    column slice of the prompt keeps its row stride, and the decode graph compiled
+    for that guards on it (`2 <= input_ids.stride()[0]`), so the run's first step
+    compiled its graph again, inside the measured peak."""
+    import torch
     n = 3 * chunk
-    return [ids[:, s:s + chunk] for s in range(0, n, chunk)] + [ids[:, n:n + 1], ids[:, n + 1:n + 2]]
+    steps = [ids[:, s:s + 1].clone(memory_format=torch.contiguous_format) for s in (n, n + 1)]
+    return [ids[:, s:s + chunk] for s in range(0, n, chunk)] + steps
 
 
 def worker(method: str, prompt: int, steps: int, chunk: int = 0, warm: bool = False) -> dict:

@@ -1,5 +1,6 @@
 """benchmarks/generate_memory.py: the warm-up makes the calls of the run it
-precedes, so the graphs a chunked run needs are compiled before the peak is reset."""
+precedes, down to the decode ids' strides, so the graphs a chunked run needs
+are compiled before the peak is reset."""
 import torch
 
 import generate_memory as bench
@@ -10,3 +11,5 @@ def test_the_warm_up_is_the_runs_own_calls_in_order():
     pieces = bench.warm_up_pieces(ids, 8)
     assert [p.shape[1] for p in pieces] == [8, 8, 8, 1, 1]      # a first chunk, two later, two steps
     assert torch.equal(torch.cat(pieces, 1), ids[:, :26])       # consecutive: each call extends the last
+    run_step = torch.randn(1, 1, 50).argmax(-1)                # the run's next ids: argmax of the last logits
+    assert all(p.stride() == run_step.stride() for p in pieces[3:])    # else the step's graph guards fail
