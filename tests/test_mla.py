@@ -6,7 +6,7 @@ Specification: `explain` says which sites absorb and which keep the rebuild
 (an attention the form does not cover: V not the latent's up-projection, K's
 rotary part not the cached one); the decode graph no longer calls the
 up-projection nor builds K; with method none a tiny DeepSeek V2 generates
-eager's tokens and logits, a bias on the up-projection (legal in the form,
+eager's tokens and logits for a batch with a padded row, a bias on the up-projection (legal in the form,
 absent from the shipped models) included; with GEAR-4 the absorbed attention
 equals rebuild-then-attend over the same compressed cache.
 """
@@ -61,12 +61,16 @@ def _deepseek(bias_on_first_layer: bool = False):
 
 def test_method_none_generates_eagers_tokens_without_building_k_or_v(tmp_path):
     model = _deepseek(bias_on_first_layer=True)          # layer 0 with a bias, layer 1 without
-    expected = greedy(model, PROMPT, 10, output_logits=True)
+    ids = torch.randint(3, 256, (2, 30))
+    mask = torch.ones_like(ids)
+    ids[0, :7], mask[0, :7] = 0, 0                       # a left-padded row: the attention's mask is read
+    padded = dict(attention_mask=mask, pad_token_id=0, output_logits=True)
+    expected = greedy(model, ids, 10, **padded)
     report = gear_compile.explain(model, PROMPT, method="none")
     decode = [s for s in report.sites if s.phase == "decode"]
     assert len(decode) == 2 and all("attention absorbed" in s.reason for s in decode), report.text()
     gear_compile.compile(model, method="none", dump_graphs=str(tmp_path))
-    got = greedy(model, PROMPT, 10, output_logits=True)
+    got = greedy(model, ids, 10, **padded)
     assert torch.equal(got.sequences, expected.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=1e-4, atol=1e-4)
     diffs = [p.read_text() for p in sorted(tmp_path.glob("*.diff"))]
