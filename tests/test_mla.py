@@ -37,8 +37,22 @@ def _args():
             torch.randn(HEADS * (NOPE + VALUE), RANK)]
 
 
+class _Model(torch.nn.Module):
+    """`attention` as a model's layer: the attention and the cache it reads are then one
+    layer's (a plain function's sites have no layer in common)."""
+
+    def __init__(self, attention):
+        super().__init__()
+        self.layer = torch.nn.Module()
+        self.layer.forward = attention
+
+    def forward(self, *args):
+        return self.layer(*args)
+
+
 def _reason(fn):
-    (site,) = gear_compile.explain(fn, *_args(), method="none", inductor=False).sites
+    model = _Model(fn)
+    (site,) = gear_compile.explain(model, *_args(), method="none", inductor=False).sites
     assert site.form == "rebuild" and site.rewritten
     return site.reason
 

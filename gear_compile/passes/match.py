@@ -557,11 +557,10 @@ def _absorbed(sites: list[AttentionSite]) -> list[AttentionSite]:
 
 
 def _readers(rebuild: AttentionSite, sites: list[AttentionSite]) -> list[AttentionSite]:
-    """The sites left exact, in the rebuild site's layer (module; a plain
-    function's graph is one layer), computed from its appends."""
+    """The sites left exact, in the rebuild site's layer, computed from its appends."""
     reached = _downstream([rebuild.key.node, rebuild.value.node])
     return [s for s in sites if s.form != "rebuild" and not s.rewritable and s.output in reached
-            and _module_of(s.output) == _module_of(rebuild.output)]
+            and s.layer == rebuild.layer]
 
 
 def _escaping_reason(site: AttentionSite) -> bool:
