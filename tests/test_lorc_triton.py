@@ -222,8 +222,20 @@ SM90_SPILLS = {
 }
 
 
+# Spills that an older Triton's compiler does not make: Triton 3.6 (what the lent GPUs run;
+# `.ci/versions oldest`, 2026-12-07) builds these without a stack.
+CLEAN_UNDER_OLDER_TRITON = {"lorc-none16-r128-d128-fp16"}
+
+
+def _spills(name) -> bool:
+    import triton
+    from torch.torch_version import TorchVersion
+    older = TorchVersion(triton.__version__) < (3, 9)
+    return name in SM90_SPILLS and not (older and name in CLEAN_UNDER_OLDER_TRITON)
+
+
 def _sm90_param(name):
-    marks = [pytest.mark.xfail(strict=True, reason=SM90_SPILLS[name])] if name in SM90_SPILLS else []
+    marks = [pytest.mark.xfail(strict=True, reason=SM90_SPILLS[name])] if _spills(name) else []
     return pytest.param(name, marks=marks + ([pytest.mark.slow] if "-r256-" in name else []))
 
 
