@@ -86,6 +86,7 @@ def worker(method: str, prompt: int, steps: int, chunk: int = 0, warm: bool = Fa
             del short
         reset_peak()
         base = rss_bytes("VmRSS")
+        phases.start()           # the run's rises only: the warm-up's compiles are not the run's
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         for start in range(0, prompt, chunk):

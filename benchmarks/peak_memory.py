@@ -43,7 +43,8 @@ class PeakPhases:
         self.last = rss_bytes("VmHWM")
 
     def start(self) -> None:
-        """Count rises from now (after `reset_peak`)."""
+        """Count rises from now (after `reset_peak`), forgetting those before."""
+        self.gain.clear()
         self.last = rss_bytes("VmHWM")
 
     def note(self) -> None:
