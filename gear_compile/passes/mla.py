@@ -108,7 +108,9 @@ def find(site: AttentionSite) -> MLAForm | str:
     v = match(VALUES, value["kv"])
     if not v or v["latent"] is not site.key.node:
         return f"V is not the latent's up-projection ({getattr(v, 'reason', 'another tensor')})"
-    k = match(KEYS_CAT, key["kv"], **v) or _assembled(key["kv"], v)
+    k = match(KEYS_CAT, key["kv"], **v)
+    if not k and (assembled := _assembled(key["kv"], v)) is not None:
+        k = assembled            # two writes into new_empty: their match, or the Miss that says which
     if not k or k["rope"] is not site.value.node:
         return f"K is not [k_nope, rotary key part] ({getattr(k, 'reason', 'another tensor')})"
     return _form(reader, k, [*key.nodes, *value.nodes, *v.nodes, *k.nodes]) or \
@@ -117,20 +119,21 @@ def find(site: AttentionSite) -> MLAForm | str:
 
 def _assembled(key: fx.Node, v: dict):
     """K = kv.new_empty(...) written in two halves: K[..., :d_n].copy_(k_nope),
-    K[..., d_n:].copy_(k_pe.expand(...)). The match of both writes, or a Miss."""
+    K[..., d_n:].copy_(k_pe.expand(...)). The match of both writes, a Miss of
+    one, or None where K is not assembled so."""
     if not is_call(key, "new_empty") or key.args[0] is not v["kv"]:
-        return match(KEYS_CAT, key, **v)          # the Miss that says what K is
+        return None
     nope = v["sizes"][0]
     halves = {}
     for part in (u for u in key.users if is_call(u, operator.getitem)):
         copies = [c for c in part.users if is_call(c, "copy_") and c.args[0] is part]
         if len(copies) != 1 or len(part.users) != 1:
-            return match(KEYS_CAT, key, **v)
+            return None
         index = part.args[1]
         if isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis and isinstance(index[1], slice):
             halves[(index[1].start, index[1].stop)] = (part, copies[0])
     if set(halves) != {(None, nope), (nope, None)}:
-        return match(KEYS_CAT, key, **v)
+        return None
     first = match(_part(0), halves[(None, nope)][1].args[1], **v)
     second = match(ROPE, halves[(nope, None)][1].args[1])
     if not (first and second):
@@ -195,7 +198,7 @@ def _query_parts(graph: fx.Graph, q: fx.Node, nope: int) -> tuple[fx.Node, fx.No
     parts = q.args[0] if is_call(q, torch.cat) else None
     if isinstance(parts, (list, tuple)) and len(parts) == 2 and \
             all(isinstance(p, fx.Node) and example_value(p) is not None for p in parts) and \
-            example_value(parts[0]).shape[-1] == nope and q.kwargs.get("dim", q.args[1] if len(q.args) > 1 else 0) in (-1, 3):
+            example_value(parts[0]).shape[-1] == nope and _cat_on(-1, 3)(q) is None:
         return parts[0], parts[1]
     return (graph.call_function(operator.getitem, (q, (Ellipsis, slice(0, nope)))),
             graph.call_function(operator.getitem, (q, (Ellipsis, slice(nope, None)))))
