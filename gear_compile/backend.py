@@ -79,7 +79,8 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
                               f"{str(e).splitlines()[0][:120]}); left exact"
             new_gm, plan = gm, RewritePlan(inputs=[None] * len(example_inputs),
                                            outputs=[TensorOut()] * _num_outputs(gm))
-    graph_report = GraphReport.build(gm, new_gm, sites, config)
+    absorbed = frozenset(s.index for s in sites if s.index in mla_forms and s.key.compressed)   # decode graphs'
+    graph_report = GraphReport.build(gm, new_gm, sites, config, absorbed)
     record(graph_report)
     log.info("gear: graph %d: %s", graph_report.index, graph_report.summary())
     for site in sites:

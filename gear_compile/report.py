@@ -49,9 +49,13 @@ class GraphReport:
     after: str = ""
 
     @classmethod
-    def build(cls, before: fx.GraphModule, after: fx.GraphModule, sites, config: GearConfig):
+    def build(cls, before: fx.GraphModule, after: fx.GraphModule, sites, config: GearConfig,
+              absorbed: frozenset = frozenset()):
+        """`absorbed`: the indices of the rebuild sites whose attention this
+        graph absorbed over the MLA latent (`passes.mla`), reported as form "mla"."""
         return cls(index=next(_counter), config=config,
-                   sites=[SiteReport(s.layer, s.form, s.phase, s.rewritable, s.reason, s.cache_layer) for s in sites],
+                   sites=[SiteReport(s.layer, "mla" if s.index in absorbed and s.rewritable else s.form, s.phase,
+                                     s.rewritable, s.reason, s.cache_layer) for s in sites],
                    before=before.code, after=after.code)
 
     @property
