@@ -45,8 +45,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -56,6 +54,7 @@ from pathlib import Path
 import torch
 
 from gear_compile.hf_compat import cache_of
+from machine import cpu_name
 
 HERE = Path(__file__).resolve().parent
 
@@ -493,7 +492,7 @@ def write(rows: list[dict], args, path: Path) -> None:
              else f"{args.steps} decode steps")
     lines = [
         "# Architecture coverage: unmodified decoders through the gear backend", "",
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}",
+        f"- machine: {cpu_name()}; torch {torch.__version__}",
         f"- tiny random configs built through each config's constructor (`tiny_config`: `SIZES`, `MLA`, "
         f"hybrid patterns, `FAMILY`), prompt {PROMPT} tokens, exact check over {NEW_TOKENS} "
         f"greedy tokens, GEAR 4-bit over {steps}; "

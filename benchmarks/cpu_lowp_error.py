@@ -32,11 +32,11 @@ Neighbours: decode_attention (speed), quality (perplexity), kernels/cpu.py.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
 import torch
+from machine import cpu_name
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -135,8 +135,7 @@ def main(argv=None):
                        + (f"below a {' and '.join(ok)} model's own output rounding" if ok else
                           "above both bf16's and fp16's output rounding")
                        + f"; {'within' if err < 1e-5 else 'outside'} the fp32 kernel bound (1e-5)")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     lines = ["# BF16 / FP16 arithmetic in the CPU decode kernel: the error it would add", "",
              f"- machine: {cpu}; torch {torch.__version__}, transformers {transformers.__version__} "
              "(the error is arithmetic, emulated in torch: it does not depend on the CPU)",

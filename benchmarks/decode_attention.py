@@ -67,6 +67,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_name
 
 DECODE = 150  # tokens appended after the prompt: kcvt (n_b=20) 7 decode blocks + 10 buffered,
               # kivi (n_b=64) 2 blocks + 22 buffered
@@ -443,16 +444,13 @@ def bytes_model(args) -> list[dict]:
 
 def machine_lines(args, device: str) -> list[str]:
     """Device, versions and the command, for a results file's header."""
-    import platform
-
     import triton
 
     import gear_compile
-    cpu = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
-          f"{torch.get_num_threads()} torch threads"
+    cpu = f"CPU {cpu_name()}, {torch.get_num_threads()} torch threads"
     name = {"cuda": f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
             if device == "cuda" else "",
-            "cpu": f"{cpu}; {_cpu_model()}; kernel path {_cpu_isa()}",
+            "cpu": f"{cpu}; kernel path {_cpu_isa()}",
             "interpret": f"{cpu}, Triton interpreter: latencies are the interpreter's, NOT a "
                          "measurement; this run checks the script",
             "bytes": f"{cpu} (byte counts only, no timing)"}[device]
@@ -467,16 +465,6 @@ def _cpu_isa() -> str:
     """The instruction set the C++ kernel runs (gear_compile.kernels.cpu.isa)."""
     from gear_compile.kernels import cpu
     return cpu.isa() if cpu.available() else "unavailable (reference path)"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU model"
 
 
 def peak_gbps(args, device: str) -> float | None:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+from machine import cpu_name
 
 HERE = Path(__file__).parent
 METHODS = {"dense": None, "gear4": dict(method="gear", bits=4), "gear2": dict(method="gear", bits=2)}
@@ -156,9 +157,7 @@ def main():
     p.add_argument("--methods", nargs="+", default=["dense", "gear4"], choices=list(METHODS))
     args = p.parse_args()
     instrument()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               "unknown CPU")
-    print(f"# {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"# {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     models = {m: load(METHODS[m]) for m in args.methods}
     for prompt in args.prompts:
         ids = torch.randint(100, 40000, (1, prompt), generator=torch.Generator().manual_seed(0))

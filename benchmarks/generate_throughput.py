@@ -90,6 +90,7 @@ from pathlib import Path
 
 from decode_methods import METHODS, cache_bytes, own_forward, setup
 from gear_compile.hf_compat import cache_kwarg
+from machine import cpu_name
 
 HERE = Path(__file__).parent
 GPU_MODELS = {   # LlamaConfig fields
@@ -329,14 +330,8 @@ def machine_lines(args) -> list[str]:
     import torch
     import transformers
     import triton
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     gpu = f"{torch.cuda.get_device_name()}, " if args.device == "cuda" else ""
-    return [f"- machine: {gpu}{cpu}, {os.cpu_count()} cores, {platform.platform()}",
+    return [f"- machine: {gpu}{cpu_name()}, {platform.platform()}",
             f"- torch {torch.__version__}, transformers {transformers.__version__}, "
             f"triton {triton.__version__}",
             f"- command: `python benchmarks/generate_throughput.py {' '.join(args.argv)}`"]

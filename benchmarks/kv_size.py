@@ -52,6 +52,7 @@ from gear_compile.store import BYTE_KINDS, KVStore
 from gear_compile.codec import Codec, resolve
 from gear_compile.config import GearConfig
 from gear_compile.lowrank import relative_error
+from machine import cpu_name
 
 # (label, options, the paper's average KV size in % of FP16, Table 1 / Table 9)
 ROWS = [
@@ -118,13 +119,7 @@ def per_tensor(stores) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def main(argv=None):

@@ -51,7 +51,8 @@ sys.path.insert(0, HERE)
 import quality_data as qd  # noqa: E402
 import quality_methods as qm  # noqa: E402
 import torch  # noqa: E402
-from quality import cpu_name, kl_cell, log, score, top1_agreement  # noqa: E402
+from machine import cpu_name  # noqa: E402
+from quality import kl_cell, log, score, top1_agreement  # noqa: E402
 
 from gear_compile.config import GearConfig  # noqa: E402
 
@@ -250,7 +251,7 @@ def main(argv=None):
         from gear_compile import lorc
         lorc.calibrate(model, corpus.passage("dev", args.calibration_tokens))
         log(f"lorc: calibrated on {args.calibration_tokens} dev tokens in {time.time() - t1:.0f} s")
-    header = [f"machine: {cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+    header = [f"machine: {cpu_name()}, torch threads {torch.get_num_threads()}; "
               f"torch {torch.__version__}, transformers {transformers.__version__}, "
               f"python {platform.python_version()}",
               "command: `python " + " ".join([os.path.relpath(__file__, qd.REPO)] + (argv or sys.argv[1:])) + "`",
@@ -461,8 +462,6 @@ def _kernel_time(cache, model, repeats: int = 20) -> float:
     layer's latent stores of `cache` with a random query (best of repeats,
     summed over layers)."""
     import torch
-
-    from gear_compile.passes import lorc as lorc_pass
     c = model.config
     d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     H, Hq = c.num_key_value_heads, c.num_attention_heads
@@ -585,7 +584,7 @@ def bound_main(argv=None):
         rows[name] = row
         log(f"bound: {name}: {1 / row['step']:.2f} tok/s, KV at {args.context}: {row['kv_context'] / 2**20:.1f} MiB")
     budget = args.budget_gib * 2 ** 30
-    lines = [f"# LoRC's compute bound and capacity: SmolLM2-135M-Instruct (fp32), CPU", "",
+    lines = ["# LoRC's compute bound and capacity: SmolLM2-135M-Instruct (fp32), CPU", "",
              f"- machine: {cpu_name()}, {torch.get_num_threads()} threads, {platform.platform()}",
              f"- torch {torch.__version__}, transformers {transformers.__version__}",
              f"- command: `python benchmarks/lorc.py {' '.join(argv if argv is not None else sys.argv[1:])}`",

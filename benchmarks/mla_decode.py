@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name
 
 HERE = Path(__file__).resolve().parent
 METHODS = {                                   # name: gear options (None: transformers' eager)
@@ -95,11 +94,9 @@ def _step(s):
 
 def report(args, rows) -> str:
     import transformers
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
     eager_kv = next((r["kv_bytes"] for r in rows if r["method"] == "eager"), None)
     lines = ["# MLA decode step: absorbed attention over the compressed latent", "",
-             f"- machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}, "
+             f"- machine: {cpu_name()}; torch {torch.__version__}, "
              f"transformers {transformers.__version__}",
              f"- command: `python benchmarks/mla_decode.py {' '.join(args.argv)}`",
              f"- DeepSeek-V2-Lite attention shape, 2 dense layers, random fp32 weights; prompt {args.prompt} "

@@ -48,23 +48,13 @@ sys.path.insert(0, HERE)
 
 import quality_data as qd  # noqa: E402
 from gear_compile.hf_compat import cache_kwarg  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def dense_ref_bytes(model, tokens: int, batch: int = 1) -> int:
@@ -386,7 +376,7 @@ def main(argv=None):
     if args.check_sim:
         return check_sim(model, ids, labels, make)
 
-    header = [f"machine: {cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+    header = [f"machine: {cpu_name()}, torch threads {torch.get_num_threads()}; "
               f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
               "command: `python " + shlex.join([os.path.relpath(__file__, qd.REPO)] + (argv or sys.argv[1:])) + "`",
               f"text: Emma, {args.split} passage ({'VOLUME III' if args.split == 'test' else 'VOLUME I'}, "

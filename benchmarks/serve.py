@@ -59,12 +59,12 @@ import argparse
 import functools
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 from peak_memory import PeakPhases, reset_peak, rss_bytes
+from machine import cpu_name
 
 METHODS = {"dense": None, "gear4": dict(method="gear", bits=4), "gear2": dict(method="gear", bits=2),
            "kivi2": dict(method="kivi", bits=2)}
@@ -130,7 +130,6 @@ def workload(args, vocab: int):
 
 
 def run_cell(args, method: str, budget: int) -> dict:
-    import torch
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     from gear_compile import serving
@@ -317,7 +316,7 @@ def main(argv=None):
                   f"concurrent, peak RSS +{r['peak_rss_above_weights_mib']:.0f} MiB, {r['wall_s']:.0f} s", flush=True)
     stem = args.out or os.path.join(RESULTS, ("serve_gpu" if args.gpu else "serve_cpu")
                                     + ("_memory" if args.memory else ""))
-    device = torch.cuda.get_device_name() if args.gpu else _cpu_name()
+    device = torch.cuda.get_device_name() if args.gpu else cpu_name()
     command = "python benchmarks/serve.py " + " ".join(passthrough)
     with open(stem + ".json", "w") as f:
         json.dump(dict(command=command, device=device, torch=torch.__version__,
@@ -335,15 +334,6 @@ def main(argv=None):
     if not args.memory:
         plot(rows, stem + ".png")
     print(text)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor()
-    return f"{name}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

@@ -91,10 +91,9 @@ OLDER_TRITON_MISSES = {
 
 
 def _known_miss(check: str, name: str) -> str | None:
-    import triton
-    from torch.torch_version import TorchVersion
+    import kernel_sass
     misses = dict(KNOWN_MISSES)
-    if TorchVersion(triton.__version__) < (3, 9):
+    if kernel_sass.older_triton():
         misses.update(OLDER_TRITON_MISSES)
     for (c, pattern), reason in misses.items():
         if c == check and re.fullmatch(pattern, name):

@@ -228,10 +228,8 @@ CLEAN_UNDER_OLDER_TRITON = {"lorc-none16-r128-d128-fp16"}
 
 
 def _spills(name) -> bool:
-    import triton
-    from torch.torch_version import TorchVersion
-    older = TorchVersion(triton.__version__) < (3, 9)
-    return name in SM90_SPILLS and not (older and name in CLEAN_UNDER_OLDER_TRITON)
+    import kernel_sass
+    return name in SM90_SPILLS and not (kernel_sass.older_triton() and name in CLEAN_UNDER_OLDER_TRITON)
 
 
 def _sm90_param(name):

@@ -110,7 +110,7 @@ def test_varlen_rows_decode_beside_prefill_match_dense_over_what_is_held(method,
     pages several partials to merge."""
     gen = torch.Generator().manual_seed(1)
     pool = pool_of(method, bits)
-    past = feed(pool, [150, 30, 0, 2 * pool.page_tokens, 90], gen)
+    feed(pool, [150, 30, 0, 2 * pool.page_tokens, 90], gen)
     pool.reserve("r2", 0)
     rows = [("r0", 1), ("r1", 5), ("r2", 7), ("r3", 1), ("r4", 1)]
     Hq, total = 2 * H, sum(t for _, t in rows)
