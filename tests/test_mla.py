@@ -8,7 +8,9 @@ rotary part not the cached one); the decode graph no longer calls the
 up-projection nor builds K; with method none a tiny DeepSeek V2 generates
 eager's tokens and logits for a batch with a padded row, a bias on the up-projection (legal in the form,
 absent from the shipped models) included; with GEAR-4 the absorbed attention
-equals rebuild-then-attend over the same compressed cache.
+equals rebuild-then-attend over the same compressed cache. A sliding-window
+latent cache (dots3's windowed layers) is absorbed too, unless another layer
+reads its window (Gemma 3n's KV sharing), which stays exact.
 """
 import torch
 import torch.nn.functional as F
@@ -109,3 +111,57 @@ def test_gear4_absorbed_equals_rebuilding_k_and_v():
         results.append(decode_logits(model, steps=8)[0])
     assert results[0].shape[1] == 9
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+
+
+def _windowed(keep):
+    """`_mla_attention` over a sliding-window cache that keeps its last `keep` tokens."""
+    def attention(*args):
+        out, latents, ropes = _mla_attention(*args)
+        return out, latents[:, :, -keep:], ropes[:, :, -keep:]
+    return attention
+
+
+class _Shared(torch.nn.Module):
+    """A second layer reads the first's windowed append (Gemma 3n's KV sharing)."""
+
+    def __init__(self, keep):
+        super().__init__()
+        self.first, self.second = torch.nn.Module(), torch.nn.Module()
+        self.first.forward = lambda *args: (lambda out, latents, ropes: (
+            out, latents, latents[:, :, -keep:], ropes[:, :, -keep:]))(*_mla_attention(*args))
+        self.second.forward = lambda latents: latents.sum()
+
+    def forward(self, *args):
+        out, full, latents, ropes = self.first(*args)
+        return out + self.second(full), latents, ropes
+
+
+def test_a_windowed_latent_cache_is_rebuilt_unless_another_layer_reads_it():
+    """dots3's sliding MLA layers keep their last tokens: compressed, absorbed, and
+    the function's results unchanged. A window another layer reads stays exact."""
+    model = _Model(_windowed(30))
+    (site,) = gear_compile.explain(model, *_args(), method="none", inductor=False).sites
+    assert site.form == "rebuild" and site.rewritten and "absorb" in site.reason, site.reason
+    compiled = torch.compile(model, backend="gear", options=dict(method="none", inductor=False))
+    args = _args()
+    for got, want in zip(compiled(*args), model(*args)):
+        torch.testing.assert_close(got, want)
+    report = gear_compile.explain(_Shared(30), *_args(), method="none", inductor=False)
+    assert not any(s.rewritten for s in report.sites), report.text()
+
+
+def test_dots3s_windowed_mla_layers_decode_past_their_window_as_eager_does():
+    """A tiny dots3 (two indexed MLA layers, two with a 128-token window), a
+    200-token prompt: every decode site absorbed, method none equal to eager."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(sweep.tiny_config("dots3_note_text")).eval()
+    assert "sliding_attention" in model.config.layer_types and model.config.sliding_window < 200
+    ids = torch.randint(3, 200, (1, 200))
+    expected = greedy(model, ids, 12, output_logits=True)
+    report = gear_compile.explain(model, ids, method="none")
+    decode = [s for s in report.sites if s.phase == "decode"]
+    assert len(decode) == 4 and all(s.form == "mla" for s in decode), report.text()
+    gear_compile.compile(model, method="none")
+    got = greedy(model, ids, 12, output_logits=True)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=1e-4, atol=1e-4)

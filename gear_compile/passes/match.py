@@ -604,13 +604,28 @@ def _rebuilds(append: KVAppend) -> str | None:
 
 
 def _kept_append(node) -> KVAppend | None:
-    """`kv_append(node)` where the cache keeps the append itself (returned to
-    be stored back). A sliding-window layer's (the cache keeps the append's
-    last tokens) is not rebuilt: rebuilding its window changed Gemma 3n's
-    tokens under method none after a few decode steps (cause not found; a
-    windowed Mistral and MiMo stayed exact), so such a layer stays exact."""
+    """`kv_append(node)` where the cache keeps the append itself or (a
+    sliding-window layer) its last tokens, returned to be stored back. A
+    windowed append that another layer reads (Gemma 3n's KV sharing: a later
+    layer attends an earlier one's full window) is not rebuilt: rebuilding it
+    changed Gemma 3n's tokens under method none after a few decode steps
+    (cause not found; a windowed Mistral under an einsum attention and dots3's
+    windowed MLA layers, rebuilt, stay exact), so it stays exact."""
     append = kv_append(node)
-    return append if append is not None and any(u.op == "output" for u in node.users) else None
+    if append is None or any(u.op == "output" for u in node.users):
+        return append
+    kept = [(u, keep) for u in node.users if (keep := window_slice(u)) is not None
+            and any(v.op == "output" for v in u.users)]
+    layer = _module_of(node)
+    if len(kept) == 1 and all(_within(_module_of(u), layer) for u in node.users if u.op != "output"):
+        append.stored, append.keep = kept[0]
+        return append
+    return None
+
+
+def _within(path: str | None, layer: str | None) -> bool:
+    """`path` is `layer`'s module or one of its submodules (where both are known)."""
+    return path is None or layer is None or path == layer or path.startswith(layer + ".")
 
 
 def _one_layer(key: KVAppend, value: KVAppend) -> str | None:
