@@ -5,6 +5,8 @@ Inductor's compile, the decode steps.
 Usage:
   python benchmarks/generate_memory.py --prompt 8192 --methods dense gear4
   python benchmarks/generate_memory.py --prompt 8192 --prefill-chunk 1024 --warm
+  python benchmarks/generate_memory.py --prompt 8192 --prefill-chunk 1024 --warm --rounds 3 \\
+      --methods dense gear4 gear2      # methods interleaved, three runs each: medians and ranges
 
 --prefill-chunk N feeds the prompt N tokens per call, as a server's chunked
 prefill does (transformers' continuous batching, vLLM, SGLang): the
@@ -33,9 +35,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 
+from machine import cpu_name
 from peak_memory import PeakPhases, reset_peak, rss_bytes
 
 METHODS = {"dense": None, "gear4": dict(method="gear", bits=4), "gear2": dict(method="gear", bits=2)}
@@ -110,31 +114,55 @@ def main():
     p.add_argument("--methods", nargs="+", default=["dense", "gear4"], choices=list(METHODS))
     p.add_argument("--prefill-chunk", type=int, default=0, help="prompt tokens per call (0: the whole prompt)")
     p.add_argument("--warm", action="store_true", help="compile on a short prompt first, then reset the peak")
+    p.add_argument("--rounds", type=int, default=1, help="runs of every method, interleaved (a median and range)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print("ROW " + json.dumps(worker(args.worker, args.prompt, args.steps, args.prefill_chunk, args.warm)),
               flush=True)
         return
-    rows = []
-    for method in args.methods:
-        proc = subprocess.run([sys.executable, __file__, "--prompt", str(args.prompt), "--steps", str(args.steps),
-                               "--prefill-chunk", str(args.prefill_chunk), *(["--warm"] if args.warm else []),
-                               "--worker", method], capture_output=True, text=True)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)
-        if line is None:
-            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-            raise SystemExit(f"{method} failed")
-        rows.append(json.loads(line[4:]))
-    dense = next((r for r in rows if r["method"] == "dense"), None)
-    print("| method | prompt | chunk | warm | KV MiB | peak RSS above weights MiB | x dense | peak raised by (MiB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    rows = [run(args, method) | dict(round=r + 1) for r in range(args.rounds) for method in args.methods]
+    print(f"- machine: {cpu_name()}; command: `python benchmarks/generate_memory.py {' '.join(sys.argv[1:])}`")
+    print(f"- {args.rounds} round(s), methods interleaved, each run a fresh process\n")
+    print("| round | method | prompt | chunk | warm | KV MiB | peak RSS above weights MiB | x dense | peak raised by (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        dense = next((d for d in rows if d["method"] == "dense" and d["round"] == r["round"]), None)
         ratio = f"{r['peak_above_weights_mib'] / dense['peak_above_weights_mib']:.2f}" if dense else "-"
         rises = "; ".join(f"{k} {v:g}" for k, v in r["rises_mib"].items() if v > 0)
-        print(f"| {r['method']} | {r['prompt']} | {r['chunk']} | {'yes' if r['warm'] else 'no'} | {r['kv_mib']:.1f} | {r['peak_above_weights_mib']:.0f} | {ratio} | "
-              f"{rises} |")
+        print(f"| {r['round']} | {r['method']} | {r['prompt']} | {r['chunk']} | {'yes' if r['warm'] else 'no'} | "
+              f"{r['kv_mib']:.1f} | {r['peak_above_weights_mib']:.0f} | {ratio} | {rises} |")
+    if args.rounds > 1:
+        print()
+        print(summary(rows, args.methods))
 
+
+def run(args, method: str) -> dict:
+    """One method's run in a fresh process (`worker`), its row."""
+    proc = subprocess.run([sys.executable, __file__, "--prompt", str(args.prompt), "--steps", str(args.steps),
+                           "--prefill-chunk", str(args.prefill_chunk), *(["--warm"] if args.warm else []),
+                           "--worker", method], capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)
+    if line is None:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"{method} failed")
+    print(f"[{method}] peak {json.loads(line[4:])['peak_above_weights_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    return json.loads(line[4:])
+
+
+def summary(rows: list[dict], methods: list[str]) -> str:
+    """Each method's median peak over the rounds, its range, and x dense: the
+    ratio of medians and each round's own ratio (the peak moves by tens to
+    hundreds of MiB between runs as glibc's mmap threshold moves)."""
+    peaks = {m: [r["peak_above_weights_mib"] for r in rows if r["method"] == m] for m in methods}
+    lines = ["| method | runs | median peak MiB | range MiB | x dense (medians) | x dense per round |",
+             "|---|---|---|---|---|---|"]
+    for m in methods:
+        ratio = f"{statistics.median(peaks[m]) / statistics.median(peaks['dense']):.2f}" if "dense" in peaks else "-"
+        per_round = ", ".join(f"{a / d:.2f}" for a, d in zip(peaks[m], peaks["dense"])) if "dense" in peaks else "-"
+        lines.append(f"| {m} | {len(peaks[m])} | {statistics.median(peaks[m]):.0f} | "
+                     f"{min(peaks[m]):.0f}-{max(peaks[m]):.0f} | {ratio} | {per_round} |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
