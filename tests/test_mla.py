@@ -151,12 +151,14 @@ def test_a_windowed_latent_cache_is_rebuilt_unless_another_layer_reads_it():
 
 
 def test_dots3s_windowed_mla_layers_decode_past_their_window_as_eager_does():
-    """A tiny dots3 (two indexed MLA layers, two with a 128-token window), a
-    200-token prompt: every decode site absorbed, method none equal to eager."""
+    """A tiny dots3 (two indexed MLA layers, two with a 16-token window), a
+    40-token prompt: every decode site absorbed, method none equal to eager."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(sweep.tiny_config("dots3_note_text")).eval()
-    assert "sliding_attention" in model.config.layer_types and model.config.sliding_window < 200
-    ids = torch.randint(3, 200, (1, 200))
+    config = sweep.tiny_config("dots3_note_text")
+    config.sliding_window = 16
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert "sliding_attention" in model.config.layer_types
+    ids = torch.randint(3, 200, (1, 40))
     expected = greedy(model, ids, 12, output_logits=True)
     report = gear_compile.explain(model, ids, method="none")
     decode = [s for s in report.sites if s.phase == "decode"]
