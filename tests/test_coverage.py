@@ -256,3 +256,33 @@ def test_a_declared_form_binds_what_it_matches_and_a_near_miss_says_why():
     assert match(capped, graph.call_function(operator.mul, (tanh, 30.0)))["x"] is x
     miss = match(capped, graph.call_function(operator.mul, (tanh, 50.0)))
     assert not miss and miss.reason == "cap is 50.0 here but 30.0 before", miss
+
+
+class _SharedWindow(torch.nn.Module):
+    """A second layer attends the first layer's appended window (Gemma 3n's KV
+    sharing): the first layer's cache keeps the append's last 8 tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Module(), torch.nn.Module()
+        self.first.forward = self._append_and_attend
+        self.second.forward = F.scaled_dot_product_attention
+
+    @staticmethod
+    def _append_and_attend(q, past_k, new_k, past_v, new_v):
+        k, v = torch.cat([past_k, new_k], dim=-2), torch.cat([past_v, new_v], dim=-2)
+        return F.scaled_dot_product_attention(q, k, v), k, v, k[:, :, -8:], v[:, :, -8:]
+
+    def forward(self, q, past_k, new_k, past_v, new_v):
+        out, k, v, kept_k, kept_v = self.first(q, past_k, new_k, past_v, new_v)
+        return out + self.second(q, k, v), kept_k, kept_v
+
+
+def test_a_window_another_layer_attends_is_left_exact_and_says_so():
+    """Neither attention's site nor a rebuild takes it (rebuilding such a
+    window changed Gemma 3n's tokens); the reason names the other layer."""
+    inputs = [torch.randn(1, 2, *shape) for shape in ((1, 16), (7, 16), (1, 16), (7, 16), (1, 16))]
+    report = gear_compile.explain(_SharedWindow(), *inputs, method="gear", bits=4)
+    assert not any(s.rewritten for s in report.sites), report.text()
+    first = [s for s in report.sites if s.layer == "first"]
+    assert first and "attended by another layer, second" in first[0].reason, report.text()

@@ -437,6 +437,10 @@ def _stored_back(site: AttentionSite, append: KVAppend) -> str | None:
     is read by the attention alone and returned once, to be stored back."""
     users = [u for u in append.node.users if u.op != "output" and u not in site.chain
              and u is not site.output and not _sizes_for(u, site.chain)]
+    layer = _module_of(append.node)
+    if others := [u for u in users if not _within(_module_of(u), layer)]:
+        return (f"the appended cache {append.node.name} is also attended by another layer, "
+                f"{_module_of(others[0])} (KV shared across layers, as in Gemma 3n); left exact")
     if len(users) == 1 and (keep := window_slice(users[0])) is not None:
         append.stored, append.keep = users[0], keep
         users = [u for u in append.stored.users if u.op != "output"]
