@@ -57,6 +57,7 @@ def gear_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
                     "(%d sites): %s", len(unfit), unfit[0].reason)
     lorc_sites = _lorc_sites(gm, sites, example_inputs, config) if config.lorc else {}
     mla_forms = mla_pass.annotate([s for s in sites if s.index not in lorc_sites]) if config.mla_absorb else {}
+    mla_pass.leave_windows_exact(sites, mla_forms)
     for site in sites:
         if site.key is not None and site.key.compressed and site.index not in lorc_sites and \
                 any(example_value(a.past).store.logical is not None for a in (site.key, site.value)):

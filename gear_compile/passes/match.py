@@ -613,8 +613,8 @@ def _kept_append(node) -> KVAppend | None:
     windowed append that another layer reads (Gemma 3n's KV sharing: a later
     layer attends an earlier one's full window) is not rebuilt: rebuilding it
     changed Gemma 3n's tokens under method none after a few decode steps
-    (cause not found; a windowed Mistral under an einsum attention and dots3's
-    windowed MLA layers, rebuilt, stay exact), so it stays exact."""
+    (cause not found), so it stays exact. A windowed rebuild site is kept
+    only where its attention is absorbed (`mla.leave_windows_exact`)."""
     append = kv_append(node)
     if append is None or any(u.op == "output" for u in node.users):
         return append

@@ -94,6 +94,23 @@ def annotate(sites: list[AttentionSite]) -> dict[int, MLAForm]:
     return forms
 
 
+def leave_windows_exact(sites: list[AttentionSite], forms: dict[int, MLAForm]) -> None:
+    """A sliding-window rebuild site (its cache keeps the append's last
+    tokens) stays rewritten only where its attention is absorbed (dots3's
+    windowed MLA layers, `forms`): the model's own attention over a rebuilt
+    window changed Inkling2's tokens under method none after a dozen steps
+    (cause not found: its window's relative position bias and conv states
+    are suspects; a windowed Mistral under an einsum attention stayed exact),
+    so such a window is left exact, and says so."""
+    for site in sites:
+        if site.form == "rebuild" and site.rewritable and site.key.keep is not None and site.index not in forms:
+            site.rewritable = False
+            reader = f" ({site.readers[0].form}: {site.readers[0].reason})" if site.readers else ""
+            site.reason = (f"a sliding-window cache ({site.key.keep} tokens kept) read by an attention the MLA "
+                           f"form does not absorb{reader}: a rebuilt window under the model's own attention is "
+                           f"not trusted exact (it changed Inkling2's tokens); left exact")
+
+
 def find(site: AttentionSite) -> MLAForm | str:
     """The MLA form over the rebuild site's appends (keys: the latent, values:
     the rotary key part), or why the site is not one."""
