@@ -498,21 +498,24 @@ def write(rows: list[dict], args, path: Path) -> None:
         f"greedy tokens, GEAR 4-bit over {steps}; "
         "kv %: bytes held vs the same cache dense in the model's dtype (attention layers' K/V; a hybrid's "
         "recurrent states are exact and not counted); "
-        "logits err: largest relative L2 error of a decode step's logits vs eager while the tokens agree",
+        "logits err: largest relative L2 error of a decode step's logits vs eager while the tokens agree; "
+        "forms: the rewritten sites' forms (sdpa, eager, bmm; rebuild: a cache read back densely in front "
+        "of the model's own reader; mla: a decode step's attention absorbed over the MLA latent; blank: a "
+        "row swept before forms were recorded)",
         f"- **{headline(rows)}**", "",
-        "| arch | status | sites rewritten / found | none == eager | compressed layers | kv % | "
+        "| arch | status | sites rewritten / found | forms | none == eager | compressed layers | kv % | "
         "logits err | graphs | run | fallbacks / reason |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         run = runs.index(r.get("provenance", "not recorded")) + 1
         if r["status"] == "not built":
             continue
         if "sites" not in r:
-            lines.append(f"| {r['arch']} | {r['status']} | | | | | | | {run} | {r.get('reason', '')} |")
+            lines.append(f"| {r['arch']} | {r['status']} | | | | | | | | {run} | {r.get('reason', '')} |")
             continue
         notes = "; ".join(r["fallbacks"]) or ("report and run disagree" if not r["agree"] else "")
         lines.append(
-            f"| {r['arch']} | {r['status']} | {r['rewritten']} / {r['sites']} | "
+            f"| {r['arch']} | {r['status']} | {r['rewritten']} / {r['sites']} | {' '.join(r.get('forms') or [])} | "
             f"{'yes' if r['exact'] else 'NO'} | {r['compressed_layers']} / {r['attention_layers']} | "
             f"{100 * r['kv_ratio']:.0f} | {r['logits_error']:.3f} | {r['graphs']} | {run} | "
             f"{notes.replace('|', '/')} |")

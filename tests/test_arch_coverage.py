@@ -66,7 +66,8 @@ def test_the_table_and_the_headline_count_what_was_swept(tmp_path):
     rows = [dict(arch="a", status="full", sites=4, rewritten=4, fallbacks=[], exact=True, agree=True,
                  compressed_layers=2, attention_layers=2, kv_ratio=0.3, logits_error=0.01, graphs=2),
             dict(arch="b", status="WRONG", sites=4, rewritten=4, fallbacks=[], exact=True, agree=False,
-                 compressed_layers=0, attention_layers=2, kv_ratio=1.0, logits_error=0.0, graphs=2),
+                 compressed_layers=0, attention_layers=2, kv_ratio=1.0, logits_error=0.0, graphs=2,
+                 forms=["mla", "rebuild"]),
             dict(arch="c", status="error", reason="RuntimeError: boom"),
             dict(arch="d", status="not built", reason="encoder-decoder",
                  provenance="`python benchmarks/arch_coverage.py --only d`, transformers 5.25.0, commit abc")]
@@ -82,9 +83,11 @@ def test_the_table_and_the_headline_count_what_was_swept(tmp_path):
     shown = table(text)
     assert [r["arch"] for r in shown] == ["a", "b", "c"]            # d was not built: listed below
     assert row(shown, arch="b") == {
-        "arch": "b", "status": "WRONG", "sites rewritten / found": "4 / 4", "none == eager": "yes",
+        "arch": "b", "status": "WRONG", "sites rewritten / found": "4 / 4", "forms": "mla rebuild",
+        "none == eager": "yes",
         "compressed layers": "0 / 2", "kv %": "100", "logits err": "0.000", "graphs": "2", "run": "1",
         "fallbacks / reason": "report and run disagree"}
+    assert row(shown, arch="a")["forms"] == ""                      # swept before forms were recorded
     assert row(shown, arch="c")["status"] == "error"
     assert row(shown, arch="c")["fallbacks / reason"] == "RuntimeError: boom"
     assert "- d: encoder-decoder (run 2)" in text
