@@ -30,7 +30,8 @@ attentions keep the rebuild.
 
 Neighbours: `passes.match` (the rebuild site and `readers`, the attention
 left as written over its appends), `passes.rewrite` (`absorb` at a decode
-rebuild site), `backend` (`annotate`, so `explain` says which sites absorb).
+rebuild site), `backend` (`annotate`, so `explain` says which sites absorb;
+`leave_windows_exact`, as only an absorbed sliding window is trusted rebuilt).
 The option `mla_absorb=False` keeps the rebuild (the tests and
 `benchmarks/mla_decode.py` compare the two).
 """
