@@ -437,10 +437,9 @@ def _stored_back(site: AttentionSite, append: KVAppend) -> str | None:
     is read by the attention alone and returned once, to be stored back."""
     users = [u for u in append.node.users if u.op != "output" and u not in site.chain
              and u is not site.output and not _sizes_for(u, site.chain)]
-    layer = _module_of(append.node)
-    if others := [u for u in users if not _within(_module_of(u), layer)]:
+    if (other := _other_layers_reader(append.node, users)) is not None:
         return (f"the appended cache {append.node.name} is also attended by another layer, "
-                f"{_module_of(others[0])} (KV shared across layers, as in Gemma 3n); left exact")
+                f"{_module_of(other)} (KV shared across layers, as in Gemma 3n); left exact")
     if len(users) == 1 and (keep := window_slice(users[0])) is not None:
         append.stored, append.keep = users[0], keep
         users = [u for u in append.stored.users if u.op != "output"]
@@ -620,16 +619,22 @@ def _kept_append(node) -> KVAppend | None:
         return append
     kept = [(u, keep) for u in node.users if (keep := window_slice(u)) is not None
             and any(v.op == "output" for v in u.users)]
-    layer = _module_of(node)
-    if len(kept) == 1 and all(_within(_module_of(u), layer) for u in node.users if u.op != "output"):
+    if len(kept) == 1 and _other_layers_reader(node, [u for u in node.users if u.op != "output"]) is None:
         append.stored, append.keep = kept[0]
         return append
     return None
 
 
-def _within(path: str | None, layer: str | None) -> bool:
-    """`path` is `layer`'s module or one of its submodules (where both are known)."""
-    return path is None or layer is None or path == layer or path.startswith(layer + ".")
+def _other_layers_reader(node: fx.Node, users) -> fx.Node | None:
+    """The first of `users` made outside `node`'s layer, its module and submodules
+    (Gemma 3n's KV sharing: a later layer attends an earlier one's append), where
+    both modules are known; else None."""
+    layer = _module_of(node)
+    for user in users:
+        path = _module_of(user)
+        if layer is not None and path is not None and path != layer and not path.startswith(layer + "."):
+            return user
+    return None
 
 
 def _one_layer(key: KVAppend, value: KVAppend) -> str | None:
