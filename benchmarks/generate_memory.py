@@ -146,8 +146,9 @@ def run(args, method: str) -> dict:
     if line is None:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"{method} failed")
-    print(f"[{method}] peak {json.loads(line[4:])['peak_above_weights_mib']:.0f} MiB", file=sys.stderr, flush=True)
-    return json.loads(line[4:])
+    row = json.loads(line[4:])
+    print(f"[{method}] peak {row['peak_above_weights_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    return row
 
 
 def summary(rows: list[dict], methods: list[str]) -> str:
@@ -163,6 +164,7 @@ def summary(rows: list[dict], methods: list[str]) -> str:
         lines.append(f"| {m} | {len(peaks[m])} | {statistics.median(peaks[m]):.0f} | "
                      f"{min(peaks[m]):.0f}-{max(peaks[m]):.0f} | {ratio} | {per_round} |")
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()

@@ -63,8 +63,8 @@ import subprocess
 import sys
 import time
 
-from peak_memory import PeakPhases, reset_peak, rss_bytes
 from machine import cpu_name
+from peak_memory import PeakPhases, reset_peak, rss_bytes
 
 METHODS = {"dense": None, "gear4": dict(method="gear", bits=4), "gear2": dict(method="gear", bits=2),
            "kivi2": dict(method="kivi", bits=2)}
