@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 
 from machine import cpu_name
 from peak_memory import PeakPhases, reset_peak, rss_bytes
+from rounds import summary
 
 METHODS = {"dense": None, "gear4": dict(method="gear", bits=4), "gear2": dict(method="gear", bits=2)}
 
@@ -134,7 +134,7 @@ def main():
               f"{r['kv_mib']:.1f} | {r['peak_above_weights_mib']:.0f} | {ratio} | {rises} |")
     if args.rounds > 1:
         print()
-        print(summary(rows, args.methods))
+        print(summary(rows, "peak_above_weights_mib", "peak MiB"))
 
 
 def run(args, method: str) -> dict:
@@ -149,21 +149,6 @@ def run(args, method: str) -> dict:
     row = json.loads(line[4:])
     print(f"[{method}] peak {row['peak_above_weights_mib']:.0f} MiB", file=sys.stderr, flush=True)
     return row
-
-
-def summary(rows: list[dict], methods: list[str]) -> str:
-    """Each method's median peak over the rounds, its range, and x dense: the
-    ratio of medians and each round's own ratio (the peak moves by tens to
-    hundreds of MiB between runs as glibc's mmap threshold moves)."""
-    peaks = {m: [r["peak_above_weights_mib"] for r in rows if r["method"] == m] for m in methods}
-    lines = ["| method | runs | median peak MiB | range MiB | x dense (medians) | x dense per round |",
-             "|---|---|---|---|---|---|"]
-    for m in methods:
-        ratio = f"{statistics.median(peaks[m]) / statistics.median(peaks['dense']):.2f}" if "dense" in peaks else "-"
-        per_round = ", ".join(f"{a / d:.2f}" for a, d in zip(peaks[m], peaks["dense"])) if "dense" in peaks else "-"
-        lines.append(f"| {m} | {len(peaks[m])} | {statistics.median(peaks[m]):.0f} | "
-                     f"{min(peaks[m]):.0f}-{max(peaks[m]):.0f} | {ratio} | {per_round} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ Usage:
 
 Each (budget, method) cell runs in a fresh process (its own peak RSS), the
 cells in turn, method after method within a budget, so that drifts of the
-shared machine hit every method alike. A cell loads the model, sizes the KV
-store to the budget (dense: transformers' `num_blocks` of the model's dtype;
+shared machine hit every method alike; `--rounds N` makes N such passes and
+adds each method's median, range and each round's own ratio to dense
+(`rounds.summary`). The results are rewritten after every cell. A cell
+loads the model, sizes the KV store to the budget (dense: transformers' `num_blocks` of the model's dtype;
 GEAR: `serving.enable(model, kv_budget_bytes=...)`), adds every request at
 once through the manager API (`init_continuous_batching`, `add_request`,
 `get_result`: the loop `generate_batch` runs, which cannot give each request
@@ -59,12 +61,14 @@ import argparse
 import functools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 
 from machine import cpu_name
 from peak_memory import PeakPhases, reset_peak, rss_bytes
+from rounds import summary
 
 METHODS = {"dense": None, "gear4": dict(method="gear", bits=4), "gear2": dict(method="gear", bits=2),
            "kivi2": dict(method="kivi", bits=2)}
@@ -83,6 +87,8 @@ def parse(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--max-batch-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="passes over every cell, interleaved (medians, ranges, each round's own ratio)")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--memory", action="store_true", help="each method's budget holds every request at once")
     p.add_argument("--kernel", default="auto", choices=["auto", "cpu", "triton", "torch"],
@@ -242,17 +248,17 @@ def _pct(xs, q):
 
 
 def table(rows) -> str:
-    head = ("| budget MiB | method | KV MiB held | max concurrent | x dense | req/s | out tok/s | x dense | "
+    head = ("| round | budget MiB | method | KV MiB held | max concurrent | x dense | req/s | out tok/s | x dense | "
             "TTFT p50 / p99 s | TPOT p50 / p99 ms | peak RSS above weights MiB | lost/wrong | pool whole |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    dense = {r["budget_mib"]: r for r in rows if r["method"] == "dense"}
+    dense = {(r["budget_mib"], r.get("round")): r for r in rows if r["method"] == "dense"}
     for r in rows:
-        d = dense.get(r["budget_mib"])
+        d = dense.get((r["budget_mib"], r.get("round")))
         conc = f"{r['max_concurrent'] / d['max_concurrent']:.2f}" if d else "-"
         tok = f"{r['output_tok_per_s'] / d['output_tok_per_s']:.2f}" if d else "-"
         name = r["method"] + (f" ({r['kernel']})" if r.get("kernel") not in (None, "sdpa") else "")
-        lines.append(f"| {r['budget_mib']:g} | {name} | {r['kv_bytes'] / 2**20:.1f} | {r['max_concurrent']} | "
-                     f"{conc} | {r['requests_per_s']:.3f} | {r['output_tok_per_s']:.1f} | {tok} | "
+        lines.append(f"| {r.get('round', 1)} | {r['budget_mib']:g} | {name} | {r['kv_bytes'] / 2**20:.1f} | "
+                     f"{r['max_concurrent']} | {conc} | {r['requests_per_s']:.3f} | {r['output_tok_per_s']:.1f} | {tok} | "
                      f"{r['ttft_p50']:.1f} / {r['ttft_p99']:.1f} | {1e3 * r['tpot_p50']:.0f} / "
                      f"{1e3 * r['tpot_p99']:.0f} | {r['peak_rss_above_weights_mib']:.0f} | "
                      f"{len(r['errors'])}/{len(r['wrong_lengths'])} | {r['pool_whole']} |")
@@ -260,15 +266,16 @@ def table(rows) -> str:
 
 
 def memory_table(rows) -> str:
-    head = ("| method | requests | max concurrent | KV budget MiB | KV MiB allocated | peak RSS above weights MiB | "
-            "x dense | lost/wrong | peak raised by (MiB) |")
+    head = ("| round | method | requests | max concurrent | KV budget MiB | KV MiB allocated | "
+            "peak RSS above weights MiB | x dense | lost/wrong | peak raised by (MiB) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    dense = next((r for r in rows if r["method"] == "dense"), None)
+    dense = {r.get("round"): r for r in rows if r["method"] == "dense"}
     for r in rows:
-        ratio = f"{r['peak_rss_above_weights_mib'] / dense['peak_rss_above_weights_mib']:.2f}" if dense else "-"
+        d = dense.get(r.get("round"))
+        ratio = f"{r['peak_rss_above_weights_mib'] / d['peak_rss_above_weights_mib']:.2f}" if d else "-"
         rises = "; ".join(f"{k} {v:g}" for k, v in r["peak_rises_mib"].items())
-        lines.append(f"| {r['method']} | {r['requests']} | {r['max_concurrent']} | {r['budget_mib']:.1f} | "
-                     f"{r['kv_bytes'] / 2**20:.1f} | {r['peak_rss_above_weights_mib']:.0f} | {ratio} | "
+        lines.append(f"| {r.get('round', 1)} | {r['method']} | {r['requests']} | {r['max_concurrent']} | "
+                     f"{r['budget_mib']:.1f} | {r['kv_bytes'] / 2**20:.1f} | {r['peak_rss_above_weights_mib']:.0f} | {ratio} | "
                      f"{len(r['errors'])}/{len(r['wrong_lengths'])} | {rises} |")
     return "\n".join(lines)
 
@@ -278,11 +285,13 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    for m in dict.fromkeys(r["method"] for r in rows):
-        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["budget_mib"])
-        x = [r["budget_mib"] for r in rs]
-        ax[0].plot(x, [r["output_tok_per_s"] for r in rs], "o-", label=m)
-        ax[1].plot(x, [r["max_concurrent"] for r in rs], "o-", label=m)
+    for m in dict.fromkeys(r["method"] for r in rows):        # each budget's median, every round a dot
+        budgets = sorted({r["budget_mib"] for r in rows if r["method"] == m})
+        for a, key in zip(ax, ("output_tok_per_s", "max_concurrent")):
+            runs = [[r[key] for r in rows if r["method"] == m and r["budget_mib"] == b] for b in budgets]
+            line, = a.plot(budgets, [statistics.median(v) for v in runs], "o-", label=m)
+            a.scatter([b for b, v in zip(budgets, runs) for _ in v], [x for v in runs for x in v], s=10,
+                      color=line.get_color(), alpha=0.5)
     for a, t in zip(ax, ("output tokens/s", "max concurrent requests")):
         a.set_xlabel("KV memory budget (MiB)")
         a.set_ylabel(t)
@@ -298,22 +307,31 @@ def main(argv=None):
     if args.cell:
         print("CELL " + json.dumps(run_cell(args, args.cell[0], int(float(args.cell[1]) * 2**20))), flush=True)
         return
-    import torch
-    import transformers
     rows = []
     passthrough = list(argv if argv is not None else sys.argv[1:])
-    for budget in [0] if args.memory else args.budgets_mib:    # --memory: each method's own budget
-        for method in args.methods:
-            cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--cell", method, str(budget)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("CELL ")), None)
-            if line is None:
-                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-                raise SystemExit(f"cell {method} @ {budget} MiB failed")
-            rows.append(json.loads(line[5:]))
-            r = rows[-1]
-            print(f"{r['budget_mib']:.1f} MiB {method}: {r['output_tok_per_s']:.1f} tok/s, {r['max_concurrent']} "
-                  f"concurrent, peak RSS +{r['peak_rss_above_weights_mib']:.0f} MiB, {r['wall_s']:.0f} s", flush=True)
+    cells = [(rnd, budget, method) for rnd in range(1, args.rounds + 1)
+             for budget in ([0] if args.memory else args.budgets_mib)     # --memory: each method's own budget
+             for method in args.methods]
+    for rnd, budget, method in cells:
+        cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--cell", method, str(budget)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("CELL ")), None)
+        if line is None:
+            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+            raise SystemExit(f"cell {method} @ {budget} MiB failed")
+        rows.append(json.loads(line[5:]) | dict(round=rnd))
+        r = rows[-1]
+        print(f"round {rnd}, {r['budget_mib']:.1f} MiB {method}: {r['output_tok_per_s']:.1f} tok/s, "
+              f"{r['max_concurrent']} concurrent, peak RSS +{r['peak_rss_above_weights_mib']:.0f} MiB, "
+              f"{r['wall_s']:.0f} s", flush=True)
+        text = write(args, passthrough, rows)       # after every cell: a long run's finished cells are kept
+    print(text)
+
+
+def write(args, passthrough: list[str], rows: list[dict]) -> str:
+    """The results so far, as json, markdown and (not in memory mode) a PNG; returns the tables."""
+    import torch
+    import transformers
     stem = args.out or os.path.join(RESULTS, ("serve_gpu" if args.gpu else "serve_cpu")
                                     + ("_memory" if args.memory else ""))
     device = torch.cuda.get_device_name() if args.gpu else cpu_name()
@@ -322,6 +340,11 @@ def main(argv=None):
         json.dump(dict(command=command, device=device, torch=torch.__version__,
                        transformers=transformers.__version__, rows=rows), f, indent=1)
     text = memory_table(rows) if args.memory else table(rows)
+    if args.rounds > 1:
+        text += ("\n\nOver the rounds:\n\n" + (
+            summary(rows, "peak_rss_above_weights_mib", "peak RSS above weights MiB") if args.memory else
+            summary(rows, "output_tok_per_s", "out tok/s", group="budget_mib", fmt=".1f") + "\n\n"
+            + summary(rows, "max_concurrent", "max concurrent", group="budget_mib")))
     title = ("peak RSS at the same concurrency, dense vs the compressed paged pool" if args.memory
              else "dense vs the compressed paged pool")
     with open(stem + ".md", "w") as f:
@@ -329,11 +352,11 @@ def main(argv=None):
                 f"`{command}`\n\n{device}; torch {torch.__version__}, transformers {transformers.__version__}; "
                 f"{args.requests} requests, prompts {args.prompt_min}-{args.prompt_max}, "
                 f"{args.new_min}-{args.new_max} new tokens, max_batch_tokens {args.max_batch_tokens}; "
-                f"cells run one after another in fresh processes (see the script's docstring).\n\n"
-                + text + "\n")
+                f"{args.rounds} round(s), cells run one after another in fresh processes "
+                f"(see the script's docstring).\n\n" + text + "\n")
     if not args.memory:
         plot(rows, stem + ".png")
-    print(text)
+    return text
 
 
 if __name__ == "__main__":

@@ -24,9 +24,3 @@ def test_rises_count_from_start_after_a_warm_up():
     phases.start()
     assert "warm-up compile" not in phases.mib()
 
-
-def test_the_summary_takes_medians_and_each_rounds_own_ratio():
-    rows = [dict(method=m, peak_above_weights_mib=p) for m, p in
-            [("dense", 500), ("gear4", 260), ("dense", 700), ("gear4", 250), ("dense", 600), ("gear4", 400)]]
-    table = bench.summary(rows, ["dense", "gear4"])
-    assert "| gear4 | 3 | 260 | 250-400 | 0.43 | 0.52, 0.36, 0.67 |" in table, table
