@@ -3,7 +3,7 @@
 An MLA model (DeepSeek V2 / V3, MiniCPM3, GLM-4 MoE lite, ...) caches one
 latent of kv_lora_rank channels a token and one shared rotary key part, not
 per-head K/V. The gear backend compresses both as a "rebuild" site
-(`passes.match.rebuild_sites`). This runs a tiny MLA model of the sweep
+(`passes.sites.rebuild_sites`). This runs a tiny MLA model of the sweep
 (`arch_coverage.tiny_config`) through the backbone alone (KCVT / KIVI),
 backbone + low-rank (GEAR-L) and backbone + low-rank + outliers (GEAR), at
 4 and 2 bits: bytes held vs the same latent cache dense in the model's dtype,

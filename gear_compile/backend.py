@@ -28,7 +28,7 @@ from . import codec, ops  # noqa: F401  (ops registers the gear ops)
 from .config import GearConfig
 from .passes import lorc as lorc_pass
 from .passes import mla as mla_pass
-from .passes.match import find_sites
+from .passes.sites import find_sites
 from .passes.pattern import example_value
 from .passes.rewrite import RewritePlan, TensorOut, rewrite
 from .report import GraphReport, record

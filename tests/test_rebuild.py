@@ -12,7 +12,7 @@ import operator
 import torch
 
 import gear_compile
-from gear_compile.passes.match import find_sites
+from gear_compile.passes.sites import find_sites
 
 
 def _latent_cache_update(past_latent, past_rope, latent, rope, up):

@@ -18,7 +18,7 @@ For each rewritable site (see `passes.match`):
       and up-projects the output (or, where attention is not plain, rebuilds
       V too and leaves the attention as it is), then writes the new tokens'
       latents.
-  rebuild (a cache read by what no form fuses, `match.rebuild_sites`): the
+  rebuild (a cache read by what no form fuses, `sites.rebuild_sites`): the
       past is decompressed in front of its append each step; an MLA
       layer's attention then reads the latent itself (`passes.mla`).
   sliding window (the cache keeps cat[:, :, -keep:]): prefill compresses
@@ -308,7 +308,7 @@ class _Rewriter:
                 DecodeOut(self.placeholders.index(past), written, append.keep), None if written else new)
 
     def rebuild_decode(self, site: AttentionSite) -> None:
-        """A "rebuild" site (`match.rebuild_sites`): each past rebuilt densely
+        """A "rebuild" site (`sites.rebuild_sites`): each past rebuilt densely
         (`gear::decompress`) in front of its append (or of a size query read
         before it), which the model reads as before; one new token is then
         written into the store's buffer. An MLA layer's attention then reads
