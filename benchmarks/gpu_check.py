@@ -33,6 +33,11 @@ out of time is reported as such, with its output's tail, and the next runs):
           CUDA graphs) on a random-weight LLaMA-3-8B shape at an 8k prompt:
           tok/s at the largest batch dense fits, peak memory, the largest
           batch each fits (llama3-1b by default: see --e2e-model)
+  serve   (issue 31; only when named: `--steps serve`, up to 8 more minutes)
+          benchmarks/serve.py --gpu: transformers' continuous batching of 64
+          requests (prompts 256-4096, 64-256 new tokens) on the random-weight
+          LLaMA-3-8B shape, dense (its CUDA graphs) vs GEAR-4's paged pool
+          under a 4 GiB KV budget: output tok/s, concurrency, TTFT / TPOT
 
 Writes benchmarks/results/gpu_check_<device>_<commit>/: summary.md (device,
 driver, versions, commit, this command, each step's status, seconds and
@@ -86,6 +91,8 @@ def steps(args, out: Path) -> list[Step]:
                      "--gpu-model", args.e2e_model,
                      "--gpu-prompt", str(args.e2e_prompt), "--gpu-new-tokens", "32", "--max-batch", "64",
                      "--timeout", "140", "--out", str(out)], 150),
+        Step("serve", [py, "benchmarks/serve.py", "--gpu", "--requests", "64", "--budgets-mib", "4096",
+                       "--methods", "dense", "gear4", "--out", str(out / "serve_gpu")], 480),
     ]
 
 
@@ -220,7 +227,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", nargs="+", default=["warm", "tests", "cell", "sweep", "e2e"],
-                   choices=["warm", "tests", "cell", "sweep", "e2e"])
+                   choices=["warm", "tests", "cell", "sweep", "e2e", "serve"],
+                   help="default: all but serve (issue 31's, past the 8 minutes: ask for it by name)")
     p.add_argument("--e2e-model", default="llama3-1b", choices=["llama3-8b", "llama3-1b"],
                    help="llama3-1b fits the 8 minutes; llama3-8b is issue 28's shape (its three "
                         "methods' compiles and 8k prefills need about 5 more minutes: an estimate)")

@@ -46,6 +46,15 @@ def test_the_dry_run_lists_the_steps_in_the_issue_order_within_8_minutes():
     assert "--graphs" in e2e and int(e2e[e2e.index("--gpu-prompt") + 1]) >= 8192
 
 
+def test_the_serving_step_runs_only_when_named():
+    """Issue 31's GPU mode: serve.py --gpu with dense beside GEAR-4, outside the default 8 minutes."""
+    import gpu_check
+    (serve,) = gpu_check.main(["--dry-run", "--steps", "serve"])
+    assert serve.command[1] == "benchmarks/serve.py" and "--gpu" in serve.command
+    methods = serve.command[serve.command.index("--methods") + 1:serve.command.index("--out")]
+    assert methods == ["dense", "gear4"] and serve.limit_s <= 8 * 60
+
+
 @pytest.mark.parametrize("runs,fit", [
     # peak = 2 GiB fixed + 0.5 GiB a sequence: 80 GiB holds (80 - 2) / 0.5 = 156
     ([dict(batch=1, oom=False, peak_gib=2.5), dict(batch=40, oom=False, peak_gib=22.0)], 156),
