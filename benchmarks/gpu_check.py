@@ -37,7 +37,8 @@ out of time is reported as such, with its output's tail, and the next runs):
           benchmarks/serve.py --gpu: transformers' continuous batching of 64
           requests (prompts 256-4096, 64-256 new tokens) on the random-weight
           LLaMA-3-8B shape, dense (its CUDA graphs) vs GEAR-4's paged pool
-          under a 4 GiB KV budget: output tok/s, concurrency, TTFT / TPOT
+          under a 4 GiB KV budget: output tok/s, concurrency, TTFT / TPOT;
+          it needs transformers 5.19 or newer (the README says how to bring one)
 
 Writes benchmarks/results/gpu_check_<device>_<commit>/: summary.md (device,
 driver, versions, commit, this command, each step's status, seconds and

@@ -304,6 +304,10 @@ def plot(rows, path):
 
 def main(argv=None):
     args = parse(argv)
+    from gear_compile import hf_compat
+    if (why := hf_compat.serving_unsupported()) is not None:     # dense's config too: page_size is 5.19's
+        raise SystemExit(f"serve.py: {why}. Without an index (the lent GPU has 5.17), bring a wheel: "
+                         f"README, 'On a lent GPU'.")
     if args.cell:
         print("CELL " + json.dumps(run_cell(args, args.cell[0], int(float(args.cell[1]) * 2**20))), flush=True)
         return
