@@ -472,10 +472,10 @@ def test_two_models_with_different_ranks_in_one_process():
 def _both_paths(monkeypatch, model, run, **options):
     """run(model) under the fused kernel and under the replay path (K rebuilt
     in torch over the whole past), same options."""
-    from gear_compile.passes import lorc as lorc_pass
+    from gear_compile.passes import lorc_fused
     out = []
     for fused in (True, False):
-        monkeypatch.setattr(lorc_pass, "FUSED", fused)
+        monkeypatch.setattr(lorc_fused, "FUSED", fused)
         _compiled(model, **options)
         try:
             out.append(run(model))

@@ -1,6 +1,6 @@
 // LoRC's decode attention on the CPU, K rebuilt tile by tile (gear::lorc_attention_cpu).
 //
-// Job: the attention of one LoRC site's decode step (passes/lorc.py: `fused_attention`),
+// Job: the attention of one LoRC site's decode step (passes/lorc_fused.py: `fused_attention`),
 // out = softmax(q K^T * scale + mask) V, where the past K and V are latent
 // stores ([B, 1, L, r], one latent a token shared by the layer's KV heads,
 // under any codec the CPU kernel reads), without building the dense past:

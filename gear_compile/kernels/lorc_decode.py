@@ -42,7 +42,7 @@ Algorithm (split-K flash decoding, one launch plus the store kernel's combine):
   its combine instead; on a GPU the per-program product is S small tl.dots
   against a wider partial's traffic and a second combine kernel.)
 
-Refused (`lorc_launch.unsupported`, which `passes.lorc.fused_reason`
+Refused (`lorc_launch.unsupported`, which `passes.lorc_fused.fused_reason`
 reports): latents wider than 256 extended channels (rank > 256: the [tile,
 r] latent tile would no longer fit the registers; such a site keeps the
 replay path), a head dim above 256. Not yet: autotuned tiles / warps.

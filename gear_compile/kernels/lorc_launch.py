@@ -2,7 +2,7 @@
 
 Job: read a latent store's `StoreLayout` back from the kernel descriptor the
 C++ op takes (`store_layout`), say what the kernel refuses (`unsupported`,
-which `passes.lorc.fused_reason` reports), plan a launch's constexprs and
+which `passes.lorc_fused.fused_reason` reports), plan a launch's constexprs and
 ints from static shapes (`launch_plan`: the store kernel's `decode_plan`
 once per latent store, since K and V latents may differ in width), launch
 the kernel and the store kernel's combine (`lorc_attention_launch`), and

@@ -48,6 +48,7 @@ from ..ops import attention_for
 from ..rotation import rotation
 from ..store import StoreLayout
 from . import lorc as lorc_pass
+from . import lorc_fused
 from . import mla as mla_pass
 from .match import AttentionSite, head_dims
 from .pattern import example_value
@@ -234,8 +235,8 @@ class _Rewriter:
         written = _written(tokens)
         length = self.size(example_value(site.key.past).shape[2])
         fold = lorc_pass.folds_values(site, tokens)
-        if lorc_pass.choose_fused(site, lo, self.config, tokens):     # K rebuilt inside the kernel
-            return lorc_pass.emit_fused(self, site, lo, length, written)
+        if lorc_fused.choose_fused(site, lo, self.config, tokens):     # K rebuilt inside the kernel
+            return lorc_fused.emit_fused(self, site, lo, length, written)
         for append, proj, kind in ((site.key, lo.key, "k"), (site.value, lo.value, "v")):
             past, cat = self.node(append.past), self.node(append.node)
             parts = self.inner_placeholders(past)
