@@ -15,7 +15,10 @@ shared machine hit every method alike; `--rounds N` makes N such passes and
 adds each method's median, range and each round's own ratio to dense
 (`rounds.summary`). The results are rewritten after every cell. A cell
 loads the model, sizes the KV store to the budget (dense: transformers' `num_blocks` of the model's dtype;
-GEAR: `serving.enable(model, kv_budget_bytes=...)`), adds every request at
+GEAR: `serving.enable(model, kv_budget_bytes=...)`, its request slots, each
+an exact tail, by `--slots`: as many as requests of the workload's mean
+length fill the budget with, or serving.enable's default, a quarter of the
+budget in tails), adds every request at
 once through the manager API (`init_continuous_batching`, `add_request`,
 `get_result`: the loop `generate_batch` runs, which cannot give each request
 its own max_new_tokens) and waits for all of them. Greedy decoding, no EOS.
@@ -86,6 +89,10 @@ def parse(argv=None):
                    help="KV budgets (default 128 256 512 on the CPU; 2048 4096 8192 with --gpu)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--max-batch-tokens", type=int, default=512)
+    p.add_argument("--slots", default="typical", choices=["typical", "default"],
+                   help="the pool's request slots (exact tails): as many as requests of the workload's "
+                        "mean length fill the budget with, or serving.enable's default (a quarter of the "
+                        "budget in tails, so pages, not slots, bound how many short requests run at once)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=1,
                    help="passes over every cell, interleaved (medians, ranges, each round's own ratio)")
@@ -158,9 +165,11 @@ def run_cell(args, method: str, budget: int) -> dict:
         cb["num_blocks"] = max(1, budget // block)
         cb["use_cuda_graph"] = bool(args.gpu)
     else:
-        # tails sized for this traffic's mean request (prompt + new tokens), as a server would
+        # --slots typical: tails for as many of this traffic's mean request (prompt + new tokens) as
+        # the budget holds; default: serving.enable's own (a quarter of the budget in tails)
         typical = (args.prompt_min + args.prompt_max + args.new_min + args.new_max) // 2
-        sizing = dict(max_requests=len(reqs)) if args.memory else dict(typical_tokens=typical)
+        sizing = (dict(max_requests=len(reqs)) if args.memory else
+                  dict(typical_tokens=typical) if args.slots == "typical" else {})
         serving.enable(model, kv_budget_bytes=budget, kernel=args.kernel, **sizing, **METHODS[method])
     manager = model.init_continuous_batching(generation_config=gen,
                                              continuous_batching_config=ContinuousBatchingConfig(**cb))
@@ -205,7 +214,8 @@ def run_cell(args, method: str, budget: int) -> dict:
                 peak_rss_above_weights_mib=(rss_bytes("VmHWM") - base_rss) / 2**20,
                 peak_rises_mib=rises.mib() if rises else None,
                 errors=errors, wrong_lengths=wrong,
-                pool_whole=bool(model._gear_paged_pool.whole()) if METHODS[method] else None)
+                pool_whole=bool(model._gear_paged_pool.whole()) if METHODS[method] else None,
+                slots=model._gear_paged_pool.max_requests if METHODS[method] else None)
 
 
 def memory_budget(model, method: str, reqs, page: int) -> int:
@@ -248,8 +258,9 @@ def _pct(xs, q):
 
 
 def table(rows) -> str:
-    head = ("| round | budget MiB | method | KV MiB held | max concurrent | x dense | req/s | out tok/s | x dense | "
-            "TTFT p50 / p99 s | TPOT p50 / p99 ms | peak RSS above weights MiB | lost/wrong | pool whole |")
+    head = ("| round | budget MiB | method | KV MiB held | max concurrent (pool slots) | x dense | req/s | "
+            "out tok/s | x dense | TTFT p50 / p99 s | TPOT p50 / p99 ms | peak RSS above weights MiB | "
+            "lost/wrong | pool whole |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     dense = {(r["budget_mib"], r.get("round")): r for r in rows if r["method"] == "dense"}
     for r in rows:
@@ -257,10 +268,12 @@ def table(rows) -> str:
         conc = f"{r['max_concurrent'] / d['max_concurrent']:.2f}" if d else "-"
         tok = f"{r['output_tok_per_s'] / d['output_tok_per_s']:.2f}" if d else "-"
         name = r["method"] + (f" ({r['kernel']})" if r.get("kernel") not in (None, "sdpa") else "")
+        slots = f" ({r['slots']})" if r.get("slots") else ""
         lines.append(f"| {r.get('round', 1)} | {r['budget_mib']:g} | {name} | {r['kv_bytes'] / 2**20:.1f} | "
-                     f"{r['max_concurrent']} | {conc} | {r['requests_per_s']:.3f} | {r['output_tok_per_s']:.1f} | {tok} | "
-                     f"{r['ttft_p50']:.1f} / {r['ttft_p99']:.1f} | {1e3 * r['tpot_p50']:.0f} / "
-                     f"{1e3 * r['tpot_p99']:.0f} | {r['peak_rss_above_weights_mib']:.0f} | "
+                     f"{r['max_concurrent']}{slots} | {conc} | {r['requests_per_s']:.3f} | "
+                     f"{r['output_tok_per_s']:.1f} | {tok} | {r['ttft_p50']:.1f} / {r['ttft_p99']:.1f} | "
+                     f"{1e3 * r['tpot_p50']:.0f} / {1e3 * r['tpot_p99']:.0f} | "
+                     f"{r['peak_rss_above_weights_mib']:.0f} | "
                      f"{len(r['errors'])}/{len(r['wrong_lengths'])} | {r['pool_whole']} |")
     return "\n".join(lines)
 
@@ -275,7 +288,8 @@ def memory_table(rows) -> str:
         ratio = f"{r['peak_rss_above_weights_mib'] / d['peak_rss_above_weights_mib']:.2f}" if d else "-"
         rises = "; ".join(f"{k} {v:g}" for k, v in r["peak_rises_mib"].items())
         lines.append(f"| {r.get('round', 1)} | {r['method']} | {r['requests']} | {r['max_concurrent']} | "
-                     f"{r['budget_mib']:.1f} | {r['kv_bytes'] / 2**20:.1f} | {r['peak_rss_above_weights_mib']:.0f} | {ratio} | "
+                     f"{r['budget_mib']:.1f} | {r['kv_bytes'] / 2**20:.1f} | "
+                     f"{r['peak_rss_above_weights_mib']:.0f} | {ratio} | "
                      f"{len(r['errors'])}/{len(r['wrong_lengths'])} | {rises} |")
     return "\n".join(lines)
 
@@ -355,7 +369,8 @@ def write(args, passthrough: list[str], rows: list[dict]) -> str:
         f.write(f"# Serving: transformers' continuous batching, {title}\n\n"
                 f"`{command}`\n\n{device}; torch {torch.__version__}, transformers {transformers.__version__}; "
                 f"{args.requests} requests, prompts {args.prompt_min}-{args.prompt_max}, "
-                f"{args.new_min}-{args.new_max} new tokens, max_batch_tokens {args.max_batch_tokens}; "
+                f"{args.new_min}-{args.new_max} new tokens, max_batch_tokens {args.max_batch_tokens}, "
+                f"pool slots: {'every request' if args.memory else args.slots}; "
                 f"{args.rounds} round(s), cells run one after another in fresh processes "
                 f"(see the script's docstring).\n\n" + text + "\n")
     if not args.memory:

@@ -19,6 +19,12 @@ def test_a_cell_is_divided_by_its_own_rounds_dense():
     assert "| 2 | 256 | gear4 (cpu) | 256.0 | 8 | 4.00 | 0.150 | 15.0 | 3.00 |" in table, table
 
 
+def test_the_pools_slots_are_shown_beside_its_concurrency():
+    """A pool whose every slot is taken is capped by its slots, not its pages: the table says so."""
+    rows = [_cell("dense", 256.0, 1, 10.0, 5), _cell("gear4", 256.0, 1, 17.0, 12) | dict(slots=12)]
+    assert "| 1 | 256 | gear4 (cpu) | 256.0 | 12 (12) | 2.40 |" in bench.table(rows)
+
+
 def test_memory_rows_are_divided_by_their_own_rounds_dense():
     rows = [_cell("dense", 0.0, 1, 1.0, 4) | dict(peak_rss_above_weights_mib=800.0),
             _cell("gear4", 0.0, 1, 1.0, 4) | dict(peak_rss_above_weights_mib=200.0),
