@@ -15,10 +15,9 @@ shared machine hit every method alike; `--rounds N` makes N such passes and
 adds each method's median, range and each round's own ratio to dense
 (`rounds.summary`). The results are rewritten after every cell. A cell
 loads the model, sizes the KV store to the budget (dense: transformers' `num_blocks` of the model's dtype;
-GEAR: `serving.enable(model, kv_budget_bytes=...)`, its request slots, each
-an exact tail, by `--slots`: as many as requests of the workload's mean
-length fill the budget with, or serving.enable's default, a quarter of the
-budget in tails), adds every request at
+GEAR: `serving.enable(model, kv_budget_bytes=...)`, with as many request
+slots, each an exact tail, as requests of the workload's mean length fill
+the budget with), adds every request at
 once through the manager API (`init_continuous_batching`, `add_request`,
 `get_result`: the loop `generate_batch` runs, which cannot give each request
 its own max_new_tokens) and waits for all of them. Greedy decoding, no EOS.
@@ -89,10 +88,6 @@ def parse(argv=None):
                    help="KV budgets (default 128 256 512 on the CPU; 2048 4096 8192 with --gpu)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--max-batch-tokens", type=int, default=512)
-    p.add_argument("--slots", default="typical", choices=["typical", "default"],
-                   help="the pool's request slots (exact tails): as many as requests of the workload's "
-                        "mean length fill the budget with, or serving.enable's default (a quarter of the "
-                        "budget in tails, so pages, not slots, bound how many short requests run at once)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=1,
                    help="passes over every cell, interleaved (medians, ranges, each round's own ratio)")
@@ -165,11 +160,12 @@ def run_cell(args, method: str, budget: int) -> dict:
         cb["num_blocks"] = max(1, budget // block)
         cb["use_cuda_graph"] = bool(args.gpu)
     else:
-        # --slots typical: tails for as many of this traffic's mean request (prompt + new tokens) as
-        # the budget holds; default: serving.enable's own (a quarter of the budget in tails)
+        # tails sized for this traffic's mean request (prompt + new tokens), as a server would. A
+        # quarter of the budget in tails (serving.enable's default) changes little here: a pool
+        # reserves a request's whole length as it admits it, so its pages, not its slots, bound
+        # the concurrency within a request or two (a FIFO admission run on this workload's lengths)
         typical = (args.prompt_min + args.prompt_max + args.new_min + args.new_max) // 2
-        sizing = (dict(max_requests=len(reqs)) if args.memory else
-                  dict(typical_tokens=typical) if args.slots == "typical" else {})
+        sizing = dict(max_requests=len(reqs)) if args.memory else dict(typical_tokens=typical)
         serving.enable(model, kv_budget_bytes=budget, kernel=args.kernel, **sizing, **METHODS[method])
     manager = model.init_continuous_batching(generation_config=gen,
                                              continuous_batching_config=ContinuousBatchingConfig(**cb))
@@ -369,8 +365,7 @@ def write(args, passthrough: list[str], rows: list[dict]) -> str:
         f.write(f"# Serving: transformers' continuous batching, {title}\n\n"
                 f"`{command}`\n\n{device}; torch {torch.__version__}, transformers {transformers.__version__}; "
                 f"{args.requests} requests, prompts {args.prompt_min}-{args.prompt_max}, "
-                f"{args.new_min}-{args.new_max} new tokens, max_batch_tokens {args.max_batch_tokens}, "
-                f"pool slots: {'every request' if args.memory else args.slots}; "
+                f"{args.new_min}-{args.new_max} new tokens, max_batch_tokens {args.max_batch_tokens}; "
                 f"{args.rounds} round(s), cells run one after another in fresh processes "
                 f"(see the script's docstring).\n\n" + text + "\n")
     if not args.memory:
