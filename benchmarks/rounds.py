@@ -28,6 +28,7 @@ def summary(rows: list[dict], value: str, label: str, *, baseline: str = "dense"
     for g in groups:
         mine = [r for r in rows if not group or r.get(group) == g]
         base = {r["round"]: r[value] for r in mine if r["method"] == baseline}
+        key = (f"{g:g} | " if isinstance(g, float) else f"{g} | ") if group else ""
         for m in methods:
             runs = [r for r in mine if r["method"] == m]
             if not runs:
@@ -37,7 +38,6 @@ def summary(rows: list[dict], value: str, label: str, *, baseline: str = "dense"
             ratio = f"{med / statistics.median(base.values()):.2f}" if base else "-"
             per_round = ", ".join(f"{r[value] / base[r['round']]:.2f}" for r in runs
                                   if r["round"] in base) or "-"
-            key = (f"{g:g} | " if isinstance(g, float) else f"{g} | ") if group else ""
             lines.append(f"| {key}{m} | {len(xs)} | {med:{fmt}} | "
                          f"{min(xs):{fmt}}-{max(xs):{fmt}} | {ratio} | {per_round} |")
     return "\n".join(lines)

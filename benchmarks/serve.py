@@ -14,11 +14,11 @@ cells in turn, method after method within a budget, so that drifts of the
 shared machine hit every method alike; `--rounds N` makes N such passes and
 adds each method's median, range and each round's own ratio to dense
 (`rounds.summary`). The results are rewritten after every cell. A cell
-loads the model, sizes the KV store to the budget (dense: transformers' `num_blocks` of the model's dtype;
-GEAR: `serving.enable(model, kv_budget_bytes=...)`, with as many request
-slots, each an exact tail, as requests of the workload's mean length fill
-the budget with), adds every request at
-once through the manager API (`init_continuous_batching`, `add_request`,
+loads the model, sizes the KV store to the budget (dense: transformers'
+`num_blocks` of the model's dtype; GEAR: `serving.enable(model,
+kv_budget_bytes=...)`, with as many request slots, each an exact tail, as
+requests of the workload's mean length fill the budget with), adds every
+request at once through the manager API (`init_continuous_batching`, `add_request`,
 `get_result`: the loop `generate_batch` runs, which cannot give each request
 its own max_new_tokens) and waits for all of them. Greedy decoding, no EOS.
 
@@ -315,13 +315,13 @@ def plot(rows, path):
 
 def main(argv=None):
     args = parse(argv)
+    if args.cell:       # a cell's process, started below once the check has passed
+        print("CELL " + json.dumps(run_cell(args, args.cell[0], int(float(args.cell[1]) * 2**20))), flush=True)
+        return
     from gear_compile import hf_compat
     if (why := hf_compat.serving_unsupported()) is not None:     # dense's config too: page_size is 5.19's
         raise SystemExit(f"serve.py: {why}. Without an index (the lent GPU has 5.17), bring a wheel: "
                          f"README, 'On a lent GPU'.")
-    if args.cell:
-        print("CELL " + json.dumps(run_cell(args, args.cell[0], int(float(args.cell[1]) * 2**20))), flush=True)
-        return
     rows = []
     passthrough = list(argv if argv is not None else sys.argv[1:])
     cells = [(rnd, budget, method) for rnd in range(1, args.rounds + 1)

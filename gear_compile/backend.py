@@ -2,7 +2,7 @@
 
     torch.compile(model.forward, backend="gear", options={"method": "gear", "bits": 4})
 
-For each graph Dynamo captures: find attention sites (`passes.match`), rewrite
+For each graph Dynamo captures: find attention sites (`passes.sites`), rewrite
 the rewritable ones into gear ops (`passes.rewrite`), record a report with the
 before/after code and their diff, then lower the rewritten graph with Inductor
 (`compile_fx`) or, with inductor=False, with AOT autograd and no codegen. The

@@ -53,7 +53,8 @@ Ranks and factors: `lorc.plan` over the graph's LoRC sites in order (its
 layers), in multiples of `GearConfig.rank_unit`, with what `lorc.calibrate`
 recorded for those weights; computed once per set of weights, calibration
 and options.
-Neighbours: `passes.match` (the sites), `passes.rewrite` (emits the nodes),
+Neighbours: `passes.match` (the sites), `passes.lorc_fused` (the fused
+kernel's path), `passes.rewrite` (emits the nodes),
 `gear_compile.lorc` (factors and ranks), `backend` (hands in the weights).
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ latent every step (transformers' `expand_kv`):
     K = [k_nope, k_pe.expand(-1, H, -1, -1)]      (new_empty and two copy_, or a cat)
     out = attention(q, K, v)                      (q = [q_nope, q_pe], sdpa or eager)
 
-`passes.match` makes the cache's two appends a rebuild site: the store is
+`passes.sites` makes the cache's two appends a rebuild site: the store is
 compressed and decompressed in front of its append each step. Where the
 attention reading them is this form, W is absorbed into the query and the
 output instead (DeepSeek-V2, section 2.1.2):
@@ -28,7 +28,7 @@ softmax cancels; one on its v rows passes through, as the probabilities sum
 to one. Soft-capped scores and sink logits would not cancel it: those
 attentions keep the rebuild.
 
-Neighbours: `passes.match` (the rebuild site and `readers`, the attention
+Neighbours: `passes.sites` (the rebuild site and `readers`, the attention
 left as written over its appends), `passes.rewrite` (`absorb` at a decode
 rebuild site), `backend` (`annotate`, so `explain` says which sites absorb;
 `leave_windows_exact`, as only an absorbed sliding window is trusted rebuilt).
