@@ -28,7 +28,9 @@ add to the last result), the largest number of requests holding KV at once
 time minus creation) and TPOT (mean time between a request's tokens), p50 /
 p99 over requests, KV bytes allocated, and the process's peak RSS above its
 RSS after loading the weights (the heap trimmed and the peak reset there:
-`reset_peak`).
+`reset_peak`), and the tokens redone: those fed to the model beyond each
+request's prompt and new tokens once, the prefills preemption repeats (dense's
+soft resets, and the pool's under --admission grow).
 Results: benchmarks/results/serve_<device>.{md,json,png}.
 
 Memory mode (--memory): every method gets the KV budget that holds all the
@@ -89,6 +91,9 @@ def parse(argv=None):
                         "not hold the largest requests (up to 4,352 tokens); 2048 4096 8192 with --gpu)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--max-batch-tokens", type=int, default=512)
+    p.add_argument("--admission", default="grow", choices=["grow", "reserve"],
+                   help="the pool's (serving.enable): grow (pages as needed, preempting as dense does) or "
+                        "reserve (a request's whole length at admission)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=1,
                    help="passes over every cell, interleaved (medians, ranges, each round's own ratio)")
@@ -161,21 +166,25 @@ def run_cell(args, method: str, budget: int) -> dict:
         cb["num_blocks"] = max(1, budget // block)
         cb["use_cuda_graph"] = bool(args.gpu)
     else:
-        # tails sized for this traffic's mean request (prompt + new tokens), as a server would. A
-        # quarter of the budget in tails (serving.enable's default) changes little here: a pool
-        # reserves a request's whole length as it admits it, so its pages, not its slots, bound
-        # the concurrency within a request or two (a FIFO admission run on this workload's lengths)
+        # tails sized from this traffic's mean request (prompt + new tokens), as a server would:
+        # "reserve" holds each admitted request whole, so one tail per mean request; under "grow"
+        # the running requests hold part of theirs (prompts arrive in max_batch_tokens chunks,
+        # the preempted start again), so twice as many tails, each 68 exact fp16 tokens here
         typical = (args.prompt_min + args.prompt_max + args.new_min + args.new_max) // 2
+        if args.admission == "grow":
+            typical //= 2
         sizing = dict(max_requests=len(reqs)) if args.memory else dict(typical_tokens=typical)
-        serving.enable(model, kv_budget_bytes=budget, kernel=args.kernel, **sizing, **METHODS[method])
+        serving.enable(model, kv_budget_bytes=budget, kernel=args.kernel, admission=args.admission, **sizing,
+                       **METHODS[method])
     manager = model.init_continuous_batching(generation_config=gen,
                                              continuous_batching_config=ContinuousBatchingConfig(**cb))
-    active = []
+    active, fed = [], [0]
     forward = model.forward
 
     @functools.wraps(forward)       # its signature: transformers passes logits_to_keep only if it sees it
     def counting(*a, **k):
         active.append(len(manager.batch_processor.scheduler.active_requests))
+        fed[0] += (k["input_ids"] if "input_ids" in k else a[0]).shape[-1]
         return forward(*a, **k)
 
     model.forward = counting
@@ -206,7 +215,8 @@ def run_cell(args, method: str, budget: int) -> dict:
     return dict(method=method, kernel=manager.kernel if METHODS[method] else "sdpa",
                 budget_mib=budget / 2**20, kv_bytes=kv, requests=len(reqs), wall_s=wall,
                 requests_per_s=len(reqs) / wall, output_tok_per_s=out_tokens / wall,
-                max_concurrent=max(active), ttft_p50=_pct(ttft, 50), ttft_p99=_pct(ttft, 99),
+                max_concurrent=max(active), redone_tokens=fed[0] - sum(len(ids) + new - 1 for ids, new in reqs),
+                ttft_p50=_pct(ttft, 50), ttft_p99=_pct(ttft, 99),
                 tpot_p50=_pct(tpot, 50), tpot_p99=_pct(tpot, 99),
                 peak_rss_above_weights_mib=(rss_bytes("VmHWM") - base_rss) / 2**20,
                 peak_rises_mib=rises.mib() if rises else None,
@@ -257,20 +267,20 @@ def _pct(xs, q):
 def table(rows) -> str:
     head = ("| round | budget MiB | method | KV MiB held | max concurrent (pool slots) | x dense | req/s | "
             "out tok/s | x dense | TTFT p50 / p99 s | TPOT p50 / p99 ms | peak RSS above weights MiB | "
-            "lost/wrong | pool whole |")
+            "tokens redone | lost/wrong | pool whole |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     dense = {(r["budget_mib"], r.get("round")): r for r in rows if r["method"] == "dense"}
     for r in rows:
         d = dense.get((r["budget_mib"], r.get("round")))
-        conc = f"{r['max_concurrent'] / d['max_concurrent']:.2f}" if d else "-"
-        tok = f"{r['output_tok_per_s'] / d['output_tok_per_s']:.2f}" if d else "-"
+        conc = f"{r['max_concurrent'] / d['max_concurrent']:.2f}" if d and d["max_concurrent"] else "-"
+        tok = f"{r['output_tok_per_s'] / d['output_tok_per_s']:.2f}" if d and d["output_tok_per_s"] else "-"
         name = r["method"] + (f" ({r['kernel']})" if r.get("kernel") not in (None, "sdpa") else "")
         slots = f" ({r['slots']})" if r.get("slots") else ""
         lines.append(f"| {r.get('round', 1)} | {r['budget_mib']:g} | {name} | {r['kv_bytes'] / 2**20:.1f} | "
                      f"{r['max_concurrent']}{slots} | {conc} | {r['requests_per_s']:.3f} | "
                      f"{r['output_tok_per_s']:.1f} | {tok} | {r['ttft_p50']:.1f} / {r['ttft_p99']:.1f} | "
                      f"{1e3 * r['tpot_p50']:.0f} / {1e3 * r['tpot_p99']:.0f} | "
-                     f"{r['peak_rss_above_weights_mib']:.0f} | "
+                     f"{r['peak_rss_above_weights_mib']:.0f} | {r.get('redone_tokens', '-')} | "
                      f"{len(r['errors'])}/{len(r['wrong_lengths'])} | {r['pool_whole']} |")
     return "\n".join(lines)
 
@@ -366,7 +376,8 @@ def write(args, passthrough: list[str], rows: list[dict]) -> str:
         f.write(f"# Serving: transformers' continuous batching, {title}\n\n"
                 f"`{command}`\n\n{device}; torch {torch.__version__}, transformers {transformers.__version__}; "
                 f"{args.requests} requests, prompts {args.prompt_min}-{args.prompt_max}, "
-                f"{args.new_min}-{args.new_max} new tokens, max_batch_tokens {args.max_batch_tokens}; "
+                f"{args.new_min}-{args.new_max} new tokens, max_batch_tokens {args.max_batch_tokens}, "
+                f"pool admission {args.admission}; "
                 f"{args.rounds} round(s), cells run one after another in fresh processes "
                 f"(see the script's docstring).\n\n" + text + "\n")
     if not args.memory:

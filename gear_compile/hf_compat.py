@@ -61,7 +61,7 @@ def head_dim(config) -> int:
 
 # the PagedAttentionCache methods `serving.GearPagedCache` overrides or calls (5.18 on)
 _PAGED_HOOKS = ("can_store_request_tokens", "extend_read_and_write_indices", "free_blocks",
-                "free_all_requests", "prepare_fork_request", "compute_free_capacity")
+                "free_all_requests", "prepare_fork_request", "compute_free_capacity", "count_storable_requests")
 
 
 def serving_unsupported() -> str | None:

@@ -148,10 +148,8 @@ class PagedPool:
         takes a tail slot). False, with nothing changed, when the pool lacks
         the pages or the slot: the caller keeps the request waiting."""
         r = self.requests.get(rid)
-        need_slot = r is None
-        have = 0 if r is None else len(r.pages) + len(r.reserved)
-        need = max(0, total_tokens // self.page_tokens - have)
-        if need > len(self.free_pages) or (need_slot and not self.free_slots):
+        need = self.pages_needed(rid, total_tokens)
+        if need > len(self.free_pages) or (r is None and not self.free_slots):
             return False
         if dry_run:
             return True
@@ -162,6 +160,23 @@ class PagedPool:
             self.refs[page] = 1
             r.reserved.append(page)
         return True
+
+    def pages_needed(self, rid: str, total_tokens: int) -> int:
+        """Free pages `rid` must take to hold `total_tokens` tokens: its
+        tail keeps fewer than a page, so the rest fill whole pages."""
+        r = self.requests.get(rid)
+        have = 0 if r is None else len(r.pages) + len(r.reserved)
+        return max(0, total_tokens // self.page_tokens - have)
+
+    def storable(self, needs: list[tuple[str, int]]) -> int:
+        """How many of `needs` (request id, total tokens), taken in order,
+        the free pages could grow to those totals (a question only)."""
+        free = len(self.free_pages)
+        for n, (rid, total) in enumerate(needs):
+            free -= self.pages_needed(rid, total)
+            if free < 0:
+                return n
+        return len(needs)
 
     def fits_alone(self, total_tokens: int) -> bool:
         """Whether a request of `total_tokens` fits in the empty pool."""

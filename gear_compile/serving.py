@@ -14,11 +14,17 @@ and this module uses exactly those two:
                 bookkeeping runs unchanged on a "meta" tensor (it allocates
                 no bytes): its scheduler, request states, forking and
                 streaming stay transformers'; admission asks the pool
-                (`can_store_request_tokens`), which reserves a request's
-                pages for its prompt and all its new tokens at once, so a
-                running request never starves and one that does not fit
-                waits in the queue. A request larger than the whole pool is
-                refused at `add_request` with a message.
+                (`can_store_request_tokens`). By default ("grow", as
+                transformers' dense cache does) a request takes pages as
+                it needs them, so the pool runs as many requests as it
+                holds now; when a running request cannot grow,
+                transformers' preemption frees the newest starved ones and
+                queues them to be prefilled anew (a soft reset), asking the
+                pool how many can then grow (`count_storable_requests`).
+                "reserve" takes a request's pages for its prompt and every
+                new token at admission: it never preempts, and runs fewer.
+                A request larger than the whole pool is refused at
+                `add_request` with a message.
   attention     "gear_paged", registered with `AttentionInterface`: each
                 layer's queries attend the pool's pages through the block
                 table (`paged_attention.attend`: on the CPU the C++ paged
@@ -81,8 +87,11 @@ class GearPagedCache(cb_cache.PagedAttentionCache):
     `gear_pool`."""
 
     def __init__(self, config, continuous_batching_config, device, distributed_helper, dtype=torch.float16,
-                 model_supports_logits_to_keep=False, *, gear_pool: PagedPool, kernel: str = "torch"):
+                 model_supports_logits_to_keep=False, *, gear_pool: PagedPool, kernel: str = "torch",
+                 admission: str = "grow"):
         self.gear_pool = gear_pool
+        self.admission = admission                      # "grow" or "reserve" (module docstring)
+        self.gear_scheduler = None                      # transformers' scheduler, set by the manager
         cb = continuous_batching_config
         # transformers' blocks only track requests here: as many as the pool can hold, and no bytes
         tokens = gear_pool.capacity_tokens() + gear_pool.max_requests * gear_pool.page_tokens
@@ -98,7 +107,9 @@ class GearPagedCache(cb_cache.PagedAttentionCache):
 
     # -- admission: the pool decides ---------------------------------------
     def can_store_request_tokens(self, state, request_len: int, dry_run: bool = False) -> bool:
-        total = max(state.current_len() + request_len, _final_len(state))
+        total = state.current_len() + request_len
+        if self.admission == "reserve":
+            total = max(total, _final_len(state))
         if not (self.gear_pool.reserve(state.request_id, total, dry_run=True)
                 and super().can_store_request_tokens(state, request_len, dry_run=True)):
             return False
@@ -106,6 +117,15 @@ class GearPagedCache(cb_cache.PagedAttentionCache):
             return True
         self.gear_pool.reserve(state.request_id, total)
         return super().can_store_request_tokens(state, request_len)
+
+    def count_storable_requests(self, list_blocks_needed: list[dict[str, int]]) -> int:
+        """How many of the scheduler's starved requests, in order, could take
+        the pages their next rows need: transformers' preemption asks this
+        before each soft reset (its `list_blocks_needed` count its own
+        blocks, which here only track requests; the pool's pages bind)."""
+        starved = self.gear_scheduler.starved_requests[:len(list_blocks_needed)]
+        ours = self.gear_pool.storable([(s.request_id, s.current_len() + n) for s, n in starved])
+        return min(ours, super().count_storable_requests(list_blocks_needed))
 
     def compute_free_capacity(self, relative: bool = True) -> int | float:
         pool = self.gear_pool
@@ -174,8 +194,9 @@ class GearBatchingManager(continuous_api.ContinuousBatchingManager):
 
     def __init__(self, model, generation_config, continuous_batching_config, workload_hints=None, *,
                  settings: dict):
+        # transformers' CPU offloading would copy its own (empty, "meta") blocks: preemption soft-resets
         cb = dataclasses.replace(continuous_batching_config, allow_block_sharing=False, max_blocks_per_request=0,
-                                 use_async_batching=False, use_cuda_graph=False)
+                                 use_async_batching=False, use_cuda_graph=False, cpu_offload_space=0.0)
         self.settings = settings
         text = model.config.get_text_config()
         self.kernel = _kernel(settings["kernel"], model.device)
@@ -205,18 +226,21 @@ class GearBatchingManager(continuous_api.ContinuousBatchingManager):
     def _create_batch_processor(self):
         # transformers builds its cache by name in this module: ours, for this call only
         original = continuous_api.PagedAttentionCache
-        continuous_api.PagedAttentionCache = lambda *a, **k: GearPagedCache(*a, **k, gear_pool=self.pool,
-                                                                                kernel=self.kernel)
+        continuous_api.PagedAttentionCache = lambda *a, **k: GearPagedCache(
+            *a, **k, gear_pool=self.pool, kernel=self.kernel, admission=self.settings["admission"])
         try:
-            return super()._create_batch_processor()
+            processor = super()._create_batch_processor()
         finally:
             continuous_api.PagedAttentionCache = original
+        processor.cache.gear_scheduler = processor.scheduler     # preemption asks the pool (count_storable_requests)
+        return processor
 
     def describe(self) -> str:
         p = self.pool
         return (f"gear paged pool: {self.settings['config'].describe()}; pages of {p.page_tokens} tokens "
                 f"({p.page_bytes} B each, {p.n_pages} pages), {p.max_requests} exact tails of "
-                f"{p.tail_bytes} B, {p.nbytes()} B in all; attention '{ATTENTION}' "
+                f"{p.tail_bytes} B, {p.nbytes()} B in all; admission {self.settings['admission']}; "
+                f"attention '{ATTENTION}' "
                 f"(paged_attention.attend, kernel {self.kernel}); prefix sharing, decode fast path, CUDA graphs "
                 f"and async batching off")
 
@@ -244,7 +268,7 @@ def _kernel(kernel: str, device) -> str:
 
 
 def enable(model, kv_budget_bytes: int, page_tokens: int | None = None, max_requests: int | None = None,
-           typical_tokens: int | None = None, kernel: str = "auto", **options):
+           typical_tokens: int | None = None, kernel: str = "auto", admission: str = "grow", **options):
     """Serve `model` with compressed paged KV: `model.generate_batch(...)` and
     the manager API then keep K/V in a `PagedPool` of `kv_budget_bytes`
     (pages of `page_tokens`, default the smallest whole number of codec
@@ -253,17 +277,24 @@ def enable(model, kv_budget_bytes: int, page_tokens: int | None = None, max_requ
     kernel: attention's ("auto": the C++ paged kernel on the CPU where it
     builds, the Triton paged kernel on CUDA, else the torch reference;
     "cpu"; "triton"; "torch").
+    admission: "grow" (a request takes pages as it needs them; one that
+    cannot grow is preempted and prefilled anew, as transformers' dense
+    cache does) or "reserve" (its prompt and every new token reserved at
+    admission: no preemption, fewer requests at once).
     options: `GearConfig`'s (method, bits, ...). Returns the model.
     Needs transformers 5.19 or newer (`hf_compat.serving_unsupported`)."""
     unsupported = hf_compat.serving_unsupported()
     if unsupported:
         raise RuntimeError(unsupported)
+    if admission not in ("grow", "reserve"):
+        raise ValueError(f"gear paged pool: admission must be 'grow' or 'reserve', got {admission!r}")
     config = GearConfig.from_options(options)
     text = model.config.get_text_config()
     if "sliding_attention" in cb_cache.group_layers_by_attn_type(text):
         raise ValueError("gear paged pool: sliding-window layers are not supported under continuous batching")
     settings = dict(config=config, kv_budget_bytes=int(kv_budget_bytes), page_tokens=page_tokens,
-                    max_requests=max_requests, typical_tokens=typical_tokens, kernel=kernel)
+                    max_requests=max_requests, typical_tokens=typical_tokens, kernel=kernel,
+                    admission=admission)
     original = type(model).init_continuous_batching
 
     def init_continuous_batching(generation_config=None, continuous_batching_config=None, workload_hints=None):

@@ -34,3 +34,10 @@ def test_memory_rows_are_divided_by_their_own_rounds_dense():
         r["peak_rises_mib"] = {"forward": 1.0}
     table = bench.memory_table(rows)
     assert "| 1 | gear4 | " in table and "| 200 | 0.25 |" in table and "| 200 | 0.50 |" in table, table
+
+
+def test_the_tokens_preemption_redid_are_shown():
+    """Rows that counted them show the prefill tokens preemption repeated; older rows a dash."""
+    rows = [_cell("dense", 256.0, 1, 10.0, 5) | dict(redone_tokens=4096), _cell("gear4", 256.0, 1, 17.0, 12)]
+    table = bench.table(rows).splitlines()
+    assert "| 100 | 4096 | 0/0 | None |" in table[2] and "| 100 | - | 0/0 | True |" in table[3], table

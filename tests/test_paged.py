@@ -90,6 +90,23 @@ def test_refuses_what_does_not_fit_and_writes_nothing_past_its_pages():
         pool.commit([("a", 2 * pool.page_tokens)], kv)
 
 
+def test_storable_counts_in_order_what_the_free_pages_grow_to():
+    """Preemption's question (`serving.GearPagedCache.count_storable_requests`):
+    how many requests, in order, could grow to their totals; asking takes
+    nothing."""
+    pool = pool_of(budget=1_200_000, max_requests=3)
+    P, free = pool.page_tokens, len(pool.free_pages)
+    assert free >= 4
+    assert pool.reserve("a", P + 3) and pool.reserve("b", 5)       # a holds one page, b none
+    free -= 1
+    assert pool.storable([]) == 0
+    assert pool.storable([("a", P + 4), ("b", P - 1)]) == 2                        # neither takes a page
+    assert pool.storable([("a", 2 * P), ("b", (free - 1) * P)]) == 2               # all the free pages
+    assert pool.storable([("a", 2 * P), ("b", free * P), ("a", 2 * P)]) == 1       # b overflows: one
+    assert pool.storable([("b", (free + 1) * P), ("a", P)]) == 0
+    assert len(pool.free_pages) == free and pool.pages_needed("b", 3 * P) == 3
+
+
 def dense_attention(q, k, v, past, scale):
     """q [Hq, T, D] of the last T positions of k/v [H, past + T, D]."""
     G = q.shape[0] // k.shape[0]

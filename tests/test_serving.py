@@ -66,7 +66,7 @@ def test_transformers_hooks_are_what_serving_overrides():
     update = inspect.signature(cb_cache.PagedAttentionCache.update).parameters
     assert list(update) == ["self", "key_states", "value_states", "layer_idx", "kwargs"]
     for name in ("can_store_request_tokens", "extend_read_and_write_indices", "free_blocks",
-                 "free_all_requests", "prepare_fork_request", "compute_free_capacity"):
+                 "free_all_requests", "prepare_fork_request", "compute_free_capacity", "count_storable_requests"):
         assert hasattr(cb_cache.PagedAttentionCache, name), name
     assert hf_compat.serving_unsupported() is None
     assert continuous_api.PagedAttentionCache is cb_cache.PagedAttentionCache
@@ -102,6 +102,54 @@ def test_queued_when_full_never_corrupted_and_refused_when_too_big():
     with pytest.raises(ValueError, match="Raise kv_budget_bytes"):
         manager.add_request(too_long[0], max_new_tokens=NEW)
     assert f"{pool.n_pages} pages" in manager.describe() and "prefix sharing" in manager.describe()
+
+
+def _admissions(monkeypatch):
+    """Spy on the pool: per run (the key `run[0]`), each request id as it
+    takes a tail slot, and the most requests the pool held at once."""
+    run, taken, most = [None], {}, {}
+    reserve = serving.PagedPool.reserve
+
+    def spy(self, rid, total, dry_run=False):
+        new = rid not in self.requests
+        ok = reserve(self, rid, total, dry_run)
+        if ok and new and not dry_run:
+            taken.setdefault(run[0], []).append(rid)
+            most[run[0]] = max(most.get(run[0], 0), len(self.requests))
+        return ok
+
+    monkeypatch.setattr(serving.PagedPool, "reserve", spy)
+    return run, taken, most
+
+
+def test_growing_requests_are_preempted_and_prefilled_anew_exactly(monkeypatch):
+    """admission "grow" in a pool of 10 pages of 40 tokens that the eight
+    requests' whole lengths overfill (18 pages): it admits more requests at once than
+    "reserve", and those that cannot grow are preempted (their pages freed,
+    prefilled anew later) with outputs still transformers' own, token for
+    token; the pool is whole after either run."""
+    model = tiny_llama(peaked=4.0)
+    inputs = prompts((40, 170, 9, 100, 64, 3, 120, 80))
+    want = tokens(model.generate_batch(inputs, generation_config=greedy(), continuous_batching_config=cb_config()))
+    run, taken, most = _admissions(monkeypatch)
+    for admission in ("reserve", "grow"):
+        run[0] = admission
+        serving.enable(model, kv_budget_bytes=(8 + 10) * 40 * 1024, page_tokens=40, max_requests=8,
+                       method="none", admission=admission)     # a 40-token tail or page: 40 KiB
+        got = tokens(model.generate_batch(inputs, generation_config=greedy(),
+                                          continuous_batching_config=cb_config()))
+        pool = model._gear_paged_pool
+        assert (pool.n_pages, pool.page_tokens) == (10, 40)
+        assert got == want, admission
+        assert pool.whole(), admission
+    preempted = {a: len(ids) - len(set(ids)) for a, ids in taken.items()}
+    assert preempted["reserve"] == 0 and preempted["grow"] > 0, taken
+    assert most["grow"] > most["reserve"], most
+
+
+def test_admission_names_its_choices():
+    with pytest.raises(ValueError, match="'grow' or 'reserve', got 'lazy'"):
+        serving.enable(tiny_llama(), kv_budget_bytes=1 << 20, admission="lazy")
 
 
 def test_requests_join_mid_run_and_stream():
