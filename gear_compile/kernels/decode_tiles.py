@@ -155,6 +155,24 @@ def _stats(scale, zero, t0, t, ok_t, ch, ok_c, group, D: tl.constexpr, AXIS_CHAN
 
 
 @triton.jit
+def _token_group_stats(scale, zero, t, ok_t, BT: tl.constexpr, D: tl.constexpr, NG: tl.constexpr,
+                       MAGIC: tl.constexpr):
+    """(scale, zero) [BT, D] of a per-token store with NG channel groups a
+    token: BT x NG pairs loaded (`_stats` loads one a place), each broadcast
+    over its D / NG channels (a reshape Triton lowers through shared memory,
+    cheaper than the places' loads: results/kernel_sass_sm90.md)."""
+    sidx = t[:, None] * NG + tl.arange(0, NG)[None, :]
+    s = tl.load(scale + sidx, mask=ok_t[:, None], other=0.0)
+    z = tl.load(zero + sidx, mask=ok_t[:, None], other=0.0)
+    if not MAGIC:
+        s = s.to(tl.float32)
+        z = z.to(tl.float32)
+    s = tl.reshape(tl.broadcast_to(s[:, :, None], (BT, NG, D // NG)), (BT, D))
+    z = tl.reshape(tl.broadcast_to(z[:, :, None], (BT, NG, D // NG)), (BT, D))
+    return s, z
+
+
+@triton.jit
 def _stats_at(scale, t0, t, c, ok, group, D: tl.constexpr, AXIS_CHANNEL: tl.constexpr,
               ROW_TILE: tl.constexpr):
     """K's scale (fp32) at places (token t, channel c); with ROW_TILE (the
@@ -282,7 +300,7 @@ def _compressed_tile(m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Qg, qk_scale, i
                      PB: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, TPB: tl.constexpr,
                      ONE_BLOCK: tl.constexpr, BITS: tl.constexpr, K_CHANNEL: tl.constexpr,
                      V_CHANNEL: tl.constexpr, K_FOLD: tl.constexpr, K_ROW_TILE: tl.constexpr,
-                     V_FOLD: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, K_OUT: tl.constexpr,
+                     V_GROUPS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, K_OUT: tl.constexpr,
                      CB: tl.constexpr, KC: tl.constexpr, OVERFLOW: tl.constexpr, VK2: tl.constexpr,
                      OUT_UNIT: tl.constexpr, MAGIC: tl.constexpr, FP32_DOT: tl.constexpr,
                      SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr):
@@ -354,11 +372,14 @@ def _compressed_tile(m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Qg, qk_scale, i
         c = _with_v_outliers(c, Vov, Voi, t, ok_t, ch, OUT_UNIT, VK2)
     acc = acc * alpha[:, None]
     acc_z = acc_z * alpha
-    if V_FOLD:   # one (s, z) per token: p . v = (p s) . c + p . z
+    if V_GROUPS == 1:   # one (s, z) per token: p . v = (p s) . c + p . z
         sv = tl.load(Vs + t, mask=ok_t, other=0.0).to(tl.float32)
         zv = tl.load(Vz + t, mask=ok_t, other=0.0).to(tl.float32)
         acc += _mma(p * sv[None, :], c, DT, FP32_DOT)
         acc_z += tl.sum(p * zv[None, :], axis=1)
+    elif V_GROUPS > 1:  # V_GROUPS pairs per token: each loaded once, broadcast over its channels
+        sv, zv = _token_group_stats(Vs, Vz, t, ok_t, BT, D, V_GROUPS, MAGIC)
+        acc += _mma(p, c * sv + zv, DT, FP32_DOT)
     else:
         sv, zv = _stats(Vs, Vz, blk * block + tile_at, t, ok_t, ch, ok_c, v_group, D, V_CHANNEL, False,
                         MAGIC)
@@ -384,7 +405,7 @@ def compressed_pass(m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, tile0, t_firs
                     PB: tl.constexpr, E: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
                     TPB: tl.constexpr, ONE_BLOCK: tl.constexpr, BITS: tl.constexpr,
                     K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr, K_FOLD: tl.constexpr,
-                    K_ROW_TILE: tl.constexpr, V_FOLD: tl.constexpr, R: tl.constexpr,
+                    K_ROW_TILE: tl.constexpr, V_GROUPS: tl.constexpr, R: tl.constexpr,
                     RP: tl.constexpr, K_OUT: tl.constexpr, CB: tl.constexpr, KC: tl.constexpr,
                     VK2: tl.constexpr, OUT_UNIT: tl.constexpr, MAGIC: tl.constexpr,
                     FP32_DOT: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -439,7 +460,7 @@ def compressed_pass(m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, tile0, t_firs
                     n_valid, pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov,
                     Voi, block, k_group, v_group, k2d, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
                     DT, D, W, WP, PB, E, BT, TPB, ONE_BLOCK, BITS, K_CHANNEL, V_CHANNEL, K_FOLD,
-                    K_ROW_TILE, V_FOLD, R, RP, K_OUT, CB, KC, True, VK2, OUT_UNIT, MAGIC, FP32_DOT,
+                    K_ROW_TILE, V_GROUPS, R, RP, K_OUT, CB, KC, True, VK2, OUT_UNIT, MAGIC, FP32_DOT,
                     SOFTCAP, MASK_KIND)
                 over = tl.where(it == i, False, over)
     else:
@@ -449,7 +470,7 @@ def compressed_pass(m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, tile0, t_firs
                 pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
                 block, k_group, v_group, k2d, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
                 DT, D, W, WP, PB, E, BT, TPB, ONE_BLOCK, BITS, K_CHANNEL, V_CHANNEL, K_FOLD, K_ROW_TILE,
-                V_FOLD, R, RP, K_OUT, CB, KC, False, VK2, OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND)
+                V_GROUPS, R, RP, K_OUT, CB, KC, False, VK2, OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND)
     if R > 0:
         if ONE_BLOCK:
             bv = tl.load(Vb + ch[:, None] * R + r[None, :], mask=ok_c[:, None] & ok_r[None, :], other=0)
