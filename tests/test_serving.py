@@ -229,12 +229,20 @@ def test_lossy_quality_per_request_close_to_generate_with_the_same_method(method
     assert sum(agree(d, g) for d, g in zip(dense, got)) >= 0.75 * sum(agree(d, r) for d, r in zip(dense, ref))
 
 
+# the pools of the random-arrival runs: six tails in 1 MB (its tails bind; 80-token pages), or twelve
+# tails of 20 tokens and 16 pages of 20, a 20 KiB page or tail (its pages bind: requests are preempted)
+POOLS = {"slots": dict(kv_budget_bytes=1_000_000, max_requests=6),
+         "pages": dict(kv_budget_bytes=(12 + 16) * 20 * 1024, max_requests=12, page_tokens=20)}
+
+
+@pytest.mark.parametrize("bound", ["slots", "pages"])
 @pytest.mark.parametrize("n", [40, pytest.param(500, marks=pytest.mark.slow)])
-def test_random_arrivals_lose_and_corrupt_nothing(n):
+def test_random_arrivals_lose_and_corrupt_nothing(n, bound, monkeypatch):
     """n requests of random lengths arriving at random moments into a pool
     that holds a few at a time (method none): every one comes back, equal to
     transformers' own continuous batching of the same prompts, and the pool
-    is whole at the end."""
+    is whole at the end. Where the pages bind, some requests are preempted
+    (taken back in) on the way."""
     import random
     import threading
     import time
@@ -242,7 +250,10 @@ def test_random_arrivals_lose_and_corrupt_nothing(n):
     model = tiny_llama(peaked=4.0)
     inputs = [[rng.randrange(1, 256) for _ in range(rng.randrange(1, 120))] for _ in range(n)]
     new = [rng.randrange(1, 24) for _ in range(n)]
-    manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
+    cb = cb_config()
+    if bound == "pages":        # transformers then admits prompts until the pages run out, not 15 % before
+        cb.safety_margin = 0.0
+    manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb)
     manager.start()
     try:
         ids = [manager.add_request(x, request_id=f"d{i}", max_new_tokens=m) for i, (x, m) in
@@ -254,8 +265,9 @@ def test_random_arrivals_lose_and_corrupt_nothing(n):
             want[out.request_id] = list(out.generated_tokens)
     finally:
         manager.stop(block=True, timeout=30)
-    serving.enable(model, kv_budget_bytes=1_000_000, max_requests=6, method="none")
-    manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
+    run, taken, _ = _admissions(monkeypatch)
+    serving.enable(model, method="none", **POOLS[bound])
+    manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb)
     manager.start()
 
     def arrive():
@@ -272,10 +284,19 @@ def test_random_arrivals_lose_and_corrupt_nothing(n):
         manager.stop(block=True, timeout=30)
     assert [got[f"g{i}"] for i in range(n)] == [want[d] for d in ids]
     assert model._gear_paged_pool.whole()
+    preempted = len(taken[None]) - len(set(taken[None]))
+    print(f"\n{n} requests, {bound} bound: {preempted} preempted")
+    assert (preempted > 0) == (bound == "pages"), preempted
 
 
+# GEAR-4's pools (64-token pages of 12,416 B, tails of 34,816 B with the sinks): tails bind, or pages
+LOSSY_POOLS = {"slots": dict(kv_budget_bytes=1_000_000, max_requests=6),
+               "pages": dict(kv_budget_bytes=12 * 34_816 + 4 * 12_416, max_requests=12)}
+
+
+@pytest.mark.parametrize("bound", ["slots", "pages"])
 @pytest.mark.parametrize("n", [24, pytest.param(500, marks=pytest.mark.slow)])
-def test_random_arrivals_lossy_pool_loses_and_corrupts_nothing(n):
+def test_random_arrivals_lossy_pool_loses_and_corrupts_nothing(n, bound, monkeypatch):
     """GEAR-4 with its sinks, compressed pages and the C++ paged kernel (on
     the CPU): n requests arriving at random moments into a pool that holds a
     few at a time, then the same requests one at a time, each alone in the
@@ -286,8 +307,10 @@ def test_random_arrivals_lossy_pool_loses_and_corrupts_nothing(n):
     alone, a long prompt is prefilled in other chunks than in the crowd, so a
     query may see a key exact (its own chunk) that it sees compressed in the
     other run, a lossy method's legitimate difference (1 of 24 here; a
-    kernel reading one row's tail slot for another's: 12 of 24). The outputs
-    stay close to dense ones."""
+    kernel reading one row's tail slot for another's: 12 of 24). Where the
+    pages bind, requests are preempted in the crowd (their compressed pages
+    freed and reused, their prompts and tokens prefilled anew): the same
+    holds. The outputs stay close to dense ones."""
     import random
     import threading
     import time
@@ -296,8 +319,12 @@ def test_random_arrivals_lossy_pool_loses_and_corrupts_nothing(n):
     inputs = [[rng.randrange(1, 256) for _ in range(rng.randrange(1, 120))] for _ in range(n)]
     new = [rng.randrange(1, 24) for _ in range(n)]
 
+    cb = cb_config()
+    if bound == "pages":        # admission until the pages run out (transformers keeps 15 % by default)
+        cb.safety_margin = 0.0
+
     def run(pause, alone=False):
-        manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
+        manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb)
         manager.start()
         done = threading.Semaphore(0)
 
@@ -318,10 +345,14 @@ def test_random_arrivals_lossy_pool_loses_and_corrupts_nothing(n):
         return [got[f"g{i}"] for i in range(n)]
 
     dense = run(0.0)
-    serving.enable(model, kv_budget_bytes=1_000_000, max_requests=6, method="gear", bits=4)
+    serving.enable(model, method="gear", bits=4, **LOSSY_POOLS[bound])
     pool_of = lambda: model._gear_paged_pool         # noqa: E731 (each manager allocates its own)
+    run_of, taken, _ = _admissions(monkeypatch)
     random_arrivals = run(0.01)
     assert pool_of().whole() and pool_of().sink_tokens > 0
+    assert (pool_of().page_bytes, pool_of().tail_bytes) == (12_416, 34_816)
+    preempted = len(taken[None]) - len(set(taken[None]))
+    assert (preempted > 0) == (bound == "pages"), preempted
     alone = run(0.0, alone=True)
     assert pool_of().whole()
     assert [len(x) for x in random_arrivals] == [len(x) for x in alone] == new
@@ -331,7 +362,8 @@ def test_random_arrivals_lossy_pool_loses_and_corrupts_nothing(n):
         return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) / len(a)
 
     agreement = sum(agree(d, g) for d, g in zip(dense, random_arrivals)) / n
-    print(f"\n{n} requests: {differ} differ between the crowd and alone; mean share of each request's "
+    print(f"\n{n} requests, {bound} bound, {preempted} preempted: {differ} differ between the crowd and alone; "
+          f"mean share of each request's "
           f"tokens before its first difference from dense {agreement:.3f}")
     assert differ <= n // 8
     assert agreement >= 0.8
