@@ -99,7 +99,7 @@ def reference(q, ks, vs, k_new, v_new, mask, scale, causal=False, softcap=0.0, s
 
 def _check(impl, method, bits, D, Hq, Hkv, prefill, new, dtype=torch.float16, B=2,
            mask=None, num_splits=None, mask_extra=0, T=1, causal=False, softcap=0.0,
-           sink_logits=False, **cfg_kw):
+           sink_logits=False, mask_heads=False, **cfg_kw):
     gen = torch.Generator().manual_seed(hash((method, bits, D, Hq, prefill, new)) % 2**31)
     cfg = GearConfig(method=method, bits=bits, group_size=cfg_kw.pop("group_size", 16),
                      decode_capacity=cfg_kw.pop("decode_capacity", 64), **cfg_kw)
@@ -117,6 +117,11 @@ def _check(impl, method, bits, D, Hq, Hkv, prefill, new, dtype=torch.float16, B=
         # count; a shorter one (a sliding window's): the keys before it are hidden
         attn_mask = torch.cat([torch.zeros(B, 1, T, max(mask_extra, 0), dtype=torch.bool),
                                keep[..., max(-mask_extra, 0):]], -1)
+        if mask_heads:   # a row per query head: head h also hides key column 5 h (never the newest)
+            attn_mask = attn_mask.expand(B, Hq, T, -1).clone()
+            for h in range(Hq):
+                if 5 * h < attn_mask.shape[-1] - 1:
+                    attn_mask[:, h, :, 5 * h] = False
         if mask == "additive":
             attn_mask = torch.zeros(attn_mask.shape, dtype=dtype).masked_fill(~attn_mask, float("-inf"))
     # sink logits: one per query head, from far below the scores to far above
@@ -170,6 +175,14 @@ def test_dtypes(impl, dtype):
 @pytest.mark.parametrize("mask", ["bool", "additive"])
 def test_left_padding_mask(impl, mask):
     _check(impl, "gear", 4, 64, 4, 2, 26, 21, B=3, mask=mask)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mask", ["bool", "additive"])
+@pytest.mark.parametrize("method, bits", [("gear", 4), ("kivi", 2)])
+def test_a_mask_row_per_query_head(impl, mask, method, bits):
+    # the Triton kernel loads a [GP, BT] tile of such a mask, a [BT] vector of one shared by the heads
+    _check(impl, method, bits, 64, 4, 2, 26, 21, B=3, mask=mask, mask_heads=True)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

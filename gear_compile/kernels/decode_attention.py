@@ -169,7 +169,10 @@ def _attention_kernel(
     ok_g = g < G
     qrow = (b * Hkv * G + kvh * G + g).to(tl.int64)     # q heads of this KV head
     Qg = Q + (b * Hkv * G + kvh * G).to(tl.int64) * D    # their first row
-    mrow = b * mask_sb + (kvh * G + g) * mask_sh
+    if MASK_KIND > 2:   # one mask row for every head
+        mrow = b * mask_sb
+    else:
+        mrow = b * mask_sb + (kvh * G + g) * mask_sh
     e = tl.arange(0, E)
     ch = (e // WP) * W + e % WP                           # extended axis -> channel
     ok_c = (e % WP < W) & (ch < D)
@@ -370,7 +373,12 @@ def _pointers(seg, q: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _mask_args(attn_mask: torch.Tensor | None, q: torch.Tensor, B: int, Hq: int):
-    """(mask tensor, kind 0 none / 1 bool / 2 additive, strides (b, h, l), length)."""
+    """(mask tensor, kind, strides (b, h, l), length). Kind 0: none; 1 bool /
+    2 additive, a row per query head; 3 bool / 4 additive, one row for all
+    heads (the mask's head stride is 0: Hugging Face's [B, 1, 1, L]), which
+    the kernel loads as one [BT] vector a tile, not [GP, BT]: the tile's
+    scores then stay in the tensor-core layout (sm_90a, KIVI-2 d 128,
+    64-token tile, 4 warps: 1,210 -> the figure in results/kernel_sass_sm90.md)."""
     if attn_mask is None:
         return q, 0, (0, 0, 0), 0
     m = attn_mask
@@ -381,6 +389,8 @@ def _mask_args(attn_mask: torch.Tensor | None, q: torch.Tensor, B: int, Hq: int)
     if kind == 1:   # Triton reads bytes; Inductor cannot lower a view of bool as uint8, a cast it fuses
         m = m.to(torch.uint8)
     m = m.expand(B, Hq, 1, mlen)
+    if m.stride(1) == 0:
+        kind += 2
     return m, kind, (m.stride(0), m.stride(1), m.stride(3)), mlen
 
 
@@ -487,10 +497,11 @@ def sm90_build_specs(head_dims=(64, 128), context: int = 32768, gqa: int = 4) ->
     """Every configuration the launcher produces for representative shapes:
     each method / bits of BUILD_METHODS at each head dim, a `context`-token
     prefill block, 4 exact sinks, 4 decode blocks, `gqa` query heads per KV
-    head: fp16 queries with a bool mask under every tile config the
+    head: fp16 queries with a bool mask (one row for all heads, Hugging
+    Face's) under every tile config the
     autotuner keeps, and at the representative one of those
     (`decode_plan.representative`: the default where kept) bf16 (additive
-    mask, softcap) and fp32 (no mask); then the combine kernel with and
+    mask, a row per head, softcap) and fp32 (no mask); then the combine kernel with and
     without sink logits. Built
     from the same layouts, `decode_plan.plan` and pruning as the launcher."""
     from ..config import GearConfig
@@ -499,7 +510,7 @@ def sm90_build_specs(head_dims=(64, 128), context: int = 32768, gqa: int = 4) ->
     for D in head_dims:
         for method, bits in BUILD_METHODS:
             cfg = GearConfig(method=method, bits=bits if method != "none" else 4)
-            for qdt, mask_kind, softcap in ((torch.float16, 1, 0.0), (torch.bfloat16, 2, 30.0),
+            for qdt, mask_kind, softcap in ((torch.float16, 3, 0.0), (torch.bfloat16, 2, 30.0),
                                             (torch.float32, 0, 0.0)):
                 kl, vl = (StoreLayout.build(cfg, kind, D, qdt, context, 4) for kind in "kv")
                 plan = decode_plan.plan(kl, vl, q_dtype=qdt, heads=gqa * 8, kv_heads=8,
@@ -530,7 +541,7 @@ def _signature(kl, vl, qdt: torch.dtype, mask_kind: int, consts: dict) -> dict:
     """`_attention_kernel`'s argument types for stores of layouts kl / vl."""
     q = "*" + _TRITON_TYPE[qdt]
     held = "*" + _TRITON_TYPE[kl.dtype]
-    sig = dict(Q=q, Lens="*i64", Mask={0: q, 1: "*u8", 2: q}[mask_kind], PO="*fp32", PLSE="*fp32",
+    sig = dict(Q=q, Lens="*i64", Mask={0: q, 1: "*u8", 2: q, 3: "*u8", 4: q}[mask_kind], PO="*fp32", PLSE="*fp32",
                Sk=held, Sv=held, Bk=held, Bv=held, Nk=held, Nv=held, qk_scale="fp32", cap="fp32")
     for prefix, layout in (("PK", kl.prefill), ("PV", vl.prefill), ("DK", kl.decode), ("DV", vl.decode)):
         dtypes = {p.name: p.dtype for p in layout.parts}

@@ -73,6 +73,8 @@ to the codes as a dense [BT, E] tile, 2k compare-selects per code.
 import triton
 import triton.language as tl
 
+from .decode_fields import field_channels, join_fields, magic_fields, split_fields
+
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)   # the scores are in base 2
 # Conversion instructions a code costs in the main loop, as the dequantization above chose them
 # (issue 28, item 2), by MAGIC: none for fp16 queries, int32 -> fp32 -> the dot's dtype (I2F +
@@ -227,33 +229,59 @@ def _k_record_scores(s, Kov, Koi, Ks, Qg, ok_g, qk_scale, r_lo, r_hi, tile_t0, t
 
 
 @triton.jit
-def _with_v_outliers(c, oval, oidx, t, ok_t, ch, unit, K2: tl.constexpr):
-    """Codes c [BT, E] of tokens t with their V outliers' units added: each
-    token's table row holds K2 = 2k channel indices (a select per code and
-    entry, in c's own dtype: no second [BT, E] tile)."""
+def _v_outlier_table(oval, oidx, t, ok_t, unit, K2: tl.constexpr):
+    """Tokens t's V outliers: K2 = 2k (channel index, value in units) columns."""
+    table = ()
     for o in tl.static_range(K2):
         oi = tl.load(oidx + t * K2 + o, mask=ok_t, other=0).to(tl.int32)
-        ov = (tl.load(oval + t * K2 + o, mask=ok_t, other=0).to(tl.float32) * unit).to(c.dtype)
-        c = tl.where(ch[None, :] == oi[:, None], c + ov[:, None], c)
+        ov = tl.load(oval + t * K2 + o, mask=ok_t, other=0).to(tl.float32) * unit
+        table = table + ((oi, ov),)
+    return table
+
+
+@triton.jit
+def _add_v_outliers(c, table, ch, K2: tl.constexpr):
+    """Codes c [BT, places of channels ch] with the table's units added: a
+    select per code and entry, in c's own dtype (no second tile)."""
+    for o in tl.static_range(K2):
+        oi, ov = table[o]
+        c = tl.where(ch[None, :] == oi[:, None], c + ov.to(c.dtype)[:, None], c)
     return c
+
+
+@triton.jit
+def _with_v_outliers(c, oval, oidx, t, ok_t, ch, unit, K2: tl.constexpr):
+    """Codes c [BT, E] of tokens t with their V outliers' units added."""
+    return _add_v_outliers(c, _v_outlier_table(oval, oidx, t, ok_t, unit, K2), ch, K2)
 
 
 @triton.jit
 def _finish_scores(s, cap, Mask, mrow, pos, ok_g, ok_t, mask_sl, SOFTCAP: tl.constexpr,
                    MASK_KIND: tl.constexpr):
     """Scores [GP, BT] after the soft cap (s and cap in base-2 units:
-    cap tanh(s / cap)) and the attention mask (mrow + pos * mask_sl
-    addresses each (query head, key position); keys before the mask's first
-    column, pos < 0, are hidden), -inf outside the tile's live tokens."""
+    cap tanh(s / cap)) and the attention mask (MASK_KIND 1 bool / 2 additive:
+    mrow [GP] + pos * mask_sl addresses each (query head, key position);
+    3 / 4: one row for every head, mrow its scalar offset, loaded as one
+    [BT] vector; keys before the mask's first column, pos < 0, are hidden),
+    -inf outside the tile's live tokens."""
     if SOFTCAP:
         s = cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
-    if MASK_KIND != 0:
+    if MASK_KIND > 2:
+        mp = Mask + mrow + pos * mask_sl
+        ok_m = ok_t & (pos >= 0)
+        if MASK_KIND == 3:   # bool, True = keep
+            keep = tl.load(mp, mask=ok_m, other=1)
+            s = tl.where((keep != 0)[None, :], s, float("-inf"))
+        else:                # additive, natural log: times log2(e) for base 2
+            s += (tl.load(mp, mask=ok_m, other=0.0).to(tl.float32) * LOG2E)[None, :]
+        s = tl.where((pos >= 0)[None, :], s, float("-inf"))
+    elif MASK_KIND != 0:
         ok_m = ok_g[:, None] & (ok_t & (pos >= 0))[None, :]
         mp = Mask + mrow[:, None] + pos[None, :] * mask_sl
-        if MASK_KIND == 1:   # bool, True = keep
+        if MASK_KIND == 1:
             keep = tl.load(mp, mask=ok_m, other=1)
             s = tl.where(keep != 0, s, float("-inf"))
-        else:                # additive, natural log: times log2(e) for base 2
+        else:
             s += tl.load(mp, mask=ok_m, other=0.0).to(tl.float32) * LOG2E
         s = tl.where((pos >= 0)[None, :], s, float("-inf"))
     return tl.where(ok_t[None, :], s, float("-inf"))
@@ -293,19 +321,21 @@ def exact_pass(m_i, l_i, acc, acc_z, q, Xk, Xv, lo, hi, tile0, t_first, n_valid,
 
 
 @triton.jit
-def _compressed_tile(m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Qg, qk_scale, item, t_first, n_valid,
+def _compressed_tile(m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, item, t_first, n_valid,
                      pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
-                     block, k_group, v_group, k2d, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
+                     block, k_group, v_group, k2d, ok_g, cap, Mask, mrow, mask_sl,
                      DT: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-                     PB: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, TPB: tl.constexpr,
-                     ONE_BLOCK: tl.constexpr, BITS: tl.constexpr, K_CHANNEL: tl.constexpr,
+                     PB: tl.constexpr, E: tl.constexpr, NF: tl.constexpr, BT: tl.constexpr,
+                     TPB: tl.constexpr, ONE_BLOCK: tl.constexpr, BITS: tl.constexpr, K_CHANNEL: tl.constexpr,
                      V_CHANNEL: tl.constexpr, K_FOLD: tl.constexpr, K_ROW_TILE: tl.constexpr,
                      V_GROUPS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, K_OUT: tl.constexpr,
                      CB: tl.constexpr, KC: tl.constexpr, OVERFLOW: tl.constexpr, VK2: tl.constexpr,
                      OUT_UNIT: tl.constexpr, MAGIC: tl.constexpr, FP32_DOT: tl.constexpr,
                      SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr):
     """One tile of a compressed segment folded into the online-softmax
-    state. OVERFLOW false (the main loop): a tile whose K outlier records
+    state, its codes NF dot operands (`decode_fields`): qs the query rows
+    and accs the output split alike (qs with K's stats folded in under
+    K_FOLD). OVERFLOW false (the main loop): a tile whose K outlier records
     overflow the KC-record window is skipped whole (every load masked) for
     the overflow programs; OVERFLOW true: only such a tile is read, its
     records one RECORD_CHUNK a trip (a loop, so that no record is ever
@@ -334,13 +364,18 @@ def _compressed_tile(m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Qg, qk_scale, i
             ok_t = tl.where(over == 0, ok_t, False)
 
     # scores: q . k_t, k = (codes + outlier units) * s + z, plus low rank
-    c = _codes_tile(Kc, t, ok_t, W, WP, PB, E, BT, BITS, MAGIC)
+    cs = _code_operands(Kc, t, ok_t, W, WP, PB, E, NF, BT, BITS, MAGIC)
+    s = tl.zeros([qs[0].shape[0], BT], tl.float32)
+    for F in tl.static_range(NF):
+        if K_FOLD:
+            s = _mma_acc(qs[F], tl.trans(cs[F]), s, DT, FP32_DOT)
+        else:
+            ch, ok_c = field_channels(F, E // NF, W, WP, D)
+            sk, zk = _stats(Ks, Kz, blk * block + tile_at, t, ok_t, ch, ok_c, k_group, D, K_CHANNEL,
+                            K_ROW_TILE, MAGIC)
+            s = _mma_acc(qs[F], tl.trans(cs[F] * sk + zk), s, DT, FP32_DOT)
     if K_FOLD:
-        s = _mma(qk, tl.trans(c), DT, FP32_DOT) + qz[:, None]
-    else:
-        sk, zk = _stats(Ks, Kz, blk * block + tile_at, t, ok_t, ch, ok_c, k_group, D, K_CHANNEL,
-                        K_ROW_TILE, MAGIC)
-        s = _mma(q, tl.trans(c * sk + zk), DT, FP32_DOT)
+        s += qz[:, None]
     if K_OUT:
         rec_v = Kov + blk * k2d
         rec_i = Koi + blk * k2d
@@ -357,44 +392,76 @@ def _compressed_tile(m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Qg, qk_scale, i
                                  k_group, D, CB, KC, BT, K_CHANNEL, K_ROW_TILE, OUT_UNIT, DT, FP32_DOT)
     if R > 0:
         a = tl.load(Ka + t[:, None] * R + r[None, :], mask=ok_t[:, None] & ok_r[None, :], other=0)
-        if not ONE_BLOCK:   # a tile is one block: its q . B diag(s)
-            bk = tl.load(Kb + (blk * D + ch)[:, None] * R + r[None, :],
-                         mask=ok_c[:, None] & ok_r[None, :], other=0)
-            sr = tl.load(Kls + blk * R + r, mask=ok_r, other=0.0)
-            qb = _mma(q, _factor(bk, MAGIC), DT, FP32_DOT) * sr[None, :]
+        if not ONE_BLOCK:   # a tile is one block: its q . B diag(s) (qs unfolded: K_FOLD is one block's)
+            qb = tl.zeros([qs[0].shape[0], RP], tl.float32)
+            for F in tl.static_range(NF):
+                ch, ok_c = field_channels(F, E // NF, W, WP, D)
+                bk = tl.load(Kb + (blk * D + ch)[:, None] * R + r[None, :],
+                             mask=ok_c[:, None] & ok_r[None, :], other=0)
+                qb = _mma_acc(qs[F], _factor(bk, MAGIC), qb, DT, FP32_DOT)
+            qb = qb * tl.load(Kls + blk * R + r, mask=ok_r, other=0.0)[None, :]
         s += _mma(qb, tl.trans(_factor(a, MAGIC)), DT, FP32_DOT)
     s = _finish_scores(s, cap, Mask, mrow, pos0 + t, ok_g, ok_t, mask_sl, SOFTCAP, MASK_KIND)
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
 
     # values: p . v, v = (codes + outlier units) * s + z, plus low rank
-    c = _codes_tile(Vc, t, ok_t, W, WP, PB, E, BT, BITS, MAGIC)
-    if VK2 > 0:
-        c = _with_v_outliers(c, Vov, Voi, t, ok_t, ch, OUT_UNIT, VK2)
-    acc = acc * alpha[:, None]
+    cs = _code_operands(Vc, t, ok_t, W, WP, PB, E, NF, BT, BITS, MAGIC)
+    table = _v_outlier_table(Vov, Voi, t, ok_t, OUT_UNIT, VK2)
     acc_z = acc_z * alpha
-    if V_GROUPS == 1:   # one (s, z) per token: p . v = (p s) . c + p . z
+    # V's per-token (s, z): one pair a token (V_GROUPS 1) folded into p (p s . c + p . z); or, where
+    # every field lies in one of a token's V_GROUPS channel groups, its group's pair [BT] applied to
+    # the field's codes where they lie (c s + z, a packed FMA per two codes)
+    PER_FIELD: tl.constexpr = V_GROUPS > 1 and NF > 1 and (D // V_GROUPS) % W == 0
+    ps = p
+    if V_GROUPS == 1:
         sv = tl.load(Vs + t, mask=ok_t, other=0.0).to(tl.float32)
         zv = tl.load(Vz + t, mask=ok_t, other=0.0).to(tl.float32)
-        acc += _mma(p * sv[None, :], c, DT, FP32_DOT)
+        ps = p * sv[None, :]
         acc_z += tl.sum(p * zv[None, :], axis=1)
-    elif V_GROUPS > 1:  # V_GROUPS pairs per token: each loaded once, broadcast over its channels
-        sv, zv = _token_group_stats(Vs, Vz, t, ok_t, BT, D, V_GROUPS, MAGIC)
-        acc += _mma(p, c * sv + zv, DT, FP32_DOT)
-    else:
-        sv, zv = _stats(Vs, Vz, blk * block + tile_at, t, ok_t, ch, ok_c, v_group, D, V_CHANNEL, False,
-                        MAGIC)
-        acc += _mma(p, c * sv + zv, DT, FP32_DOT)
     if R > 0:
         a = tl.load(Va + t[:, None] * R + r[None, :], mask=ok_t[:, None] & ok_r[None, :], other=0)
+        pa = _mma(p, _factor(a, MAGIC), DT, FP32_DOT)
         if ONE_BLOCK:   # rank space; B^T once after the loop
-            acc_r = acc_r * alpha[:, None] + _mma(p, _factor(a, MAGIC), DT, FP32_DOT)
+            acc_r = acc_r * alpha[:, None] + pa
         else:
-            bv = tl.load(Vb + (blk * D + ch)[:, None] * R + r[None, :],
-                         mask=ok_c[:, None] & ok_r[None, :], other=0)
-            sr = tl.load(Vls + blk * R + r, mask=ok_r, other=0.0)
-            pa = _mma(p, _factor(a, MAGIC), DT, FP32_DOT) * sr[None, :]
-            acc += _mma(pa, tl.trans(_factor(bv, MAGIC)), DT, FP32_DOT)
-    return m_i, l_i, acc, acc_z, acc_r
+            pa = pa * tl.load(Vls + blk * R + r, mask=ok_r, other=0.0)[None, :]
+    new = ()
+    for F in tl.static_range(NF):
+        ch, ok_c = field_channels(F, E // NF, W, WP, D)
+        c = _add_v_outliers(cs[F], table, ch, VK2)
+        acc = accs[F] * alpha[:, None]
+        if V_GROUPS == 1:
+            acc = _mma_acc(ps, c, acc, DT, FP32_DOT)
+        elif PER_FIELD:   # the field's group: F * W // (D // V_GROUPS)
+            sv = tl.load(Vs + t * V_GROUPS + F * W // (D // V_GROUPS), mask=ok_t, other=0.0)
+            zv = tl.load(Vz + t * V_GROUPS + F * W // (D // V_GROUPS), mask=ok_t, other=0.0)
+            acc = _mma_acc(p, c * sv[:, None] + zv[:, None], acc, DT, FP32_DOT)
+        else:
+            if V_GROUPS > 1 and NF == 1:   # each token's pairs loaded once, broadcast over its channels
+                sv, zv = _token_group_stats(Vs, Vz, t, ok_t, BT, D, V_GROUPS, MAGIC)
+            else:
+                sv, zv = _stats(Vs, Vz, blk * block + tile_at, t, ok_t, ch, ok_c, v_group, D, V_CHANNEL,
+                                False, MAGIC)
+            acc = _mma_acc(p, c * sv + zv, acc, DT, FP32_DOT)
+        if R > 0:
+            if not ONE_BLOCK:
+                bv = tl.load(Vb + (blk * D + ch)[:, None] * R + r[None, :],
+                             mask=ok_c[:, None] & ok_r[None, :], other=0)
+                acc = _mma_acc(pa, tl.trans(_factor(bv, MAGIC)), acc, DT, FP32_DOT)
+        new = new + (acc,)
+    return m_i, l_i, new, acc_z, acc_r
+
+
+@triton.jit
+def _code_operands(codes, t, ok_t, W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr, E: tl.constexpr,
+                   NF: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr):
+    """Tokens t's codes as NF dot operands: the bit fields [BT, WP] each
+    (`decode_fields`), or (NF 1) every field at once, [BT, E]."""
+    if NF == 1:
+        cs = (_codes_tile(codes, t, ok_t, W, WP, PB, E, BT, BITS, MAGIC),)
+    else:
+        cs = magic_fields(codes, t, ok_t, W, WP, BT, BITS, NF)
+    return cs
 
 
 @triton.jit
@@ -418,7 +485,13 @@ def compressed_pass(m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, tile0, t_firs
     KC records per tile; the rare tile holding more is skipped by the
     pipelined loop and read, OVERFLOW true, by an overflow program, which
     runs only those tiles of [lo, hi) (each partial is an online softmax of
-    its own tiles; the combine merges them)."""
+    its own tiles; the combine merges them). The codes are NF dot operands
+    (`decode_fields`): the query rows and the output are split into NF
+    column blocks before the loop and the output joined after it."""
+    # fields for fp16 queries, each at least tl.dot's 16 wide, in stores without V outliers: with
+    # them (GEAR-2 / GEAR-4) the fields spilled (sm_90a, d 128, 32-token tile, 8 warps: 24-128
+    # bytes) and K's alone saved nothing (results/kernel_sass_sm90.md)
+    NF: tl.constexpr = PB if MAGIC and WP >= 16 and (PB == 2 or PB == 4) and VK2 == 0 else 1
     r = tl.arange(0, RP)
     ok_r = r < R
     # hoisted out of the loop (see the module docstring): K's folded stats
@@ -430,6 +503,7 @@ def compressed_pass(m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, tile0, t_firs
         zk = tl.load(Kz + ch, mask=ok_c, other=0.0).to(tl.float32)
         qk = q * sk[None, :]
         qz = tl.sum(q * zk[None, :], axis=1)
+    qs = split_fields(qk, GP, NF, E // NF)
     qb = tl.zeros([GP, RP], tl.float32)
     acc_r = tl.zeros([GP, RP], tl.float32)
     if R > 0:
@@ -437,6 +511,7 @@ def compressed_pass(m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, tile0, t_firs
             bk = tl.load(Kb + ch[:, None] * R + r[None, :], mask=ok_c[:, None] & ok_r[None, :], other=0)
             sr = tl.load(Kls + r, mask=ok_r, other=0.0)
             qb = _mma(q, _factor(bk, MAGIC), DT, FP32_DOT) * sr[None, :]
+    accs = split_fields(acc, GP, NF, E // NF)
     if OVERFLOW:
         # the tiles of [lo, hi) whose records overflow the window (rare): found by a vectorised
         # scan of their record pointers, OVERFLOW_SCAN tiles a load, then read one by one
@@ -455,22 +530,23 @@ def compressed_pass(m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, tile0, t_firs
             over = tl.where(ok_i, rh - rl > KC, False)
             for k in range(0, tl.sum(over.to(tl.int32), axis=0)):
                 i = tl.min(tl.where(over, it, hi), axis=0)
-                m_i, l_i, acc, acc_z, acc_r = _compressed_tile(
-                    m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Qg, qk_scale, tile0 + i, t_first,
+                m_i, l_i, accs, acc_z, acc_r = _compressed_tile(
+                    m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, tile0 + i, t_first,
                     n_valid, pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov,
-                    Voi, block, k_group, v_group, k2d, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
-                    DT, D, W, WP, PB, E, BT, TPB, ONE_BLOCK, BITS, K_CHANNEL, V_CHANNEL, K_FOLD,
+                    Voi, block, k_group, v_group, k2d, ok_g, cap, Mask, mrow, mask_sl,
+                    DT, D, W, WP, PB, E, NF, BT, TPB, ONE_BLOCK, BITS, K_CHANNEL, V_CHANNEL, K_FOLD,
                     K_ROW_TILE, V_GROUPS, R, RP, K_OUT, CB, KC, True, VK2, OUT_UNIT, MAGIC, FP32_DOT,
                     SOFTCAP, MASK_KIND)
                 over = tl.where(it == i, False, over)
     else:
         for i in tl.range(lo, hi, num_stages=STAGES):
-            m_i, l_i, acc, acc_z, acc_r = _compressed_tile(
-                m_i, l_i, acc, acc_z, acc_r, q, qk, qz, qb, Qg, qk_scale, tile0 + i, t_first, n_valid,
+            m_i, l_i, accs, acc_z, acc_r = _compressed_tile(
+                m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, tile0 + i, t_first, n_valid,
                 pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
-                block, k_group, v_group, k2d, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
-                DT, D, W, WP, PB, E, BT, TPB, ONE_BLOCK, BITS, K_CHANNEL, V_CHANNEL, K_FOLD, K_ROW_TILE,
+                block, k_group, v_group, k2d, ok_g, cap, Mask, mrow, mask_sl,
+                DT, D, W, WP, PB, E, NF, BT, TPB, ONE_BLOCK, BITS, K_CHANNEL, V_CHANNEL, K_FOLD, K_ROW_TILE,
                 V_GROUPS, R, RP, K_OUT, CB, KC, False, VK2, OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND)
+    acc = join_fields(accs, GP, NF, E // NF)
     if R > 0:
         if ONE_BLOCK:
             bv = tl.load(Vb + ch[:, None] * R + r[None, :], mask=ok_c[:, None] & ok_r[None, :], other=0)
