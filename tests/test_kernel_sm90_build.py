@@ -197,7 +197,7 @@ def test_conversions_per_code(report, name):
     codes = codes_per_thread(spec, report)
     if not streams_tiles(report) or codes == 0:
         pytest.skip(f"{name}: dequantizes no codes in a main loop")
-    from gear_compile.kernels.decode_tiles import CONVERSIONS_PER_CODE
+    from gear_compile.kernels.decode_fields import CONVERSIONS_PER_CODE
     bound = CONVERSIONS_PER_CODE[bool(spec.constexprs.get("MAGIC"))] + ROW_CONVERSIONS
     per_code = report["main_loop"]["cvt"] / codes
     assert per_code <= bound, \

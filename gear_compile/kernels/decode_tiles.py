@@ -18,19 +18,8 @@ Axes: a tile holds BT tokens by E "extended channels" (e = field * WP + byte:
 every bit field of a byte tile unpacked at once, `packing`'s planar order),
 GP rows are the query heads of one KV head (padded to 16 for tl.dot).
 
-Dequantization (issue 28, item 2), fp16 queries (MAGIC): a code c of b <= 8
-bits becomes fp16 without a conversion instruction: (c | 0x6400) read as fp16
-is 1024 + c exactly (fp16 has 10 mantissa bits), minus 1024 in fp16; then
-x = c * s + z is one fp16 FMA (packed two per instruction). Chosen over the
-int8 / fp16 tl.dot per bit plane because it needs no second dot per plane
-and no asm (so the interpreter runs the same code). In the sm_90a SASS
-(benchmarks/kernel_sass.py, d 128, 64-token tile, 8 warps, 3 stages) the
-main loop of KCVT-4 has 5 conversion instructions per thread for the 64
-K and 64 V codes each thread unpacks (KIVI-2: 4), about 0.08 per code,
-where the int32 -> fp32 -> fp16 path costs 2 per code (I2F + F2F). That
-path is kept where the dot is not fp16: bf16 (an fp16 FMA could overflow a
-bf16 model's range) and fp32.
-Scale/zero folding (q' = q * s, q . z) is done where one stats row covers the
+Dequantization: `decode_fields` (the codes and their (scale, zero) as dot
+operands, fp16 without conversions). Scale/zero folding (q' = q * s, q . z) is done where one stats row covers the
 whole segment (K on the channel axis with one group per block: KCVT's
 prefill block), once before the loop; per tile it would cost a cross-lane
 reduction of q . z every tile, more than the one packed FMA per two codes
@@ -73,30 +62,9 @@ to the codes as a dense [BT, E] tile, 2k compare-selects per code.
 import triton
 import triton.language as tl
 
-from .decode_fields import field_channels, join_fields, magic_fields, split_fields
+from .decode_fields import code_operands, field_channels, join_fields, split_fields, stats, token_group_stats
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)   # the scores are in base 2
-# Conversion instructions a code costs in the main loop, as the dequantization above chose them
-# (issue 28, item 2), by MAGIC: none for fp16 queries, int32 -> fp32 -> the dot's dtype (I2F +
-# F2F) otherwise. tests/test_kernel_sm90_build.py holds the sm_90a SASS to these.
-CONVERSIONS_PER_CODE = {True: 0.0, False: 2.0}
-
-
-@triton.jit
-def _codes_tile(codes, t, ok_t, W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr,
-                E: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr):
-    """Unpacked codes [BT, E] of tokens t (fp16 with MAGIC, else fp32): every
-    bit field of a byte tile at once, flattened onto the extended channel axis."""
-    j = tl.arange(0, WP)
-    byte = tl.load(codes + t[:, None] * W + j[None, :], mask=ok_t[:, None] & (j < W)[None, :], other=0)
-    if MAGIC:
-        shift = (tl.arange(0, PB) * BITS).to(tl.uint16)
-        fields = (byte.to(tl.uint16)[:, None, :] >> shift[None, :, None]) & ((1 << BITS) - 1)
-        x = (fields | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-    else:
-        shift = tl.arange(0, PB) * BITS
-        x = ((byte.to(tl.int32)[:, None, :] >> shift[None, :, None]) & ((1 << BITS) - 1)).to(tl.float32)
-    return tl.reshape(x, (BT, E))
 
 
 @triton.jit
@@ -130,48 +98,6 @@ def _factor(x, MAGIC: tl.constexpr):
     else:
         y = x.to(tl.float32)
     return y   # one return: the compiler unifies every return's type, constexpr branches included
-
-
-@triton.jit
-def _stats(scale, zero, t0, t, ok_t, ch, ok_c, group, D: tl.constexpr, AXIS_CHANNEL: tl.constexpr,
-           ROW_TILE: tl.constexpr, MAGIC: tl.constexpr):
-    """(scale, zero) of the tile's places, [BT, E] or, with ROW_TILE (the
-    tile, first token t0, inside one channel-axis row), the row [1, E]: fp16
-    with MAGIC."""
-    if AXIS_CHANNEL:   # one (scale, zero) per channel per `group` tokens
-        if ROW_TILE:
-            sidx = (t0 // group) * D + ch[None, :]
-            ok = ok_c[None, :]
-        else:
-            sidx = (t // group)[:, None] * D + ch[None, :]
-            ok = ok_t[:, None] & ok_c[None, :]
-    else:              # one (scale, zero) per token per `group` channels
-        sidx = t[:, None] * (D // group) + (ch // group)[None, :]
-        ok = ok_t[:, None] & ok_c[None, :]
-    s = tl.load(scale + sidx, mask=ok, other=0.0)
-    z = tl.load(zero + sidx, mask=ok, other=0.0)
-    if not MAGIC:
-        s = s.to(tl.float32)
-        z = z.to(tl.float32)
-    return s, z
-
-
-@triton.jit
-def _token_group_stats(scale, zero, t, ok_t, BT: tl.constexpr, D: tl.constexpr, NG: tl.constexpr,
-                       MAGIC: tl.constexpr):
-    """(scale, zero) [BT, D] of a per-token store with NG channel groups a
-    token: BT x NG pairs loaded (`_stats` loads one a place), each broadcast
-    over its D / NG channels (a reshape Triton lowers through shared memory,
-    cheaper than the places' loads: results/kernel_sass_sm90.md)."""
-    sidx = t[:, None] * NG + tl.arange(0, NG)[None, :]
-    s = tl.load(scale + sidx, mask=ok_t[:, None], other=0.0)
-    z = tl.load(zero + sidx, mask=ok_t[:, None], other=0.0)
-    if not MAGIC:
-        s = s.to(tl.float32)
-        z = z.to(tl.float32)
-    s = tl.reshape(tl.broadcast_to(s[:, :, None], (BT, NG, D // NG)), (BT, D))
-    z = tl.reshape(tl.broadcast_to(z[:, :, None], (BT, NG, D // NG)), (BT, D))
-    return s, z
 
 
 @triton.jit
@@ -364,14 +290,14 @@ def _compressed_tile(m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, ite
             ok_t = tl.where(over == 0, ok_t, False)
 
     # scores: q . k_t, k = (codes + outlier units) * s + z, plus low rank
-    cs = _code_operands(Kc, t, ok_t, W, WP, PB, E, NF, BT, BITS, MAGIC)
+    cs = code_operands(Kc, t, ok_t, W, WP, PB, E, NF, BT, BITS, MAGIC)
     s = tl.zeros([qs[0].shape[0], BT], tl.float32)
     for F in tl.static_range(NF):
         if K_FOLD:
             s = _mma_acc(qs[F], tl.trans(cs[F]), s, DT, FP32_DOT)
         else:
             ch, ok_c = field_channels(F, E // NF, W, WP, D)
-            sk, zk = _stats(Ks, Kz, blk * block + tile_at, t, ok_t, ch, ok_c, k_group, D, K_CHANNEL,
+            sk, zk = stats(Ks, Kz, blk * block + tile_at, t, ok_t, ch, ok_c, k_group, D, K_CHANNEL,
                             K_ROW_TILE, MAGIC)
             s = _mma_acc(qs[F], tl.trans(cs[F] * sk + zk), s, DT, FP32_DOT)
     if K_FOLD:
@@ -405,7 +331,7 @@ def _compressed_tile(m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, ite
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
 
     # values: p . v, v = (codes + outlier units) * s + z, plus low rank
-    cs = _code_operands(Vc, t, ok_t, W, WP, PB, E, NF, BT, BITS, MAGIC)
+    cs = code_operands(Vc, t, ok_t, W, WP, PB, E, NF, BT, BITS, MAGIC)
     table = _v_outlier_table(Vov, Voi, t, ok_t, OUT_UNIT, VK2)
     acc_z = acc_z * alpha
     # V's per-token (s, z): one pair a token (V_GROUPS 1) folded into p (p s . c + p . z); or, where
@@ -438,9 +364,9 @@ def _compressed_tile(m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, ite
             acc = _mma_acc(p, c * sv[:, None] + zv[:, None], acc, DT, FP32_DOT)
         else:
             if V_GROUPS > 1 and NF == 1:   # each token's pairs loaded once, broadcast over its channels
-                sv, zv = _token_group_stats(Vs, Vz, t, ok_t, BT, D, V_GROUPS, MAGIC)
+                sv, zv = token_group_stats(Vs, Vz, t, ok_t, BT, D, V_GROUPS, MAGIC)
             else:
-                sv, zv = _stats(Vs, Vz, blk * block + tile_at, t, ok_t, ch, ok_c, v_group, D, V_CHANNEL,
+                sv, zv = stats(Vs, Vz, blk * block + tile_at, t, ok_t, ch, ok_c, v_group, D, V_CHANNEL,
                                 False, MAGIC)
             acc = _mma_acc(p, c * sv + zv, acc, DT, FP32_DOT)
         if R > 0:
@@ -450,18 +376,6 @@ def _compressed_tile(m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, ite
                 acc = _mma_acc(pa, tl.trans(_factor(bv, MAGIC)), acc, DT, FP32_DOT)
         new = new + (acc,)
     return m_i, l_i, new, acc_z, acc_r
-
-
-@triton.jit
-def _code_operands(codes, t, ok_t, W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr, E: tl.constexpr,
-                   NF: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr):
-    """Tokens t's codes as NF dot operands: the bit fields [BT, WP] each
-    (`decode_fields`), or (NF 1) every field at once, [BT, E]."""
-    if NF == 1:
-        cs = (_codes_tile(codes, t, ok_t, W, WP, PB, E, BT, BITS, MAGIC),)
-    else:
-        cs = magic_fields(codes, t, ok_t, W, WP, BT, BITS, NF)
-    return cs
 
 
 @triton.jit

@@ -24,7 +24,7 @@ Algorithm (split-K flash decoding, one launch plus the store kernel's combine):
   in tl.dot's M dimension, >= 16, at most `lorc_launch.MAX_ROWS` a program: more make row
   blocks, each reading the latents again).
 * Per tile: the K latent codes are dequantized in registers
-  (`decode_tiles._codes_tile`, `_stats`; GEAR's K records added as one-hot
+  (`decode_fields.codes_tile`, `stats`; GEAR's K records added as one-hot
   products, its low rank as A diag(s) B^T, both densely, since the latent is
   needed itself, not its scores), K = latents @ U_k^T (the KV head's rows,
   loaded on the store's extended channel axis) as a tl.dot, and RoPE fused
@@ -51,8 +51,9 @@ import triton
 import triton.language as tl
 
 from .decode_attention import _segment_range
-from .decode_tiles import (RECORD_CHUNK, _codes_tile, _factor, _finish_scores, _mma, _mma_acc, _softmax_step,
-                           _stats, _stats_at, _with_v_outliers)
+from .decode_fields import codes_tile, stats
+from .decode_tiles import (RECORD_CHUNK, _factor, _finish_scores, _mma, _mma_acc, _softmax_step, _stats_at,
+                           _with_v_outliers)
 
 
 @triton.jit
@@ -118,10 +119,10 @@ def _latent_tile(Xc, Xs, Xz, Xa, Xb, Xls, Xov, Xoi, Xop, blk, tile_at, t, ok_t, 
     if EXACT:
         x = tl.load(Xc + t[:, None] * D + ch[None, :], mask=ok_t[:, None] & ok_c[None, :], other=0.0)
     else:
-        c = _codes_tile(Xc, t, ok_t, W, WP, PB, E, BT, BITS, MAGIC)
+        c = codes_tile(Xc, t, ok_t, W, WP, PB, E, BT, BITS, MAGIC)
         if VK2 > 0:
             c = _with_v_outliers(c, Xov, Xoi, t, ok_t, ch, OUT_UNIT, VK2)
-        sc, zc = _stats(Xs, Xz, blk * block + tile_at, t, ok_t, ch, ok_c, group, D, CHANNEL, ROW_TILE, MAGIC)
+        sc, zc = stats(Xs, Xz, blk * block + tile_at, t, ok_t, ch, ok_c, group, D, CHANNEL, ROW_TILE, MAGIC)
         x = c * sc + zc
         if K_OUT or R > 0:
             x = x.to(tl.float32)
