@@ -130,7 +130,7 @@ def _attention_kernel(
         PB: tl.constexpr, E: tl.constexpr, BITS: tl.constexpr, STORE_EXACT: tl.constexpr,
         K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr, K_GROUP: tl.constexpr,
         P_R: tl.constexpr, D_R: tl.constexpr, RP: tl.constexpr, P_K_FOLD: tl.constexpr,
-        D_K_ROW_TILE: tl.constexpr, V_GROUPS: tl.constexpr, P_K_OUT: tl.constexpr, D_K_OUT: tl.constexpr,
+        D_K_ROW_TILE: tl.constexpr, V_GROUPS: tl.constexpr, K_GROUPS: tl.constexpr, P_K_OUT: tl.constexpr, D_K_OUT: tl.constexpr,
         CB: tl.constexpr, P_KRPT: tl.constexpr, D_KC: tl.constexpr,
         VK2: tl.constexpr, OUT_UNIT: tl.constexpr, MAGIC: tl.constexpr, FP32_DOT: tl.constexpr,
         SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, SBT: tl.constexpr, DBT: tl.constexpr,
@@ -218,7 +218,7 @@ def _attention_kernel(
                     pvc, pvs, pvz, pva, pvb, pvls, pvov, pvoi,
                     P_CAP, pk_group, pv_group, pk_k2 * D, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
                     DT, D, W, WP, PB, E, GP, BT, 1, True, BITS, K_CHANNEL, V_CHANNEL, P_K_FOLD,
-                    p_row_tile, V_GROUPS, P_R, RP, P_K_OUT, CB, P_KRPT * BT, VK2,
+                    p_row_tile, V_GROUPS, K_GROUPS, P_R, RP, P_K_OUT, CB, P_KRPT * BT, VK2,
                     OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND, STAGES, False)
         off += items_p
         lo, hi = _segment_range(w0, w1, off, items_d)
@@ -242,7 +242,7 @@ def _attention_kernel(
                     dvc, dvs, dvz, dva, dvb, dvls, dvov, dvoi,
                     d_block, dk_group, dv_group, dk_k2 * D, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
                     DT, D, W, WP, PB, E, GP, DBT, D_TPB, False, BITS, K_CHANNEL, V_CHANNEL, False,
-                    D_K_ROW_TILE, V_GROUPS, D_R, RP, D_K_OUT, CB, D_KC, VK2,
+                    D_K_ROW_TILE, V_GROUPS, K_GROUPS, D_R, RP, D_K_OUT, CB, D_KC, VK2,
                     OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND, STAGES, False)
         off += items_d
         lo, hi = _segment_range(w0, w1, off, items_b)
@@ -276,7 +276,7 @@ def _attention_kernel(
                     pvc, pvs, pvz, pva, pvb, pvls, pvov, pvoi,
                     P_CAP, pk_group, pv_group, pk_k2 * D, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
                     DT, D, W, WP, PB, E, GP, BT, 1, True, BITS, K_CHANNEL, V_CHANNEL, P_K_FOLD,
-                    p_row_tile, V_GROUPS, P_R, RP, P_K_OUT, CB, P_KRPT * BT, VK2,
+                    p_row_tile, V_GROUPS, K_GROUPS, P_R, RP, P_K_OUT, CB, P_KRPT * BT, VK2,
                     OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND, STAGES, True)
         if D_K_OUT and D_TPB > 1:   # (a tile that is its whole block holds its records: no overflow)
             lo, hi = _segment_range(w0, w1, items_s + items_p, items_d)
@@ -293,7 +293,7 @@ def _attention_kernel(
                     dvc, dvs, dvz, dva, dvb, dvls, dvov, dvoi,
                     d_block, dk_group, dv_group, dk_k2 * D, ch, ok_c, ok_g, cap, Mask, mrow, mask_sl,
                     DT, D, W, WP, PB, E, GP, DBT, D_TPB, False, BITS, K_CHANNEL, V_CHANNEL, False,
-                    D_K_ROW_TILE, V_GROUPS, D_R, RP, D_K_OUT, CB, D_KC, VK2,
+                    D_K_ROW_TILE, V_GROUPS, K_GROUPS, D_R, RP, D_K_OUT, CB, D_KC, VK2,
                     OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND, STAGES, True)
 
     has = l_i > 0
@@ -343,7 +343,7 @@ COMBINE_CHUNK = 64     # partials the combine kernel merges per iteration (regis
 # what changes the best tile config: head dim, bits, method (stats axes and
 # groups, ranks, outliers), query dtype, GQA ratio
 AUTOTUNE_KEY = ("D", "BITS", "G", "STORE_EXACT", "K_CHANNEL", "V_CHANNEL", "K_GROUP", "P_R", "D_R",
-                "P_K_OUT", "VK2", "V_GROUPS", "MAGIC", "FP32_DOT")
+                "P_K_OUT", "VK2", "V_GROUPS", "K_GROUPS", "MAGIC", "FP32_DOT")
 
 
 @functools.lru_cache(maxsize=32)

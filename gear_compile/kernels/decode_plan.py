@@ -178,15 +178,17 @@ def _group(layout: SegmentLayout) -> int:
     return layout.token_group if layout.spec.axis == "channel" else layout.channel_group
 
 
-def _v_groups(pv: SegmentLayout, dv: SegmentLayout, D: int, E: int) -> int:
-    """V's (scale, zero) pairs per token as the tile reads them (`V_GROUPS`):
-    1, one a token (KCVT, GEAR), folded into p (p s . c + p . z); n > 1, n
-    channel groups a token (KIVI at a head dim above its group), each
-    token's n pairs loaded once and broadcast over their channels, which
-    needs the tile's E places to be D, a power-of-two group, and the
-    registers of a store with no V outliers or rank (GEAR-2's KIVI backbone
-    spilled with it: results/kernel_sass_sm90.md); 0, gathered at each
-    (token, channel) place (V per channel, or any other grouping)."""
+def _token_groups(pv: SegmentLayout, dv: SegmentLayout, D: int, E: int) -> int:
+    """A per-token side's (scale, zero) pairs per token as the tile reads
+    them (`V_GROUPS` for V, `K_GROUPS` for K): for V, 1, one a token (KCVT,
+    GEAR), folded into p (p s . c + p . z); n > 1, n channel groups a token
+    (KIVI at a head dim above its group), each token's n pairs loaded once,
+    for a bit field inside one group (`decode_fields`) or broadcast over their
+    channels, which needs the tile's E places to be D, a power-of-two group,
+    and the registers of a store with no outliers or rank (GEAR-2's KIVI
+    backbone spilled with it: results/kernel_sass_sm90.md); 0, gathered at
+    each (token, channel) place (a per-channel side, or any other grouping).
+    K reads n only for its bit fields (per_token's K)."""
     if dv.spec.axis != "token" or _group(pv) != _group(dv):
         return 0
     group = _group(dv)
@@ -226,7 +228,8 @@ def plan(kl: StoreLayout, vl: StoreLayout, *, q_dtype: torch.dtype, heads: int, 
         P_R=pk.rank, D_R=dk.rank, RP=rank_width(gp, max(pk.rank, dk.rank), tensor_cores=True),
         P_K_FOLD=k_channel and not pk.spec.group,
         D_K_ROW_TILE=k_channel and (_group(dk) == d_block or (_group(dk) % dbt == 0 and d_block % dbt == 0)),
-        V_GROUPS=_v_groups(pv, dv, D, pb * wp) if not exact else 0,
+        V_GROUPS=_token_groups(pv, dv, D, pb * wp) if not exact else 0,
+        K_GROUPS=_token_groups(pk, dk, D, pb * wp) if not exact else 0,
         P_K_OUT=pk.outliers_per_side > 0, D_K_OUT=dk.outliers_per_side > 0, CB=outliers.channel_bits(D),
         P_KRPT=record_window(pk, 1), D_KC=record_window(dk, dbt), VK2=2 * dv.outliers_per_side,
         OUT_UNIT=outliers.unit(bits) if not exact else 1.0,

@@ -254,7 +254,8 @@ def _compressed_tile(m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, ite
                      PB: tl.constexpr, E: tl.constexpr, NF: tl.constexpr, BT: tl.constexpr,
                      TPB: tl.constexpr, ONE_BLOCK: tl.constexpr, BITS: tl.constexpr, K_CHANNEL: tl.constexpr,
                      V_CHANNEL: tl.constexpr, K_FOLD: tl.constexpr, K_ROW_TILE: tl.constexpr,
-                     V_GROUPS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, K_OUT: tl.constexpr,
+                     V_GROUPS: tl.constexpr, K_GROUPS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+                     K_OUT: tl.constexpr,
                      CB: tl.constexpr, KC: tl.constexpr, OVERFLOW: tl.constexpr, VK2: tl.constexpr,
                      OUT_UNIT: tl.constexpr, MAGIC: tl.constexpr, FP32_DOT: tl.constexpr,
                      SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr):
@@ -291,14 +292,20 @@ def _compressed_tile(m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, ite
 
     # scores: q . k_t, k = (codes + outlier units) * s + z, plus low rank
     cs = code_operands(Kc, t, ok_t, W, WP, PB, E, NF, BT, BITS, MAGIC)
+    # K per token (K_GROUPS pairs a token) with every field inside one group: its pair [BT] a field
+    K_FIELD_TOKEN: tl.constexpr = K_GROUPS > 0 and NF > 1 and (D // K_GROUPS) % W == 0
     s = tl.zeros([qs[0].shape[0], BT], tl.float32)
     for F in tl.static_range(NF):
         if K_FOLD:
             s = _mma_acc(qs[F], tl.trans(cs[F]), s, DT, FP32_DOT)
+        elif K_FIELD_TOKEN:   # the field's group of K's per-token pairs, [BT]
+            sk = tl.load(Ks + t * K_GROUPS + F * W // (D // K_GROUPS), mask=ok_t, other=0.0)
+            zk = tl.load(Kz + t * K_GROUPS + F * W // (D // K_GROUPS), mask=ok_t, other=0.0)
+            s = _mma_acc(qs[F], tl.trans(cs[F] * sk[:, None] + zk[:, None]), s, DT, FP32_DOT)
         else:
             ch, ok_c = field_channels(F, E // NF, W, WP, D)
             sk, zk = stats(Ks, Kz, blk * block + tile_at, t, ok_t, ch, ok_c, k_group, D, K_CHANNEL,
-                            K_ROW_TILE, MAGIC)
+                           K_ROW_TILE, MAGIC)
             s = _mma_acc(qs[F], tl.trans(cs[F] * sk + zk), s, DT, FP32_DOT)
     if K_FOLD:
         s += qz[:, None]
@@ -386,7 +393,7 @@ def compressed_pass(m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, tile0, t_firs
                     PB: tl.constexpr, E: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
                     TPB: tl.constexpr, ONE_BLOCK: tl.constexpr, BITS: tl.constexpr,
                     K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr, K_FOLD: tl.constexpr,
-                    K_ROW_TILE: tl.constexpr, V_GROUPS: tl.constexpr, R: tl.constexpr,
+                    K_ROW_TILE: tl.constexpr, V_GROUPS: tl.constexpr, K_GROUPS: tl.constexpr, R: tl.constexpr,
                     RP: tl.constexpr, K_OUT: tl.constexpr, CB: tl.constexpr, KC: tl.constexpr,
                     VK2: tl.constexpr, OUT_UNIT: tl.constexpr, MAGIC: tl.constexpr,
                     FP32_DOT: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -449,7 +456,7 @@ def compressed_pass(m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, tile0, t_firs
                     n_valid, pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov,
                     Voi, block, k_group, v_group, k2d, ok_g, cap, Mask, mrow, mask_sl,
                     DT, D, W, WP, PB, E, NF, BT, TPB, ONE_BLOCK, BITS, K_CHANNEL, V_CHANNEL, K_FOLD,
-                    K_ROW_TILE, V_GROUPS, R, RP, K_OUT, CB, KC, True, VK2, OUT_UNIT, MAGIC, FP32_DOT,
+                    K_ROW_TILE, V_GROUPS, K_GROUPS, R, RP, K_OUT, CB, KC, True, VK2, OUT_UNIT, MAGIC, FP32_DOT,
                     SOFTCAP, MASK_KIND)
                 over = tl.where(it == i, False, over)
     else:
@@ -459,7 +466,7 @@ def compressed_pass(m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, tile0, t_firs
                 pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
                 block, k_group, v_group, k2d, ok_g, cap, Mask, mrow, mask_sl,
                 DT, D, W, WP, PB, E, NF, BT, TPB, ONE_BLOCK, BITS, K_CHANNEL, V_CHANNEL, K_FOLD, K_ROW_TILE,
-                V_GROUPS, R, RP, K_OUT, CB, KC, False, VK2, OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND)
+                V_GROUPS, K_GROUPS, R, RP, K_OUT, CB, KC, False, VK2, OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND)
     acc = join_fields(accs, GP, NF, E // NF)
     if R > 0:
         if ONE_BLOCK:
