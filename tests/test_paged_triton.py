@@ -19,7 +19,6 @@ import torch
 
 from gear_compile.paged_attention import attend, block_table
 
-import kernel_sass
 import pages
 from pages import L
 
@@ -172,8 +171,6 @@ def test_refusals():
 SM90_SPILLS = {"paged-gear2-d128-fp16":
                "GEAR-2 (low rank, K records, V outliers): 255 registers and a 32-byte stack: 14 local "
                "loads / stores, none in a tile loop, two at the head of the page loop (once a page)"}
-if kernel_sass.older_triton():     # Triton 3.6 (the lent GPUs'; .ci/versions oldest)
-    SM90_SPILLS["paged-kcvt4-d128-fp16"] = "Triton 3.6: a 48-byte stack (none with 3.9)"
 _SM90 = {}
 
 

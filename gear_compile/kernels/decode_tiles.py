@@ -247,6 +247,16 @@ def exact_pass(m_i, l_i, acc, acc_z, q, Xk, Xv, lo, hi, tile0, t_first, n_valid,
 
 
 @triton.jit
+def _token_pairs(scale, zero, t, ok_t, NG: tl.constexpr):
+    """Tokens t's (scale, zero) [BT] of each of their NG channel groups, as they are held."""
+    pairs = ()
+    for gi in tl.static_range(NG):
+        pairs = pairs + ((tl.load(scale + t * NG + gi, mask=ok_t, other=0.0),
+                          tl.load(zero + t * NG + gi, mask=ok_t, other=0.0)),)
+    return pairs
+
+
+@triton.jit
 def _compressed_tile(m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, item, t_first, n_valid,
                      pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
                      block, k_group, v_group, k2d, ok_g, cap, Mask, mrow, mask_sl,
@@ -294,13 +304,14 @@ def _compressed_tile(m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, ite
     cs = code_operands(Kc, t, ok_t, W, WP, PB, E, NF, BT, BITS, MAGIC)
     # K per token (K_GROUPS pairs a token) with every field inside one group: its pair [BT] a field
     K_FIELD_TOKEN: tl.constexpr = K_GROUPS > 0 and NF > 1 and (D // K_GROUPS) % W == 0
+    if K_FIELD_TOKEN:
+        kstats = _token_pairs(Ks, Kz, t, ok_t, K_GROUPS)
     s = tl.zeros([qs[0].shape[0], BT], tl.float32)
     for F in tl.static_range(NF):
         if K_FOLD:
             s = _mma_acc(qs[F], tl.trans(cs[F]), s, DT, FP32_DOT)
         elif K_FIELD_TOKEN:   # the field's group of K's per-token pairs, [BT]
-            sk = tl.load(Ks + t * K_GROUPS + F * W // (D // K_GROUPS), mask=ok_t, other=0.0)
-            zk = tl.load(Kz + t * K_GROUPS + F * W // (D // K_GROUPS), mask=ok_t, other=0.0)
+            sk, zk = kstats[F * W // (D // K_GROUPS)]
             s = _mma_acc(qs[F], tl.trans(cs[F] * sk[:, None] + zk[:, None]), s, DT, FP32_DOT)
         else:
             ch, ok_c = field_channels(F, E // NF, W, WP, D)
@@ -346,6 +357,8 @@ def _compressed_tile(m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, ite
     # the field's codes where they lie (c s + z, a packed FMA per two codes)
     PER_FIELD: tl.constexpr = V_GROUPS > 1 and NF > 1 and (D // V_GROUPS) % W == 0
     ps = p
+    if PER_FIELD:
+        vstats = _token_pairs(Vs, Vz, t, ok_t, V_GROUPS)
     if V_GROUPS == 1:
         sv = tl.load(Vs + t, mask=ok_t, other=0.0).to(tl.float32)
         zv = tl.load(Vz + t, mask=ok_t, other=0.0).to(tl.float32)
@@ -366,8 +379,7 @@ def _compressed_tile(m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, ite
         if V_GROUPS == 1:
             acc = _mma_acc(ps, c, acc, DT, FP32_DOT)
         elif PER_FIELD:   # the field's group: F * W // (D // V_GROUPS)
-            sv = tl.load(Vs + t * V_GROUPS + F * W // (D // V_GROUPS), mask=ok_t, other=0.0)
-            zv = tl.load(Vz + t * V_GROUPS + F * W // (D // V_GROUPS), mask=ok_t, other=0.0)
+            sv, zv = vstats[F * W // (D // V_GROUPS)]
             acc = _mma_acc(p, c * sv[:, None] + zv[:, None], acc, DT, FP32_DOT)
         else:
             if V_GROUPS > 1 and NF == 1:   # each token's pairs loaded once, broadcast over its channels
