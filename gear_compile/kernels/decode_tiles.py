@@ -355,9 +355,9 @@ def _compressed_tile(m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, ite
     # V's per-token (s, z): one pair a token (V_GROUPS 1) folded into p (p s . c + p . z); or, where
     # every field lies in one of a token's V_GROUPS channel groups, its group's pair [BT] applied to
     # the field's codes where they lie (c s + z, a packed FMA per two codes)
-    PER_FIELD: tl.constexpr = V_GROUPS > 1 and NF > 1 and (D // V_GROUPS) % W == 0
+    V_FIELD_TOKEN: tl.constexpr = V_GROUPS > 1 and NF > 1 and (D // V_GROUPS) % W == 0
     ps = p
-    if PER_FIELD:
+    if V_FIELD_TOKEN:
         vstats = _token_pairs(Vs, Vz, t, ok_t, V_GROUPS)
     if V_GROUPS == 1:
         sv = tl.load(Vs + t, mask=ok_t, other=0.0).to(tl.float32)
@@ -378,7 +378,7 @@ def _compressed_tile(m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, ite
         acc = accs[F] * alpha[:, None]
         if V_GROUPS == 1:
             acc = _mma_acc(ps, c, acc, DT, FP32_DOT)
-        elif PER_FIELD:   # the field's group: F * W // (D // V_GROUPS)
+        elif V_FIELD_TOKEN:   # the field's group: F * W // (D // V_GROUPS)
             sv, zv = vstats[F * W // (D // V_GROUPS)]
             acc = _mma_acc(p, c * sv[:, None] + zv[:, None], acc, DT, FP32_DOT)
         else:
