@@ -26,7 +26,7 @@ fields unpack in registers. Unpacked at once into [BT, E] (`codes_tile`, NF
 = 1), the reshape of [BT, PB, WP] went through shared memory, a byte and
 then a half at a time. sm_90a, d 128, the main loop's SASS lines a thread
 (results/kernel_sass_sm90.md): KIVI-2 (64-token tile, 4 warps) 1,650 ->
-945 with the mask change in `decode_tiles._finish_scores`, KCVT-4 (8 warps)
+950 with the mask change in `decode_tiles._finish_scores`, KCVT-4 (8 warps)
 861 -> 439. NF is PB (2 or 4) for fp16 queries when a field is at least 16
 wide (tl.dot's smallest K / N) and the store has no V outliers; else 1.
 """
