@@ -130,7 +130,8 @@ def _attention_kernel(
         PB: tl.constexpr, E: tl.constexpr, BITS: tl.constexpr, STORE_EXACT: tl.constexpr,
         K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr, K_GROUP: tl.constexpr,
         P_R: tl.constexpr, D_R: tl.constexpr, RP: tl.constexpr, P_K_FOLD: tl.constexpr,
-        D_K_ROW_TILE: tl.constexpr, V_GROUPS: tl.constexpr, K_GROUPS: tl.constexpr, P_K_OUT: tl.constexpr, D_K_OUT: tl.constexpr,
+        D_K_ROW_TILE: tl.constexpr, V_GROUPS: tl.constexpr, K_GROUPS: tl.constexpr, P_K_OUT: tl.constexpr,
+        D_K_OUT: tl.constexpr,
         CB: tl.constexpr, P_KRPT: tl.constexpr, D_KC: tl.constexpr,
         VK2: tl.constexpr, OUT_UNIT: tl.constexpr, MAGIC: tl.constexpr, FP32_DOT: tl.constexpr,
         SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, SBT: tl.constexpr, DBT: tl.constexpr,
@@ -541,7 +542,8 @@ def _signature(kl, vl, qdt: torch.dtype, mask_kind: int, consts: dict) -> dict:
     """`_attention_kernel`'s argument types for stores of layouts kl / vl."""
     q = "*" + _TRITON_TYPE[qdt]
     held = "*" + _TRITON_TYPE[kl.dtype]
-    sig = dict(Q=q, Lens="*i64", Mask={0: q, 1: "*u8", 2: q, 3: "*u8", 4: q}[mask_kind], PO="*fp32", PLSE="*fp32",
+    sig = dict(Q=q, Lens="*i64", Mask={0: q, 1: "*u8", 2: q, 3: "*u8", 4: q}[mask_kind], PO="*fp32",
+               PLSE="*fp32",
                Sk=held, Sv=held, Bk=held, Bv=held, Nk=held, Nv=held, qk_scale="fp32", cap="fp32")
     for prefix, layout in (("PK", kl.prefill), ("PV", vl.prefill), ("DK", kl.decode), ("DV", vl.decode)):
         dtypes = {p.name: p.dtype for p in layout.parts}

@@ -478,7 +478,8 @@ def compressed_pass(m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo, hi, tile0, t_firs
                 pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
                 block, k_group, v_group, k2d, ok_g, cap, Mask, mrow, mask_sl,
                 DT, D, W, WP, PB, E, NF, BT, TPB, ONE_BLOCK, BITS, K_CHANNEL, V_CHANNEL, K_FOLD, K_ROW_TILE,
-                V_GROUPS, K_GROUPS, R, RP, K_OUT, CB, KC, False, VK2, OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP, MASK_KIND)
+                V_GROUPS, K_GROUPS, R, RP, K_OUT, CB, KC, False, VK2, OUT_UNIT, MAGIC, FP32_DOT, SOFTCAP,
+                MASK_KIND)
     acc = join_fields(accs, GP, NF, E // NF)
     if R > 0:
         if ONE_BLOCK:

@@ -80,7 +80,8 @@ def _pages(m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo_p, hi_p, p0, PageIds, use_s
            DT: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, PB: tl.constexpr,
            E: tl.constexpr, GP: tl.constexpr, BITS: tl.constexpr, STORE_EXACT: tl.constexpr,
            K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr, D_R: tl.constexpr, RP: tl.constexpr,
-           D_K_ROW_TILE: tl.constexpr, V_GROUPS: tl.constexpr, K_GROUPS: tl.constexpr, D_K_OUT: tl.constexpr, CB: tl.constexpr,
+           D_K_ROW_TILE: tl.constexpr, V_GROUPS: tl.constexpr, K_GROUPS: tl.constexpr, D_K_OUT: tl.constexpr,
+           CB: tl.constexpr,
            D_KC: tl.constexpr, VK2: tl.constexpr, OUT_UNIT: tl.constexpr, MAGIC: tl.constexpr,
            FP32_DOT: tl.constexpr, DBT: tl.constexpr, D_TPB: tl.constexpr, STAGES: tl.constexpr,
            OVERFLOW: tl.constexpr):
@@ -125,7 +126,8 @@ def _paged_kernel(
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
         PB: tl.constexpr, E: tl.constexpr, BITS: tl.constexpr, STORE_EXACT: tl.constexpr,
         K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr, D_R: tl.constexpr, RP: tl.constexpr,
-        D_K_ROW_TILE: tl.constexpr, V_GROUPS: tl.constexpr, K_GROUPS: tl.constexpr, D_K_OUT: tl.constexpr, CB: tl.constexpr,
+        D_K_ROW_TILE: tl.constexpr, V_GROUPS: tl.constexpr, K_GROUPS: tl.constexpr, D_K_OUT: tl.constexpr,
+        CB: tl.constexpr,
         D_KC: tl.constexpr, VK2: tl.constexpr, OUT_UNIT: tl.constexpr, MAGIC: tl.constexpr,
         FP32_DOT: tl.constexpr, DBT: tl.constexpr, D_TPB: tl.constexpr, SBT: tl.constexpr,
         XBT: tl.constexpr, OVER: tl.constexpr, STAGES: tl.constexpr):
@@ -171,7 +173,8 @@ def _paged_kernel(
             m_i, l_i, acc, acc_z, q, Qg, qk_scale, lo_p, hi_p, p0, PageIds, use_sinks, n_sink, layer, layers,
             Hkv, kvh, page_tokens, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
             d_block, dk_group, dv_group, dk_k2, ch, ok_c, ok_g, cap, Q, mrow,
-            DT, D, W, WP, PB, E, GP, BITS, STORE_EXACT, K_CHANNEL, V_CHANNEL, D_R, RP, D_K_ROW_TILE, V_GROUPS, K_GROUPS,
+            DT, D, W, WP, PB, E, GP, BITS, STORE_EXACT, K_CHANNEL, V_CHANNEL, D_R, RP, D_K_ROW_TILE, V_GROUPS,
+            K_GROUPS,
             D_K_OUT, CB, D_KC, VK2, OUT_UNIT, MAGIC, FP32_DOT, DBT, D_TPB, STAGES, False)
         if split == 0:
             # q loaded again (L2-resident): not live across the page loop's registers
@@ -251,7 +254,8 @@ def _page_tile(c: dict, dk) -> None:
 
 
 CONSTS = ("G", "GP", "D", "W", "WP", "PB", "E", "BITS", "STORE_EXACT", "K_CHANNEL", "V_CHANNEL", "D_R", "RP",
-          "D_K_ROW_TILE", "V_GROUPS", "K_GROUPS", "D_K_OUT", "CB", "D_KC", "VK2", "OUT_UNIT", "MAGIC", "FP32_DOT", "DBT",
+          "D_K_ROW_TILE", "V_GROUPS", "K_GROUPS", "D_K_OUT", "CB", "D_KC", "VK2", "OUT_UNIT", "MAGIC", "FP32_DOT",
+          "DBT",
           "D_TPB", "SBT", "XBT")
 
 
