@@ -39,9 +39,13 @@ def greedy(**kw):
     return GenerationConfig(max_new_tokens=NEW, do_sample=False, eos_token_id=-1, pad_token_id=0, **kw)
 
 
-def cb_config():
-    # 48-token batches: prompts longer than that are prefilled in chunks, beside decode rows
-    return ContinuousBatchingConfig(page_size=16, max_batch_tokens=48, num_blocks=128)
+def cb_config(safety_margin=None):
+    # 48-token batches: prompts longer than that are prefilled in chunks, beside decode rows;
+    # safety_margin 0: transformers admits prompts until the pages run out (it keeps 15 % by default)
+    cb = ContinuousBatchingConfig(page_size=16, max_batch_tokens=48, num_blocks=128)
+    if safety_margin is not None:
+        cb.safety_margin = safety_margin
+    return cb
 
 
 def tokens(out):
@@ -122,6 +126,12 @@ def _admissions(monkeypatch):
     return run, taken, most
 
 
+def preemptions(ids: list) -> int:
+    """Preemptions among a run's admissions (`_admissions`' ids): a preempted
+    request takes a tail slot again when it is prefilled anew."""
+    return len(ids) - len(set(ids))
+
+
 def test_growing_requests_are_preempted_and_prefilled_anew_exactly(monkeypatch):
     """admission "grow" in a pool of 10 pages of 40 tokens that the eight
     requests' whole lengths overfill (18 pages): it admits more requests at once than
@@ -142,7 +152,7 @@ def test_growing_requests_are_preempted_and_prefilled_anew_exactly(monkeypatch):
         assert (pool.n_pages, pool.page_tokens) == (10, 40)
         assert got == want, admission
         assert pool.whole(), admission
-    preempted = {a: len(ids) - len(set(ids)) for a, ids in taken.items()}
+    preempted = {a: preemptions(ids) for a, ids in taken.items()}
     assert preempted["reserve"] == 0 and preempted["grow"] > 0, taken
     assert most["grow"] > most["reserve"], most
 
@@ -250,9 +260,7 @@ def test_random_arrivals_lose_and_corrupt_nothing(n, bound, monkeypatch):
     model = tiny_llama(peaked=4.0)
     inputs = [[rng.randrange(1, 256) for _ in range(rng.randrange(1, 120))] for _ in range(n)]
     new = [rng.randrange(1, 24) for _ in range(n)]
-    cb = cb_config()
-    if bound == "pages":        # transformers then admits prompts until the pages run out, not 15 % before
-        cb.safety_margin = 0.0
+    cb = cb_config(safety_margin=0.0 if bound == "pages" else None)
     manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb)
     manager.start()
     try:
@@ -265,7 +273,7 @@ def test_random_arrivals_lose_and_corrupt_nothing(n, bound, monkeypatch):
             want[out.request_id] = list(out.generated_tokens)
     finally:
         manager.stop(block=True, timeout=30)
-    run, taken, _ = _admissions(monkeypatch)
+    _, taken, _ = _admissions(monkeypatch)
     serving.enable(model, method="none", **POOLS[bound])
     manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb)
     manager.start()
@@ -284,7 +292,7 @@ def test_random_arrivals_lose_and_corrupt_nothing(n, bound, monkeypatch):
         manager.stop(block=True, timeout=30)
     assert [got[f"g{i}"] for i in range(n)] == [want[d] for d in ids]
     assert model._gear_paged_pool.whole()
-    preempted = len(taken[None]) - len(set(taken[None]))
+    preempted = preemptions(taken[None])
     print(f"\n{n} requests, {bound} bound: {preempted} preempted")
     assert (preempted > 0) == (bound == "pages"), preempted
 
@@ -319,9 +327,7 @@ def test_random_arrivals_lossy_pool_loses_and_corrupts_nothing(n, bound, monkeyp
     inputs = [[rng.randrange(1, 256) for _ in range(rng.randrange(1, 120))] for _ in range(n)]
     new = [rng.randrange(1, 24) for _ in range(n)]
 
-    cb = cb_config()
-    if bound == "pages":        # admission until the pages run out (transformers keeps 15 % by default)
-        cb.safety_margin = 0.0
+    cb = cb_config(safety_margin=0.0 if bound == "pages" else None)
 
     def run(pause, alone=False):
         manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb)
@@ -347,11 +353,11 @@ def test_random_arrivals_lossy_pool_loses_and_corrupts_nothing(n, bound, monkeyp
     dense = run(0.0)
     serving.enable(model, method="gear", bits=4, **LOSSY_POOLS[bound])
     pool_of = lambda: model._gear_paged_pool         # noqa: E731 (each manager allocates its own)
-    run_of, taken, _ = _admissions(monkeypatch)
+    _, taken, _ = _admissions(monkeypatch)
     random_arrivals = run(0.01)
     assert pool_of().whole() and pool_of().sink_tokens > 0
     assert (pool_of().page_bytes, pool_of().tail_bytes) == (12_416, 34_816)
-    preempted = len(taken[None]) - len(set(taken[None]))
+    preempted = preemptions(taken[None])
     assert (preempted > 0) == (bound == "pages"), preempted
     alone = run(0.0, alone=True)
     assert pool_of().whole()
