@@ -49,11 +49,17 @@ def field_channels(F: tl.constexpr, FW: tl.constexpr, W: tl.constexpr, WP: tl.co
 
 
 @triton.jit
+def _code_bytes(codes, t, ok_t, W: tl.constexpr, WP: tl.constexpr):
+    """Tokens t's code bytes [BT, WP], 0 past a row's W bytes and for dead tokens."""
+    j = tl.arange(0, WP)
+    return tl.load(codes + t[:, None] * W + j[None, :], mask=ok_t[:, None] & (j < W)[None, :], other=0)
+
+
+@triton.jit
 def magic_fields(codes, t, ok_t, W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr,
                  BITS: tl.constexpr, NF: tl.constexpr):
     """The NF bit fields of tokens t's code bytes, each [BT, WP] fp16, exact."""
-    j = tl.arange(0, WP)
-    byte = tl.load(codes + t[:, None] * W + j[None, :], mask=ok_t[:, None] & (j < W)[None, :], other=0)
+    byte = _code_bytes(codes, t, ok_t, W, WP)
     out = ()
     for F in tl.static_range(NF):
         x = ((byte & (((1 << BITS) - 1) << (F * BITS))).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
@@ -95,8 +101,7 @@ def codes_tile(codes, t, ok_t, W: tl.constexpr, WP: tl.constexpr, PB: tl.constex
                 E: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr):
     """Unpacked codes [BT, E] of tokens t (fp16 with MAGIC, else fp32): every
     bit field of a byte tile at once, flattened onto the extended channel axis."""
-    j = tl.arange(0, WP)
-    byte = tl.load(codes + t[:, None] * W + j[None, :], mask=ok_t[:, None] & (j < W)[None, :], other=0)
+    byte = _code_bytes(codes, t, ok_t, W, WP)
     if MAGIC:
         shift = (tl.arange(0, PB) * BITS).to(tl.uint16)
         fields = (byte.to(tl.uint16)[:, None, :] >> shift[None, :, None]) & ((1 << BITS) - 1)
@@ -159,3 +164,14 @@ def token_group_stats(scale, zero, t, ok_t, BT: tl.constexpr, D: tl.constexpr, N
     s = tl.reshape(tl.broadcast_to(s[:, :, None], (BT, NG, D // NG)), (BT, D))
     z = tl.reshape(tl.broadcast_to(z[:, :, None], (BT, NG, D // NG)), (BT, D))
     return s, z
+
+
+@triton.jit
+def token_pairs(scale, zero, t, ok_t, NG: tl.constexpr):
+    """Tokens t's (scale, zero) [BT] of each of their NG channel groups, as
+    held (a bit field inside one group applies its pair where it lies)."""
+    pairs = ()
+    for gi in tl.static_range(NG):
+        pairs = pairs + ((tl.load(scale + t * NG + gi, mask=ok_t, other=0.0),
+                          tl.load(zero + t * NG + gi, mask=ok_t, other=0.0)),)
+    return pairs

@@ -62,7 +62,8 @@ to the codes as a dense [BT, E] tile, 2k compare-selects per code.
 import triton
 import triton.language as tl
 
-from .decode_fields import code_operands, field_channels, join_fields, split_fields, stats, token_group_stats
+from .decode_fields import (code_operands, field_channels, join_fields, split_fields, stats, token_group_stats,
+                            token_pairs)
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)   # the scores are in base 2
 
@@ -247,16 +248,6 @@ def exact_pass(m_i, l_i, acc, acc_z, q, Xk, Xv, lo, hi, tile0, t_first, n_valid,
 
 
 @triton.jit
-def _token_pairs(scale, zero, t, ok_t, NG: tl.constexpr):
-    """Tokens t's (scale, zero) [BT] of each of their NG channel groups, as they are held."""
-    pairs = ()
-    for gi in tl.static_range(NG):
-        pairs = pairs + ((tl.load(scale + t * NG + gi, mask=ok_t, other=0.0),
-                          tl.load(zero + t * NG + gi, mask=ok_t, other=0.0)),)
-    return pairs
-
-
-@triton.jit
 def _compressed_tile(m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, item, t_first, n_valid,
                      pos0, Kc, Ks, Kz, Ka, Kb, Kls, Kov, Koi, Kop, Vc, Vs, Vz, Va, Vb, Vls, Vov, Voi,
                      block, k_group, v_group, k2d, ok_g, cap, Mask, mrow, mask_sl,
@@ -305,7 +296,7 @@ def _compressed_tile(m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, ite
     # K per token (K_GROUPS pairs a token) with every field inside one group: its pair [BT] a field
     K_FIELD_TOKEN: tl.constexpr = K_GROUPS > 0 and NF > 1 and (D // K_GROUPS) % W == 0
     if K_FIELD_TOKEN:
-        kstats = _token_pairs(Ks, Kz, t, ok_t, K_GROUPS)
+        kstats = token_pairs(Ks, Kz, t, ok_t, K_GROUPS)
     s = tl.zeros([qs[0].shape[0], BT], tl.float32)
     for F in tl.static_range(NF):
         if K_FOLD:
@@ -358,7 +349,7 @@ def _compressed_tile(m_i, l_i, accs, acc_z, acc_r, qs, qz, qb, Qg, qk_scale, ite
     V_FIELD_TOKEN: tl.constexpr = V_GROUPS > 1 and NF > 1 and (D // V_GROUPS) % W == 0
     ps = p
     if V_FIELD_TOKEN:
-        vstats = _token_pairs(Vs, Vz, t, ok_t, V_GROUPS)
+        vstats = token_pairs(Vs, Vz, t, ok_t, V_GROUPS)
     if V_GROUPS == 1:
         sv = tl.load(Vs + t, mask=ok_t, other=0.0).to(tl.float32)
         zv = tl.load(Vz + t, mask=ok_t, other=0.0).to(tl.float32)
